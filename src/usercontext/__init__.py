@@ -1,0 +1,53 @@
+"""
+Per-request isolation for multi-user Python services.
+
+Everything public is importable from here; the ``_``-modules may change.
+"""
+
+from __future__ import annotations
+
+from ._context import DEFAULT_PLACEHOLDERS, IdRules, UserContext, configure
+from ._current import (
+    ContextExecutor,
+    bind,
+    current,
+    current_or_none,
+    isolated,
+    to_thread,
+    wrap,
+)
+from .exceptions import (
+    InvalidContextError,
+    IsolationError,
+    NoContextError,
+    UserContextError,
+)
+
+
+__all__ = [
+    "DEFAULT_PLACEHOLDERS",
+    "ContextExecutor",
+    "IdRules",
+    "InvalidContextError",
+    "IsolationError",
+    "NoContextError",
+    "UserContext",
+    "UserContextError",
+    "bind",
+    "configure",
+    "current",
+    "current_or_none",
+    "isolated",
+    "to_thread",
+    "wrap",
+]
+
+
+def __getattr__(name: str) -> str:
+    if name == "__version__":
+        from importlib.metadata import version  # noqa: PLC0415
+
+        return version("usercontext")
+
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

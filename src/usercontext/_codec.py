@@ -1,0 +1,208 @@
+"""
+A `UserContext` to and from plain dicts and HTTP headers, for crossing process
+and service boundaries. Decoding validates exactly like construction.
+"""
+
+from __future__ import annotations
+
+import json
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote, unquote
+
+from ._context import _FIELDS, _short_repr
+from .exceptions import InvalidContextError
+
+
+if TYPE_CHECKING:
+    from ._context import UserContext
+
+C = TypeVar("C", bound="UserContext")
+
+HEADER_PREFIX = "x-usercontext-"
+MAX_HEADER_BYTES = 8 * 1024
+_REQUIRED = ("user_id", "thread_id", "run_id")
+_HEADER_OF = {f: HEADER_PREFIX + f.replace("_", "-") for f in _FIELDS}
+_FIELD_OF = {h: f for f, h in _HEADER_OF.items()}
+_ID_FIELDS = frozenset(_FIELDS) - {"depth", "created_at", "metadata"}
+# RFC 3986 unreserved characters plus a few harmless ones stay readable.
+_SAFE = "-._~:@!$&'()*+,;=/"
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(_thaw(v) for v in value)
+    return value
+
+
+def to_dict(ctx: UserContext) -> dict[str, Any]:
+    return {
+        "user_id": ctx.user_id,
+        "thread_id": ctx.thread_id,
+        "run_id": ctx.run_id,
+        "request_id": ctx.request_id,
+        "connection_id": ctx.connection_id,
+        "parent_request_id": ctx.parent_request_id,
+        "depth": ctx.depth,
+        "created_at": ctx.created_at,
+        "metadata": _thaw(ctx.metadata),
+    }
+
+
+def _error(field: str, value: object, reason: str, fix: str) -> InvalidContextError:
+    return InvalidContextError(
+        f"Cannot decode UserContext.{field}: {reason}; got {_short_repr(value)}. {fix}",
+        field=field,
+        value=value,
+        reason=reason,
+    )
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+    if not isinstance(data, Mapping):
+        msg = (
+            f"UserContext.from_dict() takes a mapping, got {type(data).__name__}. "
+            "Pass the dict that UserContext.to_dict() returned."
+        )
+        raise TypeError(msg)
+    for key in data:
+        if key not in _HEADER_OF:
+            raise _error(
+                str(key),
+                key,
+                "is not a UserContext field",
+                f"Pass only the keys UserContext.to_dict() returns: {', '.join(_FIELDS)}.",
+            )
+    for key in _REQUIRED:
+        if key not in data:
+            raise _error(key, None, "is missing", "Pass the dict that UserContext.to_dict() returned.")
+    return cls(**data)
+
+
+def to_headers(ctx: UserContext) -> dict[str, str]:
+    headers = {
+        _HEADER_OF[f]: quote(v, safe=_SAFE)
+        for f in ("user_id", "thread_id", "run_id", "request_id", "connection_id", "parent_request_id")
+        if (v := getattr(ctx, f)) is not None
+    }
+    headers[_HEADER_OF["depth"]] = str(ctx.depth)
+    headers[_HEADER_OF["created_at"]] = repr(ctx.created_at)
+    if ctx.metadata:
+        try:
+            headers[_HEADER_OF["metadata"]] = json.dumps(
+                _thaw(ctx.metadata), ensure_ascii=True, separators=(",", ":"), allow_nan=False
+            )
+        except (TypeError, ValueError) as e:
+            raise InvalidContextError(
+                f"UserContext.metadata cannot travel in headers: {e}. Headers carry JSON "
+                "values only (str, int, finite float, bool, None, tuples and mappings); use "
+                "to_dict() with a binary transport for bytes and frozensets.",
+                field="metadata",
+                value=ctx.metadata,
+                reason="not JSON-serialisable",
+            ) from e
+    size = sum(len(k) + len(v) for k, v in headers.items())
+    if size > MAX_HEADER_BYTES:
+        raise InvalidContextError(
+            f"UserContext headers would take {size} bytes, over the limit of "
+            f"{MAX_HEADER_BYTES}. Keep metadata small: move bulky data to a store and "
+            "pass its key.",
+            field="headers",
+            value=size,
+            reason="too large",
+        )
+    return headers
+
+
+def _pairs(headers: Any) -> Iterable[tuple[Any, Any]]:
+    if isinstance(headers, Mapping):
+        return headers.items()
+    if isinstance(headers, (str, bytes)) or not isinstance(headers, Iterable):
+        msg = (
+            "UserContext.from_headers() takes a mapping or an iterable of (name, value) "
+            f"pairs, got {type(headers).__name__}."
+        )
+        raise TypeError(msg)
+    return headers  # type: ignore[no-any-return]
+
+
+def _text(field: str, raw: object) -> str:
+    if isinstance(raw, bytes):
+        return raw.decode("latin-1")
+    if isinstance(raw, str):
+        return raw
+    raise _error(field, raw, "is neither str nor bytes", "Pass header names and values as str or bytes.")
+
+
+def _collect(headers: Any) -> dict[str, str]:
+    found: dict[str, str] = {}
+    size = 0
+    for pair in _pairs(headers):
+        try:
+            raw_name, raw_value = pair
+        except (TypeError, ValueError):
+            raise _error("headers", pair, "is not a (name, value) pair", "Pass (name, value) pairs.") from None
+        name = _text("headers", raw_name).lower()
+        if not name.startswith(HEADER_PREFIX):
+            continue
+        value = _text(name, raw_value)
+        size += len(name) + len(value)
+        if size > MAX_HEADER_BYTES:
+            raise _error(
+                "headers",
+                size,
+                f"the x-usercontext-* headers exceed {MAX_HEADER_BYTES} bytes",
+                "Send smaller metadata.",
+            )
+        field = _FIELD_OF.get(name)
+        if field is None:
+            raise _error(
+                name,
+                value,
+                "is not a usercontext header",
+                f"Send only the headers UserContext.to_headers() makes: {', '.join(_HEADER_OF.values())}.",
+            )
+        if field in found:
+            raise _error(field, value, "appears twice", "Send each x-usercontext-* header once.")
+        found[field] = value
+    return found
+
+
+def from_headers(cls: type[C], headers: Any) -> C:
+    found = _collect(headers)
+    kwargs: dict[str, Any] = {}
+    for field in _REQUIRED:
+        if field not in found:
+            raise _error(
+                field,
+                None,
+                f"header {_HEADER_OF[field]} is missing",
+                "Send the headers that UserContext.to_headers() makes.",
+            )
+    for field, value in found.items():
+        if field in _ID_FIELDS:
+            try:
+                kwargs[field] = unquote(value, errors="strict")
+            except UnicodeDecodeError:
+                raise _error(field, value, "is not percent-encoded UTF-8", "Encode it with to_headers().") from None
+        elif field == "depth":
+            if not (value.isascii() and value.isdigit() and len(value) <= 4):  # noqa: PLR2004
+                raise _error(field, value, "is not a small decimal integer", "Send it as to_headers() does.")
+            kwargs[field] = int(value)
+        elif field == "created_at":
+            try:
+                kwargs[field] = float(value)
+            except ValueError:
+                raise _error(field, value, "is not a number", "Send epoch seconds as to_headers() does.") from None
+        else:
+            try:
+                metadata = json.loads(value)
+            except (ValueError, RecursionError):
+                raise _error(field, value, "is not valid JSON", "Send it as to_headers() does.") from None
+            if not isinstance(metadata, dict):
+                raise _error(field, value, "is not a JSON object", "Send it as to_headers() does.")
+            kwargs[field] = metadata
+    return cls(**kwargs)
