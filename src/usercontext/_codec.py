@@ -22,6 +22,7 @@ C = TypeVar("C", bound="UserContext")
 
 HEADER_PREFIX = "x-usercontext-"
 MAX_HEADER_BYTES = 8 * 1024
+_MAX_DEPTH_DIGITS = 4
 _REQUIRED = ("user_id", "thread_id", "run_id")
 _HEADER_OF = {f: HEADER_PREFIX + f.replace("_", "-") for f in _FIELDS}
 _FIELD_OF = {h: f for f, h in _HEADER_OF.items()}
@@ -61,7 +62,7 @@ def _error(field: str, value: object, reason: str, fix: str) -> InvalidContextEr
     )
 
 
-def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+def from_dict(cls: type[C], data: object) -> C:
     if not isinstance(data, Mapping):
         msg = (
             f"UserContext.from_dict() takes a mapping, got {type(data).__name__}. "
@@ -78,14 +79,23 @@ def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
             )
     for key in _REQUIRED:
         if key not in data:
-            raise _error(key, None, "is missing", "Pass the dict that UserContext.to_dict() returned.")
+            raise _error(
+                key, None, "is missing", "Pass the dict that UserContext.to_dict() returned."
+            )
     return cls(**data)
 
 
 def to_headers(ctx: UserContext) -> dict[str, str]:
     headers = {
         _HEADER_OF[f]: quote(v, safe=_SAFE)
-        for f in ("user_id", "thread_id", "run_id", "request_id", "connection_id", "parent_request_id")
+        for f in (
+            "user_id",
+            "thread_id",
+            "run_id",
+            "request_id",
+            "connection_id",
+            "parent_request_id",
+        )
         if (v := getattr(ctx, f)) is not None
     }
     headers[_HEADER_OF["depth"]] = str(ctx.depth)
@@ -126,7 +136,7 @@ def _pairs(headers: Any) -> Iterable[tuple[Any, Any]]:
             f"pairs, got {type(headers).__name__}."
         )
         raise TypeError(msg)
-    return headers  # type: ignore[no-any-return]
+    return headers
 
 
 def _text(field: str, raw: object) -> str:
@@ -134,7 +144,9 @@ def _text(field: str, raw: object) -> str:
         return raw.decode("latin-1")
     if isinstance(raw, str):
         return raw
-    raise _error(field, raw, "is neither str nor bytes", "Pass header names and values as str or bytes.")
+    raise _error(
+        field, raw, "is neither str nor bytes", "Pass header names and values as str or bytes."
+    )
 
 
 def _collect(headers: Any) -> dict[str, str]:
@@ -144,7 +156,9 @@ def _collect(headers: Any) -> dict[str, str]:
         try:
             raw_name, raw_value = pair
         except (TypeError, ValueError):
-            raise _error("headers", pair, "is not a (name, value) pair", "Pass (name, value) pairs.") from None
+            raise _error(
+                "headers", pair, "is not a (name, value) pair", "Pass (name, value) pairs."
+            ) from None
         name = _text("headers", raw_name).lower()
         if not name.startswith(HEADER_PREFIX):
             continue
@@ -163,7 +177,8 @@ def _collect(headers: Any) -> dict[str, str]:
                 name,
                 value,
                 "is not a usercontext header",
-                f"Send only the headers UserContext.to_headers() makes: {', '.join(_HEADER_OF.values())}.",
+                "Send only the headers UserContext.to_headers() makes: "
+                f"{', '.join(_HEADER_OF.values())}.",
             )
         if field in found:
             raise _error(field, value, "appears twice", "Send each x-usercontext-* header once.")
@@ -171,9 +186,38 @@ def _collect(headers: Any) -> dict[str, str]:
     return found
 
 
+def _decode(field: str, value: str) -> Any:
+    if field in _ID_FIELDS:
+        try:
+            return unquote(value, errors="strict")
+        except UnicodeDecodeError:
+            raise _error(
+                field, value, "is not percent-encoded UTF-8", "Encode it with to_headers()."
+            ) from None
+    if field == "depth":
+        if not (value.isascii() and value.isdigit() and len(value) <= _MAX_DEPTH_DIGITS):
+            raise _error(
+                field, value, "is not a small decimal integer", "Send it as to_headers() does."
+            )
+        return int(value)
+    if field == "created_at":
+        try:
+            return float(value)
+        except ValueError:
+            raise _error(
+                field, value, "is not a number", "Send epoch seconds as to_headers() does."
+            ) from None
+    try:
+        metadata = json.loads(value)
+    except (ValueError, RecursionError):
+        raise _error(field, value, "is not valid JSON", "Send it as to_headers() does.") from None
+    if not isinstance(metadata, dict):
+        raise _error(field, value, "is not a JSON object", "Send it as to_headers() does.")
+    return metadata
+
+
 def from_headers(cls: type[C], headers: Any) -> C:
     found = _collect(headers)
-    kwargs: dict[str, Any] = {}
     for field in _REQUIRED:
         if field not in found:
             raise _error(
@@ -182,27 +226,4 @@ def from_headers(cls: type[C], headers: Any) -> C:
                 f"header {_HEADER_OF[field]} is missing",
                 "Send the headers that UserContext.to_headers() makes.",
             )
-    for field, value in found.items():
-        if field in _ID_FIELDS:
-            try:
-                kwargs[field] = unquote(value, errors="strict")
-            except UnicodeDecodeError:
-                raise _error(field, value, "is not percent-encoded UTF-8", "Encode it with to_headers().") from None
-        elif field == "depth":
-            if not (value.isascii() and value.isdigit() and len(value) <= 4):  # noqa: PLR2004
-                raise _error(field, value, "is not a small decimal integer", "Send it as to_headers() does.")
-            kwargs[field] = int(value)
-        elif field == "created_at":
-            try:
-                kwargs[field] = float(value)
-            except ValueError:
-                raise _error(field, value, "is not a number", "Send epoch seconds as to_headers() does.") from None
-        else:
-            try:
-                metadata = json.loads(value)
-            except (ValueError, RecursionError):
-                raise _error(field, value, "is not valid JSON", "Send it as to_headers() does.") from None
-            if not isinstance(metadata, dict):
-                raise _error(field, value, "is not a JSON object", "Send it as to_headers() does.")
-            kwargs[field] = metadata
-    return cls(**kwargs)
+    return cls(**{field: _decode(field, value) for field, value in found.items()})

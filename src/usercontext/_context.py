@@ -9,9 +9,9 @@ import math
 import re
 import time
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import attrs
 
@@ -70,9 +70,12 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 _SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 
 
+_REPR_MAX = 64
+
+
 def _short_repr(value: object) -> str:
     r = repr(value)
-    return r if len(r) <= 64 else r[:60] + "...'"
+    return r if len(r) <= _REPR_MAX else r[: _REPR_MAX - 4] + "...'"
 
 
 @attrs.frozen
@@ -106,8 +109,9 @@ class IdRules:
                 "Pass the longest id your service accepts, such as 256."
             )
             raise ValueError(msg)
-        if not isinstance(self.placeholders, frozenset) or not all(
-            isinstance(p, str) for p in self.placeholders
+        placeholders: object = self.placeholders
+        if not isinstance(placeholders, frozenset) or not all(
+            isinstance(p, str) for p in placeholders
         ):
             msg = (
                 "IdRules.placeholders must be a frozenset of str, got "
@@ -156,7 +160,8 @@ def configure(*, id_rules: IdRules | None = None, max_depth: int | None = None) 
     """
     global _rules, _max_len, _placeholders, _placeholder_len, _pattern, _max_depth  # noqa: PLW0603
     if id_rules is not None:
-        if not isinstance(id_rules, IdRules):
+        rules: object = id_rules
+        if not isinstance(rules, IdRules):
             msg = f"id_rules must be a usercontext.IdRules, got {type(id_rules).__name__}."
             raise TypeError(msg)
         _rules = id_rules
@@ -188,7 +193,7 @@ def _invalid(field: str, value: object, reason: str, fix: str) -> InvalidContext
     )
 
 
-def _id_error(field: str, value: object) -> Exception:
+def _id_error(field: str, value: object) -> Exception:  # noqa: PLR0911  # one return per rule
     """
     Explain why *value* failed the fast check in `_check_id`.
     """
@@ -279,9 +284,11 @@ def _freeze(path: str, value: object, nesting: int) -> object:
             "Flatten the metadata.",
         )
     if t is tuple or t is list:
-        return tuple([_freeze(f"{path}[{i}]", v, nesting + 1) for i, v in enumerate(value)])  # type: ignore[arg-type]
+        items = cast("Iterable[object]", value)
+        return tuple([_freeze(f"{path}[{i}]", v, nesting + 1) for i, v in enumerate(items)])
     if t is frozenset or t is set:
-        return frozenset([_freeze(f"{path}[...]", v, nesting + 1) for v in value])  # type: ignore[attr-defined]
+        members = cast("Iterable[object]", value)
+        return frozenset([_freeze(f"{path}[...]", v, nesting + 1) for v in members])
     if isinstance(value, Mapping):
         return _freeze_mapping(path, value, nesting + 1)
     msg = (
@@ -337,7 +344,9 @@ def _check_metadata(metadata: object) -> Mapping[str, Any]:
 
 def _check_depth(depth: object, parent_request_id: object) -> None:
     if type(depth) is not int:
-        msg = f"UserContext.depth must be an int, got {type(depth).__name__} ({_short_repr(depth)})."
+        msg = (
+            f"UserContext.depth must be an int, got {type(depth).__name__} ({_short_repr(depth)})."
+        )
         raise TypeError(msg)
     if not 0 <= depth <= _max_depth:
         raise _invalid(
@@ -463,7 +472,7 @@ class UserContext:
         draft.depth = depth
         draft.created_at = _now() if created_at is None else _check_created_at(created_at)
         draft.metadata = _EMPTY if metadata is None else _check_metadata(metadata)
-        draft.__class__ = cls
+        draft.__class__ = cls  # type: ignore[assignment]
         return draft  # type: ignore[return-value]
 
     def child(self, **changes: Any) -> Self:
@@ -507,7 +516,7 @@ class UserContext:
         new.metadata = self.metadata
         for field, value in changes.items():
             _set_field(new, field, value)
-        new.__class__ = type(self)
+        new.__class__ = type(self)  # type: ignore[assignment]
         return new  # type: ignore[return-value]
 
     def evolve(self, **changes: Any) -> Self:
@@ -532,7 +541,7 @@ class UserContext:
             _set_field(new, field, value)
         if "depth" in changes or "parent_request_id" in changes:
             _check_depth(new.depth, new.parent_request_id)
-        new.__class__ = type(self)
+        new.__class__ = type(self)  # type: ignore[assignment]
         return new  # type: ignore[return-value]
 
     def _check_changes(self, changes: dict[str, Any], allowed: frozenset[str], how: str) -> None:
@@ -561,7 +570,7 @@ class UserContext:
 
         .. versionadded:: 0.1.0
         """
-        from ._codec import to_dict  # noqa: PLC0415
+        from ._codec import to_dict
 
         return to_dict(self)
 
@@ -578,7 +587,7 @@ class UserContext:
 
         .. versionadded:: 0.1.0
         """
-        from ._codec import from_dict  # noqa: PLC0415
+        from ._codec import from_dict
 
         return from_dict(cls, data)
 
@@ -596,14 +605,12 @@ class UserContext:
 
         .. versionadded:: 0.1.0
         """
-        from ._codec import to_headers  # noqa: PLC0415
+        from ._codec import to_headers
 
         return to_headers(self)
 
     @classmethod
-    def from_headers(
-        cls, headers: Mapping[str, str] | Mapping[bytes, bytes] | Any
-    ) -> Self:
+    def from_headers(cls, headers: Mapping[str, str] | Mapping[bytes, bytes] | Any) -> Self:
         """
         Rebuild a context from headers made by `to_headers`.
 
@@ -619,7 +626,7 @@ class UserContext:
 
         .. versionadded:: 0.1.0
         """
-        from ._codec import from_headers  # noqa: PLC0415
+        from ._codec import from_headers
 
         return from_headers(cls, headers)
 
@@ -671,7 +678,7 @@ class _Draft:
     contexts is the library's hottest path.
     """
 
-    __slots__ = UserContext.__slots__  # type: ignore[misc]  # the same layout, field for field
+    __slots__ = _FIELDS  # the layout of UserContext, slot for slot
 
     user_id: str
     thread_id: str

@@ -10,7 +10,8 @@ import contextvars
 import functools
 import inspect
 
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio.to_thread
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable
     from types import TracebackType
 
-    from typing_extensions import ParamSpec, Self
+    from typing_extensions import ParamSpec
 
     P = ParamSpec("P")
 
@@ -114,7 +115,7 @@ class bind:  # noqa: N801  # used like a function, as contextlib's are
 
     def __init__(self, ctx: UserContext) -> None:
         if type(ctx) is not UserContext and not isinstance(ctx, UserContext):
-            msg = f"bind() takes a usercontext.UserContext, got {type(ctx).__name__}."
+            msg = f"bind() takes a usercontext.UserContext, got {type(ctx).__name__}."  # type: ignore[unreachable]
             raise TypeError(msg)
         self._ctx = ctx
 
@@ -180,7 +181,8 @@ class bind:  # noqa: N801  # used like a function, as contextlib's are
         return bound  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        return f"<usercontext.bind(user_id={self._ctx.user_id!r}, request_id={self._ctx.request_id!r})>"
+        ctx = self._ctx
+        return f"<usercontext.bind(user_id={ctx.user_id!r}, request_id={ctx.request_id!r})>"
 
 
 def wrap(fn: Callable[P, T]) -> Callable[P, T]:
