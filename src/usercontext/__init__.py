@@ -16,21 +16,44 @@ from ._current import (
     to_thread,
     wrap,
 )
+from ._factory import EngineFactory, FactoryStats
+from ._quota import Lease, LocalQuota, Quota, QuotaStats, ThreadQuota
 from .exceptions import (
+    CloseTimeoutError,
+    EngineDeadlineExceeded,
+    FactoryClosedError,
     InvalidContextError,
     IsolationError,
+    LeaseReleasedError,
     NoContextError,
+    QuotaError,
+    QuotaExceeded,
+    QuotaTimeout,
     UserContextError,
 )
 
 
 __all__ = [
     "DEFAULT_PLACEHOLDERS",
+    "CloseTimeoutError",
     "ContextExecutor",
+    "EngineDeadlineExceeded",
+    "EngineFactory",
+    "FactoryClosedError",
+    "FactoryStats",
     "IdRules",
     "InvalidContextError",
     "IsolationError",
+    "Lease",
+    "LeaseReleasedError",
+    "LocalQuota",
     "NoContextError",
+    "Quota",
+    "QuotaError",
+    "QuotaExceeded",
+    "QuotaStats",
+    "QuotaTimeout",
+    "ThreadQuota",
     "UserContext",
     "UserContextError",
     "bind",

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 
 __all__ = [
+    "CloseTimeoutError",
+    "EngineDeadlineExceeded",
+    "FactoryClosedError",
     "InvalidContextError",
     "IsolationError",
+    "LeaseReleasedError",
     "NoContextError",
+    "QuotaError",
+    "QuotaExceeded",
+    "QuotaTimeout",
     "UserContextError",
 ]
 
@@ -62,6 +69,93 @@ class IsolationError(UserContextError, RuntimeError):
     Raised when a child or evolved context would change the user, when a context of
     a different user is bound inside an active one, and (in later modules) when a
     resource of one user is touched under another user's context.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class QuotaError(UserContextError):
+    """
+    Base class of the errors raised when a quota cannot grant a slot.
+
+    Attributes:
+        key: The key (usually a user id) that asked for a slot.
+        limit: The limit that was reached.
+        scope: ``"key"`` if the per-key limit was reached, ``"total"`` if the
+            global one was.
+        in_use: How many slots were in use under that limit.
+        waited: How long the request waited, in seconds (0 for a rejection).
+
+    .. versionadded:: 0.1.0
+    """
+
+    key: str
+    limit: int
+    scope: str
+    in_use: int
+    waited: float
+
+    def __init__(  # noqa: PLR0913
+        self, message: str, *, key: str, limit: int, scope: str, in_use: int, waited: float
+    ) -> None:
+        super().__init__(message)
+        self.key = key
+        self.limit = limit
+        self.scope = scope
+        self.in_use = in_use
+        self.waited = waited
+
+
+class QuotaExceeded(QuotaError, RuntimeError):  # noqa: N818  # the name says what happened
+    """
+    The quota was full and the request was not allowed to wait (``timeout=0``).
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class QuotaTimeout(QuotaError, TimeoutError):  # noqa: N818  # the name says what happened
+    """
+    The quota stayed full for the whole timeout the request was willing to wait.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class LeaseReleasedError(UserContextError, RuntimeError):
+    """
+    A lease was handed back to its quota twice through `usercontext.LocalQuota.release`.
+
+    `usercontext.Lease.release` and leaving ``async with`` are idempotent; the
+    raw call is strict, so double bookkeeping shows up instead of silently
+    freeing someone else's slot.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class FactoryClosedError(UserContextError, RuntimeError):
+    """
+    The `usercontext.EngineFactory` was closed: it creates no more engines,
+    and bodies still running when its close timeout ran out were cancelled.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class EngineDeadlineExceeded(UserContextError, TimeoutError):  # noqa: N818  # says what happened
+    """
+    The body using an engine ran past the factory's *deadline* and was cancelled.
+
+    Only that body is cancelled; other engines and requests are untouched.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class CloseTimeoutError(UserContextError, TimeoutError):
+    """
+    Closing an engine or resource took longer than its close timeout and was cut.
 
     .. versionadded:: 0.1.0
     """

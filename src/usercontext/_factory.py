@@ -1,0 +1,682 @@
+"""
+`EngineFactory`: expensive per-request engines, created under each user's quota
+and always closed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+import math
+import threading
+import time
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import anyio
+import attrs
+
+from ._current import bind, current
+from ._quota import LocalQuota, ThreadQuota
+from ._util import add_note, describe, logger
+from .exceptions import (
+    CloseTimeoutError,
+    EngineDeadlineExceeded,
+    FactoryClosedError,
+    QuotaExceeded,
+    QuotaTimeout,
+)
+
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from contextlib import AbstractAsyncContextManager, AbstractContextManager
+    from types import TracebackType
+    from typing import TypeAlias
+
+    from ._context import UserContext
+    from ._quota import PerKey, Quota
+
+E = TypeVar("E")
+
+if TYPE_CHECKING:
+    Made: TypeAlias = E | Awaitable[E] | AbstractAsyncContextManager[E] | AbstractContextManager[E]
+
+__all__ = ["EngineFactory", "FactoryStats"]
+
+
+@attrs.frozen
+class FactoryStats:
+    """
+    A snapshot of an `EngineFactory`'s counters.
+
+    Attributes:
+        created: Engines created.
+        closed: Engines closed (created = closed + active + idle once settled).
+        active: Engines in use right now.
+        active_per_user: The users with the most engines in use, as
+            ``(user_id, count)`` pairs, most first.
+        waiting: Requests waiting for a quota slot right now.
+        rejected: Requests refused because the quota was full (``timeout=0``).
+        timed_out: Requests that gave up waiting for a slot.
+        create_errors: Calls of *create* that raised.
+        close_errors: Errors raised (or timeouts hit) while closing engines.
+        deadline_hits: Bodies cancelled by the *deadline*.
+        peak_active: The most engines in use at once.
+        reused: Engines handed out again from the idle pool.
+        idle: Engines parked in the idle pool right now.
+
+    .. versionadded:: 0.1.0
+    """
+
+    created: int
+    closed: int
+    active: int
+    active_per_user: tuple[tuple[str, int], ...]
+    waiting: int
+    rejected: int
+    timed_out: int
+    create_errors: int
+    close_errors: int
+    deadline_hits: int
+    peak_active: int
+    reused: int
+    idle: int
+
+
+class _Counters:
+    __slots__ = (
+        "active",
+        "by_user",
+        "close_errors",
+        "closed",
+        "create_errors",
+        "created",
+        "deadline_hits",
+        "peak",
+        "rejected",
+        "reused",
+        "timed_out",
+    )
+
+    def __init__(self) -> None:
+        self.created = self.closed = self.active = self.peak = self.reused = 0
+        self.rejected = self.timed_out = self.create_errors = self.close_errors = 0
+        self.deadline_hits = 0
+        self.by_user: dict[str, int] = {}
+
+    def start(self, user_id: str) -> None:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        self.by_user[user_id] = self.by_user.get(user_id, 0) + 1
+
+    def stop(self, user_id: str) -> None:
+        self.active -= 1
+        n = self.by_user[user_id] - 1
+        if n:
+            self.by_user[user_id] = n
+        else:
+            del self.by_user[user_id]
+
+
+class _Made(Generic[E]):
+    """
+    An engine and how to undo what creating it entered.
+    """
+
+    __slots__ = ("engine", "exit", "exit_is_async", "parked_at", "user_id")
+
+    def __init__(self, user_id: str, engine: E, exit_: Any, *, exit_is_async: bool) -> None:
+        self.user_id = user_id
+        self.engine = engine
+        self.exit = exit_
+        self.exit_is_async = exit_is_async
+        self.parked_at = 0.0
+
+
+def _positive(name: str, value: float | None, *, zero_ok: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"{name} must be a number of seconds or None, got {value!r}."
+        raise TypeError(msg)
+    if math.isnan(value) or value < 0 or (value == 0 and not zero_ok):
+        msg = f"{name} must be {'>= 0' if zero_ok else '> 0'} seconds or None, got {value!r}."
+        raise ValueError(msg)
+
+
+class EngineFactory(Generic[E]):
+    """
+    Create an expensive engine per request, under per-user and global quotas,
+    and always close it.
+
+    ``async with factory.engine(ctx) as engine:`` takes a slot of
+    ``ctx.user_id`` from the quota, creates the engine with ``create(ctx)``,
+    binds *ctx* for the body, then closes the engine (shielded from
+    cancellation, cut after *close_timeout*) and gives the slot back, on every
+    path: create fails, the body fails or is cancelled, close fails or hangs.
+    Engines are never shared between users.
+
+    Args:
+        create: Makes an engine from a `usercontext.UserContext`. It may return
+            the engine, an awaitable of it, or an (async) context manager whose
+            ``__aenter__``/``__enter__`` gives the engine and whose exit closes it.
+        close: Closes an engine; sync or async. Runs after a context manager's
+            exit, if both apply.
+        quota: The quota to draw from; a `LocalQuota` of *per_user* and *total*
+            by default (those two are ignored when *quota* is given).
+        per_user: Engines in use at once per user, or a callable
+            ``user_id -> int``.
+        total: Engines in use at once overall, or `None`.
+        timeout: How long to wait for a slot: `None` waits, ``0`` rejects at
+            once with `usercontext.exceptions.QuotaExceeded`, a positive number
+            raises `usercontext.exceptions.QuotaTimeout` after that many seconds.
+        close_timeout: How long closing one engine may take before it is cut
+            and reported as `usercontext.exceptions.CloseTimeoutError`.
+        deadline: How long a body may use its engine before it is cancelled
+            (cooperatively, that body only) and
+            `usercontext.exceptions.EngineDeadlineExceeded` is raised.
+        pool_idle: Keep up to this many idle engines per user for reuse by the
+            same user only (0, the default, closes every engine after use).
+        pool_max: The most idle engines kept over all users; the oldest is
+            closed to make room.
+        idle_ttl: Idle engines older than this many seconds are closed.
+        reset: Called (sync or async) on an engine before it is parked for
+            reuse; if it raises, the engine is closed instead.
+        thread_quota: The quota of `engine_sync`; a `ThreadQuota` of
+            *per_user* and *total* by default.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(  # noqa: PLR0913
+        self,
+        create: Callable[[UserContext], Made[E]],
+        *,
+        close: Callable[[E], object] | None = None,
+        quota: Quota | None = None,
+        per_user: PerKey = 2,
+        total: int | None = None,
+        timeout: float | None = None,
+        close_timeout: float = 5.0,
+        deadline: float | None = None,
+        pool_idle: int = 0,
+        pool_max: int = 64,
+        idle_ttl: float = 60.0,
+        reset: Callable[[E], object] | None = None,
+        thread_quota: ThreadQuota | None = None,
+    ) -> None:
+        hooks: tuple[tuple[str, object], ...] = (
+            ("create", create),
+            ("close", close),
+            ("reset", reset),
+        )
+        for name, hook in hooks:
+            if hook is not None and not callable(hook):
+                msg = f"{name} must be a callable, got {hook!r}."
+                raise TypeError(msg)
+        _positive("timeout", timeout, zero_ok=True)
+        _positive("close_timeout", close_timeout)
+        _positive("deadline", deadline)
+        _positive("idle_ttl", idle_ttl)
+        for name, value in (("pool_idle", pool_idle), ("pool_max", pool_max)):
+            if type(value) is not int or value < 0:
+                msg = f"{name} must be a non-negative int, got {value!r}."
+                raise ValueError(msg)
+        self._create = create
+        self._close = close
+        self._quota: Quota = quota if quota is not None else LocalQuota(per_user, total)
+        self._per_user = per_user
+        self._total = total
+        self._thread_quota = thread_quota
+        self._timeout = timeout
+        self._close_timeout = close_timeout
+        self._deadline = deadline
+        self._pool_idle = pool_idle
+        self._pool_max = pool_max
+        self._idle_ttl = idle_ttl
+        self._reset = reset
+        self._counters = _Counters()
+        self._sync_counters = _Counters()
+        self._sync_lock = threading.Lock()
+        self._idle: dict[str, list[_Made[E]]] = {}
+        self._idle_lru: OrderedDict[int, _Made[E]] = OrderedDict()
+        self._uses: set[_EngineUse[E]] = set()
+        self._closed = False
+        self._drained: anyio.Event | None = None
+
+    @property
+    def quota(self) -> Quota:
+        """
+        The quota `engine` draws from.
+        """
+        return self._quota
+
+    def engine(self, ctx: UserContext | None = None) -> AbstractAsyncContextManager[E]:
+        """
+        Return an async context manager giving an engine for *ctx*.
+
+        *ctx* defaults to `usercontext.current`. The body runs with *ctx* bound.
+
+        Raises:
+            usercontext.exceptions.FactoryClosedError: After `aclose`.
+            usercontext.exceptions.QuotaExceeded: If the quota is full and
+                *timeout* is 0.
+            usercontext.exceptions.QuotaTimeout: If no slot freed up in time.
+            usercontext.exceptions.EngineDeadlineExceeded: If the body ran past
+                the *deadline*.
+        """
+        return _EngineUse(self, ctx)
+
+    def engine_sync(self, ctx: UserContext | None = None) -> AbstractContextManager[E]:
+        """
+        Return a context manager giving an engine for *ctx*, for threads.
+
+        It follows `engine`, on a thread-safe `ThreadQuota`, with these
+        differences: *create*, *close* and context managers must be sync, the
+        *deadline* does not apply (a thread cannot be cancelled), engines are
+        not pooled, and a close that hangs cannot be cut.
+        """
+        return _SyncEngineUse(self, ctx)
+
+    def stats(self, top: int = 10) -> FactoryStats:
+        """
+        Return a snapshot of the counters, with the *top* busiest users.
+        """
+        a, s = self._counters, self._sync_counters
+        with self._sync_lock:
+            by_user = dict(a.by_user)
+            for user_id, n in s.by_user.items():
+                by_user[user_id] = by_user.get(user_id, 0) + n
+            waiting = self._quota.stats(0).waiting
+            if self._thread_quota is not None:
+                waiting += self._thread_quota.stats(0).waiting
+            return FactoryStats(
+                created=a.created + s.created,
+                closed=a.closed + s.closed,
+                active=a.active + s.active,
+                active_per_user=tuple(heapq.nlargest(top, by_user.items(), key=lambda kv: kv[1])),
+                waiting=waiting,
+                rejected=a.rejected + s.rejected,
+                timed_out=a.timed_out + s.timed_out,
+                create_errors=a.create_errors + s.create_errors,
+                close_errors=a.close_errors + s.close_errors,
+                deadline_hits=a.deadline_hits,
+                peak_active=max(a.peak, s.peak),
+                reused=a.reused,
+                idle=len(self._idle_lru),
+            )
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """
+        Stop creating engines and close everything.
+
+        New requests get `usercontext.exceptions.FactoryClosedError` at once.
+        Bodies still running get *timeout* seconds to finish; then they are
+        cancelled (they see `usercontext.exceptions.FactoryClosedError`), and
+        their engines closed. Idle engines are closed. Calling it again waits
+        for the first call's work and returns.
+        """
+        _positive("timeout", timeout, zero_ok=True)
+        self._closed = True
+        if self._uses:
+            drained = self._drained = self._drained or anyio.Event()
+            with anyio.move_on_after(timeout):
+                await drained.wait()
+            for use in list(self._uses):
+                use.abort()
+            await drained.wait()
+        with anyio.CancelScope(shield=True):
+            while self._idle_lru:
+                _, made = self._idle_lru.popitem(last=False)
+                self._idle[made.user_id].remove(made)
+                if not self._idle[made.user_id]:
+                    del self._idle[made.user_id]
+                for error in await self._close_made(made, None, None, None):
+                    logger.error("Closing an idle engine failed: %s", describe(error))
+
+    # -- internals --
+
+    def _check_open(self) -> None:
+        if self._closed:
+            msg = "This EngineFactory is closed and creates no more engines; create a new one."
+            raise FactoryClosedError(msg)
+
+    async def _obtain(self, ctx: UserContext) -> _Made[E]:
+        if self._pool_idle:
+            made = self._take_idle(ctx.user_id)
+            if made is not None:
+                self._counters.reused += 1
+                return made
+        c = self._counters
+        try:
+            result: Any = self._create(ctx)
+            if inspect.isawaitable(result):
+                result = await result
+            kind = type(result)
+            if hasattr(kind, "__aenter__"):
+                made = _Made(
+                    ctx.user_id, await result.__aenter__(), result.__aexit__, exit_is_async=True
+                )
+            elif hasattr(kind, "__enter__"):
+                made = _Made(ctx.user_id, result.__enter__(), result.__exit__, exit_is_async=False)
+            else:
+                made = _Made(ctx.user_id, result, None, exit_is_async=False)
+        except Exception:
+            c.create_errors += 1
+            raise
+        c.created += 1
+        return made
+
+    def _take_idle(self, user_id: str) -> _Made[E] | None:
+        stack = self._idle.get(user_id)
+        if not stack:
+            return None
+        made = stack.pop()
+        if not stack:
+            del self._idle[user_id]
+        del self._idle_lru[id(made)]
+        return made
+
+    async def _park_or_close(
+        self,
+        made: _Made[E],
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> list[BaseException]:
+        if exc is None and self._pool_idle and not self._closed:
+            stack = self._idle.get(made.user_id)
+            if stack is None or len(stack) < self._pool_idle:
+                try:
+                    if self._reset is not None:
+                        result = self._reset(made.engine)
+                        if inspect.isawaitable(result):
+                            await result
+                except Exception as e:  # noqa: BLE001  # reported, then the engine is closed
+                    logger.warning(
+                        "Resetting an engine for reuse failed, closing it: %s", describe(e)
+                    )
+                else:
+                    made.parked_at = time.monotonic()
+                    self._idle.setdefault(made.user_id, []).append(made)
+                    self._idle_lru[id(made)] = made
+                    errors: list[BaseException] = []
+                    while len(self._idle_lru) > self._pool_max:
+                        _, old = self._idle_lru.popitem(last=False)
+                        self._forget_idle(old)
+                        errors += await self._close_made(old, None, None, None)
+                    return errors
+        return await self._close_made(made, exc_type, exc, tb)
+
+    def _forget_idle(self, made: _Made[E]) -> None:
+        stack = self._idle[made.user_id]
+        stack.remove(made)
+        if not stack:
+            del self._idle[made.user_id]
+
+    async def _sweep(self) -> list[BaseException]:
+        errors: list[BaseException] = []
+        stale = time.monotonic() - self._idle_ttl
+        while self._idle_lru:
+            made = next(iter(self._idle_lru.values()))
+            if made.parked_at > stale:
+                break
+            del self._idle_lru[id(made)]
+            self._forget_idle(made)
+            errors += await self._close_made(made, None, None, None)
+        return errors
+
+    async def _close_made(
+        self,
+        made: _Made[E],
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> list[BaseException]:
+        """
+        Close *made*, shielded and bounded by the close timeout; return the errors.
+        """
+        errors: list[BaseException] = []
+        with anyio.move_on_after(self._close_timeout, shield=True) as scope:
+            if made.exit is not None:
+                try:
+                    result = made.exit(exc_type, exc, tb)
+                    if made.exit_is_async:
+                        await result
+                except Exception as e:  # noqa: BLE001  # collected and reported
+                    errors.append(e)
+            if self._close is not None:
+                try:
+                    result = self._close(made.engine)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception as e:  # noqa: BLE001  # collected and reported
+                    errors.append(e)
+        if scope.cancelled_caught:
+            errors.append(
+                CloseTimeoutError(
+                    f"Closing an engine of user {made.user_id!r} took longer than "
+                    f"close_timeout={self._close_timeout} s and was cut. Make close faster "
+                    "or raise close_timeout."
+                )
+            )
+        self._counters.closed += 1
+        self._counters.close_errors += len(errors)
+        return errors
+
+
+def _report(errors: list[BaseException], body_error: BaseException | None, user_id: str) -> None:
+    """
+    Never lose a close error: log each, and attach it to the body's error.
+    """
+    for error in errors:
+        logger.error("Closing an engine of user %r failed: %s", user_id, describe(error))
+        if body_error is not None and not isinstance(body_error, anyio.get_cancelled_exc_class()):
+            add_note(body_error, f"While closing its engine: {describe(error)}")
+    if body_error is not None:
+        body_error.close_errors = [*getattr(body_error, "close_errors", ()), *errors]  # type: ignore[attr-defined]
+
+
+class _EngineUse(Generic[E]):
+    __slots__ = ("_aborted", "_bind", "_ctx", "_factory", "_lease", "_made", "_scope")
+
+    def __init__(self, factory: EngineFactory[E], ctx: UserContext | None) -> None:
+        self._factory = factory
+        self._ctx = ctx
+        self._aborted = False
+
+    def abort(self) -> None:
+        self._aborted = True
+        self._scope.cancel()
+
+    async def __aenter__(self) -> E:
+        f = self._factory
+        f._check_open()  # noqa: SLF001
+        ctx = self._ctx = self._ctx if self._ctx is not None else current()
+        b = self._bind = bind(ctx)
+        b.__enter__()
+        c = f._counters  # noqa: SLF001
+        try:
+            try:
+                lease = await f._quota.acquire(ctx.user_id, timeout=f._timeout)  # noqa: SLF001
+            except QuotaTimeout:
+                c.timed_out += 1
+                raise
+            except QuotaExceeded:
+                c.rejected += 1
+                raise
+            try:
+                f._check_open()  # noqa: SLF001  # closed while we waited
+                made = await f._obtain(ctx)  # noqa: SLF001
+            except BaseException:
+                lease.release()
+                raise
+        except BaseException:
+            b.__exit__(None, None, None)
+            raise
+        self._lease = lease
+        self._made = made
+        c.start(ctx.user_id)
+        f._uses.add(self)  # noqa: SLF001
+        deadline = f._deadline  # noqa: SLF001
+        scope = self._scope = anyio.CancelScope(
+            deadline=math.inf if deadline is None else anyio.current_time() + deadline
+        )
+        scope.__enter__()
+        return made.engine
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        f = self._factory
+        ctx = self._ctx
+        assert ctx is not None  # noqa: S101  # set by __aenter__
+        caught = self._scope.__exit__(exc_type, exc, tb)
+        body_error = None if caught else exc
+        c = f._counters  # noqa: SLF001
+        hit = bool(caught) and not self._aborted
+        if hit:
+            c.deadline_hits += 1
+        try:
+            with anyio.CancelScope(shield=True):
+                errors = await f._park_or_close(  # noqa: SLF001
+                    self._made, None if caught else exc_type, body_error, None if caught else tb
+                )
+                if f._idle_lru:  # noqa: SLF001
+                    errors += await f._sweep()  # noqa: SLF001
+        finally:
+            self._lease.release()
+            c.stop(ctx.user_id)
+            f._uses.discard(self)  # noqa: SLF001
+            if f._drained is not None and not f._uses:  # noqa: SLF001
+                f._drained.set()  # noqa: SLF001
+            self._bind.__exit__(None, None, None)
+        if hit:
+            error: BaseException = EngineDeadlineExceeded(
+                f"The body using an engine of user {ctx.user_id!r} ran past its deadline of "
+                f"{f._deadline} s and was cancelled. Make it finish sooner or raise the "  # noqa: SLF001
+                "factory's deadline."
+            )
+        elif caught:
+            error = FactoryClosedError(
+                f"The EngineFactory was closed while user {ctx.user_id!r} used an engine; "
+                "the body was cancelled after the close timeout."
+            )
+        elif errors and body_error is None:
+            error = errors[0]
+            errors = errors[1:]
+        else:
+            _report(errors, body_error, ctx.user_id)
+            return
+        _report(errors, error, ctx.user_id)
+        raise error
+
+
+def _refuse_awaitable(result: object, hook: str) -> None:
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()  # no "never awaited" warning on top of the error
+        msg = (
+            f"engine_sync() needs a sync {hook}, but it returned an awaitable; "
+            "use `async with factory.engine()` instead."
+        )
+        raise TypeError(msg)
+
+
+class _SyncEngineUse(Generic[E]):
+    __slots__ = ("_bind", "_ctx", "_factory", "_lease", "_made")
+
+    def __init__(self, factory: EngineFactory[E], ctx: UserContext | None) -> None:
+        self._factory = factory
+        self._ctx = ctx
+
+    def __enter__(self) -> E:
+        f = self._factory
+        f._check_open()  # noqa: SLF001
+        ctx = self._ctx = self._ctx if self._ctx is not None else current()
+        b = self._bind = bind(ctx)
+        b.__enter__()
+        c = f._sync_counters  # noqa: SLF001
+        try:
+            quota = f._thread_quota  # noqa: SLF001
+            if quota is None:
+                with f._sync_lock:  # noqa: SLF001
+                    if f._thread_quota is None:  # noqa: SLF001
+                        f._thread_quota = ThreadQuota(f._per_user, f._total)  # noqa: SLF001
+                    quota = f._thread_quota  # noqa: SLF001
+            try:
+                lease = quota.acquire(ctx.user_id, timeout=f._timeout)  # noqa: SLF001
+            except (QuotaTimeout, QuotaExceeded) as e:
+                with f._sync_lock:  # noqa: SLF001
+                    if isinstance(e, QuotaTimeout):
+                        c.timed_out += 1
+                    else:
+                        c.rejected += 1
+                raise
+            try:
+                made = self._create(ctx)
+            except BaseException:
+                lease.release()
+                raise
+        except BaseException:
+            b.__exit__(None, None, None)
+            raise
+        self._lease = lease
+        self._made = made
+        with f._sync_lock:  # noqa: SLF001
+            c.created += 1
+            c.start(ctx.user_id)
+        return made.engine
+
+    def _create(self, ctx: UserContext) -> _Made[E]:
+        f = self._factory
+        try:
+            result: Any = f._create(ctx)  # noqa: SLF001
+            _refuse_awaitable(result, "create")
+            if hasattr(type(result), "__enter__"):
+                return _Made(ctx.user_id, result.__enter__(), result.__exit__, exit_is_async=False)
+            return _Made(ctx.user_id, result, None, exit_is_async=False)
+        except Exception:
+            with f._sync_lock:  # noqa: SLF001
+                f._sync_counters.create_errors += 1  # noqa: SLF001
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        f = self._factory
+        ctx = self._ctx
+        assert ctx is not None  # noqa: S101  # set by __enter__
+        made = self._made
+        errors: list[BaseException] = []
+        try:
+            if made.exit is not None:
+                try:
+                    made.exit(exc_type, exc, tb)
+                except Exception as e:  # noqa: BLE001  # collected and reported
+                    errors.append(e)
+            if f._close is not None:  # noqa: SLF001
+                try:
+                    _refuse_awaitable(f._close(made.engine), "close")  # noqa: SLF001
+                except Exception as e:  # noqa: BLE001  # collected and reported
+                    errors.append(e)
+        finally:
+            self._lease.release()
+            c = f._sync_counters  # noqa: SLF001
+            with f._sync_lock:  # noqa: SLF001
+                c.closed += 1
+                c.close_errors += len(errors)
+                c.stop(ctx.user_id)
+            self._bind.__exit__(None, None, None)
+        if errors and exc is None:
+            _report(errors[1:], errors[0], ctx.user_id)
+            raise errors[0]
+        _report(errors, exc, ctx.user_id)
