@@ -106,7 +106,8 @@ class Lease:
         Hand the slot back to the quota; further calls do nothing.
         """
         if not self._released:
-            self._quota.release(self)
+            self._released = True
+            self._quota._give_back(self.key)  # noqa: SLF001
 
     def __enter__(self) -> Self:
         return self
@@ -228,24 +229,35 @@ class _Core:
             raise TypeError(msg)
         return limit
 
-    def _try_take(self, key: str) -> bool:
-        n = self._in_use.get(key, 0)
+    def _try_take(self, key: str) -> Lease | None:
+        """
+        Take a slot of *key* if one is free and nobody waits ahead; the hot path.
+        """
+        in_use = self._in_use
+        n = in_use.get(key, 0)
         if (
             n >= (self._fixed if self._fixed is not None else self._limit(key))
             or (self._total is not None and self._total_in_use >= self._total)
             or key in self._waiters
         ):
-            return False
-        self._take(key, n)
-        return True
+            return None
+        in_use[key] = n + 1
+        total = self._total_in_use = self._total_in_use + 1
+        self._granted += 1
+        self._peak = max(self._peak, total)
+        lease = _new_lease(Lease)
+        lease._quota = self  # noqa: SLF001
+        lease.key = key
+        lease._released = False  # noqa: SLF001
+        return lease
 
-    def _take(self, key: str, n: int) -> None:
-        self._in_use[key] = n + 1
+    def _take(self, key: str) -> None:
+        self._in_use[key] = self._in_use.get(key, 0) + 1
         self._total_in_use += 1
         self._granted += 1
         self._peak = max(self._peak, self._total_in_use)
 
-    def _give_back(self, key: str) -> None:
+    def _return(self, key: str) -> None:
         n = self._in_use[key] - 1
         if n:
             self._in_use[key] = n
@@ -258,6 +270,9 @@ class _Core:
             else:
                 self._dispatch()
 
+    # Lease.release comes here; ThreadQuota takes its lock first.
+    _give_back = _return
+
     def release(self, lease: Lease) -> None:
         if lease._released:  # noqa: SLF001  # Lease is this module's
             msg = (
@@ -266,7 +281,7 @@ class _Core:
             )
             raise LeaseReleasedError(msg)
         lease._released = True  # noqa: SLF001
-        self._give_back(lease.key)
+        self._return(lease.key)
 
     def _alive(self, waiter: _Waiter) -> bool:  # noqa: ARG002  # threads are not cancelled
         return True
@@ -283,7 +298,7 @@ class _Core:
         return None
 
     def _grant(self, w: _Waiter) -> None:
-        self._take(w.key, self._in_use.get(w.key, 0))
+        self._take(w.key)
         w.granted = True
         self._wake(w)
 
@@ -340,21 +355,15 @@ class _Core:
         limit = self._limit(key)
         in_use = self._in_use.get(key, 0)
         if in_use >= limit or self._total is None:
-            scope, where = "key", f"key {key!r} holds {in_use} of its {limit} slots"
-        else:
-            scope, limit, in_use = "total", self._total, self._total_in_use
-            where = f"all {limit} slots are in use (the total limit)"
-        if cls is QuotaTimeout:
-            msg = (
-                f"Waited {waited:.3f} s (the timeout of {timeout} s) for a slot, but {where}. "
-                "Raise the timeout or the limit, or make the work holding slots finish sooner."
-            )
-        else:
-            msg = (
-                f"No slot is free: {where}. Retry later, pass a timeout > 0 to wait "
-                "(None waits as long as it takes), or raise the limit."
-            )
-        return cls(msg, key=key, limit=limit, scope=scope, in_use=in_use, waited=waited)
+            return cls(key, limit=limit, scope="key", in_use=in_use, waited=waited, timeout=timeout)
+        return cls(
+            key,
+            limit=self._total,
+            scope="total",
+            in_use=self._total_in_use,
+            waited=waited,
+            timeout=timeout,
+        )
 
     def _stats(self, top: int) -> QuotaStats:
         return QuotaStats(
@@ -382,6 +391,7 @@ class _Core:
 
 
 _MISSING: Any = object()
+_new_lease = Lease.__new__
 
 
 class LocalQuota(_Core):
@@ -431,8 +441,9 @@ class LocalQuota(_Core):
         cancelled while it waits, even right after being granted, leaves no slot
         taken.
         """
-        if self._try_take(key):
-            return Lease(self, key)
+        lease = self._try_take(key)
+        if lease is not None:
+            return lease
         if timeout is not None and timeout <= 0:
             self._rejected += 1
             raise self._full_error(QuotaExceeded, key, 0.0, timeout)
@@ -443,10 +454,10 @@ class LocalQuota(_Core):
         Return a `Lease` of *key* if a slot is free right now, else `None`
         (counted as rejected). Never waits.
         """
-        if self._try_take(key):
-            return Lease(self, key)
-        self._rejected += 1
-        return None
+        lease = self._try_take(key)
+        if lease is None:
+            self._rejected += 1
+        return lease
 
     def stats(self, top: int = 10) -> QuotaStats:
         """
@@ -501,7 +512,7 @@ class LocalQuota(_Core):
         except BaseException:
             # Cancelled from outside: never keep or lose a slot on the way out.
             if w.granted:
-                self._give_back(key)
+                self._return(key)
             else:
                 self._forget(w)
                 self._cancelled += 1
@@ -547,8 +558,9 @@ class ThreadQuota(_Core):
         and ``0`` raises `usercontext.exceptions.QuotaExceeded` at once.
         """
         with self._lock:
-            if self._try_take(key):
-                return Lease(self, key)
+            lease = self._try_take(key)
+            if lease is not None:
+                return lease
             if timeout is not None and timeout <= 0:
                 self._rejected += 1
                 raise self._full_error(QuotaExceeded, key, 0.0, timeout)
@@ -562,7 +574,7 @@ class ThreadQuota(_Core):
         except BaseException:  # KeyboardInterrupt while blocked
             with self._lock:
                 if w.granted:
-                    self._give_back(key)
+                    self._return(key)
                 else:
                     self._forget(w)
                     self._cancelled += 1
@@ -581,10 +593,10 @@ class ThreadQuota(_Core):
         Return a `Lease` of *key* if a slot is free right now, else `None`.
         """
         with self._lock:
-            if self._try_take(key):
-                return Lease(self, key)
-            self._rejected += 1
-            return None
+            lease = self._try_take(key)
+            if lease is None:
+                self._rejected += 1
+            return lease
 
     def release(self, lease: Lease) -> None:
         """
@@ -593,6 +605,10 @@ class ThreadQuota(_Core):
         """
         with self._lock:
             super().release(lease)
+
+    def _give_back(self, key: str) -> None:
+        with self._lock:
+            self._return(key)
 
     def _wake(self, waiter: _Waiter) -> None:
         waiter.signal.release()

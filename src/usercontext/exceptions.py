@@ -85,6 +85,7 @@ class QuotaError(UserContextError):
             global one was.
         in_use: How many slots were in use under that limit.
         waited: How long the request waited, in seconds (0 for a rejection).
+        timeout: The timeout the request gave, in seconds.
 
     .. versionadded:: 0.1.0
     """
@@ -94,16 +95,42 @@ class QuotaError(UserContextError):
     scope: str
     in_use: int
     waited: float
+    timeout: float | None
 
     def __init__(  # noqa: PLR0913
-        self, message: str, *, key: str, limit: int, scope: str, in_use: int, waited: float
+        self,
+        key: str,
+        *,
+        limit: int,
+        scope: str,
+        in_use: int,
+        waited: float = 0.0,
+        timeout: float | None = None,
     ) -> None:
-        super().__init__(message)
+        # The message is built only when shown: a busy service rejects often,
+        # and most rejections are turned into a 429 without ever printing one.
+        super().__init__(key)
         self.key = key
         self.limit = limit
         self.scope = scope
         self.in_use = in_use
         self.waited = waited
+        self.timeout = timeout
+
+    def _where(self) -> str:
+        if self.scope == "key":
+            return f"key {self.key!r} holds {self.in_use} of its {self.limit} slots"
+        return f"all {self.limit} slots are in use (the total limit)"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_quota_error, (type(self), self.__dict__))
+
+
+def _rebuild_quota_error(cls: type[QuotaError], state: dict[str, object]) -> QuotaError:
+    error = cls.__new__(cls)
+    error.__dict__.update(state)
+    error.args = (state["key"],)
+    return error
 
 
 class QuotaExceeded(QuotaError, RuntimeError):  # noqa: N818  # the name says what happened
@@ -113,6 +140,12 @@ class QuotaExceeded(QuotaError, RuntimeError):  # noqa: N818  # the name says wh
     .. versionadded:: 0.1.0
     """
 
+    def __str__(self) -> str:
+        return (
+            f"No slot is free: {self._where()}. Retry later, pass a timeout > 0 to wait "
+            "(None waits as long as it takes), or raise the limit."
+        )
+
 
 class QuotaTimeout(QuotaError, TimeoutError):  # noqa: N818  # the name says what happened
     """
@@ -120,6 +153,13 @@ class QuotaTimeout(QuotaError, TimeoutError):  # noqa: N818  # the name says wha
 
     .. versionadded:: 0.1.0
     """
+
+    def __str__(self) -> str:
+        return (
+            f"Waited {self.waited:.3f} s (the timeout of {self.timeout} s) for a slot, but "
+            f"{self._where()}. Raise the timeout or the limit, or make the work holding "
+            "slots finish sooner."
+        )
 
 
 class LeaseReleasedError(UserContextError, RuntimeError):
