@@ -19,9 +19,8 @@ import attrs
 
 from ._current import bind, current
 from ._quota import LocalQuota, ThreadQuota
-from ._util import add_note, describe, logger
+from ._util import add_note, describe, logger, run_steps
 from .exceptions import (
-    CloseTimeoutError,
     EngineDeadlineExceeded,
     FactoryClosedError,
     QuotaExceeded,
@@ -389,14 +388,15 @@ class EngineFactory(Generic[E]):
         if exc is None and self._pool_idle and not self._closed:
             stack = self._idle.get(made.user_id)
             if stack is None or len(stack) < self._pool_idle:
-                try:
-                    if self._reset is not None:
-                        result = self._reset(made.engine)
-                        if inspect.isawaitable(result):
-                            await result
-                except Exception as e:  # noqa: BLE001  # reported, then the engine is closed
+                failed = self._reset is not None and await run_steps(
+                    [(self._reset, (made.engine,))],
+                    self._close_timeout,
+                    f"the reset of an engine of user {made.user_id!r}",
+                )
+                if failed:
                     logger.warning(
-                        "Resetting an engine for reuse failed, closing it: %s", describe(e)
+                        "Resetting an engine for reuse failed, closing it: %s",
+                        "; ".join(map(describe, failed)),
                     )
                 else:
                     made.parked_at = time.monotonic()
@@ -438,30 +438,12 @@ class EngineFactory(Generic[E]):
         """
         Close *made*, shielded and bounded by the close timeout; return the errors.
         """
-        errors: list[BaseException] = []
-        with anyio.move_on_after(self._close_timeout, shield=True) as scope:
-            if made.exit is not None:
-                try:
-                    result = made.exit(exc_type, exc, tb)
-                    if made.exit_is_async:
-                        await result
-                except Exception as e:  # noqa: BLE001  # collected and reported
-                    errors.append(e)
-            if self._close is not None:
-                try:
-                    result = self._close(made.engine)
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception as e:  # noqa: BLE001  # collected and reported
-                    errors.append(e)
-        if scope.cancelled_caught:
-            errors.append(
-                CloseTimeoutError(
-                    f"Closing an engine of user {made.user_id!r} took longer than "
-                    f"close_timeout={self._close_timeout} s and was cut. Make close faster "
-                    "or raise close_timeout."
-                )
-            )
+        steps: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+        if made.exit is not None:
+            steps.append((made.exit, (exc_type, exc, tb)))
+        if self._close is not None:
+            steps.append((self._close, (made.engine,)))
+        errors = await run_steps(steps, self._close_timeout, f"an engine of user {made.user_id!r}")
         self._counters.closed += 1
         self._counters.close_errors += len(errors)
         return errors
@@ -543,12 +525,11 @@ class _EngineUse(Generic[E]):
         if hit:
             c.deadline_hits += 1
         try:
-            with anyio.CancelScope(shield=True):
-                errors = await f._park_or_close(  # noqa: SLF001
-                    self._made, None if caught else exc_type, body_error, None if caught else tb
-                )
-                if f._idle_lru:  # noqa: SLF001
-                    errors += await f._sweep()  # noqa: SLF001
+            errors = await f._park_or_close(  # noqa: SLF001
+                self._made, None if caught else exc_type, body_error, None if caught else tb
+            )
+            if f._idle_lru:  # noqa: SLF001
+                errors += await f._sweep()  # noqa: SLF001
         finally:
             self._lease.release()
             c.stop(ctx.user_id)
