@@ -12,6 +12,7 @@ import threading
 import time
 
 from collections import OrderedDict
+from types import CoroutineType, GeneratorType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
@@ -106,8 +107,8 @@ class _Counters:
         self.by_user: dict[str, int] = {}
 
     def start(self, user_id: str) -> None:
-        self.active += 1
-        self.peak = max(self.peak, self.active)
+        active = self.active = self.active + 1
+        self.peak = max(self.peak, active)
         self.by_user[user_id] = self.by_user.get(user_id, 0) + 1
 
     def stop(self, user_id: str) -> None:
@@ -351,14 +352,15 @@ class EngineFactory(Generic[E]):
         c = self._counters
         try:
             result: Any = self._create(ctx)
-            if inspect.isawaitable(result):
+            kind = _kind(type(result))
+            if kind is _AWAITABLE:
                 result = await result
-            kind = type(result)
-            if hasattr(kind, "__aenter__"):
+                kind = _kind(type(result))
+            if kind is _ASYNC_CM:
                 made = _Made(
                     ctx.user_id, await result.__aenter__(), result.__aexit__, exit_is_async=True
                 )
-            elif hasattr(kind, "__enter__"):
+            elif kind is _SYNC_CM:
                 made = _Made(ctx.user_id, result.__enter__(), result.__exit__, exit_is_async=False)
             else:
                 made = _Made(ctx.user_id, result, None, exit_is_async=False)
@@ -391,7 +393,8 @@ class EngineFactory(Generic[E]):
                 failed = self._reset is not None and await run_steps(
                     [(self._reset, (made.engine,))],
                     self._close_timeout,
-                    f"the reset of an engine of user {made.user_id!r}",
+                    "the reset of an engine of user %r",
+                    made.user_id,
                 )
                 if failed:
                     logger.warning(
@@ -438,15 +441,59 @@ class EngineFactory(Generic[E]):
         """
         Close *made*, shielded and bounded by the close timeout; return the errors.
         """
-        steps: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
-        if made.exit is not None:
-            steps.append((made.exit, (exc_type, exc, tb)))
-        if self._close is not None:
-            steps.append((self._close, (made.engine,)))
-        errors = await run_steps(steps, self._close_timeout, f"an engine of user {made.user_id!r}")
-        self._counters.closed += 1
-        self._counters.close_errors += len(errors)
+        c = self._counters
+        c.closed += 1
+        close = self._close
+        if made.exit is None and close is not None:
+            # The common case, a plain engine and a sync close, needs no scope.
+            try:
+                result = close(made.engine)
+            except Exception as e:  # noqa: BLE001  # reported by the caller
+                c.close_errors += 1
+                return [e]
+            if result is None or _kind(type(result)) is not _AWAITABLE:
+                return []
+            steps: list[tuple[Callable[..., object], tuple[Any, ...]]] = [(_await, (result,))]
+        else:
+            steps = []
+            if made.exit is not None:
+                steps.append((made.exit, (exc_type, exc, tb)))
+            if close is not None:
+                steps.append((close, (made.engine,)))
+        errors = await run_steps(steps, self._close_timeout, "an engine of user %r", made.user_id)
+        c.close_errors += len(errors)
         return errors
+
+
+def _await(awaitable: Awaitable[object]) -> Awaitable[object]:
+    return awaitable
+
+
+_PLAIN, _AWAITABLE, _ASYNC_CM, _SYNC_CM = "plain", "awaitable", "async cm", "sync cm"
+_kinds: dict[type, str] = {}
+
+
+def _kind(cls: type) -> str:
+    """
+    Say what *create* or *close* returned; cached per type, as hasattr on a
+    type costs more than the rest of handing out an engine.
+    """
+    kind = _kinds.get(cls)
+    if kind is None:
+        if hasattr(cls, "__aenter__"):
+            kind = _ASYNC_CM
+        elif hasattr(cls, "__enter__"):
+            kind = _SYNC_CM
+        elif hasattr(cls, "__await__") or issubclass(cls, (CoroutineType, GeneratorType)):
+            kind = _AWAITABLE
+        else:
+            kind = _PLAIN
+        if len(_kinds) < _KINDS_MAX:
+            _kinds[cls] = kind
+    return kind
+
+
+_KINDS_MAX = 1024
 
 
 def _report(errors: list[BaseException], body_error: BaseException | None, user_id: str) -> None:

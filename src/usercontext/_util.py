@@ -40,14 +40,17 @@ def describe(exc: BaseException) -> str:
 
 
 async def run_steps(
-    steps: Iterable[tuple[Callable[..., object], tuple[Any, ...]]], timeout: float, what: str
+    steps: Iterable[tuple[Callable[..., object], tuple[Any, ...]]],
+    timeout: float,
+    what: str,
+    *what_args: object,
 ) -> list[BaseException]:
     """
     Call each cleanup step in order and return the errors they raised.
 
     A step that returns an awaitable is awaited inside a cancel scope that is
     shielded from outside cancellation and cut after *timeout* seconds (then a
-    `usercontext.exceptions.CloseTimeoutError` naming *what* is added and the
+    `usercontext.exceptions.CloseTimeoutError` naming ``what % what_args`` is added and the
     remaining steps are skipped). The scope is entered only when there is
     something to await: a cancel scope costs several microseconds, more than a
     sync cleanup.
@@ -71,8 +74,8 @@ async def run_steps(
             raise
         errors.append(
             CloseTimeoutError(
-                f"Closing {what} took longer than its timeout of {timeout} s and was cut. "
-                "Make the cleanup faster or raise the timeout."
+                f"Closing {what % what_args} took longer than its timeout of {timeout} s "
+                "and was cut. Make the cleanup faster or raise the timeout."
             )
         )
         return errors

@@ -1,0 +1,284 @@
+"""
+Benchmarks of `LocalQuota` and `EngineFactory`, each paired with its floor.
+
+Every timed function runs a batch of operations inside one asyncio event loop,
+so the loop's own overhead is paid equally by a benchmark and its floor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import usercontext as uc
+
+
+BATCH = 1_000
+
+
+@pytest.fixture(name="loop", scope="module")
+def _loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+class _RejectedError(Exception):
+    pass
+
+
+@pytest.mark.benchmark(group="quota: uncontended acquire + release")
+def test_semaphore_dict_floor(benchmark, loop):
+    """
+    Floor: a dict of `asyncio.Semaphore`, one per key, acquired and released
+    on a hot key.
+    """
+    sems = {"u-42": asyncio.Semaphore(2)}
+
+    async def batch():
+        for _ in range(BATCH):
+            sem = sems["u-42"]
+            await sem.acquire()
+            sem.release()
+
+    benchmark(lambda: loop.run_until_complete(batch()))
+
+
+@pytest.mark.benchmark(group="quota: uncontended acquire + release")
+def test_local_quota(benchmark, loop):
+    """
+    `await quota.acquire(key)` and `lease.release()` on a hot key with room.
+    Target: <= 1.3x the floor.
+    """
+    quota = uc.LocalQuota(2)
+
+    async def batch():
+        for _ in range(BATCH):
+            lease = await quota.acquire("u-42")
+            lease.release()
+
+    benchmark(lambda: loop.run_until_complete(batch()))
+    assert quota.stats().in_use == 0
+
+
+class _DictQuota:
+    """
+    The plain-Python floor of a quota: a dict of ints and a fixed limit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+
+    def try_acquire(self, key: str) -> str | None:
+        n = self.counts.get(key, 0)
+        if n >= self.limit:
+            return None
+        self.counts[key] = n + 1
+        return key
+
+    async def acquire(self, key: str, *, timeout: float | None = None) -> str:
+        lease = self.try_acquire(key)
+        if lease is None:
+            raise _RejectedError(key, timeout)
+        return lease
+
+
+@pytest.mark.benchmark(group="quota: reject without raising")
+def test_reject_counter_floor(benchmark):
+    """
+    Floor: `try_acquire` of a dict-of-int quota refusing a key at its limit.
+    """
+    quota = _DictQuota(2)
+    quota.try_acquire("u-42")
+    quota.try_acquire("u-42")
+
+    def batch():
+        for _ in range(BATCH):
+            quota.try_acquire("u-42")
+
+    benchmark(batch)
+
+
+@pytest.mark.benchmark(group="quota: reject without raising")
+def test_try_acquire_rejected(benchmark):
+    """
+    `quota.try_acquire(key)` refused because the key is at its limit.
+    Target: <= 1.5x the floor.
+    """
+    quota = uc.LocalQuota(2)
+    held = [quota.try_acquire("u-42"), quota.try_acquire("u-42")]
+
+    def batch():
+        for _ in range(BATCH):
+            quota.try_acquire("u-42")
+
+    benchmark(batch)
+    assert quota.try_acquire("u-42") is None
+    for lease in held:
+        assert lease is not None
+        lease.release()
+
+
+@pytest.mark.benchmark(group="quota: reject by raising")
+def test_reject_raise_floor(benchmark, loop):
+    """
+    Floor: `await acquire(key, timeout=0)` of a dict-of-int quota raising for
+    a key at its limit, caught by the caller.
+    """
+    quota = _DictQuota(2)
+    quota.try_acquire("u-42")
+    quota.try_acquire("u-42")
+
+    async def batch():
+        for _ in range(BATCH):
+            try:
+                await quota.acquire("u-42", timeout=0)
+            except _RejectedError:
+                pass
+
+    benchmark(lambda: loop.run_until_complete(batch()))
+
+
+@pytest.mark.benchmark(group="quota: reject by raising")
+def test_acquire_timeout_zero(benchmark, loop):
+    """
+    `await quota.acquire(key, timeout=0)` raising `QuotaExceeded`, caught.
+    Target: <= 1.5x the floor.
+    """
+    quota = uc.LocalQuota(2)
+    held = [quota.try_acquire("u-42"), quota.try_acquire("u-42")]
+
+    async def batch():
+        for _ in range(BATCH):
+            try:
+                await quota.acquire("u-42", timeout=0)
+            except uc.QuotaExceeded:
+                pass
+
+    benchmark(lambda: loop.run_until_complete(batch()))
+    for lease in held:
+        assert lease is not None
+        lease.release()
+
+
+async def _legacy_scenario(acquire_for):
+    """
+    1,000 requests from 100 users (10 each), 10 ms of work each, all released
+    at once; return the sorted latencies in ms.
+    """
+    latencies: list[float] = []
+    start = asyncio.Event()
+
+    async def request(i: int) -> None:
+        await start.wait()
+        t0 = time.perf_counter()
+        async with acquire_for(f"user-{i % 100}"):
+            await asyncio.sleep(0.01)
+        latencies.append((time.perf_counter() - t0) * 1e3)
+
+    tasks = [asyncio.create_task(request(i)) for i in range(1_000)]
+    await asyncio.sleep(0)
+    start.set()
+    await asyncio.gather(*tasks)
+    return sorted(latencies)
+
+
+def _record(benchmark, latencies):
+    benchmark.extra_info["p50_ms"] = latencies[499]
+    benchmark.extra_info["p95_ms"] = latencies[949]
+    benchmark.extra_info["p99_ms"] = latencies[989]
+
+
+@pytest.mark.benchmark(group="quota: legacy scenario (1,000 requests, 100 users, limit 2)")
+def test_legacy_scenario_semaphore_floor(benchmark, loop):
+    """
+    Floor: the legacy scenario with one `asyncio.Semaphore(2)` per user.
+    P50 and P99 request latency are in the benchmark's extra info.
+    """
+    result: list[list[float]] = []
+
+    def run():
+        sems: dict[str, asyncio.Semaphore] = {}
+
+        def acquire_for(user: str) -> asyncio.Semaphore:
+            sem = sems.get(user)
+            if sem is None:
+                sem = sems[user] = asyncio.Semaphore(2)
+            return sem
+
+        result.append(loop.run_until_complete(_legacy_scenario(acquire_for)))
+
+    benchmark.pedantic(run, rounds=5, iterations=1)
+    _record(benchmark, min(result, key=lambda lat: lat[499]))
+
+
+@pytest.mark.benchmark(group="quota: legacy scenario (1,000 requests, 100 users, limit 2)")
+def test_legacy_scenario_local_quota(benchmark, loop):
+    """
+    The legacy scenario under `LocalQuota(per_key=2)`. Targets: P50 <= 1.1x and
+    P99 <= 1.15x the floor's (the legacy system reported P50 45 ms, P99 250 ms).
+    """
+    result: list[list[float]] = []
+    quota = uc.LocalQuota(2)
+
+    class _Slot:
+        def __init__(self, user: str) -> None:
+            self.user = user
+
+        async def __aenter__(self) -> None:
+            self.lease = await quota.acquire(self.user)
+
+        async def __aexit__(self, *exc: object) -> None:
+            self.lease.release()
+
+    def run():
+        result.append(loop.run_until_complete(_legacy_scenario(_Slot)))
+
+    benchmark.pedantic(run, rounds=5, iterations=1)
+    _record(benchmark, min(result, key=lambda lat: lat[499]))
+    assert quota.stats().in_use == 0
+    assert quota.stats().peak <= 200
+
+
+@pytest.mark.benchmark(group="factory: engine per request, uncontended")
+def test_engine_floor(benchmark, loop):
+    """
+    Floor: a per-user semaphore, a trivial engine created and closed by hand.
+    """
+    sems = {"u-42": asyncio.Semaphore(2)}
+    closed: list[object] = []
+
+    async def batch():
+        for _ in range(BATCH):
+            sem = sems["u-42"]
+            async with sem:
+                engine = object()
+                closed.append(engine)
+        closed.clear()
+
+    benchmark(lambda: loop.run_until_complete(batch()))
+
+
+@pytest.mark.benchmark(group="factory: engine per request, uncontended")
+def test_engine_factory(benchmark, loop):
+    """
+    `async with factory.engine(ctx)` with a trivial sync create and close:
+    the quota, the bind, the body's cancel scope and the close together.
+    """
+    closed: list[object] = []
+    factory = uc.EngineFactory(lambda _ctx: object(), close=closed.append, per_user=2)
+    ctx = uc.UserContext(user_id="u-42", thread_id="t-7", run_id="r-1")
+
+    async def batch():
+        for _ in range(BATCH):
+            async with factory.engine(ctx):
+                pass
+        closed.clear()
+
+    benchmark(lambda: loop.run_until_complete(batch()))
+    stats = factory.stats()
+    assert stats.created == stats.closed
+    assert stats.active == 0
