@@ -170,6 +170,7 @@ def configure(*, id_rules: IdRules | None = None, max_depth: int | None = None) 
         _placeholder_len = max(map(len, _placeholders), default=0)
         _pattern = None if id_rules.pattern is None else re.compile(id_rules.pattern)
         _valid_ids.clear()
+        _old_ids.clear()
     if max_depth is not None:
         if type(max_depth) is not int or max_depth < 0:
             msg = f"max_depth must be a non-negative int, got {max_depth!r}; the default is 32."
@@ -184,16 +185,22 @@ def current_rules() -> tuple[IdRules, int]:
     return _rules, _max_depth
 
 
-def _invalid(field: str, value: object, reason: str, fix: str) -> InvalidContextError:
+def _invalid(
+    field: str, value: object, reason: str, fix: str, *, show: bool = True
+) -> InvalidContextError:
+    # Metadata values may hold personal data: their errors show the type only.
+    got = _short_repr(value) if show else f"a {type(value).__name__}"
     return InvalidContextError(
-        f"Invalid UserContext.{field}: {reason}; got {_short_repr(value)}. {fix}",
+        f"Invalid UserContext.{field}: {reason}; got {got}. {fix}",
         field=field,
         value=value,
         reason=reason,
     )
 
 
-def _id_error(field: str, value: object) -> Exception:  # noqa: PLR0911  # one return per rule
+def _id_error(  # noqa: PLR0911  # one return per rule
+    field: str, value: object, *, pattern: bool = True
+) -> Exception:
     """
     Explain why *value* failed the fast check in `_check_id`.
     """
@@ -236,6 +243,7 @@ def _id_error(field: str, value: object) -> Exception:  # noqa: PLR0911  # one r
             "Pass the real id. If this value is legitimate in your service, leave it out of "
             "IdRules.placeholders and pass those rules to usercontext.configure().",
         )
+    assert pattern  # noqa: S101  # request ids fail an earlier rule
     assert _pattern is not None  # noqa: S101  # the only rule left
     return _invalid(
         field,
@@ -245,28 +253,51 @@ def _id_error(field: str, value: object) -> Exception:  # noqa: PLR0911  # one r
     )
 
 
-# Ids that passed the rules in force. The same user and thread ids come back
-# request after request, and a set lookup costs a fraction of the checks. It is
-# bounded (emptied when full) and emptied whenever the rules change.
+# User, thread and run ids that passed the rules in force. The same ids come
+# back request after request, and a set lookup costs a fraction of the checks.
+# Two generations keep the hot ids when one-off ids fill the young one: when it
+# is full it becomes the old one, and a hit in the old one is promoted. Both are
+# bounded and emptied whenever the rules change.
 _valid_ids: set[str] = set()
+_old_ids: set[str] = set()
 _VALID_IDS_MAX = 4096
 
 
+def _passes(value: str) -> bool:
+    return (
+        0 < len(value) <= _max_len
+        and value.isprintable()
+        and value.strip() == value
+        and (len(value) > _placeholder_len or value.lower() not in _placeholders)
+    )
+
+
 def _check_id(field: str, value: object) -> None:
-    if type(value) is str and value in _valid_ids:
+    """
+    Check a user, thread, run or connection id against every rule.
+    """
+    global _valid_ids, _old_ids
+    if type(value) is not str:
+        raise _id_error(field, value)
+    if value in _valid_ids:
         return
-    if (
-        type(value) is not str
-        or not 0 < len(value) <= _max_len
-        or not value.isprintable()
-        or value.strip() != value
-        or (len(value) <= _placeholder_len and value.lower() in _placeholders)
-        or (_pattern is not None and _pattern.fullmatch(value) is None)
+    if value not in _old_ids and not (
+        _passes(value) and (_pattern is None or _pattern.fullmatch(value) is not None)
     ):
         raise _id_error(field, value)
     if len(_valid_ids) >= _VALID_IDS_MAX:
-        _valid_ids.clear()
+        _old_ids, _valid_ids = _valid_ids, set()
     _valid_ids.add(value)
+
+
+def _check_request_id(field: str, value: object) -> None:
+    """
+    Check a request id: every rule but the pattern, which is for the ids your
+    service assigns; request ids are generated here or come from upstream.
+    They are not cached: nearly every one is new.
+    """
+    if type(value) is not str or not _passes(value):
+        raise _id_error(field, value, pattern=False)
 
 
 def _freeze(path: str, value: object, nesting: int) -> object:
@@ -282,6 +313,7 @@ def _freeze(path: str, value: object, nesting: int) -> object:
             value,
             f"nests containers deeper than {_MAX_METADATA_NESTING} levels",
             "Flatten the metadata.",
+            show=False,
         )
     if t is tuple or t is list:
         items = cast("Iterable[object]", value)
@@ -293,7 +325,7 @@ def _freeze(path: str, value: object, nesting: int) -> object:
         return _freeze_mapping(path, value, nesting + 1)
     msg = (
         f"UserContext.{path} must be an immutable value (str, int, float, bool, None, bytes, "
-        f"or a tuple, frozenset or mapping of those), got {t.__name__} ({_short_repr(value)}). "
+        f"or a tuple, frozenset or mapping of those), got a {t.__name__}. "
         "Convert it to one of those types, such as str(value)."
     )
     raise TypeError(msg)
@@ -318,8 +350,8 @@ def _check_metadata(metadata: object) -> Mapping[str, Any]:
         return _EMPTY
     if not isinstance(metadata, Mapping):
         msg = (
-            f"UserContext.metadata must be a mapping, got {type(metadata).__name__} "
-            f"({_short_repr(metadata)}). Pass a dict of str keys to immutable values."
+            f"UserContext.metadata must be a mapping, got a {type(metadata).__name__}. "
+            "Pass a dict of str keys to immutable values."
         )
         raise TypeError(msg)
     if not metadata:
@@ -330,6 +362,7 @@ def _check_metadata(metadata: object) -> Mapping[str, Any]:
             metadata,
             f"must have at most {MAX_METADATA_ENTRIES} entries, not {len(metadata)}",
             "Keep metadata small; store bulky data in a per-request resource instead.",
+            show=False,
         )
     for key in metadata:
         if key in RESERVED_METADATA_KEYS:
@@ -455,12 +488,12 @@ class UserContext:
         if request_id is None:
             request_id = new_id()
         else:
-            _check_id("request_id", request_id)
+            _check_request_id("request_id", request_id)
         if connection_id is not None:
             _check_id("connection_id", connection_id)
         if parent_request_id is not None:
-            _check_id("parent_request_id", parent_request_id)
-        if depth or parent_request_id is not None:
+            _check_request_id("parent_request_id", parent_request_id)
+        if type(depth) is not int or depth or parent_request_id is not None:
             _check_depth(depth, parent_request_id)
         draft = _draft()
         draft.user_id = user_id
@@ -663,7 +696,10 @@ def _set_field(draft: _Draft, field: str, value: Any) -> None:
         pass  # checked together with parent_request_id by the caller
     elif field == "created_at":
         value = _check_created_at(value)
-    elif value is not None or field in ("user_id", "thread_id", "run_id", "request_id"):
+    elif field in ("request_id", "parent_request_id"):
+        if value is not None or field == "request_id":
+            _check_request_id(field, value)
+    elif value is not None or field != "connection_id":
         _check_id(field, value)
     setattr(draft, field, value)
 

@@ -41,9 +41,9 @@ __all__ = [
 ]
 
 # One variable holding one frozen object: every extra ContextVar makes each
-# set/reset in the process slower. None marks "unbound" after a cross-Context
-# exit (see bind.__exit__).
-_var: contextvars.ContextVar[UserContext | None] = contextvars.ContextVar("usercontext")
+# set/reset in the process slower. It is never set to None: "unbound" is a
+# Context where it was never set (see _fresh_context).
+_var: contextvars.ContextVar[UserContext] = contextvars.ContextVar("usercontext")
 _get = _var.get
 
 _NO_CONTEXT = (
@@ -62,10 +62,10 @@ def current() -> UserContext:
 
     .. versionadded:: 0.1.0
     """
-    ctx = _get(None)
-    if ctx is None:
-        raise NoContextError(_NO_CONTEXT)
-    return ctx
+    try:
+        return _get()
+    except LookupError:
+        raise NoContextError(_NO_CONTEXT) from None
 
 
 def current_or_none() -> UserContext | None:
@@ -88,7 +88,8 @@ class bind:  # noqa: N801  # used like a function, as contextlib's are
     Binding a context of a different user while one is bound raises
     `usercontext.exceptions.IsolationError`: one user's work must not run
     inside another's. Children of the same user are fine. Run another user's
-    work in a fresh Context instead (`isolated`, a new task, or a thread).
+    work in a fresh Context instead, with `isolated` (tasks and threads
+    started from here inherit the bound context, so they do not do).
 
     Enter each `bind` object once at a time; create one per block.
 
@@ -111,7 +112,7 @@ class bind:  # noqa: N801  # used like a function, as contextlib's are
 
     __slots__ = ("_ctx", "_token")
 
-    _token: contextvars.Token[UserContext | None]
+    _token: contextvars.Token[UserContext]
 
     def __init__(self, ctx: UserContext) -> None:
         if type(ctx) is not UserContext and not isinstance(ctx, UserContext):
@@ -126,7 +127,7 @@ class bind:  # noqa: N801  # used like a function, as contextlib's are
             msg = (
                 f"Cannot bind a context of user {ctx.user_id!r} while a context of user "
                 f"{prev.user_id!r} is bound. Run the other user's work in a fresh Context "
-                "(usercontext.isolated, a new task or thread) instead of nesting it."
+                "with usercontext.isolated instead of nesting it."
             )
             raise IsolationError(msg)
         # Entering one bind twice at once overwrites this token; the second exit
@@ -140,16 +141,15 @@ class bind:  # noqa: N801  # used like a function, as contextlib's are
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        token = self._token
-        try:
-            _var.reset(token)
+        # The block may end in another Context than it began in (an async
+        # generator finalised by another task, a streaming body). The token is
+        # no good there, and that Context never ran our __enter__: it holds what
+        # it inherited, as a task started inside the block would, so it is left
+        # as it is.
+        try:  # noqa: SIM105  # contextlib.suppress would double the cost of a bind
+            _var.reset(self._token)
         except ValueError:
-            # The block ends in another Context than it began in (an async
-            # generator finalised elsewhere, a streaming body): a token cannot be
-            # used there, so restore by value, and only if ours is still bound.
-            if _get(None) is self._ctx:
-                old = token.old_value
-                _var.set(None if old is contextvars.Token.MISSING else old)
+            pass
 
     async def __aenter__(self) -> UserContext:
         return self.__enter__()
@@ -164,6 +164,12 @@ class bind:  # noqa: N801  # used like a function, as contextlib's are
 
     def __call__(self, fn: F) -> F:
         ctx = self._ctx
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            msg = (
+                f"bind() cannot decorate generator function {fn.__qualname__}: it would bind "
+                "only while the generator is created. Use `with bind(ctx):` inside its body."
+            )
+            raise TypeError(msg)
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
@@ -302,15 +308,31 @@ class ContextExecutor(concurrent.futures.Executor):
         return f"<usercontext.ContextExecutor({self._executor!r})>"
 
 
+def _fresh_context() -> contextvars.Context:
+    """
+    Return a copy of the current Context in which no `UserContext` is bound.
+
+    A ContextVar cannot be unset, so the copy is built from an empty Context
+    with every other variable carried over.
+    """
+    fresh = contextvars.Context()
+    for var, value in contextvars.copy_context().items():
+        if var is not _var:
+            fresh.run(var.set, value)
+    return fresh
+
+
 def isolated(fn: Callable[P, T]) -> Callable[P, T]:
     """
-    Decorate *fn* so each call runs in a fresh copy of the current Context.
+    Decorate *fn* so each call runs in a fresh Context with no user bound.
 
-    Nothing the call binds or sets leaks into the caller, or into the next
-    request served by the same thread or task; and inside it, another user's
-    context may be bound. Async functions run in a child task of a task group
-    (the only portable way to give a coroutine its own Context); their result
-    and exceptions reach the caller unchanged.
+    The call sees every other context variable of its caller, but no
+    `UserContext`: it binds its own, and nothing it binds or sets leaks into
+    the caller, or into the next request served by the same thread or task.
+    Use it where one task or thread serves request after request. Async
+    functions run in a child task of a task group (the only portable way to
+    give a coroutine its own Context); their result and exceptions reach the
+    caller unchanged.
 
     .. versionadded:: 0.1.0
     """
@@ -324,11 +346,14 @@ def isolated(fn: Callable[P, T]) -> Callable[P, T]:
             async def run() -> None:
                 try:
                     outcome.append((True, await afn(*args, **kwargs)))
-                except Exception as e:  # noqa: BLE001  # re-raised below, outside the group
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except BaseException as e:  # noqa: BLE001  # re-raised below, outside the group
                     outcome.append((False, e))
 
             async with anyio.create_task_group() as tg:
-                tg.start_soon(run)
+                # The task copies the Context it is started from.
+                _fresh_context().run(tg.start_soon, run)
             ok, value = outcome[0]
             if ok:
                 return value
@@ -338,6 +363,6 @@ def isolated(fn: Callable[P, T]) -> Callable[P, T]:
 
     @functools.wraps(fn)
     def sync_isolated(*args: P.args, **kwargs: P.kwargs) -> T:
-        return contextvars.copy_context().run(fn, *args, **kwargs)
+        return _fresh_context().run(fn, *args, **kwargs)
 
     return sync_isolated
