@@ -48,7 +48,7 @@ _get = _var.get
 
 _NO_CONTEXT = (
     "No UserContext is bound. Bind one around the work with "
-    "`with usercontext.bind(ctx):` (or `async with`, or the ASGI middleware), or use "
+    "`with usercontext.bind(ctx):` (or `async with`, or a decorator), or use "
     "usercontext.current_or_none() where running without a user is fine."
 )
 

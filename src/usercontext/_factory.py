@@ -565,10 +565,11 @@ class _EngineUse(Generic[E]):
         f = self._factory
         ctx = self._ctx
         assert ctx is not None  # noqa: S101  # set by __aenter__
-        caught = self._scope.__exit__(exc_type, exc, tb)
+        # trio's scopes return True from __exit__ even without an exception.
+        caught = bool(self._scope.__exit__(exc_type, exc, tb)) and exc is not None
         body_error = None if caught else exc
         c = f._counters  # noqa: SLF001
-        hit = bool(caught) and not self._aborted
+        hit = caught and not self._aborted
         if hit:
             c.deadline_hits += 1
         try:

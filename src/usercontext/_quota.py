@@ -53,7 +53,7 @@ class QuotaStats:
         in_use: Slots held right now.
         waiting: Requests waiting for a slot right now.
         granted: Slots granted since creation.
-        rejected: Requests refused at once (``timeout=0`` or `try_acquire`).
+        rejected: Requests refused at once (``timeout=0`` or `LocalQuota.try_acquire`).
         timed_out: Requests that gave up after their timeout.
         cancelled: Requests cancelled while waiting.
         peak: The most slots ever held at once.
@@ -87,27 +87,29 @@ class Lease:
     .. versionadded:: 0.1.0
     """
 
-    __slots__ = ("_quota", "_released", "key")
+    __slots__ = ("_quota", "key")
+
+    _quota: _Core | None  # None once released
 
     def __init__(self, quota: _Core, key: str) -> None:
         self._quota = quota
         self.key = key
-        self._released = False
 
     @property
     def released(self) -> bool:
         """
         Whether this lease was handed back.
         """
-        return self._released
+        return self._quota is None
 
     def release(self) -> None:
         """
         Hand the slot back to the quota; further calls do nothing.
         """
-        if not self._released:
-            self._released = True
-            self._quota._give_back(self.key)  # noqa: SLF001
+        quota = self._quota
+        if quota is not None:
+            self._quota = None
+            quota._give_back(self.key)  # noqa: SLF001
 
     def __enter__(self) -> Self:
         return self
@@ -132,7 +134,7 @@ class Lease:
         self.release()
 
     def __repr__(self) -> str:
-        state = "released" if self._released else "held"
+        state = "released" if self._quota is None else "held"
         return f"<usercontext.Lease(key={self.key!r}, {state})>"
 
 
@@ -238,7 +240,7 @@ class _Core:
         if (
             n >= (self._fixed if self._fixed is not None else self._limit(key))
             or (self._total is not None and self._total_in_use >= self._total)
-            or key in self._waiters
+            or (self._waiters and key in self._waiters)
         ):
             return None
         in_use[key] = n + 1
@@ -248,7 +250,6 @@ class _Core:
         lease = _new_lease(Lease)
         lease._quota = self  # noqa: SLF001
         lease.key = key
-        lease._released = False  # noqa: SLF001
         return lease
 
     def _take(self, key: str) -> None:
@@ -274,13 +275,21 @@ class _Core:
     _give_back = _return
 
     def release(self, lease: Lease) -> None:
-        if lease._released:  # noqa: SLF001  # Lease is this module's
-            msg = (
-                f"{lease!r} was already released. Release each lease once; "
-                "Lease.release() and leaving `async with` are safe to repeat."
-            )
-            raise LeaseReleasedError(msg)
-        lease._released = True  # noqa: SLF001
+        """
+        Hand *lease* back; raise `usercontext.exceptions.LeaseReleasedError`
+        if it was already handed back, and `ValueError` if it is another
+        quota's.
+        """
+        if lease._quota is not self:  # noqa: SLF001  # Lease is this module's
+            if lease._quota is None:  # noqa: SLF001
+                msg = (
+                    f"{lease!r} was already released. Release each lease once; "
+                    "Lease.release() and leaving `async with` are safe to repeat."
+                )
+                raise LeaseReleasedError(msg)
+            msg = f"{lease!r} belongs to another quota; release it through that one."
+            raise ValueError(msg)
+        lease._quota = None  # noqa: SLF001
         self._return(lease.key)
 
     def _alive(self, waiter: _Waiter) -> bool:  # noqa: ARG002  # threads are not cancelled
@@ -355,15 +364,8 @@ class _Core:
         limit = self._limit(key)
         in_use = self._in_use.get(key, 0)
         if in_use >= limit or self._total is None:
-            return cls(key, limit=limit, scope="key", in_use=in_use, waited=waited, timeout=timeout)
-        return cls(
-            key,
-            limit=self._total,
-            scope="total",
-            in_use=self._total_in_use,
-            waited=waited,
-            timeout=timeout,
-        )
+            return cls(key, limit, "key", in_use, waited, timeout)
+        return cls(key, self._total, "total", self._total_in_use, waited, timeout)
 
     def _stats(self, top: int) -> QuotaStats:
         return QuotaStats(
@@ -441,8 +443,21 @@ class LocalQuota(_Core):
         cancelled while it waits, even right after being granted, leaves no slot
         taken.
         """
-        lease = self._try_take(key)
-        if lease is not None:
+        # _try_take, written out: this is the hot path of every engine.
+        in_use = self._in_use
+        n = in_use.get(key, 0)
+        if (
+            n < (self._fixed if self._fixed is not None else self._limit(key))
+            and (self._total is None or self._total_in_use < self._total)
+            and not (self._waiters and key in self._waiters)
+        ):
+            in_use[key] = n + 1
+            total = self._total_in_use = self._total_in_use + 1
+            self._granted += 1
+            self._peak = max(self._peak, total)
+            lease = _new_lease(Lease)
+            lease._quota = self  # noqa: SLF001
+            lease.key = key
             return lease
         if timeout is not None and timeout <= 0:
             self._rejected += 1

@@ -38,7 +38,7 @@ import timeit
 import tracemalloc
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -69,6 +69,7 @@ __all__ = [
     "Section",
     "SectionResult",
     "Table",
+    "Timed",
     "compare",
     "contexts_section",
     "fmt_ns",
@@ -126,6 +127,8 @@ class Scale:
         users: Distinct users in the isolation scenario.
         tasks_per_user: Concurrent tasks per user in the isolation scenario.
         rounds: Rounds of checks each task runs in the isolation scenario.
+        scenario_rounds: Runs of each variant of the legacy request scenario.
+        distinct_keys: Distinct users sent through a quota to show none is kept.
     """
 
     name: str
@@ -135,6 +138,8 @@ class Scale:
     users: int
     tasks_per_user: int
     rounds: int
+    scenario_rounds: int = 5
+    distinct_keys: int = 100_000
 
 
 DEFAULT = Scale(
@@ -154,6 +159,8 @@ QUICK = Scale(
     users=3,
     tasks_per_user=2,
     rounds=2,
+    scenario_rounds=1,
+    distinct_keys=2_000,
 )
 
 
@@ -318,6 +325,25 @@ def run_report(
 _UNROLL = 10  # copies of a cheap statement per loop turn, so the loop costs ~1/10 per op
 
 
+class Timed(Protocol):
+    """
+    An operation that can be timed in batches: `Op`, or an async one.
+    """
+
+    @property
+    def label(self) -> str:
+        """
+        What the operation is, for the JSON output.
+        """
+        ...
+
+    def batch(self, n: int) -> int:
+        """
+        Run *n* operations; return the nanoseconds they took.
+        """
+        ...
+
+
 @attrs.frozen
 class Op:
     """
@@ -353,7 +379,7 @@ class Op:
             del self.namespace["_inputs"]
 
 
-def _calibrate(op: Op, batch_ns: int) -> int:
+def _calibrate(op: Timed, batch_ns: int) -> int:
     """
     Return the number of operations per batch that takes at least *batch_ns*.
     """
@@ -373,8 +399,8 @@ class Comparison:
     Per-operation times of *ours_op* and *floor_op*, one per batch, in nanoseconds.
     """
 
-    ours_op: Op
-    floor_op: Op
+    ours_op: Timed
+    floor_op: Timed
     ours: list[float]
     floor: list[float]
     ours_batch: int
@@ -430,7 +456,7 @@ class Comparison:
         }
 
 
-def _timing_figures(op: Op, per_op: list[float], batch: int) -> dict[str, Any]:
+def _timing_figures(op: Timed, per_op: list[float], batch: int) -> dict[str, Any]:
     return {
         "op": op.label,
         "per_op_ns": min(per_op),
@@ -442,7 +468,7 @@ def _timing_figures(op: Op, per_op: list[float], batch: int) -> dict[str, Any]:
     }
 
 
-def time_op(op: Op, scale: Scale) -> tuple[list[float], int]:
+def time_op(op: Timed, scale: Scale) -> tuple[list[float], int]:
     """
     Time *op* alone: return its time per operation in each of ``scale.repeats``
     batches, and the number of operations per batch.
@@ -451,7 +477,7 @@ def time_op(op: Op, scale: Scale) -> tuple[list[float], int]:
     return [op.batch(n) / n for _ in range(scale.repeats)], n
 
 
-def compare(ours: Op, floor: Op, scale: Scale) -> Comparison:
+def compare(ours: Timed, floor: Timed, scale: Scale) -> Comparison:
     """
     Time *ours* and *floor* in interleaved batches, alternating which goes first.
     """
@@ -986,6 +1012,10 @@ def contexts_section(scale: Scale, progress: Progress) -> SectionResult:
     return SectionResult(tuple(out.rows), out.figures, notes)
 
 
+from ._report_engines import STEPS as _ENGINE_STEPS  # noqa: E402  # it builds on the above
+from ._report_engines import engines_section  # noqa: E402
+
+
 SECTIONS: tuple[Section, ...] = (
     Section(
         "contexts",
@@ -1001,6 +1031,7 @@ SECTIONS: tuple[Section, ...] = (
         ),
         contexts_section,
     ),
+    Section("engines", "Engines and quotas", _ENGINE_STEPS, engines_section),
 )
 """
 The sections of the report, in order.

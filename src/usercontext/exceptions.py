@@ -78,59 +78,67 @@ class QuotaError(UserContextError):
     """
     Base class of the errors raised when a quota cannot grant a slot.
 
-    Attributes:
-        key: The key (usually a user id) that asked for a slot.
-        limit: The limit that was reached.
-        scope: ``"key"`` if the per-key limit was reached, ``"total"`` if the
-            global one was.
-        in_use: How many slots were in use under that limit.
-        waited: How long the request waited, in seconds (0 for a rejection).
-        timeout: The timeout the request gave, in seconds.
+    It is raised with six positional arguments, each readable as an
+    attribute: *key* (usually a user id), the *limit* reached, its *scope*
+    (``"key"`` for the per-key limit, ``"total"`` for the global one), the
+    slots *in_use* under it, how long the request *waited* in seconds (0 for
+    a rejection), and the *timeout* it gave.
 
     .. versionadded:: 0.1.0
     """
 
-    key: str
-    limit: int
-    scope: str
-    in_use: int
-    waited: float
-    timeout: float | None
+    # Constructed positionally, as QuotaExceeded(key, limit, scope, in_use,
+    # waited, timeout): the arguments stay in args, read through properties,
+    # and the message is built only when shown. A busy service rejects often,
+    # and most rejections become a 429 without ever printing one.
+    args: tuple[str, int, str, int, float, float | None]
 
-    def __init__(  # noqa: PLR0913
-        self,
-        key: str,
-        *,
-        limit: int,
-        scope: str,
-        in_use: int,
-        waited: float = 0.0,
-        timeout: float | None = None,
-    ) -> None:
-        # The message is built only when shown: a busy service rejects often,
-        # and most rejections are turned into a 429 without ever printing one.
-        super().__init__(key)
-        self.key = key
-        self.limit = limit
-        self.scope = scope
-        self.in_use = in_use
-        self.waited = waited
-        self.timeout = timeout
+    @property
+    def key(self) -> str:
+        """
+        The key (usually a user id) that asked for a slot.
+        """
+        return self.args[0]
+
+    @property
+    def limit(self) -> int:
+        """
+        The limit that was reached.
+        """
+        return self.args[1]
+
+    @property
+    def scope(self) -> str:
+        """
+        ``"key"`` for the per-key limit, ``"total"`` for the global one.
+        """
+        return self.args[2]
+
+    @property
+    def in_use(self) -> int:
+        """
+        How many slots were in use under that limit.
+        """
+        return self.args[3]
+
+    @property
+    def waited(self) -> float:
+        """
+        How long the request waited, in seconds.
+        """
+        return self.args[4]
+
+    @property
+    def timeout(self) -> float | None:
+        """
+        The timeout the request gave, in seconds.
+        """
+        return self.args[5]
 
     def _where(self) -> str:
         if self.scope == "key":
             return f"key {self.key!r} holds {self.in_use} of its {self.limit} slots"
         return f"all {self.limit} slots are in use (the total limit)"
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_quota_error, (type(self), self.__dict__))
-
-
-def _rebuild_quota_error(cls: type[QuotaError], state: dict[str, object]) -> QuotaError:
-    error = cls.__new__(cls)
-    error.__dict__.update(state)
-    error.args = (state["key"],)
-    return error
 
 
 class QuotaExceeded(QuotaError, RuntimeError):  # noqa: N818  # the name says what happened
@@ -164,7 +172,7 @@ class QuotaTimeout(QuotaError, TimeoutError):  # noqa: N818  # the name says wha
 
 class LeaseReleasedError(UserContextError, RuntimeError):
     """
-    A lease was handed back to its quota twice through `usercontext.LocalQuota.release`.
+    A lease was handed back to its quota twice through `usercontext.Quota.release`.
 
     `usercontext.Lease.release` and leaving ``async with`` are idempotent; the
     raw call is strict, so double bookkeeping shows up instead of silently

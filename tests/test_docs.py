@@ -1,0 +1,80 @@
+"""
+The documentation's examples are tests: every ```python block of a page runs,
+and the API reference documents every public name.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from pathlib import Path
+
+import pytest
+
+import usercontext
+import usercontext.exceptions
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+_FENCE = re.compile(r"^(`{3,})[ \t]*python[ \t]*\n(.*?)^\1[ \t]*$", re.MULTILINE | re.DOTALL)
+_DOCUMENTED = re.compile(
+    r"^\.\. auto(?:class|function|data|exception|attribute)::\s+([\w.]+)", re.MULTILINE
+)
+
+
+def python_blocks(page: Path) -> list[str]:
+    """
+    Return the bodies of the ```python fences of *page*, in order.
+    """
+    return [m.group(2) for m in _FENCE.finditer(page.read_text(encoding="utf-8"))]
+
+
+PAGES = sorted(DOCS.glob("*.md"))
+EXAMPLES = [page for page in PAGES if python_blocks(page)]
+
+
+class TestExamples:
+    def test_pages_found(self):
+        """
+        The docs have pages, and some of them have examples to run.
+        """
+        assert PAGES
+        assert EXAMPLES
+
+    @pytest.mark.parametrize("page", EXAMPLES, ids=[page.name for page in EXAMPLES])
+    def test_page_examples_run(self, page, tmp_path):
+        """
+        A page's python blocks, concatenated in order, run as one script in a
+        fresh interpreter and exit with 0, with warnings as errors.
+        """
+        blocks = python_blocks(page)
+        script = tmp_path / f"{page.stem}_examples.py"
+        script.write_text("\n".join(blocks), encoding="utf-8")
+
+        result = subprocess.run(  # noqa: S603  # our own interpreter on our own docs
+            [sys.executable, "-W", "error", str(script)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+        assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+class TestAPIReference:
+    def test_every_public_name_is_documented(self):
+        """
+        api.md has an autodoc directive for every name in `usercontext.__all__`
+        and `usercontext.exceptions.__all__`, and documents no other top-level
+        name.
+        """
+        text = (DOCS / "api.md").read_text(encoding="utf-8")
+        documented = {name.rpartition(".")[2] for name in _DOCUMENTED.findall(text)}
+        public = set(usercontext.__all__) | set(usercontext.exceptions.__all__)
+
+        assert public - documented == set(), "public names missing from docs/api.md"
+        assert documented - public == set(), "docs/api.md documents non-public names"

@@ -1,0 +1,83 @@
+"""
+Types of the quotas and of `EngineFactory`, checked by mypy.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from typing_extensions import assert_type
+
+import usercontext as uc
+
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+
+class Engine:
+    def __init__(self, ctx: uc.UserContext) -> None:
+        self.user_id = ctx.user_id
+
+
+async def make_engine(ctx: uc.UserContext) -> Engine:
+    return Engine(ctx)
+
+
+@asynccontextmanager
+async def engine_session(ctx: uc.UserContext) -> AsyncIterator[Engine]:
+    yield Engine(ctx)
+
+
+async def use_factories(ctx: uc.UserContext) -> None:
+    assert_type(uc.EngineFactory(Engine), uc.EngineFactory[Engine])
+    # mypy cannot yet infer the engine type from a create that returns an
+    # awaitable or a context manager (an overload per form would let it): annotate.
+    from_coroutine: uc.EngineFactory[Engine] = uc.EngineFactory(make_engine)
+    from_manager: uc.EngineFactory[Engine] = uc.EngineFactory(
+        engine_session, per_user=lambda _user_id: 5, total=100
+    )
+    for factory in (uc.EngineFactory(Engine), from_coroutine, from_manager):
+        assert_type(factory, uc.EngineFactory[Engine])
+        async with factory.engine(ctx) as engine:
+            assert_type(engine, Engine)
+        with factory.engine_sync() as sync_engine:
+            assert_type(sync_engine, Engine)
+        assert_type(factory.stats(), uc.FactoryStats)
+        assert_type(factory.stats().active_per_user, tuple[tuple[str, int], ...])
+        assert_type(factory.quota, uc.Quota)
+        await factory.aclose()
+
+    uc.EngineFactory(Engine, timeout="5")  # type: ignore[arg-type]
+
+
+async def use_local_quota() -> None:
+    quota = uc.LocalQuota(per_key=2, total=None)
+    assert_type(await quota.acquire("u-42", timeout=1.0), uc.Lease)
+    assert_type(quota.try_acquire("u-42"), uc.Lease | None)
+    async with await quota.acquire("u-42") as lease:
+        assert_type(lease, uc.Lease)
+        assert_type(lease.key, str)
+        assert_type(lease.released, bool)
+    assert_type(quota.stats(), uc.QuotaStats)
+    assert_type(quota.stats().total, int | None)
+    backend: uc.Quota = quota
+    assert_type(await backend.acquire("u-42"), uc.Lease)
+
+
+def use_thread_quota() -> None:
+    quota = uc.ThreadQuota(per_key=lambda key: 5 if key.startswith("paid-") else 2)
+    with quota.acquire("u-42", timeout=0) as lease:
+        assert_type(lease, uc.Lease)
+    quota.set_limits(per_key=3, total=None)
+    quota.set_limits(3)  # type: ignore[call-arg]
+
+
+try:
+    uc.ThreadQuota().acquire("u-42", timeout=0)
+except uc.QuotaError as error:
+    assert_type(error.key, str)
+    assert_type(error.limit, int)
+    assert_type(error.waited, float)
+    assert_type(error.timeout, float | None)
