@@ -32,12 +32,10 @@ async def engine_session(ctx: uc.UserContext) -> AsyncIterator[Engine]:
 
 async def use_factories(ctx: uc.UserContext) -> None:
     assert_type(uc.EngineFactory(Engine), uc.EngineFactory[Engine])
-    # mypy cannot yet infer the engine type from a create that returns an
-    # awaitable or a context manager (an overload per form would let it): annotate.
-    from_coroutine: uc.EngineFactory[Engine] = uc.EngineFactory(make_engine)
-    from_manager: uc.EngineFactory[Engine] = uc.EngineFactory(
-        engine_session, per_user=lambda _user_id: 5, total=100
-    )
+    from_coroutine = uc.EngineFactory(make_engine)
+    assert_type(from_coroutine, uc.EngineFactory[Engine])
+    from_manager = uc.EngineFactory(engine_session, per_user=lambda _user_id: 5, total=100)
+    assert_type(from_manager, uc.EngineFactory[Engine])
     for factory in (uc.EngineFactory(Engine), from_coroutine, from_manager):
         assert_type(factory, uc.EngineFactory[Engine])
         async with factory.engine(ctx) as engine:
@@ -49,7 +47,7 @@ async def use_factories(ctx: uc.UserContext) -> None:
         assert_type(factory.quota, uc.Quota)
         await factory.aclose()
 
-    uc.EngineFactory(Engine, timeout="5")  # type: ignore[arg-type]
+    uc.EngineFactory(Engine, timeout="5")  # type: ignore[call-overload]
 
 
 async def use_local_quota() -> None:

@@ -13,7 +13,7 @@ import time
 
 from collections import OrderedDict
 from types import CoroutineType, GeneratorType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import anyio
 import attrs
@@ -189,6 +189,83 @@ class EngineFactory(Generic[E]):
 
     .. versionadded:: 0.1.0
     """
+
+    # One overload per form of create, so that type checkers infer the engine type.
+    @overload
+    def __init__(
+        self,
+        create: Callable[[UserContext], AbstractAsyncContextManager[E]],
+        *,
+        close: Callable[[E], object] | None = None,
+        quota: Quota | None = None,
+        per_user: PerKey = 2,
+        total: int | None = None,
+        timeout: float | None = None,
+        close_timeout: float = 5.0,
+        deadline: float | None = None,
+        pool_idle: int = 0,
+        pool_max: int = 64,
+        idle_ttl: float = 60.0,
+        reset: Callable[[E], object] | None = None,
+        thread_quota: ThreadQuota | None = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        create: Callable[[UserContext], Awaitable[E]],
+        *,
+        close: Callable[[E], object] | None = None,
+        quota: Quota | None = None,
+        per_user: PerKey = 2,
+        total: int | None = None,
+        timeout: float | None = None,
+        close_timeout: float = 5.0,
+        deadline: float | None = None,
+        pool_idle: int = 0,
+        pool_max: int = 64,
+        idle_ttl: float = 60.0,
+        reset: Callable[[E], object] | None = None,
+        thread_quota: ThreadQuota | None = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        create: Callable[[UserContext], AbstractContextManager[E]],
+        *,
+        close: Callable[[E], object] | None = None,
+        quota: Quota | None = None,
+        per_user: PerKey = 2,
+        total: int | None = None,
+        timeout: float | None = None,
+        close_timeout: float = 5.0,
+        deadline: float | None = None,
+        pool_idle: int = 0,
+        pool_max: int = 64,
+        idle_ttl: float = 60.0,
+        reset: Callable[[E], object] | None = None,
+        thread_quota: ThreadQuota | None = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        create: Callable[[UserContext], E],
+        *,
+        close: Callable[[E], object] | None = None,
+        quota: Quota | None = None,
+        per_user: PerKey = 2,
+        total: int | None = None,
+        timeout: float | None = None,
+        close_timeout: float = 5.0,
+        deadline: float | None = None,
+        pool_idle: int = 0,
+        pool_max: int = 64,
+        idle_ttl: float = 60.0,
+        reset: Callable[[E], object] | None = None,
+        thread_quota: ThreadQuota | None = None,
+    ) -> None: ...
 
     def __init__(  # noqa: PLR0913
         self,
