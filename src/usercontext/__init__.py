@@ -18,6 +18,7 @@ from ._current import (
 )
 from ._factory import EngineFactory, FactoryStats
 from ._quota import Lease, LocalQuota, Quota, QuotaStats, ThreadQuota
+from ._registry import Registry, RegistryStats, Scope
 from .exceptions import (
     CloseTimeoutError,
     EngineDeadlineExceeded,
@@ -29,6 +30,7 @@ from .exceptions import (
     QuotaError,
     QuotaExceeded,
     QuotaTimeout,
+    ScopeClosedError,
     UserContextError,
 )
 
@@ -53,6 +55,10 @@ __all__ = [
     "QuotaExceeded",
     "QuotaStats",
     "QuotaTimeout",
+    "Registry",
+    "RegistryStats",
+    "Scope",
+    "ScopeClosedError",
     "ThreadQuota",
     "UserContext",
     "UserContextError",

@@ -6,13 +6,11 @@ and always closed.
 from __future__ import annotations
 
 import heapq
-import inspect
 import math
 import threading
 import time
 
 from collections import OrderedDict
-from types import CoroutineType, GeneratorType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import anyio
@@ -20,7 +18,21 @@ import attrs
 
 from ._current import bind, current
 from ._quota import LocalQuota, ThreadQuota
-from ._util import add_note, describe, logger, run_steps
+from ._util import (
+    ASYNC_CM,
+    ASYNC_GEN,
+    AWAITABLE,
+    GEN,
+    PLAIN,
+    SYNC_CM,
+    add_note,
+    async_gen_exit,
+    describe,
+    gen_exit,
+    kind_of,
+    logger,
+    run_steps,
+)
 from .exceptions import (
     EngineDeadlineExceeded,
     FactoryClosedError,
@@ -429,16 +441,25 @@ class EngineFactory(Generic[E]):
         c = self._counters
         try:
             result: Any = self._create(ctx)
-            kind = _kind(type(result))
-            if kind is _AWAITABLE:
+            kind = kind_of(type(result))
+            if kind is AWAITABLE:
                 result = await result
-                kind = _kind(type(result))
-            if kind is _ASYNC_CM:
+                kind = kind_of(type(result))
+            if kind is ASYNC_CM:
                 made = _Made(
                     ctx.user_id, await result.__aenter__(), result.__aexit__, exit_is_async=True
                 )
-            elif kind is _SYNC_CM:
+            elif kind is ASYNC_GEN:
+                made = _Made(
+                    ctx.user_id,
+                    await result.__anext__(),
+                    async_gen_exit(result),
+                    exit_is_async=True,
+                )
+            elif kind is SYNC_CM:
                 made = _Made(ctx.user_id, result.__enter__(), result.__exit__, exit_is_async=False)
+            elif kind is GEN:
+                made = _Made(ctx.user_id, next(result), gen_exit(result), exit_is_async=False)
             else:
                 made = _Made(ctx.user_id, result, None, exit_is_async=False)
         except Exception:
@@ -528,7 +549,7 @@ class EngineFactory(Generic[E]):
             except Exception as e:  # noqa: BLE001  # reported by the caller
                 c.close_errors += 1
                 return [e]
-            if result is None or _kind(type(result)) is not _AWAITABLE:
+            if result is None or kind_of(type(result)) is not AWAITABLE:
                 return []
             steps: list[tuple[Callable[..., object], tuple[Any, ...]]] = [(_await, (result,))]
         else:
@@ -544,33 +565,6 @@ class EngineFactory(Generic[E]):
 
 def _await(awaitable: Awaitable[object]) -> Awaitable[object]:
     return awaitable
-
-
-_PLAIN, _AWAITABLE, _ASYNC_CM, _SYNC_CM = "plain", "awaitable", "async cm", "sync cm"
-_kinds: dict[type, str] = {}
-
-
-def _kind(cls: type) -> str:
-    """
-    Say what *create* or *close* returned; cached per type, as hasattr on a
-    type costs more than the rest of handing out an engine.
-    """
-    kind = _kinds.get(cls)
-    if kind is None:
-        if hasattr(cls, "__aenter__"):
-            kind = _ASYNC_CM
-        elif hasattr(cls, "__enter__"):
-            kind = _SYNC_CM
-        elif hasattr(cls, "__await__") or issubclass(cls, (CoroutineType, GeneratorType)):
-            kind = _AWAITABLE
-        else:
-            kind = _PLAIN
-        if len(_kinds) < _KINDS_MAX:
-            _kinds[cls] = kind
-    return kind
-
-
-_KINDS_MAX = 1024
 
 
 def _report(errors: list[BaseException], body_error: BaseException | None, user_id: str) -> None:
@@ -683,15 +677,24 @@ class _EngineUse(Generic[E]):
         raise error
 
 
-def _refuse_awaitable(result: object, hook: str) -> None:
-    if inspect.isawaitable(result):
-        if inspect.iscoroutine(result):
-            result.close()  # no "never awaited" warning on top of the error
+_ASYNC_KINDS = (AWAITABLE, ASYNC_CM, ASYNC_GEN)
+
+
+def _refuse_async(result: object, hook: str) -> str:
+    """
+    Return the kind of *result*, or raise `TypeError` if it needs an event loop.
+    """
+    kind = PLAIN if result is None else kind_of(type(result))
+    if kind in _ASYNC_KINDS:
+        close = getattr(result, "close", None)
+        if kind is AWAITABLE and close is not None:
+            close()  # no "never awaited" warning on top of the error
         msg = (
-            f"engine_sync() needs a sync {hook}, but it returned an awaitable; "
+            f"engine_sync() needs a sync {hook}, but it returned an {kind}; "
             "use `async with factory.engine()` instead."
         )
         raise TypeError(msg)
+    return kind
 
 
 class _SyncEngineUse(Generic[E]):
@@ -743,9 +746,11 @@ class _SyncEngineUse(Generic[E]):
         f = self._factory
         try:
             result: Any = f._create(ctx)  # noqa: SLF001
-            _refuse_awaitable(result, "create")
-            if hasattr(type(result), "__enter__"):
+            kind = _refuse_async(result, "create")
+            if kind is SYNC_CM:
                 return _Made(ctx.user_id, result.__enter__(), result.__exit__, exit_is_async=False)
+            if kind is GEN:
+                return _Made(ctx.user_id, next(result), gen_exit(result), exit_is_async=False)
             return _Made(ctx.user_id, result, None, exit_is_async=False)
         except Exception:
             with f._sync_lock:  # noqa: SLF001
@@ -771,7 +776,7 @@ class _SyncEngineUse(Generic[E]):
                     errors.append(e)
             if f._close is not None:  # noqa: SLF001
                 try:
-                    _refuse_awaitable(f._close(made.engine), "close")  # noqa: SLF001
+                    _refuse_async(f._close(made.engine), "close")  # noqa: SLF001
                 except Exception as e:  # noqa: BLE001  # collected and reported
                     errors.append(e)
         finally:

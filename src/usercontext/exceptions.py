@@ -19,6 +19,7 @@ __all__ = [
     "QuotaError",
     "QuotaExceeded",
     "QuotaTimeout",
+    "ScopeClosedError",
     "UserContextError",
 ]
 
@@ -204,6 +205,15 @@ class EngineDeadlineExceeded(UserContextError, TimeoutError):  # noqa: N818  # s
 class CloseTimeoutError(UserContextError, TimeoutError):
     """
     Closing an engine or resource took longer than its close timeout and was cut.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class ScopeClosedError(UserContextError, RuntimeError):
+    """
+    A `usercontext.Scope` was asked for a resource before it was entered or
+    after it was closed.
 
     .. versionadded:: 0.1.0
     """

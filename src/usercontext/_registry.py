@@ -1,0 +1,555 @@
+"""
+`Registry` and `Scope`: per-request resources, opened lazily, owned by one
+user, and closed in reverse order, always.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import sys
+import warnings
+
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+import anyio
+import attrs
+
+from ._current import _get, bind, current
+from ._util import (
+    ASYNC_CM,
+    ASYNC_GEN,
+    AWAITABLE,
+    GEN,
+    SYNC_CM,
+    add_note,
+    async_gen_exit,
+    describe,
+    gen_exit,
+    kind_of,
+    logger,
+    run_steps,
+)
+from .exceptions import IsolationError, ScopeClosedError
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Hashable, Iterator
+    from types import TracebackType
+
+    from typing_extensions import Self
+
+    from ._context import UserContext
+
+# ExceptionGroup is a builtin from Python 3.11 on; the backport (a dependency of
+# anyio there) provides it before.
+ExceptionGroup_: Any = (
+    getattr(builtins, "ExceptionGroup", None)
+    or importlib.import_module("exceptiongroup").ExceptionGroup
+)
+
+T = TypeVar("T")
+
+__all__ = ["Registry", "RegistryStats", "Scope"]
+
+
+@attrs.frozen
+class RegistryStats:
+    """
+    A snapshot of a `Registry`'s counters.
+
+    Attributes:
+        scopes_open: Scopes entered and not yet closed.
+        scopes_opened: Scopes entered since the registry was created.
+        resources_open: Resources created and not yet cleaned up, per key, as
+            ``(key, count)`` pairs, most first.
+        resources_created: Resources created since the registry was created.
+        cleanup_errors: Cleanups that raised or timed out.
+
+    .. versionadded:: 0.1.0
+    """
+
+    scopes_open: int
+    scopes_opened: int
+    resources_open: tuple[tuple[str, int], ...]
+    resources_created: int
+    cleanup_errors: int
+
+
+def _key_name(key: object) -> str:
+    return getattr(key, "__qualname__", None) or repr(key)
+
+
+class _Provider:
+    __slots__ = ("close", "key", "make")
+
+    def __init__(self, key: Hashable, make: Callable[[UserContext], Any], close: Any) -> None:
+        self.key = key
+        self.make = make
+        self.close = close
+
+
+class _Value:
+    """
+    An override: a fixed value, with nothing to clean up.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
+class Registry:
+    """
+    What each request may use, and how to open and close it.
+
+    Register a provider per key (a type, or any hashable), then open a
+    `Scope` per request with `scope`. A scope creates each resource the first
+    time it is asked for, keeps it for the rest of the scope, never shares it
+    with another scope, and cleans everything up in reverse order of creation
+    when it closes.
+
+    >>> import usercontext as uc
+    >>> registry = uc.Registry()
+    >>> def connection(ctx):
+    ...     conn = {"user": ctx.user_id}
+    ...     yield conn          # cleanup runs after the yield
+    ...     conn["closed"] = True
+    >>> registry.register("conn", connection)
+    >>> ctx = uc.UserContext(user_id="u-42", thread_id="t-7", run_id="r-1")
+    >>> with registry.scope(ctx) as scope:
+    ...     conn = scope.get("conn")
+    ...     conn["user"], scope.get("conn") is conn
+    ('u-42', True)
+    >>> conn["closed"]
+    True
+
+    Args:
+        cleanup_timeout: How long each async cleanup may take before it is
+            cut, in seconds.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, *, cleanup_timeout: float = 5.0) -> None:
+        timeout: object = cleanup_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            msg = f"cleanup_timeout must be a number of seconds, got {timeout!r}."
+            raise TypeError(msg)
+        if not timeout > 0:
+            msg = f"cleanup_timeout must be > 0 seconds, got {cleanup_timeout!r}."
+            raise ValueError(msg)
+        self._providers: dict[Hashable, _Provider | _Value] = {}
+        self._cleanup_timeout = float(cleanup_timeout)
+        self._scopes_open = 0
+        self._scopes_opened = 0
+        self._resources_open: dict[Hashable, int] = {}
+        self._resources_created = 0
+        self._cleanup_errors = 0
+
+    def register(
+        self,
+        key: Hashable,
+        provider: Callable[[UserContext], Any],
+        *,
+        close: Callable[[Any], object] | None = None,
+        replace: bool = False,
+    ) -> None:
+        """
+        Register how to make the resource *key* for a request.
+
+        ``provider(ctx)`` may return the resource itself, an awaitable of it, a
+        context manager or an async context manager (entered; its exit is the
+        cleanup), or a generator or async generator (its first value is the
+        resource; the code after the ``yield`` is the cleanup and receives the
+        body's exception, as with `contextlib.contextmanager`). *close*, sync
+        or async, is called with the resource after that.
+
+        Raises:
+            KeyError: If *key* is registered already and *replace* is false.
+            TypeError: If *provider* or *close* is not callable.
+        """
+        hash(key)
+        hooks: tuple[object, object] = (provider, close)
+        if not callable(hooks[0]):
+            msg = f"The provider of {_key_name(key)} must be callable, got {provider!r}."
+            raise TypeError(msg)
+        if hooks[1] is not None and not callable(hooks[1]):
+            msg = f"close must be callable or None, got {close!r}."
+            raise TypeError(msg)
+        if key in self._providers and not replace:
+            msg = (
+                f"{_key_name(key)} is registered already. Pass replace=True to replace its "
+                "provider, or use registry.override() in tests."
+            )
+            raise KeyError(msg)
+        self._providers[key] = _Provider(key, provider, close)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._providers
+
+    @overload
+    def override(self, key: type[T], value: T) -> _Override: ...
+    @overload
+    def override(self, key: object, value: object) -> _Override: ...
+    def override(self, key: object, value: object) -> _Override:
+        """
+        Make *key* resolve to *value* until the returned context manager exits.
+
+        Meant for tests: ``with registry.override(Session, fake):``. The value is
+        used as is, with no cleanup. Scopes resolve keys when asked, so the
+        override applies to resources first asked for during it.
+        """
+        return _Override(self, key, _Value(value))
+
+    def scope(self, ctx: UserContext | None = None) -> Scope:
+        """
+        Return a new `Scope` for *ctx* (`usercontext.current` by default).
+
+        Use it as ``async with registry.scope(ctx) as scope:`` or, for sync
+        code, ``with``. It binds *ctx* for its body.
+
+        Raises:
+            usercontext.exceptions.NoContextError: If *ctx* is omitted and none
+                is bound.
+        """
+        return Scope(self, current() if ctx is None else ctx)
+
+    def stats(self, top: int = 10) -> RegistryStats:
+        """
+        Return a snapshot of the counters, with the *top* keys most open.
+        """
+        ranked = sorted(self._resources_open.items(), key=lambda kv: -kv[1])[:top]
+        return RegistryStats(
+            scopes_open=self._scopes_open,
+            scopes_opened=self._scopes_opened,
+            resources_open=tuple((_key_name(k), n) for k, n in ranked),
+            resources_created=self._resources_created,
+            cleanup_errors=self._cleanup_errors,
+        )
+
+    def __repr__(self) -> str:
+        return f"<usercontext.Registry(num_providers={len(self._providers)})>"
+
+
+class _Override:
+    __slots__ = ("_key", "_registry", "_saved", "_value")
+
+    def __init__(self, registry: Registry, key: Hashable, value: _Value) -> None:
+        self._registry = registry
+        self._key = key
+        self._value = value
+
+    def __enter__(self) -> None:
+        providers = self._registry._providers  # noqa: SLF001
+        self._saved = providers.get(self._key)
+        providers[self._key] = self._value
+
+    def __exit__(self, *exc_info: object) -> None:
+        providers = self._registry._providers  # noqa: SLF001
+        if self._saved is None:
+            del providers[self._key]
+        else:
+            providers[self._key] = self._saved
+
+
+_NEW, _OPEN, _CLOSED = 0, 1, 2
+
+
+class _Opened:
+    """
+    A resource a scope created, and how to clean it up.
+    """
+
+    __slots__ = ("close", "exit", "exit_is_async", "key", "value")
+
+    def __init__(
+        self, key: Hashable, value: object, exit_: Any, close: Any, *, exit_is_async: bool
+    ) -> None:
+        self.key = key
+        self.value = value
+        self.exit = exit_
+        self.exit_is_async = exit_is_async
+        self.close = close
+
+
+class Scope:
+    """
+    The resources of one request, created on first use and cleaned up on exit.
+
+    Get one from `Registry.scope`. Inside ``async with`` use `aget`; inside
+    ``with``, `get` (which refuses providers that need awaiting).
+
+    On exit, every resource is cleaned up in reverse order of creation, even if
+    the body failed or was cancelled: each async cleanup is shielded from
+    cancellation and cut after the registry's *cleanup_timeout*, and a failing
+    or hanging cleanup does not stop the others. If the body raised, its
+    exception propagates unchanged, with the cleanup errors logged, added as
+    notes and listed in its ``cleanup_errors`` attribute; if only cleanups
+    failed, they are raised together as an `ExceptionGroup`.
+
+    A scope belongs to its context's user: using it while another user's
+    context is bound raises `usercontext.exceptions.IsolationError`.
+
+    .. versionadded:: 0.1.0
+    """
+
+    __slots__ = ("_bind", "_ctx", "_opened", "_registry", "_resources", "_state", "_where")
+
+    def __init__(self, registry: Registry, ctx: UserContext) -> None:
+        self._registry = registry
+        self._ctx = ctx
+        self._resources: dict[Hashable, object] = {}
+        self._opened: list[_Opened] = []
+        self._state = _NEW
+
+    @property
+    def ctx(self) -> UserContext:
+        """
+        The context this scope belongs to.
+        """
+        return self._ctx
+
+    def _check(self, key: object) -> None:
+        if self._state != _OPEN:
+            what = "not entered yet" if self._state == _NEW else "closed"
+            msg = (
+                f"This scope is {what}: resources can be asked for only inside "
+                "`async with registry.scope(ctx) as scope:` (or `with`)."
+            )
+            raise ScopeClosedError(msg)
+        bound = _get(None)
+        if bound is not None and bound.user_id != self._ctx.user_id:
+            msg = (
+                f"{_key_name(key)} belongs to a scope of user {self._ctx.user_id!r}, but "
+                f"user {bound.user_id!r} asked for it. Open a scope for that user instead."
+            )
+            raise IsolationError(msg)
+
+    @overload
+    def get(self, key: type[T]) -> T: ...
+    @overload
+    def get(self, key: object) -> Any: ...
+    def get(self, key: object) -> Any:  # one return per kind
+        """
+        Return the resource *key*, creating it on first use.
+
+        Raises:
+            KeyError: If nothing is registered for *key*.
+            TypeError: If its provider needs awaiting: use `aget`.
+            usercontext.exceptions.IsolationError: If another user's context
+                is bound.
+        """
+        self._check(key)
+        try:
+            return self._resources[key]
+        except KeyError:
+            pass
+        provider = self._provider(key)
+        if isinstance(provider, _Value):
+            return provider.value
+        result = provider.make(self._ctx)
+        kind = kind_of(type(result))
+        if kind in (AWAITABLE, ASYNC_CM, ASYNC_GEN):
+            if kind is AWAITABLE and hasattr(result, "close"):
+                result.close()  # no "never awaited" warning on top of the error
+            msg = (
+                f"The provider of {_key_name(key)} is asynchronous; use "
+                "`await scope.aget(key)` in an `async with` scope."
+            )
+            raise TypeError(msg)
+        if kind is SYNC_CM:
+            return self._keep(provider, result.__enter__(), result.__exit__, is_async=False)
+        if kind is GEN:
+            return self._keep(provider, next(result), gen_exit(result), is_async=False)
+        return self._keep(provider, result, None, is_async=False)
+
+    @overload
+    async def aget(self, key: type[T]) -> T: ...
+    @overload
+    async def aget(self, key: Hashable) -> Any: ...
+    async def aget(self, key: object) -> Any:  # noqa: PLR0911  # one return per kind
+        """
+        Return the resource *key*, creating it on first use; any provider works.
+
+        Raises:
+            KeyError: If nothing is registered for *key*.
+            usercontext.exceptions.IsolationError: If another user's context
+                is bound.
+        """
+        self._check(key)
+        try:
+            return self._resources[key]
+        except KeyError:
+            pass
+        provider = self._provider(key)
+        if isinstance(provider, _Value):
+            return provider.value
+        result = provider.make(self._ctx)
+        kind = kind_of(type(result))
+        if kind is AWAITABLE:
+            result = await result
+            kind = kind_of(type(result))
+        if kind is ASYNC_CM:
+            value = await result.__aenter__()
+            return self._keep(provider, value, result.__aexit__, is_async=True)
+        if kind is ASYNC_GEN:
+            value = await result.__anext__()
+            return self._keep(provider, value, async_gen_exit(result), is_async=True)
+        if kind is SYNC_CM:
+            return self._keep(provider, result.__enter__(), result.__exit__, is_async=False)
+        if kind is GEN:
+            return self._keep(provider, next(result), gen_exit(result), is_async=False)
+        return self._keep(provider, result, None, is_async=False)
+
+    def _provider(self, key: object) -> _Provider | _Value:
+        try:
+            return self._registry._providers[key]  # noqa: SLF001
+        except KeyError:
+            msg = (
+                f"Nothing is registered for {_key_name(key)}. Register a provider first: "
+                "registry.register(key, provider)."
+            )
+            raise KeyError(msg) from None
+
+    def _keep(self, provider: _Provider, value: object, exit_: Any, *, is_async: bool) -> object:
+        key = provider.key
+        self._resources[key] = value
+        self._opened.append(_Opened(key, value, exit_, provider.close, exit_is_async=is_async))
+        registry = self._registry
+        registry._resources_created += 1  # noqa: SLF001
+        counts = registry._resources_open  # noqa: SLF001
+        counts[key] = counts.get(key, 0) + 1
+        return value
+
+    # -- entering and leaving --
+
+    def _enter(self) -> None:
+        if self._state != _NEW:
+            msg = "A scope can be entered once; open a new one with registry.scope()."
+            raise RuntimeError(msg)
+        frame = sys._getframe(2)  # noqa: SLF001  # where the scope was opened, for the warning
+        self._where = (frame.f_code.co_filename, frame.f_lineno)
+        self._bind = bind(self._ctx)
+        self._bind.__enter__()
+        self._state = _OPEN
+        registry = self._registry
+        registry._scopes_open += 1  # noqa: SLF001
+        registry._scopes_opened += 1  # noqa: SLF001
+
+    def _leave(self) -> None:
+        self._state = _CLOSED
+        self._resources.clear()
+        self._registry._scopes_open -= 1  # noqa: SLF001
+        self._bind.__exit__(None, None, None)
+
+    def _forget(self, opened: _Opened) -> None:
+        counts = self._registry._resources_open  # noqa: SLF001
+        n = counts[opened.key] - 1
+        if n:
+            counts[opened.key] = n
+        else:
+            del counts[opened.key]
+
+    def __enter__(self) -> Self:
+        self._enter()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        errors: list[BaseException] = []
+        try:
+            while self._opened:
+                opened = self._opened.pop()
+                self._forget(opened)
+                for fn, args in _steps(opened, exc_type, exc, tb):
+                    try:
+                        result = fn(*args)
+                        if result is not None and kind_of(type(result)) is AWAITABLE:
+                            if hasattr(result, "close"):
+                                result.close()
+                            msg = (
+                                f"The cleanup of {_key_name(opened.key)} returned an awaitable "
+                                "in a sync scope; use `async with registry.scope()`."
+                            )
+                            raise TypeError(msg)  # noqa: TRY301  # collected below like any other
+                    except Exception as e:  # noqa: BLE001, PERF203  # collected; every cleanup runs
+                        errors.append(e)
+        finally:
+            self._leave()
+        self._raise(errors, exc)
+
+    async def __aenter__(self) -> Self:
+        self._enter()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        errors: list[BaseException] = []
+        timeout = self._registry._cleanup_timeout  # noqa: SLF001
+        try:
+            while self._opened:
+                opened = self._opened.pop()
+                self._forget(opened)
+                errors += await run_steps(
+                    _steps(opened, exc_type, exc, tb), timeout, "resource %r", opened.key
+                )
+        finally:
+            self._leave()
+        self._raise(errors, exc)
+
+    def _raise(self, errors: list[BaseException], exc: BaseException | None) -> None:
+        if not errors:
+            return
+        self._registry._cleanup_errors += len(errors)  # noqa: SLF001
+        for error in errors:
+            logger.error(
+                "A cleanup of a scope of user %r failed: %s", self._ctx.user_id, describe(error)
+            )
+        if exc is None:
+            msg = f"{len(errors)} cleanup(s) of a scope of user {self._ctx.user_id!r} failed"
+            raise ExceptionGroup_(msg, errors)
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            return  # logged above; a cancellation carries no notes
+        for error in errors:
+            add_note(exc, f"While cleaning up the scope: {describe(error)}")
+        exc.cleanup_errors = [*getattr(exc, "cleanup_errors", ()), *errors]  # type: ignore[attr-defined]
+
+    def __del__(self) -> None:
+        if self._state == _OPEN:
+            filename, lineno = self._where
+            warnings.warn(
+                f"A scope of user {self._ctx.user_id!r} opened at {filename}:{lineno} was "
+                "never closed, so its resources were not cleaned up. Use `async with "
+                "registry.scope(ctx):` (or `with`).",
+                ResourceWarning,
+                stacklevel=1,
+            )
+
+    def __repr__(self) -> str:
+        state = ("new", "open", "closed")[self._state]
+        return (
+            f"<usercontext.Scope(user_id={self._ctx.user_id!r}, {state}, "
+            f"resources={len(self._opened)})>"
+        )
+
+
+def _steps(
+    opened: _Opened,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+) -> Iterator[tuple[Callable[..., object], tuple[Any, ...]]]:
+    if opened.exit is not None:
+        yield opened.exit, (exc_type, exc, tb)
+    if opened.close is not None:
+        yield opened.close, (opened.value,)
