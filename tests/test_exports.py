@@ -16,7 +16,14 @@ import usercontext
 import usercontext.exceptions
 
 
-ALLOWED_DEPENDENCIES = {"usercontext", "attr", "attrs", "typing_extensions", "anyio"}
+ALLOWED_DEPENDENCIES = {
+    "usercontext",
+    "attr",
+    "attrs",
+    "typing_extensions",
+    "anyio",
+    "exceptiongroup",
+}
 # anyio imports sniffio when it is installed (trio requires it), though anyio
 # itself no longer requires it: see anyio/_core/_eventloop.py.
 ANYIO_OPTIONAL = {"sniffio"}
