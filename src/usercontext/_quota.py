@@ -231,23 +231,27 @@ class _Core:
             raise TypeError(msg)
         return limit
 
-    def _try_take(self, key: str) -> Lease | None:
+    def try_acquire(self, key: str) -> Lease | None:
         """
-        Take a slot of *key* if one is free and nobody waits ahead; the hot path.
+        Return a `Lease` of *key* if a slot is free right now and nobody waits
+        ahead, else `None` (counted as rejected). Never waits.
         """
         in_use = self._in_use
         n = in_use.get(key, 0)
         if (
-            n >= (self._fixed if self._fixed is not None else self._limit(key))
+            # A fixed limit of 0 is falsy and takes the slow _limit: still right.
+            n >= (self._fixed or self._limit(key))
             or (self._total is not None and self._total_in_use >= self._total)
             or (self._waiters and key in self._waiters)
         ):
+            self._rejected += 1
             return None
         in_use[key] = n + 1
         total = self._total_in_use = self._total_in_use + 1
         self._granted += 1
-        self._peak = max(self._peak, total)
-        lease = _new_lease(Lease)
+        if total > self._peak:  # noqa: PLR1730  # max() is a call, slower on the hot path
+            self._peak = total
+        lease = _new_lease(self._lease_type)
         lease._quota = self  # noqa: SLF001
         lease.key = key
         return lease
@@ -266,13 +270,20 @@ class _Core:
             del self._in_use[key]
         self._total_in_use -= 1
         if self._waiters:
-            if self._total is None:
-                self._dispatch_key(key)
-            else:
-                self._dispatch()
+            self._wake_next(key)
+
+    def _wake_next(self, key: str) -> None:
+        """
+        Grant what a slot of *key* just freed up.
+        """
+        if self._total is None:
+            self._dispatch_key(key)
+        else:
+            self._dispatch()
 
     # Lease.release comes here; ThreadQuota takes its lock first.
     _give_back = _return
+    _lease_type: type[Lease] = Lease
 
     def release(self, lease: Lease) -> None:
         """
@@ -382,18 +393,45 @@ class _Core:
         )
 
     def _set_limits(self, per_key: PerKey | None, total: int | None, *, set_total: bool) -> None:
+        # Check both before changing either: a bad call changes nothing.
         if per_key is not None:
             _check_limit("per_key", per_key, allow_none=False)
+        if set_total:
+            _check_limit("total", total, allow_none=True)
+        if per_key is not None:
             self._per_key = per_key
             self._fixed, self._fn = (per_key, None) if isinstance(per_key, int) else (None, per_key)
         if set_total:
-            _check_limit("total", total, allow_none=True)
             self._total = total
         self._dispatch()
 
 
 _MISSING: Any = object()
 _new_lease = Lease.__new__
+
+
+class _LocalLease(Lease):
+    """
+    A lease of a `LocalQuota`, whose release needs no lock.
+    """
+
+    __slots__ = ()
+
+    def release(self) -> None:
+        quota = self._quota
+        if quota is not None:
+            self._quota = None
+            # _Core._return, written out: releasing is half of every engine's hot path.
+            key = self.key
+            in_use = quota._in_use  # noqa: SLF001
+            n = in_use[key] - 1
+            if n:
+                in_use[key] = n
+            else:
+                del in_use[key]
+            quota._total_in_use -= 1  # noqa: SLF001
+            if quota._waiters:  # noqa: SLF001
+                quota._wake_next(key)  # noqa: SLF001
 
 
 class LocalQuota(_Core):
@@ -426,10 +464,10 @@ class LocalQuota(_Core):
     .. versionadded:: 0.1.0
     """
 
+    _lease_type = _LocalLease
+
     def __init__(self, per_key: PerKey = 2, total: int | None = None) -> None:
         super().__init__(per_key, total)
-        self._asyncio_loop: asyncio.AbstractEventLoop | None = None
-        self._backend: str | None = None
 
     async def acquire(self, key: str, *, timeout: float | None = None) -> Lease:
         """
@@ -443,19 +481,20 @@ class LocalQuota(_Core):
         cancelled while it waits, even right after being granted, leaves no slot
         taken.
         """
-        # _try_take, written out: this is the hot path of every engine.
+        # try_acquire, written out: this is the hot path of every engine.
         in_use = self._in_use
         n = in_use.get(key, 0)
         if (
-            n < (self._fixed if self._fixed is not None else self._limit(key))
+            n < (self._fixed or self._limit(key))
             and (self._total is None or self._total_in_use < self._total)
             and not (self._waiters and key in self._waiters)
         ):
             in_use[key] = n + 1
             total = self._total_in_use = self._total_in_use + 1
             self._granted += 1
-            self._peak = max(self._peak, total)
-            lease = _new_lease(Lease)
+            if total > self._peak:  # noqa: PLR1730  # max() is a call, slower on the hot path
+                self._peak = total
+            lease = _new_lease(_LocalLease)
             lease._quota = self  # noqa: SLF001
             lease.key = key
             return lease
@@ -463,16 +502,6 @@ class LocalQuota(_Core):
             self._rejected += 1
             raise self._full_error(QuotaExceeded, key, 0.0, timeout)
         return await self._wait(key, timeout)
-
-    def try_acquire(self, key: str) -> Lease | None:
-        """
-        Return a `Lease` of *key* if a slot is free right now, else `None`
-        (counted as rejected). Never waits.
-        """
-        lease = self._try_take(key)
-        if lease is None:
-            self._rejected += 1
-        return lease
 
     def stats(self, top: int = 10) -> QuotaStats:
         """
@@ -490,17 +519,13 @@ class LocalQuota(_Core):
         self._set_limits(per_key, total, set_total=total is not _MISSING)
 
     def _new_signal(self) -> Any:
-        if self._backend is None:
-            try:
-                self._asyncio_loop = asyncio.get_running_loop()
-                self._backend = "asyncio"
-            except RuntimeError:
-                self._backend = "other"
-        if self._asyncio_loop is not None:
-            # A bare future is the cheapest waiter on asyncio, and it shows in
-            # the tail latency of a busy quota.
-            return self._asyncio_loop.create_future()
-        return anyio.Event()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio: trio
+            return anyio.Event()
+        # A bare future is the cheapest waiter on asyncio, and it shows in the
+        # tail latency of a busy quota.
+        return loop.create_future()
 
     def _alive(self, waiter: _Waiter) -> bool:
         signal = waiter.signal
@@ -533,7 +558,7 @@ class LocalQuota(_Core):
                 self._cancelled += 1
             raise
         if w.granted:
-            return Lease(self, key)
+            return _LocalLease(self, key)
         self._forget(w)
         self._timed_out += 1
         raise self._full_error(QuotaTimeout, key, time.monotonic() - start, timeout)
@@ -573,12 +598,12 @@ class ThreadQuota(_Core):
         and ``0`` raises `usercontext.exceptions.QuotaExceeded` at once.
         """
         with self._lock:
-            lease = self._try_take(key)
+            lease = _Core.try_acquire(self, key)
             if lease is not None:
                 return lease
             if timeout is not None and timeout <= 0:
-                self._rejected += 1
                 raise self._full_error(QuotaExceeded, key, 0.0, timeout)
+            self._rejected -= 1  # counted by try_acquire, but this request waits
             signal = threading.Lock()
             signal.acquire()
             w = _Waiter(key, signal)
@@ -608,10 +633,7 @@ class ThreadQuota(_Core):
         Return a `Lease` of *key* if a slot is free right now, else `None`.
         """
         with self._lock:
-            lease = self._try_take(key)
-            if lease is None:
-                self._rejected += 1
-            return lease
+            return _Core.try_acquire(self, key)
 
     def release(self, lease: Lease) -> None:
         """
