@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import anyio
 import attrs
 
-from ._current import _get, bind, current
+from ._current import _get, _var, bind, current
 from ._util import (
     ASYNC_CM,
     ASYNC_GEN,
@@ -23,18 +23,18 @@ from ._util import (
     GEN,
     SYNC_CM,
     add_note,
-    async_gen_exit,
     describe,
-    gen_exit,
+    drive,
+    finish_agen,
+    finish_gen,
     kind_of,
     logger,
-    run_steps,
 )
 from .exceptions import IsolationError, ScopeClosedError
 
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Hashable, Iterator
+    from collections.abc import Callable, Hashable
     from types import TracebackType
 
     from typing_extensions import Self
@@ -255,23 +255,8 @@ class _Override:
 
 
 _NEW, _OPEN, _CLOSED = 0, 1, 2
-
-
-class _Opened:
-    """
-    A resource a scope created, and how to clean it up.
-    """
-
-    __slots__ = ("close", "exit", "exit_is_async", "key", "value")
-
-    def __init__(
-        self, key: Hashable, value: object, exit_: Any, close: Any, *, exit_is_async: bool
-    ) -> None:
-        self.key = key
-        self.value = value
-        self.exit = exit_
-        self.exit_is_async = exit_is_async
-        self.close = close
+_MISSING: Any = object()
+_ASYNC_KINDS = (AWAITABLE, ASYNC_CM, ASYNC_GEN)
 
 
 class Scope:
@@ -295,13 +280,23 @@ class Scope:
     .. versionadded:: 0.1.0
     """
 
-    __slots__ = ("_bind", "_ctx", "_opened", "_registry", "_resources", "_state", "_where")
+    __slots__ = (
+        "_code",
+        "_ctx",
+        "_lasti",
+        "_opened",
+        "_registry",
+        "_resources",
+        "_state",
+        "_token",
+    )
 
     def __init__(self, registry: Registry, ctx: UserContext) -> None:
         self._registry = registry
         self._ctx = ctx
-        self._resources: dict[Hashable, object] = {}
-        self._opened: list[_Opened] = []
+        self._resources: dict[object, object] = {}
+        # (key, kind, what to exit, close hook, value), in order of creation.
+        self._opened: list[tuple[object, str, Any, Any, object]] = []
         self._state = _NEW
 
     @property
@@ -311,7 +306,10 @@ class Scope:
         """
         return self._ctx
 
-    def _check(self, key: object) -> None:
+    def _refuse(self, key: object) -> None:
+        """
+        Raise why *key* cannot be handed out now (called when a check failed).
+        """
         if self._state != _OPEN:
             what = "not entered yet" if self._state == _NEW else "closed"
             msg = (
@@ -319,19 +317,18 @@ class Scope:
                 "`async with registry.scope(ctx) as scope:` (or `with`)."
             )
             raise ScopeClosedError(msg)
-        bound = _get(None)
-        if bound is not None and bound.user_id != self._ctx.user_id:
-            msg = (
-                f"{_key_name(key)} belongs to a scope of user {self._ctx.user_id!r}, but "
-                f"user {bound.user_id!r} asked for it. Open a scope for that user instead."
-            )
-            raise IsolationError(msg)
+        bound = current()
+        msg = (
+            f"{_key_name(key)} belongs to a scope of user {self._ctx.user_id!r}, but "
+            f"user {bound.user_id!r} asked for it. Open a scope for that user instead."
+        )
+        raise IsolationError(msg)
 
     @overload
     def get(self, key: type[T]) -> T: ...
     @overload
-    def get(self, key: object) -> Any: ...
-    def get(self, key: object) -> Any:  # one return per kind
+    def get(self, key: Hashable) -> Any: ...
+    def get(self, key: object) -> Any:
         """
         Return the resource *key*, creating it on first use.
 
@@ -340,18 +337,25 @@ class Scope:
             TypeError: If its provider needs awaiting: use `aget`.
             usercontext.exceptions.IsolationError: If another user's context
                 is bound.
+            usercontext.exceptions.ScopeClosedError: Outside the scope's block.
         """
-        self._check(key)
-        try:
-            return self._resources[key]
-        except KeyError:
-            pass
+        ctx = self._ctx
+        bound = _get(None)
+        if self._state != _OPEN or (
+            bound is not ctx and bound is not None and bound.user_id != ctx.user_id
+        ):
+            self._refuse(key)
+        value = self._resources.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
         provider = self._provider(key)
         if isinstance(provider, _Value):
             return provider.value
-        result = provider.make(self._ctx)
+        result = provider.make(ctx)
         kind = kind_of(type(result))
-        if kind in (AWAITABLE, ASYNC_CM, ASYNC_GEN):
+        if kind is ASYNC_CM and hasattr(result, "__enter__"):
+            kind = SYNC_CM  # both kinds: a sync scope enters it the sync way
+        if kind in _ASYNC_KINDS:
             if kind is AWAITABLE and hasattr(result, "close"):
                 result.close()  # no "never awaited" warning on top of the error
             msg = (
@@ -359,17 +363,19 @@ class Scope:
                 "`await scope.aget(key)` in an `async with` scope."
             )
             raise TypeError(msg)
-        if kind is SYNC_CM:
-            return self._keep(provider, result.__enter__(), result.__exit__, is_async=False)
         if kind is GEN:
-            return self._keep(provider, next(result), gen_exit(result), is_async=False)
-        return self._keep(provider, result, None, is_async=False)
+            value = _first(result, key)
+        elif kind is SYNC_CM:
+            value = result.__enter__()
+        else:
+            value, result = result, None
+        return self._keep(provider, kind, result, value)
 
     @overload
     async def aget(self, key: type[T]) -> T: ...
     @overload
     async def aget(self, key: Hashable) -> Any: ...
-    async def aget(self, key: object) -> Any:  # noqa: PLR0911  # one return per kind
+    async def aget(self, key: object) -> Any:
         """
         Return the resource *key*, creating it on first use; any provider works.
 
@@ -377,46 +383,54 @@ class Scope:
             KeyError: If nothing is registered for *key*.
             usercontext.exceptions.IsolationError: If another user's context
                 is bound.
+            usercontext.exceptions.ScopeClosedError: Outside the scope's block.
         """
-        self._check(key)
-        try:
-            return self._resources[key]
-        except KeyError:
-            pass
+        ctx = self._ctx
+        bound = _get(None)
+        if self._state != _OPEN or (
+            bound is not ctx and bound is not None and bound.user_id != ctx.user_id
+        ):
+            self._refuse(key)
+        value = self._resources.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
         provider = self._provider(key)
         if isinstance(provider, _Value):
             return provider.value
-        result = provider.make(self._ctx)
+        result = provider.make(ctx)
         kind = kind_of(type(result))
         if kind is AWAITABLE:
             result = await result
             kind = kind_of(type(result))
-        if kind is ASYNC_CM:
-            value = await result.__aenter__()
-            return self._keep(provider, value, result.__aexit__, is_async=True)
         if kind is ASYNC_GEN:
-            value = await result.__anext__()
-            return self._keep(provider, value, async_gen_exit(result), is_async=True)
-        if kind is SYNC_CM:
-            return self._keep(provider, result.__enter__(), result.__exit__, is_async=False)
-        if kind is GEN:
-            return self._keep(provider, next(result), gen_exit(result), is_async=False)
-        return self._keep(provider, result, None, is_async=False)
+            try:
+                value = await result.__anext__()
+            except StopAsyncIteration:
+                raise _no_yield(key) from None
+        elif kind is ASYNC_CM:
+            value = await result.__aenter__()
+        elif kind is GEN:
+            value = _first(result, key)
+        elif kind is SYNC_CM:
+            value = result.__enter__()
+        else:
+            value, result = result, None
+        return self._keep(provider, kind, result, value)
 
     def _provider(self, key: object) -> _Provider | _Value:
-        try:
-            return self._registry._providers[key]  # noqa: SLF001
-        except KeyError:
+        provider = self._registry._providers.get(key)  # noqa: SLF001
+        if provider is None:
             msg = (
                 f"Nothing is registered for {_key_name(key)}. Register a provider first: "
                 "registry.register(key, provider)."
             )
-            raise KeyError(msg) from None
+            raise KeyError(msg)
+        return provider
 
-    def _keep(self, provider: _Provider, value: object, exit_: Any, *, is_async: bool) -> object:
+    def _keep(self, provider: _Provider, kind: str, obj: Any, value: object) -> object:
         key = provider.key
         self._resources[key] = value
-        self._opened.append(_Opened(key, value, exit_, provider.close, exit_is_async=is_async))
+        self._opened.append((key, kind, obj, provider.close, value))
         registry = self._registry
         registry._resources_created += 1  # noqa: SLF001
         counts = registry._resources_open  # noqa: SLF001
@@ -429,10 +443,16 @@ class Scope:
         if self._state != _NEW:
             msg = "A scope can be entered once; open a new one with registry.scope()."
             raise RuntimeError(msg)
-        frame = sys._getframe(2)  # noqa: SLF001  # where the scope was opened, for the warning
-        self._where = (frame.f_code.co_filename, frame.f_lineno)
-        self._bind = bind(self._ctx)
-        self._bind.__enter__()
+        ctx = self._ctx
+        prev = _get(None)
+        if prev is not None and prev.user_id != ctx.user_id:
+            bind(ctx).__enter__()  # raises IsolationError with bind's explanation
+        # Where the scope was opened, for the warning if it is never closed; the
+        # line number is worked out from the instruction offset only then.
+        frame = sys._getframe(2)  # noqa: SLF001
+        self._code = frame.f_code
+        self._lasti = frame.f_lasti
+        self._token = _var.set(ctx)
         self._state = _OPEN
         registry = self._registry
         registry._scopes_open += 1  # noqa: SLF001
@@ -442,83 +462,139 @@ class Scope:
         self._state = _CLOSED
         self._resources.clear()
         self._registry._scopes_open -= 1  # noqa: SLF001
-        self._bind.__exit__(None, None, None)
+        try:  # noqa: SIM105  # see bind.__exit__: left in another Context, nothing to undo
+            _var.reset(self._token)
+        except ValueError:
+            pass
 
-    def _forget(self, opened: _Opened) -> None:
+    def _forget(self, key: object) -> None:
         counts = self._registry._resources_open  # noqa: SLF001
-        n = counts[opened.key] - 1
+        n = counts[key] - 1
         if n:
-            counts[opened.key] = n
+            counts[key] = n
         else:
-            del counts[opened.key]
+            del counts[key]
 
     def __enter__(self) -> Self:
         self._enter()
         return self
 
-    def __exit__(
+    def __exit__(  # noqa: C901  # one branch per kind of resource, inline for speed
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         errors: list[BaseException] = []
+        fatal: BaseException | None = None
+        opened = self._opened
         try:
-            while self._opened:
-                opened = self._opened.pop()
-                self._forget(opened)
-                for fn, args in _steps(opened, exc_type, exc, tb):
+            while opened:
+                key, kind, obj, close, value = opened.pop()
+                self._forget(key)
+                try:
+                    if kind is GEN:
+                        finish_gen(obj, exc)
+                    elif kind is SYNC_CM:
+                        obj.__exit__(exc_type, exc, tb)
+                    elif kind in _ASYNC_KINDS:
+                        msg = (
+                            f"{_key_name(key)} was opened with aget() but its scope was left "
+                            "with a sync `with`: its async cleanup cannot run. Use `async with`."
+                        )
+                        raise TypeError(msg)  # noqa: TRY301  # collected like any cleanup error
+                except Exception as e:  # noqa: BLE001  # collected; every cleanup runs
+                    errors.append(e)
+                except BaseException as e:  # noqa: BLE001  # raised below, after the others
+                    fatal = fatal or e
+                if close is not None:
                     try:
-                        result = fn(*args)
+                        result = close(value)
                         if result is not None and kind_of(type(result)) is AWAITABLE:
                             if hasattr(result, "close"):
                                 result.close()
                             msg = (
-                                f"The cleanup of {_key_name(opened.key)} returned an awaitable "
-                                "in a sync scope; use `async with registry.scope()`."
+                                f"The close hook of {_key_name(key)} is asynchronous; "
+                                "use `async with registry.scope()`."
                             )
-                            raise TypeError(msg)  # noqa: TRY301  # collected below like any other
-                    except Exception as e:  # noqa: BLE001, PERF203  # collected; every cleanup runs
+                            raise TypeError(msg)  # noqa: TRY301  # collected like the others
+                    except Exception as e:  # noqa: BLE001  # collected; every cleanup runs
                         errors.append(e)
+                    except BaseException as e:  # noqa: BLE001  # raised below
+                        fatal = fatal or e
         finally:
             self._leave()
-        self._raise(errors, exc)
+        self._raise(errors, exc, fatal, cancelled=False)
 
     async def __aenter__(self) -> Self:
         self._enter()
         return self
 
-    async def __aexit__(
+    async def __aexit__(  # noqa: C901  # one branch per kind of resource, inline for speed
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         errors: list[BaseException] = []
+        fatal: BaseException | None = None
         timeout = self._registry._cleanup_timeout  # noqa: SLF001
+        opened = self._opened
         try:
-            while self._opened:
-                opened = self._opened.pop()
-                self._forget(opened)
-                errors += await run_steps(
-                    _steps(opened, exc_type, exc, tb), timeout, "resource %r", opened.key
-                )
+            while opened:
+                key, kind, obj, close, value = opened.pop()
+                self._forget(key)
+                try:
+                    if kind is GEN:
+                        finish_gen(obj, exc)
+                    elif kind is SYNC_CM:
+                        obj.__exit__(exc_type, exc, tb)
+                    elif kind is ASYNC_GEN:
+                        await drive(finish_agen(obj, exc), timeout, "resource %r", key)
+                    elif kind is ASYNC_CM:
+                        await drive(obj.__aexit__(exc_type, exc, tb), timeout, "resource %r", key)
+                except Exception as e:  # noqa: BLE001  # collected; every cleanup runs
+                    errors.append(e)
+                except BaseException as e:  # noqa: BLE001  # raised below, after the others
+                    fatal = fatal or e
+                if close is not None:
+                    try:
+                        result = close(value)
+                        if result is not None and kind_of(type(result)) is AWAITABLE:
+                            await drive(result, timeout, "resource %r", key)
+                    except Exception as e:  # noqa: BLE001  # collected; every cleanup runs
+                        errors.append(e)
+                    except BaseException as e:  # noqa: BLE001  # raised below
+                        fatal = fatal or e
         finally:
             self._leave()
-        self._raise(errors, exc)
+        cancelled = exc is not None and isinstance(exc, anyio.get_cancelled_exc_class())
+        self._raise(errors, exc, fatal, cancelled=cancelled)
 
-    def _raise(self, errors: list[BaseException], exc: BaseException | None) -> None:
+    def _raise(
+        self,
+        errors: list[BaseException],
+        exc: BaseException | None,
+        fatal: BaseException | None,
+        *,
+        cancelled: bool,
+    ) -> None:
+        if errors:
+            self._registry._cleanup_errors += len(errors)  # noqa: SLF001
+            for error in errors:
+                logger.error(
+                    "A cleanup of a scope of user %r failed: %s",
+                    self._ctx.user_id,
+                    describe(error),
+                )
+        if fatal is not None:
+            raise fatal
         if not errors:
             return
-        self._registry._cleanup_errors += len(errors)  # noqa: SLF001
-        for error in errors:
-            logger.error(
-                "A cleanup of a scope of user %r failed: %s", self._ctx.user_id, describe(error)
-            )
         if exc is None:
             msg = f"{len(errors)} cleanup(s) of a scope of user {self._ctx.user_id!r} failed"
             raise ExceptionGroup_(msg, errors)
-        if isinstance(exc, anyio.get_cancelled_exc_class()):
+        if cancelled:
             return  # logged above; a cancellation carries no notes
         for error in errors:
             add_note(exc, f"While cleaning up the scope: {describe(error)}")
@@ -526,11 +602,14 @@ class Scope:
 
     def __del__(self) -> None:
         if self._state == _OPEN:
-            filename, lineno = self._where
+            lineno = next(
+                (line for start, end, line in self._code.co_lines() if start <= self._lasti < end),
+                None,
+            )
             warnings.warn(
-                f"A scope of user {self._ctx.user_id!r} opened at {filename}:{lineno} was "
-                "never closed, so its resources were not cleaned up. Use `async with "
-                "registry.scope(ctx):` (or `with`).",
+                f"A scope of user {self._ctx.user_id!r} opened at "
+                f"{self._code.co_filename}:{lineno} was never closed, so its resources were "
+                "not cleaned up. Use `async with registry.scope(ctx):` (or `with`).",
                 ResourceWarning,
                 stacklevel=1,
             )
@@ -543,13 +622,15 @@ class Scope:
         )
 
 
-def _steps(
-    opened: _Opened,
-    exc_type: type[BaseException] | None,
-    exc: BaseException | None,
-    tb: TracebackType | None,
-) -> Iterator[tuple[Callable[..., object], tuple[Any, ...]]]:
-    if opened.exit is not None:
-        yield opened.exit, (exc_type, exc, tb)
-    if opened.close is not None:
-        yield opened.close, (opened.value,)
+def _first(gen: Any, key: object) -> object:
+    try:
+        return next(gen)
+    except StopIteration:
+        raise _no_yield(key) from None
+
+
+def _no_yield(key: object) -> RuntimeError:
+    return RuntimeError(
+        f"The generator provider of {_key_name(key)} returned without yielding. Yield the "
+        "resource once; the code after the yield is its cleanup."
+    )
