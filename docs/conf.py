@@ -48,6 +48,8 @@ nitpick_ignore = [
     ("py:class", "concurrent.futures._base.Future"),
     ("py:obj", "concurrent.futures.ProcessPoolExecutor"),
     ("py:obj", "True"),
+    ("py:obj", "contextlib.contextmanager"),
+    ("py:obj", "contextlib.asynccontextmanager"),
     # anyio, a dependency: ditto.
     ("py:class", "anyio.CapacityLimiter"),
     ("py:obj", "anyio.to_thread.run_sync"),
@@ -60,6 +62,8 @@ nitpick_ignore = [
     ("py:class", "P"),
     ("py:class", "T"),
     ("py:class", "usercontext._current.T"),
+    ("py:class", "usercontext._registry.T"),
+    ("py:class", "Hashable"),
     ("py:class", "Made"),
     ("py:class", "PerKey"),
     ("py:class", "usercontext._quota._Core"),

@@ -35,6 +35,7 @@ from .exceptions import IsolationError, ScopeClosedError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Hashable
+    from contextlib import AbstractContextManager
     from types import TracebackType
 
     from typing_extensions import Self
@@ -190,10 +191,10 @@ class Registry:
         return key in self._providers
 
     @overload
-    def override(self, key: type[T], value: T) -> _Override: ...
+    def override(self, key: type[T], value: T) -> AbstractContextManager[None]: ...
     @overload
-    def override(self, key: object, value: object) -> _Override: ...
-    def override(self, key: object, value: object) -> _Override:
+    def override(self, key: object, value: object) -> AbstractContextManager[None]: ...
+    def override(self, key: object, value: object) -> AbstractContextManager[None]:
         """
         Make *key* resolve to *value* until the returned context manager exits.
 
