@@ -771,10 +771,7 @@ class TestScopeGet:
             gc.collect()
 
         assert [str(e) for e in ei.value.exceptions] == [
-            (
-                "The close hook of 'async' is asynchronous; use "
-                "`async with registry.scope()`."
-            )
+            ("The close hook of 'async' is asynchronous; use `async with registry.scope()`.")
         ]
         assert [type(e) for e in ei.value.exceptions] == [TypeError]
         assert closed == ["first"]

@@ -1012,7 +1012,9 @@ def contexts_section(scale: Scale, progress: Progress) -> SectionResult:
     return SectionResult(tuple(out.rows), out.figures, notes)
 
 
-from ._report_engines import STEPS as _ENGINE_STEPS  # noqa: E402  # it builds on the above
+from ._report_db import STEPS as _DB_STEPS  # noqa: E402  # it builds on the above
+from ._report_db import db_section  # noqa: E402
+from ._report_engines import STEPS as _ENGINE_STEPS  # noqa: E402
 from ._report_engines import engines_section  # noqa: E402
 
 
@@ -1032,6 +1034,7 @@ SECTIONS: tuple[Section, ...] = (
         contexts_section,
     ),
     Section("engines", "Engines and quotas", _ENGINE_STEPS, engines_section),
+    Section("db", "Database sessions", _DB_STEPS, db_section),
 )
 """
 The sections of the report, in order.
