@@ -144,7 +144,7 @@ class Scale:
 
 DEFAULT = Scale(
     name="full",
-    repeats=100,
+    repeats=60,
     batch_ns=1_000_000,
     memory_contexts=100_000,
     users=24,
@@ -1016,6 +1016,8 @@ from ._report_db import STEPS as _DB_STEPS  # noqa: E402  # it builds on the abo
 from ._report_db import db_section  # noqa: E402
 from ._report_engines import STEPS as _ENGINE_STEPS  # noqa: E402
 from ._report_engines import engines_section  # noqa: E402
+from ._report_events import STEPS as _EVENT_STEPS  # noqa: E402
+from ._report_events import events_section  # noqa: E402
 
 
 SECTIONS: tuple[Section, ...] = (
@@ -1035,6 +1037,7 @@ SECTIONS: tuple[Section, ...] = (
     ),
     Section("engines", "Engines and quotas", _ENGINE_STEPS, engines_section),
     Section("db", "Database sessions", _DB_STEPS, db_section),
+    Section("events", "Event dispatch", _EVENT_STEPS, events_section),
 )
 """
 The sections of the report, in order.

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 __all__ = [
     "CloseTimeoutError",
+    "EmitterClosedError",
+    "EmitterFullError",
+    "EmitterTimeout",
     "EngineDeadlineExceeded",
     "FactoryClosedError",
     "InvalidContextError",
@@ -20,6 +23,7 @@ __all__ = [
     "QuotaExceeded",
     "QuotaTimeout",
     "ScopeClosedError",
+    "SinkClosedError",
     "UserContextError",
 ]
 
@@ -214,6 +218,115 @@ class ScopeClosedError(UserContextError, RuntimeError):
     """
     A `usercontext.Scope` was asked for a resource before it was entered or
     after it was closed.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class EmitterFullError(UserContextError, RuntimeError):
+    """
+    An event did not fit in a sink's full buffer and could not be dropped.
+
+    Raised at once under the ``error`` overflow policy, by
+    `usercontext.Emitter.emit_nowait` under ``block``, and for a critical event
+    when a buffer holds only critical events (which are never dropped).
+
+    It is raised with six positional arguments, each readable as an attribute:
+    the *user_id* of the stream, the buffer's *maxsize*, the *overflow* policy,
+    whether the event was *critical*, how long the emit *waited* in seconds,
+    and the *timeout* it gave.
+
+    .. versionadded:: 0.1.0
+    """
+
+    # Built positionally and formatted only when shown, as QuotaError is: a busy
+    # service may reject often.
+    args: tuple[str, int, str, bool, float, float | None]
+
+    @property
+    def user_id(self) -> str:
+        """
+        The user whose stream was full.
+        """
+        return self.args[0]
+
+    @property
+    def maxsize(self) -> int:
+        """
+        The bound of each sink's buffer.
+        """
+        return self.args[1]
+
+    @property
+    def overflow(self) -> str:
+        """
+        The hub's overflow policy.
+        """
+        return self.args[2]
+
+    @property
+    def critical(self) -> bool:
+        """
+        Whether the event's type is critical (never dropped).
+        """
+        return self.args[3]
+
+    @property
+    def waited(self) -> float:
+        """
+        How long the emit waited for room, in seconds.
+        """
+        return self.args[4]
+
+    @property
+    def timeout(self) -> float | None:
+        """
+        How long the emit was willing to wait, in seconds.
+        """
+        return self.args[5]
+
+    def __str__(self) -> str:
+        what = "critical event" if self.critical else "event"
+        if self.overflow in ("block", "error") or not self.critical:
+            why = f"a sink's buffer holds its {self.maxsize} events"
+        else:
+            why = f"a sink's buffer holds {self.maxsize} critical events, which are never dropped"
+        return (
+            f"The {what} for user {self.user_id!r} does not fit: {why} (overflow="
+            f"{self.overflow!r}). The sink is slower than the producer: use `await emit()` to "
+            "wait for room, choose a drop policy, raise maxsize, or detach the slow sink."
+        )
+
+
+class EmitterTimeout(EmitterFullError, TimeoutError):  # noqa: N818  # the name says what happened
+    """
+    An emit waited for room in a full buffer for its whole timeout.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __str__(self) -> str:
+        return (
+            f"Waited {self.waited:.3f} s (the timeout of {self.timeout} s) for room in a "
+            f"buffer of user {self.user_id!r}, but its sink did not take events fast enough. "
+            "Raise the timeout or maxsize, or find out why the sink is slow."
+        )
+
+
+class EmitterClosedError(UserContextError, RuntimeError):
+    """
+    The `usercontext.EmitterHub` was closed: it accepts no more events or sinks.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class SinkClosedError(UserContextError, ConnectionError):
+    """
+    Raised by a sink's ``send`` when its connection is gone for good.
+
+    The hub does not retry it: it detaches the sink at once and hands the
+    undelivered events to its dead-letter hook.
 
     .. versionadded:: 0.1.0
     """
