@@ -4,7 +4,7 @@ owned by one user, and cleaned up in reverse order on every path.
 """
 
 # A scope's body and its exit are one block: it is that block that raises or warns.
-# ruff: noqa: PT012, PT031
+# ruff: noqa: PT031
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import anyio
 import attrs
 
 from ._current import bind, current
-from ._quota import LocalQuota, ThreadQuota
+from ._quota import LocalQuota, ThreadQuota, check_limit
 from ._util import (
     ASYNC_CM,
     ASYNC_GEN,
@@ -28,6 +28,8 @@ from ._util import (
     add_note,
     async_gen_exit,
     describe,
+    first_value,
+    first_value_async,
     gen_exit,
     kind_of,
     logger,
@@ -302,7 +304,7 @@ class EngineFactory(Generic[E]):
             ("reset", reset),
         )
         for name, hook in hooks:
-            if hook is not None and not callable(hook):
+            if (hook is not None or name == "create") and not callable(hook):
                 msg = f"{name} must be a callable, got {hook!r}."
                 raise TypeError(msg)
         _positive("timeout", timeout, zero_ok=True)
@@ -315,6 +317,8 @@ class EngineFactory(Generic[E]):
                 raise ValueError(msg)
         self._create = create
         self._close = close
+        check_limit("per_user", per_user, allow_none=False)
+        check_limit("total", total, allow_none=True)
         self._quota: Quota = quota if quota is not None else LocalQuota(per_user, total)
         self._per_user = per_user
         self._total = total
@@ -332,6 +336,7 @@ class EngineFactory(Generic[E]):
         self._idle: dict[str, list[_Made[E]]] = {}
         self._idle_lru: OrderedDict[int, _Made[E]] = OrderedDict()
         self._uses: set[_EngineUse[E]] = set()
+        self._creating = 0
         self._closed = False
         self._drained: anyio.Event | None = None
 
@@ -409,7 +414,7 @@ class EngineFactory(Generic[E]):
         """
         _positive("timeout", timeout, zero_ok=True)
         self._closed = True
-        if self._uses:
+        if self._uses or self._creating:
             drained = self._drained = self._drained or anyio.Event()
             with anyio.move_on_after(timeout):
                 await drained.wait()
@@ -419,13 +424,17 @@ class EngineFactory(Generic[E]):
         with anyio.CancelScope(shield=True):
             while self._idle_lru:
                 _, made = self._idle_lru.popitem(last=False)
-                self._idle[made.user_id].remove(made)
-                if not self._idle[made.user_id]:
-                    del self._idle[made.user_id]
-                for error in await self._close_made(made, None, None, None):
-                    logger.error("Closing an idle engine failed: %s", describe(error))
+                self._forget_idle(made)
+                await self._close_idle(made)
 
     # -- internals --
+
+    def _settle(self) -> None:
+        """
+        Tell a waiting `aclose` when no engine is in use or being made any more.
+        """
+        if self._drained is not None and not self._uses and not self._creating:
+            self._drained.set()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -434,6 +443,8 @@ class EngineFactory(Generic[E]):
 
     async def _obtain(self, ctx: UserContext) -> _Made[E]:
         if self._pool_idle:
+            if self._idle_lru:
+                await self._sweep()  # never hand out a stale engine
             made = self._take_idle(ctx.user_id)
             if made is not None:
                 self._counters.reused += 1
@@ -452,14 +463,19 @@ class EngineFactory(Generic[E]):
             elif kind is ASYNC_GEN:
                 made = _Made(
                     ctx.user_id,
-                    await result.__anext__(),
+                    await first_value_async(result, "create"),
                     async_gen_exit(result),
                     exit_is_async=True,
                 )
             elif kind is SYNC_CM:
                 made = _Made(ctx.user_id, result.__enter__(), result.__exit__, exit_is_async=False)
             elif kind is GEN:
-                made = _Made(ctx.user_id, next(result), gen_exit(result), exit_is_async=False)
+                made = _Made(
+                    ctx.user_id,
+                    first_value(result, "create"),
+                    gen_exit(result),
+                    exit_is_async=False,
+                )
             else:
                 made = _Made(ctx.user_id, result, None, exit_is_async=False)
         except Exception:
@@ -503,12 +519,11 @@ class EngineFactory(Generic[E]):
                     made.parked_at = time.monotonic()
                     self._idle.setdefault(made.user_id, []).append(made)
                     self._idle_lru[id(made)] = made
-                    errors: list[BaseException] = []
                     while len(self._idle_lru) > self._pool_max:
                         _, old = self._idle_lru.popitem(last=False)
                         self._forget_idle(old)
-                        errors += await self._close_made(old, None, None, None)
-                    return errors
+                        await self._close_idle(old)
+                    return []
         return await self._close_made(made, exc_type, exc, tb)
 
     def _forget_idle(self, made: _Made[E]) -> None:
@@ -517,8 +532,10 @@ class EngineFactory(Generic[E]):
         if not stack:
             del self._idle[made.user_id]
 
-    async def _sweep(self) -> list[BaseException]:
-        errors: list[BaseException] = []
+    async def _sweep(self) -> None:
+        """
+        Close the idle engines older than the idle TTL.
+        """
         stale = time.monotonic() - self._idle_ttl
         while self._idle_lru:
             made = next(iter(self._idle_lru.values()))
@@ -526,8 +543,15 @@ class EngineFactory(Generic[E]):
                 break
             del self._idle_lru[id(made)]
             self._forget_idle(made)
-            errors += await self._close_made(made, None, None, None)
-        return errors
+            await self._close_idle(made)
+
+    async def _close_idle(self, made: _Made[E]) -> None:
+        # An idle engine is closed on the way of some other request, maybe of
+        # another user: its errors are logged, never handed to that request.
+        for error in await self._close_made(made, None, None, None):
+            logger.error(
+                "Closing an idle engine of user %r failed: %s", made.user_id, describe(error)
+            )
 
     async def _close_made(
         self,
@@ -573,7 +597,8 @@ def _report(errors: list[BaseException], body_error: BaseException | None, user_
     """
     for error in errors:
         logger.error("Closing an engine of user %r failed: %s", user_id, describe(error))
-        if body_error is not None and not isinstance(body_error, anyio.get_cancelled_exc_class()):
+        # Cancellations are BaseExceptions, not Exceptions: they carry no notes.
+        if isinstance(body_error, Exception):
             add_note(body_error, f"While closing its engine: {describe(error)}")
     if body_error is not None:
         body_error.close_errors = [*getattr(body_error, "close_errors", ()), *errors]  # type: ignore[attr-defined]
@@ -609,9 +634,17 @@ class _EngineUse(Generic[E]):
                 raise
             try:
                 f._check_open()  # noqa: SLF001  # closed while we waited
-                made = await f._obtain(ctx)  # noqa: SLF001
+                f._creating += 1  # noqa: SLF001  # aclose() waits for engines being made
+                try:
+                    made = await f._obtain(ctx)  # noqa: SLF001
+                finally:
+                    f._creating -= 1  # noqa: SLF001
+                if f._closed:  # noqa: SLF001  # closed while it was being made
+                    await f._close_idle(made)  # noqa: SLF001
+                    f._check_open()  # noqa: SLF001
             except BaseException:
                 lease.release()
+                f._settle()  # noqa: SLF001
                 raise
         except BaseException:
             b.__exit__(None, None, None)
@@ -648,13 +681,12 @@ class _EngineUse(Generic[E]):
                 self._made, None if caught else exc_type, body_error, None if caught else tb
             )
             if f._idle_lru:  # noqa: SLF001
-                errors += await f._sweep()  # noqa: SLF001
+                await f._sweep()  # noqa: SLF001
         finally:
             self._lease.release()
             c.stop(ctx.user_id)
             f._uses.discard(self)  # noqa: SLF001
-            if f._drained is not None and not f._uses:  # noqa: SLF001
-                f._drained.set()  # noqa: SLF001
+            f._settle()  # noqa: SLF001
             self._bind.__exit__(None, None, None)
         if hit:
             error: BaseException = EngineDeadlineExceeded(
@@ -750,7 +782,12 @@ class _SyncEngineUse(Generic[E]):
             if kind is SYNC_CM:
                 return _Made(ctx.user_id, result.__enter__(), result.__exit__, exit_is_async=False)
             if kind is GEN:
-                return _Made(ctx.user_id, next(result), gen_exit(result), exit_is_async=False)
+                return _Made(
+                    ctx.user_id,
+                    first_value(result, "create"),
+                    gen_exit(result),
+                    exit_is_async=False,
+                )
             return _Made(ctx.user_id, result, None, exit_is_async=False)
         except Exception:
             with f._sync_lock:  # noqa: SLF001

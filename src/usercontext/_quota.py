@@ -187,10 +187,14 @@ class _Waiter:
         self.granted = False
 
 
-def _check_limit(name: str, value: object, *, allow_none: bool) -> None:
+def check_limit(name: str, value: object, *, allow_none: bool) -> None:
+    """
+    Refuse a limit that is not a non-negative int (or None, for a total; or a
+    callable, for a per-key limit), naming the argument *name*.
+    """
     if value is None and allow_none:
         return
-    if callable(value) and name == "per_key":
+    if callable(value) and not allow_none:
         return
     if type(value) is not int or value < 0:
         what = "a non-negative int" + (" or None" if allow_none else " or a callable key -> int")
@@ -204,8 +208,8 @@ class _Core:
     """
 
     def __init__(self, per_key: PerKey, total: int | None) -> None:
-        _check_limit("per_key", per_key, allow_none=False)
-        _check_limit("total", total, allow_none=True)
+        check_limit("per_key", per_key, allow_none=False)
+        check_limit("total", total, allow_none=True)
         self._per_key = per_key
         self._fixed: int | None
         self._fn: Callable[[str], int] | None
@@ -307,7 +311,9 @@ class _Core:
         return True
 
     def _wake(self, waiter: _Waiter) -> None:
-        raise NotImplementedError
+        """
+        Tell *waiter* it was granted; each quota wakes its own kind of waiter.
+        """
 
     def _pop_alive(self, queue: deque[_Waiter]) -> _Waiter | None:
         while queue:
@@ -395,9 +401,9 @@ class _Core:
     def _set_limits(self, per_key: PerKey | None, total: int | None, *, set_total: bool) -> None:
         # Check both before changing either: a bad call changes nothing.
         if per_key is not None:
-            _check_limit("per_key", per_key, allow_none=False)
+            check_limit("per_key", per_key, allow_none=False)
         if set_total:
-            _check_limit("total", total, allow_none=True)
+            check_limit("total", total, allow_none=True)
         if per_key is not None:
             self._per_key = per_key
             self._fixed, self._fn = (per_key, None) if isinstance(per_key, int) else (None, per_key)

@@ -27,6 +27,8 @@ from ._util import (
     drive,
     finish_agen,
     finish_gen,
+    first_value,
+    first_value_async,
     kind_of,
     logger,
 )
@@ -365,7 +367,7 @@ class Scope:
             )
             raise TypeError(msg)
         if kind is GEN:
-            value = _first(result, key)
+            value = first_value(result, f"provider of {_key_name(key)}")
         elif kind is SYNC_CM:
             value = result.__enter__()
         else:
@@ -404,14 +406,11 @@ class Scope:
             result = await result
             kind = kind_of(type(result))
         if kind is ASYNC_GEN:
-            try:
-                value = await result.__anext__()
-            except StopAsyncIteration:
-                raise _no_yield(key) from None
+            value = await first_value_async(result, f"provider of {_key_name(key)}")
         elif kind is ASYNC_CM:
             value = await result.__aenter__()
         elif kind is GEN:
-            value = _first(result, key)
+            value = first_value(result, f"provider of {_key_name(key)}")
         elif kind is SYNC_CM:
             value = result.__enter__()
         else:
@@ -621,17 +620,3 @@ class Scope:
             f"<usercontext.Scope(user_id={self._ctx.user_id!r}, {state}, "
             f"resources={len(self._opened)})>"
         )
-
-
-def _first(gen: Any, key: object) -> object:
-    try:
-        return next(gen)
-    except StopIteration:
-        raise _no_yield(key) from None
-
-
-def _no_yield(key: object) -> RuntimeError:
-    return RuntimeError(
-        f"The generator provider of {_key_name(key)} returned without yielding. Yield the "
-        "resource once; the code after the yield is its cleanup."
-    )

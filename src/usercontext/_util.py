@@ -135,6 +135,40 @@ def kind_of(cls: type) -> str:
     return kind
 
 
+def first_value(gen: Generator[Any, None, Any], what: str) -> Any:
+    """
+    Return the first value of the generator *gen* made by *what*.
+
+    Raises:
+        RuntimeError: If it returned without yielding, rather than letting
+            `StopIteration` escape (which would end a caller's loop silently).
+    """
+    try:
+        return next(gen)
+    except StopIteration:
+        raise _no_yield(what) from None
+
+
+async def first_value_async(agen: AsyncGenerator[Any, None], what: str) -> Any:
+    """
+    Return the first value of the async generator *agen* made by *what*.
+
+    Raises:
+        RuntimeError: If it returned without yielding.
+    """
+    try:
+        return await agen.__anext__()
+    except StopAsyncIteration:
+        raise _no_yield(what) from None
+
+
+def _no_yield(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"The generator {what} returned without yielding. Yield the resource once; the code "
+        "after the yield is its cleanup."
+    )
+
+
 def finish_gen(gen: Generator[Any, None, Any], exc: BaseException | None) -> None:
     """
     Run the cleanup of a generator resource, as `contextlib.contextmanager`
