@@ -968,3 +968,26 @@ class TestIsolated:
                 await fn()
 
         assert scope.cancel_called
+
+
+class TestBindDecoratorRefusals:
+    """
+    `bind` refuses to decorate what it could bind only partly.
+    """
+
+    def test_generator_functions(self, ctx):
+        """
+        A generator or async generator function would run unbound after its
+        first step: bind() refuses to decorate it, with a message saying what
+        to do instead.
+        """
+
+        def gen():
+            yield current()
+
+        async def agen():
+            yield current()
+
+        for fn in (gen, agen):
+            with pytest.raises(TypeError, match=r"cannot decorate generator function .*with bind"):
+                bind(ctx)(fn)

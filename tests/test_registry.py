@@ -1907,3 +1907,74 @@ class TestKinds:
         assert util.kind_of(SyncOnly) == util.SYNC_CM
         assert util.kind_of(Later) == util.AWAITABLE
         assert util.kind_of(Resource) == util.PLAIN
+
+
+class TestScopeEdges:
+    """
+    `Scope` on rarer paths: left in another Context, async resources in a
+    sync scope, a fatal error from a sync generator's cleanup.
+    """
+
+    def test_left_in_another_context(self, registry, ctx):
+        """
+        A scope entered in one Context and left in another does not raise,
+        and still cleans up its resources.
+        """
+        closed = []
+
+        def gen(c):
+            yield c.user_id
+            closed.append(c.user_id)
+
+        registry.register("res", gen)
+        scope = registry.scope(ctx)
+        first = contextvars.copy_context()
+        first.run(scope.__enter__)
+        assert first.run(scope.get, "res") == "u-42"
+
+        contextvars.copy_context().run(scope.__exit__, None, None, None)
+
+        assert closed == ["u-42"]
+        assert registry.stats().scopes_open == 0
+
+    async def test_async_resource_in_a_sync_scope(self, registry, ctx):
+        """
+        A resource opened with aget() in a scope left with a sync `with`
+        cannot be cleaned up there: that is reported, never skipped silently.
+        """
+
+        async def agen(c):
+            yield c.user_id
+
+        registry.register("async", agen)
+        with pytest.raises(ExceptionGroup) as ei, registry.scope(ctx) as scope:
+            assert await scope.aget("async") == "u-42"
+
+        [error] = ei.value.exceptions
+        assert type(error) is TypeError
+        assert "opened with aget()" in str(error)
+        assert registry.stats().resources_open == ()
+
+    def test_fatal_error_from_a_generator_runs_the_others(self, registry, ctx):
+        """
+        A BaseException from a generator's cleanup in a sync scope does not
+        skip the cleanups after it, and is raised once they ran.
+        """
+        closed = []
+
+        def fatal(c):
+            yield c
+            raise Fatal
+
+        def fine(c):
+            yield c
+            closed.append("fine")
+
+        registry.register("fine", fine)
+        registry.register("fatal", fatal)
+        with pytest.raises(Fatal), registry.scope(ctx) as scope:
+            scope.get("fine")
+            scope.get("fatal")
+
+        assert closed == ["fine"]
+        assert registry.stats().resources_open == ()

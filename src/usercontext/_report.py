@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT",
     "QUICK",
-    "SECTIONS",
+    "SECTIONS",  # noqa: F822  # built on first use, by __getattr__
     "Comparison",
     "Floor5",
     "Floor9",
@@ -283,7 +283,7 @@ def run_report(
     Returns:
         1 if a row failed its target, 0 otherwise.
     """
-    sections = SECTIONS if sections is None else sections
+    sections = _sections() if sections is None else sections
     out = out or sys.stdout
     err = err or sys.stderr
     env = _environment()
@@ -1012,33 +1012,44 @@ def contexts_section(scale: Scale, progress: Progress) -> SectionResult:
     return SectionResult(tuple(out.rows), out.figures, notes)
 
 
-from ._report_db import STEPS as _DB_STEPS  # noqa: E402  # it builds on the above
-from ._report_db import db_section  # noqa: E402
-from ._report_engines import STEPS as _ENGINE_STEPS  # noqa: E402
-from ._report_engines import engines_section  # noqa: E402
-from ._report_events import STEPS as _EVENT_STEPS  # noqa: E402
-from ._report_events import events_section  # noqa: E402
+def _sections() -> tuple[Section, ...]:
+    """
+    Return the sections of the report, in order.
 
+    The section modules build on this one, so they are imported here, when
+    first needed, rather than at the top: importing any of them first works.
+    """
+    from ._report_db import STEPS as DB_STEPS
+    from ._report_db import db_section
+    from ._report_engines import STEPS as ENGINE_STEPS
+    from ._report_engines import engines_section
+    from ._report_events import STEPS as EVENT_STEPS
+    from ._report_events import events_section
 
-SECTIONS: tuple[Section, ...] = (
-    Section(
-        "contexts",
-        "Contexts",
-        (
-            "creation",
-            "creation, unique ids",
-            "child",
-            "memory",
-            "bind",
-            "current",
-            "isolation",
+    return (
+        Section(
+            "contexts",
+            "Contexts",
+            (
+                "creation",
+                "creation, unique ids",
+                "child",
+                "memory",
+                "bind",
+                "current",
+                "isolation",
+            ),
+            contexts_section,
         ),
-        contexts_section,
-    ),
-    Section("engines", "Engines and quotas", _ENGINE_STEPS, engines_section),
-    Section("db", "Database sessions", _DB_STEPS, db_section),
-    Section("events", "Event dispatch", _EVENT_STEPS, events_section),
-)
-"""
-The sections of the report, in order.
-"""
+        Section("engines", "Engines and quotas", ENGINE_STEPS, engines_section),
+        Section("db", "Database sessions", DB_STEPS, db_section),
+        Section("events", "Event dispatch", EVENT_STEPS, events_section),
+    )
+
+
+def __getattr__(name: str) -> tuple[Section, ...]:
+    # SECTIONS, the sections of the report in order, is built on first use.
+    if name == "SECTIONS":
+        return _sections()
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
