@@ -14,6 +14,8 @@ import pytest
 
 import usercontext as uc
 
+from usercontext._report_engines import _DictQuota, _RejectedError
+
 
 BATCH = 1_000
 
@@ -23,10 +25,6 @@ def _loop():
     loop = asyncio.new_event_loop()
     yield loop
     loop.close()
-
-
-class _RejectedError(Exception):
-    pass
 
 
 @pytest.mark.benchmark(group="quota: uncontended acquire + release")
@@ -61,29 +59,6 @@ def test_local_quota(benchmark, loop):
 
     benchmark(lambda: loop.run_until_complete(batch()))
     assert quota.stats().in_use == 0
-
-
-class _DictQuota:
-    """
-    The plain-Python floor of a quota: a dict of ints and a fixed limit.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.counts: dict[str, int] = {}
-
-    def try_acquire(self, key: str) -> str | None:
-        n = self.counts.get(key, 0)
-        if n >= self.limit:
-            return None
-        self.counts[key] = n + 1
-        return key
-
-    async def acquire(self, key: str, *, timeout: float | None = None) -> str:
-        lease = self.try_acquire(key)
-        if lease is None:
-            raise _RejectedError(key, timeout)
-        return lease
 
 
 @pytest.mark.benchmark(group="quota: reject without raising")
