@@ -139,13 +139,12 @@ class _Made(Generic[E]):
     An engine and how to undo what creating it entered.
     """
 
-    __slots__ = ("engine", "exit", "exit_is_async", "parked_at", "user_id")
+    __slots__ = ("engine", "exit", "parked_at", "user_id")
 
-    def __init__(self, user_id: str, engine: E, exit_: Any, *, exit_is_async: bool) -> None:
+    def __init__(self, user_id: str, engine: E, exit_: Any) -> None:
         self.user_id = user_id
         self.engine = engine
         self.exit = exit_
-        self.exit_is_async = exit_is_async
         self.parked_at = 0.0
 
 
@@ -457,27 +456,17 @@ class EngineFactory(Generic[E]):
                 result = await result
                 kind = kind_of(type(result))
             if kind is ASYNC_CM:
-                made = _Made(
-                    ctx.user_id, await result.__aenter__(), result.__aexit__, exit_is_async=True
-                )
+                made = _Made(ctx.user_id, await result.__aenter__(), result.__aexit__)
             elif kind is ASYNC_GEN:
                 made = _Made(
-                    ctx.user_id,
-                    await first_value_async(result, "create"),
-                    async_gen_exit(result),
-                    exit_is_async=True,
+                    ctx.user_id, await first_value_async(result, "create"), async_gen_exit(result)
                 )
             elif kind is SYNC_CM:
-                made = _Made(ctx.user_id, result.__enter__(), result.__exit__, exit_is_async=False)
+                made = _Made(ctx.user_id, result.__enter__(), result.__exit__)
             elif kind is GEN:
-                made = _Made(
-                    ctx.user_id,
-                    first_value(result, "create"),
-                    gen_exit(result),
-                    exit_is_async=False,
-                )
+                made = _Made(ctx.user_id, first_value(result, "create"), gen_exit(result))
             else:
-                made = _Made(ctx.user_id, result, None, exit_is_async=False)
+                made = _Made(ctx.user_id, result, None)
         except Exception:
             c.create_errors += 1
             raise
@@ -780,15 +769,10 @@ class _SyncEngineUse(Generic[E]):
             result: Any = f._create(ctx)  # noqa: SLF001
             kind = _refuse_async(result, "create")
             if kind is SYNC_CM:
-                return _Made(ctx.user_id, result.__enter__(), result.__exit__, exit_is_async=False)
+                return _Made(ctx.user_id, result.__enter__(), result.__exit__)
             if kind is GEN:
-                return _Made(
-                    ctx.user_id,
-                    first_value(result, "create"),
-                    gen_exit(result),
-                    exit_is_async=False,
-                )
-            return _Made(ctx.user_id, result, None, exit_is_async=False)
+                return _Made(ctx.user_id, first_value(result, "create"), gen_exit(result))
+            return _Made(ctx.user_id, result, None)
         except Exception:
             with f._sync_lock:  # noqa: SLF001
                 f._sync_counters.create_errors += 1  # noqa: SLF001
