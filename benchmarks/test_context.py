@@ -13,7 +13,6 @@ so one run shows both and their ratio; benchmarks/README.md lists the targets.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import itertools
 import sys
@@ -27,6 +26,7 @@ import pytest
 import usercontext
 
 from usercontext import UserContext
+from usercontext._report import Floor5, FloorBind, _floor_var
 
 
 ROUNDS = 1_000  # operations per benchmarked call
@@ -74,39 +74,7 @@ def _fresh_batch(benchmark: Any, stmt: str, **names: Any) -> None:
 # -- Floors ------------------------------------------------------------------
 
 
-@attrs.frozen
-class Floor5:
-    """
-    The creation floor: a frozen attrs slots class with five str fields.
-    """
-
-    user_id: str
-    thread_id: str
-    run_id: str
-    request_id: str
-    connection_id: str
-
-
-_floor_var: contextvars.ContextVar[object] = contextvars.ContextVar("benchmark_floor")
-
-
-class FloorBind:
-    """
-    The `bind` floor: a minimal class-based context manager around
-    `ContextVar.set` and `ContextVar.reset`.
-    """
-
-    __slots__ = ("_token", "_value")
-
-    def __init__(self, value: object) -> None:
-        self._value = value
-
-    def __enter__(self) -> object:
-        self._token = _floor_var.set(self._value)
-        return self._value
-
-    def __exit__(self, *exc_info: object) -> None:
-        _floor_var.reset(self._token)
+# The floors are the report's, so the benchmarks and the report compare alike.
 
 
 U, T, R = "user-42", "thread-7", "run-1"
