@@ -12,8 +12,10 @@ import importlib.util
 
 
 ADAPTERS = {
+    "fastapi": "src/usercontext/fastapi.py",
     "sqlalchemy": "src/usercontext/sqlalchemy.py",
     "starlette": "src/usercontext/starlette.py",
+    "structlog": "src/usercontext/structlog.py",
 }
 
 collect_ignore = [

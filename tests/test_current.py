@@ -7,6 +7,7 @@ import multiprocessing
 import operator
 import threading
 import time
+import types
 
 import anyio
 import anyio.lowlevel
@@ -968,6 +969,54 @@ class TestIsolated:
                 await fn()
 
         assert scope.cancel_called
+
+
+    async def test_async_runs_in_the_callers_task(self, ctx):
+        """
+        An isolated async function runs in its caller's task (no task is
+        started), yet sets nothing in the caller's Context, across suspensions.
+        """
+
+        @isolated
+        async def fn():
+            task = anyio.get_current_task().id
+            async with bind(ctx):
+                for _ in range(3):
+                    probe.set("inside")
+                    await anyio.sleep(0)
+                    assert current() is ctx
+            return task
+
+        assert await fn() == anyio.get_current_task().id
+        assert current_or_none() is None
+        assert probe.get() == "unset"
+
+    def test_async_closed_while_suspended(self, ctx):
+        """
+        Closing the coroutine of an isolated async function while it waits
+        closes the wrapped coroutine too, in its own Context, so its cleanup
+        runs and sees what it bound.
+        """
+        seen = []
+
+        @types.coroutine
+        def pause():
+            yield "paused"
+
+        @isolated
+        async def fn():
+            with bind(ctx):
+                try:
+                    await pause()
+                finally:
+                    seen.append(current_or_none())
+
+        coro = fn()
+        assert coro.send(None) == "paused"
+        coro.close()
+
+        assert seen == [ctx]
+        assert current_or_none() is None
 
 
 class TestBindDecoratorRefusals:

@@ -55,6 +55,7 @@ from .exceptions import (
     QuotaTimeout,
     ScopeClosedError,
     SinkClosedError,
+    Unauthenticated,
     UserContextError,
 )
 
@@ -106,6 +107,7 @@ __all__ = [
     "SinkClosedError",
     "SinkStats",
     "ThreadQuota",
+    "Unauthenticated",
     "UserContext",
     "UserContextError",
     "bind",

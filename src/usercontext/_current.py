@@ -20,7 +20,7 @@ from .exceptions import IsolationError, NoContextError
 
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Generator
     from types import TracebackType
 
     from typing_extensions import ParamSpec
@@ -322,6 +322,46 @@ def _fresh_context() -> contextvars.Context:
     return fresh
 
 
+class _InContext:
+    """
+    Await a coroutine with each of its steps run in *context*.
+
+    A task runs every step of its coroutines in the task's own Context; this
+    runs the steps of one coroutine in another, which is what a new task would
+    do, without a task: the coroutine stays in the caller's task, under the
+    caller's cancel scopes, on asyncio and trio alike.
+    """
+
+    __slots__ = ("_coro", "_run")
+
+    def __init__(self, coro: Any, context: contextvars.Context) -> None:
+        self._coro = coro
+        self._run = context.run
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro = self._coro
+        run = self._run
+        send = coro.send
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                if error is None:
+                    yielded = run(send, value)
+                else:
+                    thrown, error = error, None
+                    yielded = run(coro.throw, thrown)
+            except StopIteration as e:
+                return e.value
+            try:
+                value = yield yielded
+            except GeneratorExit:
+                run(coro.close)
+                raise
+            except BaseException as e:  # noqa: BLE001  # thrown into the coroutine, as a task would
+                error = e
+
+
 def isolated(fn: Callable[P, T]) -> Callable[P, T]:
     """
     Decorate *fn* so each call runs in a fresh Context with no user bound.
@@ -329,10 +369,10 @@ def isolated(fn: Callable[P, T]) -> Callable[P, T]:
     The call sees every other context variable of its caller, but no
     `UserContext`: it binds its own, and nothing it binds or sets leaks into
     the caller, or into the next request served by the same thread or task.
-    Use it where one task or thread serves request after request. Async
-    functions run in a child task of a task group (the only portable way to
-    give a coroutine its own Context); their result and exceptions reach the
-    caller unchanged.
+    Use it where one task or thread serves request after request. An async
+    function runs in the caller's task, under the caller's cancel scopes, with
+    each of its steps run in its own Context (no task is started); its result
+    and exceptions reach the caller unchanged.
 
     .. versionadded:: 0.1.0
     """
@@ -341,23 +381,7 @@ def isolated(fn: Callable[P, T]) -> Callable[P, T]:
 
         @functools.wraps(fn)
         async def async_isolated(*args: Any, **kwargs: Any) -> Any:
-            outcome: list[Any] = []
-
-            async def run() -> None:
-                try:
-                    outcome.append((True, await afn(*args, **kwargs)))
-                except anyio.get_cancelled_exc_class():
-                    raise
-                except BaseException as e:  # noqa: BLE001  # re-raised below, outside the group
-                    outcome.append((False, e))
-
-            async with anyio.create_task_group() as tg:
-                # The task copies the Context it is started from.
-                _fresh_context().run(tg.start_soon, run)
-            ok, value = outcome[0]
-            if ok:
-                return value
-            raise value
+            return await _InContext(afn(*args, **kwargs), _fresh_context())
 
         return async_isolated  # type: ignore[return-value]
 

@@ -24,6 +24,7 @@ __all__ = [
     "QuotaTimeout",
     "ScopeClosedError",
     "SinkClosedError",
+    "Unauthenticated",
     "UserContextError",
 ]
 
@@ -330,3 +331,27 @@ class SinkClosedError(UserContextError, ConnectionError):
 
     .. versionadded:: 0.1.0
     """
+
+
+class Unauthenticated(UserContextError, PermissionError):  # noqa: N818  # the name says what happened
+    """
+    A resolver could not tell who is calling: no credentials, or bad ones.
+
+    Raise it from the resolver given to `usercontext.asgi.UserContextMiddleware`
+    to answer ``401`` with a JSON body holding its message. Keep the message free
+    of secrets: the client reads it.
+
+    Args:
+        message: What the client should fix, such as ``"Send a bearer token."``.
+        challenge: The ``WWW-Authenticate`` header of the 401 response.
+
+    .. versionadded:: 0.1.0
+    """
+
+    challenge: str
+
+    def __init__(
+        self, message: str = "Authentication is required.", *, challenge: str = "Bearer"
+    ) -> None:
+        super().__init__(message)
+        self.challenge = challenge

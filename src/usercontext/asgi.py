@@ -1,0 +1,522 @@
+"""
+Give every HTTP request and WebSocket connection of an ASGI application its own
+`usercontext.UserContext`, and optionally its own scope of resources.
+
+`UserContextMiddleware` is plain ASGI: it works under any ASGI framework
+(Starlette, FastAPI, Litestar, Quart, ...) and needs nothing beyond the core.
+Install it with ``pip install usercontext[asgi]`` (the extra adds nothing; it
+exists so that every adapter can be asked for by name).
+
+Each request runs in a fresh copy of the Context of the server's task, so
+nothing one request binds or sets can be seen by the next request served by
+the same task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import logging
+import os
+import re
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from usercontext import (
+    EmitterHub,
+    InvalidContextError,
+    NoContextError,
+    Registry,
+    Unauthenticated,
+    UserContext,
+    bind,
+    current,
+    isolated,
+)
+
+
+if TYPE_CHECKING:
+    from typing_extensions import ParamSpec
+
+    from usercontext import Emitter, Scope
+
+    P = ParamSpec("P")
+
+__all__ = [
+    "STATE_KEY",
+    "RequestState",
+    "UserContextMiddleware",
+    "in_child_scope",
+    "request_state",
+]
+
+T = TypeVar("T")
+
+Message = MutableMapping[str, Any]
+#: An ASGI ``receive`` callable.
+Receive = Callable[[], Awaitable[Message]]
+#: An ASGI ``send`` callable.
+Send = Callable[[Message], Awaitable[None]]
+#: An ASGI application.
+ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
+#: A resolver: takes the ASGI scope, returns the request's context (or an awaitable of it).
+Resolver = Callable[[MutableMapping[str, Any]], "UserContext | Awaitable[UserContext]"]
+
+logger = logging.getLogger("usercontext.asgi")
+
+#: The key of the ASGI scope under which the middleware keeps the `RequestState`.
+STATE_KEY = "usercontext"
+
+# What a request id taken from a client may look like: visible ASCII, no
+# spaces, short enough for any log line.
+_GOOD_REQUEST_ID = re.compile(r"[!-~]{1,128}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-zA-Z-]+")
+_JSON = (b"content-type", b"application/json")
+# WebSocket close code for a refused handshake (RFC 6455: policy violation).
+_POLICY_VIOLATION = 1008
+
+
+class RequestState:
+    """
+    What `UserContextMiddleware` set up for one request or connection.
+
+    The middleware keeps it in the ASGI scope (see `request_state`), so that
+    endpoints and framework integrations can reach the request's resources.
+
+    Attributes:
+        ctx: The request's context, bound while the request runs.
+        resources: The request's scope of the registry given to the middleware,
+            or `None` without one. It is open until the response has been sent
+            (HTTP) or the connection ends (WebSocket).
+        hub: The hub given to the middleware, or `None`.
+
+    .. versionadded:: 0.1.0
+    """
+
+    __slots__ = ("ctx", "hub", "resources")
+
+    def __init__(self, ctx: UserContext, resources: Scope | None, hub: EmitterHub | None) -> None:
+        self.ctx = ctx
+        self.resources = resources
+        self.hub = hub
+
+    @property
+    def emitter(self) -> Emitter:
+        """
+        The emitter of the request's user, from the middleware's hub.
+
+        Raises:
+            LookupError: If the middleware was given no hub.
+        """
+        if self.hub is None:
+            msg = "UserContextMiddleware was given no hub: pass hub=EmitterHub(...) to it."
+            raise LookupError(msg)
+        return self.hub.emitter(self.ctx)
+
+    def __repr__(self) -> str:
+        return (
+            f"<usercontext.asgi.RequestState(user_id={self.ctx.user_id!r}, "
+            f"request_id={self.ctx.request_id!r})>"
+        )
+
+
+def request_state(scope: MutableMapping[str, Any]) -> RequestState:
+    """
+    Return the `RequestState` that `UserContextMiddleware` put in *scope*.
+
+    *scope* is the ASGI scope; under Starlette and FastAPI it is
+    ``request.scope`` (or ``websocket.scope``).
+
+    Raises:
+        NoContextError: If the request did not pass through the middleware.
+
+    .. versionadded:: 0.1.0
+    """
+    try:
+        return scope[STATE_KEY]  # type: ignore[no-any-return]
+    except KeyError:
+        msg = (
+            "This request did not pass through usercontext.asgi.UserContextMiddleware. "
+            "Add it around the application: app.add_middleware(UserContextMiddleware, "
+            "resolver=...) or UserContextMiddleware(app, resolver=...)."
+        )
+        raise NoContextError(msg) from None
+
+
+class _DisconnectedError(ConnectionError):
+    """
+    What the request's scope is closed with when the client left before the
+    response was complete: providers roll back, as for any failed request.
+    """
+
+
+class UserContextMiddleware:
+    """
+    UserContextMiddleware(app, *, resolver, registry=None, hub=None, \
+    request_id_header="x-request-id")
+
+    Bind a `usercontext.UserContext` to every ``http`` and ``websocket``
+    request of *app*; pass ``lifespan`` and other scopes through untouched.
+
+    For each request the middleware:
+
+    1. calls ``resolver(scope)`` (a function or a coroutine function) for the
+       request's context. If it raises `usercontext.Unauthenticated`, the
+       client gets ``401`` with ``{"error": "unauthenticated", "detail": ...}``;
+       if it raises `usercontext.InvalidContextError`, ``400`` with
+       ``{"error": "invalid_context", "field": ..., "detail": ...}``. A
+       WebSocket handshake is refused the same way where the server supports
+       denial responses, else closed with code 1008. Any other error
+       propagates.
+    2. reuses the request id the client sent in *request_id_header* if it is
+       valid (1 to 128 visible ASCII characters, and the library's rules), and
+       else keeps the context's own; the response carries it in the same header.
+    3. runs the rest of the request in a fresh copy of the Context, with the
+       context bound, and with a scope of *registry* open (`RequestState`).
+
+    The scope stays open while the application produces the response. A
+    response whose whole body comes in one message (``JSONResponse`` and most
+    others) is held until the scope is closed, so that a failing cleanup, such
+    as a commit, turns it into ``500`` ``{"error": "cleanup_failed"}``
+    instead of a success the client cannot trust. A streaming response keeps
+    the scope open until its last chunk has been sent, or the client has
+    disconnected (the scope is then closed as if the request failed, so
+    sessions roll back); cleanup errors after its headers went out are
+    logged, never sent. A WebSocket's scope lives as long as the connection.
+    Work that outlives the response needs its own scope: see `in_child_scope`.
+
+    Args:
+        app: The ASGI application.
+        resolver: Returns the `usercontext.UserContext` of a request from its
+            ASGI scope.
+        registry: Per-request resources, opened lazily in each request's scope.
+        hub: An `usercontext.EmitterHub`, reachable as `RequestState.hub`.
+        request_id_header: The header carrying the request id, both ways.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        resolver: Resolver,
+        registry: Registry | None = None,
+        hub: EmitterHub | None = None,
+        request_id_header: str = "x-request-id",
+    ) -> None:
+        if not callable(resolver):
+            msg = (  # type: ignore[unreachable]
+                f"resolver must be a function taking the ASGI scope and returning a "
+                f"UserContext, got {type(resolver).__name__}."
+            )
+            raise TypeError(msg)
+        if registry is not None and not isinstance(registry, Registry):
+            kind = type(registry).__name__  # type: ignore[unreachable]
+            msg = f"registry must be a usercontext.Registry or None, got {kind}."
+            raise TypeError(msg)
+        if hub is not None and not isinstance(hub, EmitterHub):
+            kind = type(hub).__name__  # type: ignore[unreachable]
+            msg = f"hub must be a usercontext.EmitterHub or None, got {kind}."
+            raise TypeError(msg)
+        header_ok = type(request_id_header) is str and _HEADER_NAME.fullmatch(request_id_header)
+        if not header_ok:
+            msg = (
+                f"request_id_header must be an HTTP header name such as 'x-request-id', "
+                f"got {request_id_header!r}."
+            )
+            raise ValueError(msg)
+        self.app = app
+        self.resolver = resolver
+        self.registry = registry
+        self.hub = hub
+        self.request_id_header = request_id_header
+        self._header = request_id_header.lower().encode("ascii")
+        self._serve_isolated = isolated(self._serve)
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        """
+        Serve one ASGI request.
+        """
+        kind = scope["type"]
+        if kind == "http" or kind == "websocket":  # noqa: PLR1714  # faster than `in`
+            await self._serve_isolated(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _incoming_id(self, scope: MutableMapping[str, Any]) -> str | None:
+        header = self._header
+        for name, value in scope.get("headers", ()):
+            if name == header:
+                text = value.decode("latin-1")
+                return text if _GOOD_REQUEST_ID.fullmatch(text) else None
+        return None
+
+    async def _resolve(self, scope: MutableMapping[str, Any]) -> UserContext:
+        ctx = self.resolver(scope)
+        if type(ctx) is not UserContext:
+            if inspect.isawaitable(ctx):
+                ctx = await ctx
+            if not isinstance(ctx, UserContext):
+                msg = (  # type: ignore[unreachable]
+                    f"The resolver {getattr(self.resolver, '__qualname__', self.resolver)!r} "
+                    f"returned {type(ctx).__name__}; it must return a usercontext.UserContext "
+                    "(or raise usercontext.Unauthenticated)."
+                )
+                raise TypeError(msg)
+        return ctx
+
+    async def _serve(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        incoming = self._incoming_id(scope)
+        try:
+            ctx = await self._resolve(scope)
+        except Unauthenticated as e:
+            headers = [(b"www-authenticate", e.challenge.encode("latin-1"))]
+            body = {"error": "unauthenticated", "detail": str(e)}
+            await self._refuse(scope, send, 401, body, incoming, headers)
+            return
+        except InvalidContextError as e:
+            body = {"error": "invalid_context", "field": e.field, "detail": str(e)}
+            await self._refuse(scope, send, 400, body, incoming, [])
+            return
+        if incoming is not None and incoming != ctx.request_id:
+            with contextlib.suppress(InvalidContextError):  # a bad id is replaced, not refused
+                ctx = ctx.evolve(request_id=incoming)
+        registry = self.registry
+        resources = None if registry is None else registry.scope(ctx)
+        scope[STATE_KEY] = RequestState(ctx, resources, self.hub)
+        request_id = (self._header, ctx.request_id.encode("ascii", "backslashreplace"))
+        with bind(ctx):
+            if resources is None:
+                await self.app(scope, receive, _SendWithId(send, request_id))
+            elif scope["type"] == "http":
+                await _HTTPRequest(resources, send, request_id).run(self.app, scope, receive)
+            else:
+                async with resources:
+                    await self.app(scope, receive, _SendWithId(send, request_id))
+
+    async def _refuse(  # noqa: PLR0913, PLR0917  # private, called twice
+        self,
+        scope: MutableMapping[str, Any],
+        send: Send,
+        status: int,
+        body: dict[str, str],
+        incoming: str | None,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        request_id = incoming if incoming is not None else os.urandom(16).hex()
+        payload = json.dumps({**body, "request_id": request_id}).encode()
+        headers = [*headers, _JSON, (self._header, request_id.encode("ascii"))]
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+        elif "websocket.http.response" in scope.get("extensions", {}):
+            await send(
+                {"type": "websocket.http.response.start", "status": status, "headers": headers}
+            )
+            await send({"type": "websocket.http.response.body", "body": payload})
+        else:
+            reason = f"{status} {body['error']}"
+            await send({"type": "websocket.close", "code": _POLICY_VIOLATION, "reason": reason})
+
+
+class _SendWithId:
+    """
+    ``send`` adding the request id header to the response (or the WebSocket
+    accept), unless the application set it itself.
+    """
+
+    __slots__ = ("_header", "_send")
+
+    def __init__(self, send: Send, header: tuple[bytes, bytes]) -> None:
+        self._send = send
+        self._header = header
+
+    async def __call__(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start" or kind == "websocket.accept":  # noqa: PLR1714  # faster
+            message = _with_header(message, self._header)
+        await self._send(message)
+
+
+def _with_header(message: Message, header: tuple[bytes, bytes]) -> Message:
+    headers = message.get("headers") or []
+    name = header[0]
+    for key, _ in headers:
+        if key.lower() == name:
+            return message
+    return {**message, "headers": [*headers, header]}
+
+
+def _has_length(message: Message) -> bool:
+    return any(key.lower() == b"content-length" for key, _ in message.get("headers") or ())
+
+
+class _HTTPRequest:
+    """
+    One HTTP request with a scope of resources: sends the response and closes
+    the scope at the right moment (see `UserContextMiddleware`).
+    """
+
+    __slots__ = ("_closed", "_disconnected", "_header", "_held", "_resources", "_send")
+
+    def __init__(self, resources: Scope, send: Send, header: tuple[bytes, bytes]) -> None:
+        self._resources = resources
+        self._send = send
+        self._header = header
+        self._held: Message | None = None  # a response start waiting for its body
+        self._closed = False
+        self._disconnected = False
+
+    async def run(self, app: ASGIApp, scope: MutableMapping[str, Any], receive: Receive) -> None:
+        resources = self._resources
+
+        async def watch() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not self._closed:
+                self._disconnected = True
+            return message
+
+        await resources.__aenter__()
+        try:
+            await app(scope, watch, self.send)
+        except BaseException as e:
+            if not self._closed:
+                self._closed = True
+                await resources.__aexit__(type(e), e, e.__traceback__)
+            raise
+        if not self._closed:
+            # The application returned before finishing its response, or the
+            # client left: close now, then pass on what is still held.
+            await self._close()
+            held = self._held
+            if held is not None:
+                self._held = None
+                await self._send(held)
+
+    async def _close(self, error: BaseException | None = None) -> bool:
+        """
+        Close the scope (as failed if the client left); tell whether every
+        cleanup succeeded.
+        """
+        self._closed = True
+        if error is None and self._disconnected:
+            error = _DisconnectedError("The client disconnected before the response was complete.")
+        resources = self._resources
+        try:
+            await resources.__aexit__(None if error is None else type(error), error, None)
+        except Exception as e:  # noqa: BLE001  # each error was logged by the scope
+            logger.error(  # noqa: TRY400  # the scope logged each traceback already
+                "The resources of request %s were not all cleaned up: %s",
+                resources.ctx.request_id,
+                e,
+            )
+            return False
+        return True
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            message = _with_header(message, self._header)
+            if _has_length(message) and not self._closed:
+                self._held = message  # sent with its body, after the cleanup
+                return
+            await self._send(message)
+            return
+        if self._closed:
+            await self._send(message)
+            return
+        if kind == "http.response.body":
+            final = not message.get("more_body", False)
+        else:
+            final = kind == "http.response.pathsend"
+        held = self._held
+        if held is not None:
+            self._held = None
+            if final and not await self._close():
+                await self._send_failure()
+                return
+            await self._send(held)
+            await self._send(message)
+            return
+        try:
+            await self._send(message)
+        except BaseException as e:
+            self._disconnected = True
+            await self._close(e)
+            raise
+        if final:
+            await self._close()
+
+    async def _send_failure(self) -> None:
+        name, request_id = self._header
+        payload = json.dumps(
+            {
+                "error": "cleanup_failed",
+                "detail": "The request's resources could not be cleaned up (a commit may "
+                "have failed); its changes may not have been saved.",
+                "request_id": request_id.decode("ascii"),
+            }
+        ).encode()
+        await self._send(
+            {"type": "http.response.start", "status": 500, "headers": [_JSON, (name, request_id)]}
+        )
+        await self._send({"type": "http.response.body", "body": payload})
+
+
+def in_child_scope(fn: Callable[P, T], *, registry: Registry | None = None) -> Callable[P, T]:
+    """
+    Wrap *fn* to run later under a child of the current context, in a scope of
+    its own.
+
+    A request's resources are closed when its response has been sent, so work
+    that outlives the response (Starlette's ``BackgroundTasks``, a task spawned
+    for later) must not use them. Wrap that work with this function while the
+    request runs: each call of the wrapper then binds ``current().child()`` (the
+    same user, a new request id whose parent is the request's) and, given a
+    *registry*, opens a scope of it around *fn*, closed when *fn* returns.
+
+    A coroutine function is wrapped by a coroutine function (its scope is
+    ``async with``); a plain function by a plain function (its scope is
+    ``with``, so its providers must not need awaiting), which Starlette runs
+    in a worker thread.
+
+    >>> import usercontext as uc
+    >>> from usercontext.asgi import in_child_scope
+    >>> def report(): return uc.current().depth
+    >>> with uc.bind(uc.UserContext(user_id="u-1", thread_id="t-1", run_id="r-1")):
+    ...     later = in_child_scope(report)
+    >>> later()
+    1
+
+    Raises:
+        NoContextError: If no context is bound when *fn* is wrapped.
+
+    .. versionadded:: 0.1.0
+    """
+    parent = current()
+    if inspect.iscoroutinefunction(fn):
+        afn: Callable[..., Awaitable[Any]] = fn
+
+        async def async_child(*args: Any, **kwargs: Any) -> Any:
+            child = parent.child()
+            if registry is None:
+                with bind(child):
+                    return await afn(*args, **kwargs)
+            async with registry.scope(child):
+                return await afn(*args, **kwargs)
+
+        return functools.wraps(fn)(async_child)  # type: ignore[return-value]
+
+    def child_call(*args: P.args, **kwargs: P.kwargs) -> T:
+        child = parent.child()
+        if registry is None:
+            with bind(child):
+                return fn(*args, **kwargs)
+        with registry.scope(child):
+            return fn(*args, **kwargs)
+
+    return functools.wraps(fn)(child_call)
