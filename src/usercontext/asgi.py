@@ -23,7 +23,7 @@ import os
 import re
 
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from usercontext import (
     EmitterHub,
@@ -39,6 +39,8 @@ from usercontext import (
 
 
 if TYPE_CHECKING:
+    from typing import Concatenate
+
     from typing_extensions import ParamSpec
 
     from usercontext import Emitter, Scope
@@ -75,6 +77,9 @@ STATE_KEY = "usercontext"
 _GOOD_REQUEST_ID = re.compile(r"[!-~]{1,128}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-zA-Z-]+")
 _JSON = (b"content-type", b"application/json")
+# Responses that never have a body, and which Starlette sends without a
+# Content-Length: held like any response whose body comes in one message.
+_NO_BODY = frozenset((204, 304))
 # WebSocket close code for a refused handshake (RFC 6455: policy violation).
 _POLICY_VIOLATION = 1008
 
@@ -164,9 +169,10 @@ class UserContextMiddleware:
     For each request the middleware:
 
     1. calls ``resolver(scope)`` (a function or a coroutine function) for the
-       request's context. If it raises `usercontext.Unauthenticated`, the
-       client gets ``401`` with ``{"error": "unauthenticated", "detail": ...}``;
-       if it raises `usercontext.InvalidContextError`, ``400`` with
+       request's context. If it raises
+       `usercontext.exceptions.Unauthenticated`, the client gets ``401`` with
+       ``{"error": "unauthenticated", "detail": ...}``; if it raises
+       `usercontext.exceptions.InvalidContextError`, ``400`` with
        ``{"error": "invalid_context", "field": ..., "detail": ...}``. A
        WebSocket handshake is refused the same way where the server supports
        denial responses, else closed with code 1008. Any other error
@@ -179,9 +185,10 @@ class UserContextMiddleware:
 
     The scope stays open while the application produces the response. A
     response whose whole body comes in one message (``JSONResponse`` and most
-    others) is held until the scope is closed, so that a failing cleanup, such
-    as a commit, turns it into ``500`` ``{"error": "cleanup_failed"}``
-    instead of a success the client cannot trust. A streaming response keeps
+    others: a response with a ``Content-Length``, or a ``204`` or ``304``) is
+    held until the scope is closed, so that a failing cleanup, such as a
+    commit, turns it into ``500`` ``{"error": "cleanup_failed"}`` instead of a
+    success the client cannot trust. A streaming response keeps
     the scope open until its last chunk has been sent, or the client has
     disconnected (the scope is then closed as if the request failed, so
     sessions roll back); cleanup errors after its headers went out are
@@ -274,7 +281,7 @@ class UserContextMiddleware:
         try:
             ctx = await self._resolve(scope)
         except Unauthenticated as e:
-            headers = [(b"www-authenticate", e.challenge.encode("latin-1"))]
+            headers = [(b"www-authenticate", e.challenge.encode("latin-1", "replace"))]
             body = {"error": "unauthenticated", "detail": str(e)}
             await self._refuse(scope, send, 401, body, incoming, headers)
             return
@@ -295,8 +302,13 @@ class UserContextMiddleware:
             elif scope["type"] == "http":
                 await _HTTPRequest(resources, send, request_id).run(self.app, scope, receive)
             else:
-                async with resources:
+                await resources.__aenter__()
+                try:
                     await self.app(scope, receive, _SendWithId(send, request_id))
+                except BaseException as e:
+                    await resources.__aexit__(type(e), e, e.__traceback__)
+                    raise
+                await _close(resources, None)
 
     async def _refuse(  # noqa: PLR0913, PLR0917  # private, called twice
         self,
@@ -326,7 +338,7 @@ class UserContextMiddleware:
 class _SendWithId:
     """
     ``send`` adding the request id header to the response (or the WebSocket
-    accept), unless the application set it itself.
+    accept, or denial response), unless the application set it itself.
     """
 
     __slots__ = ("_header", "_send")
@@ -337,18 +349,42 @@ class _SendWithId:
 
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
-        if kind == "http.response.start" or kind == "websocket.accept":  # noqa: PLR1714  # faster
+        if kind in _STARTS:
             message = _with_header(message, self._header)
         await self._send(message)
 
 
+_STARTS = frozenset(("http.response.start", "websocket.accept", "websocket.http.response.start"))
+
+
 def _with_header(message: Message, header: tuple[bytes, bytes]) -> Message:
     headers = message.get("headers") or []
+    if type(headers) is not list and type(headers) is not tuple:
+        # Any iterable will do (ASGI), but it must be read more than once here.
+        headers = list(headers)
+        message = {**message, "headers": headers}
     name = header[0]
     for key, _ in headers:
         if key.lower() == name:
             return message
     return {**message, "headers": [*headers, header]}
+
+
+async def _close(resources: Scope, error: BaseException | None) -> bool:
+    """
+    Close a request's scope once its response is out (or the connection is
+    over): cleanup errors are logged, not raised; tell whether there were none.
+    """
+    try:
+        await resources.__aexit__(None if error is None else type(error), error, None)
+    except Exception as e:  # noqa: BLE001  # each error was logged by the scope
+        logger.error(  # noqa: TRY400  # the scope logged each traceback already
+            "The resources of request %s were not all cleaned up: %s",
+            resources.ctx.request_id,
+            e,
+        )
+        return False
+    return True
 
 
 def _has_length(message: Message) -> bool:
@@ -361,7 +397,7 @@ class _HTTPRequest:
     the scope at the right moment (see `UserContextMiddleware`).
     """
 
-    __slots__ = ("_closed", "_disconnected", "_header", "_held", "_resources", "_send")
+    __slots__ = ("_closed", "_disconnected", "_ending", "_header", "_held", "_resources", "_send")
 
     def __init__(self, resources: Scope, send: Send, header: tuple[bytes, bytes]) -> None:
         self._resources = resources
@@ -370,13 +406,17 @@ class _HTTPRequest:
         self._held: Message | None = None  # a response start waiting for its body
         self._closed = False
         self._disconnected = False
+        # Set once the last message is handed to the server: a disconnect the
+        # server reports after that is the end of a complete response (the
+        # server may report it before its send returns), not a client leaving.
+        self._ending = False
 
     async def run(self, app: ASGIApp, scope: MutableMapping[str, Any], receive: Receive) -> None:
         resources = self._resources
 
         async def watch() -> Message:
             message = await receive()
-            if message["type"] == "http.disconnect" and not self._closed:
+            if message["type"] == "http.disconnect" and not self._ending:
                 self._disconnected = True
             return message
 
@@ -391,11 +431,14 @@ class _HTTPRequest:
         if not self._closed:
             # The application returned before finishing its response, or the
             # client left: close now, then pass on what is still held.
-            await self._close()
+            cleaned_up = await self._close()
             held = self._held
             if held is not None:
                 self._held = None
-                await self._send(held)
+                if cleaned_up:
+                    await self._send(held)
+                else:
+                    await self._send_failure()
 
     async def _close(self, error: BaseException | None = None) -> bool:
         """
@@ -405,23 +448,13 @@ class _HTTPRequest:
         self._closed = True
         if error is None and self._disconnected:
             error = _DisconnectedError("The client disconnected before the response was complete.")
-        resources = self._resources
-        try:
-            await resources.__aexit__(None if error is None else type(error), error, None)
-        except Exception as e:  # noqa: BLE001  # each error was logged by the scope
-            logger.error(  # noqa: TRY400  # the scope logged each traceback already
-                "The resources of request %s were not all cleaned up: %s",
-                resources.ctx.request_id,
-                e,
-            )
-            return False
-        return True
+        return await _close(self._resources, error)
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
             message = _with_header(message, self._header)
-            if _has_length(message) and not self._closed:
+            if not self._closed and (message["status"] in _NO_BODY or _has_length(message)):
                 self._held = message  # sent with its body, after the cleanup
                 return
             await self._send(message)
@@ -442,6 +475,8 @@ class _HTTPRequest:
             await self._send(held)
             await self._send(message)
             return
+        if final:
+            self._ending = True
         try:
             await self._send(message)
         except BaseException as e:
@@ -467,30 +502,42 @@ class _HTTPRequest:
         await self._send({"type": "http.response.body", "body": payload})
 
 
-def in_child_scope(fn: Callable[P, T], *, registry: Registry | None = None) -> Callable[P, T]:
+@overload
+def in_child_scope(fn: Callable[P, T], *, registry: None = None) -> Callable[P, T]: ...
+@overload
+def in_child_scope(
+    fn: Callable[Concatenate[Scope, P], T], *, registry: Registry
+) -> Callable[P, T]: ...
+def in_child_scope(
+    fn: Callable[..., Any], *, registry: Registry | None = None
+) -> Callable[..., Any]:
     """
-    Wrap *fn* to run later under a child of the current context, in a scope of
-    its own.
+    Wrap *fn* to run later under a child of the current context, with a scope
+    of its own.
 
     A request's resources are closed when its response has been sent, so work
     that outlives the response (Starlette's ``BackgroundTasks``, a task spawned
     for later) must not use them. Wrap that work with this function while the
     request runs: each call of the wrapper then binds ``current().child()`` (the
-    same user, a new request id whose parent is the request's) and, given a
-    *registry*, opens a scope of it around *fn*, closed when *fn* returns.
+    same user, a new request id whose parent is the request's). Given a
+    *registry*, it also opens a scope of it for the child and passes that
+    scope to *fn* as its first argument; the scope is closed when *fn*
+    returns, and its resources are committed or rolled back like a request's.
 
-    A coroutine function is wrapped by a coroutine function (its scope is
-    ``async with``); a plain function by a plain function (its scope is
-    ``with``, so its providers must not need awaiting), which Starlette runs
-    in a worker thread.
+    A coroutine function (or an object whose ``__call__`` is one) is wrapped
+    by a coroutine function (its scope is ``async with``); a plain function by
+    a plain function (its scope is ``with``, so its providers must not need
+    awaiting), which Starlette runs in a worker thread.
 
     >>> import usercontext as uc
     >>> from usercontext.asgi import in_child_scope
-    >>> def report(): return uc.current().depth
+    >>> registry = uc.Registry()
+    >>> registry.register("greeting", lambda ctx: f"hello {ctx.user_id}")
+    >>> def report(scope, n): return scope.get("greeting"), uc.current().depth, n
     >>> with uc.bind(uc.UserContext(user_id="u-1", thread_id="t-1", run_id="r-1")):
-    ...     later = in_child_scope(report)
-    >>> later()
-    1
+    ...     later = in_child_scope(report, registry=registry)
+    >>> later(7)
+    ('hello u-1', 1, 7)
 
     Raises:
         NoContextError: If no context is bound when *fn* is wrapped.
@@ -498,25 +545,25 @@ def in_child_scope(fn: Callable[P, T], *, registry: Registry | None = None) -> C
     .. versionadded:: 0.1.0
     """
     parent = current()
-    if inspect.iscoroutinefunction(fn):
-        afn: Callable[..., Awaitable[Any]] = fn
+    call = getattr(fn, "__call__", None)  # noqa: B004  # an object may have an async __call__
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call):
 
         async def async_child(*args: Any, **kwargs: Any) -> Any:
             child = parent.child()
             if registry is None:
                 with bind(child):
-                    return await afn(*args, **kwargs)
-            async with registry.scope(child):
-                return await afn(*args, **kwargs)
+                    return await fn(*args, **kwargs)
+            async with registry.scope(child) as scope:
+                return await fn(scope, *args, **kwargs)
 
-        return functools.wraps(fn)(async_child)  # type: ignore[return-value]
+        return functools.wraps(fn)(async_child)
 
-    def child_call(*args: P.args, **kwargs: P.kwargs) -> T:
+    def child_call(*args: Any, **kwargs: Any) -> Any:
         child = parent.child()
         if registry is None:
             with bind(child):
                 return fn(*args, **kwargs)
-        with registry.scope(child):
-            return fn(*args, **kwargs)
+        with registry.scope(child) as scope:
+            return fn(scope, *args, **kwargs)
 
     return functools.wraps(fn)(child_call)
