@@ -36,7 +36,7 @@ extensions = [
 
 source_suffix = {".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "examples"]
 
 # In docstrings, `name` is a cross-reference to a Python object.
 default_role = "py:obj"
@@ -44,6 +44,7 @@ nitpicky = True
 nitpick_ignore = [
     # Standard library: without intersphinx there is nothing to link to.
     ("py:class", "collections.abc.Callable"),
+    ("py:class", "collections.abc.MutableMapping"),
     ("py:class", "concurrent.futures._base.Executor"),
     ("py:class", "concurrent.futures._base.Future"),
     ("py:obj", "concurrent.futures.ProcessPoolExecutor"),
@@ -76,6 +77,11 @@ nitpick_ignore = [
     ("py:class", "Made"),
     ("py:class", "PerKey"),
     ("py:class", "usercontext._quota._Core"),
+    # FastAPI, an optional dependency: no intersphinx. The aliases of
+    # usercontext.fastapi show their Depends marker and its private function.
+    ("py:class", "fastapi.params.Depends"),
+    ("py:class", "usercontext.fastapi._current_context"),
+    ("py:class", "usercontext.fastapi._current_emitter"),
 ]
 
 myst_heading_anchors = 3

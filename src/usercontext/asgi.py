@@ -321,7 +321,12 @@ class UserContextMiddleware:
     ) -> None:
         request_id = incoming if incoming is not None else os.urandom(16).hex()
         payload = json.dumps({**body, "request_id": request_id}).encode()
-        headers = [*headers, _JSON, (self._header, request_id.encode("ascii"))]
+        headers = [
+            *headers,
+            _JSON,
+            (b"content-length", str(len(payload)).encode("ascii")),
+            (self._header, request_id.encode("ascii")),
+        ]
         if scope["type"] == "http":
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": payload})
@@ -496,8 +501,13 @@ class _HTTPRequest:
                 "request_id": request_id.decode("ascii"),
             }
         ).encode()
+        length = (b"content-length", str(len(payload)).encode("ascii"))
         await self._send(
-            {"type": "http.response.start", "status": 500, "headers": [_JSON, (name, request_id)]}
+            {
+                "type": "http.response.start",
+                "status": 500,
+                "headers": [_JSON, length, (name, request_id)],
+            }
         )
         await self._send({"type": "http.response.body", "body": payload})
 

@@ -441,6 +441,7 @@ class TestRefusals:
         assert len(request_id) == 32
         assert headers[b"www-authenticate"] == b"Bearer"
         assert headers[b"content-type"] == b"application/json"
+        assert headers[b"content-length"] == b"%d" % len(client.body())
         assert client.json() == {
             "error": "unauthenticated",
             "detail": "Send an x-user header.",
@@ -846,6 +847,7 @@ class TestHTTPScope:
         assert client.status() == 500
         assert client.headers() == {
             b"content-type": b"application/json",
+            b"content-length": b"%d" % len(client.body()),
             b"x-request-id": b"req-fail",
         }
         assert client.json() == {

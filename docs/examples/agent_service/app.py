@@ -1,0 +1,499 @@
+"""
+A small multi-user agent service built on usercontext and FastAPI.
+
+Every request gets its own frozen `usercontext.UserContext` from a bearer
+token, its own database session (committed when it succeeds, rolled back when
+it fails, closed always), and, for an agent run, its own agent engine, under a
+quota of 2 runs at once per user. The agent's events reach only its user's
+WebSocket connections.
+
+Run it from this folder with ``uvicorn app:app`` or ``python app.py``. It
+keeps its data in a SQLite file in a temporary directory, or in the database
+of ``AGENT_SERVICE_DATABASE_URL`` (``postgresql+asyncpg://...``) when set.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoints'
+# annotations at run time, and some of them name objects that create_app makes.
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import anyio
+
+from fastapi import FastAPI, Query, WebSocket
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import String, Text, event, select
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.schema import CreateSchema
+from starlette.datastructures import Headers
+
+import usercontext as uc
+
+from usercontext.asgi import UserContextMiddleware
+from usercontext.fastapi import CurrentContext, CurrentEmitter, EngineDep, Resource
+from usercontext.sqlalchemy import PoolWatch, session_provider
+from usercontext.starlette import serve_websocket
+
+
+#: The header naming the conversation thread of a request, and its default.
+THREAD_HEADER, DEFAULT_THREAD = "x-thread-id", "main"
+#: The header naming the agent run of a request; a new run id when absent.
+RUN_HEADER = "x-run-id"
+#: How many request logs the service keeps, newest last.
+MAX_REQUEST_LOGS = 1_000
+
+
+# -- Identity ---------------------------------------------------------------------------------
+
+
+def resolve(scope: MutableMapping[str, Any]) -> uc.UserContext:
+    """
+    Return the context of a request from its ``Authorization: Bearer <user id>``
+    header, and its optional ``x-thread-id`` and ``x-run-id`` headers.
+
+    This stands in for real authentication: a real service verifies the token
+    (a signed JWT, a session cookie) and takes the user id from it. A missing
+    or malformed header raises `usercontext.Unauthenticated`, which the
+    middleware answers with 401; an id that breaks the library's rules (empty,
+    ``"null"``, control characters...) raises
+    `usercontext.InvalidContextError`, answered with 400.
+    """
+    headers = Headers(scope=scope)
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        msg = "Send an `Authorization: Bearer <token>` header."
+        raise uc.Unauthenticated(msg)
+    return uc.UserContext(
+        user_id=token,
+        thread_id=headers.get(THREAD_HEADER, DEFAULT_THREAD),
+        run_id=headers.get(RUN_HEADER) or f"run-{os.urandom(8).hex()}",
+    )
+
+
+# -- Database ---------------------------------------------------------------------------------
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Note(Base):
+    """
+    A note a user wrote; every row carries its user.
+    """
+
+    __tablename__ = "agent_service_notes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(256), index=True)
+    request_id: Mapped[str] = mapped_column(String(128))
+    text: Mapped[str] = mapped_column(Text)
+
+
+class Run(Base):
+    """
+    An agent run and how it ended; every row carries its user.
+    """
+
+    __tablename__ = "agent_service_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(256), index=True)
+    run_id: Mapped[str] = mapped_column(String(256))
+    request_id: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16))
+    answer: Mapped[str | None] = mapped_column(Text)
+
+
+def _sqlite_wal(dbapi_connection: Any, _record: object) -> None:
+    # Readers and one writer at a time without blocking each other.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("pragma journal_mode=wal")
+    cursor.close()
+
+
+# -- The agent --------------------------------------------------------------------------------
+
+
+class ToolError(RuntimeError):
+    """
+    The fake agent's tool failed.
+    """
+
+
+class Agent:
+    """
+    A fake AI agent: it thinks, calls a search tool, thinks again and answers,
+    emitting an event at each step.
+
+    It stands in for an expensive engine (a model client, a browser): the
+    `usercontext.EngineFactory` of the app creates one per run, for one user
+    only, within that user's quota, and closes it after the run.
+    """
+
+    def __init__(self, ctx: uc.UserContext) -> None:
+        self.user_id = ctx.user_id
+        self.closed = False
+
+    async def run(
+        self, events: uc.Emitter, prompt: str, *, fail: bool, step_delay: float
+    ) -> tuple[str, str | None]:
+        """
+        Answer *prompt*; return the run's status and answer.
+
+        A successful run emits six events: agent_started, agent_thinking,
+        tool_executing, tool_completed, agent_thinking and agent_completed. A
+        run whose tool fails (*fail*) emits agent_started, agent_thinking,
+        tool_executing and agent_error.
+        """
+        await events.emit(uc.AGENT_STARTED, {"prompt": prompt})
+        await anyio.sleep(step_delay)
+        await events.emit(uc.AGENT_THINKING, {"thought": "I should search for this."})
+        await events.emit(uc.TOOL_EXECUTING, {"tool": "search", "query": prompt})
+        try:
+            result = await self._search(prompt, fail=fail, delay=step_delay)
+        except ToolError as e:
+            await events.emit(uc.AGENT_ERROR, {"error": str(e)})
+            return "failed", None
+        await events.emit(uc.TOOL_COMPLETED, {"tool": "search", "result": result})
+        await events.emit(uc.AGENT_THINKING, {"thought": "The documents answer it."})
+        answer = f"Here is what I found: {result}"
+        await events.emit(uc.AGENT_COMPLETED, {"answer": answer})
+        return "completed", answer
+
+    async def _search(self, query: str, *, fail: bool, delay: float) -> str:
+        await anyio.sleep(delay)
+        if fail:
+            msg = "The search tool is unavailable."
+            raise ToolError(msg)
+        return f"3 documents mention {query!r}."
+
+    async def aclose(self) -> None:
+        """
+        Release the agent (a real one would close its connections).
+        """
+        self.closed = True
+
+
+# -- Request logs -----------------------------------------------------------------------------
+
+
+@dataclass
+class RequestLog:
+    """
+    What one request did and how its scope ended, with monotonic times.
+
+    It is a resource of the request's scope: *outcome* is set when the scope
+    closes, ``"ok"`` or ``"failed: <error>"`` (a streaming response whose
+    client left ends as failed, so its session rolls back).
+    """
+
+    user_id: str
+    request_id: str
+    marks: list[tuple[str, float]] = field(default_factory=list)
+    outcome: str | None = None
+
+    def mark(self, what: str) -> None:
+        """
+        Record that *what* happened now.
+        """
+        self.marks.append((what, time.monotonic()))
+
+
+class RequestLogs:
+    """
+    The logs of the last *maxsize* requests that asked for one, by request id.
+    """
+
+    def __init__(self, maxsize: int = MAX_REQUEST_LOGS) -> None:
+        self.maxsize = maxsize
+        self._logs: OrderedDict[str, RequestLog] = OrderedDict()
+
+    def get(self, request_id: str) -> RequestLog | None:
+        """
+        Return the log of *request_id*, or `None`.
+        """
+        return self._logs.get(request_id)
+
+    def provide(self, ctx: uc.UserContext) -> Iterator[RequestLog]:
+        """
+        The provider of `RequestLog` in the registry: a new log per request,
+        closed with the request's scope.
+        """
+        log = RequestLog(ctx.user_id, ctx.request_id)
+        self._logs[ctx.request_id] = log
+        while len(self._logs) > self.maxsize:
+            self._logs.popitem(last=False)
+        try:
+            yield log
+        except BaseException as e:
+            log.mark("closed")
+            log.outcome = f"failed: {type(e).__name__}"
+            raise
+        log.mark("closed")
+        log.outcome = "ok"
+
+
+# -- The service ------------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    """
+    What the endpoints share, kept in ``app.state.service``.
+
+    *engine* and *pool* exist while the app runs (between its lifespan's
+    startup and shutdown); *pool* counts the database connections that
+    requests hold.
+    """
+
+    registry: uc.Registry
+    factory: uc.EngineFactory[Agent]
+    hub: uc.EmitterHub
+    sessions: async_sessionmaker[AsyncSession]
+    request_logs: RequestLogs
+    database_url: str | None
+    db_schema: str | None
+    engine: AsyncEngine | None = None
+    pool: PoolWatch | None = None
+
+
+class RunRequest(BaseModel):
+    prompt: str = Field("What is usercontext?", min_length=1, max_length=1_000)
+    fail: bool = Field(default=False, description="Make the agent's tool fail.")
+    step_delay: float = Field(0.0, ge=0, le=5, description="Seconds per agent step.")
+
+
+class RunOut(BaseModel):
+    run_id: str
+    user_id: str
+    request_id: str
+    status: str
+    answer: str | None
+
+
+class NoteIn(BaseModel):
+    text: str = Field(min_length=1, max_length=10_000)
+
+
+class NoteOut(BaseModel):
+    id: int
+    user_id: str
+    request_id: str
+    text: str
+
+
+def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they use
+    database_url: str | None = None,
+    *,
+    db_schema: str | None = None,
+    per_user: int = 2,
+    total: int = 100,
+    run_timeout: float = 0.0,
+) -> FastAPI:
+    """
+    Create the service.
+
+    Args:
+        database_url: An async SQLAlchemy URL, such as
+            ``postgresql+asyncpg://user@host/db``; by default a SQLite file in a
+            temporary directory that is removed at shutdown.
+        db_schema: A PostgreSQL schema to keep the tables in, created at
+            startup if missing.
+        per_user: Agent runs at once per user.
+        total: Agent runs at once overall.
+        run_timeout: How long a run waits for a free slot before the client
+            gets 429; 0 refuses at once.
+    """
+    registry = uc.Registry()
+    factory = uc.EngineFactory(
+        Agent, close=Agent.aclose, per_user=per_user, total=total, timeout=run_timeout
+    )
+    hub = uc.EmitterHub()
+    # Bound to the database engine at startup, when the engine is created.
+    sessions = async_sessionmaker(expire_on_commit=False)
+    request_logs = RequestLogs()
+    registry.register(AsyncSession, session_provider(sessions))
+    registry.register(RequestLog, request_logs.provide)
+    service = Service(registry, factory, hub, sessions, request_logs, database_url, db_schema)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        url, tmp = service.database_url, None
+        if url is None:
+            tmp = tempfile.mkdtemp(prefix="agent-service-")
+            url = f"sqlite+aiosqlite:///{tmp}/agent_service.db"
+        options = {} if db_schema is None else {"schema_translate_map": {None: db_schema}}
+        engine = create_async_engine(url, execution_options=options)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine.sync_engine, "connect", _sqlite_wal)
+        service.engine, service.pool = engine, PoolWatch(engine)
+        sessions.configure(bind=engine)
+        try:
+            async with engine.begin() as conn:
+                if db_schema is not None:
+                    await conn.execute(CreateSchema(db_schema, if_not_exists=True))
+                await conn.run_sync(Base.metadata.create_all)
+            async with hub:
+                yield
+                await factory.aclose()
+        finally:
+            service.pool.close()
+            await engine.dispose()
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    app = FastAPI(title="Agent service", lifespan=lifespan)
+    app.state.service = service
+    app.add_middleware(UserContextMiddleware, resolver=resolve, registry=registry, hub=hub)
+
+    Session = Annotated[AsyncSession, Resource(AsyncSession)]  # noqa: N806  # a type alias
+    AgentEngine = Annotated[Agent, EngineDep(factory)]  # noqa: N806  # ditto
+
+    @app.get("/whoami")
+    async def whoami(ctx: CurrentContext) -> dict[str, str]:
+        """
+        Echo the ids of the request's context.
+        """
+        bound = uc.current()  # the same context, bound for the whole request
+        return {
+            "user_id": bound.user_id,
+            "thread_id": bound.thread_id,
+            "run_id": bound.run_id,
+            "request_id": ctx.request_id,
+        }
+
+    @app.post("/runs")
+    async def start_run(
+        body: RunRequest,
+        ctx: CurrentContext,
+        agent: AgentEngine,
+        events: CurrentEmitter,
+        session: Session,
+    ) -> RunOut:
+        """
+        Run the agent for the caller, streaming its events to the caller's
+        WebSockets, and record the run. Over the caller's quota of runs at
+        once, the client gets 429 with a Retry-After header.
+        """
+        status, answer = await agent.run(
+            events, body.prompt, fail=body.fail, step_delay=body.step_delay
+        )
+        session.add(
+            Run(
+                user_id=ctx.user_id,
+                run_id=ctx.run_id,
+                request_id=ctx.request_id,
+                status=status,
+                answer=answer,
+            )
+        )
+        return RunOut(
+            run_id=ctx.run_id,
+            user_id=agent.user_id,
+            request_id=ctx.request_id,
+            status=status,
+            answer=answer,
+        )
+
+    @app.get("/runs")
+    async def list_runs(ctx: CurrentContext, session: Session) -> list[RunOut]:
+        """
+        List the caller's runs, oldest first.
+        """
+        rows = await session.scalars(select(Run).where(Run.user_id == ctx.user_id).order_by(Run.id))
+        return [
+            RunOut(
+                run_id=r.run_id,
+                user_id=r.user_id,
+                request_id=r.request_id,
+                status=r.status,
+                answer=r.answer,
+            )
+            for r in rows
+        ]
+
+    @app.post("/notes", status_code=201)
+    async def add_note(body: NoteIn, ctx: CurrentContext, session: Session) -> NoteOut:
+        """
+        Save a note of the caller; it is committed when the request succeeds.
+        """
+        note = Note(user_id=ctx.user_id, request_id=ctx.request_id, text=body.text)
+        session.add(note)
+        await session.flush()
+        return NoteOut(id=note.id, user_id=note.user_id, request_id=note.request_id, text=note.text)
+
+    @app.get("/notes")
+    async def list_notes(ctx: CurrentContext, session: Session) -> list[NoteOut]:
+        """
+        List the caller's notes, oldest first.
+        """
+        rows = await session.scalars(
+            select(Note).where(Note.user_id == ctx.user_id).order_by(Note.id)
+        )
+        return [
+            NoteOut(id=n.id, user_id=n.user_id, request_id=n.request_id, text=n.text) for n in rows
+        ]
+
+    @app.get("/stream")
+    async def stream(
+        log: Annotated[RequestLog, Resource(RequestLog)],
+        chunks: Annotated[int, Query(ge=1, le=10_000)] = 5,
+        delay: Annotated[float, Query(ge=0, le=1)] = 0.0,
+    ) -> StreamingResponse:
+        """
+        Stream *chunks* lines of JSON, *delay* seconds apart, each echoing the
+        context bound while it was produced. The request's scope stays open
+        until the last chunk has been sent.
+        """
+
+        async def lines() -> AsyncIterator[bytes]:
+            for i in range(chunks):
+                if i:
+                    await anyio.sleep(delay)
+                ctx = uc.current()
+                log.mark(f"chunk {i}")
+                line = {
+                    "chunk": i,
+                    "user_id": ctx.user_id,
+                    "request_id": ctx.request_id,
+                    "scope_open": log.outcome is None,
+                }
+                yield json.dumps(line).encode() + b"\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.websocket("/ws")
+    async def websocket_events(websocket: WebSocket, ctx: CurrentContext) -> None:
+        """
+        Stream the caller's events until either side closes; ``?last_seq=N``
+        resumes after event N (0: every event still held).
+        """
+        await serve_websocket(websocket, hub, ctx.user_id)
+
+    return app
+
+
+app = create_app(os.environ.get("AGENT_SERVICE_DATABASE_URL"))
+
+
+if __name__ == "__main__":
+    import uvicorn
+
+    uvicorn.run(app, host="127.0.0.1", port=8000)

@@ -1,0 +1,278 @@
+"""
+FastAPI dependencies for the request's context, resources, engine and events.
+
+Install it with ``pip install usercontext[fastapi]``. Every dependency here
+reads what `usercontext.asgi.UserContextMiddleware` set up for the request (see
+`usercontext.asgi.request_state`), so the middleware must wrap the application:
+
+>>> from fastapi import FastAPI
+>>> from fastapi.testclient import TestClient
+>>> import usercontext as uc
+>>> from usercontext.asgi import UserContextMiddleware
+>>> from usercontext.fastapi import CurrentContext
+>>> def resolve(scope):  # a real resolver checks the request's credentials
+...     return uc.UserContext(user_id="u-42", thread_id="t-7", run_id="r-1")
+>>> app = FastAPI()
+>>> app.add_middleware(UserContextMiddleware, resolver=resolve)
+>>> @app.get("/me")
+... def me(ctx: CurrentContext) -> dict[str, str]:
+...     return {"user": ctx.user_id}
+>>> TestClient(app).get("/me").json()
+{'user': 'u-42'}
+
+The dependencies take a ``starlette.requests.HTTPConnection``, so the same ones
+work in HTTP routes and WebSocket routes, and in sync and async endpoints alike:
+they resolve on the event loop, and FastAPI hands their values to a sync
+endpoint running in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from fastapi import Depends, HTTPException, WebSocketException
+
+# At run time: FastAPI reads the annotations of the dependencies below.
+from fastapi.requests import HTTPConnection  # noqa: TC002
+
+from usercontext import (
+    Emitter,
+    EngineFactory,
+    FactoryClosedError,
+    QuotaError,
+    QuotaTimeout,
+    UserContext,
+)
+from usercontext.asgi import RequestState, request_state
+
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Hashable
+
+
+__all__ = ["CurrentContext", "CurrentEmitter", "EngineDep", "Resource"]
+
+# WebSocket close code (RFC 6455, IANA registry): try again later.
+_TRY_AGAIN_LATER = 1013
+# The longest reason a close frame may carry, in bytes (RFC 6455).
+_MAX_REASON = 123
+_DENIAL = "websocket.http.response"
+
+# One dependency per factory and Retry-After, so that every EngineDep(factory)
+# of a request is the same dependency to FastAPI: one engine (one slot) per
+# request, and one callable to put in app.dependency_overrides. The callables
+# are held weakly: the routes declaring them keep them (and their factory) alive.
+_ENGINE_DEPENDENCIES: weakref.WeakValueDictionary[
+    tuple[EngineFactory[Any], int | None], Callable[..., Any]
+] = weakref.WeakValueDictionary()
+
+
+def _state(conn: HTTPConnection) -> RequestState:
+    return request_state(conn.scope)
+
+
+async def _current_context(conn: HTTPConnection) -> UserContext:
+    return _state(conn).ctx
+
+
+async def _current_emitter(conn: HTTPConnection) -> Emitter:
+    return _state(conn).emitter
+
+
+CurrentContext = Annotated[UserContext, Depends(_current_context)]
+"""
+The `usercontext.UserContext` of the request, as bound by
+`usercontext.asgi.UserContextMiddleware`: ``def endpoint(ctx: CurrentContext)``.
+
+Without the middleware, the request fails with
+`usercontext.exceptions.NoContextError`, whose message says how to add it (the
+client gets ``500``).
+
+.. versionadded:: 0.1.0
+"""
+
+CurrentEmitter = Annotated[Emitter, Depends(_current_emitter)]
+"""
+The `usercontext.Emitter` of the request's user, from the hub given to
+`usercontext.asgi.UserContextMiddleware`: ``async def endpoint(events: CurrentEmitter)``.
+
+Without a hub, the request fails with `LookupError`, whose message says how to
+pass one.
+
+.. versionadded:: 0.1.0
+"""
+
+
+def _name(key: object) -> str:
+    return getattr(key, "__qualname__", None) or repr(key)
+
+
+def Resource(key: Hashable) -> Any:  # noqa: N802  # used like Depends, and named like it
+    """
+    Declare a dependency on the resource *key* of the request's scope.
+
+    ``session: Annotated[AsyncSession, Resource(AsyncSession)]`` gives the
+    endpoint ``await scope.aget(AsyncSession)`` of the scope that
+    `usercontext.asgi.UserContextMiddleware` opened for the request: created on
+    first use, the same object for the rest of the request, and cleaned up by
+    the middleware after the response has been sent (or when the WebSocket
+    closes). Any provider works, async ones included, in sync endpoints too.
+
+    Args:
+        key: A key registered in the middleware's `usercontext.Registry`.
+
+    Returns:
+        A ``fastapi.Depends`` marker, to put in ``Annotated``.
+
+    Raises:
+        LookupError: When the request is served, if the middleware was given
+            no registry (`usercontext.exceptions.NoContextError` if there is no
+            middleware at all), or `KeyError` if nothing is registered for
+            *key*.
+
+    .. versionadded:: 0.1.0
+    """
+    hash(key)
+    name = _name(key)
+
+    async def resource(conn: HTTPConnection) -> Any:
+        scope = _state(conn).resources
+        if scope is None:
+            msg = (
+                f"Resource({name}) needs a registry, but UserContextMiddleware was given "
+                "none: pass registry=Registry() to it, and register the resource there."
+            )
+            raise LookupError(msg)
+        return await scope.aget(key)
+
+    resource.__qualname__ = resource.__name__ = f"Resource({name})"
+    return Depends(resource)
+
+
+def _seconds(value: float) -> int:
+    return max(1, math.ceil(value))
+
+
+def _refusal(
+    conn: HTTPConnection, ctx: UserContext, status: int, body: dict[str, Any]
+) -> Exception:
+    """
+    Return what to raise to refuse the request with *status* and *body*.
+    """
+    body["request_id"] = ctx.request_id
+    headers = {"Retry-After": str(body["retry_after"])}
+    if conn.scope["type"] == "http" or _DENIAL in conn.scope.get("extensions", {}):
+        # FastAPI's handler of HTTPException answers a WebSocket handshake with
+        # the same response, as a denial response.
+        return HTTPException(status, detail=body, headers=headers)
+    reason = f"{status} {body['error']}: retry after {body['retry_after']} s"
+    return WebSocketException(_TRY_AGAIN_LATER, reason=reason[:_MAX_REASON])
+
+
+def _quota_refusal(
+    conn: HTTPConnection, ctx: UserContext, e: QuotaError, fixed: int | None
+) -> Exception:
+    retry_after = fixed if fixed is not None else _seconds(e.timeout or 0)
+    if e.scope == "key":
+        message = f"Too many of your requests are running at once (the limit is {e.limit})."
+    else:
+        message = "The service is at capacity."
+    body = {
+        "error": "quota_timeout" if isinstance(e, QuotaTimeout) else "quota_exceeded",
+        "message": f"{message} Retry after {retry_after} s.",
+        "retry_after": retry_after,
+    }
+    return _refusal(conn, ctx, 429, body)
+
+
+def EngineDep(  # noqa: N802  # used like Depends, and named like it
+    factory: EngineFactory[Any],
+    *,
+    retry_after: float | None = None,
+    scope: Literal["function", "request"] = "function",
+) -> Any:
+    """
+    Declare a dependency on an engine of *factory* for the request's user.
+
+    ``engine: Annotated[Engine, EngineDep(factory)]`` runs the endpoint inside
+    ``async with factory.engine(ctx) as engine:``, under the user's quota. With
+    the default *scope* ``"function"``, the engine is closed and its slot given
+    back as soon as the endpoint returns or raises, before the response is
+    sent: a slow client holds no slot, and a failing close turns the response
+    into an error instead of a success. With *scope* ``"request"``, it is
+    closed after the response has been sent, for a ``StreamingResponse`` that
+    uses the engine. On a WebSocket route, the engine lives as long as the
+    endpoint.
+
+    When the quota refuses (``QuotaExceeded``) or gives up waiting
+    (``QuotaTimeout``), the client gets ``429`` with a ``Retry-After`` header
+    and the JSON body ``{"detail": {"error": "quota_exceeded" or
+    "quota_timeout", "message": ..., "retry_after": ..., "request_id": ...}}``.
+    Retry-After is *retry_after* rounded up, or, by default, the factory's
+    *timeout* rounded up (the client already waited that long in vain), and at
+    least 1 second. After the factory was closed, the client gets ``503`` with
+    ``"error": "unavailable"``. A WebSocket handshake is refused with the same
+    response where the server supports denial responses, and else closed with
+    code 1013 (try again later).
+
+    Every ``EngineDep(factory)`` of one request with the same *retry_after* is
+    one dependency to FastAPI: the request gets one engine however many times
+    it is declared, and ``app.dependency_overrides[EngineDep(factory).dependency]``
+    replaces it in tests.
+
+    Args:
+        factory: The factory creating the engines.
+        retry_after: The seconds in the ``Retry-After`` header of a refusal.
+        scope: When to close the engine, as in ``fastapi.Depends``.
+
+    Returns:
+        A ``fastapi.Depends`` marker, to put in ``Annotated``.
+
+    .. versionadded:: 0.1.0
+    """
+    if not isinstance(factory, EngineFactory):
+        msg = f"factory must be a usercontext.EngineFactory, got {type(factory).__name__}."  # type: ignore[unreachable]
+        raise TypeError(msg)
+    fixed: int | None = None
+    if retry_after is not None:
+        if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)):
+            msg = f"retry_after must be a number of seconds or None, got {retry_after!r}."
+            raise TypeError(msg)
+        if not retry_after > 0 or math.isinf(retry_after):
+            msg = f"retry_after must be a finite number of seconds > 0, got {retry_after!r}."
+            raise ValueError(msg)
+        fixed = _seconds(retry_after)
+    if scope not in ("function", "request"):
+        msg = f"scope must be 'function' or 'request', got {scope!r}."
+        raise ValueError(msg)
+    dependency = _ENGINE_DEPENDENCIES.get((factory, fixed))
+    if dependency is None:
+        dependency = _ENGINE_DEPENDENCIES[factory, fixed] = _engine_dependency(factory, fixed)
+    return Depends(dependency, scope=scope)
+
+
+def _engine_dependency(
+    factory: EngineFactory[Any], fixed: int | None
+) -> Callable[[HTTPConnection], AsyncIterator[Any]]:
+    async def engine(conn: HTTPConnection) -> AsyncIterator[Any]:
+        ctx = _state(conn).ctx
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                value = await stack.enter_async_context(factory.engine(ctx))
+            except QuotaError as e:
+                raise _quota_refusal(conn, ctx, e, fixed) from None
+            except FactoryClosedError:
+                body = {
+                    "error": "unavailable",
+                    "message": "The service is shutting down. Retry shortly.",
+                    "retry_after": 1 if fixed is None else fixed,
+                }
+                raise _refusal(conn, ctx, 503, body) from None
+            yield value
+
+    engine.__qualname__ = engine.__name__ = f"EngineDep({factory!r})"
+    return engine
