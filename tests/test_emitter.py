@@ -5,11 +5,14 @@ sinks shipped with them. Every async test runs on asyncio and on trio.
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import inspect
 import json
 import logging
 import math
 import random
+import sys
 
 from types import MappingProxyType
 
@@ -208,16 +211,18 @@ class TestEvent:
         [
             ({"seq": -1}, ValueError, "seq must be a non-negative int"),
             ({"seq": "1"}, TypeError, "seq must be a non-negative int"),
-            ({"ts": math.nan}, TypeError, "ts must be a finite number"),
+            ({"ts": math.nan}, ValueError, "ts must be a finite number"),
             ({"ts": "now"}, TypeError, "ts must be a finite number"),
-            ({"user_id": ""}, TypeError, "user_id must be a non-empty str"),
+            ({"user_id": ""}, ValueError, "user_id must be a non-empty str"),
             ({"event_id": None}, TypeError, "event_id must be a non-empty str"),
             ({"thread_id": 7}, TypeError, "thread_id must be a non-empty str"),
         ],
     )
     def test_field_rules(self, changes, error, match):
         """
-        Sequence, timestamp and ids are checked at construction.
+        Sequence, timestamp and ids are checked at construction: a value of
+        the wrong type raises TypeError, a bad value of the right type
+        ValueError.
         """
         fields = {"type": TYPE, "data": None, "seq": 1, "event_id": "a-1", "ts": 1, "user_id": "u"}
 
@@ -254,6 +259,25 @@ class TestEvent:
             uc.Event(kind, None, 1, "a-1", 1, "u-42")
 
         assert _emitter._TYPES == {"three": '"three"'}
+
+    def test_str_enum_types_and_keys(self):
+        """
+        A str enum member is a str: it is taken as an event type, and as a key
+        of the data, by its value.
+        """
+
+        class Kind(str, enum.Enum):
+            STARTED = "agent_started"
+
+        event = uc.Event(Kind.STARTED, {Kind.STARTED: 1, "tags": [Kind.STARTED]}, 1, "a-1", 1, "u")
+
+        assert event.type == "agent_started"
+        assert type(event.type) is str
+        assert list(event.data) == ["agent_started", "tags"]
+        assert type(next(iter(event.data))) is str
+        assert event.data["agent_started"] == 1
+        assert json.loads(event.json)["type"] == "agent_started"
+        assert json.loads(event.json)["data"] == {"agent_started": 1, "tags": ["agent_started"]}
 
 
 class TestEncoder:
@@ -292,6 +316,16 @@ class TestRetry:
         assert [retry.delay(n) for n in (1, 2, 3, 4)] == [0.1, 0.2, 0.4, 0.5]
         for n in (1, 2, 3, 4):
             assert 0.5 * retry.delay(n) <= jittered.delay(n) <= retry.delay(n)
+
+    def test_delay_of_a_late_retry(self):
+        """
+        A late retry of a sink given many attempts waits *max_backoff*: the
+        doubling does not overflow.
+        """
+        retry = uc.Retry(attempts=10_000, backoff=0.5, max_backoff=2.0, jitter=False)
+
+        assert retry.delay(1_100) == 2.0
+        assert retry.delay(9_999) == 2.0
 
     @pytest.mark.parametrize(
         ("kwargs", "error", "match"),
@@ -365,6 +399,18 @@ class TestSinks:
         with pytest.raises(TypeError, match="takes a callable"):
             uc.CallbackSink(3)  # type: ignore[arg-type]
 
+    async def test_recording_sink_cancelled_wait_leaves_nothing(self):
+        """
+        A wait_for that times out leaves no waiter behind in the sink.
+        """
+        sink = uc.RecordingSink()
+
+        for _ in range(3):
+            with anyio.move_on_after(0.001):
+                await sink.wait_for(5)
+
+        assert sink._waiters == []
+
 
 class TestHubSettings:
     @pytest.mark.parametrize(
@@ -374,6 +420,7 @@ class TestHubSettings:
             ({"overflow": "drop"}, ValueError, "'block', 'drop_oldest', 'drop_newest', 'error'"),
             ({"critical": "agent_error"}, TypeError, "for one type write"),
             ({"critical": [1]}, TypeError, "collection of event types"),
+            ({"critical": None}, TypeError, r"for none \(\)"),
             ({"retry": 3}, TypeError, "usercontext.Retry"),
             ({"replay": -1}, ValueError, "replay must be at least 0"),
             ({"timeout": -1}, ValueError, "timeout must be >= 0"),
@@ -390,6 +437,24 @@ class TestHubSettings:
         """
         with pytest.raises(error, match=match):
             uc.EmitterHub(**kwargs)
+
+    async def test_critical_types_from_an_iterator(self, ctx):
+        """
+        Critical types may come from any iterable, read once: an iterator's
+        types are critical too.
+        """
+        sink = GateSink()
+        async with uc.EmitterHub(maxsize=2, critical=iter(["done"])) as hub:
+            hub.attach("u-42", sink)
+            emitter = hub.emitter(ctx)
+            emitter.emit_nowait("done")
+            await sink.started.wait()
+            emitter.emit_nowait("done")
+            with pytest.raises(uc.EmitterFullError, match="critical event"):
+                emitter.emit_nowait("done")
+            sink.gate.set()
+
+        assert [e.type for e in sink.events] == ["done", "done"]
 
     def test_max_batch_is_at_most_half_the_buffer(self):
         """
@@ -525,7 +590,7 @@ class TestLifecycle:
                 await anyio.sleep(0.01)
                 tg.start_soon(close, "second", 0)
 
-        assert sorted(order) == ["first", "second"]
+        assert order == ["first", "second"]
 
     async def test_host_cancellation_still_drains(self, ctx):
         """
@@ -566,7 +631,8 @@ class TestLifecycle:
         async def broken(_a, _batch):
             raise RuntimeError("bug")
 
-        async with uc.EmitterHub() as hub:
+        letters = []
+        async with uc.EmitterHub(on_dead_letter=letters.append) as hub:
             monkeypatch.setattr(hub, "_send", broken)
             attachment = hub.attach("u-42", uc.RecordingSink())
             hub.emitter(ctx).emit_nowait(TYPE)
@@ -575,6 +641,29 @@ class TestLifecycle:
 
         assert "the delivery task of" in caplog.text
         assert not attachment.attached
+        assert attachment.reason == "failed"
+        ((letter),) = letters
+        assert (letter.reason, len(letter.events)) == ("failed", 1)
+        assert isinstance(letter.error, RuntimeError)
+
+    async def test_delivery_bug_with_nothing_pending(self, ctx, monkeypatch):
+        """
+        A delivery task that fails with nothing pending stops its sink, with
+        reason "failed", and hands nothing to the dead-letter hook.
+        """
+
+        async def broken(_a):
+            raise RuntimeError("bug")
+
+        letters = []
+        async with uc.EmitterHub(on_dead_letter=letters.append) as hub:
+            monkeypatch.setattr(hub, "_sleep", broken)
+            attachment = hub.attach("u-42", uc.RecordingSink())
+            with anyio.fail_after(5):
+                await attachment.wait()
+
+        assert attachment.reason == "failed"
+        assert letters == []
 
 
 class TestEmitting:
@@ -666,6 +755,21 @@ class TestEmitting:
 
         assert not inspect.iscoroutinefunction(uc.Emitter.emit_nowait)
         assert got == [TYPE, "echo"]
+
+    async def test_bad_timeout_is_refused_with_room(self, ctx):
+        """
+        A bad *timeout* is refused even when the event fits without waiting.
+        """
+        async with uc.EmitterHub() as hub:
+            emitter = hub.emitter(ctx)
+            with pytest.raises(ValueError, match="timeout must be >= 0"):
+                await emitter.emit(TYPE, timeout=-1)
+            with pytest.raises(TypeError, match="timeout must be a number"):
+                await emitter.emit(TYPE, timeout="1")  # type: ignore[arg-type]
+            await emitter.emit(TYPE, timeout=None)
+            stats = hub.stats()
+
+        assert stats.emitted == 1
 
 
 class TestStalledSink:
@@ -778,6 +882,56 @@ class TestStalledSink:
         assert hub.stats().rejected == 2
         assert len(sink.events) == 4
 
+    @pytest.mark.parametrize("overflow", ["block", "error"])
+    async def test_bad_event_on_a_full_buffer_is_refused_as_such(self, ctx, overflow):
+        """
+        An event with a bad type or data is refused for what is wrong with it,
+        at once, even when the buffer is full: it neither waits for room nor
+        counts as rejected.
+        """
+        sink = GateSink()
+        async with uc.EmitterHub(maxsize=2, overflow=overflow, timeout=5) as hub:
+            hub.attach("u-42", sink)
+            emitter = hub.emitter(ctx)
+            emitter.emit_nowait(TYPE)
+            await sink.started.wait()
+            emitter.emit_nowait(TYPE)
+            with pytest.raises(TypeError, match="must be a str"):
+                emitter.emit_nowait(7)  # type: ignore[arg-type]
+            with anyio.fail_after(1), pytest.raises(TypeError, match="holds a bytes"):
+                await emitter.emit(TYPE, {"b": b"raw"})
+            stats = hub.stats()
+            sink.gate.set()
+
+        assert (stats.emitted, stats.rejected, stats.timed_out) == (2, 0, 0)
+
+    async def test_waiting_emit_sends_the_data_it_was_given(self, ctx):
+        """
+        An emit that waits for room sends its data as it was when called, not
+        as it is when room comes.
+        """
+        sink = GateSink()
+        async with uc.EmitterHub(maxsize=2, overflow="block", timeout=None) as hub:
+            hub.attach("u-42", sink)
+            emitter = hub.emitter(ctx)
+            emitter.emit_nowait(TYPE)
+            await sink.started.wait()
+            emitter.emit_nowait(TYPE)
+            data = {"step": 1}
+            got = []
+
+            async def produce():
+                got.append(await emitter.emit(TYPE, data))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(produce)
+                await anyio.sleep(0.01)
+                data["step"] = 2
+                sink.gate.set()
+
+        assert got[0].data == {"step": 1}
+        assert json.loads(sink.events[-1].json)["data"] == {"step": 1}
+
     async def test_block_timeout(self, ctx):
         """
         Under "block", an emit waits up to its timeout and then raises
@@ -844,7 +998,9 @@ class TestStalledSink:
 
     async def test_cancelled_waiter_passes_its_turn(self, ctx):
         """
-        A waiter cancelled at the head of the line wakes the next one.
+        A waiter cancelled at the head of the line wakes the next one, even
+        when the room it was woken for is the last that will come: here the
+        sink is detached (one wake, for the head) as the head is cancelled.
         """
         sink = GateSink()
         got = []
@@ -855,24 +1011,25 @@ class TestStalledSink:
             await sink.started.wait()
             emitter.emit_nowait(TYPE)
 
-            async with anyio.create_task_group() as tg:
-                first = anyio.CancelScope()
+            with anyio.fail_after(5):
+                async with anyio.create_task_group() as tg:
+                    first = anyio.CancelScope()
 
-                async def cancelled():
-                    with first:
-                        await emitter.emit(TYPE, {"n": "first"})
+                    async def cancelled():
+                        with first:
+                            await emitter.emit(TYPE, {"n": "first"})
 
-                tg.start_soon(cancelled)
+                    tg.start_soon(cancelled)
 
-                async def second():
-                    got.append(await emitter.emit(TYPE, {"n": "second"}))
+                    async def second():
+                        got.append(await emitter.emit(TYPE, {"n": "second"}))
 
-                await anyio.sleep(0.01)
-                tg.start_soon(second)
-                await anyio.sleep(0.01)
-                first.cancel()
-                await anyio.sleep(0.01)
-                sink.gate.set()
+                    await anyio.sleep(0.01)
+                    tg.start_soon(second)
+                    await anyio.sleep(0.01)
+                    first.cancel()
+                    hub.detach("u-42", sink)
+            sink.gate.set()
 
         assert [e.data["n"] for e in got] == ["second"]
         assert hub.stats().emitted == 3
@@ -1243,6 +1400,51 @@ class TestRetries:
         assert "OSError: connection reset" in caplog.text
         assert "the on_dead_letter hook failed for user 'u-42'" in caplog.text
 
+    async def test_sink_cannot_change_the_batch(self, ctx):
+        """
+        A sink cannot empty the batch it is given: a retry, and the dead
+        letter, still hold every event of it.
+        """
+        letters = []
+        seen = []
+
+        async def consuming(events):
+            seen.append(len(events))
+            with contextlib.suppress(AttributeError):
+                events.clear()  # a sink that consumes its batch
+            raise OSError("connection reset")
+
+        retry = uc.Retry(attempts=2, backoff=0)
+        async with uc.EmitterHub(retry=retry, on_dead_letter=letters.append) as hub:
+            attachment = hub.attach("u-42", uc.CallbackSink(consuming))
+            for _ in range(3):
+                hub.emitter(ctx).emit_nowait(TYPE)
+            with anyio.fail_after(5):
+                await attachment.wait()
+
+        assert seen == [3, 3]
+        assert [len(letter.events) for letter in letters] == [3]
+        assert hub.stats().dead_lettered == 3
+
+    async def test_slow_dead_letter_hook_is_reported(self, ctx, caplog):
+        """
+        An async dead-letter hook that outlasts its time limit is cancelled,
+        and that is logged as a warning: the events are not lost silently.
+        """
+
+        async def slow_hook(_letter):
+            await anyio.sleep(10)
+
+        retry = uc.Retry(attempts=1, timeout=0.02)
+        with caplog.at_level(logging.WARNING, logger="usercontext"):
+            async with uc.EmitterHub(retry=retry, on_dead_letter=slow_hook) as hub:
+                attachment = hub.attach("u-42", FlakySink(failures=1))
+                hub.emitter(ctx).emit_nowait(TYPE)
+                with anyio.fail_after(5):
+                    await attachment.wait()
+
+        assert "on_dead_letter hook took longer than 0.02 s for 1 event(s)" in caplog.text
+
 
 class TestReplay:
     async def _hub_with_history(self, hub, ctx, n):
@@ -1345,22 +1547,95 @@ class TestReplay:
         assert [(e.type, e.seq) for e in sink.events] == [(uc.EVENTS_MISSED, 4), (TYPE, 5)]
         assert sink.events[0].data["missed"] == 3
 
-    @pytest.mark.parametrize(("last_seq", "missed"), [(0, 7), ("0123456789abcdef-0", None)])
-    async def test_replay_is_capped_at_the_buffer(self, ctx, last_seq, missed):
+    @pytest.mark.parametrize(("last_seq", "missed"), [(0, 0), ("0123456789abcdef-0", None)])
+    async def test_replay_longer_than_the_buffer_is_delivered_whole(self, ctx, last_seq, missed):
         """
-        A replay longer than the buffer keeps its newest events, and the ones
-        cut are counted as missed.
+        A replay longer than the buffer still delivers every event the history
+        holds: none is reported missed. While the sink holds more than the
+        bound, emits find its buffer full.
         """
         sink = uc.RecordingSink()
-        async with uc.EmitterHub(maxsize=4, replay=10) as hub:
+        async with uc.EmitterHub(maxsize=4, replay=10, overflow="block") as hub:
             await self._hub_with_history(hub, ctx, 10)
             attachment = hub.attach("u-42", sink, last_seq=last_seq)
+            with pytest.raises(uc.EmitterFullError):
+                hub.emitter(ctx).emit_nowait(TYPE)
+            live = await hub.emitter(ctx).emit(TYPE)
             with anyio.fail_after(5):
-                await sink.wait_for(4)
+                await sink.wait_for(11 + (missed is None))
+            stats = hub.stats()
 
-        assert [e.seq for e in sink.events] == [7, 8, 9, 10]
-        assert sink.events[0].data["missed"] == missed
-        assert attachment.missed == missed
+        events = [e for e in sink.events if e.type != uc.EVENTS_MISSED]
+        assert [e.seq for e in events] == [*range(1, 11), live.seq]
+        assert (attachment.replayed, attachment.missed) == (10, missed)
+        assert (stats.missed, stats.dropped) == (0, {})
+        if missed is None:
+            assert sink.events[0].type == uc.EVENTS_MISSED
+
+    async def test_notice_survives_drop_oldest(self, ctx):
+        """
+        Under drop_oldest, the notice of missed events is never dropped to make
+        room, and is not counted as a dropped event: for the resumed sink,
+        delivered + dropped equals the events routed to it.
+        """
+        sink = GateSink()
+        async with uc.EmitterHub(maxsize=4, replay=3) as hub:
+            await self._hub_with_history(hub, ctx, 10)
+            attachment = hub.attach("u-42", sink, last_seq=1)
+            emitter = hub.emitter(ctx)
+            for _ in range(3):  # before the delivery task runs: the buffer is full
+                emitter.emit_nowait(TYPE)
+            sink.gate.set()
+            await _until(lambda: _pending(hub) == 0)
+            stats = hub.stats()
+
+        notice, *rest = sink.events
+        assert (notice.type, notice.data["missed"]) == (uc.EVENTS_MISSED, 6)
+        assert [e.seq for e in rest] == [11, 12, 13]
+        assert (attachment.replayed, attachment.missed) == (3, 6)
+        assert dict(stats.dropped) == {"oldest": 3}
+        assert stats.delivered + stats.dropped["oldest"] == attachment.replayed + 3
+
+    async def test_notice_is_not_counted_as_an_event(self, ctx):
+        """
+        A pending notice of missed events is not counted, nor handed over, as
+        an event: not by detach, nor by the dead-letter hook.
+        """
+        letters = []
+        retry = uc.Retry(attempts=1)
+        async with uc.EmitterHub(replay=2, retry=retry, on_dead_letter=letters.append) as hub:
+            await self._hub_with_history(hub, ctx, 5)
+            stalled = GateSink()
+            detached = hub.attach("u-42", stalled, last_seq=1)
+            await stalled.started.wait()  # the notice and 2 events are being sent
+            dropped = detached.detach()
+            failing = hub.attach("u-42", FlakySink(failures=1), last_seq=1)
+            with anyio.fail_after(5):
+                await failing.wait()
+            stats = hub.stats()
+
+        assert dropped == 2
+        assert dict(stats.dropped) == {"detached": 2}
+        (letter,) = letters
+        assert [e.seq for e in letter.events] == [4, 5]
+        assert stats.dead_lettered == 2
+
+    async def test_only_a_notice_pending_at_close(self, ctx):
+        """
+        When the hub's drain deadline cuts a sink that only has a notice
+        pending, nothing of the stream is lost: no dead letter is handed over.
+        """
+        letters = []
+        sink = GateSink()
+        async with uc.EmitterHub(replay=0, on_dead_letter=letters.append) as hub:
+            await self._hub_with_history(hub, ctx, 3)
+            attachment = hub.attach("u-42", sink, last_seq=1)
+            await sink.started.wait()
+            await hub.aclose(drain_timeout=0.01)
+
+        assert letters == []
+        assert attachment.reason == "hub_closed"
+        assert hub.stats().dead_lettered == 0
 
     @pytest.mark.parametrize(
         ("last_seq", "error"),
@@ -1398,8 +1673,10 @@ class TestAttach:
                 hub.attach("u-42", sink)
             with pytest.raises(uc.IsolationError, match="one sink \\(one connection\\)"):
                 hub.attach("u-99", sink)
-            with pytest.raises(TypeError, match="non-empty str"):
+            with pytest.raises(ValueError, match="non-empty str"):
                 hub.attach("", uc.RecordingSink())
+            with pytest.raises(TypeError, match="non-empty str"):
+                hub.attach(42, uc.RecordingSink())  # type: ignore[arg-type]
             with pytest.raises(ValueError, match="last_seq"):
                 hub.attach("u-42", uc.RecordingSink(), last_seq="x")
             with uc.bind(other_ctx), pytest.raises(uc.IsolationError, match="another user's"):
@@ -1438,6 +1715,27 @@ class TestAttach:
         assert dict(stats.dropped) == {"detached": 4}
         assert stats.unrouted == 1
         assert "detached" in repr(attachment)
+
+    async def test_depth_peak_counts_sinks_that_ended_behind(self, ctx):
+        """
+        The depth peak counts the events pending for a sink that stopped before
+        it got them (detached here).
+        """
+        sink = GateSink()
+        async with uc.EmitterHub() as hub:
+            attachment = hub.attach("u-42", sink)
+            emitter = hub.emitter(ctx)
+            for _ in range(10):
+                emitter.emit_nowait(TYPE)
+            await sink.started.wait()
+            for _ in range(5):
+                emitter.emit_nowait(TYPE)
+            attachment.detach()
+            with anyio.fail_after(5):
+                await attachment.wait()
+            stats = hub.stats()
+
+        assert (stats.depth_peak, stats.attached) == (15, 0)
 
     async def test_detached_before_delivery_starts(self, ctx):
         """
@@ -1553,6 +1851,62 @@ class TestIdleUsers:
             assert hub.stats().users == 10_000
             await _until(lambda: hub.stats().users == 0)
             assert hub._idle == {}
+
+    async def test_sweep_is_one_pass_and_frees_the_tables(self, ctx, monkeypatch):
+        """
+        A sweep reads the idle table once, however many users it drops
+        (restarting from the front after each deletion rescans the deleted
+        slots: quadratic, minutes for a million users), and a sweep that drops
+        most users gives their tables' memory back.
+        """
+
+        class Counting(dict):
+            scans = 0
+
+            def items(self):
+                Counting.scans += 1
+                return super().items()
+
+        n = 3_000  # more than _COMPACT_AFTER
+        async with uc.EmitterHub(idle_ttl=3600) as hub:
+            hub.attach("u-42", uc.RecordingSink())
+            for i in range(n):
+                user = uc.UserContext(user_id=f"user-{i}", thread_id="t", run_id="r")
+                hub.emitter(user).emit_nowait(TYPE)
+            hub.emitter(ctx).emit_nowait(TYPE)
+            full = sys.getsizeof(hub._streams)
+            hub._idle = Counting(hub._idle)
+            later = _emitter._time() + 7200
+            monkeypatch.setattr(_emitter, "_time", lambda: later)
+            await hub._sweep()
+            assert Counting.scans == 1
+            assert list(hub._streams) == ["u-42"]
+            assert hub._idle == {}
+            assert sys.getsizeof(hub._streams) < full / 50
+            assert sys.getsizeof(hub._idle) < full / 50
+
+    async def test_sweep_skips_users_that_attached_meanwhile(self, monkeypatch):
+        """
+        A long sweep lets other tasks run, and does not drop a user who
+        attached a sink meanwhile.
+        """
+        n = 10_001
+        async with uc.EmitterHub(idle_ttl=3600) as hub:
+            for i in range(n):
+                user = uc.UserContext(user_id=f"user-{i}", thread_id="t", run_id="r")
+                hub.emitter(user).emit_nowait(TYPE)
+            later = _emitter._time() + 7200
+            monkeypatch.setattr(_emitter, "_time", lambda: later)
+
+            async def attach_while_sweeping():
+                while len(hub._streams) == n:
+                    await anyio.lowlevel.checkpoint()
+                hub.attach("user-10000", uc.RecordingSink())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(attach_while_sweeping)
+                tg.start_soon(hub._sweep)
+            assert list(hub._streams) == ["user-10000"]
 
 
 class TestManyUsers:

@@ -24,7 +24,7 @@ import re
 import time
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -121,8 +121,8 @@ The type of the event that says an agent failed; critical by default.
 EVENTS_MISSED = "events_missed"
 """
 The type of the notice a sink gets when it resumes after events it can no longer
-get: they left the replay history, did not fit its buffer, or belong to an
-earlier stream of the user. Its ``data`` is ``{"missed": n, "after_seq": k,
+get: they left the replay history, or belong to an earlier stream of the
+user. Its ``data`` is ``{"missed": n, "after_seq": k,
 "stream_id": ...}``, where *n* is `None` when the count is unknown (the stream
 was started anew). Its ``seq`` is the last one it accounts for: a client that
 keeps its position as the ``seq`` of the last event it got stays right. The
@@ -207,15 +207,20 @@ def _freeze_slow(value: object, path: str, nesting: int) -> object:
         return value
     if nesting >= _MAX_NESTING:
         msg = (
-            f"Event.{path} nests containers deeper than {_MAX_NESTING} levels. "
-            "Flatten the event data."
+            f"Event.{path} nests containers deeper than {_MAX_NESTING} levels, or contains "
+            "itself. Flatten the event data."
         )
         raise ValueError(msg)
     if isinstance(value, Mapping):
         out: dict[str, object] = {}
         for key, item in value.items():
             if key.__class__ is not str:
-                raise _data_error(f"{path} key {key!r}", f"is a {type(key).__name__}, not a str")
+                if not isinstance(key, str):
+                    raise _data_error(
+                        f"{path} key {key!r}", f"is a {type(key).__name__}, not a str"
+                    )
+                # A str enum: keep its value, as JSON does, so that lookups by str work.
+                key = str.__str__(key)  # noqa: PLW2901
             if item.__class__ in _SCALARS:
                 out[key] = item
             else:
@@ -262,15 +267,23 @@ def _freeze(data: object) -> tuple[object, str]:
 # Event types that passed the rules, with their JSON. Services use a handful.
 _TYPES: dict[str, str] = {}
 _TYPES_MAX = 4096
+# The users dropped by one sweep after which the per-user tables are copied.
+_COMPACT_AFTER = 1024
 
 
 def _check_type(value: object) -> str:
+    """
+    Return *value* as a plain str if it is a valid event type, or raise.
+    """
     if value.__class__ is not str:
-        msg = (
-            f"Event.type must be a str, got {type(value).__name__} ({value!r}). "
-            "Use one of the constants such as usercontext.AGENT_STARTED, or your own str."
-        )
-        raise TypeError(msg)
+        if not isinstance(value, str):
+            msg = (
+                f"Event.type must be a str, got {type(value).__name__} ({value!r}). "
+                "Use one of the constants such as usercontext.AGENT_STARTED, or your own str."
+            )
+            raise TypeError(msg)
+        # A str enum member: its value, so that types compare and encode as str.
+        value = str.__str__(value)
     assert isinstance(value, str)  # noqa: S101  # for mypy
     if not value or len(value) > _MAX_TYPE_LENGTH:
         msg = (
@@ -292,8 +305,8 @@ def _check_type(value: object) -> str:
         raise ValueError(msg)
     if len(_TYPES) >= _TYPES_MAX:
         _TYPES.clear()
-    encoded = _TYPES[value] = _encode(value)
-    return encoded
+    _TYPES[value] = _encode(value)
+    return value
 
 
 # -- Events --------------------------------------------------------------------
@@ -320,7 +333,8 @@ class Event:
 
     Args:
         type: What happened, 1 to 64 printable characters, such as
-            `AGENT_STARTED` or any type of your own.
+            `AGENT_STARTED` or any type of your own; a member of a str enum
+            is taken as its value.
         data: The payload: a JSON value, usually a dict.
         seq: The position in the user's stream; strictly increasing.
         event_id: A unique id: the stream's id and *seq*, as ``"<stream>-<seq>"``.
@@ -354,14 +368,15 @@ class Event:
     _json: str | None = attrs.field(init=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
-        _check_type(self.type)
+        kind = _check_type(self.type)
         frozen, data_json = (_EMPTY, "{}") if self.data is None else _freeze(self.data)
+        # A value of the wrong type raises TypeError, a bad value of the right type ValueError.
         if self.seq.__class__ is not int or self.seq < 0:
             msg = f"Event.seq must be a non-negative int, got {self.seq!r}."
             raise TypeError(msg) if self.seq.__class__ is not int else ValueError(msg)
         if self.ts.__class__ not in (int, float) or not math.isfinite(self.ts):
             msg = f"Event.ts must be a finite number of seconds since the epoch, got {self.ts!r}."
-            raise TypeError(msg)
+            raise TypeError(msg) if self.ts.__class__ not in (int, float) else ValueError(msg)
         for name in ("event_id", "user_id", "thread_id", "run_id", "request_id"):
             value = getattr(self, name)
             if (value is None and name not in ("event_id", "user_id")) or (
@@ -369,8 +384,9 @@ class Event:
             ):
                 continue
             msg = f"Event.{name} must be a non-empty str, got {value!r}."
-            raise TypeError(msg)
+            raise ValueError(msg) if value.__class__ is str else TypeError(msg)
         setattr_ = object.__setattr__
+        setattr_(self, "type", kind)
         setattr_(self, "data", frozen)
         setattr_(self, "ts", float(self.ts))
         setattr_(self, "_data_json", data_json)
@@ -543,9 +559,14 @@ class RecordingSink:
         """
         if len(self.events) >= count:
             return
-        signal = anyio.Event()
-        self._waiters.append((count, signal))
-        await signal.wait()
+        waiter = (count, anyio.Event())
+        self._waiters.append(waiter)
+        try:
+            await waiter[1].wait()
+        finally:
+            # Cancelled (a timeout, say): leave no waiter behind.
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
     def __repr__(self) -> str:
         return f"<usercontext.RecordingSink(events={len(self.events)})>"
@@ -654,7 +675,9 @@ class Retry:
         """
         Return the wait before the *retry*-th retry (1 for the first), in seconds.
         """
-        base: float = min(self.max_backoff, self.backoff * 2.0 ** (retry - 1))
+        # The exponent is capped: 2.0 ** 1024 overflows, and 2 ** 64 backoffs
+        # exceed any max_backoff already.
+        base: float = min(self.max_backoff, self.backoff * 2.0 ** min(retry - 1, 64))
         return base * random.uniform(0.5, 1.0) if self.jitter else base  # noqa: S311  # not crypto
 
 
@@ -668,7 +691,7 @@ class DeadLetter:
         user_id: The user the events belong to.
         sink: The sink they were meant for; it is detached.
         events: The undelivered events, in order: the batch being sent, then
-            the ones queued behind it.
+            the ones queued behind it (never a hub's `EVENTS_MISSED` notice).
         reason: ``"failed"`` when every retry failed, ``"sink_closed"`` when
             the sink said it is closed for good, ``"hub_closed"`` when the hub's
             drain deadline passed first.
@@ -788,13 +811,16 @@ class _Signal:
 
 class _Waiter:
     """
-    A producer waiting for room in a full buffer.
+    A producer waiting for room in a full buffer, with its validated event.
     """
 
-    __slots__ = ("event",)
+    __slots__ = ("data_json", "event", "frozen", "kind")
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str, frozen: object, data_json: str) -> None:
         self.event = anyio.Event()
+        self.kind = kind
+        self.frozen = frozen
+        self.data_json = data_json
 
     def wake(self) -> None:
         self.event.set()
@@ -863,7 +889,8 @@ class _Attached:
         self.sink = sink
         self.queue: deque[Event] = deque()
         self.inflight = 0
-        self.batch: list[Event] = []
+        # A tuple: a sink cannot change the batch that is retried or dead-lettered.
+        self.batch: tuple[Event, ...] = ()
         self.waiter: Any = None
         self.scope = anyio.CancelScope(shield=True)
         self.draining = False  # the hub closes: stop once the queue is empty
@@ -1070,31 +1097,35 @@ class Emitter:
         It does not suspend when there is room. When a sink's buffer is full,
         the hub's overflow policy applies; under ``block``, and for a critical
         event that finds only critical events buffered, it waits (first come,
-        first served) up to *timeout* seconds (the hub's by default).
+        first served) up to *timeout* seconds (the hub's by default). The event
+        is validated, and its data copied, when it is called, before it waits.
 
         Raises:
             usercontext.exceptions.EmitterTimeout: If no room came in time.
-            usercontext.exceptions.EmitterFullError: Under the ``error`` policy.
+            usercontext.exceptions.EmitterFullError: Under the ``error`` policy,
+                or with ``timeout=0`` when it would have to wait.
             usercontext.exceptions.EmitterClosedError: After the hub closed, or
                 if it closes while this waits.
             TypeError: See `emit_nowait`.
-            ValueError: See `emit_nowait`.
+            ValueError: See `emit_nowait`, or if *timeout* is negative.
         """
+        if timeout is _UNSET:
+            timeout = self._hub._timeout  # noqa: SLF001
+        else:
+            _seconds("timeout", timeout, allow_none=True, zero_ok=True)
         ev = self._emit(type, data, None)
         if ev is not None:
             return ev
-        return await self._hub._wait_and_emit(  # noqa: SLF001
-            self,
-            type,
-            data,
-            self._hub._timeout if timeout is _UNSET else timeout,  # noqa: SLF001
-        )
+        return await self._hub._wait_and_emit(self, type, data, timeout)  # noqa: SLF001
 
-    def _emit(  # noqa: C901, PLR0912  # the hot path, written out
+    def _emit(  # noqa: C901, PLR0912, PLR0915  # the hot path, written out
         self, kind: str, data: object, me: _Waiter | None
     ) -> Event | None:
         """
         Emit at once if every sink has room; return `None` if it must wait.
+
+        *me* is a waiting producer whose event was validated already; then
+        *kind* and *data* are ignored.
         """
         s = self._stream
         if s.dead:
@@ -1103,22 +1134,27 @@ class Emitter:
         if bound is not None and bound is not self._ctx and bound.user_id != self.user_id:
             raise self._isolation_error(bound.user_id)
         hub = self._hub
+        # Validate first: a bad event is refused as such, whatever the buffers hold.
+        frozen: object
+        if me is None:
+            if kind.__class__ is not str or kind not in _TYPES:
+                kind = _check_type(kind)
+            if data is None:
+                frozen = _EMPTY
+                data_json = "{}"
+            else:
+                frozen, data_json = _freeze(data)
+                if len(data_json) > hub._max_event_size:  # noqa: SLF001
+                    raise hub._size_error(len(data_json))  # noqa: SLF001
+        else:
+            kind, frozen, data_json = me.kind, me.frozen, me.data_json
         maxsize = hub._maxsize  # noqa: SLF001
         sinks = s.sinks
         for a in sinks:
             if len(a.queue) + a.inflight >= maxsize:
-                return hub._overflow_emit(self, s, kind, data, me)  # noqa: SLF001
+                return hub._overflow_emit(self, s, kind, frozen, data_json, me)  # noqa: SLF001
         if s.waiters and s.waiters[0] is not me:
-            return hub._overflow_emit(self, s, kind, data, me)  # noqa: SLF001
-        if kind.__class__ is not str or kind not in _TYPES:
-            _check_type(kind)
-        if data is None:
-            frozen: object = _EMPTY
-            data_json = "{}"
-        else:
-            frozen, data_json = _freeze(data)
-            if len(data_json) > hub._max_event_size:  # noqa: SLF001
-                raise hub._size_error(len(data_json))  # noqa: SLF001
+            return hub._overflow_emit(self, s, kind, frozen, data_json, me)  # noqa: SLF001
         ctx = self._ctx
         seq = s.seq = s.seq + 1
         ts = s.last = _time()
@@ -1150,19 +1186,22 @@ class Emitter:
         hub._emitted += 1  # noqa: SLF001
         return event
 
-    def _build(self, s: _Stream, kind: str, data: object) -> Event:
+    def _prepare(self, kind: str, data: object) -> _Waiter:
         """
-        Validate *type* and *data* and make the next event of *s*.
+        Validate an event that must wait, and return its waiter.
         """
-        if kind.__class__ is not str or kind not in _TYPES:
-            _check_type(kind)
+        kind = _check_type(kind)
         if data is None:
             frozen: object = _EMPTY
             data_json = "{}"
         else:
             frozen, data_json = _freeze(data)
-            if len(data_json) > self._hub._max_event_size:  # noqa: SLF001
-                raise self._hub._size_error(len(data_json))  # noqa: SLF001
+        return _Waiter(kind, frozen, data_json)
+
+    def _build(self, s: _Stream, kind: str, frozen: object, data_json: str) -> Event:
+        """
+        Make the next event of *s* from a validated type and data.
+        """
         ctx = self._ctx
         seq = s.seq = s.seq + 1
         ts = s.last = _time()
@@ -1214,7 +1253,9 @@ class EmitterHub:
     user's stream with `attach`.
 
     Each sink has a buffer of at most *maxsize* events, the batch being sent
-    included. When an emit finds a buffer full, *overflow* decides:
+    included; a sink that resumes (see `attach`) first gets every event of the
+    history it asked for, even more than *maxsize*. When an emit finds a buffer
+    full, *overflow* decides:
 
     - ``"block"``: wait for room (`Emitter.emit`, up to *timeout*), or raise
       `usercontext.exceptions.EmitterFullError` (`Emitter.emit_nowait`);
@@ -1281,12 +1322,15 @@ class EmitterHub:
         if overflow not in _OVERFLOWS:
             msg = f"overflow must be one of {', '.join(map(repr, _OVERFLOWS))}; got {overflow!r}."
             raise ValueError(msg)
-        types: object = critical
-        if isinstance(types, str) or not all(isinstance(t, str) for t in critical):
-            msg = (
-                f"critical must be a collection of event types (str), got {critical!r}; "
-                "for one type write (type,)."
-            )
+        given: object = critical
+        msg = (
+            f"critical must be a collection of event types (str), got {critical!r}; "
+            "for one type write (type,), for none ()."
+        )
+        if isinstance(given, str) or not isinstance(given, Iterable):
+            raise TypeError(msg)
+        types = tuple(given)  # read once: an iterator would be empty the second time
+        if not all(isinstance(t, str) for t in types):
             raise TypeError(msg)
         policy: object = retry
         if policy is not None and not isinstance(policy, Retry):
@@ -1304,7 +1348,9 @@ class EmitterHub:
             raise TypeError(msg)
         self._maxsize = maxsize
         self._overflow: Overflow = overflow
-        self._critical = frozenset(critical)
+        # A notice of missed events is never dropped either: the client would
+        # not know what it missed. No emitted event has its (reserved) type.
+        self._critical = frozenset((*types, EVENTS_MISSED))
         self._retry = Retry() if retry is None else retry
         self._replay = replay
         self._timeout = timeout
@@ -1469,20 +1515,24 @@ class EmitterHub:
         different stream id means the user's stream was started anew). Use
         ``0`` for everything held. If some events after *last_seq* are no longer
         held, the sink first gets an `EVENTS_MISSED` notice saying how many.
+        The replay may hold more than *maxsize* events: until the sink is back
+        under that bound, emits find its buffer full and the overflow policy
+        applies.
 
         Raises:
             usercontext.exceptions.IsolationError: If *sink* is attached to
                 another user, or a context of another user is bound.
             usercontext.exceptions.EmitterClosedError: If the hub is closed.
             RuntimeError: If the hub is not running yet.
-            TypeError: If *sink* has no ``send`` method.
-            ValueError: If *sink* is attached already, or *last_seq* is not
-                a seq or an event id.
+            TypeError: If *sink* has no ``send`` method, or *user_id* is not
+                a str.
+            ValueError: If *sink* is attached already, *user_id* is empty, or
+                *last_seq* is not a seq or an event id.
         """
         self._check_running("attach a sink")
         if user_id.__class__ is not str or not user_id:
             msg = f"user_id must be a non-empty str, got {user_id!r}."
-            raise TypeError(msg)
+            raise ValueError(msg) if user_id.__class__ is str else TypeError(msg)
         if not callable(getattr(sink, "send", None)):
             msg = (
                 f"{sink!r} is not a sink: it has no send() method. Pass an object with "
@@ -1529,12 +1579,10 @@ class EmitterHub:
             events, missed = history[max(0, after - first_held + 1) :], 0
         else:
             events, missed = history, first_held - 1 - after
-        room = self._maxsize - (missed != 0)
-        if len(events) > room:
-            room = self._maxsize - 1
-            cut = len(events) - room
-            events = events[cut:]
-            missed = None if missed is None else missed + cut
+        # Every held event is queued, even past maxsize: the history holds them
+        # already (the queue only refers to them), and cutting the replay would
+        # tell the sink it missed events that are still there to send. Until the
+        # sink is back under maxsize, emits find it full and the policy applies.
         if missed != 0:
             before = events[0].seq - 1 if events else s.seq
             a.queue.append(self._notice(s, before, after, missed))
@@ -1576,6 +1624,9 @@ class EmitterHub:
         if a.unlinked:
             return 0
         pending = len(a.queue) + a.inflight
+        head = a.batch or a.queue
+        if head and head[0].type is EVENTS_MISSED:
+            pending -= 1  # a notice, not an event of the stream
         a.reason = "detached"
         self._unlink(a)
         a.scope.cancel()
@@ -1615,12 +1666,13 @@ class EmitterHub:
             "content instead, or raise max_event_size."
         )
 
-    def _overflow_emit(  # noqa: C901, PLR0912  # one branch per policy and case
+    def _overflow_emit(  # noqa: C901, PLR0912, PLR0913, PLR0917  # one branch per policy and case
         self,
         emitter: Emitter,
         s: _Stream,
         kind: str,
-        data: object,
+        frozen: object,
+        data_json: str,
         me: _Waiter | None,
     ) -> Event | None:
         """
@@ -1650,7 +1702,7 @@ class EmitterHub:
                 if victim is None and critical:
                     return None
             plan.append((a, victim))
-        ev = emitter._build(s, kind, data)  # noqa: SLF001
+        ev = emitter._build(s, kind, frozen, data_json)  # noqa: SLF001
         skip: list[_Attached] = []
         for a, victim in plan:
             a.peak = max(a.peak, maxsize)
@@ -1682,12 +1734,12 @@ class EmitterHub:
         data: object,
         timeout: float | None,
     ) -> Event:
-        if timeout is not _UNSET and timeout is not None:
-            _seconds("timeout", timeout, allow_none=True, zero_ok=True)
         if timeout is not None and timeout <= 0:
             raise self._full_error(emitter.user_id, kind, 0.0, timeout)
         s = emitter._stream  # noqa: SLF001
-        me = _Waiter()
+        # The data is copied now: the event is what the caller passed, not what
+        # the data holds when room comes.
+        me = emitter._prepare(kind, data)  # noqa: SLF001
         s.waiters.append(me)
         start = anyio.current_time()
         try:
@@ -1695,7 +1747,7 @@ class EmitterHub:
                 while True:
                     await me.event.wait()
                     me.event = anyio.Event()
-                    ev = emitter._emit(kind, data, me)  # noqa: SLF001
+                    ev = emitter._emit(kind, None, me)  # noqa: SLF001
                     if ev is not None:
                         return ev
         finally:
@@ -1710,13 +1762,15 @@ class EmitterHub:
     # -- delivery
 
     async def _deliver(self, a: _Attached) -> None:
+        error: BaseException | None = None
         try:
             with a.scope:
                 await self._deliver_loop(a)
-        except Exception:  # noqa: BLE001  # a bug here must not take the service down
+        except Exception as e:  # noqa: BLE001  # a bug here must not take the service down
             logger.exception("usercontext: the delivery task of %r failed", a.sink)
+            error = e
         finally:
-            await self._end(a)
+            await self._end(a, error)
 
     async def _deliver_loop(self, a: _Attached) -> None:
         q = a.queue
@@ -1728,10 +1782,10 @@ class EmitterHub:
                 await self._sleep(a)
                 continue
             if len(q) <= max_batch:
-                batch = list(q)
+                batch = tuple(q)
                 q.clear()
             else:
-                batch = [q.popleft() for _ in range(max_batch)]
+                batch = tuple([q.popleft() for _ in range(max_batch)])
             a.batch = batch
             a.inflight = n = len(batch)
             if not await self._send(a, batch):
@@ -1739,7 +1793,7 @@ class EmitterHub:
             depth = len(q) + n
             a.peak = max(a.peak, depth)
             a.inflight = 0
-            a.batch = []
+            a.batch = ()
             if batch[0].type is EVENTS_MISSED:
                 n -= 1  # a notice, not an event of the stream
             a.delivered += n
@@ -1756,7 +1810,7 @@ class EmitterHub:
         finally:
             a.waiter = None
 
-    async def _send(self, a: _Attached, batch: list[Event]) -> bool:
+    async def _send(self, a: _Attached, batch: tuple[Event, ...]) -> bool:
         retry = self._retry
         attempt = 1
         while True:
@@ -1787,16 +1841,24 @@ class EmitterHub:
                 return True
 
     def _take_undelivered(self, a: _Attached) -> list[Event]:
+        """
+        Empty the buffer of *a*, and return the events of the stream it held.
+        """
         events = [*a.batch, *a.queue]
-        a.batch = []
+        a.peak = max(a.peak, len(events))
+        a.batch = ()
         a.queue.clear()
         a.inflight = 0
+        if events and events[0].type is EVENTS_MISSED:
+            del events[0]  # a notice, not an event of the stream
         return events
 
     async def _dead_letter(self, a: _Attached, reason: str, error: BaseException | None) -> None:
         a.reason = a.reason or reason
         self._unlink(a)
         events = self._take_undelivered(a)
+        if not events:
+            return  # only a notice was pending: nothing of the stream is lost
         self._dead_lettered += len(events)
         letter = DeadLetter(a.stream.user_id, a.sink, tuple(events), reason, error)  # type: ignore[arg-type]
         hook = self._on_dead_letter
@@ -1814,26 +1876,36 @@ class EmitterHub:
         try:
             result = hook(letter)
             if inspect.isawaitable(result):
-                with (
-                    anyio.CancelScope(shield=True),
-                    anyio.move_on_after(self._retry.timeout or 10.0),
-                ):
+                limit = self._retry.timeout or 10.0
+                with anyio.CancelScope(shield=True), anyio.move_on_after(limit) as scope:
                     await result
+                if scope.cancelled_caught:
+                    logger.warning(
+                        "usercontext: the on_dead_letter hook took longer than %g s for %d "
+                        "event(s) of user %r and was cancelled; make it faster, or hand the "
+                        "events to a task of your own",
+                        limit,
+                        len(events),
+                        a.stream.user_id,
+                    )
         except Exception:  # noqa: BLE001  # logged: the hook must not stop delivery
             logger.exception(
                 "usercontext: the on_dead_letter hook failed for user %r", a.stream.user_id
             )
 
-    async def _end(self, a: _Attached) -> None:
+    async def _end(self, a: _Attached, error: BaseException | None) -> None:
         """
-        Account for what *a* did not get once its delivery task ends.
+        Account for what *a* did not get once its delivery task ends, after
+        *error* if it failed.
         """
         if a.reason == "detached":
             self._drop(a, "detached", len(self._take_undelivered(a)))
         elif a.batch or a.queue:
-            # Cut by the close deadline (or by the host cancelling the hub).
+            # Cut by the close deadline, or by a bug in the delivery task.
             with anyio.CancelScope(shield=True):
-                await self._dead_letter(a, "hub_closed", None)
+                await self._dead_letter(a, "hub_closed" if error is None else "failed", error)
+        elif error is not None:
+            a.reason = a.reason or "failed"
         self._unlink(a)
         a.ended = True
         self._peak = max(self._peak, a.peak)
@@ -1859,13 +1931,24 @@ class EmitterHub:
         the first user idle for less than the TTL. A user who emitted since is
         moved to the end rather than dropped.
         """
-        idle = self._idle
-        done = 0
-        while idle:
-            horizon = _time() - self._idle_ttl
-            user_id, s = next(iter(idle.items()))
+        horizon = _time() - self._idle_ttl
+        # One pass to find them, then the deletions: taking the first entry
+        # again after each deletion rescans the deleted slots, O(n**2) in all.
+        expired: list[str] = []
+        for user_id, s in self._idle.items():
             if s.idle_since > horizon:
-                return
+                break
+            expired.append(user_id)
+        done = 0
+        for i, user_id in enumerate(expired, 1):
+            if i % 10_000 == 0:
+                await anyio.lowlevel.checkpoint()
+            # Look again: the user may have attached (or the hub closed) meanwhile.
+            idle = self._idle
+            found = idle.get(user_id)
+            if found is None or found.idle_since > horizon:
+                continue
+            s = found
             del idle[user_id]
             if s.last > horizon:
                 s.idle_since = s.last
@@ -1874,8 +1957,11 @@ class EmitterHub:
             s.dead = True
             del self._streams[user_id]
             done += 1
-            if done % 10_000 == 0:
-                await anyio.lowlevel.checkpoint()
+        if done >= _COMPACT_AFTER and done > len(self._streams):
+            # A dict keeps its table when entries are deleted: copy the two
+            # tables, so that a flood of users leaves no memory behind.
+            self._streams = dict(self._streams)
+            self._idle = dict(self._idle)
 
     # -- stats
 
