@@ -178,7 +178,8 @@ class TestRowsCanFail:
         Users left after the TTL make the idle row fail.
         """
 
-        async def sticky(n, _ttl):
+        async def sticky(contexts, _ttl):
+            n = len(contexts)
             return {"users": n, "held_before_ttl": n, "left": 3}
 
         monkeypatch.setattr(_report_events, "_distinct", sticky)
