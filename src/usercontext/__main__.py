@@ -43,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--json", metavar="PATH", help="also write every raw figure measured to PATH as JSON"
     )
+    report.add_argument(
+        "--http-server",
+        choices=("in-process", "uvicorn"),
+        default="in-process",
+        help=(
+            "where the HTTP section serves its example app: in-process (the default), or "
+            "under uvicorn on 127.0.0.1 (needs uvicorn)"
+        ),
+    )
     return parser
 
 
@@ -61,7 +70,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from ._report import DEFAULT, QUICK, run_report
 
-    return run_report(scale=QUICK if args.quick else DEFAULT, json_path=args.json)
+    sections = None
+    if args.http_server == "uvicorn":
+        import importlib.util
+
+        if importlib.util.find_spec("uvicorn") is None:
+            parser.error("--http-server uvicorn needs uvicorn: pip install uvicorn")
+        from ._report import SECTIONS
+        from ._report_http import with_server
+
+        sections = with_server(SECTIONS, "uvicorn")
+    return run_report(
+        scale=QUICK if args.quick else DEFAULT, json_path=args.json, sections=sections
+    )
 
 
 if __name__ == "__main__":

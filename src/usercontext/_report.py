@@ -1025,6 +1025,8 @@ def _sections() -> tuple[Section, ...]:
     from ._report_engines import engines_section
     from ._report_events import STEPS as EVENT_STEPS
     from ._report_events import events_section
+    from ._report_http import STEPS as HTTP_STEPS
+    from ._report_http import http_section
 
     return (
         Section(
@@ -1044,6 +1046,7 @@ def _sections() -> tuple[Section, ...]:
         Section("engines", "Engines and quotas", ENGINE_STEPS, engines_section),
         Section("db", "Database sessions", DB_STEPS, db_section),
         Section("events", "Event dispatch", EVENT_STEPS, events_section),
+        Section("http", "Concurrent HTTP requests", HTTP_STEPS, http_section),
     )
 
 

@@ -1,0 +1,403 @@
+"""
+Tests of the "Concurrent HTTP requests" report section: it runs at the quick
+scale with the figures it promises, it fails when responses cross users or
+state is left behind, and it runs under uvicorn when asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import io
+import json
+import re
+
+import attrs
+import pytest
+
+import usercontext
+
+from usercontext import AGENT_STARTED, Unauthenticated, UserContext, _report
+from usercontext import _report_http as http
+from usercontext.__main__ import main
+
+
+METRICS = (
+    "Success rate (every run)",
+    "Latency P50 / P95 / P99, best run",
+    "P50 / P99 vs the same service without the library",
+    "Cross-user responses",
+    "Memory over ",
+    "Per-request state left after every run",
+)
+# The latency row depends on the machine (and on a tracer slowing it down):
+# its status is not checked, only that it has one.
+STATUS = dict.fromkeys(METRICS, "PASS") | {METRICS[1]: "PASS or FAIL", METRICS[2]: "INFO"}
+
+
+@pytest.fixture(name="few_requests")
+def _few_requests(monkeypatch):
+    """
+    One request per user instead of ten: 100 requests a run.
+    """
+    monkeypatch.setattr(http, "REQUESTS_PER_USER", 1)
+
+
+def _check_rows(result: _report.SectionResult) -> dict[str, _report.Row]:
+    """
+    Check the rows' metrics and statuses; return the rows by metric.
+    """
+    rows = {}
+    for row, metric in zip(result.rows, METRICS, strict=True):
+        assert row.metric.startswith(metric)
+        assert row.status in STATUS[metric].split(" or ")
+        rows[metric] = row
+    return rows
+
+
+class TestSection:
+    def test_quick(self):
+        """
+        At the quick scale the section runs 1,000 requests from 100 users
+        through ours and the floor, reports every figure, and finds no
+        cross-user response or event and no state left behind.
+        """
+        err = io.StringIO()
+        progress = _report.Progress(len(http.STEPS), err)
+
+        result = http.http_section(_report.QUICK, progress)
+
+        assert re.findall(r"http: (.+) \.\.\.", err.getvalue()) == list(http.STEPS)
+        rows = _check_rows(result)
+        assert rows[METRICS[3]].achieved.startswith("**0** in 1,000 responses, 0 in 2,000 events")
+        assert rows[METRICS[5]].achieved == "**0** after 1,200 requests in 2 runs"
+        assert "Memory over 200 requests" in rows[METRICS[4]].metric
+
+        scenario = result.figures["legacy_scenario"]
+        assert scenario["server"] == "in-process"
+        assert (scenario["users"], scenario["requests"], scenario["per_user"]) == (100, 1000, 2)
+        assert scenario["success_rate"] == 1.0
+        assert scenario["cross_user_responses"] == scenario["cross_user_events"] == 0
+        assert scenario["events_received"] == 2000
+        assert scenario["legacy"]["p99_ms"] == 250.0
+        for side in ("ours", "floor"):
+            (run,) = scenario[side]
+            assert (run["requests"], run["succeeded"], run["failed"]) == (1000, 1000, 0)
+            assert run["cross_user"] == 0
+            assert 10.0 <= run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
+            assert run["wall_s"] > 0.01
+        (ours,) = scenario["ours"]
+        state = ours["state"]
+        assert state["requests"] == state["sessions_closed"] == state["engines_closed"] == 1000
+        assert state["events_emitted"] == state["events_delivered"] == 2000
+        assert state["peak_engines"] <= 200
+        for key in ("p50", "p99"):
+            assert scenario[key]["ratio"] > 0
+            assert len(scenario[key]["ours_ms"]) == len(scenario[key]["floor_ms"]) == 1
+
+        memory = result.figures["memory"]
+        assert memory["requests"] == 200
+        assert memory["warm_up_rounds"] == 0
+        assert 0 < memory["retained_bytes"] < http.RETAINED_LIMIT
+        assert memory["peak_growth_bytes"] >= memory["retained_bytes"]
+        left = result.figures["state_left"]
+        assert (left["runs"], left["requests"]) == (2, 1200)
+        assert all(left[key] == 0 for key in http._LEFT)
+        assert "in-process" in result.notes[0]
+        assert "1 time(s) each" in result.notes[1]
+        json.dumps(result.figures)  # all of it goes to --json
+
+    def test_registered(self):
+        """
+        The report runs the section after the event dispatch section.
+        """
+        keys = [s.key for s in _report.SECTIONS]
+        section = _report.SECTIONS[keys.index("http")]
+
+        assert keys.index("http") == keys.index("events") + 1
+        assert section.title == "Concurrent HTTP requests"
+        assert section.steps == http.STEPS
+        assert section.run is http.http_section
+
+    def test_cross_user_responses_fail(self, monkeypatch, few_requests):
+        """
+        A service that keeps the current request in a shared attribute (the
+        legacy singleton) answers with other users' ids: every such response
+        is counted and the row fails, and so do failed requests.
+        """
+
+        class Leaky(http.Service):
+            async def _app(self, scope, receive, send):
+                if scope["type"] == "lifespan":
+                    await super()._app(scope, receive, send)
+                    return
+                self.shared = usercontext.current()
+                await asyncio.sleep(0.001)
+                if usercontext.current().user_id.endswith("7"):
+                    await http._json_response(send, 500, {"error": "boom"})
+                    return
+                payload = {
+                    "user_id": self.shared.user_id,
+                    "request_id": self.shared.request_id,
+                    "session_user_id": self.shared.user_id,
+                    "engine_user_id": self.shared.user_id,
+                }
+                await http._json_response(send, 200, payload)
+
+        monkeypatch.setattr(http, "Service", Leaky)
+        out = _report.Table()
+
+        http._legacy_rows(out, _report.QUICK, "in-process")
+
+        scenario = out.figures["legacy_scenario"]
+        assert scenario["cross_user_responses"] > 0
+        assert scenario["success_rate"] == 0.9
+        success, _, _, cross = out.rows
+        assert success.status == cross.status == "FAIL"
+        assert success.achieved == "90 of 100: **90.0%**"
+        assert cross.achieved.startswith(f"**{scenario['cross_user_responses']}** in 100 ")
+
+    def test_state_left_fails(self):
+        """
+        State left after a run, or a session, engine or event not accounted
+        for, fails the row and is named in it.
+        """
+        idle = http.Service().state()
+        left = http.Run("in-process", state={**idle, "scopes_open": 1, "hub_users": 2})
+        unbalanced = http.Run("in-process", state={**idle, "sessions_opened": 1})
+        scale = attrs.evolve(_report.QUICK, memory_contexts=100)
+
+        for run, text in ((left, "; scopes_open 1; hub_users 2"), (unbalanced, "not every")):
+            out = _report.Table()
+            http._memory_rows(out, scale, [run])
+
+            row = out.rows[-1]
+            assert row.status == "FAIL"
+            assert text in row.achieved
+
+    def test_memory_warms_up_at_full_scale(self):
+        """
+        At a scale with several rounds, a first round warms the service up
+        before memory is measured, and both rounds' requests are accounted for.
+        """
+        scale = attrs.evolve(_report.QUICK, scenario_rounds=2, memory_contexts=1_000)
+        out = _report.Table()
+
+        http._memory_rows(out, scale, [])
+
+        assert out.figures["memory"]["warm_up_rounds"] == 1
+        assert out.figures["memory"]["requests"] == 100
+        assert out.figures["state_left"]["requests"] == 200
+        assert [row.status for row in out.rows] == ["PASS", "PASS"]
+
+
+class TestService:
+    def test_resolver(self):
+        """
+        The resolver finds the user of a known bearer token and refuses
+        unknown and missing ones.
+        """
+        ctx = http.resolve({"headers": [(b"authorization", b"Bearer tok-042")]})
+
+        assert ctx.user_id == "user-042"
+        for headers in ([(b"authorization", b"Bearer nope")], [(b"host", b"x")]):
+            with pytest.raises(Unauthenticated):
+                http.resolve({"headers": headers})
+
+    def test_settle_waits_for_deliveries(self):
+        """
+        Settling waits for the events still buffered, then disconnects the
+        users and waits until the hub forgot them.
+        """
+        service = http.Service()
+
+        async def main():
+            async with service.hub:
+                service.connect()
+                ctx = UserContext(user_id="user-001", thread_id="web", run_id="agent")
+                for _ in range(3):
+                    service.hub.emitter(ctx).emit_nowait(AGENT_STARTED)
+                return await service.settle()
+
+        state = asyncio.run(main())
+
+        assert (state["events_emitted"], state["events_delivered"]) == (3, 3)
+        assert state["events_received"] == 3
+        assert state["events_wrong_user"] == 0
+        assert state["hub_users"] == state["hub_attached"] == 0
+
+    def test_floor(self):
+        """
+        The floor refuses an unknown token with a 401, makes a request id when
+        the client sent none, and reuses its semaphores.
+        """
+        floor = http.FloorService(work_s=0)
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def main():
+            for token in (b"Bearer nope", b"Bearer tok-001", b"Bearer tok-001"):
+                scope = {"type": "http", "headers": [(b"authorization", token)]}
+                await floor.asgi(scope, None, send)
+            return await floor.settle()
+
+        state = asyncio.run(main())
+
+        statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
+        assert statuses == [401, 200, 200]
+        bodies = [json.loads(m["body"]) for m in sent if m["type"] == "http.response.body"]
+        assert len(bodies[1]["request_id"]) == 32
+        assert bodies[1]["request_id"] != bodies[2]["request_id"]
+        assert state == {"semaphores": 1, "event_lists": 1, "events": 4}
+
+
+class TestClients:
+    def test_check(self):
+        """
+        A response counts as failed unless it is a 200, and as cross-user if
+        any id in it is not the request's.
+        """
+        run = http.Run("in-process")
+        body = {
+            "user_id": "u-1",
+            "request_id": "r-1",
+            "session_user_id": "u-1",
+            "engine_user_id": "u-1",
+        }
+
+        def check(status=200, echoed=b"r-1", **changes):
+            return run.check("u-1", "r-1", status, echoed, json.dumps(body | changes).encode())
+
+        assert check()
+        assert not check(status=500)
+        assert check(engine_user_id="u-2")
+        assert check(echoed=b"r-2")
+        assert check(request_id="r-2")
+
+        assert (run.failed, run.cross_user) == (1, 3)
+
+    def test_receive_after_the_request(self):
+        """
+        The in-process client answers a second ``receive`` with a disconnect,
+        as a server does once the request was read.
+        """
+        seen = []
+
+        async def app(scope, receive, send):
+            seen.extend([(await receive())["type"], (await receive())["type"]])
+            await http.FloorService(work_s=0).asgi(scope, receive, send)
+
+        run = asyncio.run(http._in_process_round(app, 1))
+
+        assert seen[:2] == ["http.request", "http.disconnect"]
+        assert (run.requests, run.failed, run.cross_user) == (100, 0, 0)
+
+    def test_keep_alive_client_counts_failures(self, few_requests):
+        """
+        Over real connections, responses that are not 200 are counted as
+        failed and not timed.
+        """
+
+        async def main():
+            async def handle(reader, writer):
+                while await reader.readuntil(b"\r\n\r\n"):
+                    writer.write(b"HTTP/1.1 503 Busy\r\ncontent-length: 2\r\n\r\nno")
+                    await writer.drain()
+
+            async def serve(reader, writer):
+                with contextlib.suppress(asyncio.IncompleteReadError):
+                    await handle(reader, writer)
+                writer.close()
+
+            server = await asyncio.start_server(serve, "127.0.0.1", 0)
+            async with server:
+                port = server.sockets[0].getsockname()[1]
+                return await http._keep_alive_client(port)
+
+        run = asyncio.run(main())
+
+        assert (run.requests, run.failed, run.latencies_ms) == (100, 100, [])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvicorn") is None, reason="needs uvicorn")
+class TestUvicorn:
+    def test_section_under_uvicorn(self, few_requests):
+        """
+        `with_server` makes the section serve the example app under uvicorn,
+        over keep-alive connections, with the same checks; the other sections
+        are left alone.
+        """
+        sections = http.with_server(_report.SECTIONS, "uvicorn")
+        assert [s.key for s in sections] == [s.key for s in _report.SECTIONS]
+        section = next(s for s in sections if s.key == "http")
+        others = [s for s in sections if s.key != "http"]
+        assert all(s in _report.SECTIONS for s in others)
+
+        result = section.run(_report.QUICK, _report.Progress(2, io.StringIO()))
+
+        rows = _check_rows(result)
+        assert rows[METRICS[3]].achieved.startswith("**0** in 100 responses, 0 in 200 events")
+        scenario = result.figures["legacy_scenario"]
+        assert scenario["server"] == "uvicorn"
+        (ours,) = scenario["ours"]
+        assert (ours["requests"], ours["succeeded"], ours["cross_user"]) == (100, 100, 0)
+        assert ours["state"]["hub_users"] == ours["state"]["scopes_open"] == 0
+        assert "under uvicorn on 127.0.0.1, over 400 keep-alive connections" in result.notes[0]
+        assert "from a request's write" in result.notes[1]
+
+    def test_startup_failure(self):
+        """
+        If the app fails to start under uvicorn, the run stops with an error
+        instead of waiting for a server that never comes.
+        """
+
+        class Broken(http.FloorService):
+            async def _app(self, scope, receive, send):
+                await receive()
+                await send({"type": "lifespan.startup.failed", "message": "broken"})
+
+        with pytest.raises(RuntimeError, match="uvicorn did not start"):
+            http._run(Broken(), "uvicorn")
+
+
+class TestCommand:
+    def test_http_server_option(self, monkeypatch, tmp_path):
+        """
+        `usercontext report --http-server uvicorn` runs the report with the
+        HTTP section under uvicorn; by default it runs in-process.
+        """
+        calls = []
+        monkeypatch.setattr(_report, "run_report", lambda **kw: calls.append(kw) or 0)
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util,
+            "find_spec",
+            lambda name, *args: object() if name == "uvicorn" else find_spec(name, *args),
+        )
+
+        assert main(["report", "--quick", "--http-server", "uvicorn"]) == 0
+        assert main(["report"]) == 0
+
+        uvicorn, default = calls
+        assert uvicorn["scale"] is _report.QUICK
+        assert uvicorn["json_path"] is None
+        runs = {s.key: s.run for s in uvicorn["sections"]}
+        assert runs["http"] is not http.http_section
+        assert runs["contexts"] is _report.contexts_section
+        assert default == {"scale": _report.DEFAULT, "json_path": None, "sections": None}
+
+    def test_http_server_without_uvicorn(self, monkeypatch, capsys):
+        """
+        Asking for uvicorn without it installed is a usage error that says how
+        to install it.
+        """
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+
+        with pytest.raises(SystemExit) as ei:
+            main(["report", "--http-server", "uvicorn"])
+
+        assert ei.value.code == 2
+        assert "--http-server uvicorn needs uvicorn: pip install uvicorn" in capsys.readouterr().err
