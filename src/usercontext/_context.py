@@ -566,10 +566,18 @@ class UserContext:
 
         .. versionadded:: 0.1.0
         """
-        self._check_changes(changes, frozenset(_FIELDS), "evolve")
+        if "user_id" in changes or not changes.keys() <= RESERVED_METADATA_KEYS:
+            self._check_changes(changes, RESERVED_METADATA_KEYS, "evolve")
         new = _draft()
-        for field in _FIELDS:
-            setattr(new, field, getattr(self, field))
+        new.user_id = self.user_id
+        new.thread_id = self.thread_id
+        new.run_id = self.run_id
+        new.request_id = self.request_id
+        new.connection_id = self.connection_id
+        new.parent_request_id = self.parent_request_id
+        new.depth = self.depth
+        new.created_at = self.created_at
+        new.metadata = self.metadata
         for field, value in changes.items():
             _set_field(new, field, value)
         if "depth" in changes or "parent_request_id" in changes:

@@ -315,6 +315,8 @@ def _fresh_context() -> contextvars.Context:
     A ContextVar cannot be unset, so the copy is built from an empty Context
     with every other variable carried over.
     """
+    if _get(None) is None:  # nothing bound: a plain copy is fresh already
+        return contextvars.copy_context()
     fresh = contextvars.Context()
     for var, value in contextvars.copy_context().items():
         if var is not _var:

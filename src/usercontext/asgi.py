@@ -14,7 +14,6 @@ the same task.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import json
@@ -290,8 +289,10 @@ class UserContextMiddleware:
             await self._refuse(scope, send, 400, body, incoming, [])
             return
         if incoming is not None and incoming != ctx.request_id:
-            with contextlib.suppress(InvalidContextError):  # a bad id is replaced, not refused
+            try:  # noqa: SIM105  # contextlib.suppress costs an object per request
                 ctx = ctx.evolve(request_id=incoming)
+            except InvalidContextError:
+                pass  # a bad id from a client is replaced, not refused
         registry = self.registry
         resources = None if registry is None else registry.scope(ctx)
         scope[STATE_KEY] = RequestState(ctx, resources, self.hub)
@@ -363,16 +364,30 @@ _STARTS = frozenset(("http.response.start", "websocket.accept", "websocket.http.
 
 
 def _with_header(message: Message, header: tuple[bytes, bytes]) -> Message:
+    return _with_header_and_length(message, header)[0]
+
+
+def _with_header_and_length(message: Message, header: tuple[bytes, bytes]) -> tuple[Message, bool]:
+    """
+    Return *message* with the *header* added unless it has one, and whether it
+    has a Content-Length, in one pass over its headers.
+    """
     headers = message.get("headers") or []
     if type(headers) is not list and type(headers) is not tuple:
         # Any iterable will do (ASGI), but it must be read more than once here.
         headers = list(headers)
         message = {**message, "headers": headers}
     name = header[0]
+    has_id = has_length = False
     for key, _ in headers:
-        if key.lower() == name:
-            return message
-    return {**message, "headers": [*headers, header]}
+        lower = key.lower()
+        if lower == b"content-length":
+            has_length = True
+        elif lower == name:
+            has_id = True
+    if not has_id:
+        message = {**message, "headers": [*headers, header]}
+    return message, has_length
 
 
 async def _close(resources: Scope, error: BaseException | None) -> bool:
@@ -390,10 +405,6 @@ async def _close(resources: Scope, error: BaseException | None) -> bool:
         )
         return False
     return True
-
-
-def _has_length(message: Message) -> bool:
-    return any(key.lower() == b"content-length" for key, _ in message.get("headers") or ())
 
 
 class _HTTPRequest:
@@ -458,8 +469,8 @@ class _HTTPRequest:
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            message = _with_header(message, self._header)
-            if not self._closed and (message["status"] in _NO_BODY or _has_length(message)):
+            message, has_length = _with_header_and_length(message, self._header)
+            if not self._closed and (has_length or message["status"] in _NO_BODY):
                 self._held = message  # sent with its body, after the cleanup
                 return
             await self._send(message)
