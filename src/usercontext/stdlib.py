@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
+from typing import Any
 
 import attrs
 
@@ -236,25 +237,7 @@ class ContextFilter(logging.Filter):
         Returns:
             Always `True`; the record is never dropped.
         """
-        ctx = current_or_none()
-        setdefault = record.__dict__.setdefault
-        default = self._default
-        if ctx is None:
-            setdefault("user_id", default)
-            setdefault("thread_id", default)
-            setdefault("run_id", default)
-            setdefault("request_id", default)
-            for key in self._metadata:
-                setdefault(key, default)
-        else:
-            setdefault("user_id", ctx.user_id)
-            setdefault("thread_id", ctx.thread_id)
-            setdefault("run_id", ctx.run_id)
-            setdefault("request_id", ctx.request_id)
-            if self._metadata:
-                get = ctx.metadata.get
-                for key in self._metadata:
-                    setdefault(key, get(key, default))
+        _add_context(record.__dict__, self._metadata, self._default)
         return True
 
     def __repr__(self) -> str:
@@ -262,3 +245,30 @@ class ContextFilter(logging.Filter):
             f"<usercontext.stdlib.ContextFilter(metadata={self._metadata!r}, "
             f"default={self._default!r})>"
         )
+
+
+def _add_context(
+    into: MutableMapping[str, Any], metadata: tuple[str, ...], default: object
+) -> None:
+    """
+    Add the current context's ids, and its *metadata* keys, to *into*, keeping
+    the keys it has; *default* stands for what is missing.
+    """
+    ctx = current_or_none()
+    setdefault = into.setdefault
+    if ctx is None:
+        setdefault("user_id", default)
+        setdefault("thread_id", default)
+        setdefault("run_id", default)
+        setdefault("request_id", default)
+        for key in metadata:
+            setdefault(key, default)
+    else:
+        setdefault("user_id", ctx.user_id)
+        setdefault("thread_id", ctx.thread_id)
+        setdefault("run_id", ctx.run_id)
+        setdefault("request_id", ctx.request_id)
+        if metadata:
+            get = ctx.metadata.get
+            for key in metadata:
+                setdefault(key, get(key, default))

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from usercontext import current_or_none
-from usercontext.stdlib import _metadata_keys
+from usercontext.stdlib import _add_context, _metadata_keys
 
 
 if TYPE_CHECKING:
@@ -64,18 +63,7 @@ def add_context(logger: WrappedLogger, method_name: str, event_dict: EventDict) 
 
     .. versionadded:: 0.1.0
     """
-    ctx = current_or_none()
-    setdefault = event_dict.setdefault
-    if ctx is None:
-        setdefault("user_id", "-")
-        setdefault("thread_id", "-")
-        setdefault("run_id", "-")
-        setdefault("request_id", "-")
-    else:
-        setdefault("user_id", ctx.user_id)
-        setdefault("thread_id", ctx.thread_id)
-        setdefault("run_id", ctx.run_id)
-        setdefault("request_id", ctx.request_id)
+    _add_context(event_dict, (), "-")
     return event_dict
 
 
@@ -165,25 +153,7 @@ class AddContext:
         Add the current context's ids, and its allowlisted metadata, to
         *event_dict*; keep the keys *event_dict* has already.
         """
-        ctx = current_or_none()
-        setdefault = event_dict.setdefault
-        default = self._default
-        if ctx is None:
-            setdefault("user_id", default)
-            setdefault("thread_id", default)
-            setdefault("run_id", default)
-            setdefault("request_id", default)
-            for key in self._metadata:
-                setdefault(key, default)
-        else:
-            setdefault("user_id", ctx.user_id)
-            setdefault("thread_id", ctx.thread_id)
-            setdefault("run_id", ctx.run_id)
-            setdefault("request_id", ctx.request_id)
-            if self._metadata:
-                get = ctx.metadata.get
-                for key in self._metadata:
-                    setdefault(key, get(key, default))
+        _add_context(event_dict, self._metadata, self._default)
         return event_dict
 
     def __repr__(self) -> str:

@@ -920,9 +920,10 @@ def test_structlog_not_shadowed():
     """
     ``usercontext.structlog`` imports the real structlog, not itself.
     """
+    import usercontext.stdlib
     import usercontext.structlog
 
     assert structlog.__name__ == "structlog"
     assert usercontext.structlog.__name__ == "usercontext.structlog"
     assert Path(structlog.__file__).parent != Path(usercontext.structlog.__file__).parent
-    assert usercontext.structlog.current_or_none is uc.current_or_none
+    assert usercontext.structlog._add_context is usercontext.stdlib._add_context
