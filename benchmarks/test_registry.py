@@ -9,6 +9,10 @@ group holds ours and one rival (``--benchmark-group-by=group``), so the ratio
 in parentheses beside the slower one is the ratio its target constrains (when
 ours is the faster, the target ratio is the inverse of the rival's).
 
+The floor groups put a rival beside a bare scope written for the job and no
+more (`FloorScope`): they show how far below the rival any scope doing the
+same work can go, and so how much of a target is reachable at all.
+
 svcs and dishka are benchmark-only dependencies: without them their groups
 are skipped.
 """
@@ -16,9 +20,11 @@ are skipped.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import warnings
 
 from collections.abc import Iterator  # noqa: TC003  # dishka reads annotations at runtime
+from typing import Any
 
 import pytest
 
@@ -45,6 +51,70 @@ class Session:
 
     def __init__(self) -> None:
         self.closed = False
+
+
+class FloorScope:
+    """
+    The floor: the least a scope can do for the same job. It binds the
+    context with a bare `ContextVar` set and reset, calls the generator
+    provider, takes its first value, caches it in a dict, and on exit finishes
+    the generators in reverse order. No isolation checks, no counters, no
+    error collection, no warning for a scope never closed, and no shield or
+    timeout around async cleanups.
+    """
+
+    __slots__ = ("_ctx", "_gens", "_providers", "_resources", "_token")
+
+    var: contextvars.ContextVar[Any] = contextvars.ContextVar("floor")
+
+    def __init__(self, providers, ctx) -> None:
+        self._providers = providers
+        self._ctx = ctx
+        self._resources: dict[Any, Any] = {}
+        self._gens: list[Any] = []
+
+    def __enter__(self):
+        self._token = self.var.set(self._ctx)
+        return self
+
+    def get(self, key):
+        resources = self._resources
+        if key in resources:
+            return resources[key]
+        gen = self._providers[key](self._ctx)
+        value = resources[key] = next(gen)
+        self._gens.append(gen)
+        return value
+
+    def __exit__(self, *exc_info):
+        gens = self._gens
+        while gens:
+            try:
+                next(gens.pop())
+            except StopIteration:
+                pass
+        self.var.reset(self._token)
+
+    async def __aenter__(self):
+        return self.__enter__()
+
+    async def aget(self, key):
+        resources = self._resources
+        if key in resources:
+            return resources[key]
+        agen = self._providers[key](self._ctx)
+        value = resources[key] = await anext(agen)
+        self._gens.append(agen)
+        return value
+
+    async def __aexit__(self, *exc_info):
+        gens = self._gens
+        while gens:
+            try:
+                await anext(gens.pop())
+            except StopAsyncIteration:
+                pass
+        self.var.reset(self._token)
 
 
 @pytest.fixture(name="loop", scope="module")
@@ -84,12 +154,7 @@ def _ours_sync(benchmark, ctx):
     assert (stats.scopes_open, stats.resources_open, stats.cleanup_errors) == (0, (), 0)
 
 
-@pytest.mark.benchmark(group="registry: sync scope, one generator resource, vs svcs")
-def test_svcs_sync(benchmark):
-    """
-    svcs: a `svcs.Container` per request, `container.get(T)` from a generator
-    factory, then `container.close()`.
-    """
+def _svcs_sync(benchmark):
     made: list[Session] = []
 
     def session():
@@ -114,6 +179,15 @@ def test_svcs_sync(benchmark):
 
 
 @pytest.mark.benchmark(group="registry: sync scope, one generator resource, vs svcs")
+def test_svcs_sync(benchmark):
+    """
+    svcs: a `svcs.Container` per request, `container.get(T)` from a generator
+    factory, then `container.close()`.
+    """
+    _svcs_sync(benchmark)
+
+
+@pytest.mark.benchmark(group="registry: sync scope, one generator resource, vs svcs")
 def test_registry_sync_vs_svcs(benchmark, ctx):
     """
     `with registry.scope(ctx) as scope: scope.get(T)` from a generator
@@ -122,12 +196,7 @@ def test_registry_sync_vs_svcs(benchmark, ctx):
     _ours_sync(benchmark, ctx)
 
 
-@pytest.mark.benchmark(group="registry: sync scope, one generator resource, vs dishka")
-def test_dishka_sync(benchmark):
-    """
-    dishka: a `Provider` with a generator `provide` at REQUEST scope; the
-    app container is entered once per request and asked for the resource.
-    """
+def _dishka_sync(benchmark):
     made: list[Session] = []
 
     class SessionProvider(dishka.Provider):
@@ -153,6 +222,15 @@ def test_dishka_sync(benchmark):
 
 
 @pytest.mark.benchmark(group="registry: sync scope, one generator resource, vs dishka")
+def test_dishka_sync(benchmark):
+    """
+    dishka: a `Provider` with a generator `provide` at REQUEST scope; the
+    app container is entered once per request and asked for the resource.
+    """
+    _dishka_sync(benchmark)
+
+
+@pytest.mark.benchmark(group="registry: sync scope, one generator resource, vs dishka")
 def test_registry_sync_vs_dishka(benchmark, ctx):
     """
     The same sync scope as against svcs. Target: <= 0.55x dishka.
@@ -160,12 +238,62 @@ def test_registry_sync_vs_dishka(benchmark, ctx):
     _ours_sync(benchmark, ctx)
 
 
-@pytest.mark.benchmark(group="registry: async scope, one async generator resource, vs svcs")
-def test_svcs_async(benchmark, loop):
+@pytest.mark.benchmark(group="registry: sync scope, one generator resource, floor vs svcs")
+def test_svcs_sync_beside_floor(benchmark):
     """
-    svcs: a container per request, `await container.aget(T)` from an async
-    generator factory, then `await container.aclose()`.
+    svcs as in the group against ours, timed again beside the floor.
     """
+    _svcs_sync(benchmark)
+
+
+def _floor_sync(benchmark, ctx):
+    made: list[Session] = []
+
+    def session(_ctx):
+        s = Session()
+        made.append(s)
+        yield s
+        s.closed = True
+
+    providers = {Session: session}
+
+    def batch():
+        made.clear()
+        for _ in range(BATCH):
+            with FloorScope(providers, ctx) as scope:
+                scope.get(Session)
+
+    benchmark(batch)
+    assert len(made) == BATCH
+    assert all(s.closed for s in made)
+
+
+@pytest.mark.benchmark(group="registry: sync scope, one generator resource, floor vs svcs")
+def test_floor_sync(benchmark, ctx):
+    """
+    `with FloorScope(providers, ctx) as scope: scope.get(T)`: the bare scope
+    (see `FloorScope`) with the same generator provider as ours.
+    """
+    _floor_sync(benchmark, ctx)
+
+
+@pytest.mark.benchmark(group="registry: sync scope, one generator resource, floor vs dishka")
+def test_dishka_sync_beside_floor(benchmark):
+    """
+    dishka as in the group against ours, timed again beside the floor.
+    """
+    _dishka_sync(benchmark)
+
+
+@pytest.mark.benchmark(group="registry: sync scope, one generator resource, floor vs dishka")
+def test_floor_sync_beside_dishka(benchmark, ctx):
+    """
+    The bare scope of `test_floor_sync`, beside dishka.
+    """
+    _floor_sync(benchmark, ctx)
+
+
+def _svcs_async(benchmark, loop):
     made: list[Session] = []
 
     async def session():
@@ -183,6 +311,51 @@ def test_svcs_async(benchmark, loop):
             container = svcs.Container(registry)
             await container.aget(Session)
             await container.aclose()
+
+    benchmark(lambda: loop.run_until_complete(batch()))
+    assert len(made) == BATCH
+    assert all(s.closed for s in made)
+
+
+@pytest.mark.benchmark(group="registry: async scope, one async generator resource, vs svcs")
+def test_svcs_async(benchmark, loop):
+    """
+    svcs: a container per request, `await container.aget(T)` from an async
+    generator factory, then `await container.aclose()`.
+    """
+    _svcs_async(benchmark, loop)
+
+
+@pytest.mark.benchmark(group="registry: async scope, one async generator resource, floor vs svcs")
+def test_svcs_async_beside_floor(benchmark, loop):
+    """
+    svcs as in the group against ours, timed again beside the floor.
+    """
+    _svcs_async(benchmark, loop)
+
+
+@pytest.mark.benchmark(group="registry: async scope, one async generator resource, floor vs svcs")
+def test_floor_async(benchmark, loop, ctx):
+    """
+    `async with FloorScope(providers, ctx) as scope: await scope.aget(T)`:
+    the bare scope (see `FloorScope`), with no shield and no timeout around
+    the cleanup.
+    """
+    made: list[Session] = []
+
+    async def session(_ctx):
+        s = Session()
+        made.append(s)
+        yield s
+        s.closed = True
+
+    providers = {Session: session}
+
+    async def batch():
+        made.clear()
+        for _ in range(BATCH):
+            async with FloorScope(providers, ctx) as scope:
+                await scope.aget(Session)
 
     benchmark(lambda: loop.run_until_complete(batch()))
     assert len(made) == BATCH

@@ -970,7 +970,6 @@ class TestIsolated:
 
         assert scope.cancel_called
 
-
     async def test_async_runs_in_the_callers_task(self, ctx):
         """
         An isolated async function runs in its caller's task (no task is
@@ -983,7 +982,7 @@ class TestIsolated:
             async with bind(ctx):
                 for _ in range(3):
                     probe.set("inside")
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
                     assert current() is ctx
             return task
 

@@ -42,12 +42,14 @@ if sys.version_info < (3, 11):
     from exceptiongroup import ExceptionGroup
 
 
-# What a provider may return, and which of those a sync scope accepts.
-KINDS = ("value", "awaitable", "sync_cm", "async_cm", "gen", "async_gen")
+# What a provider may return, and which of those a sync scope accepts. An
+# "async_gen_no_await" has no await at all, so its cleanup cannot suspend.
+KINDS = ("value", "awaitable", "sync_cm", "async_cm", "gen", "async_gen", "async_gen_no_await")
 SYNC_KINDS = ("value", "sync_cm", "gen")
+# Async kinds whose cleanup awaits, so that it can be slowed down or hang.
 ASYNC_KINDS = ("awaitable", "async_cm", "async_gen")
 # Kinds whose cleanup is handed the body's exception (a value's close gets the value only).
-EXIT_KINDS = ("sync_cm", "async_cm", "gen", "async_gen")
+EXIT_KINDS = ("sync_cm", "async_cm", "gen", "async_gen", "async_gen_no_await")
 
 
 class BoomError(Exception):
@@ -213,6 +215,15 @@ class Tracker:
             await pause(key)
             finish(res)
 
+        async def async_gen_no_await(c):
+            res = make(key, c)
+            try:
+                yield res
+            except BaseException as e:
+                finish(res, e)
+                raise
+            finish(res)
+
         providers = {
             "value": (value, finish),
             "awaitable": (awaitable, aclose),
@@ -220,6 +231,7 @@ class Tracker:
             "async_cm": (lambda c: _ACM(self, make(key, c)), None),
             "gen": (gen, None),
             "async_gen": (async_gen, None),
+            "async_gen_no_await": (async_gen_no_await, None),
         }
         provider, close = providers[kind]
         self.registry.register(key, provider, close=close)
@@ -599,6 +611,35 @@ class TestScope:
             assert uc.current() is ctx
         assert registry.stats().scopes_opened == 1
 
+    def test_made_directly(self, registry, ctx):
+        """
+        A scope made by calling `Scope` works as one from `Registry.scope`.
+        """
+        registry.register("db", lambda c: "db")
+        scope = uc.Scope(registry, ctx)
+
+        assert repr(scope) == "<usercontext.Scope(user_id='u-42', new, resources=0)>"
+        with scope:
+            assert scope.get("db") == "db"
+            assert uc.current() is ctx
+        assert registry.stats().scopes_opened == 1
+        _settled(registry)
+
+    async def test_entered_under_another_user_async(self, registry, ctx, other_ctx):
+        """
+        `async with` under another user's context raises IsolationError too,
+        and opens nothing.
+        """
+        scope = registry.scope(ctx)
+
+        with uc.bind(other_ctx), pytest.raises(IsolationError):
+            async with scope:
+                pass
+
+        assert uc.current_or_none() is None
+        assert registry.stats().scopes_opened == 0
+        assert repr(scope) == "<usercontext.Scope(user_id='u-42', new, resources=0)>"
+
     def test_repr(self, registry, tracker, ctx):
         """
         The repr shows the user, the state and the number of open resources.
@@ -704,7 +745,7 @@ class TestScopeGet:
 
         assert events == ["enter", "exit", "close db"]
 
-    @pytest.mark.parametrize("kind", ASYNC_KINDS)
+    @pytest.mark.parametrize("kind", [*ASYNC_KINDS, "async_gen_no_await"])
     def test_refuses_async_providers(self, registry, tracker, ctx, kind):
         """
         get refuses a provider that needs awaiting with a TypeError pointing to
@@ -872,7 +913,9 @@ class TestScopeAget:
         assert tracker.created == tracker.closed == ["db"]
         assert db.closed == 1
 
-    @pytest.mark.parametrize("inner", ["value", "sync_cm", "async_cm", "gen", "async_gen"])
+    @pytest.mark.parametrize(
+        "inner", ["value", "sync_cm", "async_cm", "gen", "async_gen", "async_gen_no_await"]
+    )
     async def test_awaitable_of_another_kind(self, registry, ctx, inner):
         """
         What an awaitable resolves to is handled by its own kind: a context
@@ -1117,6 +1160,18 @@ class TestIsolation:
         with registry.scope(ctx) as scope:
             db = scope.get("db")
             assert contextvars.Context().run(scope.get, "db") is db
+
+
+def _run_in(context, coro):
+    """
+    Run *coro*, which must not suspend, to its end in *context*; return its
+    result.
+    """
+    try:
+        context.run(coro.send, None)
+    except StopIteration as e:
+        return e.value
+    pytest.fail("the coroutine suspended")  # pragma: no cover
 
 
 def _raises_if(outcome):
@@ -1522,6 +1577,37 @@ class TestCleanup:
         assert closed == ["b", "a"]
         _settled(registry)
 
+    @pytest.mark.parametrize("body_fails", [False, True])
+    def test_generator_yielding_twice_sync(self, registry, ctx, body_fails):
+        """
+        In a sync scope too, a generator that yields again instead of
+        finishing is closed and reported as a RuntimeError.
+        """
+        finished = []
+
+        def gen(c):
+            try:
+                while True:
+                    with contextlib.suppress(ValueError):
+                        yield "db"
+            finally:
+                finished.append(True)
+
+        registry.register("db", gen)
+        expected = ValueError if body_fails else ExceptionGroup
+        with pytest.raises(expected) as ei, registry.scope(ctx) as scope:
+            scope.get("db")
+            if body_fails:
+                raise ValueError("body")
+
+        errors = ei.value.cleanup_errors if body_fails else ei.value.exceptions
+        [error] = errors
+        assert type(error) is RuntimeError
+        what = "yielded again after an exception" if body_fails else "yielded more than once"
+        assert str(error).endswith(f" {what}.")
+        assert finished == [True]
+        _settled(registry)
+
     def test_fatal_cleanup_error_runs_the_others_sync(self, registry, ctx):
         """
         In a sync scope too, a fatal error from one cleanup does not skip the
@@ -1692,6 +1778,143 @@ class TestCleanupUnderPressure:
         _settled(registry)
 
 
+class TestCleanupWithoutAwait:
+    """
+    An async generator whose code has no await cannot suspend in its cleanup,
+    so the shielded, bounded cancel scope is left out for it: a cancellation
+    could not reach it, nor a deadline cut it. Every other async cleanup is
+    shielded from its first step.
+    """
+
+    async def test_only_awaiting_cleanups_get_a_cancel_scope(self, registry, ctx):
+        """
+        The cleanup of an async generator without await sees no deadline of
+        its own; one with an await sees the cleanup timeout as its deadline.
+        Both run, in reverse order, with the scope's context bound.
+        """
+        seen = []
+
+        async def no_await(c):
+            yield "no_await"
+            seen.append(("no_await", anyio.current_effective_deadline(), uc.current()))
+
+        async def awaiting(c):
+            yield "awaiting"
+            await checkpoint()
+            seen.append(("awaiting", anyio.current_effective_deadline(), uc.current()))
+
+        registry.register("awaiting", awaiting)
+        registry.register("no_await", no_await)
+        async with registry.scope(ctx) as scope:
+            await scope.aget("awaiting")
+            await scope.aget("no_await")
+            start = anyio.current_time()
+
+        [(first, unbounded, ctx1), (second, deadline, ctx2)] = seen
+        assert (first, second) == ("no_await", "awaiting")
+        assert unbounded == math.inf
+        assert 4.0 < deadline - start < 6.0  # the default cleanup_timeout, 5 s
+        assert ctx1 is ctx2 is ctx
+        _settled(registry)
+
+    async def test_cancelled_body(self, registry, ctx):
+        """
+        When the body was cancelled, an async generator without await is
+        thrown the cancellation and finishes; the cancellation propagates.
+        """
+        given = []
+
+        async def no_await(c):
+            try:
+                yield "db"
+            except BaseException as e:
+                given.append(e)
+                raise
+
+        registry.register("db", no_await)
+        with anyio.CancelScope() as cs:
+            async with registry.scope(ctx) as scope:
+                await scope.aget("db")
+                cs.cancel()
+                await anyio.sleep_forever()
+
+        assert cs.cancelled_caught
+        [e] = given
+        assert isinstance(e, anyio.get_cancelled_exc_class())
+        assert registry.stats().cleanup_errors == 0
+        _settled(registry)
+
+    async def test_provider_switching_generators(self, registry, ctx):
+        """
+        A provider may return an async generator with an await in one scope
+        and one without in the next: each is cleaned up as what it is.
+        """
+        deadlines = []
+
+        async def no_await(c):
+            yield "no_await"
+            deadlines.append(anyio.current_effective_deadline())
+
+        async def awaiting(c):
+            yield "awaiting"
+            await checkpoint()
+            deadlines.append(anyio.current_effective_deadline())
+
+        made = iter([awaiting, no_await, awaiting, no_await])
+
+        def provider(c):
+            return next(made)(c)
+
+        registry.register("db", provider)
+        for expected in ("awaiting", "no_await", "awaiting", "no_await"):
+            async with registry.scope(ctx) as scope:
+                assert await scope.aget("db") == expected
+
+        assert [d == math.inf for d in deadlines] == [False, True, False, True]
+        _settled(registry)
+
+    @pytest.mark.parametrize("first", ["checkpoint_if_cancelled", "sleep", "fail_after"])
+    async def test_first_step_of_an_awaiting_cleanup_is_shielded(self, ctx, first):
+        """
+        An awaiting cleanup runs inside its shielded scope from its first
+        step: in a cancelled body it can check for cancellation, sleep, or
+        open a cancel scope of its own at once, and it finishes, on both
+        loops. Run before the scope was entered, the same first step would
+        leave cancel scopes exited out of order (or, on trio, make
+        `checkpoint_if_cancelled` fail).
+        """
+        done = []
+
+        async def cleanup():
+            if first == "checkpoint_if_cancelled":
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                await anyio.sleep(0.01)
+            elif first == "sleep":
+                await anyio.sleep(0.01)
+            else:
+                with anyio.fail_after(1):
+                    await anyio.sleep(0.01)
+            done.append(True)
+
+        async def agen(c):
+            try:
+                yield "db"
+            finally:
+                await cleanup()
+
+        registry = Registry(cleanup_timeout=1)
+        registry.register("db", agen)
+        with anyio.CancelScope() as cs:
+            async with registry.scope(ctx) as scope:
+                await scope.aget("db")
+                cs.cancel()
+                await anyio.sleep_forever()
+
+        assert done == [True]
+        assert cs.cancelled_caught
+        assert registry.stats().cleanup_errors == 0
+
+
 class TestUnclosedScope:
     """
     A scope dropped while open says where it was opened.
@@ -1843,6 +2066,29 @@ class TestRegistryStats:
         assert registry.stats() == RegistryStats(0, 3, (), 18, 3)
         assert tracker.closed == list(range(5, -1, -1)) * 3
 
+    def test_counts_follow_the_key(self, registry, ctx):
+        """
+        Resources count under their key whichever provider made them: the
+        counts hold when the provider is replaced, or overridden, while some
+        of its resources are open.
+        """
+        closed = []
+        registry.register("db", lambda c: "old", close=closed.append)
+
+        with registry.scope(ctx) as a:
+            assert a.get("db") == "old"
+            registry.register("db", lambda c: "new", close=closed.append, replace=True)
+            with registry.scope(ctx) as b:
+                assert b.get("db") == "new"
+                assert registry.stats().resources_open == (("'db'", 2),)
+                with registry.override("db", "fake"), registry.scope(ctx) as c:
+                    assert c.get("db") == "fake"
+                    assert registry.stats().resources_open == (("'db'", 2),)
+            assert registry.stats().resources_open == (("'db'", 1),)
+
+        assert closed == ["new", "old"]
+        assert registry.stats() == RegistryStats(0, 3, (), 2, 0)
+
     def test_frozen(self, registry):
         """
         A snapshot is a frozen value: later scopes do not change it.
@@ -1882,6 +2128,26 @@ class TestKinds:
         assert [type(v) for v in values] == classes
         assert list(util._kinds) == classes[:2]
 
+    def test_provider_switching_kinds(self, registry, ctx):
+        """
+        A provider may return a different kind of object from one scope to
+        the next: each is handled as what it is, not as the one before.
+        """
+        closed = []
+
+        def gen():
+            yield "gen"
+            closed.append("gen")
+
+        made = iter([gen, lambda: "value", lambda: SyncOnly("cm"), gen])
+        registry.register("db", lambda c: next(made)())
+        for expected in ("gen", "value", "cm", "gen"):
+            with registry.scope(ctx) as scope:
+                assert scope.get("db") == expected
+
+        assert closed == ["gen", "gen"]
+        _settled(registry)
+
     def test_order_of_precedence(self):
         """
         Generators first, then async context managers, context managers,
@@ -1907,6 +2173,93 @@ class TestKinds:
         assert util.kind_of(SyncOnly) == util.SYNC_CM
         assert util.kind_of(Later) == util.AWAITABLE
         assert util.kind_of(Resource) == util.PLAIN
+
+
+class TestCanSuspend:
+    """
+    `can_suspend` tells from a code object whether a coroutine or an async
+    generator running it may ever await.
+    """
+
+    def test_shapes(self):  # noqa: C901  # one function per shape of code
+        """
+        Any await, async with, async for or async comprehension counts,
+        wherever it is (a finally, after the yield); a yield does not, nor an
+        await in a nested function.
+        """
+
+        async def only_yield():
+            yield [i * 2 for i in range(3)]
+
+        async def await_after_yield():
+            yield 1
+            await checkpoint()
+
+        async def await_in_finally():
+            try:
+                yield 1
+            finally:
+                await checkpoint()
+
+        async def async_with(cm):
+            async with cm:
+                yield 1
+
+        async def async_for(it):
+            async for x in it:
+                yield x
+
+        async def async_comprehension(it):
+            yield [x async for x in it]
+
+        async def nested():
+            async def inner():
+                await checkpoint()
+
+            yield inner
+
+        async def coroutine():
+            return 1
+
+        async def awaiting_coroutine():
+            await checkpoint()
+
+        cases = {
+            only_yield: False,
+            await_after_yield: True,
+            await_in_finally: True,
+            async_with: True,
+            async_for: True,
+            async_comprehension: True,
+            nested: False,
+            coroutine: False,
+            awaiting_coroutine: True,
+        }
+        assert {f: util.can_suspend(f.__code__) for f in cases} == cases
+
+    def test_cache(self, monkeypatch):
+        """
+        Answers are cached per code object, up to a bound; an entry is used
+        only for the very code object it was made for.
+        """
+
+        async def no_await():
+            yield 1
+
+        async def awaiting():
+            await checkpoint()
+            yield 1
+
+        monkeypatch.setattr(util, "_suspends", {})
+        monkeypatch.setattr(util, "_SUSPENDS_MAX", 1)
+        assert util.can_suspend(no_await.__code__) is False
+        assert util.can_suspend(awaiting.__code__) is True
+        assert list(util._suspends.values()) == [(no_await.__code__, False)]
+        assert util.can_suspend(no_await.__code__) is False
+
+        # An entry under the same id but for another code object is not used.
+        util._suspends[id(awaiting.__code__)] = (no_await.__code__, False)
+        assert util.can_suspend(awaiting.__code__) is True
 
 
 class TestScopeEdges:
@@ -1936,6 +2289,30 @@ class TestScopeEdges:
 
         assert closed == ["u-42"]
         assert registry.stats().scopes_open == 0
+
+    def test_left_in_another_context_async(self, registry, ctx):
+        """
+        The same holds for `async with`: entered in one Context and left in
+        another, a scope cleans up and does not raise.
+        """
+        closed = []
+
+        async def agen(c):
+            yield c.user_id
+            closed.append(c.user_id)
+
+        async def enter_and_get():
+            await scope.__aenter__()
+            return await scope.aget("res")
+
+        registry.register("res", agen)
+        scope = registry.scope(ctx)
+        assert _run_in(contextvars.copy_context(), enter_and_get()) == "u-42"
+
+        _run_in(contextvars.copy_context(), scope.__aexit__(None, None, None))
+
+        assert closed == ["u-42"]
+        _settled(registry)
 
     async def test_async_resource_in_a_sync_scope(self, registry, ctx):
         """

@@ -10,6 +10,7 @@ import importlib
 import sys
 import warnings
 
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
@@ -21,24 +22,27 @@ from ._util import (
     ASYNC_GEN,
     AWAITABLE,
     GEN,
+    PLAIN,
     SYNC_CM,
     add_note,
+    async_yielded_again,
+    can_suspend,
     describe,
     drive,
     finish_agen,
     finish_gen,
-    first_value,
-    first_value_async,
     kind_of,
     logger,
+    no_yield,
+    yielded_again,
 )
 from .exceptions import IsolationError, ScopeClosedError
 
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Hashable
+    from collections.abc import Callable, Hashable, Mapping
     from contextlib import AbstractContextManager
-    from types import TracebackType
+    from types import CodeType, TracebackType
 
     from typing_extensions import Self
 
@@ -65,7 +69,8 @@ class RegistryStats:
         scopes_open: Scopes entered and not yet closed.
         scopes_opened: Scopes entered since the registry was created.
         resources_open: Resources created and not yet cleaned up, per key, as
-            ``(key, count)`` pairs, most first.
+            ``(key, count)`` pairs, most first (ties in the order the keys were
+            first registered).
         resources_created: Resources created since the registry was created.
         cleanup_errors: Cleanups that raised or timed out.
 
@@ -83,24 +88,75 @@ def _key_name(key: object) -> str:
     return getattr(key, "__qualname__", None) or repr(key)
 
 
-class _Provider:
-    __slots__ = ("close", "key", "make")
+_CLEARED: Mapping[object, object] = MappingProxyType({})
+_ENTERED_ONCE = "A scope can be entered once; open a new one with registry.scope()."
 
-    def __init__(self, key: Hashable, make: Callable[[UserContext], Any], close: Any) -> None:
+
+def _kind(provider: _Provider, result: object) -> str:
+    """
+    Return `kind_of` the type of *result*, and remember it for *provider*:
+    most return the same type every time, and get and aget look there first.
+    """
+    cls = type(result)
+    kind = kind_of(cls)
+    provider.last = (cls, kind)
+    return kind
+
+
+def _collect(errors: list[BaseException] | None, error: BaseException) -> list[BaseException]:
+    if errors is None:
+        return [error]
+    errors.append(error)
+    return errors
+
+
+def _unknown(key: object) -> KeyError:
+    msg = (
+        f"Nothing is registered for {_key_name(key)}. Register a provider first: "
+        "registry.register(key, provider)."
+    )
+    return KeyError(msg)
+
+
+class _Counts:
+    """
+    The resources of one key created and cleaned up so far, by every provider
+    registered for it: counting in a slot of an object the scope holds anyway
+    costs less than keeping a dict of open counts.
+    """
+
+    __slots__ = ("closed", "created", "key")
+
+    def __init__(self, key: Hashable) -> None:
         self.key = key
+        self.created = 0
+        self.closed = 0
+
+
+class _Provider:
+    """
+    What makes the resource of a key: *make* and its *close* hook, or, for an
+    override, no *make* and a fixed *value*, with nothing to clean up.
+    """
+
+    # last is the type make last returned, with its kind; code is the code of
+    # the async generator it last returned, and whether that can await. Each
+    # is one tuple, so that threads never see half of an update.
+    __slots__ = ("close", "code", "counts", "last", "make", "value")
+
+    def __init__(
+        self,
+        make: Callable[[UserContext], Any] | None,
+        close: Any,
+        counts: _Counts,
+        value: object = None,
+    ) -> None:
         self.make = make
         self.close = close
-
-
-class _Value:
-    """
-    An override: a fixed value, with nothing to clean up.
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: object) -> None:
+        self.counts = counts
         self.value = value
+        self.last: tuple[type | None, str] = (None, PLAIN)
+        self.code: tuple[CodeType | None, bool] = (None, True)
 
 
 class Registry:
@@ -143,12 +199,12 @@ class Registry:
         if not timeout > 0:
             msg = f"cleanup_timeout must be > 0 seconds, got {cleanup_timeout!r}."
             raise ValueError(msg)
-        self._providers: dict[Hashable, _Provider | _Value] = {}
+        self._providers: dict[Hashable, _Provider] = {}
+        # Per key ever registered, in order; kept when a provider is replaced.
+        self._counts: dict[Hashable, _Counts] = {}
         self._cleanup_timeout = float(cleanup_timeout)
         self._scopes_open = 0
         self._scopes_opened = 0
-        self._resources_open: dict[Hashable, int] = {}
-        self._resources_created = 0
         self._cleanup_errors = 0
 
     def register(
@@ -187,7 +243,10 @@ class Registry:
                 "provider, or use registry.override() in tests."
             )
             raise KeyError(msg)
-        self._providers[key] = _Provider(key, provider, close)
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts[key] = _Counts(key)
+        self._providers[key] = _Provider(provider, close, counts)
 
     def __contains__(self, key: object) -> bool:
         return key in self._providers
@@ -204,7 +263,7 @@ class Registry:
         used as is, with no cleanup. Scopes resolve keys when asked, so the
         override applies to resources first asked for during it.
         """
-        return _Override(self, key, _Value(value))
+        return _Override(self, key, _Provider(None, None, _Counts(key), value))
 
     def scope(self, ctx: UserContext | None = None) -> Scope:
         """
@@ -217,18 +276,29 @@ class Registry:
             usercontext.exceptions.NoContextError: If *ctx* is omitted and none
                 is bound.
         """
-        return Scope(self, current() if ctx is None else ctx)
+        # As Scope(self, ctx), without the round trip through __init__.
+        if ctx is None:
+            ctx = current()
+        scope = _new_scope(Scope)
+        scope._registry = self  # noqa: SLF001
+        scope._ctx = ctx  # noqa: SLF001
+        scope._resources = {}  # noqa: SLF001
+        scope._opened = []  # noqa: SLF001
+        scope._state = _NEW  # noqa: SLF001
+        return scope
 
     def stats(self, top: int = 10) -> RegistryStats:
         """
         Return a snapshot of the counters, with the *top* keys most open.
         """
-        ranked = sorted(self._resources_open.items(), key=lambda kv: -kv[1])[:top]
+        counts = self._counts.values()
+        open_ = [(c.key, c.created - c.closed) for c in counts if c.created != c.closed]
+        ranked = sorted(open_, key=lambda kv: -kv[1])[:top]
         return RegistryStats(
             scopes_open=self._scopes_open,
             scopes_opened=self._scopes_opened,
             resources_open=tuple((_key_name(k), n) for k, n in ranked),
-            resources_created=self._resources_created,
+            resources_created=sum(c.created for c in counts),
             cleanup_errors=self._cleanup_errors,
         )
 
@@ -239,7 +309,7 @@ class Registry:
 class _Override:
     __slots__ = ("_key", "_registry", "_saved", "_value")
 
-    def __init__(self, registry: Registry, key: Hashable, value: _Value) -> None:
+    def __init__(self, registry: Registry, key: Hashable, value: _Provider) -> None:
         self._registry = registry
         self._key = key
         self._value = value
@@ -258,8 +328,14 @@ class _Override:
 
 
 _NEW, _OPEN, _CLOSED = 0, 1, 2
-_MISSING: Any = object()
-_ASYNC_KINDS = (AWAITABLE, ASYNC_CM, ASYNC_GEN)
+_new_scope = object.__new__
+# An async generator whose code has no await: its cleanup runs to the end
+# without suspending, so a cancel scope around it could neither see a
+# cancellation nor reach a deadline, and it is left out.
+_ASYNC_GEN_NO_AWAIT = "async generator without await"
+_getframe = sys._getframe  # noqa: SLF001  # where a scope is entered, for its warning
+_set = _var.set
+_reset = _var.reset
 
 
 class Scope:
@@ -283,6 +359,9 @@ class Scope:
     .. versionadded:: 0.1.0
     """
 
+    # The hot paths (entering, get and aget, leaving) are written out in each
+    # method rather than shared through helpers: a call costs about as much
+    # as the rest of a line of bookkeeping.
     __slots__ = (
         "_code",
         "_ctx",
@@ -297,9 +376,9 @@ class Scope:
     def __init__(self, registry: Registry, ctx: UserContext) -> None:
         self._registry = registry
         self._ctx = ctx
-        self._resources: dict[object, object] = {}
-        # (key, kind, what to exit, close hook, value), in order of creation.
-        self._opened: list[tuple[object, str, Any, Any, object]] = []
+        self._resources: Mapping[object, object] = {}
+        # (counts, kind, what to exit, close hook, value), in order of creation.
+        self._opened: list[tuple[_Counts, str, Any, Any, object]] = []
         self._state = _NEW
 
     @property
@@ -309,9 +388,10 @@ class Scope:
         """
         return self._ctx
 
-    def _refuse(self, key: object) -> None:
+    def _check(self, key: object) -> None:
         """
-        Raise why *key* cannot be handed out now (called when a check failed).
+        Raise if *key* cannot be handed out now; called when the scope is not
+        open or the context bound is not the scope's own.
         """
         if self._state != _OPEN:
             what = "not entered yet" if self._state == _NEW else "closed"
@@ -320,7 +400,9 @@ class Scope:
                 "`async with registry.scope(ctx) as scope:` (or `with`)."
             )
             raise ScopeClosedError(msg)
-        bound = current()
+        bound = _get(None)
+        if bound is None or bound.user_id == self._ctx.user_id:
+            return  # a thread started without a context, or a child context
         msg = (
             f"{_key_name(key)} belongs to a scope of user {self._ctx.user_id!r}, but "
             f"user {bound.user_id!r} asked for it. Open a scope for that user instead."
@@ -343,22 +425,31 @@ class Scope:
             usercontext.exceptions.ScopeClosedError: Outside the scope's block.
         """
         ctx = self._ctx
-        bound = _get(None)
-        if self._state != _OPEN or (
-            bound is not ctx and bound is not None and bound.user_id != ctx.user_id
-        ):
-            self._refuse(key)
-        value = self._resources.get(key, _MISSING)
-        if value is not _MISSING:
-            return value
-        provider = self._provider(key)
-        if isinstance(provider, _Value):
-            return provider.value
-        result = provider.make(ctx)
-        kind = kind_of(type(result))
-        if kind is ASYNC_CM and hasattr(result, "__enter__"):
+        if _get(None) is not ctx or self._state != _OPEN:
+            self._check(key)
+        resources: dict[object, object] = self._resources  # type: ignore[assignment]
+        if key in resources:
+            return resources[key]
+        provider = self._registry._providers.get(key)  # noqa: SLF001
+        if provider is None:
+            raise _unknown(key)
+        make = provider.make
+        if make is None:
+            return provider.value  # an override
+        result = make(ctx)
+        last = provider.last
+        kind = last[1] if last[0] is type(result) else _kind(provider, result)
+        if kind is GEN:
+            try:
+                value = next(result)
+            except StopIteration:
+                raise no_yield(f"provider of {_key_name(key)}") from None
+        elif kind is SYNC_CM or (kind is ASYNC_CM and hasattr(result, "__enter__")):
             kind = SYNC_CM  # both kinds: a sync scope enters it the sync way
-        if kind in _ASYNC_KINDS:
+            value = result.__enter__()
+        elif kind is PLAIN:
+            value, result = result, None
+        else:
             if kind is AWAITABLE and hasattr(result, "close"):
                 result.close()  # no "never awaited" warning on top of the error
             msg = (
@@ -366,19 +457,17 @@ class Scope:
                 "`await scope.aget(key)` in an `async with` scope."
             )
             raise TypeError(msg)
-        if kind is GEN:
-            value = first_value(result, f"provider of {_key_name(key)}")
-        elif kind is SYNC_CM:
-            value = result.__enter__()
-        else:
-            value, result = result, None
-        return self._keep(provider, kind, result, value)
+        resources[key] = value
+        counts = provider.counts
+        counts.created += 1
+        self._opened.append((counts, kind, result, provider.close, value))
+        return value
 
     @overload
     async def aget(self, key: type[T]) -> T: ...
     @overload
     async def aget(self, key: Hashable) -> Any: ...
-    async def aget(self, key: object) -> Any:
+    async def aget(self, key: object) -> Any:  # noqa: C901, PLR0912  # inline for speed
         """
         Return the resource *key*, creating it on first use; any provider works.
 
@@ -389,122 +478,125 @@ class Scope:
             usercontext.exceptions.ScopeClosedError: Outside the scope's block.
         """
         ctx = self._ctx
-        bound = _get(None)
-        if self._state != _OPEN or (
-            bound is not ctx and bound is not None and bound.user_id != ctx.user_id
-        ):
-            self._refuse(key)
-        value = self._resources.get(key, _MISSING)
-        if value is not _MISSING:
-            return value
-        provider = self._provider(key)
-        if isinstance(provider, _Value):
-            return provider.value
-        result = provider.make(ctx)
-        kind = kind_of(type(result))
+        if _get(None) is not ctx or self._state != _OPEN:
+            self._check(key)
+        resources: dict[object, object] = self._resources  # type: ignore[assignment]
+        if key in resources:
+            return resources[key]
+        provider = self._registry._providers.get(key)  # noqa: SLF001
+        if provider is None:
+            raise _unknown(key)
+        make = provider.make
+        if make is None:
+            return provider.value  # an override
+        result = make(ctx)
+        last = provider.last
+        kind = last[1] if last[0] is type(result) else _kind(provider, result)
         if kind is AWAITABLE:
             result = await result
             kind = kind_of(type(result))
         if kind is ASYNC_GEN:
-            value = await first_value_async(result, f"provider of {_key_name(key)}")
+            try:
+                value = await result.__anext__()
+            except StopAsyncIteration:
+                raise no_yield(f"provider of {_key_name(key)}") from None
+            code = result.ag_code
+            seen = provider.code
+            if seen[0] is code:
+                awaits = seen[1]
+            else:
+                awaits = can_suspend(code)
+                provider.code = (code, awaits)
+            if not awaits:
+                kind = _ASYNC_GEN_NO_AWAIT
         elif kind is ASYNC_CM:
             value = await result.__aenter__()
         elif kind is GEN:
-            value = first_value(result, f"provider of {_key_name(key)}")
+            try:
+                value = next(result)
+            except StopIteration:
+                raise no_yield(f"provider of {_key_name(key)}") from None
         elif kind is SYNC_CM:
             value = result.__enter__()
         else:
             value, result = result, None
-        return self._keep(provider, kind, result, value)
-
-    def _provider(self, key: object) -> _Provider | _Value:
-        provider = self._registry._providers.get(key)  # noqa: SLF001
-        if provider is None:
-            msg = (
-                f"Nothing is registered for {_key_name(key)}. Register a provider first: "
-                "registry.register(key, provider)."
-            )
-            raise KeyError(msg)
-        return provider
-
-    def _keep(self, provider: _Provider, kind: str, obj: Any, value: object) -> object:
-        key = provider.key
-        self._resources[key] = value
-        self._opened.append((key, kind, obj, provider.close, value))
-        registry = self._registry
-        registry._resources_created += 1  # noqa: SLF001
-        counts = registry._resources_open  # noqa: SLF001
-        counts[key] = counts.get(key, 0) + 1
+        resources[key] = value
+        counts = provider.counts
+        counts.created += 1
+        self._opened.append((counts, kind, result, provider.close, value))
         return value
 
     # -- entering and leaving --
 
-    def _enter(self) -> None:
+    def __enter__(self) -> Self:
         if self._state != _NEW:
-            msg = "A scope can be entered once; open a new one with registry.scope()."
-            raise RuntimeError(msg)
+            raise RuntimeError(_ENTERED_ONCE)
         ctx = self._ctx
         prev = _get(None)
-        if prev is not None and prev.user_id != ctx.user_id:
+        if prev is not None and prev is not ctx and prev.user_id != ctx.user_id:
             bind(ctx).__enter__()  # raises IsolationError with bind's explanation
-        # Where the scope was opened, for the warning if it is never closed; the
-        # line number is worked out from the instruction offset only then.
-        frame = sys._getframe(2)  # noqa: SLF001
+        # Where the scope was entered, for the warning if it is never closed;
+        # the line number is worked out from the instruction offset only then.
+        frame = _getframe(1)
         self._code = frame.f_code
         self._lasti = frame.f_lasti
-        self._token = _var.set(ctx)
+        self._token = _set(ctx)
         self._state = _OPEN
         registry = self._registry
         registry._scopes_open += 1  # noqa: SLF001
         registry._scopes_opened += 1  # noqa: SLF001
-
-    def _leave(self) -> None:
-        self._state = _CLOSED
-        self._resources.clear()
-        self._registry._scopes_open -= 1  # noqa: SLF001
-        try:  # noqa: SIM105  # see bind.__exit__: left in another Context, nothing to undo
-            _var.reset(self._token)
-        except ValueError:
-            pass
-
-    def _forget(self, key: object) -> None:
-        counts = self._registry._resources_open  # noqa: SLF001
-        n = counts[key] - 1
-        if n:
-            counts[key] = n
-        else:
-            del counts[key]
-
-    def __enter__(self) -> Self:
-        self._enter()
         return self
 
-    def __exit__(  # noqa: C901  # one branch per kind of resource, inline for speed
+    async def __aenter__(self) -> Self:
+        # As __enter__, written out again.
+        if self._state != _NEW:
+            raise RuntimeError(_ENTERED_ONCE)
+        ctx = self._ctx
+        prev = _get(None)
+        if prev is not None and prev is not ctx and prev.user_id != ctx.user_id:
+            bind(ctx).__enter__()
+        frame = _getframe(1)
+        self._code = frame.f_code
+        self._lasti = frame.f_lasti
+        self._token = _set(ctx)
+        self._state = _OPEN
+        registry = self._registry
+        registry._scopes_open += 1  # noqa: SLF001
+        registry._scopes_opened += 1  # noqa: SLF001
+        return self
+
+    def __exit__(  # noqa: C901, PLR0912  # a branch per kind, inline for speed
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        errors: list[BaseException] = []
+        errors: list[BaseException] | None = None  # made on the first failure
         fatal: BaseException | None = None
         opened = self._opened
         try:
             while opened:
-                key, kind, obj, close, value = opened.pop()
-                self._forget(key)
+                counts, kind, obj, close, value = opened.pop()
+                counts.closed += 1
                 try:
                     if kind is GEN:
-                        finish_gen(obj, exc)
+                        if exc is None:
+                            # A for loop ends without raising StopIteration.
+                            for _ in obj:
+                                raise yielded_again(obj)  # noqa: TRY301  # collected below
+                        else:
+                            finish_gen(obj, exc)
                     elif kind is SYNC_CM:
                         obj.__exit__(exc_type, exc, tb)
-                    elif kind in _ASYNC_KINDS:
+                    elif kind is not PLAIN:
                         msg = (
-                            f"{_key_name(key)} was opened with aget() but its scope was left "
-                            "with a sync `with`: its async cleanup cannot run. Use `async with`."
+                            f"{_key_name(counts.key)} was opened with aget() but its scope was "
+                            "left with a sync `with`: its async cleanup cannot run. Use "
+                            "`async with`."
                         )
                         raise TypeError(msg)  # noqa: TRY301  # collected like any cleanup error
                 except Exception as e:  # noqa: BLE001  # collected; every cleanup runs
-                    errors.append(e)
+                    errors = _collect(errors, e)
                 except BaseException as e:  # noqa: BLE001  # raised below, after the others
                     fatal = fatal or e
                 if close is not None:
@@ -514,62 +606,97 @@ class Scope:
                             if hasattr(result, "close"):
                                 result.close()
                             msg = (
-                                f"The close hook of {_key_name(key)} is asynchronous; "
+                                f"The close hook of {_key_name(counts.key)} is asynchronous; "
                                 "use `async with registry.scope()`."
                             )
                             raise TypeError(msg)  # noqa: TRY301  # collected like the others
                     except Exception as e:  # noqa: BLE001  # collected; every cleanup runs
-                        errors.append(e)
+                        errors = _collect(errors, e)
                     except BaseException as e:  # noqa: BLE001  # raised below
                         fatal = fatal or e
         finally:
-            self._leave()
-        self._raise(errors, exc, fatal, cancelled=False)
+            self._state = _CLOSED
+            self._resources = _CLEARED  # drops the resources now, not with the scope
+            self._registry._scopes_open -= 1  # noqa: SLF001
+            try:  # noqa: SIM105  # see bind.__exit__: left in another Context, nothing to undo
+                _reset(self._token)
+            except ValueError:
+                pass
+        if errors is not None or fatal is not None:
+            self._raise(errors or [], exc, fatal, cancelled=False)
 
-    async def __aenter__(self) -> Self:
-        self._enter()
-        return self
-
-    async def __aexit__(  # noqa: C901  # one branch per kind of resource, inline for speed
+    async def __aexit__(  # noqa: C901, PLR0912, PLR0915  # a branch per kind, inline for speed
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        errors: list[BaseException] = []
+        errors: list[BaseException] | None = None  # made on the first failure
         fatal: BaseException | None = None
-        timeout = self._registry._cleanup_timeout  # noqa: SLF001
         opened = self._opened
         try:
             while opened:
-                key, kind, obj, close, value = opened.pop()
-                self._forget(key)
+                counts, kind, obj, close, value = opened.pop()
+                counts.closed += 1
                 try:
-                    if kind is GEN:
-                        finish_gen(obj, exc)
+                    if kind is _ASYNC_GEN_NO_AWAIT:
+                        if exc is None:
+                            # Cheaper than awaiting __anext__ in a try.
+                            async for _ in obj:
+                                raise await async_yielded_again(obj)  # noqa: TRY301  # collected
+                        else:
+                            await finish_agen(obj, exc)
+                    elif kind is GEN:
+                        if exc is None:
+                            for _ in obj:  # as in __exit__
+                                raise yielded_again(obj)  # noqa: TRY301  # collected below
+                        else:
+                            finish_gen(obj, exc)
                     elif kind is SYNC_CM:
                         obj.__exit__(exc_type, exc, tb)
                     elif kind is ASYNC_GEN:
-                        await drive(finish_agen(obj, exc), timeout, "resource %r", key)
+                        await drive(
+                            finish_agen(obj, exc),
+                            self._registry._cleanup_timeout,  # noqa: SLF001
+                            "resource %r",
+                            counts.key,
+                        )
                     elif kind is ASYNC_CM:
-                        await drive(obj.__aexit__(exc_type, exc, tb), timeout, "resource %r", key)
+                        await drive(
+                            obj.__aexit__(exc_type, exc, tb),
+                            self._registry._cleanup_timeout,  # noqa: SLF001
+                            "resource %r",
+                            counts.key,
+                        )
                 except Exception as e:  # noqa: BLE001  # collected; every cleanup runs
-                    errors.append(e)
+                    errors = _collect(errors, e)
                 except BaseException as e:  # noqa: BLE001  # raised below, after the others
                     fatal = fatal or e
                 if close is not None:
                     try:
                         result = close(value)
                         if result is not None and kind_of(type(result)) is AWAITABLE:
-                            await drive(result, timeout, "resource %r", key)
+                            await drive(
+                                result,
+                                self._registry._cleanup_timeout,  # noqa: SLF001
+                                "resource %r",
+                                counts.key,
+                            )
                     except Exception as e:  # noqa: BLE001  # collected; every cleanup runs
-                        errors.append(e)
+                        errors = _collect(errors, e)
                     except BaseException as e:  # noqa: BLE001  # raised below
                         fatal = fatal or e
         finally:
-            self._leave()
-        cancelled = exc is not None and isinstance(exc, anyio.get_cancelled_exc_class())
-        self._raise(errors, exc, fatal, cancelled=cancelled)
+            self._state = _CLOSED
+            self._resources = _CLEARED  # drops the resources now, not with the scope
+            self._registry._scopes_open -= 1  # noqa: SLF001
+            try:  # noqa: SIM105  # see bind.__exit__: left in another Context, nothing to undo
+                _reset(self._token)
+            except ValueError:
+                pass
+        if errors is not None or fatal is not None:
+            cancelled = exc is not None and isinstance(exc, anyio.get_cancelled_exc_class())
+            self._raise(errors or [], exc, fatal, cancelled=cancelled)
 
     def _raise(
         self,
@@ -589,8 +716,7 @@ class Scope:
                 )
         if fatal is not None:
             raise fatal
-        if not errors:
-            return
+        # Called only when a cleanup failed: without a fatal error, errors holds it.
         if exc is None:
             msg = f"{len(errors)} cleanup(s) of a scope of user {self._ctx.user_id!r} failed"
             raise ExceptionGroup_(msg, errors)

@@ -4,6 +4,7 @@ Small helpers shared by the modules that close things.
 
 from __future__ import annotations
 
+import dis
 import logging
 
 from types import AsyncGeneratorType, GeneratorType
@@ -16,7 +17,7 @@ from .exceptions import CloseTimeoutError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
-    from types import TracebackType
+    from types import CodeType, TracebackType
 
     ExitFn = Callable[
         [type[BaseException] | None, BaseException | None, TracebackType | None], object
@@ -146,7 +147,7 @@ def first_value(gen: Generator[Any, None, Any], what: str) -> Any:
     try:
         return next(gen)
     except StopIteration:
-        raise _no_yield(what) from None
+        raise no_yield(what) from None
 
 
 async def first_value_async(agen: AsyncGenerator[Any, None], what: str) -> Any:
@@ -159,10 +160,14 @@ async def first_value_async(agen: AsyncGenerator[Any, None], what: str) -> Any:
     try:
         return await agen.__anext__()
     except StopAsyncIteration:
-        raise _no_yield(what) from None
+        raise no_yield(what) from None
 
 
-def _no_yield(what: str) -> RuntimeError:
+def no_yield(what: str) -> RuntimeError:
+    """
+    Return the error for a generator made by *what* that returned without
+    yielding.
+    """
     return RuntimeError(
         f"The generator {what} returned without yielding. Yield the resource once; the code "
         "after the yield is its cleanup."
@@ -175,13 +180,10 @@ def finish_gen(gen: Generator[Any, None, Any], exc: BaseException | None) -> Non
     does: resume it, or throw the body's exception *exc* into it.
     """
     if exc is None:
-        try:
-            next(gen)
-        except StopIteration:
-            return
-        gen.close()
-        msg = f"The generator {gen!r} yielded more than once."
-        raise RuntimeError(msg)
+        # A for loop ends without raising StopIteration: cheaper than next().
+        for _ in gen:
+            raise yielded_again(gen)
+        return
     try:
         gen.throw(exc)
     except StopIteration:
@@ -211,10 +213,65 @@ async def finish_agen(agen: AsyncGenerator[Any, None], exc: BaseException | None
         if e is exc:
             return
         raise
+    raise await async_yielded_again(agen, after_exception=exc is not None)
+
+
+async def async_yielded_again(
+    agen: AsyncGenerator[Any, None], *, after_exception: bool = False
+) -> RuntimeError:
+    """
+    Close *agen*, which yielded again when it was to finish, and return the
+    error saying so.
+    """
     await agen.aclose()
-    what = "more than once" if exc is None else "again after an exception"
-    msg = f"The async generator {agen!r} yielded {what}."
-    raise RuntimeError(msg)
+    what = "again after an exception" if after_exception else "more than once"
+    return RuntimeError(f"The async generator {agen!r} yielded {what}.")
+
+
+def yielded_again(gen: Generator[Any, None, Any]) -> RuntimeError:
+    """
+    Close *gen*, which yielded after its first value with no exception thrown
+    in, and return the error saying so.
+    """
+    gen.close()
+    return RuntimeError(f"The generator {gen!r} yielded more than once.")
+
+
+# The opcodes through which a coroutine or an async generator awaits, on any
+# Python version: without one of them, its code cannot suspend.
+_AWAIT_OPS = frozenset(
+    dis.opmap[name]
+    for name in (
+        "GET_AWAITABLE",
+        "GET_AITER",
+        "GET_ANEXT",
+        "BEFORE_ASYNC_WITH",
+        "END_ASYNC_FOR",
+        "SEND",
+        "YIELD_FROM",
+    )
+    if name in dis.opmap
+)
+_suspends: dict[int, tuple[CodeType, bool]] = {}
+_SUSPENDS_MAX = 1024
+
+
+def can_suspend(code: CodeType) -> bool:
+    """
+    Say whether a coroutine or async generator running *code* may ever await.
+
+    One that cannot completes each step without suspending: a cancel scope
+    around it would neither see a cancellation nor reach a deadline. Cached
+    per code object, by id; a cached code object is kept alive, so its id
+    cannot be reused by another.
+    """
+    entry = _suspends.get(id(code))
+    if entry is not None and entry[0] is code:
+        return entry[1]
+    suspends = any(i.opcode in _AWAIT_OPS for i in dis.get_instructions(code))
+    if len(_suspends) < _SUSPENDS_MAX:
+        _suspends[id(code)] = (code, suspends)
+    return suspends
 
 
 def gen_exit(gen: Generator[Any, None, Any]) -> ExitFn:

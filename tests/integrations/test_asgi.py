@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import random
-import sys
 
 import anyio
 import anyio.lowlevel
@@ -33,9 +32,6 @@ from usercontext.asgi import (
     request_state,
 )
 
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import ExceptionGroup
 
 try:
     import httpx2
