@@ -2355,3 +2355,43 @@ class TestScopeEdges:
 
         assert closed == ["fine"]
         assert registry.stats().resources_open == ()
+
+
+class TestContextAlreadyBound:
+    """
+    A scope entered where its context is bound already (by a middleware, say)
+    leaves the binding as it found it, on both exits.
+    """
+
+    def test_sync(self, ctx):
+        registry = Registry()
+        registry.register("who", lambda c: c.user_id)
+        with uc.bind(ctx):
+            with registry.scope(ctx) as scope:
+                assert uc.current() is ctx
+                child = ctx.child()
+                with uc.bind(child):
+                    assert uc.current() is child
+                assert scope.get("who") == "u-42"
+            assert uc.current() is ctx
+        assert uc.current_or_none() is None
+
+    async def test_async(self, ctx):
+        registry = Registry()
+        registry.register("who", lambda c: c.user_id)
+        async with uc.bind(ctx):
+            async with registry.scope(ctx) as scope:
+                await checkpoint()
+                assert uc.current() is ctx
+                assert await scope.aget("who") == "u-42"
+            assert uc.current() is ctx
+        assert uc.current_or_none() is None
+
+    async def test_async_body_fails(self, ctx):
+        registry = Registry()
+        with uc.bind(ctx):
+            with pytest.raises(KeyError):
+                async with registry.scope(ctx):
+                    raise KeyError("k")
+            assert uc.current() is ctx
+        assert uc.current_or_none() is None

@@ -540,7 +540,8 @@ class Scope:
         frame = _getframe(1)
         self._code = frame.f_code
         self._lasti = frame.f_lasti
-        self._token = _set(ctx)
+        # Already bound (by a middleware, say): nothing to set, nothing to reset.
+        self._token = None if prev is ctx else _set(ctx)
         self._state = _OPEN
         registry = self._registry
         registry._scopes_open += 1  # noqa: SLF001
@@ -558,7 +559,8 @@ class Scope:
         frame = _getframe(1)
         self._code = frame.f_code
         self._lasti = frame.f_lasti
-        self._token = _set(ctx)
+        # Already bound (by a middleware, say): nothing to set, nothing to reset.
+        self._token = None if prev is ctx else _set(ctx)
         self._state = _OPEN
         registry = self._registry
         registry._scopes_open += 1  # noqa: SLF001
@@ -618,10 +620,12 @@ class Scope:
             self._state = _CLOSED
             self._resources = _CLEARED  # drops the resources now, not with the scope
             self._registry._scopes_open -= 1  # noqa: SLF001
-            try:  # noqa: SIM105  # see bind.__exit__: left in another Context, nothing to undo
-                _reset(self._token)
-            except ValueError:
-                pass
+            token = self._token
+            if token is not None:
+                try:  # noqa: SIM105  # see bind.__exit__: left in another Context, nothing to undo
+                    _reset(token)
+                except ValueError:
+                    pass
         if errors is not None or fatal is not None:
             self._raise(errors or [], exc, fatal, cancelled=False)
 
@@ -690,10 +694,12 @@ class Scope:
             self._state = _CLOSED
             self._resources = _CLEARED  # drops the resources now, not with the scope
             self._registry._scopes_open -= 1  # noqa: SLF001
-            try:  # noqa: SIM105  # see bind.__exit__: left in another Context, nothing to undo
-                _reset(self._token)
-            except ValueError:
-                pass
+            token = self._token
+            if token is not None:
+                try:  # noqa: SIM105  # see bind.__exit__: left in another Context, nothing to undo
+                    _reset(token)
+                except ValueError:
+                    pass
         if errors is not None or fatal is not None:
             cancelled = exc is not None and isinstance(exc, anyio.get_cancelled_exc_class())
             self._raise(errors or [], exc, fatal, cancelled=cancelled)
