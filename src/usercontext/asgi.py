@@ -307,7 +307,7 @@ class UserContextMiddleware:
                 try:
                     await self.app(scope, receive, _SendWithId(send, request_id))
                 except BaseException as e:
-                    await resources.__aexit__(type(e), e, e.__traceback__)
+                    await _close(resources, e)
                     raise
                 await _close(resources, None)
 
@@ -321,24 +321,28 @@ class UserContextMiddleware:
         headers: list[tuple[bytes, bytes]],
     ) -> None:
         request_id = incoming if incoming is not None else os.urandom(16).hex()
-        payload = json.dumps({**body, "request_id": request_id}).encode()
-        headers = [
-            *headers,
-            _JSON,
-            (b"content-length", str(len(payload)).encode("ascii")),
-            (self._header, request_id.encode("ascii")),
-        ]
+        header = (self._header, request_id.encode("ascii"))
         if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": payload})
+            await _send_json(send, "http.response", status, body, [*headers, header])
         elif "websocket.http.response" in scope.get("extensions", {}):
-            await send(
-                {"type": "websocket.http.response.start", "status": status, "headers": headers}
-            )
-            await send({"type": "websocket.http.response.body", "body": payload})
+            await _send_json(send, "websocket.http.response", status, body, [*headers, header])
         else:
             reason = f"{status} {body['error']}"
             await send({"type": "websocket.close", "code": _POLICY_VIOLATION, "reason": reason})
+
+
+async def _send_json(
+    send: Send, kind: str, status: int, body: dict[str, str], headers: list[tuple[bytes, bytes]]
+) -> None:
+    """
+    Send a JSON response (*kind* is ``http.response`` or a WebSocket's
+    ``websocket.http.response``) of *body* and the request id, which is the
+    value of the last of *headers*.
+    """
+    payload = json.dumps({**body, "request_id": headers[-1][1].decode("ascii")}).encode()
+    length = (b"content-length", str(len(payload)).encode("ascii"))
+    await send({"type": f"{kind}.start", "status": status, "headers": [_JSON, length, *headers]})
+    await send({"type": f"{kind}.body", "body": payload})
 
 
 class _SendWithId:
@@ -356,15 +360,11 @@ class _SendWithId:
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
         if kind in _STARTS:
-            message = _with_header(message, self._header)
+            message = _with_header_and_length(message, self._header)[0]
         await self._send(message)
 
 
 _STARTS = frozenset(("http.response.start", "websocket.accept", "websocket.http.response.start"))
-
-
-def _with_header(message: Message, header: tuple[bytes, bytes]) -> Message:
-    return _with_header_and_length(message, header)[0]
 
 
 def _with_header_and_length(message: Message, header: tuple[bytes, bytes]) -> tuple[Message, bool]:
@@ -396,7 +396,10 @@ async def _close(resources: Scope, error: BaseException | None) -> bool:
     over): cleanup errors are logged, not raised; tell whether there were none.
     """
     try:
-        await resources.__aexit__(None if error is None else type(error), error, None)
+        if error is None:
+            await resources.__aexit__(None, None, None)
+        else:  # the scope adds its cleanup errors to *error* as notes
+            await resources.__aexit__(type(error), error, error.__traceback__)
     except Exception as e:  # noqa: BLE001  # each error was logged by the scope
         logger.error(  # noqa: TRY400  # the scope logged each traceback already
             "The resources of request %s were not all cleaned up: %s",
@@ -441,8 +444,7 @@ class _HTTPRequest:
             await app(scope, watch, self.send)
         except BaseException as e:
             if not self._closed:
-                self._closed = True
-                await resources.__aexit__(type(e), e, e.__traceback__)
+                await self._close(e)
             raise
         if not self._closed:
             # The application returned before finishing its response, or the
@@ -503,24 +505,12 @@ class _HTTPRequest:
             await self._close()
 
     async def _send_failure(self) -> None:
-        name, request_id = self._header
-        payload = json.dumps(
-            {
-                "error": "cleanup_failed",
-                "detail": "The request's resources could not be cleaned up (a commit may "
-                "have failed); its changes may not have been saved.",
-                "request_id": request_id.decode("ascii"),
-            }
-        ).encode()
-        length = (b"content-length", str(len(payload)).encode("ascii"))
-        await self._send(
-            {
-                "type": "http.response.start",
-                "status": 500,
-                "headers": [_JSON, length, (name, request_id)],
-            }
-        )
-        await self._send({"type": "http.response.body", "body": payload})
+        body = {
+            "error": "cleanup_failed",
+            "detail": "The request's resources could not be cleaned up (a commit may have "
+            "failed); its changes may not have been saved.",
+        }
+        await _send_json(self._send, "http.response", 500, body, [self._header])
 
 
 @overload
