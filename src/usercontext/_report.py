@@ -75,6 +75,8 @@ __all__ = [
     "fmt_ns",
     "fmt_ratio",
     "in_empty_context",
+    "paired_ratios",
+    "percentile",
     "ratio_status",
     "run_report",
     "time_op",
@@ -499,6 +501,27 @@ def in_empty_context(fn: Callable[[], T]) -> T:
     Run *fn* in an empty Context: nothing bound, no other variables set.
     """
     return contextvars.Context().run(fn)
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """
+    Return the *p*-th percentile of *values* (nearest rank).
+    """
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def paired_ratios(ours: Sequence[float], floor: Sequence[float]) -> dict[str, Any]:
+    """
+    Return the figures of runs of ours and of the floor interleaved in pairs:
+    both lists, the ratio of their best, and the median of the pairs' ratios.
+    """
+    return {
+        "ours_ms": list(ours),
+        "floor_ms": list(floor),
+        "ratio": min(ours) / min(floor),
+        "median_pair_ratio": statistics.median(o / f for o, f in zip(ours, floor, strict=True)),
+    }
 
 
 def ratio_status(best: float, median: float, target: float) -> Status:

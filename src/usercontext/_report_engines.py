@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import statistics
 import time
 import timeit
 import tracemalloc
@@ -41,6 +40,8 @@ from ._report import (
     compare,
     fmt_ns,
     in_empty_context,
+    paired_ratios,
+    percentile,
     ratio_status,
 )
 
@@ -112,8 +113,7 @@ class _Run:
         """
         Return the *p*-th percentile latency in ms (nearest rank).
         """
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+        return percentile(self.latencies_ms, p)
 
     async def work(self, user: int) -> None:
         """
@@ -225,16 +225,16 @@ def _percentiles(run: _Run) -> dict[str, float]:
 
 
 def _latency_row(out: Table, runs: dict[str, list[_Run]], p: int, target: float) -> dict[str, Any]:
-    ours = [r.percentile(p) for r in runs["quota"]]
-    floor = [r.percentile(p) for r in runs["floor"]]
-    best = min(ours) / min(floor)
-    median = statistics.median(o / f for o, f in zip(ours, floor, strict=True))
+    pair = paired_ratios(
+        [r.percentile(p) for r in runs["quota"]], [r.percentile(p) for r in runs["floor"]]
+    )
+    best, median = pair["ratio"], pair["median_pair_ratio"]
     status = ratio_status(best, median, target)
     out.rows.append(
         Row(
             f"Legacy scenario P{p}, `LocalQuota` vs per-user `asyncio.Semaphore`",
             f"≤ {target:g}x",
-            f"{min(ours):.1f} ms vs {min(floor):.1f} ms: **{best:.2f}x**"
+            f"{min(pair['ours_ms']):.1f} ms vs {min(pair['floor_ms']):.1f} ms: **{best:.2f}x**"
             + (
                 f" (median of pairs {median:.2f}x: within noise)"
                 if (best > target) != (median > target)
@@ -243,7 +243,7 @@ def _latency_row(out: Table, runs: dict[str, list[_Run]], p: int, target: float)
             status,
         )
     )
-    return {"ours_ms": ours, "floor_ms": floor, "ratio": best, "median_pair_ratio": median}
+    return pair
 
 
 def _legacy_rows(out: Table, scale: Scale) -> None:

@@ -43,6 +43,7 @@ from ._report import (
     compare,
     fmt_ns,
     in_empty_context,
+    percentile,
 )
 from ._report_engines import LoopOp
 
@@ -442,16 +443,11 @@ async def _latencies(n: int) -> list[float]:
     return delays
 
 
-def _percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
-
-
 def _latency_rows(out: Table, scale: Scale) -> None:
     n = max(100, min(5_000, scale.memory_contexts))
     runs = [_run(_latencies, n) for _ in range(scale.scenario_rounds)]
-    best = min(runs, key=lambda r: _percentile(r, 99))
-    p50, p99 = _percentile(best, 50), _percentile(best, 99)
+    best = min(runs, key=lambda r: percentile(r, 99))
+    p50, p99 = percentile(best, 50), percentile(best, 99)
     out.figures["latency"] = {
         "events": n,
         "p50_ms": p50,

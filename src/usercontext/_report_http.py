@@ -28,7 +28,6 @@ import gc
 import json
 import os
 import socket
-import statistics
 import threading
 import time
 import tracemalloc
@@ -59,6 +58,8 @@ from ._report import (
     SectionResult,
     Table,
     in_empty_context,
+    paired_ratios,
+    percentile,
 )
 
 
@@ -395,8 +396,7 @@ class Run:
         """
         Return the *p*-th percentile latency in ms (nearest rank).
         """
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+        return percentile(self.latencies_ms, p)
 
     def check(self, user_id: str, request_id: str, status: int, echoed: bytes, body: bytes) -> bool:
         """
@@ -698,14 +698,9 @@ def _figures(run: Run) -> dict[str, Any]:
 
 
 def _pair(runs: dict[str, list[Run]], p: int) -> dict[str, Any]:
-    ours = [r.percentile(p) for r in runs["ours"]]
-    floor = [r.percentile(p) for r in runs["floor"]]
-    return {
-        "ours_ms": ours,
-        "floor_ms": floor,
-        "ratio": min(ours) / min(floor),
-        "median_pair_ratio": statistics.median(o / f for o, f in zip(ours, floor, strict=True)),
-    }
+    return paired_ratios(
+        [r.percentile(p) for r in runs["ours"]], [r.percentile(p) for r in runs["floor"]]
+    )
 
 
 def _legacy_rows(out: Table, scale: Scale, server: Server) -> list[Run]:
