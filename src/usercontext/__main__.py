@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
             "under uvicorn on 127.0.0.1 (needs uvicorn)"
         ),
     )
+    # Usage errors found after parsing are the report's, with its usage line.
+    report.set_defaults(report_parser=report)
     return parser
 
 
@@ -109,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return _report(parser, args)
+        return _report(args.report_parser, args)
     except KeyboardInterrupt:
         # Outside a section (a section's interruption is handled by the report).
         sys.stderr.write("\nusercontext report: interrupted.\n")
