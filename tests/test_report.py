@@ -73,7 +73,10 @@ def _check_report(out: str, err: str, code: int, data: dict) -> None:  # noqa: P
     """
     assert out.startswith("# usercontext validation report\n")
     assert f"usercontext {usercontext.__version__} on " in out
-    assert "- Legacy: the UserExecutionContext architecture of Netra Core Generation 1" in out
+    assert (
+        "- Legacy: the system this library replaces, the per-request UserExecutionContext "
+        "architecture of Netra Core Generation 1."
+    ) in out
     assert "'Phase 1 Performance Validation Report: UserExecutionContext Migration'" in out
     header = (
         "## Contexts\n\n| Metric | Kind | Target | Achieved | Status |\n|---|---|---|---|---|\n"

@@ -61,18 +61,19 @@ EXIT_FAILED = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
 
-# What "legacy" means wherever the report says it.
-LEGACY = {
+# What "legacy" means wherever the report says it: the system whose figures
+# the report compares against, and where those figures come from.
+LEGACY: dict[str, Any] = {
     "system": (
-        "the UserExecutionContext architecture of Netra Core Generation 1, the system this "
-        "library replaces"
+        "the system this library replaces, the per-request UserExecutionContext architecture "
+        "of Netra Core Generation 1"
     ),
     "source": (
-        "that system's own report, 'Phase 1 Performance Validation Report: "
-        "UserExecutionContext Migration' (2025-09-02), the figures it gives for its per-request "
-        "architecture (not its singleton baseline)"
+        "that system's own 'Phase 1 Performance Validation Report: UserExecutionContext "
+        "Migration' (2025-09-02), which gives them for its per-request architecture, not for "
+        "its singleton baseline"
     ),
-    "measured": "no: quoted from that report; this run measures only this library",
+    "measured_here": False,
 }
 
 
