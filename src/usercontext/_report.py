@@ -284,6 +284,9 @@ class _Outcome:
 
     @property
     def rows(self) -> list[Row]:
+        """
+        Every row measured, in the order of the report.
+        """
         return [row for _, result in self.results for row in result.rows]
 
     def markdown(self) -> str:
