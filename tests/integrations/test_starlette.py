@@ -108,16 +108,21 @@ def ws_scope(query=b""):
     }
 
 
+CLOSE = b'event: close\ndata: {"reason":"shutdown"}\n\n'
+
+
 def sse_events(body):
     """
-    Parse an SSE body into (id, event dict) pairs, skipping comments.
+    Parse an SSE body into (id, event dict) pairs, skipping comments and the
+    final ``close`` event.
     """
     out = []
     for block in body.decode().split("\n\n"):
         lines = [line for line in block.split("\n") if line and not line.startswith(":")]
         if lines:
             fields = dict(line.split(": ", 1) for line in lines)
-            out.append((fields["id"], json.loads(fields["data"])))
+            if fields.get("event") != "close":
+                out.append((fields["id"], json.loads(fields["data"])))
     return out
 
 
@@ -244,7 +249,8 @@ class TestEventSource:
 
     async def test_hub_close_ends_the_response(self, ctx):
         """
-        When the hub closes, the response delivers what was buffered and ends.
+        When the hub closes, the response delivers what was buffered, then
+        ends with a ``close`` event (no id) in the body's last message.
         """
         client = Client({"type": "http.request"}, "http.disconnect")
         async with anyio.create_task_group() as tg:
@@ -253,11 +259,58 @@ class TestEventSource:
                     EventSourceResponse(hub, "u-42"), http_scope(), client.receive, client.send
                 )
                 await _until(lambda: hub.stats().attached == 1)
+                for _ in range(3):
+                    hub.emitter(ctx).emit_nowait(TYPE)
                 hub.emitter(ctx).emit_nowait(uc.AGENT_COMPLETED)
             await _until(lambda: client.sent[-1].get("more_body") is False)
             client.gone.set()
 
-        assert [e["type"] for _, e in sse_events(client.body())] == [uc.AGENT_COMPLETED]
+        events = client.body().removesuffix(CLOSE)
+        assert [e["seq"] for _, e in sse_events(events)] == [1, 2, 3, 4]
+        assert events.endswith(b"\n\n")
+        assert client.sent[-1] == {"type": "http.response.body", "body": CLOSE, "more_body": False}
+
+    async def test_request_while_hub_closes_gets_only_the_close_event(self):
+        """
+        A stream requested while the hub is closing (the server shuts down)
+        is a 200 whose body is the ``close`` event alone: browsers reconnect
+        after it, where a 5xx would make them give up.
+        """
+        client = Client({"type": "http.request"}, "http.disconnect")
+        hub = uc.EmitterHub()
+        async with hub:
+            pass
+        await EventSourceResponse(hub, "u-42")(http_scope(), client.receive, client.send)
+
+        assert client.sent[0]["status"] == 200
+        assert client.body() == CLOSE
+        assert client.sent[-1]["more_body"] is False
+
+    async def test_failing_sends_end_with_an_error_close_event(self, ctx):
+        """
+        When the hub gives up on a sink whose sends keep failing (not a gone
+        client), the response ends with a ``close`` event of reason ``error``.
+        """
+        client = Client({"type": "http.request"}, "http.disconnect")
+        original = client.send
+
+        async def fail_events(message):
+            if message.get("body", b"").startswith(b"id: "):
+                raise RuntimeError("encoder bug")
+            await original(message)
+
+        retry = uc.Retry(attempts=1)
+        hub = uc.EmitterHub(retry=retry, on_dead_letter=lambda _: None)
+        async with hub, anyio.create_task_group() as tg:
+            tg.start_soon(
+                EventSourceResponse(hub, "u-42"), http_scope(), client.receive, fail_events
+            )
+            await _until(lambda: hub.stats().attached == 1)
+            hub.emitter(ctx).emit_nowait(TYPE)
+            await _until(lambda: client.sent and client.sent[-1].get("more_body") is False)
+            client.gone.set()
+
+        assert client.body() == b'event: close\ndata: {"reason":"error"}\n\n'
 
     async def test_client_gone_while_sending(self, ctx):
         """
@@ -380,11 +433,14 @@ class TestWebSocket:
         assert (close["type"], close["code"]) == ("websocket.close", 1008)
         assert "last_seq" in close["reason"]
 
-    @pytest.mark.parametrize(("failing", "code"), [(False, 1001), (True, 1011)])
-    async def test_server_side_end_closes_the_socket(self, ctx, failing, code):
+    @pytest.mark.parametrize(
+        ("failing", "code", "reason"),
+        [(False, 1001, "The server is shutting down."), (True, 1011, "The event stream failed.")],
+    )
+    async def test_server_side_end_closes_the_socket(self, ctx, failing, code, reason):
         """
         When the hub closes, or the sink's sends keep failing, the socket is
-        closed with 1001 (going away) or 1011 (internal error).
+        closed with 1001 (going away) or 1011 (internal error), and a reason.
         """
         client = Client({"type": "websocket.connect"}, "websocket.disconnect")
         ws = WebSocket(ws_scope(), client.receive, client.send)
@@ -409,6 +465,24 @@ class TestWebSocket:
             client.gone.set()
 
         assert client.sent[-1]["code"] == code
+        assert client.sent[-1]["reason"] == reason
+
+    async def test_connect_while_hub_closes(self):
+        """
+        A socket that connects while the hub is closing (the server shuts
+        down) is accepted, then closed at once with 1001 and the reason.
+        """
+        client = Client({"type": "websocket.connect"}, "websocket.disconnect")
+        hub = uc.EmitterHub()
+        async with hub:
+            pass
+        await serve_websocket(WebSocket(ws_scope(), client.receive, client.send), hub, "u-42")
+
+        assert [m["type"] for m in client.sent] == ["websocket.accept", "websocket.close"]
+        assert (client.sent[-1]["code"], client.sent[-1]["reason"]) == (
+            1001,
+            "The server is shutting down.",
+        )
 
     async def test_sink_maps_closed_sockets(self, ctx):
         """
