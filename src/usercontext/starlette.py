@@ -17,6 +17,7 @@ import contextlib
 import inspect
 import signal
 import threading
+import weakref
 
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ from usercontext import EmitterClosedError, EmitterHub, Event, SinkClosedError, 
 
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
     from types import FrameType
 
     from starlette.types import Receive, Scope, Send
@@ -53,6 +54,41 @@ _ENDS = {
     "error": (_INTERNAL_ERROR, "The event stream failed."),
 }
 _SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# How long close_on_signal waits for the streams to write their end once the
+# hub closed: one small message each, unless a client stopped reading.
+_END_TIMEOUT = 1.0
+
+
+class _Open:
+    """
+    The streams of one hub still running, so that `close_on_signal` hands the
+    signal on only once they have written their end.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.none = anyio.Event()
+
+
+_OPEN: weakref.WeakKeyDictionary[EmitterHub, _Open] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _running(hub: EmitterHub) -> Iterator[None]:
+    """
+    Count a stream of *hub* as running inside the block.
+    """
+    streams = _OPEN.get(hub)
+    if streams is None:
+        streams = _OPEN[hub] = _Open()
+    streams.count += 1
+    try:
+        yield
+    finally:
+        streams.count -= 1
+        if not streams.count:
+            streams.none.set()
+            del _OPEN[hub]
 
 
 def _server_end(attachment: Attachment | None, hub: EmitterHub) -> str | None:
@@ -153,21 +189,22 @@ async def serve_websocket(
         user_id = current().user_id
     if last_seq is _FROM_REQUEST:
         last_seq = websocket.query_params.get("last_seq")
-    attachment: Attachment | None
-    try:
-        attachment = hub.attach(user_id, WebSocketSink(websocket), last_seq=last_seq)
-    except ValueError as e:
-        await websocket.close(code=_POLICY_VIOLATION, reason=str(e)[:120])
-        return
-    except EmitterClosedError:
-        attachment = None  # connected while the server shuts down
-    else:
-        await _stream_websocket(websocket, attachment)
-    end = _server_end(attachment, hub)
-    if end is not None:
-        code, reason = _ENDS[end]
-        with contextlib.suppress(RuntimeError, OSError):  # closed meanwhile
-            await websocket.close(code=code, reason=reason)
+    with _running(hub):
+        attachment: Attachment | None
+        try:
+            attachment = hub.attach(user_id, WebSocketSink(websocket), last_seq=last_seq)
+        except ValueError as e:
+            await websocket.close(code=_POLICY_VIOLATION, reason=str(e)[:120])
+            return
+        except EmitterClosedError:
+            attachment = None  # connected while the server shuts down
+        else:
+            await _stream_websocket(websocket, attachment)
+        end = _server_end(attachment, hub)
+        if end is not None:
+            code, reason = _ENDS[end]
+            with contextlib.suppress(RuntimeError, OSError):  # closed meanwhile
+                await websocket.close(code=code, reason=reason)
 
 
 async def _stream_websocket(websocket: WebSocket, attachment: Attachment) -> None:
@@ -292,33 +329,34 @@ class EventSourceResponse(Response):
             request = HTTPConnection(scope)
             last_seq = request.headers.get("last-event-id", request.query_params.get("last_seq"))
         user_id = self.user_id if self.user_id is not None else current().user_id
-        lock = anyio.Lock()
-        sink = _EventSourceSink(send, lock)
-        attachment: Attachment | None
-        async with lock:  # the headers go first
-            try:
-                attachment = self.hub.attach(user_id, sink, last_seq=last_seq)
-            except ValueError as e:
-                await PlainTextResponse(str(e), status_code=400)(scope, receive, send)
-                return
-            except EmitterClosedError:
-                attachment = None  # the server shuts down: the stream ends at once
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": self.status_code,
-                    "headers": self.raw_headers,
-                }
-            )
-        if attachment is not None:
-            await self._stream(attachment, sink, receive)
-        end = _server_end(attachment, self.hub)
-        last = b"" if end is None else f'event: close\ndata: {{"reason":"{end}"}}\n\n'.encode()
-        async with lock:  # after a write in progress; none may follow
-            if not sink.closed:
-                sink.closed = True
-                with contextlib.suppress(OSError):  # the client left meanwhile
-                    await send({"type": "http.response.body", "body": last, "more_body": False})
+        with _running(self.hub):
+            lock = anyio.Lock()
+            sink = _EventSourceSink(send, lock)
+            attachment: Attachment | None
+            async with lock:  # the headers go first
+                try:
+                    attachment = self.hub.attach(user_id, sink, last_seq=last_seq)
+                except ValueError as e:
+                    await PlainTextResponse(str(e), status_code=400)(scope, receive, send)
+                    return
+                except EmitterClosedError:
+                    attachment = None  # the server shuts down: the stream ends at once
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": self.status_code,
+                        "headers": self.raw_headers,
+                    }
+                )
+            if attachment is not None:
+                await self._stream(attachment, sink, receive)
+            end = _server_end(attachment, self.hub)
+            last = b"" if end is None else f'event: close\ndata: {{"reason":"{end}"}}\n\n'.encode()
+            async with lock:  # after a write in progress; none may follow
+                if not sink.closed:
+                    sink.closed = True
+                    with contextlib.suppress(OSError):  # the client left meanwhile
+                        await send({"type": "http.response.body", "body": last, "more_body": False})
 
     async def _stream(
         self, attachment: Attachment, sink: _EventSourceSink, receive: Receive
@@ -429,10 +467,12 @@ async def close_on_signal(
     the hub: on the first of *signals*, it closes the hub (every stream gets
     what was emitted before, within the hub's drain timeout, then ends: see
     `EventSourceResponse` and `serve_websocket`), and then hands the signal
-    on to the handler installed before it (the server's), which starts the
-    server's shutdown with no stream left open. A second signal meanwhile is
-    handed on at once, with the first, so that a second Ctrl-C still forces
-    the server to quit. Leaving the block puts the previous handlers back.
+    on to the handler installed before it (the server's) once the streams
+    have written their end (waiting a second at most for a client that does
+    not read), so that the server starts its shutdown with no stream open.
+    A second signal meanwhile is handed on at once, with the first, so that a
+    second Ctrl-C still forces the server to quit. Leaving the block puts the
+    previous handlers back.
 
     Once the hub is closed, emits raise
     `usercontext.exceptions.EmitterClosedError`: a request still running then
@@ -455,6 +495,10 @@ async def close_on_signal(
         await relay.fired.wait()
         try:
             await hub.aclose()
+            streams = _OPEN.get(hub)
+            if streams is not None:
+                with anyio.move_on_after(_END_TIMEOUT):
+                    await streams.none.wait()
         finally:
             relay.release(inspect.currentframe())
 
