@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import signal
 import threading
 import weakref
@@ -394,31 +393,29 @@ class _Relay:
     the handler that was installed before (the server's).
     """
 
-    def __init__(
-        self, signals: Sequence[int], wake: Callable[[Callable[[], object]], object]
-    ) -> None:
+    def __init__(self, signals: Sequence[int]) -> None:
         previous = {sig: signal.getsignal(sig) for sig in signals}
         # None: a handler not installed from Python, which cannot be put back.
         self.previous = {s: signal.SIG_DFL if h is None else h for s, h in previous.items()}
         self.pending: list[int] = []
         self.released = False
         self.fired = anyio.Event()
-        self._wake = wake
+        self._wake, self._hand_on = _loop_hooks()
 
     def install(self) -> None:
         for sig in self.previous:
             signal.signal(sig, self.handle)
 
-    def handle(self, sig: int, frame: FrameType | None) -> None:
+    def handle(self, sig: int, _frame: FrameType | None) -> None:
         self.pending.append(sig)
         if len(self.pending) == 1:
             self._wake(self.fired.set)
         else:
             # A second signal (a second Ctrl-C): the server gets both now, to
             # do what it does then (uvicorn quits without waiting).
-            self.release(frame)
+            self.release()
 
-    def release(self, frame: FrameType | None = None) -> None:
+    def release(self) -> None:
         """
         Put the previous handlers back and hand them the signals received.
         """
@@ -428,25 +425,36 @@ class _Relay:
         for sig, previous in self.previous.items():
             if signal.getsignal(sig) == self.handle:  # not replaced since
                 signal.signal(sig, previous)
-        for sig in self.pending:
-            previous = self.previous[sig]
-            if callable(previous):
-                previous(sig, frame)
-            elif previous == signal.SIG_DFL:
-                signal.raise_signal(sig)  # with SIG_DFL back: what it would have done
+        self._hand_on(self.pending)
 
 
-def _wake_up() -> Callable[[Callable[[], object]], object]:
+def _raise_again(signals: list[int]) -> None:
     """
-    Return a function that runs a callback soon in the running event loop, and
-    that is safe to call from a signal handler.
+    Raise *signals* again, for the handlers installed now: each runs before
+    `signal.raise_signal` returns, as for a signal from outside (the default
+    action included), and the loop's own handlers are woken too.
+    """
+    for sig in signals:
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            signal.raise_signal(sig)
+
+
+def _loop_hooks() -> tuple[Callable[[Callable[[], object]], object], Callable[[list[int]], None]]:
+    """
+    Return a function that runs a callback soon in the running event loop and
+    is safe to call from a signal handler, and the function that raises the
+    held signals again.
     """
     try:
-        return asyncio.get_running_loop().call_soon_threadsafe
+        return asyncio.get_running_loop().call_soon_threadsafe, _raise_again
     except RuntimeError:  # anyio runs on trio
         import trio  # only when the app runs on trio
 
-        return trio.lowlevel.current_trio_token().run_sync_soon
+        # trio's SIGINT handler raises KeyboardInterrupt in the frame it
+        # interrupts, unless that frame is protected: then trio delivers it
+        # to the main task, as for a Ctrl-C that comes while trio runs.
+        hand_on = trio.lowlevel.enable_ki_protection(_raise_again)
+        return trio.lowlevel.current_trio_token().run_sync_soon, hand_on
 
 
 @contextlib.asynccontextmanager
@@ -489,7 +497,7 @@ async def close_on_signal(
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    relay = _Relay(signals, _wake_up())
+    relay = _Relay(signals)
 
     async def close_when_signalled() -> None:
         await relay.fired.wait()
@@ -500,7 +508,7 @@ async def close_on_signal(
                 with anyio.move_on_after(_END_TIMEOUT):
                     await streams.none.wait()
         finally:
-            relay.release(inspect.currentframe())
+            relay.release()
 
     relay.install()
     try:
