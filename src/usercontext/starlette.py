@@ -406,7 +406,16 @@ class _Relay:
         for sig in self.previous:
             signal.signal(sig, self.handle)
 
-    def handle(self, sig: int, _frame: FrameType | None) -> None:
+    def handle(self, sig: int, frame: FrameType | None) -> None:
+        if self.released:
+            # Called by a handler installed over ours that chains to it.
+            previous = self.previous[sig]
+            if callable(previous):
+                previous(sig, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(sig, signal.SIG_DFL)
+                signal.raise_signal(sig)
+            return
         self.pending.append(sig)
         if len(self.pending) == 1:
             self._wake(self.fired.set)

@@ -657,6 +657,41 @@ class TestCloseOnSignal:
         finally:
             signal.signal(signal.SIGTERM, server.handle_exit)
 
+    @pytest.mark.parametrize("previous", ["server", signal.SIG_IGN, signal.SIG_DFL])
+    async def test_a_handler_over_ours_that_chains_to_it(self, server, previous, monkeypatch):
+        """
+        A handler installed over ours that calls ours in turn still reaches
+        the handler from before once the block has ended: the server's, or
+        the default action; an ignored signal stays ignored.
+        """
+        if previous != "server":
+            signal.signal(signal.SIGTERM, previous)
+        chained = []
+
+        async with uc.EmitterHub() as hub, close_on_signal(hub, signals=(signal.SIGTERM,)):
+            ours = signal.getsignal(signal.SIGTERM)
+
+            def chaining(sig, frame):
+                chained.append(sig)
+                ours(sig, frame)
+
+            signal.signal(signal.SIGTERM, chaining)
+        raised = []
+        monkeypatch.setattr(signal, "raise_signal", raised.append)
+        try:
+            chaining(signal.SIGTERM, None)
+            after = signal.getsignal(signal.SIGTERM)
+        finally:
+            signal.signal(signal.SIGTERM, server.handle_exit)
+
+        assert chained == [signal.SIGTERM]
+        if previous == "server":
+            assert (server.signals, raised, after) == ([signal.SIGTERM], [], chaining)
+        elif previous is signal.SIG_DFL:
+            assert (server.signals, raised, after) == ([], [signal.SIGTERM], signal.SIG_DFL)
+        else:
+            assert (server.signals, raised, after) == ([], [], chaining)
+
     @pytest.mark.parametrize("previous", [signal.SIG_IGN, signal.SIG_DFL, None])
     async def test_previous_handler_not_a_function(self, previous, monkeypatch):
         """
