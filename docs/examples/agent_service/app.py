@@ -48,7 +48,7 @@ import usercontext as uc
 from usercontext.asgi import UserContextMiddleware
 from usercontext.fastapi import CurrentContext, CurrentEmitter, EngineDep, Resource
 from usercontext.sqlalchemy import PoolWatch, session_provider
-from usercontext.starlette import serve_websocket
+from usercontext.starlette import close_on_signal, serve_websocket
 
 
 #: The header naming the conversation thread of a request, and its default.
@@ -350,7 +350,9 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
                 if db_schema is not None:
                     await conn.execute(CreateSchema(db_schema, if_not_exists=True))
                 await conn.run_sync(Base.metadata.create_all)
-            async with hub:
+            # On SIGTERM or Ctrl-C the hub closes at once, so the WebSockets
+            # end (code 1001) before uvicorn waits for open connections.
+            async with hub, close_on_signal(hub):
                 yield
                 await factory.aclose()
         finally:
