@@ -8,6 +8,7 @@ import pickle
 import re
 import time
 
+from pathlib import Path
 from types import MappingProxyType
 
 import attrs
@@ -589,12 +590,30 @@ class TestIdRules:
         number of distinct ids.
         """
         sizes = set()
+        held = set()
         for i in range(10_000):
             UserContext(user_id=f"user-{i}", thread_id=f"thread-{i}", run_id="r")
             sizes.add(len(_context._valid_ids))
+            held.add(len(_context._valid_ids) + len(_context._old_ids))
 
         assert _context._VALID_IDS_MAX == 4096
         assert 4000 <= max(sizes) <= 4096
+        # Both generations together: the whole cache.
+        assert max(held) == _context._ID_CACHE_MAX == 8192
+
+    def test_cache_bound_in_readme(self):
+        """
+        The README states the bound of the id cache the code enforces.
+        """
+        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(
+            encoding="utf-8"
+        )
+        figures = re.findall(
+            r"cache\s+of\s+already\s+validated\s+ids\s+is\s+capped\s+at\s+([\d,]+)\s+entries",
+            readme,
+        )
+
+        assert figures == [f"{_context._ID_CACHE_MAX:,}"]
 
     @pytest.mark.parametrize("max_length", [0, -1, 1.5, "256", True, None])
     def test_bad_max_length(self, max_length):
