@@ -27,6 +27,18 @@ from usercontext import (
 )
 
 
+class _Tampered:
+    """
+    Pickles as a `UserContext` rebuilt from *data*, as a tampered pickle would.
+    """
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce__(self):
+        return (_context._from_dict, (UserContext, self.data))
+
+
 REQUIRED = {"user_id": "u-42", "thread_id": "t-7", "run_id": "r-1"}
 ID_FIELDS = (
     "user_id",
@@ -204,6 +216,48 @@ class TestConstruction:
             make(created_at=value)
 
         assert ei.value.field == "created_at"
+
+    @pytest.mark.parametrize(
+        "value",
+        [2**1024, 10**400, -(10**400), 10**5000],
+        ids=["2**1024", "10**400", "-10**400", "10**5000"],
+    )
+    @pytest.mark.parametrize("how", ["constructor", "evolve", "from_dict", "pickle"])
+    def test_created_at_too_large(self, value, how, ctx):
+        """
+        An int too large for a float is refused with InvalidContextError naming
+        created_at, by construction, evolve(), from_dict() and unpickling, not
+        with OverflowError (nor ValueError from printing a 5,000-digit int).
+        """
+        data = {**ctx.to_dict(), "created_at": value}
+        build = {
+            "constructor": lambda: UserContext(**data),
+            "evolve": lambda: ctx.evolve(created_at=value),
+            "from_dict": lambda: UserContext.from_dict(data),
+            "pickle": lambda: pickle.loads(  # noqa: S301  # a pickle we made, on purpose
+                pickle.dumps(_Tampered(data))
+            ),
+        }[how]
+
+        with pytest.raises(InvalidContextError, match=r"created_at: must be a finite") as ei:
+            build()
+
+        assert ei.value.field == "created_at"
+        assert ei.value.value == value
+
+    def test_too_large_int_shown_by_type(self):
+        """
+        An error about an int too long to print shows its type instead of
+        failing while it is being built.
+        """
+        with pytest.raises(
+            TypeError, match=r"must be a str, got int \(a value of type int too large"
+        ):
+            make(user_id=10**5000)
+        with pytest.raises(InvalidContextError, match="got a value of type int too large to show"):
+            make(created_at=10**5000)
+        with pytest.raises(IsolationError, match="for user a value of type int too large"):
+            make().evolve(user_id=10**5000)
 
     @pytest.mark.parametrize("value", ["1700000000", True, b"1", [1.0]])
     def test_created_at_wrong_type(self, value):
@@ -605,9 +659,7 @@ class TestIdRules:
         """
         The README states the bound of the id cache the code enforces.
         """
-        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(
-            encoding="utf-8"
-        )
+        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
         figures = re.findall(
             r"cache\s+of\s+already\s+validated\s+ids\s+is\s+capped\s+at\s+([\d,]+)\s+entries",
             readme,

@@ -74,7 +74,12 @@ _REPR_MAX = 64
 
 
 def _short_repr(value: object) -> str:
-    r = repr(value)
+    try:
+        r = repr(value)
+    except ValueError:
+        # An int longer than sys.get_int_max_str_digits() has no repr; an error
+        # message about it must not fail with one of its own.
+        return f"a value of type {type(value).__name__} too large to show"
     return r if len(r) <= _REPR_MAX else r[: _REPR_MAX - 4] + "...'"
 
 
@@ -105,7 +110,7 @@ class IdRules:
     def __attrs_post_init__(self) -> None:
         if type(self.max_length) is not int or self.max_length < 1:
             msg = (
-                f"IdRules.max_length must be a positive int, got {self.max_length!r}. "
+                f"IdRules.max_length must be a positive int, got {_short_repr(self.max_length)}. "
                 "Pass the longest id your service accepts, such as 256."
             )
             raise ValueError(msg)
@@ -173,7 +178,10 @@ def configure(*, id_rules: IdRules | None = None, max_depth: int | None = None) 
         _old_ids.clear()
     if max_depth is not None:
         if type(max_depth) is not int or max_depth < 0:
-            msg = f"max_depth must be a non-negative int, got {max_depth!r}; the default is 32."
+            msg = (
+                f"max_depth must be a non-negative int, got {_short_repr(max_depth)}; "
+                "the default is 32."
+            )
             raise ValueError(msg)
         _max_depth = max_depth
 
@@ -406,14 +414,19 @@ def _check_created_at(created_at: object) -> float:
             f"{type(created_at).__name__} ({_short_repr(created_at)})."
         )
         raise TypeError(msg)
-    if not math.isfinite(created_at) or created_at < 0:
+    try:
+        # An int too large for a float overflows here, not in isfinite below.
+        seconds = float(created_at)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0:
         raise _invalid(
             "created_at",
             created_at,
             "must be a finite, non-negative number of epoch seconds",
             "Leave it out to use time.time().",
         )
-    return float(created_at)
+    return seconds
 
 
 @attrs.frozen(init=False, repr=False, weakref_slot=False)
@@ -591,7 +604,7 @@ class UserContext:
             if changes["user_id"] != self.user_id:
                 msg = (
                     f"A context for user {self.user_id!r} cannot become one for user "
-                    f"{changes['user_id']!r} through {how}(). Create a new root "
+                    f"{_short_repr(changes['user_id'])} through {how}(). Create a new root "
                     "UserContext for the other user."
                 )
                 raise IsolationError(msg)
