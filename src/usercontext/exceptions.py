@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "CloseTimeoutError",
+    "ConfigurationError",
     "EmitterClosedError",
     "EmitterFullError",
     "EmitterTimeout",
@@ -117,6 +118,20 @@ class InvalidContextError(UserContextError, ValueError):
         self.field = field
         self.value = value
         self.reason = reason
+
+
+class ConfigurationError(UserContextError, RuntimeError):
+    """
+    Work runs in a process configured differently from the one that sent it.
+
+    `usercontext.ContextExecutor` raises it in a worker process whose
+    `usercontext.configure` rules differ from those of the process that
+    submitted the task: the worker would validate the context, and every
+    context the task creates, by other rules. Configure the worker in the
+    pool's initializer.
+
+    .. versionadded:: 0.1.0
+    """
 
 
 class IsolationError(UserContextError, RuntimeError):
