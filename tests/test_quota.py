@@ -26,6 +26,7 @@ import attrs
 import pytest
 
 from anyio.lowlevel import checkpoint
+from trio.testing import MockClock
 
 import usercontext._quota as quota_module
 
@@ -636,6 +637,42 @@ class TestLimits:
         lease.release()
         q = cls(per_key=3, total=0)
         assert q.try_acquire("a") is None
+
+
+class TestLoopClock:
+    @pytest.mark.parametrize(
+        "anyio_backend",
+        [
+            pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio-autojump"),
+            pytest.param("asyncio", id="asyncio"),
+        ],
+    )
+    async def test_timeout_waited_on_the_loop_clock(self, anyio_backend):
+        """
+        QuotaTimeout reports the wait measured by the event loop's clock, the
+        one its timeout runs on: 30.000 s under trio's autojump clock (which
+        takes no wall time at all), and the real wait on asyncio.
+        """
+        virtual = anyio_backend[0] == "trio"
+        timeout = 30.0 if virtual else 0.2
+        q = LocalQuota(per_key=1)
+        holder = await q.acquire("a")
+
+        loop_start, wall_start = anyio.current_time(), time.monotonic()
+        with pytest.raises(QuotaTimeout) as ei:
+            await q.acquire("a", timeout=timeout)
+        loop_elapsed = anyio.current_time() - loop_start
+        wall_elapsed = time.monotonic() - wall_start
+
+        assert timeout <= ei.value.waited <= loop_elapsed
+        if virtual:
+            assert ei.value.waited == pytest.approx(30.0)
+            assert wall_elapsed < 5
+            assert str(ei.value).startswith("Waited 30.000 s (the timeout of 30.0 s) for a slot")
+        else:
+            assert ei.value.waited < 0.7
+            assert f"Waited {ei.value.waited:.3f} s (the timeout of 0.2 s)" in str(ei.value)
+        holder.release()
 
 
 class TestLeasesNotGranted:
