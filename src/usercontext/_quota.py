@@ -95,7 +95,7 @@ class Lease:
     _quota: _Core | None  # None once released
     _key: str
 
-    def __init__(self, *_args: object, **_kwargs: object) -> None:
+    def __init__(self, *args: object, **kwargs: object) -> None:  # noqa: ARG002  # refused, whatever it is given
         msg = (
             "A Lease is granted by a quota, never made by hand: call "
             "`await quota.acquire(key)` or `quota.try_acquire(key)` and release what it "
