@@ -322,15 +322,9 @@ class _Core:
         else:
             self._dispatch()
 
-    def _give_back(self, lease: Lease) -> None:
-        """
-        Return the slot of *lease* unless it was returned already; Lease.release
-        comes here, and ThreadQuota takes its lock first.
-        """
-        if lease._quota is self:  # noqa: SLF001  # Lease is this module's
-            lease._quota = None  # noqa: SLF001
-            self._return(lease._key)  # noqa: SLF001
-
+    # Lease.release comes here: ThreadQuota returns the slot under its lock.
+    # LocalQuota's leases release themselves.
+    _give_back: Callable[[Lease], None]
     _lease_type: type[Lease] = Lease
 
     def release(self, lease: Lease) -> None:
@@ -698,7 +692,9 @@ class ThreadQuota(_Core):
         # Checked and returned under the lock: two threads releasing one lease
         # at once return its slot once.
         with self._lock:
-            super()._give_back(lease)
+            if lease._quota is self:  # noqa: SLF001  # Lease is this module's
+                lease._quota = None  # noqa: SLF001
+                self._return(lease._key)  # noqa: SLF001
 
     def _wake(self, waiter: _Waiter) -> None:
         waiter.signal.release()
