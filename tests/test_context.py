@@ -6,6 +6,8 @@ import math
 import os
 import pickle
 import re
+import subprocess
+import sys
 import time
 
 from pathlib import Path
@@ -722,6 +724,53 @@ class TestIdRules:
         usercontext.configure(max_depth=4)
 
         assert _context.current_rules() == (rules, 4)
+
+    def test_described_rules(self):
+        """
+        described_rules() gives the rules in force as text, updated by every
+        configure() call; ContextExecutor sends it to its worker processes.
+        """
+        assert _context.described_rules() == (
+            "IdRules(max_length=256, placeholders=frozenset({'-', 'default', 'example', "
+            "'n/a', 'nil', 'none', 'null', 'placeholder', 'registry', 'temp', 'tmp', "
+            "'undefined', 'unknown', 'xxx'}), pattern=None) with max_depth=32"
+        )
+        usercontext.configure(id_rules=IdRules(placeholders=frozenset(), pattern="u-[0-9]+"))
+        usercontext.configure(max_depth=4)
+
+        assert _context.described_rules() == (
+            "IdRules(max_length=256, placeholders=frozenset({}), pattern='u-[0-9]+') "
+            "with max_depth=4"
+        )
+
+    def test_described_rules_same_in_every_process(self):
+        """
+        Equal rules are described by the same text in processes with different
+        hash seeds, where their placeholders iterate in different orders.
+        """
+        script = (
+            "import usercontext as uc, usercontext._context as c\n"
+            "p = frozenset(f'p{i}' for i in range(40))\n"
+            "uc.configure(id_rules=uc.IdRules(placeholders=p))\n"
+            "print(list(uc.IdRules(placeholders=p).placeholders)[:5], c.described_rules())\n"
+        )
+        outputs = [
+            subprocess.run(  # noqa: S603  # our own interpreter
+                [sys.executable, "-c", script],
+                env={**os.environ, "PYTHONHASHSEED": seed},
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
+            ).stdout
+            for seed in ("1", "2")
+        ]
+        orders = [out.partition("] ")[0] for out in outputs]
+        described = [out.partition("] ")[2] for out in outputs]
+
+        assert orders[0] != orders[1]
+        assert described[0] == described[1]
+        assert "'p0', 'p1', 'p10', 'p11'" in described[0]
 
     def test_rules_are_frozen(self):
         """

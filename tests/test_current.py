@@ -860,7 +860,7 @@ class TestContextExecutorProcesses:
         _run_in_process refuses a task sent under other rules before running it.
         """
         ran = []
-        other = (usercontext.IdRules(max_length=10), 32)
+        other = _context._describe_rules(usercontext.IdRules(max_length=10), 32)
 
         with pytest.raises(usercontext.ConfigurationError, match="max_length=10"):
             _current._run_in_process(ctx.to_dict(), other, ran.append, (1,), {})
@@ -895,7 +895,7 @@ class TestContextExecutorProcesses:
         _run_in_process binds the decoded context for the call only, and runs
         unbound without one; it validates what it decodes.
         """
-        run = functools.partial(_current._run_in_process, rules=_context.current_rules())
+        run = functools.partial(_current._run_in_process, rules=_context.described_rules())
 
         assert run(None, fn=user_of_current, args=(), kwargs={}) is None
         assert run(ctx.to_dict(), fn=remote_current, args=(), kwargs={}) == ctx
@@ -914,7 +914,7 @@ class TestContextExecutorProcesses:
         def dirty():
             probe.set("dirty")
 
-        rules = _context.current_rules()
+        rules = _context.described_rules()
         _current._run_in_process(None, rules, dirty, (), {})
         _current._run_in_process(ctx.to_dict(), rules, dirty, (), {})
 

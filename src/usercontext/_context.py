@@ -144,6 +144,21 @@ _pattern: re.Pattern[str] | None = None
 _max_depth = 32
 
 
+def _describe_rules(rules: IdRules, max_depth: int) -> str:
+    """
+    Describe *rules* and *max_depth* in a text that equal rules give in every
+    process (placeholders sorted: a frozenset's order varies with the hash seed).
+    """
+    placeholders = ", ".join(map(repr, sorted(rules.placeholders)))
+    return (
+        f"IdRules(max_length={rules.max_length}, placeholders=frozenset({{{placeholders}}}), "
+        f"pattern={rules.pattern!r}) with max_depth={max_depth}"
+    )
+
+
+_described = _describe_rules(_rules, _max_depth)
+
+
 def configure(*, id_rules: IdRules | None = None, max_depth: int | None = None) -> None:
     """
     Set the validation rules for every `UserContext` created afterwards.
@@ -163,7 +178,7 @@ def configure(*, id_rules: IdRules | None = None, max_depth: int | None = None) 
 
     .. versionadded:: 0.1.0
     """
-    global _rules, _max_len, _placeholders, _placeholder_len, _pattern, _max_depth  # noqa: PLW0603
+    global _rules, _max_len, _placeholders, _placeholder_len, _pattern, _max_depth, _described  # noqa: PLW0603
     if id_rules is not None:
         rules: object = id_rules
         if not isinstance(rules, IdRules):
@@ -184,6 +199,7 @@ def configure(*, id_rules: IdRules | None = None, max_depth: int | None = None) 
             )
             raise ValueError(msg)
         _max_depth = max_depth
+    _described = _describe_rules(_rules, _max_depth)
 
 
 def current_rules() -> tuple[IdRules, int]:
@@ -191,6 +207,14 @@ def current_rules() -> tuple[IdRules, int]:
     Return the `IdRules` and the maximum depth in force.
     """
     return _rules, _max_depth
+
+
+def described_rules() -> str:
+    """
+    Return the rules in force as a text that equal rules give in every process,
+    for a worker process to compare with its submitter's.
+    """
+    return _described
 
 
 def _invalid(

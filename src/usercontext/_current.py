@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio.to_thread
 
-from ._context import IdRules, UserContext, current_rules
+from ._context import UserContext, described_rules
 from .exceptions import ConfigurationError, IsolationError, NoContextError
 
 
@@ -247,7 +247,7 @@ async def to_thread(
 
 def _run_in_process(
     data: dict[str, Any] | None,
-    rules: tuple[IdRules, int],
+    rules: str,
     fn: Callable[..., T],
     args: Any,
     kwargs: Any,
@@ -257,16 +257,16 @@ def _run_in_process(
     *data* describes, or none; check first that the worker's rules are *rules*,
     those of the submitter.
     """
-    if rules != current_rules():
-        here_rules, here_depth = current_rules()
-        there_rules, there_depth = rules
+    # Compared as text computed once per configure(): a short string costs
+    # each task far less to send than the IdRules object.
+    here = described_rules()
+    if rules != here:
         msg = (
             "This worker process validates contexts by other rules than the process that "
-            f"submitted the task: here {here_rules!r} with max_depth={here_depth}, there "
-            f"{there_rules!r} with max_depth={there_depth}. usercontext.configure() applies "
-            "to one process only: call it with the same rules in the pool's initializer, "
-            "such as ProcessPoolExecutor(initializer=functools.partial(usercontext.configure, "
-            "id_rules=RULES, max_depth=DEPTH))."
+            f"submitted the task: here {here}, there {rules}. usercontext.configure() "
+            "applies to one process only: call it with the same rules in the pool's "
+            "initializer, such as ProcessPoolExecutor(initializer=functools.partial("
+            "usercontext.configure, id_rules=RULES, max_depth=DEPTH))."
         )
         raise ConfigurationError(msg)
     # A worker forked while a context was bound inherited it in its Context: run
@@ -330,7 +330,7 @@ class ContextExecutor(concurrent.futures.Executor):
                 self._executor.submit,
                 _run_in_process,
                 None if ctx is None else ctx.to_dict(),
-                current_rules(),
+                described_rules(),
                 fn,
                 args,
                 kwargs,
