@@ -855,6 +855,28 @@ class TestContextExecutorProcesses:
         assert (refused.field, refused.value) == ("user_id", "alice")
         assert refused.reason == "does not match the pattern 'u-[0-9]+' of the configured IdRules"
 
+    def test_worker_refusal_reaches_the_submitter(self):
+        """
+        An InvalidContextError raised in a worker reaches the submitter with its
+        field, value and reason, and the pool keeps working (it used to fail
+        to unpickle, which broke the whole pool).
+        """
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn")
+        )
+        with ContextExecutor(pool) as executor:
+            refused = executor.submit(remote_new_context, "null").exception(timeout=60)
+            after = executor.submit(remote_new_context, "u-8").result(timeout=60)
+
+        assert type(refused) is usercontext.InvalidContextError
+        assert (refused.field, refused.value, refused.reason) == (
+            "user_id",
+            "null",
+            "is a placeholder, not a real id",
+        )
+        assert str(refused).startswith("Invalid UserContext.user_id: is a placeholder")
+        assert after == "u-8"
+
     def test_rules_mismatch_in_process(self, ctx):
         """
         _run_in_process refuses a task sent under other rules before running it.
