@@ -30,8 +30,15 @@ SAMPLES = {
     exceptions.EmitterFullError: ("u-1", 100, "error", True, 0.0, None),
     exceptions.EmitterTimeout: ("u-1", 100, "block", False, 2.0, 2.0),
 }
-# What to pass for an argument of __init__, by its annotation.
-BY_ANNOTATION = {"str": "sample text", "int": 403, "float": 1.5, "bool": True}
+# What to pass for an argument of __init__, by its annotation (its first type).
+BY_ANNOTATION = {
+    "str": "sample text",
+    "int": 403,
+    "float": 1.5,
+    "bool": True,
+    "Mapping": {"x-sample": "value"},
+    "dict": {"x-sample": "value"},
+}
 
 
 def sample(cls: type[BaseException]) -> BaseException:
@@ -48,10 +55,15 @@ def sample(cls: type[BaseException]) -> BaseException:
     for param in inspect.signature(cls).parameters.values():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        annotation = str(param.annotation).split("|")[0].strip()
-        value = BY_ANNOTATION.get(annotation, f"sample {param.name}")
+        annotation = str(param.annotation).split("|")[0].split("[")[0].strip()
         if param.name == "value":  # InvalidContextError.value is any object
-            value = {"nested": (1, 2.5, b"x")}
+            value: object = {"nested": (1, 2.5, b"x")}
+        elif annotation in BY_ANNOTATION:
+            value = BY_ANNOTATION[annotation]
+        elif param.default is not param.empty:
+            continue  # a type this table does not know: keep its default
+        else:
+            value = f"sample {param.name}"
         if param.kind is param.KEYWORD_ONLY:
             kwargs[param.name] = value
         else:
