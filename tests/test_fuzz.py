@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from usercontext import InvalidContextError, UserContext, _context
 
 
-# Each example costs microseconds; hypothesis's own work dominates. 200 examples
-# per decoder keep the whole file at a few seconds.
+# Each example costs microseconds; hypothesis's own work dominates. 120 examples
+# per test keep the whole file at a few seconds on a loaded 2-core machine.
 FUZZ = settings(
-    max_examples=200,
+    max_examples=120,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
