@@ -167,7 +167,8 @@ _new_lease = Lease.__new__
 
 def _grant_lease(cls: type[Lease], quota: _Core, key: str) -> Lease:
     """
-    Make the lease of a slot *quota* just granted to *key*: the only way one is made.
+    Make the lease of a slot *quota* just granted to *key*, bypassing the
+    refusing ``__init__`` (the grant paths of ``acquire`` inline this).
     """
     lease = _new_lease(cls)
     lease._quota = quota  # noqa: SLF001
