@@ -168,6 +168,11 @@ def configure(*, id_rules: IdRules | None = None, max_depth: int | None = None) 
     `UserContext.from_dict` and `UserContext.from_headers`. Arguments left as
     `None` keep their current value.
 
+    The rules hold in the calling process only. A worker process started by
+    spawn or forkserver begins with the defaults: call `configure` with the same
+    rules in the pool's initializer (`ContextExecutor` refuses tasks sent to a
+    worker whose rules differ, saying so).
+
     Args:
         id_rules: The rules for ids; see `IdRules`.
         max_depth: How deep `UserContext.child` may nest (default 32).
