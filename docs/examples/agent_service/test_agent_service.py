@@ -45,7 +45,7 @@ try:
     import httpx2
     import uvicorn
 
-    from sqlalchemy import create_engine, make_url, select, union_all
+    from sqlalchemy import create_engine, event, make_url, select, union_all
     from sqlalchemy.schema import DropSchema
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
@@ -653,6 +653,67 @@ class TestNoLeaks:
             assert len(notes) == caller.notes_written[user_id]
             assert {note["user_id"] for note in notes} == {user_id}
         assert sum(caller.notes_written.values()) == 50
+        assert await server.settled() == SETTLED
+
+
+@contextlib.contextmanager
+def concurrent_writers(server):
+    """
+    Yield a list that gets, at each write statement the server's database
+    runs, how many connections are between their first write and their
+    commit or rollback.
+    """
+    writing, counts = set(), []
+
+    def before_execute(conn, _cursor, statement, *_args):
+        if statement.lstrip()[:6].upper() in {"INSERT", "UPDATE", "DELETE"}:
+            writing.add(id(conn))
+            counts.append(len(writing))
+
+    def ended(conn):
+        writing.discard(id(conn))
+
+    listeners = [("before_cursor_execute", before_execute), ("commit", ended), ("rollback", ended)]
+    engine = server.service.engine.sync_engine
+    for name, fn in listeners:
+        server.call(event.listen, engine, name, fn)
+    try:
+        yield counts
+    finally:
+        for name, fn in listeners:
+            server.call(event.remove, engine, name, fn)
+
+
+class TestWriteTurns:
+    async def test_one_writer_at_a_time_on_sqlite(self, server, http, prefix):
+        """
+        On SQLite, 10 users writing 6 notes and running the agent twice, all
+        at once: at most one database connection at a time is between its
+        first write and its commit or rollback (so no write waits on SQLite's
+        lock, and no commit waits for another request), every request
+        succeeds, and every note is saved.
+        """
+        users = [f"{prefix}-w{u}" for u in range(10)]
+        statuses = []
+
+        async def write(user_id, path, body):
+            response = await http.post(path, json=body, headers=auth(user_id))
+            statuses.append(response.status_code)
+
+        with concurrent_writers(server) as counts:
+            async with anyio.create_task_group() as tg:
+                for user_id in users:
+                    for i in range(6):
+                        tg.start_soon(write, user_id, "/notes", {"text": f"note {i}"})
+                    for _ in range(2):
+                        tg.start_soon(write, user_id, "/runs", {})
+
+        assert sorted(statuses) == [200] * 20 + [201] * 60
+        assert len(counts) == 80
+        assert max(counts) == 1
+        for user_id in users:
+            notes = (await http.get("/notes", headers=auth(user_id))).json()
+            assert len(notes) == 6
         assert await server.settled() == SETTLED
 
 
