@@ -170,8 +170,8 @@ class ThrowawayPostgres:
                 import pgserver
         except ImportError as e:
             msg = (
-                f"pgserver is not installed ({e}); it ships for CPython 3.9 to 3.12 on Linux "
-                "x86_64, macOS and Windows"
+                f"pgserver is not installed ({e}); it ships wheels for CPython 3.12 and older, "
+                "on Linux x86_64 (glibc), macOS and Windows"
             )
             raise NoThrowawayPostgresError(msg) from e
         return Path(pgserver.pg_config(["--bindir"]).strip())
@@ -291,12 +291,14 @@ def find_postgres(url: str, *, ci: bool) -> tuple[str, ThrowawayPostgres | None]
     try:
         server = ThrowawayPostgres.start()
     except NoThrowawayPostgresError as e:
-        reason = (
-            f"{unreachable}, and no throwaway one could be started: {e}. Start one, or "
-            f"point {POSTGRES_URL_VAR} at one."
-        )
-        skip_or_fail(reason, ci=ci)
-    return server.url, server
+        why = str(e)
+    else:
+        return server.url, server
+    reason = (
+        f"{unreachable}, and no throwaway one could be started: {why}. Start one, or "
+        f"point {POSTGRES_URL_VAR} at one."
+    )
+    skip_or_fail(reason, ci=ci)
 
 
 @pytest.fixture(name="postgres_url", scope="session")
