@@ -129,6 +129,14 @@ class ThrowawayPostgres:
         server = cls()
         try:
             server._start()
+        except NoThrowawayPostgresError:
+            server.stop()
+            raise
+        except Exception as e:
+            # Whatever else goes wrong (a binary that does not run here, a
+            # failing first query) means the same: no throwaway server.
+            server.stop()
+            raise NoThrowawayPostgresError(f"{type(e).__name__}: {e}") from e
         except BaseException:
             server.stop()
             raise
@@ -262,8 +270,11 @@ class ThrowawayPostgres:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
-        # SIGINT is postgres's "fast" shutdown: clients are disconnected.
-        process.send_signal(signal.SIGINT)
+        if os.name == "nt":
+            process.terminate()
+        else:
+            # SIGINT is postgres's "fast" shutdown: clients are disconnected.
+            process.send_signal(signal.SIGINT)
         try:
             process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
