@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 
@@ -55,23 +54,14 @@ def _no_postgres(monkeypatch):
     monkeypatch.delenv(POSTGRES_URL_VAR, raising=False)
 
 
-@pytest.fixture(name="postgres_url")
-def _postgres_url(monkeypatch):
+@pytest.fixture(name="report_postgres_url")
+def _report_postgres_url(monkeypatch, postgres_url):
     """
-    The test PostgreSQL as the report's; skip (or fail on CI) when unreachable.
+    The test PostgreSQL (see the root conftest.py) as the report's.
     """
     pytest.importorskip("asyncpg")
-    psycopg = pytest.importorskip("psycopg")
-    url = os.environ.get("USERCONTEXT_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
-    try:
-        psycopg.connect(url, connect_timeout=3).close()
-    except psycopg.OperationalError as e:
-        reason = f"PostgreSQL is not reachable at {url} ({type(e).__name__})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true, so a missing PostgreSQL is a failure: {reason}", pytrace=False)
-        pytest.skip(reason)
-    monkeypatch.setenv(POSTGRES_URL_VAR, url)
-    return url
+    monkeypatch.setenv(POSTGRES_URL_VAR, postgres_url)
+    return postgres_url
 
 
 def _check_backend(result, name, n):
@@ -130,7 +120,7 @@ class TestDatabaseSection:
         assert any("WAL mode" in note for note in result.notes)
         json.dumps(result.figures)
 
-    def test_postgresql(self, postgres_url):
+    def test_postgresql(self, report_postgres_url):
         """
         With USERCONTEXT_REPORT_POSTGRES_URL set, the section also measures
         PostgreSQL through asyncpg: its cancelled requests are cancelled in

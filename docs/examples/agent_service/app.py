@@ -128,6 +128,44 @@ def _sqlite_wal(dbapi_connection: Any, _record: object) -> None:
     cursor.close()
 
 
+class WriteTurn:
+    """
+    A request's turn to write, on a database that allows one writer at a time.
+
+    SQLite holds its write lock from a transaction's first write to its
+    commit, and the commit runs when the request's scope closes, after the
+    response is ready. Without turns, every other writer waits on that lock
+    in SQLite's busy handler, which polls (it is not first come, first served)
+    for up to 5 s, and a write first flushed by the commit waits there too,
+    against the registry's *cleanup_timeout*: under load, a commit can be cut
+    and a request fail. With turns, a request takes its turn in the endpoint,
+    before its first write, in order of arrival, and gives it back when its
+    scope has committed or rolled back; so no commit ever waits for another
+    request. It is a resource of the request's scope: ask for it before the
+    session, so that it is given back after the session's commit.
+    """
+
+    def __init__(self, turns: anyio.Semaphore | None) -> None:
+        self._turns = turns  # None: the database takes concurrent writers
+        self._held = False
+
+    async def take(self) -> None:
+        """
+        Wait for this request's turn to write (once; later calls return at once).
+        """
+        if self._turns is not None and not self._held:
+            await self._turns.acquire()
+            self._held = True
+
+    def give_back(self) -> None:
+        """
+        Let the next request write.
+        """
+        if self._turns is not None and self._held:
+            self._held = False
+            self._turns.release()
+
+
 # -- The agent --------------------------------------------------------------------------------
 
 
@@ -272,6 +310,19 @@ class Service:
     db_schema: str | None
     engine: AsyncEngine | None = None
     pool: PoolWatch | None = None
+    # One write at a time on SQLite, in order of arrival (see WriteTurn).
+    write_turns: anyio.Semaphore | None = None
+
+    def write_turn(self, _ctx: uc.UserContext) -> Iterator[WriteTurn]:
+        """
+        The provider of `WriteTurn` in the registry: a turn not yet taken,
+        given back when the request's scope closes.
+        """
+        turn = WriteTurn(self.write_turns)
+        try:
+            yield turn
+        finally:
+            turn.give_back()
 
 
 class RunRequest(BaseModel):
@@ -332,6 +383,7 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
     registry.register(AsyncSession, session_provider(sessions))
     registry.register(RequestLog, request_logs.provide)
     service = Service(registry, factory, hub, sessions, request_logs, database_url, db_schema)
+    registry.register(WriteTurn, service.write_turn)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -343,6 +395,7 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
         engine = create_async_engine(url, execution_options=options)
         if engine.dialect.name == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_wal)
+            service.write_turns = anyio.Semaphore(1)
         service.engine, service.pool = engine, PoolWatch(engine)
         sessions.configure(bind=engine)
         try:
@@ -366,6 +419,9 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
     app.add_middleware(UserContextMiddleware, resolver=resolve, registry=registry, hub=hub)
 
     Session = Annotated[AsyncSession, Resource(AsyncSession)]  # noqa: N806  # a type alias
+    # Before Session in an endpoint's parameters: the scope opens resources in
+    # that order and closes them in reverse, so the turn outlives the commit.
+    Writes = Annotated[WriteTurn, Resource(WriteTurn)]  # noqa: N806  # a type alias
     AgentEngine = Annotated[Agent, EngineDep(factory)]  # noqa: N806  # ditto
 
     @app.get("/whoami")
@@ -382,11 +438,12 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
         }
 
     @app.post("/runs")
-    async def start_run(
+    async def start_run(  # noqa: PLR0913, PLR0917  # FastAPI injects each dependency by parameter
         body: RunRequest,
         ctx: CurrentContext,
         agent: AgentEngine,
         events: CurrentEmitter,
+        writes: Writes,
         session: Session,
     ) -> RunOut:
         """
@@ -397,6 +454,7 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
         status, answer = await agent.run(
             events, body.prompt, fail=body.fail, step_delay=body.step_delay
         )
+        await writes.take()
         session.add(
             Run(
                 user_id=ctx.user_id,
@@ -406,6 +464,8 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
                 answer=answer,
             )
         )
+        # Written now, so that the commit at the scope's end waits for nothing.
+        await session.flush()
         return RunOut(
             run_id=ctx.run_id,
             user_id=agent.user_id,
@@ -432,10 +492,13 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
         ]
 
     @app.post("/notes", status_code=201)
-    async def add_note(body: NoteIn, ctx: CurrentContext, session: Session) -> NoteOut:
+    async def add_note(
+        body: NoteIn, ctx: CurrentContext, writes: Writes, session: Session
+    ) -> NoteOut:
         """
         Save a note of the caller; it is committed when the request succeeds.
         """
+        await writes.take()
         note = Note(user_id=ctx.user_id, request_id=ctx.request_id, text=body.text)
         session.add(note)
         await session.flush()
