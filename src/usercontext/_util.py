@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dis
 import logging
+import types
 
+from asyncio import CancelledError, current_task
 from types import AsyncGeneratorType, GeneratorType
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +18,7 @@ from .exceptions import CloseTimeoutError
 
 
 if TYPE_CHECKING:
+    from asyncio import Future, Task
     from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
     from types import CodeType, TracebackType
 
@@ -56,13 +59,137 @@ async def drive(awaitable: Awaitable[Any], timeout: float, what: str, *what_args
         usercontext.exceptions.CloseTimeoutError: If it was cut; the message
             names ``what % what_args``.
     """
-    with anyio.move_on_after(timeout, shield=True):
-        return await awaitable
-    msg = (
+    try:
+        with anyio.move_on_after(timeout, shield=True) as scope:
+            return await shielded(awaitable)
+    except CancelledError:
+        if scope.cancel_called:
+            # Cut, and the task was cancelled natively meanwhile: that
+            # cancellation wins (the scope let it through), and the cut is logged.
+            logger.error(_cut(timeout, what, *what_args))
+        raise
+    raise CloseTimeoutError(_cut(timeout, what, *what_args))
+
+
+def _cut(timeout: float, what: str, *what_args: object) -> str:
+    return (
         f"Closing {what % what_args} took longer than its timeout of {timeout} s and was "
         "cut. Make the cleanup faster or raise the timeout."
     )
-    raise CloseTimeoutError(msg)
+
+
+def shielded(awaitable: Awaitable[Any]) -> Awaitable[Any]:
+    """
+    Return *awaitable*, made to hold against the native cancellation of an
+    asyncio task, for use inside a shielding cancel scope.
+
+    anyio's shield holds against anyio's cancel scopes only. A plain
+    ``Task.cancel()`` (from `asyncio.timeout`, `asyncio.wait_for`, a server, or
+    the loop's shutdown) would still cut the awaitable. On asyncio, it runs in
+    the same task (its own cancel scopes, context and task identity stay
+    valid), but waits on each of its futures through a proxy: a native
+    cancellation cancels the proxy, is remembered, and is raised again once
+    the awaitable has finished; a cancellation of one of the cancel scopes
+    inside the shield (its own, or a cleanup timeout) reaches it as usual.
+    On trio every cancellation is a cancel scope, so *awaitable* is returned
+    as is.
+    """
+    try:
+        task = current_task()
+    except RuntimeError:  # no asyncio loop: trio
+        return awaitable
+    if task is None:
+        return awaitable
+    return _guard(awaitable, task)
+
+
+def _meant_for_it() -> bool:
+    """
+    Say whether a cancellation that reached a `shielded` awaitable comes from a
+    cancel scope inside the shield: anyio delivers one only when such a scope is
+    cancelled or past its deadline, which a native cancellation never makes so.
+    """
+    return anyio.current_effective_deadline() <= anyio.current_time()
+
+
+@types.coroutine
+def _guard(awaitable: Awaitable[Any], task: Task[Any]) -> Generator[Any, Any, Any]:  # noqa: C901  # the task protocol, step by step
+    steps = awaitable.__await__()
+    held: list[CancelledError] = []  # native cancellations, raised again at the end
+    value: Any = None
+    thrown: BaseException | None = None
+    try:
+        while True:
+            try:
+                yielded = steps.send(value) if thrown is None else steps.throw(thrown)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            value = thrown = None
+            if not getattr(yielded, "_asyncio_future_blocking", None):
+                # A bare yield (one loop iteration), or something the task
+                # refuses by throwing an error in: pass it on, and what comes back.
+                try:
+                    value = yield yielded
+                except CancelledError as e:
+                    if _meant_for_it():
+                        thrown = e
+                    else:
+                        _hold(task, held, e)
+                except BaseException as e:  # noqa: BLE001  # handed to the awaitable, as a task does
+                    thrown = e
+                continue
+            fut: Future[Any] = yielded
+            fut._asyncio_future_blocking = False  # noqa: SLF001  # as a task does when it waits on it
+            while not fut.done():
+                proxy = fut.get_loop().create_future()
+                wake = _waker(proxy)
+                fut.add_done_callback(wake)
+                try:
+                    yield from proxy
+                except CancelledError as e:
+                    fut.remove_done_callback(wake)
+                    if not _meant_for_it():
+                        _hold(task, held, e)
+                    elif not fut.cancel(*e.args[:1]):
+                        thrown = e  # done meanwhile: thrown in, as a task would
+    except CancelledError:
+        if not held:
+            raise
+        # Cut by a cancel scope inside the shield (a timeout): the native
+        # cancellation held is raised instead, below.
+    except Exception as e:
+        if not held:
+            raise
+        logger.error(  # noqa: TRY400  # one line: the cancellation is raised instead
+            "A shielded cleanup step failed while its task was being cancelled: %s", describe(e)
+        )
+    else:
+        if not held:
+            return result
+    # Re-arm each cancellation held, so that Task.cancelling() counts them
+    # again (asyncio.timeout relies on it), and let the task raise it here.
+    for e in held:
+        task.cancel(*e.args[:1])
+    while True:
+        yield None
+
+
+def _waker(proxy: Future[Any]) -> Callable[[object], None]:
+    def wake(_fut: object) -> None:
+        if not proxy.done():
+            proxy.set_result(None)
+
+    return wake
+
+
+def _hold(task: Task[Any], held: list[CancelledError], e: CancelledError) -> None:
+    held.append(e)
+    uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+    if uncancel is not None:
+        # Undone until it is raised again: cancel scopes the awaitable opens
+        # count on Task.cancelling() to tell their own cancellations apart.
+        uncancel()
 
 
 async def run_steps(
