@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dis
 import logging
+import sys
 import types
 
 from asyncio import CancelledError, current_task
@@ -66,7 +67,7 @@ async def drive(awaitable: Awaitable[Any], timeout: float, what: str, *what_args
         if scope.cancel_called:
             # Cut, and the task was cancelled natively meanwhile: that
             # cancellation wins (the scope let it through), and the cut is logged.
-            logger.error(_cut(timeout, what, *what_args))
+            logger.error(_cut(timeout, what, *what_args))  # noqa: TRY400  # a cut, not a crash
         raise
     raise CloseTimeoutError(_cut(timeout, what, *what_args))
 
@@ -103,6 +104,16 @@ def shielded(awaitable: Awaitable[Any]) -> Awaitable[Any]:
     return _guard(awaitable, task)
 
 
+def running_task() -> object:
+    """
+    Return the task running now, on asyncio or on trio.
+    """
+    try:
+        return current_task()
+    except RuntimeError:  # no asyncio loop: trio, which anyio's trio backend imported
+        return sys.modules["trio"].lowlevel.current_task()
+
+
 def _meant_for_it() -> bool:
     """
     Say whether a cancellation that reached a `shielded` awaitable comes from a
@@ -113,7 +124,7 @@ def _meant_for_it() -> bool:
 
 
 @types.coroutine
-def _guard(awaitable: Awaitable[Any], task: Task[Any]) -> Generator[Any, Any, Any]:  # noqa: C901  # the task protocol, step by step
+def _guard(awaitable: Awaitable[Any], task: Task[Any]) -> Generator[Any, Any, Any]:  # noqa: C901, PLR0912  # the task protocol, step by step
     steps = awaitable.__await__()
     held: list[CancelledError] = []  # native cancellations, raised again at the end
     value: Any = None
@@ -126,33 +137,20 @@ def _guard(awaitable: Awaitable[Any], task: Task[Any]) -> Generator[Any, Any, An
                 result = stop.value
                 break
             value = thrown = None
-            if not getattr(yielded, "_asyncio_future_blocking", None):
-                # A bare yield (one loop iteration), or something the task
-                # refuses by throwing an error in: pass it on, and what comes back.
-                try:
-                    value = yield yielded
-                except CancelledError as e:
-                    if _meant_for_it():
-                        thrown = e
-                    else:
-                        _hold(task, held, e)
-                except BaseException as e:  # noqa: BLE001  # handed to the awaitable, as a task does
-                    thrown = e
+            if getattr(yielded, "_asyncio_future_blocking", None):
+                thrown = yield from _wait_for(yielded, task, held)
                 continue
-            fut: Future[Any] = yielded
-            fut._asyncio_future_blocking = False  # noqa: SLF001  # as a task does when it waits on it
-            while not fut.done():
-                proxy = fut.get_loop().create_future()
-                wake = _waker(proxy)
-                fut.add_done_callback(wake)
-                try:
-                    yield from proxy
-                except CancelledError as e:
-                    fut.remove_done_callback(wake)
-                    if not _meant_for_it():
-                        _hold(task, held, e)
-                    elif not fut.cancel(*e.args[:1]):
-                        thrown = e  # done meanwhile: thrown in, as a task would
+            # A bare yield (one loop iteration), or something the task refuses
+            # by throwing an error in: passed on, and what comes back.
+            try:
+                value = yield yielded
+            except CancelledError as e:
+                if _meant_for_it():
+                    thrown = e
+                else:
+                    _hold(task, held, e)
+            except BaseException as e:  # noqa: BLE001  # handed to the awaitable, as a task does
+                thrown = e
     except CancelledError:
         if not held:
             raise
@@ -169,10 +167,35 @@ def _guard(awaitable: Awaitable[Any], task: Task[Any]) -> Generator[Any, Any, An
             return result
     # Re-arm each cancellation held, so that Task.cancelling() counts them
     # again (asyncio.timeout relies on it), and let the task raise it here.
-    for e in held:
-        task.cancel(*e.args[:1])
+    for cancel in held:
+        task.cancel(*cancel.args[:1])
     while True:
         yield None
+
+
+def _wait_for(
+    fut: Future[Any], task: Task[Any], held: list[CancelledError]
+) -> Generator[Any, Any, CancelledError | None]:
+    """
+    Wait until *fut*, which the awaitable yielded, is done, as its task would,
+    through proxies that a native cancellation cancels instead of *fut*;
+    return the cancellation to throw into the awaitable, if any.
+    """
+    fut._asyncio_future_blocking = False  # noqa: SLF001  # as a task does when it waits on it
+    thrown = None
+    while not fut.done():
+        proxy = fut.get_loop().create_future()
+        wake = _waker(proxy)
+        fut.add_done_callback(wake)
+        try:
+            yield from proxy
+        except CancelledError as e:
+            fut.remove_done_callback(wake)
+            if not _meant_for_it():
+                _hold(task, held, e)
+            elif not fut.cancel(*e.args[:1]):
+                thrown = e  # done meanwhile: thrown in, as a task would
+    return thrown
 
 
 def _waker(proxy: Future[Any]) -> Callable[[object], None]:
