@@ -19,7 +19,7 @@ from .exceptions import CloseTimeoutError
 
 
 if TYPE_CHECKING:
-    from asyncio import Future, Task
+    from asyncio import Future
     from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
     from types import CodeType, TracebackType
 
@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger("usercontext")
+
+
+def _uncancel_task() -> None:
+    current_task().uncancel()  # type: ignore[union-attr]  # called in a task
+
+
+# Task.uncancel() is new in Python 3.11: before, a task counts no cancellations.
+_uncancel: Callable[[], object] = _uncancel_task if sys.version_info >= (3, 11) else lambda: None
 
 
 def add_note(exc: BaseException, note: str) -> None:
@@ -96,12 +104,10 @@ def shielded(awaitable: Awaitable[Any]) -> Awaitable[Any]:
     as is.
     """
     try:
-        task = current_task()
+        current_task()
     except RuntimeError:  # no asyncio loop: trio
         return awaitable
-    if task is None:
-        return awaitable
-    return _guard(awaitable, task)
+    return _guard(awaitable)
 
 
 def running_task() -> object:
@@ -124,7 +130,7 @@ def _meant_for_it() -> bool:
 
 
 @types.coroutine
-def _guard(awaitable: Awaitable[Any], task: Task[Any]) -> Generator[Any, Any, Any]:  # noqa: C901, PLR0912  # the task protocol, step by step
+def _guard(awaitable: Awaitable[Any]) -> Generator[Any, Any, Any]:  # noqa: C901, PLR0912, PLR0915  # the task protocol, step by step
     steps = awaitable.__await__()
     held: list[CancelledError] = []  # native cancellations, raised again at the end
     value: Any = None
@@ -138,7 +144,24 @@ def _guard(awaitable: Awaitable[Any], task: Task[Any]) -> Generator[Any, Any, An
                 break
             value = thrown = None
             if getattr(yielded, "_asyncio_future_blocking", None):
-                thrown = yield from _wait_for(yielded, task, held)
+                # Waited on as its task would, through proxies that a native
+                # cancellation cancels instead of it. (Written out here: a
+                # generator delegated to is not traced on Python 3.11 after a
+                # throw, so coverage would miss what follows.)
+                fut: Future[Any] = yielded
+                fut._asyncio_future_blocking = False  # noqa: SLF001  # as a task does
+                while not fut.done():
+                    proxy = fut.get_loop().create_future()
+                    wake = _waker(proxy)
+                    fut.add_done_callback(wake)
+                    try:
+                        yield from proxy
+                    except CancelledError as e:
+                        fut.remove_done_callback(wake)
+                        if not _meant_for_it():
+                            _hold(held, e)
+                        elif not fut.cancel(*e.args[:1]):
+                            thrown = e  # done meanwhile: thrown in, as a task would
                 continue
             # A bare yield (one loop iteration), or something the task refuses
             # by throwing an error in: passed on, and what comes back.
@@ -148,7 +171,7 @@ def _guard(awaitable: Awaitable[Any], task: Task[Any]) -> Generator[Any, Any, An
                 if _meant_for_it():
                     thrown = e
                 else:
-                    _hold(task, held, e)
+                    _hold(held, e)
             except BaseException as e:  # noqa: BLE001  # handed to the awaitable, as a task does
                 thrown = e
     except CancelledError:
@@ -167,35 +190,11 @@ def _guard(awaitable: Awaitable[Any], task: Task[Any]) -> Generator[Any, Any, An
             return result
     # Re-arm each cancellation held, so that Task.cancelling() counts them
     # again (asyncio.timeout relies on it), and let the task raise it here.
+    task: Any = current_task()
     for cancel in held:
         task.cancel(*cancel.args[:1])
     while True:
         yield None
-
-
-def _wait_for(
-    fut: Future[Any], task: Task[Any], held: list[CancelledError]
-) -> Generator[Any, Any, CancelledError | None]:
-    """
-    Wait until *fut*, which the awaitable yielded, is done, as its task would,
-    through proxies that a native cancellation cancels instead of *fut*;
-    return the cancellation to throw into the awaitable, if any.
-    """
-    fut._asyncio_future_blocking = False  # noqa: SLF001  # as a task does when it waits on it
-    thrown = None
-    while not fut.done():
-        proxy = fut.get_loop().create_future()
-        wake = _waker(proxy)
-        fut.add_done_callback(wake)
-        try:
-            yield from proxy
-        except CancelledError as e:
-            fut.remove_done_callback(wake)
-            if not _meant_for_it():
-                _hold(task, held, e)
-            elif not fut.cancel(*e.args[:1]):
-                thrown = e  # done meanwhile: thrown in, as a task would
-    return thrown
 
 
 def _waker(proxy: Future[Any]) -> Callable[[object], None]:
@@ -206,13 +205,11 @@ def _waker(proxy: Future[Any]) -> Callable[[object], None]:
     return wake
 
 
-def _hold(task: Task[Any], held: list[CancelledError], e: CancelledError) -> None:
+def _hold(held: list[CancelledError], e: CancelledError) -> None:
     held.append(e)
-    uncancel = getattr(task, "uncancel", None)  # Python 3.11+
-    if uncancel is not None:
-        # Undone until it is raised again: cancel scopes the awaitable opens
-        # count on Task.cancelling() to tell their own cancellations apart.
-        uncancel()
+    # Undone until it is raised again: cancel scopes the awaitable opens count
+    # on Task.cancelling() to tell their own cancellations apart.
+    _uncancel()
 
 
 async def run_steps(
