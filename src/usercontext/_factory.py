@@ -417,7 +417,9 @@ class EngineFactory(Generic[E]):
         Bodies still running get *timeout* seconds to finish; then they are
         cancelled (they see `usercontext.exceptions.FactoryClosedError`), and
         their engines closed. Idle engines are closed. Calling it again waits
-        for the first call's work and returns.
+        for the first call's work and returns. If it is cancelled (on asyncio
+        natively too), it stops waiting, cancels the bodies at once, closes
+        every engine, and then raises the cancellation.
         """
         _positive("timeout", timeout, zero_ok=True)
         self._closed = True
