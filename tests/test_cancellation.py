@@ -746,3 +746,82 @@ class TestHub:
                     outer.cancel()
 
         assert log == [1]
+
+
+class TestAcloseCutsBodies:
+    """
+    aclose() cuts the bodies still running after its timeout, and only them.
+    """
+
+    async def test_another_cancellation_is_not_taken_for_aclose(self, ctx, anyio_backend):
+        """
+        A body cancelled by aclose() and, at the same time, by its caller
+        gets the caller's cancellation, not FactoryClosedError; its engine
+        is closed.
+        """
+        closed = []
+        factory = EngineFactory(Engine, close=closed.append)
+        outcome = []
+        entered = anyio.Event()
+        outer = anyio.CancelScope()
+
+        async def body():
+            with outer:
+                try:
+                    async with factory.engine(ctx):
+                        entered.set()
+                        await anyio.sleep(10)
+                except BaseException as e:
+                    outcome.append(type(e))
+                    raise
+
+        with anyio.fail_after(5):
+            if anyio_backend == "asyncio":
+                task = asyncio.ensure_future(body())
+                await entered.wait()
+                task.cancel()
+                await factory.aclose(timeout=0)
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(body)
+                    await entered.wait()
+                    outer.cancel()
+                    await factory.aclose(timeout=0)
+
+        assert outcome == [anyio.get_cancelled_exc_class()]
+        assert len(closed) == 1
+        _settled(factory)
+
+    async def test_a_body_closing_its_engine_is_not_cut(self, ctx):
+        """
+        aclose() after its timeout does not cut a body that has ended and is
+        closing its engine (100 ms): the close completes, and the request
+        sees no error.
+        """
+        closed = []
+        closing = anyio.Event()
+
+        async def close(engine):
+            closing.set()
+            await anyio.sleep(0.1)
+            closed.append(engine)
+
+        factory = EngineFactory(Engine, close=close)
+        outcome = []
+
+        async def request():
+            async with factory.engine(ctx):
+                pass
+            outcome.append("done")
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(request)
+                await closing.wait()
+                await factory.aclose(timeout=0)
+
+        assert outcome == ["done"]
+        assert len(closed) == 1
+        _settled(factory)

@@ -649,8 +649,8 @@ class _EngineUse(Generic[E]):
         self._aborted = True
         scope = self._scope
         if scope is not None:
-            scope.cancel()
-        else:
+            scope.cancel()  # a no-op once the body has ended
+        elif self._task is not None:  # None once the body has ended
             self._task.cancel("The EngineFactory was closed.")
 
     async def __aenter__(self) -> E:
@@ -729,6 +729,7 @@ class _EngineUse(Generic[E]):
                 and (not _CANCELLING or self._task.uncancel() <= self._cancelling)
                 and isinstance(exc, CancelledError)
             )
+            self._task = None  # the body has ended: aclose() must not cancel the close
         elif running_task() is self._task:
             # trio's scopes return True from __exit__ even without an exception.
             caught = bool(scope.__exit__(exc_type, exc, tb)) and exc is not None
