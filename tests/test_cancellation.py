@@ -244,14 +244,15 @@ class TestScopeCleanup:
     async def test_cleanups_own_cancel_scopes_still_work(self, ctx, way):
         """
         While a native cancellation is held, a cleanup's own cancel scopes
-        still cancel it: a 50 ms ``move_on_after`` inside it ends a long
-        sleep, and the cleanup goes on.
+        still cancel it: a 50 ms ``move_on_after`` it enters after the
+        cancellation arrived ends a long sleep, and the cleanup goes on.
         """
         registry = Registry()
         log = []
 
         async def session(_ctx):
             yield "session"
+            await anyio.sleep(0.03)
             with anyio.move_on_after(0.05) as inner:
                 await anyio.sleep(10)
             log.append(inner.cancelled_caught)
@@ -390,6 +391,44 @@ class TestAsyncioTaskProtocol:
         _run(_open_all(registry, ctx, ["r"]))
 
         assert seen == ["Task got bad yield: 42"]
+
+    @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in 3.11")
+    @pytest.mark.parametrize("cancelled", [False, True])
+    def test_asyncio_timeout_inside_a_cleanup(self, ctx, cancelled):
+        """
+        An `asyncio.timeout` inside a cleanup that expires (20 ms, around a
+        50 ms sleep) takes its cancellation back when it exits: the scope
+        raises no cancellation of its own; the caller's cancellation (10 ms
+        in), if any, still comes out. The cleanup runs to its end either way.
+        """
+        log = []
+
+        async def session(_ctx):
+            yield "session"
+            async with asyncio.timeout(0.02) as inner:
+                await asyncio.sleep(0.05)
+            log.append(("expired", inner.expired()))
+
+        registry = Registry()
+        registry.register("session", session)
+
+        async def main():
+            task = asyncio.ensure_future(_open_all(registry, ctx, ["session"])())
+            if cancelled:
+                await asyncio.sleep(0.01)
+                task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                log.append("cancelled")
+            log.append(("pending", task.cancelling()))
+
+        _run(main)
+
+        if cancelled:
+            assert log == [("expired", True), "cancelled", ("pending", 1)]
+        else:
+            assert log == [("expired", True), ("pending", 0)]
 
     def test_future_done_when_its_scope_is_cancelled(self, ctx):
         """

@@ -31,12 +31,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger("usercontext")
 
 
-def _uncancel_task() -> None:
-    current_task().uncancel()  # type: ignore[union-attr]  # called in a task
+def _requests(task: Any) -> int:
+    return task.cancelling()  # type: ignore[no-any-return]
 
 
-# Task.uncancel() is new in Python 3.11: before, a task counts no cancellations.
-_uncancel: Callable[[], object] = _uncancel_task if sys.version_info >= (3, 11) else lambda: None
+# How many cancellations of a task are pending: Task.cancelling(), new in
+# Python 3.11. Before, nothing counts them: every one held is raised again.
+_cancelling: Callable[[Any], int] = _requests if sys.version_info >= (3, 11) else lambda _task: 0
+_counted = sys.version_info >= (3, 11)
 
 
 def add_note(exc: BaseException, note: str) -> None:
@@ -104,10 +106,10 @@ def shielded(awaitable: Awaitable[Any]) -> Awaitable[Any]:
     as is.
     """
     try:
-        current_task()
+        task = current_task()
     except RuntimeError:  # no asyncio loop: trio
         return awaitable
-    return _guard(awaitable)
+    return _guard(awaitable, task)
 
 
 def running_task() -> object:
@@ -130,8 +132,9 @@ def _meant_for_it() -> bool:
 
 
 @types.coroutine
-def _guard(awaitable: Awaitable[Any]) -> Generator[Any, Any, Any]:  # noqa: C901, PLR0912, PLR0915  # the task protocol, step by step
+def _guard(awaitable: Awaitable[Any], task: Any) -> Generator[Any, Any, Any]:  # noqa: C901, PLR0912  # the task protocol, step by step
     steps = awaitable.__await__()
+    pending = _cancelling(task)
     held: list[CancelledError] = []  # native cancellations, raised again at the end
     value: Any = None
     thrown: BaseException | None = None
@@ -159,7 +162,7 @@ def _guard(awaitable: Awaitable[Any]) -> Generator[Any, Any, Any]:  # noqa: C901
                     except CancelledError as e:
                         fut.remove_done_callback(wake)
                         if not _meant_for_it():
-                            _hold(held, e)
+                            held.append(e)
                         elif not fut.cancel(*e.args[:1]):
                             thrown = e  # done meanwhile: thrown in, as a task would
                 continue
@@ -171,30 +174,24 @@ def _guard(awaitable: Awaitable[Any]) -> Generator[Any, Any, Any]:  # noqa: C901
                 if _meant_for_it():
                     thrown = e
                 else:
-                    _hold(held, e)
+                    held.append(e)
             except BaseException as e:  # noqa: BLE001  # handed to the awaitable, as a task does
                 thrown = e
-    except CancelledError:
-        if not held:
-            raise
-        # Cut by a cancel scope inside the shield (a timeout): the native
-        # cancellation held is raised instead, below.
-    except Exception as e:
-        if not held:
-            raise
-        logger.error(  # noqa: TRY400  # one line: the cancellation is raised instead
-            "A shielded cleanup step failed while its task was being cancelled: %s", describe(e)
-        )
-    else:
-        if not held:
-            return result
-    # Re-arm each cancellation held, so that Task.cancelling() counts them
-    # again (asyncio.timeout relies on it), and let the task raise it here.
-    task: Any = current_task()
-    for cancel in held:
-        task.cancel(*cancel.args[:1])
-    while True:
-        yield None
+    except BaseException as e:
+        if held and (_cancelling(task) > pending or not _counted):
+            if isinstance(e, Exception):
+                logger.error(  # noqa: TRY400  # one line: the cancellation is raised instead
+                    "A shielded cleanup step failed while its task was being cancelled: %s",
+                    describe(e),
+                )
+            raise held[0]  # noqa: B904  # the failure is its context
+        raise
+    # A cancellation held is raised now, unless an asyncio.timeout inside the
+    # awaitable took it back (each undoes its own when it exits), as
+    # Task.cancelling() counts: it was that timeout's, not the caller's.
+    if held and (_cancelling(task) > pending or not _counted):
+        raise held[0]
+    return result
 
 
 def _waker(proxy: Future[Any]) -> Callable[[object], None]:
@@ -203,13 +200,6 @@ def _waker(proxy: Future[Any]) -> Callable[[object], None]:
             proxy.set_result(None)
 
     return wake
-
-
-def _hold(held: list[CancelledError], e: CancelledError) -> None:
-    held.append(e)
-    # Undone until it is raised again: cancel scopes the awaitable opens count
-    # on Task.cancelling() to tell their own cancellations apart.
-    _uncancel()
 
 
 async def run_steps(
