@@ -177,20 +177,24 @@ def _guard(awaitable: Awaitable[Any], task: Any) -> Generator[Any, Any, Any]:  #
                     held.append(e)
             except BaseException as e:  # noqa: BLE001  # handed to the awaitable, as a task does
                 thrown = e
-    except BaseException as e:
-        if held and (_cancelling(task) > pending or not _counted):
-            if isinstance(e, Exception):
-                logger.error(  # noqa: TRY400  # one line: the cancellation is raised instead
-                    "A shielded cleanup step failed while its task was being cancelled: %s",
-                    describe(e),
-                )
-            raise held[0]  # noqa: B904  # the failure is its context
-        raise
+    except BaseException as e:  # noqa: BLE001  # raised below
+        error: BaseException | None = e
+    else:
+        error = None
     # A cancellation held is raised now, unless an asyncio.timeout inside the
     # awaitable took it back (each undoes its own when it exits), as
     # Task.cancelling() counts: it was that timeout's, not the caller's.
     if held and (_cancelling(task) > pending or not _counted):
+        if isinstance(error, Exception):
+            logger.error(
+                "A shielded cleanup step failed while its task was being cancelled: %s",
+                describe(error),
+            )
+        # Raised outside the handler: chained to a cut by a cancel scope, it
+        # would pass for that scope's own and be swallowed by it.
         raise held[0]
+    if error is not None:
+        raise error
     return result
 
 
