@@ -132,18 +132,20 @@ def _meant_for_it() -> bool:
 
 
 @types.coroutine
-def _guard(awaitable: Awaitable[Any], task: Any) -> Generator[Any, Any, Any]:  # noqa: C901, PLR0912, PLR0915  # the task protocol, step by step
+def _guard(awaitable: Awaitable[Any], task: Any) -> Generator[Any, Any, Any]:  # noqa: C901, PLR0912  # the task protocol, step by step
     steps = awaitable.__await__()
-    try:
-        yielded = steps.send(None)
-    except StopIteration as stop:
-        return stop.value  # done without waiting: nothing could cancel it
     pending = _cancelling(task)
     held: list[CancelledError] = []  # native cancellations, raised again at the end
     value: Any = None
     thrown: BaseException | None = None
     try:
         while True:
+            try:
+                yielded = steps.send(value) if thrown is None else steps.throw(thrown)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            value = thrown = None
             if getattr(yielded, "_asyncio_future_blocking", None):
                 # Waited on as its task would, through proxies that a native
                 # cancellation cancels instead of it. (Written out here: a
@@ -163,24 +165,18 @@ def _guard(awaitable: Awaitable[Any], task: Any) -> Generator[Any, Any, Any]:  #
                             held.append(e)
                         elif not fut.cancel(*e.args[:1]):
                             thrown = e  # done meanwhile: thrown in, as a task would
-            else:
-                # A bare yield (one loop iteration), or something the task
-                # refuses by throwing an error in: passed on, and what comes back.
-                try:
-                    value = yield yielded
-                except CancelledError as e:
-                    if _meant_for_it():
-                        thrown = e
-                    else:
-                        held.append(e)
-                except BaseException as e:  # noqa: BLE001  # handed to the awaitable, as a task does
-                    thrown = e
+                continue
+            # A bare yield (one loop iteration), or something the task refuses
+            # by throwing an error in: passed on, and what comes back.
             try:
-                yielded = steps.send(value) if thrown is None else steps.throw(thrown)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            value = thrown = None
+                value = yield yielded
+            except CancelledError as e:
+                if _meant_for_it():
+                    thrown = e
+                else:
+                    held.append(e)
+            except BaseException as e:  # noqa: BLE001  # handed to the awaitable, as a task does
+                thrown = e
     except BaseException as e:  # noqa: BLE001  # raised below
         error: BaseException | None = e
     else:
