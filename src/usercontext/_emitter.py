@@ -35,7 +35,7 @@ import attrs
 from ._context import UserContext
 from ._current import _get as _current_or_none
 from ._current import current
-from ._util import describe, logger
+from ._util import describe, logger, shielded
 from .exceptions import (
     EmitterClosedError,
     EmitterFullError,
@@ -1418,7 +1418,7 @@ class EmitterHub:
         """
         return self._state in ("closing", "closed")
 
-    async def aclose(self, drain_timeout: float | None = None) -> None:
+    async def aclose(self, drain_timeout: float | None = None) -> None:  # noqa: C901  # one close, in order
         """
         Stop accepting events, deliver what is buffered, then stop.
 
@@ -1448,6 +1448,7 @@ class EmitterHub:
             s.dead = True
             for w in s.waiters:
                 w.wake()
+        cancelled: BaseException | None = None
         if self._attached:
             self._all_ended = anyio.Event()
             for a in list(self._attached.values()):
@@ -1455,13 +1456,20 @@ class EmitterHub:
                 a.scope.deadline = deadline
                 a.wake()
             with anyio.CancelScope(shield=True):
-                await self._all_ended.wait()
+                try:
+                    # Also against a native asyncio cancellation: the
+                    # deliveries end by the drain deadline at the latest.
+                    await shielded(self._all_ended.wait())
+                except BaseException as e:  # noqa: BLE001  # raised once the hub is closed
+                    cancelled = e
         assert self._sweeper_scope is not None  # noqa: S101  # made by __aenter__
         self._sweeper_scope.cancel()
         self._streams.clear()
         self._idle.clear()
         self._state = "closed"
         self._closed_event.set()
+        if cancelled is not None:
+            raise cancelled
 
     def _check_running(self, what: str) -> None:
         if self._state == "running":
@@ -1878,7 +1886,7 @@ class EmitterHub:
             if inspect.isawaitable(result):
                 limit = self._retry.timeout or 10.0
                 with anyio.CancelScope(shield=True), anyio.move_on_after(limit) as scope:
-                    await result
+                    await shielded(result)
                 if scope.cancelled_caught:
                     logger.warning(
                         "usercontext: the on_dead_letter hook took longer than %g s for %d "

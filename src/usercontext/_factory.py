@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import heapq
 import math
+import sys
 import threading
 import time
 
+from asyncio import CancelledError, current_task
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
@@ -34,6 +36,8 @@ from ._util import (
     kind_of,
     logger,
     run_steps,
+    running_task,
+    shielded,
 )
 from .exceptions import (
     EngineDeadlineExceeded,
@@ -58,6 +62,10 @@ if TYPE_CHECKING:
     Made: TypeAlias = E | Awaitable[E] | AbstractAsyncContextManager[E] | AbstractContextManager[E]
 
 __all__ = ["EngineFactory", "FactoryStats"]
+
+# Task.cancelling() and uncancel(), by which a native cancellation of one's
+# own is told apart from others' (Python 3.11+).
+_CANCELLING = sys.version_info >= (3, 11)
 
 
 @attrs.frozen
@@ -409,22 +417,40 @@ class EngineFactory(Generic[E]):
         Bodies still running get *timeout* seconds to finish; then they are
         cancelled (they see `usercontext.exceptions.FactoryClosedError`), and
         their engines closed. Idle engines are closed. Calling it again waits
-        for the first call's work and returns.
+        for the first call's work and returns. If it is cancelled (on asyncio
+        natively too), it stops waiting, cancels the bodies at once, closes
+        every engine, and then raises the cancellation.
         """
         _positive("timeout", timeout, zero_ok=True)
         self._closed = True
+        # A cancellation (of the caller, or natively of its asyncio task)
+        # cuts the wait for bodies short, never the closing: it is raised once
+        # every engine is closed.
+        cancelled: BaseException | None = None
         if self._uses or self._creating:
             drained = self._drained = self._drained or anyio.Event()
-            with anyio.move_on_after(timeout):
-                await drained.wait()
+            try:
+                with anyio.move_on_after(timeout):
+                    await drained.wait()
+            except BaseException as e:  # noqa: BLE001  # raised once everything is closed
+                cancelled = e
             for use in list(self._uses):
                 use.abort()
-            await drained.wait()
+            with anyio.CancelScope(shield=True):
+                try:
+                    await shielded(drained.wait())
+                except BaseException as e:  # noqa: BLE001  # raised once everything is closed
+                    cancelled = cancelled or e
         with anyio.CancelScope(shield=True):
             while self._idle_lru:
                 _, made = self._idle_lru.popitem(last=False)
                 self._forget_idle(made)
-                await self._close_idle(made)
+                try:
+                    await self._close_idle(made)
+                except BaseException as e:  # noqa: BLE001  # raised after the others
+                    cancelled = cancelled or e
+        if cancelled is not None:
+            raise cancelled
 
     # -- internals --
 
@@ -493,12 +519,18 @@ class EngineFactory(Generic[E]):
         if exc is None and self._pool_idle and not self._closed:
             stack = self._idle.get(made.user_id)
             if stack is None or len(stack) < self._pool_idle:
-                failed = self._reset is not None and await run_steps(
-                    [(self._reset, (made.engine,))],
-                    self._close_timeout,
-                    "the reset of an engine of user %r",
-                    made.user_id,
-                )
+                try:
+                    failed = self._reset is not None and await run_steps(
+                        [(self._reset, (made.engine,))],
+                        self._close_timeout,
+                        "the reset of an engine of user %r",
+                        made.user_id,
+                    )
+                except BaseException:
+                    # Cancelled while resetting (the reset ran to its end):
+                    # closed rather than parked half-known, then raised.
+                    _report(await self._close_made(made, None, None, None), None, made.user_id)
+                    raise
                 if failed:
                     logger.warning(
                         "Resetting an engine for reuse failed, closing it: %s",
@@ -594,7 +626,19 @@ def _report(errors: list[BaseException], body_error: BaseException | None, user_
 
 
 class _EngineUse(Generic[E]):
-    __slots__ = ("_aborted", "_bind", "_ctx", "_factory", "_lease", "_made", "_scope")
+    __slots__ = (
+        "_aborted",
+        "_bind",
+        "_cancelling",
+        "_ctx",
+        "_factory",
+        "_lease",
+        "_made",
+        "_scope",
+        "_task",
+    )
+    _scope: anyio.CancelScope | None
+    _task: Any  # the asyncio or trio task that entered
 
     def __init__(self, factory: EngineFactory[E], ctx: UserContext | None) -> None:
         self._factory = factory
@@ -603,7 +647,11 @@ class _EngineUse(Generic[E]):
 
     def abort(self) -> None:
         self._aborted = True
-        self._scope.cancel()
+        scope = self._scope
+        if scope is not None:
+            scope.cancel()  # a no-op once the body has ended
+        elif self._task is not None:  # None once the body has ended
+            self._task.cancel("The EngineFactory was closed.")
 
     async def __aenter__(self) -> E:
         f = self._factory
@@ -643,10 +691,24 @@ class _EngineUse(Generic[E]):
         c.start(ctx.user_id)
         f._uses.add(self)  # noqa: SLF001
         deadline = f._deadline  # noqa: SLF001
+        try:
+            task = current_task()
+        except RuntimeError:  # no asyncio loop: trio
+            task = None
+        if task is not None and deadline is None:
+            # No cancel scope held open over the body: it costs more than the
+            # rest, and one left in the task that entered it (by an async
+            # generator another task finishes) breaks that task's scopes.
+            # aclose() cuts the body with a native cancellation instead.
+            self._scope = None
+            self._task = task
+            self._cancelling = task.cancelling() if _CANCELLING else 0
+            return made.engine
         scope = self._scope = anyio.CancelScope(
             deadline=math.inf if deadline is None else anyio.current_time() + deadline
         )
         scope.__enter__()
+        self._task = running_task()
         return made.engine
 
     async def __aexit__(
@@ -658,8 +720,26 @@ class _EngineUse(Generic[E]):
         f = self._factory
         ctx = self._ctx
         assert ctx is not None  # noqa: S101  # set by __aenter__
-        # trio's scopes return True from __exit__ even without an exception.
-        caught = bool(self._scope.__exit__(exc_type, exc, tb)) and exc is not None
+        scope = self._scope
+        if scope is None:
+            # Cut by aclose() (natively) if it cancelled the task, and nothing
+            # else did: asyncio.timeout's rule, by Task.cancelling().
+            caught = (
+                self._aborted
+                and (not _CANCELLING or self._task.uncancel() <= self._cancelling)
+                and isinstance(exc, CancelledError)
+            )
+            self._task = None  # the body has ended: aclose() must not cancel the close
+        elif running_task() is self._task:
+            # trio's scopes return True from __exit__ even without an exception.
+            caught = bool(scope.__exit__(exc_type, exc, tb)) and exc is not None
+        else:
+            # Left in another task than the one that entered it (an async
+            # generator finished by another task, as streaming responses do):
+            # its cancel scope cannot be exited here, and its body has ended,
+            # so the deadline is dropped; the engine is closed as usual.
+            scope.deadline = math.inf
+            caught = False
         body_error = None if caught else exc
         c = f._counters  # noqa: SLF001
         hit = caught and not self._aborted
@@ -672,8 +752,10 @@ class _EngineUse(Generic[E]):
             if f._idle_lru:  # noqa: SLF001
                 await f._sweep()  # noqa: SLF001
         finally:
-            self._lease.release()
+            # Counted out before the slot is given back, so that the next
+            # holder is never counted beside this one.
             c.stop(ctx.user_id)
+            self._lease.release()
             f._uses.discard(self)  # noqa: SLF001
             f._settle()  # noqa: SLF001
             self._bind.__exit__(None, None, None)
@@ -801,12 +883,14 @@ class _SyncEngineUse(Generic[E]):
                 except Exception as e:  # noqa: BLE001  # collected and reported
                     errors.append(e)
         finally:
-            self._lease.release()
             c = f._sync_counters  # noqa: SLF001
             with f._sync_lock:  # noqa: SLF001
                 c.closed += 1
                 c.close_errors += len(errors)
                 c.stop(ctx.user_id)
+            # Given back only once counted out: another thread takes the slot
+            # at once, and must never be counted beside this one.
+            self._lease.release()
             self._bind.__exit__(None, None, None)
         if errors and exc is None:
             _report(errors[1:], errors[0], ctx.user_id)

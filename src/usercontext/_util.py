@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import dis
 import logging
+import sys
+import types
 
+from asyncio import CancelledError, current_task
 from types import AsyncGeneratorType, GeneratorType
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +19,7 @@ from .exceptions import CloseTimeoutError
 
 
 if TYPE_CHECKING:
+    from asyncio import Future
     from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
     from types import CodeType, TracebackType
 
@@ -25,6 +29,16 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger("usercontext")
+
+
+def _requests(task: Any) -> int:
+    return task.cancelling()  # type: ignore[no-any-return]
+
+
+# How many cancellations of a task are pending: Task.cancelling(), new in
+# Python 3.11. Before, nothing counts them: every one held is raised again.
+_cancelling: Callable[[Any], int] = _requests if sys.version_info >= (3, 11) else lambda _task: 0
+_counted = sys.version_info >= (3, 11)
 
 
 def add_note(exc: BaseException, note: str) -> None:
@@ -56,13 +70,140 @@ async def drive(awaitable: Awaitable[Any], timeout: float, what: str, *what_args
         usercontext.exceptions.CloseTimeoutError: If it was cut; the message
             names ``what % what_args``.
     """
-    with anyio.move_on_after(timeout, shield=True):
-        return await awaitable
-    msg = (
+    try:
+        with anyio.move_on_after(timeout, shield=True) as scope:
+            return await shielded(awaitable)
+    except CancelledError:
+        if scope.cancel_called:
+            # Cut, and the task was cancelled natively meanwhile: that
+            # cancellation wins (the scope let it through), and the cut is logged.
+            logger.error(_cut(timeout, what, *what_args))  # noqa: TRY400  # a cut, not a crash
+        raise
+    raise CloseTimeoutError(_cut(timeout, what, *what_args))
+
+
+def _cut(timeout: float, what: str, *what_args: object) -> str:
+    return (
         f"Closing {what % what_args} took longer than its timeout of {timeout} s and was "
         "cut. Make the cleanup faster or raise the timeout."
     )
-    raise CloseTimeoutError(msg)
+
+
+def shielded(awaitable: Awaitable[Any]) -> Awaitable[Any]:
+    """
+    Return *awaitable*, made to hold against the native cancellation of an
+    asyncio task, for use inside a shielding cancel scope.
+
+    anyio's shield holds against anyio's cancel scopes only. A plain
+    ``Task.cancel()`` (from `asyncio.timeout`, `asyncio.wait_for`, a server, or
+    the loop's shutdown) would still cut the awaitable. On asyncio, it runs in
+    the same task (its own cancel scopes, context and task identity stay
+    valid), but waits on each of its futures through a proxy: a native
+    cancellation cancels the proxy, is remembered, and is raised again once
+    the awaitable has finished; a cancellation of one of the cancel scopes
+    inside the shield (its own, or a cleanup timeout) reaches it as usual.
+    On trio every cancellation is a cancel scope, so *awaitable* is returned
+    as is.
+    """
+    try:
+        task = current_task()
+    except RuntimeError:  # no asyncio loop: trio
+        return awaitable
+    return _guard(awaitable, task)
+
+
+def running_task() -> object:
+    """
+    Return the task running now, on asyncio or on trio.
+    """
+    try:
+        return current_task()
+    except RuntimeError:  # no asyncio loop: trio, which anyio's trio backend imported
+        return sys.modules["trio"].lowlevel.current_task()
+
+
+def _meant_for_it() -> bool:
+    """
+    Say whether a cancellation that reached a `shielded` awaitable comes from a
+    cancel scope inside the shield: anyio delivers one only when such a scope is
+    cancelled or past its deadline, which a native cancellation never makes so.
+    """
+    return anyio.current_effective_deadline() <= anyio.current_time()
+
+
+@types.coroutine
+def _guard(awaitable: Awaitable[Any], task: Any) -> Generator[Any, Any, Any]:  # noqa: C901, PLR0912  # the task protocol, step by step
+    steps = awaitable.__await__()
+    pending = _cancelling(task)
+    held: list[CancelledError] = []  # native cancellations, raised again at the end
+    value: Any = None
+    thrown: BaseException | None = None
+    try:
+        while True:
+            try:
+                yielded = steps.send(value) if thrown is None else steps.throw(thrown)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            value = thrown = None
+            if getattr(yielded, "_asyncio_future_blocking", None):
+                # Waited on as its task would, through proxies that a native
+                # cancellation cancels instead of it. (Written out here: a
+                # generator delegated to is not traced on Python 3.11 after a
+                # throw, so coverage would miss what follows.)
+                fut: Future[Any] = yielded
+                fut._asyncio_future_blocking = False  # noqa: SLF001  # as a task does
+                while not fut.done():
+                    proxy = fut.get_loop().create_future()
+                    wake = _waker(proxy)
+                    fut.add_done_callback(wake)
+                    try:
+                        yield from proxy
+                    except CancelledError as e:
+                        fut.remove_done_callback(wake)
+                        if not _meant_for_it():
+                            held.append(e)
+                        elif not fut.cancel(*e.args[:1]):
+                            thrown = e  # done meanwhile: thrown in, as a task would
+                continue
+            # A bare yield (one loop iteration), or something the task refuses
+            # by throwing an error in: passed on, and what comes back.
+            try:
+                value = yield yielded
+            except CancelledError as e:
+                if _meant_for_it():
+                    thrown = e
+                else:
+                    held.append(e)
+            except BaseException as e:  # noqa: BLE001  # handed to the awaitable, as a task does
+                thrown = e
+    except BaseException as e:  # noqa: BLE001  # raised below
+        error: BaseException | None = e
+    else:
+        error = None
+    # A cancellation held is raised now, unless an asyncio.timeout inside the
+    # awaitable took it back (each undoes its own when it exits), as
+    # Task.cancelling() counts: it was that timeout's, not the caller's.
+    if held and (_cancelling(task) > pending or not _counted):
+        if isinstance(error, Exception):
+            logger.error(
+                "A shielded cleanup step failed while its task was being cancelled: %s",
+                describe(error),
+            )
+        # Raised outside the handler: chained to a cut by a cancel scope, it
+        # would pass for that scope's own and be swallowed by it.
+        raise held[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def _waker(proxy: Future[Any]) -> Callable[[object], None]:
+    def wake(_fut: object) -> None:
+        if not proxy.done():
+            proxy.set_result(None)
+
+    return wake
 
 
 async def run_steps(
