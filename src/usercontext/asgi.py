@@ -14,14 +14,16 @@ the same task.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import json
 import logging
 import os
 import re
+import types
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from usercontext import (
@@ -249,7 +251,8 @@ class UserContextMiddleware:
         """
         kind = scope["type"]
         if kind == "http" or kind == "websocket":  # noqa: PLR1714  # faster than `in`
-            await self._serve_isolated(scope, receive, send)
+            server = _Server(receive, send)  # before the request binds anything
+            await self._serve_isolated(scope, server.receive, server)
         else:
             await self.app(scope, receive, send)
 
@@ -297,19 +300,12 @@ class UserContextMiddleware:
         resources = None if registry is None else registry.scope(ctx)
         scope[STATE_KEY] = RequestState(ctx, resources, self.hub)
         request_id = (self._header, ctx.request_id.encode("ascii", "backslashreplace"))
+        server: _Server = send  # type: ignore[assignment]  # what __call__ passes
         with bind(ctx):
-            if resources is None:
-                await self.app(scope, receive, _SendWithId(send, request_id))
-            elif scope["type"] == "http":
-                await _HTTPRequest(resources, send, request_id).run(self.app, scope, receive)
+            if resources is not None and scope["type"] == "http":
+                await _HTTPRequest(resources, server, request_id).run(self.app, scope, receive)
             else:
-                await resources.__aenter__()
-                try:
-                    await self.app(scope, receive, _SendWithId(send, request_id))
-                except BaseException as e:
-                    await _close(resources, e)
-                    raise
-                await _close(resources, None)
+                await _SendWithId(server, request_id).run(self.app, scope, receive, resources)
 
     async def _refuse(  # noqa: PLR0913, PLR0917  # private, called twice
         self,
@@ -345,22 +341,119 @@ async def _send_json(
     await send({"type": f"{kind}.body", "body": payload})
 
 
+class _Server:
+    """
+    The server's ``receive`` and ``send`` (calling the object sends), each
+    call run in the server's Context.
+
+    Servers start tasks and schedule callbacks from inside ``send`` and
+    ``receive``, and each copies the Context it is started from: uvicorn
+    starts the next pipelined request from the last ``send`` of the one
+    before, and resumes reading the socket from ``send`` and ``receive``.
+    Called under the request's `bind`, they would carry its user into the
+    next request, into an outer middleware and into the server's own log
+    lines. So every step of each call runs in a copy of the Context the
+    middleware was called in, taken before the request bound anything. The
+    calls of one request share that copy: the steps of two calls never nest
+    (each ends at its next ``await``), so the Context is never entered twice.
+    """
+
+    __slots__ = ("_receive", "_send", "run")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self.run = contextvars.copy_context().run
+
+    def receive(self) -> Awaitable[Message]:
+        return _in_context(self.run, _call(self._receive))
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        return _in_context(self.run, _call(self._send, message))
+
+    def send_all(self, *messages: Message) -> Awaitable[None]:
+        """
+        Send *messages* in turn, in one call.
+        """
+        return _in_context(self.run, _send_all(self._send, messages))
+
+
+async def _call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    return await fn(*args)
+
+
+async def _send_all(send: Send, messages: tuple[Message, ...]) -> None:
+    for message in messages:
+        await send(message)
+
+
+@types.coroutine
+def _in_context(run: Callable[..., Any], coro: Any) -> Generator[Any, Any, Any]:
+    """
+    Await *coro* with each of its steps run by *run* (a Context's ``run``),
+    in the caller's task, as `usercontext.isolated` runs a request: a task
+    would cost more, and escape the caller's cancel scopes.
+    """
+    send = coro.send
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            if error is None:
+                yielded = run(send, value)
+            else:
+                thrown, error = error, None
+                yielded = run(coro.throw, thrown)
+        except StopIteration as e:
+            return e.value
+        try:
+            value = yield yielded
+        except GeneratorExit:
+            run(coro.close)
+            raise
+        except BaseException as e:  # noqa: BLE001  # thrown into the call, as a task would
+            error = e
+
+
 class _SendWithId:
     """
     ``send`` adding the request id header to the response (or the WebSocket
-    accept, or denial response), unless the application set it itself.
+    accept, or denial response), unless the application set it itself; runs
+    a request that needs no more (no scope, or a WebSocket's).
     """
 
-    __slots__ = ("_header", "_send")
+    __slots__ = ("_header", "_send", "_started")
 
-    def __init__(self, send: Send, header: tuple[bytes, bytes]) -> None:
+    def __init__(self, send: _Server, header: tuple[bytes, bytes]) -> None:
         self._send = send
         self._header = header
+        self._started = False
+
+    async def run(
+        self,
+        app: ASGIApp,
+        scope: MutableMapping[str, Any],
+        receive: Receive,
+        resources: Scope | None,
+    ) -> None:
+        if resources is not None:
+            await resources.__aenter__()
+        try:
+            await app(scope, receive, self)
+        except BaseException as e:
+            if resources is not None:
+                await _close(resources, e)
+            if not self._started:
+                await _answer_crash(self._send, scope, e, self._header)
+            raise
+        if resources is not None:
+            await _close(resources, None)
 
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
         if kind in _STARTS:
             message = _with_header_and_length(message, self._header)[0]
+            self._started = True
         await self._send(message)
 
 
@@ -390,10 +483,40 @@ def _with_header_and_length(message: Message, header: tuple[bytes, bytes]) -> tu
     return message, has_length
 
 
-async def _close(resources: Scope, error: BaseException | None) -> bool:
+async def _answer_crash(
+    send: Send, scope: MutableMapping[str, Any], error: BaseException, header: tuple[bytes, bytes]
+) -> None:
+    """
+    Answer ``500`` with the request id for an application that raised *error*
+    before its response started, where a response can still be sent: the
+    error then propagates, for the server (and Starlette's
+    ``ServerErrorMiddleware``, which sees a response started) to log it.
+    """
+    if not isinstance(error, Exception):
+        return  # cancelled, or the process is stopping: no one waits for an answer
+    if scope["type"] == "http":
+        kind = "http.response"
+    elif "websocket.http.response" in scope.get("extensions", {}):
+        kind = "websocket.http.response"
+    else:
+        return  # the server refuses the handshake on its own
+    body = {
+        "error": "internal_error",
+        "detail": "The server failed to answer the request; its logs give the reason under "
+        "this request id.",
+    }
+    try:
+        await _send_json(send, kind, 500, body, [header])
+    except Exception:  # the client left: the application's error is the one to raise
+        request_id = header[1].decode("ascii")
+        logger.debug("The 500 for request %s could not be sent.", request_id, exc_info=True)
+
+
+async def _close(resources: Scope, error: BaseException | None) -> Exception | None:
     """
     Close a request's scope once its response is out (or the connection is
-    over): cleanup errors are logged, not raised; tell whether there were none.
+    over): cleanup errors are logged, not raised; return the error, or `None`
+    if every cleanup succeeded.
     """
     try:
         if error is None:
@@ -406,8 +529,17 @@ async def _close(resources: Scope, error: BaseException | None) -> bool:
             resources.ctx.request_id,
             e,
         )
-        return False
-    return True
+        return e
+    return None
+
+
+class _ResponseCutError(RuntimeError):
+    """
+    Raised into the application's last ``send`` of a response whose headers
+    are out when the request's cleanup failed: the last message is never sent,
+    and the server drops the connection, so the client sees a truncated
+    response, never a complete one.
+    """
 
 
 class _HTTPRequest:
@@ -416,26 +548,35 @@ class _HTTPRequest:
     the scope at the right moment (see `UserContextMiddleware`).
     """
 
-    __slots__ = ("_closed", "_disconnected", "_ending", "_header", "_held", "_resources", "_send")
+    __slots__ = (
+        "_closed",
+        "_cut",
+        "_disconnected",
+        "_header",
+        "_held",
+        "_resources",
+        "_send",
+        "_started",
+    )
 
-    def __init__(self, resources: Scope, send: Send, header: tuple[bytes, bytes]) -> None:
+    def __init__(self, resources: Scope, send: _Server, header: tuple[bytes, bytes]) -> None:
         self._resources = resources
         self._send = send
         self._header = header
         self._held: Message | None = None  # a response start waiting for its body
+        self._started = False  # whether the server was given a response start
         self._closed = False
         self._disconnected = False
-        # Set once the last message is handed to the server: a disconnect the
-        # server reports after that is the end of a complete response (the
-        # server may report it before its send returns), not a client leaving.
-        self._ending = False
+        self._cut: _ResponseCutError | None = None
 
     async def run(self, app: ASGIApp, scope: MutableMapping[str, Any], receive: Receive) -> None:
         resources = self._resources
 
         async def watch() -> Message:
             message = await receive()
-            if message["type"] == "http.disconnect" and not self._ending:
+            # The scope is closed before the last message of a response is
+            # sent, so a disconnect seen while it is open is a client leaving.
+            if message["type"] == "http.disconnect":
                 self._disconnected = True
             return message
 
@@ -445,23 +586,29 @@ class _HTTPRequest:
         except BaseException as e:
             if not self._closed:
                 await self._close(e)
+            if not self._started:
+                self._held = None
+                await _answer_crash(self._send, scope, e, self._header)
             raise
         if not self._closed:
             # The application returned before finishing its response, or the
             # client left: close now, then pass on what is still held.
-            cleaned_up = await self._close()
+            error = await self._close()
             held = self._held
             if held is not None:
                 self._held = None
-                if cleaned_up:
+                self._started = True
+                if error is None:
                     await self._send(held)
                 else:
                     await self._send_failure()
+        elif self._cut is not None:
+            raise self._cut  # the application caught it: the server must still drop the connection
 
-    async def _close(self, error: BaseException | None = None) -> bool:
+    async def _close(self, error: BaseException | None = None) -> Exception | None:
         """
-        Close the scope (as failed if the client left); tell whether every
-        cleanup succeeded.
+        Close the scope (as failed if the client left); return the cleanup
+        error, or `None` if every cleanup succeeded.
         """
         self._closed = True
         if error is None and self._disconnected:
@@ -475,6 +622,7 @@ class _HTTPRequest:
             if not self._closed and (has_length or message["status"] in _NO_BODY):
                 self._held = message  # sent with its body, after the cleanup
                 return
+            self._started = True
             await self._send(message)
             return
         if self._closed:
@@ -487,22 +635,43 @@ class _HTTPRequest:
         held = self._held
         if held is not None:
             self._held = None
-            if final and not await self._close():
-                await self._send_failure()
-                return
-            await self._send(held)
-            await self._send(message)
-            return
+            self._started = True
         if final:
-            self._ending = True
+            await self._finish(held, message)
+            return
         try:
-            await self._send(message)
+            if held is None:
+                await self._send(message)
+            else:
+                await self._send.send_all(held, message)
         except BaseException as e:
             self._disconnected = True
             await self._close(e)
             raise
-        if final:
-            await self._close()
+
+    async def _finish(self, held: Message | None, last: Message) -> None:
+        """
+        Close the scope, then send the response's *last* message (after its
+        *held* start, if any), or what replaces them if the cleanup failed.
+        """
+        # The last message tells the client that the response is complete,
+        # which it must not be if a commit failed: it waits for the cleanup.
+        error = await self._close()
+        if error is None:
+            if held is None:
+                await self._send(last)
+            else:
+                await self._send.send_all(held, last)
+        elif held is not None:  # nothing is out yet: the client gets a 500 instead
+            await self._send_failure()
+        else:
+            self._cut = _ResponseCutError(
+                f"The resources of request {self._resources.ctx.request_id} were not all "
+                "cleaned up (a commit may have failed) after the response's headers were "
+                "sent, so the response was cut short: its last message was not sent, and "
+                "the connection must be dropped."
+            )
+            raise self._cut from error
 
     async def _send_failure(self) -> None:
         body = {
