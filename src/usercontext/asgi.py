@@ -9,7 +9,8 @@ exists so that every adapter can be asked for by name).
 
 Each request runs in a fresh copy of the Context of the server's task, so
 nothing one request binds or sets can be seen by the next request served by
-the same task.
+the same task, and the server's own ``send`` and ``receive`` run where no user
+is bound, so nothing the server starts from them carries the request's user.
 """
 
 from __future__ import annotations
@@ -184,17 +185,37 @@ class UserContextMiddleware:
     3. runs the rest of the request in a fresh copy of the Context, with the
        context bound, and with a scope of *registry* open (`RequestState`).
 
-    The scope stays open while the application produces the response. A
-    response whose whole body comes in one message (``JSONResponse`` and most
-    others: a response with a ``Content-Length``, or a ``204`` or ``304``) is
-    held until the scope is closed, so that a failing cleanup, such as a
-    commit, turns it into ``500`` ``{"error": "cleanup_failed"}`` instead of a
-    success the client cannot trust. A streaming response keeps
-    the scope open until its last chunk has been sent, or the client has
-    disconnected (the scope is then closed as if the request failed, so
-    sessions roll back); cleanup errors after its headers went out are
-    logged, never sent. A WebSocket's scope lives as long as the connection.
+    The scope stays open while the application produces the response, and
+    is closed before the client can see the response complete, so that a
+    failing cleanup, such as a commit, never ends in a success the client
+    cannot trust:
+
+    - A response whose whole body comes in one message (``JSONResponse`` and
+      most others: a ``Content-Length`` and one body message, a ``204`` or
+      ``304``, a ``pathsend``) is held until the scope is closed; if a
+      cleanup failed, the client gets ``500`` ``{"error": "cleanup_failed"}``
+      instead.
+    - A response whose headers go out before its last message (a
+      ``FileResponse`` in several messages, a ``StreamingResponse``) is
+      forwarded as it comes, but its last message waits for the scope to
+      close. If a cleanup failed, that message is never sent: the middleware
+      raises, and the server drops the connection, so the client sees a
+      truncated response.
+    - An application that raises before its response started gets ``500``
+      ``{"error": "internal_error"}`` with the request id; the exception then
+      propagates, for the server to log. After the start, nothing more is
+      sent.
+    - A client that disconnects before the response is complete has the
+      scope closed as if the request failed, so sessions roll back.
+    - A WebSocket's scope lives as long as the connection; cleanup errors are
+      logged.
+
     Work that outlives the response needs its own scope: see `in_child_scope`.
+
+    The server's own ``send`` and ``receive`` run in a copy of the Context the
+    middleware was called in, where the request's user is not bound: what the
+    server starts from them (uvicorn starts the next pipelined request from
+    the last ``send`` of the one before) never carries the user.
 
     Args:
         app: The ASGI application.
@@ -251,8 +272,9 @@ class UserContextMiddleware:
         """
         kind = scope["type"]
         if kind == "http" or kind == "websocket":  # noqa: PLR1714  # faster than `in`
-            server = _Server(receive, send)  # before the request binds anything
-            await self._serve_isolated(scope, server.receive, server)
+            # Taken before the request binds anything: see _Server.
+            server = _Server((contextvars.copy_context(), send))
+            await self._serve_isolated(scope, receive, server)
         else:
             await self.app(scope, receive, send)
 
@@ -341,10 +363,10 @@ async def _send_json(
     await send({"type": f"{kind}.body", "body": payload})
 
 
-class _Server:
+class _Server(tuple):  # type: ignore[type-arg]  # (Context, send): a tuple costs least to make
     """
-    The server's ``receive`` and ``send`` (calling the object sends), each
-    call run in the server's Context.
+    A copy of the server's Context, in which every call to the server runs,
+    and the server's ``send`` (calling the object sends).
 
     Servers start tasks and schedule callbacks from inside ``send`` and
     ``receive``, and each copies the Context it is started from: uvicorn
@@ -358,61 +380,70 @@ class _Server:
     (each ends at its next ``await``), so the Context is never entered twice.
     """
 
-    __slots__ = ("_receive", "_send", "run")
-
-    def __init__(self, receive: Receive, send: Send) -> None:
-        self._receive = receive
-        self._send = send
-        self.run = contextvars.copy_context().run
-
-    def receive(self) -> Awaitable[Message]:
-        return _in_context(self.run, _call(self._receive))
+    __slots__ = ()
 
     def __call__(self, message: Message) -> Awaitable[None]:
-        return _in_context(self.run, _call(self._send, message))
+        return _in_context(self[0].run, _call(self[1], message))
 
     def send_all(self, *messages: Message) -> Awaitable[None]:
         """
         Send *messages* in turn, in one call.
         """
-        return _in_context(self.run, _send_all(self._send, messages))
+        return _in_context(self[0].run, _send_all(self[1], messages))
+
+    def receive(self, receive: Receive) -> Awaitable[Message]:
+        """
+        Call the server's *receive*.
+        """
+        return _in_context(self[0].run, _call(receive))
 
 
 async def _call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     return await fn(*args)
 
 
-async def _send_all(send: Send, messages: tuple[Message, ...]) -> None:
+@types.coroutine
+def _send_all(send: Send, messages: tuple[Message, ...]) -> Generator[Any, Any, None]:
+    # A generator rather than a coroutine: `next` steps it to its end without
+    # making a StopIteration (see _HTTPRequest.send).
     for message in messages:
-        await send(message)
+        yield from send(message).__await__()
+
+
+_UNSTARTED: Any = object()
+_DONE: Any = object()
 
 
 @types.coroutine
-def _in_context(run: Callable[..., Any], coro: Any) -> Generator[Any, Any, Any]:
+def _in_context(
+    run: Callable[..., Any], coro: Any, yielded: Any = _UNSTARTED
+) -> Generator[Any, Any, Any]:
     """
     Await *coro* with each of its steps run by *run* (a Context's ``run``),
     in the caller's task, as `usercontext.isolated` runs a request: a task
-    would cost more, and escape the caller's cancel scopes.
+    would cost more, and escape the caller's cancel scopes. If *coro* ran
+    its first step already, *yielded* is what that step yielded.
     """
     send = coro.send
-    value: Any = None
-    error: BaseException | None = None
-    while True:
+    if yielded is _UNSTARTED:
         try:
-            if error is None:
-                yielded = run(send, value)
-            else:
-                thrown, error = error, None
-                yielded = run(coro.throw, thrown)
+            yielded = run(send, None)
         except StopIteration as e:
             return e.value
+    while True:
         try:
             value = yield yielded
         except GeneratorExit:
             run(coro.close)
             raise
         except BaseException as e:  # noqa: BLE001  # thrown into the call, as a task would
-            error = e
+            step, value = coro.throw, e
+        else:
+            step = send
+        try:
+            yielded = run(step, value)
+        except StopIteration as e:
+            return e.value
 
 
 class _SendWithId:
@@ -439,7 +470,7 @@ class _SendWithId:
         if resources is not None:
             await resources.__aenter__()
         try:
-            await app(scope, receive, self)
+            await app(scope, functools.partial(self._send.receive, receive), self)
         except BaseException as e:
             if resources is not None:
                 await _close(resources, e)
@@ -571,9 +602,10 @@ class _HTTPRequest:
 
     async def run(self, app: ASGIApp, scope: MutableMapping[str, Any], receive: Receive) -> None:
         resources = self._resources
+        server = self._send
 
         async def watch() -> Message:
-            message = await receive()
+            message = await server.receive(receive)
             # The scope is closed before the last message of a response is
             # sent, so a disconnect seen while it is open is a client leaving.
             if message["type"] == "http.disconnect":
@@ -636,9 +668,27 @@ class _HTTPRequest:
         if held is not None:
             self._held = None
             self._started = True
-        if final:
-            await self._finish(held, message)
+        if not final:
+            await self._forward(held, message)
             return
+        # The last message tells the client that the response is complete,
+        # which it must not be if a commit failed: it waits for the cleanup.
+        error = await self._close()
+        if error is not None:
+            await self._fail(held, error)
+            return
+        # The server's sends, with their first step (most often the only one)
+        # inlined: this is every request's path.
+        context, send = self._send
+        steps = _send_all(send, (message,) if held is None else (held, message))
+        yielded = context.run(next, steps, _DONE)
+        if yielded is not _DONE:
+            await _in_context(context.run, steps, yielded)
+
+    async def _forward(self, held: Message | None, message: Message) -> None:
+        """
+        Send a body message that is not the last (after the *held* start).
+        """
         try:
             if held is None:
                 await self._send(message)
@@ -649,29 +699,21 @@ class _HTTPRequest:
             await self._close(e)
             raise
 
-    async def _finish(self, held: Message | None, last: Message) -> None:
+    async def _fail(self, held: Message | None, error: Exception) -> None:
         """
-        Close the scope, then send the response's *last* message (after its
-        *held* start, if any), or what replaces them if the cleanup failed.
+        Answer for a response whose cleanup failed with *error*: ``500`` if
+        nothing was sent (its start is *held*), else cut it short.
         """
-        # The last message tells the client that the response is complete,
-        # which it must not be if a commit failed: it waits for the cleanup.
-        error = await self._close()
-        if error is None:
-            if held is None:
-                await self._send(last)
-            else:
-                await self._send.send_all(held, last)
-        elif held is not None:  # nothing is out yet: the client gets a 500 instead
+        if held is not None:
             await self._send_failure()
-        else:
-            self._cut = _ResponseCutError(
-                f"The resources of request {self._resources.ctx.request_id} were not all "
-                "cleaned up (a commit may have failed) after the response's headers were "
-                "sent, so the response was cut short: its last message was not sent, and "
-                "the connection must be dropped."
-            )
-            raise self._cut from error
+            return
+        self._cut = _ResponseCutError(
+            f"The resources of request {self._resources.ctx.request_id} were not all "
+            "cleaned up (a commit may have failed) after the response's headers were "
+            "sent, so the response was cut short: its last message was not sent, and "
+            "the connection must be dropped."
+        )
+        raise self._cut from error
 
     async def _send_failure(self) -> None:
         body = {
