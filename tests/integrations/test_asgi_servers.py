@@ -4,7 +4,8 @@ real clients.
 
 Each server serves a Starlette app on a free port of 127.0.0.1, from a
 background thread of its own: uvicorn with its h11 and httptools protocols, on
-asyncio and on uvloop, and hypercorn on asyncio and on trio. An outer pure
+asyncio and on uvloop (and once with its ``reset_contextvars`` option), and
+hypercorn on asyncio and on trio. An outer pure
 ASGI middleware, wrapped around the whole app, records which user is bound
 around each request, as a metrics or audit middleware would see it. The
 clients (raw sockets through anyio, and httpx2) run on asyncio and on trio.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -66,6 +68,8 @@ SERVERS = {
         "uvloop",
         ("uvicorn", "httptools", "uvloop"),
     ),
+    # uvicorn's own defence in depth, which the docs recommend beside the middleware.
+    "uvicorn-h11-asyncio-reset_contextvars": ("uvicorn", "h11", "asyncio", ("uvicorn", "h11")),
     "hypercorn-asyncio": ("hypercorn", "h11", "asyncio", ("hypercorn",)),
     "hypercorn-trio": ("hypercorn", "h11", "trio", ("hypercorn", "trio")),
 }
@@ -80,18 +84,29 @@ FILE_SIZE = 300_000  # several 64 KiB messages of a FileResponse
 POST_SIZE = 300_000  # enough for uvicorn to pause reading the socket
 
 
-def need(modules: tuple[str, ...], what: str) -> None:
+def need(what: str) -> None:
     """
-    Import *modules*, or skip (fail with ``CI=true``) naming the missing one.
+    Check that the server *what* (a key of `SERVERS`) can run here, or skip
+    (fail with ``CI=true``) saying why.
     """
+    modules = SERVERS[what][3]
     if "uvloop" in modules and sys.platform == "win32":
         pytest.skip("uvloop does not run on Windows.")
+    reason = None
     for name in modules:
         if importlib.util.find_spec(name) is None:
             reason = f"{name} is not installed; {what} needs it: pip install {name}"
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"CI=true, so a missing server is a failure: {reason}", pytrace=False)
-            pytest.skip(reason)
+            break
+    else:
+        if what.endswith("reset_contextvars"):
+            import uvicorn
+
+            if "reset_contextvars" not in inspect.signature(uvicorn.Config).parameters:
+                reason = f"uvicorn {uvicorn.__version__} has no reset_contextvars option."
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true, so a missing server is a failure: {reason}", pytrace=False)
+        pytest.skip(reason)
 
 
 # -- the app -------------------------------------------------------------------
@@ -279,6 +294,7 @@ class LiveServer:
     def _uvicorn(self) -> None:
         import uvicorn
 
+        options = {"reset_contextvars": True} if self.name.endswith("reset_contextvars") else {}
         config = uvicorn.Config(
             self.app,
             http=self.http,
@@ -287,6 +303,7 @@ class LiveServer:
             log_config=None,
             log_level="warning",
             timeout_graceful_shutdown=2,
+            **options,
         )
         server = uvicorn.Server(config)
         self._stop = lambda: setattr(server, "should_exit", True)
@@ -400,7 +417,7 @@ def _served(request, tmp_path_factory):
     The app under each server, started once for the tests of this module.
     """
     name = request.param
-    need(SERVERS[name][3], name)
+    need(name)
     path = tmp_path_factory.mktemp("files") / "report.bin"
     path.write_bytes(bytes(range(256)) * (FILE_SIZE // 256) + b"x" * (FILE_SIZE % 256))
     observer, log, ready = make_app(str(path))
