@@ -272,9 +272,8 @@ class UserContextMiddleware:
         """
         kind = scope["type"]
         if kind == "http" or kind == "websocket":  # noqa: PLR1714  # faster than `in`
-            # Taken before the request binds anything: see _Server.
-            server = _Server((contextvars.copy_context(), send))
-            await self._serve_isolated(scope, receive, server)
+            # Made before the request binds anything: see _Request.
+            await self._serve_isolated(scope, receive, _Request(send))
         else:
             await self.app(scope, receive, send)
 
@@ -322,12 +321,12 @@ class UserContextMiddleware:
         resources = None if registry is None else registry.scope(ctx)
         scope[STATE_KEY] = RequestState(ctx, resources, self.hub)
         request_id = (self._header, ctx.request_id.encode("ascii", "backslashreplace"))
-        server: _Server = send  # type: ignore[assignment]  # what __call__ passes
+        request: _Request = send  # type: ignore[assignment]  # made by __call__
         with bind(ctx):
             if resources is not None and scope["type"] == "http":
-                await _HTTPRequest(resources, server, request_id).run(self.app, scope, receive)
+                await request.run(self.app, scope, receive, resources, request_id)
             else:
-                await _SendWithId(server, request_id).run(self.app, scope, receive, resources)
+                await request.run_plain(self.app, scope, receive, resources, request_id)
 
     async def _refuse(  # noqa: PLR0913, PLR0917  # private, called twice
         self,
@@ -363,41 +362,6 @@ async def _send_json(
     await send({"type": f"{kind}.body", "body": payload})
 
 
-class _Server(tuple):  # type: ignore[type-arg]  # (Context, send): a tuple costs least to make
-    """
-    A copy of the server's Context, in which every call to the server runs,
-    and the server's ``send`` (calling the object sends).
-
-    Servers start tasks and schedule callbacks from inside ``send`` and
-    ``receive``, and each copies the Context it is started from: uvicorn
-    starts the next pipelined request from the last ``send`` of the one
-    before, and resumes reading the socket from ``send`` and ``receive``.
-    Called under the request's `bind`, they would carry its user into the
-    next request, into an outer middleware and into the server's own log
-    lines. So every step of each call runs in a copy of the Context the
-    middleware was called in, taken before the request bound anything. The
-    calls of one request share that copy: the steps of two calls never nest
-    (each ends at its next ``await``), so the Context is never entered twice.
-    """
-
-    __slots__ = ()
-
-    def __call__(self, message: Message) -> Awaitable[None]:
-        return _in_context(self[0].run, _call(self[1], message))
-
-    def send_all(self, *messages: Message) -> Awaitable[None]:
-        """
-        Send *messages* in turn, in one call.
-        """
-        return _in_context(self[0].run, _send_all(self[1], messages))
-
-    def receive(self, receive: Receive) -> Awaitable[Message]:
-        """
-        Call the server's *receive*.
-        """
-        return _in_context(self[0].run, _call(receive))
-
-
 async def _call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     return await fn(*args)
 
@@ -405,7 +369,7 @@ async def _call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
 @types.coroutine
 def _send_all(send: Send, messages: tuple[Message, ...]) -> Generator[Any, Any, None]:
     # A generator rather than a coroutine: `next` steps it to its end without
-    # making a StopIteration (see _HTTPRequest.send).
+    # making a StopIteration (see _Request.send).
     for message in messages:
         yield from send(message).__await__()
 
@@ -444,48 +408,6 @@ def _in_context(
             yielded = run(step, value)
         except StopIteration as e:
             return e.value
-
-
-class _SendWithId:
-    """
-    ``send`` adding the request id header to the response (or the WebSocket
-    accept, or denial response), unless the application set it itself; runs
-    a request that needs no more (no scope, or a WebSocket's).
-    """
-
-    __slots__ = ("_header", "_send", "_started")
-
-    def __init__(self, send: _Server, header: tuple[bytes, bytes]) -> None:
-        self._send = send
-        self._header = header
-        self._started = False
-
-    async def run(
-        self,
-        app: ASGIApp,
-        scope: MutableMapping[str, Any],
-        receive: Receive,
-        resources: Scope | None,
-    ) -> None:
-        if resources is not None:
-            await resources.__aenter__()
-        try:
-            await app(scope, functools.partial(self._send.receive, receive), self)
-        except BaseException as e:
-            if resources is not None:
-                await _close(resources, e)
-            if not self._started:
-                await _answer_crash(self._send, scope, e, self._header)
-            raise
-        if resources is not None:
-            await _close(resources, None)
-
-    async def __call__(self, message: Message) -> None:
-        kind = message["type"]
-        if kind in _STARTS:
-            message = _with_header_and_length(message, self._header)[0]
-            self._started = True
-        await self._send(message)
 
 
 _STARTS = frozenset(("http.response.start", "websocket.accept", "websocket.http.response.start"))
@@ -573,14 +495,28 @@ class _ResponseCutError(RuntimeError):
     """
 
 
-class _HTTPRequest:
+class _Request:
     """
-    One HTTP request with a scope of resources: sends the response and closes
-    the scope at the right moment (see `UserContextMiddleware`).
+    One request's link to the server: it sends the response, and closes the
+    request's scope at the right moment (see `UserContextMiddleware`). Calling
+    it calls the server's ``send``.
+
+    Servers start tasks and schedule callbacks from inside ``send`` and
+    ``receive``, and each copies the Context it is started from: uvicorn
+    starts the next pipelined request from the last ``send`` of the one
+    before, and resumes reading the socket from ``send`` and ``receive``.
+    Called under the request's `bind`, they would carry its user into the
+    next request, into an outer middleware and into the server's own log
+    lines. So every step of each call to the server runs in a copy of the
+    Context the middleware was called in, made with this object before the
+    request bound anything. The calls of one request share that copy: the
+    steps of two calls never nest (each ends at its next ``await``), so the
+    Context is never entered twice.
     """
 
     __slots__ = (
         "_closed",
+        "_context",
         "_cut",
         "_disconnected",
         "_header",
@@ -590,22 +526,54 @@ class _HTTPRequest:
         "_started",
     )
 
-    def __init__(self, resources: Scope, send: _Server, header: tuple[bytes, bytes]) -> None:
-        self._resources = resources
+    _header: tuple[bytes, bytes]
+    _resources: Scope
+
+    def __init__(self, send: Send) -> None:
+        self._context = contextvars.copy_context()
         self._send = send
-        self._header = header
         self._held: Message | None = None  # a response start waiting for its body
         self._started = False  # whether the server was given a response start
         self._closed = False
         self._disconnected = False
         self._cut: _ResponseCutError | None = None
 
-    async def run(self, app: ASGIApp, scope: MutableMapping[str, Any], receive: Receive) -> None:
-        resources = self._resources
-        server = self._send
+    # -- calls into the server, in its Context
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        return _in_context(self._context.run, _call(self._send, message))
+
+    def send_all(self, *messages: Message) -> Awaitable[None]:
+        """
+        Send *messages* to the server in turn, in one call.
+        """
+        return _in_context(self._context.run, _send_all(self._send, messages))
+
+    def receive(self, receive: Receive) -> Awaitable[Message]:
+        """
+        Call the server's *receive*.
+        """
+        return _in_context(self._context.run, _call(receive))
+
+    # -- the request
+
+    async def run(
+        self,
+        app: ASGIApp,
+        scope: MutableMapping[str, Any],
+        receive: Receive,
+        resources: Scope,
+        header: tuple[bytes, bytes],
+    ) -> None:
+        """
+        Run *app* for an HTTP request with its scope of *resources*, and the
+        request id *header* on its response.
+        """
+        self._header = header
+        self._resources = resources
 
         async def watch() -> Message:
-            message = await server.receive(receive)
+            message = await self.receive(receive)
             # The scope is closed before the last message of a response is
             # sent, so a disconnect seen while it is open is a client leaving.
             if message["type"] == "http.disconnect":
@@ -620,7 +588,7 @@ class _HTTPRequest:
                 await self._close(e)
             if not self._started:
                 self._held = None
-                await _answer_crash(self._send, scope, e, self._header)
+                await _answer_crash(self, scope, e, header)
             raise
         if not self._closed:
             # The application returned before finishing its response, or the
@@ -631,11 +599,50 @@ class _HTTPRequest:
                 self._held = None
                 self._started = True
                 if error is None:
-                    await self._send(held)
+                    await self(held)
                 else:
                     await self._send_failure()
         elif self._cut is not None:
             raise self._cut  # the application caught it: the server must still drop the connection
+
+    async def run_plain(
+        self,
+        app: ASGIApp,
+        scope: MutableMapping[str, Any],
+        receive: Receive,
+        resources: Scope | None,
+        header: tuple[bytes, bytes],
+    ) -> None:
+        """
+        Run *app* for a request that needs no more than the request id
+        *header* on its response: one without a scope, or a WebSocket, whose
+        scope of *resources* lives as long as the connection.
+        """
+        self._header = header
+        if resources is not None:
+            await resources.__aenter__()
+        try:
+            await app(scope, functools.partial(self.receive, receive), self.send_with_id)
+        except BaseException as e:
+            if resources is not None:
+                await _close(resources, e)
+            if not self._started:
+                await _answer_crash(self, scope, e, self._header)
+            raise
+        if resources is not None:
+            await _close(resources, None)
+
+    async def send_with_id(self, message: Message) -> None:
+        """
+        ``send`` adding the request id header to the response (or the
+        WebSocket accept, or denial response), unless the application set it
+        itself.
+        """
+        kind = message["type"]
+        if kind in _STARTS:
+            message = _with_header_and_length(message, self._header)[0]
+            self._started = True
+        await self(message)
 
     async def _close(self, error: BaseException | None = None) -> Exception | None:
         """
@@ -655,10 +662,10 @@ class _HTTPRequest:
                 self._held = message  # sent with its body, after the cleanup
                 return
             self._started = True
-            await self._send(message)
+            await self(message)
             return
         if self._closed:
-            await self._send(message)
+            await self(message)
             return
         if kind == "http.response.body":
             final = not message.get("more_body", False)
@@ -679,11 +686,11 @@ class _HTTPRequest:
             return
         # The server's sends, with their first step (most often the only one)
         # inlined: this is every request's path.
-        context, send = self._send
-        steps = _send_all(send, (message,) if held is None else (held, message))
-        yielded = context.run(next, steps, _DONE)
+        steps = _send_all(self._send, (message,) if held is None else (held, message))
+        run = self._context.run
+        yielded = run(next, steps, _DONE)
         if yielded is not _DONE:
-            await _in_context(context.run, steps, yielded)
+            await _in_context(run, steps, yielded)
 
     async def _forward(self, held: Message | None, message: Message) -> None:
         """
@@ -691,9 +698,9 @@ class _HTTPRequest:
         """
         try:
             if held is None:
-                await self._send(message)
+                await self(message)
             else:
-                await self._send.send_all(held, message)
+                await self.send_all(held, message)
         except BaseException as e:
             self._disconnected = True
             await self._close(e)
@@ -721,7 +728,7 @@ class _HTTPRequest:
             "detail": "The request's resources could not be cleaned up (a commit may have "
             "failed); its changes may not have been saved.",
         }
-        await _send_json(self._send, "http.response", 500, body, [self._header])
+        await _send_json(self, "http.response", 500, body, [self._header])
 
 
 @overload
