@@ -9,19 +9,22 @@ exists so that every adapter can be asked for by name).
 
 Each request runs in a fresh copy of the Context of the server's task, so
 nothing one request binds or sets can be seen by the next request served by
-the same task.
+the same task, and the server's own ``send`` and ``receive`` run where no user
+is bound, so nothing the server starts from them carries the request's user.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import json
 import logging
 import os
 import re
+import types
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from usercontext import (
@@ -182,17 +185,37 @@ class UserContextMiddleware:
     3. runs the rest of the request in a fresh copy of the Context, with the
        context bound, and with a scope of *registry* open (`RequestState`).
 
-    The scope stays open while the application produces the response. A
-    response whose whole body comes in one message (``JSONResponse`` and most
-    others: a response with a ``Content-Length``, or a ``204`` or ``304``) is
-    held until the scope is closed, so that a failing cleanup, such as a
-    commit, turns it into ``500`` ``{"error": "cleanup_failed"}`` instead of a
-    success the client cannot trust. A streaming response keeps
-    the scope open until its last chunk has been sent, or the client has
-    disconnected (the scope is then closed as if the request failed, so
-    sessions roll back); cleanup errors after its headers went out are
-    logged, never sent. A WebSocket's scope lives as long as the connection.
+    The scope stays open while the application produces the response, and
+    is closed before the client can see the response complete, so that a
+    failing cleanup, such as a commit, never ends in a success the client
+    cannot trust:
+
+    - A response whose whole body comes in one message (``JSONResponse`` and
+      most others: a ``Content-Length`` and one body message, a ``204`` or
+      ``304``, a ``pathsend``) is held until the scope is closed; if a
+      cleanup failed, the client gets ``500`` ``{"error": "cleanup_failed"}``
+      instead.
+    - A response whose headers go out before its last message (a
+      ``FileResponse`` in several messages, a ``StreamingResponse``) is
+      forwarded as it comes, but its last message waits for the scope to
+      close. If a cleanup failed, that message is never sent: the middleware
+      raises, and the server drops the connection, so the client sees a
+      truncated response.
+    - An application that raises before its response started gets ``500``
+      ``{"error": "internal_error"}`` with the request id; the exception then
+      propagates, for the server to log. After the start, nothing more is
+      sent.
+    - A client that disconnects before the response is complete has the
+      scope closed as if the request failed, so sessions roll back.
+    - A WebSocket's scope lives as long as the connection; cleanup errors are
+      logged.
+
     Work that outlives the response needs its own scope: see `in_child_scope`.
+
+    The server's own ``send`` and ``receive`` run in a copy of the Context the
+    middleware was called in, where the request's user is not bound: what the
+    server starts from them (uvicorn starts the next pipelined request from
+    the last ``send`` of the one before) never carries the user.
 
     Args:
         app: The ASGI application.
@@ -249,7 +272,8 @@ class UserContextMiddleware:
         """
         kind = scope["type"]
         if kind == "http" or kind == "websocket":  # noqa: PLR1714  # faster than `in`
-            await self._serve_isolated(scope, receive, send)
+            # Made before the request binds anything: see _Request.
+            await self._serve_isolated(scope, receive, _Request(send))
         else:
             await self.app(scope, receive, send)
 
@@ -297,19 +321,12 @@ class UserContextMiddleware:
         resources = None if registry is None else registry.scope(ctx)
         scope[STATE_KEY] = RequestState(ctx, resources, self.hub)
         request_id = (self._header, ctx.request_id.encode("ascii", "backslashreplace"))
+        request: _Request = send  # type: ignore[assignment]  # made by __call__
         with bind(ctx):
-            if resources is None:
-                await self.app(scope, receive, _SendWithId(send, request_id))
-            elif scope["type"] == "http":
-                await _HTTPRequest(resources, send, request_id).run(self.app, scope, receive)
+            if resources is not None and scope["type"] == "http":
+                await request.run(self.app, scope, receive, resources, request_id)
             else:
-                await resources.__aenter__()
-                try:
-                    await self.app(scope, receive, _SendWithId(send, request_id))
-                except BaseException as e:
-                    await _close(resources, e)
-                    raise
-                await _close(resources, None)
+                await request.run_plain(self.app, scope, receive, resources, request_id)
 
     async def _refuse(  # noqa: PLR0913, PLR0917  # private, called twice
         self,
@@ -345,23 +362,52 @@ async def _send_json(
     await send({"type": f"{kind}.body", "body": payload})
 
 
-class _SendWithId:
+async def _call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    return await fn(*args)
+
+
+@types.coroutine
+def _send_all(send: Send, messages: tuple[Message, ...]) -> Generator[Any, Any, None]:
+    # A generator rather than a coroutine: `next` steps it to its end without
+    # making a StopIteration (see _Request.send).
+    for message in messages:
+        yield from send(message).__await__()
+
+
+_UNSTARTED: Any = object()
+_DONE: Any = object()
+
+
+@types.coroutine
+def _in_context(
+    run: Callable[..., Any], coro: Any, yielded: Any = _UNSTARTED
+) -> Generator[Any, Any, Any]:
     """
-    ``send`` adding the request id header to the response (or the WebSocket
-    accept, or denial response), unless the application set it itself.
+    Await *coro* with each of its steps run by *run* (a Context's ``run``),
+    in the caller's task, as `usercontext.isolated` runs a request: a task
+    would cost more, and escape the caller's cancel scopes. If *coro* ran
+    its first step already, *yielded* is what that step yielded.
     """
-
-    __slots__ = ("_header", "_send")
-
-    def __init__(self, send: Send, header: tuple[bytes, bytes]) -> None:
-        self._send = send
-        self._header = header
-
-    async def __call__(self, message: Message) -> None:
-        kind = message["type"]
-        if kind in _STARTS:
-            message = _with_header_and_length(message, self._header)[0]
-        await self._send(message)
+    send = coro.send
+    if yielded is _UNSTARTED:
+        try:
+            yielded = run(send, None)
+        except StopIteration as e:
+            return e.value
+    while True:
+        try:
+            value = yield yielded
+        except GeneratorExit:
+            run(coro.close)
+            raise
+        except BaseException as e:  # noqa: BLE001  # thrown into the call, as a task would
+            step, value = coro.throw, e
+        else:
+            step = send
+        try:
+            yielded = run(step, value)
+        except StopIteration as e:
+            return e.value
 
 
 _STARTS = frozenset(("http.response.start", "websocket.accept", "websocket.http.response.start"))
@@ -390,10 +436,40 @@ def _with_header_and_length(message: Message, header: tuple[bytes, bytes]) -> tu
     return message, has_length
 
 
-async def _close(resources: Scope, error: BaseException | None) -> bool:
+async def _answer_crash(
+    send: Send, scope: MutableMapping[str, Any], error: BaseException, header: tuple[bytes, bytes]
+) -> None:
+    """
+    Answer ``500`` with the request id for an application that raised *error*
+    before its response started, where a response can still be sent: the
+    error then propagates, for the server (and Starlette's
+    ``ServerErrorMiddleware``, which sees a response started) to log it.
+    """
+    if not isinstance(error, Exception):
+        return  # cancelled, or the process is stopping: no one waits for an answer
+    if scope["type"] == "http":
+        kind = "http.response"
+    elif "websocket.http.response" in scope.get("extensions", {}):
+        kind = "websocket.http.response"
+    else:
+        return  # the server refuses the handshake on its own
+    body = {
+        "error": "internal_error",
+        "detail": "The server failed to answer the request; its logs give the reason under "
+        "this request id.",
+    }
+    try:
+        await _send_json(send, kind, 500, body, [header])
+    except Exception:  # the client left: the application's error is the one to raise
+        request_id = header[1].decode("ascii")
+        logger.debug("The 500 for request %s could not be sent.", request_id, exc_info=True)
+
+
+async def _close(resources: Scope, error: BaseException | None) -> Exception | None:
     """
     Close a request's scope once its response is out (or the connection is
-    over): cleanup errors are logged, not raised; tell whether there were none.
+    over): cleanup errors are logged, not raised; return the error, or `None`
+    if every cleanup succeeded.
     """
     try:
         if error is None:
@@ -406,36 +482,101 @@ async def _close(resources: Scope, error: BaseException | None) -> bool:
             resources.ctx.request_id,
             e,
         )
-        return False
-    return True
+        return e
+    return None
 
 
-class _HTTPRequest:
+class _ResponseCutError(RuntimeError):
     """
-    One HTTP request with a scope of resources: sends the response and closes
-    the scope at the right moment (see `UserContextMiddleware`).
+    Raised into the application's last ``send`` of a response whose headers
+    are out when the request's cleanup failed: the last message is never sent,
+    and the server drops the connection, so the client sees a truncated
+    response, never a complete one.
     """
 
-    __slots__ = ("_closed", "_disconnected", "_ending", "_header", "_held", "_resources", "_send")
 
-    def __init__(self, resources: Scope, send: Send, header: tuple[bytes, bytes]) -> None:
-        self._resources = resources
+class _Request:
+    """
+    One request's link to the server: it sends the response, and closes the
+    request's scope at the right moment (see `UserContextMiddleware`). Calling
+    it calls the server's ``send``.
+
+    Servers start tasks and schedule callbacks from inside ``send`` and
+    ``receive``, and each copies the Context it is started from: uvicorn
+    starts the next pipelined request from the last ``send`` of the one
+    before, and resumes reading the socket from ``send`` and ``receive``.
+    Called under the request's `bind`, they would carry its user into the
+    next request, into an outer middleware and into the server's own log
+    lines. So every step of each call to the server runs in a copy of the
+    Context the middleware was called in, made with this object before the
+    request bound anything. The calls of one request share that copy: the
+    steps of two calls never nest (each ends at its next ``await``), so the
+    Context is never entered twice.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_context",
+        "_cut",
+        "_disconnected",
+        "_header",
+        "_held",
+        "_resources",
+        "_send",
+        "_started",
+    )
+
+    _header: tuple[bytes, bytes]
+    _resources: Scope
+
+    def __init__(self, send: Send) -> None:
+        self._context = contextvars.copy_context()
         self._send = send
-        self._header = header
         self._held: Message | None = None  # a response start waiting for its body
+        self._started = False  # whether the server was given a response start
         self._closed = False
         self._disconnected = False
-        # Set once the last message is handed to the server: a disconnect the
-        # server reports after that is the end of a complete response (the
-        # server may report it before its send returns), not a client leaving.
-        self._ending = False
+        self._cut: _ResponseCutError | None = None
 
-    async def run(self, app: ASGIApp, scope: MutableMapping[str, Any], receive: Receive) -> None:
-        resources = self._resources
+    # -- calls into the server, in its Context
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        return _in_context(self._context.run, _call(self._send, message))
+
+    def send_all(self, *messages: Message) -> Awaitable[None]:
+        """
+        Send *messages* to the server in turn, in one call.
+        """
+        return _in_context(self._context.run, _send_all(self._send, messages))
+
+    def receive(self, receive: Receive) -> Awaitable[Message]:
+        """
+        Call the server's *receive*.
+        """
+        return _in_context(self._context.run, _call(receive))
+
+    # -- the request
+
+    async def run(
+        self,
+        app: ASGIApp,
+        scope: MutableMapping[str, Any],
+        receive: Receive,
+        resources: Scope,
+        header: tuple[bytes, bytes],
+    ) -> None:
+        """
+        Run *app* for an HTTP request with its scope of *resources*, and the
+        request id *header* on its response.
+        """
+        self._header = header
+        self._resources = resources
 
         async def watch() -> Message:
-            message = await receive()
-            if message["type"] == "http.disconnect" and not self._ending:
+            message = await self.receive(receive)
+            # The scope is closed before the last message of a response is
+            # sent, so a disconnect seen while it is open is a client leaving.
+            if message["type"] == "http.disconnect":
                 self._disconnected = True
             return message
 
@@ -445,23 +586,68 @@ class _HTTPRequest:
         except BaseException as e:
             if not self._closed:
                 await self._close(e)
+            if not self._started:
+                self._held = None
+                await _answer_crash(self, scope, e, header)
             raise
         if not self._closed:
             # The application returned before finishing its response, or the
             # client left: close now, then pass on what is still held.
-            cleaned_up = await self._close()
+            error = await self._close()
             held = self._held
             if held is not None:
                 self._held = None
-                if cleaned_up:
-                    await self._send(held)
+                self._started = True
+                if error is None:
+                    await self(held)
                 else:
                     await self._send_failure()
+        elif self._cut is not None:
+            raise self._cut  # the application caught it: the server must still drop the connection
 
-    async def _close(self, error: BaseException | None = None) -> bool:
+    async def run_plain(
+        self,
+        app: ASGIApp,
+        scope: MutableMapping[str, Any],
+        receive: Receive,
+        resources: Scope | None,
+        header: tuple[bytes, bytes],
+    ) -> None:
         """
-        Close the scope (as failed if the client left); tell whether every
-        cleanup succeeded.
+        Run *app* for a request that needs no more than the request id
+        *header* on its response: one without a scope, or a WebSocket, whose
+        scope of *resources* lives as long as the connection.
+        """
+        self._header = header
+        if resources is not None:
+            await resources.__aenter__()
+        try:
+            await app(scope, functools.partial(self.receive, receive), self.send_with_id)
+        except BaseException as e:
+            if resources is not None:
+                await _close(resources, e)
+            if not self._started:
+                await _answer_crash(self, scope, e, self._header)
+            raise
+        if resources is not None:
+            await _close(resources, None)
+
+    async def send_with_id(self, message: Message) -> None:
+        """
+        ``send`` adding the request id header to the response (or the
+        WebSocket accept, or denial response), unless the application set it
+        itself.
+        """
+        kind = message["type"]
+        if kind in _STARTS:
+            message = _with_header_and_length(message, self._header)[0]
+            self._started = True
+        await self(message)
+
+    async def _close(self, error: BaseException | None = None) -> Exception | None:
+        """
+        Close the scope (as failed if the client left); return the cleanup
+        error, or `None` if every cleanup succeeded.
         """
         self._closed = True
         if error is None and self._disconnected:
@@ -475,10 +661,11 @@ class _HTTPRequest:
             if not self._closed and (has_length or message["status"] in _NO_BODY):
                 self._held = message  # sent with its body, after the cleanup
                 return
-            await self._send(message)
+            self._started = True
+            await self(message)
             return
         if self._closed:
-            await self._send(message)
+            await self(message)
             return
         if kind == "http.response.body":
             final = not message.get("more_body", False)
@@ -487,22 +674,53 @@ class _HTTPRequest:
         held = self._held
         if held is not None:
             self._held = None
-            if final and not await self._close():
-                await self._send_failure()
-                return
-            await self._send(held)
-            await self._send(message)
+            self._started = True
+        if not final:
+            await self._forward(held, message)
             return
-        if final:
-            self._ending = True
+        # The last message tells the client that the response is complete,
+        # which it must not be if a commit failed: it waits for the cleanup.
+        error = await self._close()
+        if error is not None:
+            await self._fail(held, error)
+            return
+        # The server's sends, with their first step (most often the only one)
+        # inlined: this is every request's path.
+        steps = _send_all(self._send, (message,) if held is None else (held, message))
+        run = self._context.run
+        yielded = run(next, steps, _DONE)
+        if yielded is not _DONE:
+            await _in_context(run, steps, yielded)
+
+    async def _forward(self, held: Message | None, message: Message) -> None:
+        """
+        Send a body message that is not the last (after the *held* start).
+        """
         try:
-            await self._send(message)
+            if held is None:
+                await self(message)
+            else:
+                await self.send_all(held, message)
         except BaseException as e:
             self._disconnected = True
             await self._close(e)
             raise
-        if final:
-            await self._close()
+
+    async def _fail(self, held: Message | None, error: Exception) -> None:
+        """
+        Answer for a response whose cleanup failed with *error*: ``500`` if
+        nothing was sent (its start is *held*), else cut it short.
+        """
+        if held is not None:
+            await self._send_failure()
+            return
+        self._cut = _ResponseCutError(
+            f"The resources of request {self._resources.ctx.request_id} were not all "
+            "cleaned up (a commit may have failed) after the response's headers were "
+            "sent, so the response was cut short: its last message was not sent, and "
+            "the connection must be dropped."
+        )
+        raise self._cut from error
 
     async def _send_failure(self) -> None:
         body = {
@@ -510,7 +728,7 @@ class _HTTPRequest:
             "detail": "The request's resources could not be cleaned up (a commit may have "
             "failed); its changes may not have been saved.",
         }
-        await _send_json(self._send, "http.response", 500, body, [self._header])
+        await _send_json(self, "http.response", 500, body, [self._header])
 
 
 @overload

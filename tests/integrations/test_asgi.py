@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import types
 
 import anyio
 import anyio.lowlevel
@@ -797,6 +798,268 @@ class TestFreshContext:
         assert client.sent == []
 
 
+class ServerClient(Client):
+    """
+    A `Client` whose ``send`` and ``receive`` are server code: each records
+    the user bound, and a variable the request sets, where it runs.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.contexts = []
+
+    def _record(self, where):
+        ctx = uc.current_or_none()
+        self.contexts.append((where, ctx and ctx.user_id, request_var.get(), outer_var.get()))
+
+    async def receive(self):
+        self._record("receive")
+        message = await super().receive()
+        self._record("receive")
+        return message
+
+    async def send(self, message):
+        self._record("send")
+        await anyio.lowlevel.checkpoint()  # a send that waits, in several steps
+        await super().send(message)
+        self._record("send")
+
+
+class TestServerCalls:
+    @pytest.mark.parametrize("kind", ["http", "websocket"])
+    @pytest.mark.parametrize("with_registry", [False, True], ids=["plain", "registry"])
+    async def test_server_code_runs_where_no_user_is_bound(self, kind, with_registry):
+        """
+        The server's ``send`` and ``receive`` run in the Context the middleware
+        was called in: no user is bound there, and nothing the request set is
+        seen, so nothing the server starts from them (the next pipelined
+        request, a socket read) carries the request's user; what the server
+        set is seen.
+        """
+        registry = session_registry([]) if with_registry else None
+        if kind == "http":
+            client, scope = ServerClient(), http_scope()
+        else:
+            client = ServerClient(ws_client().messages, disconnect="websocket.disconnect")
+            scope = ws_scope()
+
+        async def app(scope, receive, send):
+            request_var.set("set by the request")
+            assert uc.current().user_id == "u-42"
+            await receive()
+            if kind == "http":
+                await json_app()(scope, receive, send)
+            else:
+                await send({"type": "websocket.accept"})
+                assert (await receive())["type"] == "websocket.disconnect"
+            assert uc.current().user_id == "u-42"
+
+        token = outer_var.set("set by the server")
+        try:
+            await UserContextMiddleware(app, resolver=resolve, registry=registry)(
+                scope, client.receive, client.send
+            )
+        finally:
+            outer_var.reset(token)
+
+        assert len(client.contexts) >= 6
+        assert {c[1:] for c in client.contexts} == {(None, "unset", "set by the server")}
+
+    async def test_concurrent_calls(self):
+        """
+        A ``receive`` waiting in one task while ``send`` runs in another (a
+        streaming response listening for a disconnect) both run in the
+        server's Context, in turns.
+        """
+        registry = session_registry([])
+        client = ServerClient()
+        client.messages.clear()
+
+        async def app(scope, receive, send):
+            async def stream():
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                for i in range(3):
+                    await send({"type": "http.response.body", "body": b"%d" % i, "more_body": True})
+                client.gone.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stream)
+                assert (await receive())["type"] == "http.disconnect"
+
+        await UserContextMiddleware(app, resolver=resolve, registry=registry)(
+            http_scope(), client.receive, client.send
+        )
+
+        assert client.body() == b"012"
+        assert {c[1] for c in client.contexts} == {None}
+
+    async def test_server_callable_returning_an_awaitable(self):
+        """
+        A server's ``send`` may be a plain function that does its work when
+        called and returns an awaitable: it is called where no user is bound.
+        """
+        client = Client()
+        called = []
+
+        def send(message):
+            called.append(uc.current_or_none())
+            return client.send(message)
+
+        await UserContextMiddleware(json_app(), resolver=resolve)(
+            http_scope(), client.receive, send
+        )
+
+        assert called == [None, None]
+        assert client.status() == 200
+
+    async def test_cancelled_in_the_servers_receive(self):
+        """
+        A cancellation reaching the application while it waits in the
+        server's ``receive`` is thrown into the server's code, in the server's
+        Context, and propagates.
+        """
+        client = ServerClient()
+        client.messages.clear()
+        cancelled = []
+
+        async def receive():
+            try:
+                return await client.receive()
+            except anyio.get_cancelled_exc_class():
+                cancelled.append(uc.current_or_none())
+                raise
+
+        async def app(scope, receive, send):
+            await receive()
+
+        mw = UserContextMiddleware(app, resolver=resolve, registry=session_registry([]))
+        with anyio.move_on_after(0.01):
+            await mw(http_scope(), receive, client.send)
+
+        assert cancelled == [None]
+        assert client.sent == []
+
+    def test_closed_while_in_the_servers_receive(self):
+        """
+        A request whose coroutine is closed while it waits in the server's
+        ``receive`` (its task is abandoned) closes the server's coroutine too,
+        in the server's Context.
+        """
+        closed = []
+
+        @types.coroutine
+        def wait():
+            yield "waiting"
+
+        async def receive():
+            try:
+                await wait()
+            finally:
+                closed.append(uc.current_or_none())
+
+        async def app(scope, receive, send):
+            await receive()
+
+        coro = UserContextMiddleware(app, resolver=resolve)(http_scope(), receive, Client().send)
+        assert coro.send(None) == "waiting"
+        coro.close()
+
+        assert closed == [None]
+
+
+class TestCrashes:
+    @pytest.mark.parametrize("with_registry", [False, True], ids=["plain", "registry"])
+    async def test_500_with_the_request_id(self, with_registry):
+        """
+        An application that raises before its response started gets a JSON
+        500 with the request id, in the header and the body, then its
+        exception propagates.
+        """
+        registry = session_registry([]) if with_registry else None
+        client = Client()
+
+        async def app(scope, receive, send):
+            raise LookupError("no such note")
+
+        mw = UserContextMiddleware(app, resolver=resolve, registry=registry)
+        with pytest.raises(LookupError, match="no such note"):
+            await mw(http_scope(("x-request-id", "req-c")), client.receive, client.send)
+
+        assert client.status() == 500
+        assert client.header_values(b"x-request-id") == [b"req-c"]
+        assert client.json()["request_id"] == "req-c"
+        assert client.json()["error"] == "internal_error"
+        assert client.sent[-1].get("more_body", False) is False
+
+    @pytest.mark.parametrize("with_registry", [False, True], ids=["plain", "registry"])
+    async def test_nothing_more_after_the_start(self, with_registry):
+        """
+        An application that raises after its response started gets nothing
+        more sent for it: the server drops the connection.
+        """
+        registry = session_registry([]) if with_registry else None
+        client = Client()
+
+        async def app(scope, receive, send):
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            raise LookupError("no such note")
+
+        mw = UserContextMiddleware(app, resolver=resolve, registry=registry)
+        with pytest.raises(LookupError):
+            await mw(http_scope(), client.receive, client.send)
+
+        assert [m["type"] for m in client.sent] == ["http.response.start"]
+        assert client.status() == 200
+
+    async def test_the_500_cannot_be_sent(self, caplog):
+        """
+        When the 500 cannot be sent (the client is gone), the application's
+        exception propagates, not the server's.
+        """
+        client = Client()
+        client.fail_after = 0
+
+        async def app(scope, receive, send):
+            raise LookupError("no such note")
+
+        with caplog.at_level(logging.DEBUG, "usercontext.asgi"), pytest.raises(LookupError):
+            await UserContextMiddleware(app, resolver=resolve)(
+                http_scope(("x-request-id", "req-g")), client.receive, client.send
+            )
+
+        assert client.sent == []
+        assert [r.getMessage() for r in caplog.records] == [
+            "The 500 for request req-g could not be sent."
+        ]
+
+    @pytest.mark.parametrize("with_registry", [False, True], ids=["plain", "registry"])
+    async def test_websocket(self, with_registry):
+        """
+        A WebSocket application that raises before accepting gets a 500
+        denial response with the request id where the server supports them,
+        and nothing where it does not (the server refuses the handshake).
+        """
+        registry = session_registry([]) if with_registry else None
+
+        async def app(scope, receive, send):
+            raise LookupError("no such room")
+
+        mw = UserContextMiddleware(app, resolver=resolve, registry=registry)
+        client = ws_client()
+        scope = ws_scope(("x-request-id", "ws-c"), extensions={"websocket.http.response": {}})
+        with pytest.raises(LookupError):
+            await mw(scope, client.receive, client.send)
+        bare = ws_client()
+        with pytest.raises(LookupError):
+            await mw(ws_scope(), bare.receive, bare.send)
+
+        assert client.status() == 500
+        assert client.sent[0]["type"] == "websocket.http.response.start"
+        assert client.header_values(b"x-request-id") == [b"ws-c"]
+        assert client.json()["request_id"] == "ws-c"
+        assert bare.sent == []
+
+
 # -- the scope of an HTTP request --------------------------------------------
 
 
@@ -883,11 +1146,12 @@ class TestHTTPScope:
             assert client.status() == expected
             assert log.index("commit depth=0") < log.index(f"sent http.response.start {expected}")
 
-    async def test_streaming_response_is_forwarded_and_closes_after_the_last_chunk(self):
+    async def test_streaming_response_is_forwarded_and_closes_before_the_last_message(self):
         """
         A response without a Content-Length is forwarded at once, chunk by
         chunk; every chunk is produced with the request's context bound and
-        its session open, and the scope is closed after the last chunk.
+        its session open, and the scope is closed when the application gives
+        the last message, before the server gets it.
         """
         log = []
         registry = session_registry(log)
@@ -915,39 +1179,78 @@ class TestHTTPScope:
             "sent body b'1'",
             "chunk 2 for u-42",
             "sent body b'2'",
-            "sent body b''",
             "commit depth=0",
+            "sent body b''",
         ]
         assert client.body() == b"012"
 
-    async def test_streaming_cleanup_failure_is_logged_not_sent(self, caplog):
+    @pytest.mark.parametrize("chunks", [0, 2])
+    async def test_streaming_cleanup_failure_cuts_the_response(self, caplog, chunks):
         """
-        A cleanup that fails after a streaming response's headers went out is
-        logged; the client got the response as it was.
+        A cleanup that fails after a streaming response's headers went out
+        keeps its last message from the server, and raises into the
+        application's ``send``, and out of the middleware, so that the server
+        drops the connection: the client never sees the response complete.
+        The failure is logged with the request id.
         """
         log = []
         registry = session_registry(log, fail_commit=True)
         client = Client(log=log)
+        raised = []
 
         async def app(scope, receive, send):
             await request_state(scope).resources.aget(Session)
             await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b"all of it"})
+            for i in range(chunks):
+                await send({"type": "http.response.body", "body": b"%d" % i, "more_body": True})
+            try:
+                await send({"type": "http.response.body", "body": b"the end"})
+            except BaseException as e:
+                raised.append(e)
+                raise
 
         mw = UserContextMiddleware(app, resolver=resolve, registry=registry)
-        await mw(http_scope(("x-request-id", "req-s")), client.receive, client.send)
+        with pytest.raises(RuntimeError, match=r"^The resources of request req-s were not") as e:
+            await mw(http_scope(("x-request-id", "req-s")), client.receive, client.send)
 
+        assert raised == [e.value]
+        assert "1 cleanup(s) of a scope of user 'u-42' failed" in str(e.value.__cause__)
+        assert "the response was cut short" in str(e.value)
         assert client.status() == 200
-        assert client.body() == b"all of it"
+        assert client.body() == b"01"[:chunks]
+        assert all(m.get("more_body", True) for m in client.sent)  # never complete
         assert log[-1] == "commit depth=0"
         messages = [r.getMessage() for r in caplog.records if r.name == "usercontext.asgi"]
         assert len(messages) == 1
         assert "req-s" in messages[0]
+        assert registry.stats().scopes_open == 0
+
+    async def test_application_catching_the_cut(self):
+        """
+        An application that catches the error raised into its last ``send``
+        and returns still gets the server to drop the connection: the
+        middleware raises the error again.
+        """
+        registry = session_registry([], fail_commit=True)
+        client = Client()
+
+        async def app(scope, receive, send):
+            await request_state(scope).resources.aget(Session)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            with pytest.raises(RuntimeError):
+                await send({"type": "http.response.body", "body": b"the end"})
+
+        mw = UserContextMiddleware(app, resolver=resolve, registry=registry)
+        with pytest.raises(RuntimeError, match="the response was cut short"):
+            await mw(http_scope(), client.receive, client.send)
+
+        assert [m["type"] for m in client.sent] == ["http.response.start"]
 
     async def test_content_length_body_in_several_chunks(self):
         """
         A Content-Length response whose body comes in several messages (a file)
-        is released with its first chunk, and the scope closes after the last.
+        is released with its first chunk, and the scope closes before the
+        last chunk is sent.
         """
         log = []
         registry = session_registry(log)
@@ -962,6 +1265,38 @@ class TestHTTPScope:
         mw = UserContextMiddleware(app, resolver=resolve, registry=registry)
         await mw(http_scope(), client.receive, client.send)
 
+        assert log == [
+            "open u-42 depth=0",
+            "sent http.response.start 200",
+            "sent body b'ab'",
+            "commit depth=0",
+            "sent body b'cd'",
+        ]
+
+    async def test_content_length_body_in_several_chunks_cut(self):
+        """
+        When the cleanup of a Content-Length response whose body comes in
+        several messages fails, its last chunk is never sent, and the error
+        raised makes the server drop the connection: the client has fewer
+        bytes than the Content-Length announced.
+        """
+        log = []
+        registry = session_registry(log, fail_commit=True)
+        client = Client(log=log)
+
+        async def app(scope, receive, send):
+            await request_state(scope).resources.aget(Session)
+            await send(json_start(b"abcdef"))
+            await send({"type": "http.response.body", "body": b"ab", "more_body": True})
+            await send({"type": "http.response.body", "body": b"cd", "more_body": True})
+            await send({"type": "http.response.body", "body": b"ef"})
+
+        mw = UserContextMiddleware(app, resolver=resolve, registry=registry)
+        with pytest.raises(RuntimeError, match="the response was cut short"):
+            await mw(http_scope(), client.receive, client.send)
+
+        assert client.headers()[b"content-length"] == b"6"
+        assert client.body() == b"abcd"
         assert log == [
             "open u-42 depth=0",
             "sent http.response.start 200",
@@ -1199,8 +1534,8 @@ class TestHTTPFailures:
             "open u-42 depth=0",
             "sent http.response.start 200",
             "sent body b'a'",
-            "sent body b'b'",
             "commit depth=0",
+            "sent body b'b'",
         ]
 
     async def test_disconnect_before_a_held_response_rolls_back(self):
@@ -1229,12 +1564,13 @@ class TestHTTPFailures:
     async def test_app_raising_closes_the_scope_with_its_error(self, after_start):
         """
         An application that raises closes the scope with its exception (the
-        session rolls back), the exception propagates unchanged, and a held
-        response start is dropped so that the server can send its own 500.
+        session rolls back); a held response start is dropped, the client gets
+        a JSON 500 carrying the request id instead, and the exception then
+        propagates unchanged, for the server to log.
         """
         log = []
         registry = session_registry(log)
-        client = Client()
+        client = Client(log=log)
 
         async def app(scope, receive, send):
             await request_state(scope).resources.aget(Session)
@@ -1244,10 +1580,18 @@ class TestHTTPFailures:
 
         mw = UserContextMiddleware(app, resolver=resolve, registry=registry)
         with pytest.raises(ValueError, match="the endpoint failed"):
-            await mw(http_scope(), client.receive, client.send)
+            await mw(http_scope(("x-request-id", "req-f")), client.receive, client.send)
 
-        assert log == ["open u-42 depth=0", "rollback ValueError"]
-        assert client.sent == []
+        assert log == [
+            "open u-42 depth=0",
+            "rollback ValueError",
+            "sent http.response.start 500",
+            "sent body " + repr(client.body()),
+        ]
+        assert client.header_values(b"x-request-id") == [b"req-f"]
+        assert client.headers()[b"content-type"] == b"application/json"
+        assert client.json()["request_id"] == "req-f"
+        assert "ValueError" not in client.body().decode()  # nothing of the error itself
         assert registry.stats().scopes_open == 0
 
     async def test_app_raising_after_its_response(self):
@@ -2047,3 +2391,41 @@ class TestStarlette:
             "commit depth=0"
         ]
         assert registry.stats().scopes_open == 0
+
+    @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+    def test_crash_behind_server_error_middleware(self, backend):
+        """
+        An endpoint that raises gets the middleware's JSON 500 with the
+        request id; Starlette's ServerErrorMiddleware, outside it, sees that a
+        response started and sends no second one, and the exception reaches
+        the server (here the TestClient, which raises it when asked to).
+        """
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+        from starlette.testclient import TestClient
+
+        async def boom(request):
+            raise LookupError("no such note")
+
+        app = Starlette(routes=[Route("/boom", boom)])
+        app.add_middleware(UserContextMiddleware, resolver=resolve)
+        starts = []
+
+        async def server(scope, receive, send):  # what the server gets
+            async def record(message):
+                if message["type"] == "http.response.start":
+                    starts.append(message["status"])
+                await send(message)
+
+            await app(scope, receive, record)
+
+        headers = {"x-user": "u-1", "x-request-id": "req-b"}
+        with TestClient(server, backend=backend, raise_server_exceptions=False) as client:
+            response = client.get("/boom", headers=headers)
+        with TestClient(server, backend=backend) as client, pytest.raises(LookupError):
+            client.get("/boom", headers=headers)
+
+        assert starts == [500, 500]
+        assert response.status_code == 500
+        assert response.headers["x-request-id"] == "req-b"
+        assert response.json()["request_id"] == "req-b"
