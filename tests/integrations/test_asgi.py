@@ -365,9 +365,9 @@ class TestResolver:
             return {"user_id": "u-42"}
 
         async def alookup_user(scope):
-            return None
+            return 42
 
-        resolver, kind = (alookup_user, "NoneType") if is_async else (lookup_user, "dict")
+        resolver, kind = (alookup_user, "int") if is_async else (lookup_user, "dict")
         client = Client()
         mw = UserContextMiddleware(json_app(), resolver=resolver)
         with pytest.raises(TypeError) as e:
@@ -375,7 +375,8 @@ class TestResolver:
 
         assert str(e.value) == (
             f"The resolver {resolver.__qualname__!r} returned {kind}; it must return a "
-            "usercontext.UserContext (or raise usercontext.Unauthenticated)."
+            "usercontext.UserContext, or None to let the request through without a user (or "
+            "raise usercontext.Unauthenticated)."
         )
         assert client.sent == []
 
@@ -436,11 +437,14 @@ class TestRefusals:
         request_id = headers[b"x-request-id"].decode()
         assert len(request_id) == 32
         assert headers[b"www-authenticate"] == b"Bearer"
-        assert headers[b"content-type"] == b"application/json"
+        assert headers[b"content-type"] == b"application/problem+json"
         assert headers[b"content-length"] == b"%d" % len(client.body())
         assert client.json() == {
-            "error": "unauthenticated",
+            "type": "about:blank",
+            "title": "Unauthorized",
+            "status": 401,
             "detail": "Send an x-user header.",
+            "error": "unauthenticated",
             "request_id": request_id,
         }
         assert [m["type"] for m in client.sent] == ["http.response.start", "http.response.body"]
@@ -475,7 +479,7 @@ class TestRefusals:
 
         assert client.status() == 400
         assert client.headers()[b"x-request-id"] == b"req-9"
-        assert client.headers()[b"content-type"] == b"application/json"
+        assert client.headers()[b"content-type"] == b"application/problem+json"
         assert b"www-authenticate" not in client.headers()
         body = client.json()
         assert body["error"] == "invalid_context"
@@ -510,7 +514,8 @@ class TestRefusals:
         ]
         assert client.status() == status
         assert client.headers()[b"x-request-id"] == b"ws-1"
-        assert client.headers()[b"content-type"] == b"application/json"
+        assert client.headers()[b"content-type"] == b"application/problem+json"
+        assert client.json()["status"] == status
         assert client.json()["error"] == error
         assert client.json()["request_id"] == "ws-1"
 
@@ -842,11 +847,14 @@ class TestHTTPScope:
 
         assert client.status() == 500
         assert client.headers() == {
-            b"content-type": b"application/json",
+            b"content-type": b"application/problem+json",
             b"content-length": b"%d" % len(client.body()),
             b"x-request-id": b"req-fail",
         }
         assert client.json() == {
+            "type": "about:blank",
+            "title": "Internal Server Error",
+            "status": 500,
             "error": "cleanup_failed",
             "detail": "The request's resources could not be cleaned up (a commit may have "
             "failed); its changes may not have been saved.",
