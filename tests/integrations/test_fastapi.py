@@ -278,14 +278,25 @@ def assert_settled(app):
 
 
 def assert_refused(response, error, retry_after):
+    """
+    Check a 429 problem document (RFC 9457), flat, the shape of the
+    middleware's refusals; return it.
+    """
     assert response.status_code == 429
     assert response.headers["retry-after"] == str(retry_after)
-    detail = response.json()["detail"]
-    assert detail["error"] == error
-    assert detail["retry_after"] == retry_after
-    assert detail["request_id"] == response.headers["x-request-id"]
-    assert f"Retry after {retry_after} s." in detail["message"]
-    return detail
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert list(problem)[:4] == ["type", "title", "status", "detail"]
+    assert (problem["type"], problem["title"], problem["status"]) == (
+        "about:blank",
+        "Too Many Requests",
+        429,
+    )
+    assert problem["error"] == error
+    assert problem["retry_after"] == retry_after
+    assert problem["request_id"] == response.headers["x-request-id"]
+    assert f"Retry after {retry_after} s." in problem["detail"]
+    return problem
 
 
 class TestCurrentContext:
@@ -639,7 +650,7 @@ class TestEngineDep:
             gate.open.set()
 
         detail = assert_refused(third, "quota_exceeded", 1)
-        assert "(the limit is 2)" in detail["message"]
+        assert "(the limit is 2)" in detail["detail"]
         assert_refused(sync_third, "quota_exceeded", 1)
         assert other.status_code == 200
         assert [r.status_code for r in held] == [200, 200, 200]
@@ -694,7 +705,7 @@ class TestEngineDep:
         kind = "quota_timeout" if isinstance(error, uc.QuotaTimeout) else "quota_exceeded"
         detail = assert_refused(response, kind, want)
         if error.scope == "total":
-            assert detail["message"].startswith("The service is at capacity.")
+            assert detail["detail"].startswith("The service is at capacity.")
 
     def test_websocket_denial_response(self, anyio_backend):
         """
@@ -712,7 +723,7 @@ class TestEngineDep:
         response = info.value
         assert response.status_code == 429
         assert response.headers["retry-after"] == "1"
-        assert response.json()["detail"]["error"] == "quota_exceeded"
+        assert response.json()["error"] == "quota_exceeded"
         assert_settled(app)
 
     async def test_websocket_close_without_denial_responses(self):
@@ -764,7 +775,7 @@ class TestEngineDep:
 
         assert response.status_code == 503
         assert response.headers["retry-after"] == "1"
-        assert response.json()["detail"]["error"] == "unavailable"
+        assert response.json()["error"] == "unavailable"
 
     async def test_endpoint_errors_pass_through(self):
         """
