@@ -39,6 +39,8 @@ from fastapi import Depends, HTTPException, WebSocketException
 # At run time: FastAPI reads the annotations of the dependencies below.
 from fastapi.requests import HTTPConnection  # noqa: TC002
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.security.base import SecurityBase
 
 from usercontext import (
     Emitter,
@@ -48,11 +50,14 @@ from usercontext import (
     QuotaTimeout,
     UserContext,
 )
-from usercontext.asgi import RequestState, request_state
+from usercontext.asgi import RequestState, _exempt_matcher, _exempt_paths, request_state
 
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Mapping
+
+    from fastapi import FastAPI
+    from fastapi.dependencies.models import Dependant
 
 
 __all__ = [
@@ -63,6 +68,7 @@ __all__ = [
     "Resource",
     "current_context",
     "current_emitter",
+    "document_auth",
 ]
 
 # WebSocket close code (RFC 6455, IANA registry): try again later.
@@ -374,3 +380,116 @@ def _engine_dependency(
 
     engine.__qualname__ = engine.__name__ = f"EngineDep({factory!r})"
     return engine
+
+
+# The problem document of every refusal, as an OpenAPI schema (RFC 9457).
+_PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "A problem document (RFC 9457) of a refused request.",
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "format": "uri-reference", "default": "about:blank"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "error": {"type": "string", "description": "A short machine-readable code."},
+        "request_id": {"type": "string"},
+        "retry_after": {"type": "integer", "description": "Seconds to wait before retrying."},
+        "field": {"type": "string", "description": "The invalid field of a 400."},
+    },
+    "required": ["type", "title", "status", "detail", "request_id"],
+}
+_REFUSALS = {
+    "400": "Invalid request context: an id breaks the rules.",
+    "401": "Unauthenticated: no credentials, or bad ones.",
+}
+_ENGINE_REFUSALS = {
+    "429": "Too many requests at once: retry after the Retry-After header's seconds.",
+    "503": "The service is shutting down: retry shortly.",
+}
+
+
+def document_auth(
+    app: FastAPI,
+    *,
+    scheme: Mapping[str, Any] | SecurityBase | None = None,
+    name: str = "bearerAuth",
+    exempt: Iterable[str] = (),
+) -> None:
+    """
+    Show in *app*'s OpenAPI document what `usercontext.asgi.UserContextMiddleware`
+    does: its security scheme, and the refusals each operation may answer.
+
+    Every operation whose path is not *exempt* (the middleware's rule: a path
+    and everything below it) gets the security requirement *name*, and the
+    responses ``401`` and ``400`` with the problem document (schema
+    ``Problem``, ``application/problem+json``); operations that depend on an
+    `EngineDep` get ``429`` and ``503`` too. Responses an operation declares
+    itself are kept. Call it once, after the routes are added or before:
+    the document is made when first asked for, as FastAPI's own.
+
+    Args:
+        app: The FastAPI application.
+        scheme: The OpenAPI security scheme: a mapping such as ``{"type":
+            "apiKey", "in": "cookie", "name": "session"}``, or a FastAPI
+            security object such as ``fastapi.security.HTTPBearer()``; by
+            default HTTP bearer authentication.
+        name: The name of the scheme in the document.
+        exempt: The paths the middleware exempts, which need no credentials.
+
+    .. versionadded:: 0.1.0
+    """
+    if scheme is None:
+        definition: dict[str, Any] = {"type": "http", "scheme": "bearer"}
+    elif isinstance(scheme, SecurityBase):
+        definition = scheme.model.model_dump(mode="json", by_alias=True, exclude_none=True)
+    else:
+        definition = dict(scheme)
+    is_exempt = _exempt_matcher(_exempt_paths(exempt)) or (lambda _: False)
+    original = app.openapi
+    done: list[bool] = []
+
+    def openapi() -> dict[str, Any]:
+        schema: dict[str, Any] = original()
+        if not done:
+            done.append(True)
+            _document(app, schema, definition, name, is_exempt)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _document(
+    app: FastAPI,
+    schema: dict[str, Any],
+    definition: dict[str, Any],
+    name: str,
+    is_exempt: Callable[[str], bool],
+) -> None:
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {})[name] = definition
+    components.setdefault("schemas", {})["Problem"] = _PROBLEM_SCHEMA
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    engines = set(_ENGINE_DEPENDENCIES.values())
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or is_exempt(route.path_format):
+            continue
+        refusals = dict(_REFUSALS)
+        if _uses(route.dependant, engines):
+            refusals.update(_ENGINE_REFUSALS)
+        operations = schema.get("paths", {}).get(route.path_format, {})
+        for method in route.methods or ():
+            operation = operations.get(method.lower())
+            if operation is None:
+                continue
+            operation.setdefault("security", []).append({name: []})
+            responses = operation.setdefault("responses", {})
+            for status, description in refusals.items():
+                responses.setdefault(status, {"description": description, "content": problem})
+
+
+def _uses(dependant: Dependant, calls: set[Callable[..., Any]]) -> bool:
+    """
+    Tell whether *dependant* depends on one of *calls*, at any depth.
+    """
+    return dependant.call in calls or any(_uses(d, calls) for d in dependant.dependencies)
