@@ -8,11 +8,12 @@ so ``except LookupError`` or ``except ValueError`` keep working.
 from __future__ import annotations
 
 import math
+import typing
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 
-if TYPE_CHECKING:
+if typing.TYPE_CHECKING:
     from collections.abc import Mapping
 
 
@@ -561,7 +562,7 @@ class Forbidden(RequestRefused, PermissionError):  # noqa: N818  # the name says
         super().__init__(detail, status=403, **kwargs)
 
 
-class TooManyRequests(RequestRefused):
+class TooManyRequests(RequestRefused, RuntimeError):  # noqa: N818  # the name says what happened
     """
     The caller sent too many requests: the client gets ``429``, with a
     ``Retry-After`` header when *retry_after* is given.
@@ -584,7 +585,7 @@ class TooManyRequests(RequestRefused):
         super().__init__(detail, status=429, retry_after=retry_after, **kwargs)
 
 
-class ServiceUnavailable(RequestRefused):
+class ServiceUnavailable(RequestRefused, RuntimeError):  # noqa: N818  # the name says what happened
     """
     The service cannot serve the request now (a dependency of the resolver is
     down, the service is shutting down): the client gets ``503``, with a
