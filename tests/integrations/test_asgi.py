@@ -1282,6 +1282,7 @@ class TestRefusedRequestsInTheLogs:
         run without it, so the server cannot carry it to another request.
         """
         import usercontext.stdlib  # noqa: F401  # a logging adapter: the id is pending
+
         from usercontext._pending import pending
 
         seen = []
