@@ -243,9 +243,9 @@ class UserContextMiddleware:
         resolver_in_thread: Run a plain-function resolver in a worker thread
             (with a copy of the Context), for a resolver that blocks: on a
             database, a file, a key server.
-        trust_request_id: `True` to take a valid request id from the client,
-            `False` to never take one, or a function that takes the id (already
-            checked to be valid) and returns whether to take it.
+        trust_request_id: ``True`` to take a valid request id from the client,
+            ``False`` to never take one, or a function that takes the id (1 to
+            128 visible ASCII characters) and returns whether to take it.
         request_id_factory: Makes the request id of each request whose client
             sent none (or one not taken), instead of the context's own; each
             id must be 1 to 128 visible ASCII characters.

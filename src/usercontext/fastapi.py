@@ -92,6 +92,8 @@ def _state(conn: HTTPConnection) -> RequestState:
 
 async def current_context(conn: HTTPConnection) -> UserContext:
     """
+    current_context(conn)
+
     The dependency behind `CurrentContext`: the request's context.
 
     Key ``app.dependency_overrides`` on it to give endpoints another context
@@ -104,6 +106,8 @@ async def current_context(conn: HTTPConnection) -> UserContext:
 
 async def current_emitter(conn: HTTPConnection) -> Emitter:
     """
+    current_emitter(conn)
+
     The dependency behind `CurrentEmitter`: the emitter of the request's user.
 
     Key ``app.dependency_overrides`` on it to replace the emitter in tests.
@@ -123,7 +127,7 @@ class ProblemException(HTTPException):
     that refuses, unless the application registered one for this class
     already: register your own with
     ``app.add_exception_handler(ProblemException, handler)`` to format it
-    your way. `problem` holds the body.
+    your way. Its attribute ``problem`` holds the body.
 
     Args:
         problem: The problem document: ``type``, ``title``, ``status``,
@@ -417,6 +421,8 @@ def document_auth(
     exempt: Iterable[str] = (),
 ) -> None:
     """
+    document_auth(app, *, scheme=None, name="bearerAuth", exempt=())
+
     Show in *app*'s OpenAPI document what `usercontext.asgi.UserContextMiddleware`
     does: its security scheme, and the refusals each operation may answer.
 

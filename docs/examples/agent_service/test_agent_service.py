@@ -426,7 +426,8 @@ class TestWebSocket:
         response = e.value.response
         body = json.loads(response.body)
         assert response.status_code == 401
-        assert body["error"] == "unauthenticated"
+        assert response.headers["content-type"] == "application/problem+json"
+        assert (body["status"], body["error"]) == (401, "unauthenticated")
         assert body["request_id"] == response.headers["x-request-id"]
 
 
