@@ -22,7 +22,6 @@ import re
 import sys
 
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from usercontext import (
@@ -38,7 +37,7 @@ from usercontext import (
     to_thread,
 )
 from usercontext._pending import Pending, pending, readers
-from usercontext.exceptions import _check_header
+from usercontext.exceptions import _check_header, _phrase
 
 
 if sys.version_info < (3, 11):  # pragma: no cover  # the backport, on Python 3.10 only
@@ -626,17 +625,6 @@ def _http_exception(error: BaseException) -> _Refusal | None:
         _check_header(f"{type(error).__name__}(headers=...) raised by the resolver", name, value)
         headers.append((name.lower().encode("ascii"), value.encode("latin-1")))
     return _Refusal(status, body, headers)
-
-
-def _phrase(status: int) -> tuple[str, str]:
-    """
-    Return the reason phrase of *status* and its name in snake case.
-    """
-    try:
-        known = HTTPStatus(status)
-    except ValueError:
-        return "Error", "error"
-    return known.phrase, known.name.lower()
 
 
 async def _send_json(

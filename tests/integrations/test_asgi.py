@@ -711,6 +711,27 @@ class TestProblemDocuments:
         assert client.json()["title"] == "Unavailable For Legal Reasons"
         assert client.json()["detail"] == "Not here."
 
+    async def test_a_status_http_does_not_name(self):
+        """
+        A status HTTP does not name gets the title "Error" and the code
+        "error".
+        """
+
+        class Refused(Exception):  # noqa: N818
+            status_code = 599
+            detail = "Odd."
+
+        def resolver(scope):
+            raise Refused
+
+        client = Client()
+        await UserContextMiddleware(json_app(), resolver=resolver)(
+            http_scope(), client.receive, client.send
+        )
+
+        assert client.status() == 599
+        assert (client.json()["title"], client.json()["error"]) == ("Error", "error")
+
     @pytest.mark.parametrize(
         "attributes",
         [

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import threading
+import types
 import weakref
 
 from typing import Annotated, Any
@@ -47,6 +48,8 @@ from fastapi import FastAPI, WebSocket  # after the skip above
 from fastapi.responses import StreamingResponse
 from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
+
+import usercontext.fastapi as fastapi_module
 
 from usercontext.asgi import STATE_KEY, RequestState, UserContextMiddleware
 from usercontext.fastapi import (
@@ -1063,6 +1066,17 @@ class TestProblemDocuments:
 
         assert (response.status_code, response.text) == (503, "503 unavailable")
 
+    def test_without_starlettes_exception_middleware(self):
+        """
+        Where no exception handlers are in the scope, nothing is put in
+        place: the exception is still an HTTPException.
+        """
+        conn = types.SimpleNamespace(scope={"type": "http"})
+
+        fastapi_module._with_handler(conn)
+
+        assert conn.scope == {"type": "http"}
+
     def test_is_an_http_exception(self):
         """
         `ProblemException` is an HTTPException whose detail is the problem's
@@ -1089,6 +1103,10 @@ class TestDocumentAuth:
         def health():
             return {"ok": True}
 
+        @app.get("/hidden", include_in_schema=False)
+        def hidden():
+            return {}
+
         document_auth(app, exempt=("/health",))
         schema = app.openapi()
 
@@ -1108,6 +1126,7 @@ class TestDocumentAuth:
         assert ctx_op["security"] == [{"bearerAuth": []}]
         assert sorted(ctx_op["responses"]) == ["200", "400", "401"]
         assert sorted(engine_op["responses"]) == ["200", "400", "401", "429", "503"]
+        assert "/hidden" not in schema["paths"]
         assert "security" not in health_op
         assert sorted(health_op["responses"]) == ["200"]
         assert ctx_op["responses"]["401"]["content"] == {
