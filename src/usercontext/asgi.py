@@ -14,12 +14,13 @@ the same task.
 
 from __future__ import annotations
 
+import builtins
 import functools
+import importlib
 import inspect
 import json
 import logging
 import re
-import sys
 
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -38,10 +39,6 @@ from usercontext import (
 )
 from usercontext._pending import Pending, pending, readers
 from usercontext.exceptions import _check_header, _phrase
-
-
-if sys.version_info < (3, 11):  # pragma: no cover  # the backport, on Python 3.10 only
-    from exceptiongroup import BaseExceptionGroup
 
 
 if TYPE_CHECKING:
@@ -97,6 +94,12 @@ _INTERNAL_ERROR = 1011
 _TRY_AGAIN_LATER = 1013
 # The longest reason a close frame may carry, in bytes (RFC 6455).
 _MAX_REASON = 123
+# BaseExceptionGroup is a builtin from Python 3.11 on; the backport (a
+# dependency on 3.10) provides it before.
+_Group: type[BaseException] = (
+    getattr(builtins, "BaseExceptionGroup", None)
+    or importlib.import_module("exceptiongroup").BaseExceptionGroup
+)
 
 
 class RequestState:
@@ -584,7 +587,7 @@ def _refusal(error: BaseException) -> _Refusal | None:
     if isinstance(error, InvalidContextError):
         body = {"detail": str(error), "error": "invalid_context", "field": error.field}
         return _Refusal(400, body, [])
-    if isinstance(error, BaseExceptionGroup):
+    if isinstance(error, _Group):
         # A task group in the resolver: answered as its first refusal, in the
         # order the group lists them, when it holds nothing but refusals.
         refusals = [_refusal(leaf) for leaf in _leaves(error)]
@@ -594,10 +597,10 @@ def _refusal(error: BaseException) -> _Refusal | None:
     return _http_exception(error)
 
 
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+def _leaves(group: Any) -> list[BaseException]:
     leaves: list[BaseException] = []
     for error in group.exceptions:
-        if isinstance(error, BaseExceptionGroup):
+        if isinstance(error, _Group):
             leaves.extend(_leaves(error))
         else:
             leaves.append(error)
