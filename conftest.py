@@ -1,14 +1,39 @@
 """
-Collection rules for the whole repository.
+Collection rules and shared fixtures for the whole repository (the library's
+suite and the example apps' tests alike).
 
 `--doctest-modules` imports every module of the package; an adapter module
 imports its framework at the top, so it is left out when that framework is not
 installed (a run with the core only).
+
+The tests that need PostgreSQL ask for the session fixture ``postgres_url``:
+the server at ``USERCONTEXT_TEST_POSTGRES_URL`` (default
+``postgresql://postgres@127.0.0.1:5432/test``, a superuser) when it answers,
+else a throwaway server started from the ``pgserver`` package (a wheel with
+PostgreSQL inside) and stopped at the end of the session. When neither can be
+had the tests are skipped, unless ``CI=true``, where they fail.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import warnings
+
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+import pytest
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 
 ADAPTERS = {
@@ -21,3 +46,291 @@ ADAPTERS = {
 collect_ignore = [
     path for module, path in ADAPTERS.items() if importlib.util.find_spec(module) is None
 ]
+
+POSTGRES_URL_VAR = "USERCONTEXT_TEST_POSTGRES_URL"
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+# initdb and postgres refuse to run as root; as root, the throwaway server runs
+# as this unprivileged user, which every Linux and macOS system has.
+UNPRIVILEGED_USER = "nobody"
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+
+
+class NoThrowawayPostgresError(Exception):
+    """
+    A throwaway PostgreSQL could not be started; the message says why.
+    """
+
+
+def postgres_unreachable(url: str) -> str | None:
+    """
+    Connect to *url* once; return why it failed, or `None` if it answered.
+    """
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed, so no PostgreSQL can be reached"
+    try:
+        psycopg.connect(url, connect_timeout=3).close()
+    except psycopg.Error as e:
+        return f"PostgreSQL is not reachable at {_hide_password(url)} ({type(e).__name__})"
+    return None
+
+
+def _hide_password(url: str) -> str:
+    from sqlalchemy import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def skip_or_fail(reason: str, *, ci: bool) -> NoReturn:
+    """
+    Skip the test with *reason*, or fail it when *ci*.
+    """
+    if ci:
+        pytest.fail(f"CI=true, so a missing PostgreSQL is a failure: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ThrowawayPostgres:
+    """
+    A PostgreSQL server of the ``pgserver`` package's binaries, in a temporary
+    directory, listening on a free port of 127.0.0.1 only, with a superuser
+    ``postgres`` (trust authentication) and a database ``test``.
+
+    Only the binaries are used: ``pgserver.get_server`` listens on a Unix
+    socket, and run as root it adds a system user and opens up the
+    permissions of every folder above the data and the package.
+    """
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._dir = Path(tempfile.mkdtemp(prefix="usercontext-postgres-"))
+        self._process: subprocess.Popen[bytes] | None = None
+        self._run_as: dict[str, object] = {}
+        self._cleanup_dirs: list[Path] = []
+
+    @classmethod
+    def start(cls) -> ThrowawayPostgres:
+        """
+        Start a server and return it once it answers.
+
+        Raises:
+            NoThrowawayPostgresError: If ``pgserver`` is not installed, or the
+                server does not start.
+        """
+        server = cls()
+        try:
+            server._start()
+        except NoThrowawayPostgresError:
+            server.stop()
+            raise
+        except Exception as e:
+            # Whatever else goes wrong (a binary that does not run here, a
+            # failing first query) means the same: no throwaway server.
+            server.stop()
+            raise NoThrowawayPostgresError(f"{type(e).__name__}: {e}") from e
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def _start(self) -> None:
+        bindir = self._bindir()
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            bindir = self._drop_root(bindir)
+        data = self._dir / "data"
+        self._run(
+            [
+                str(bindir / "initdb"),
+                *("-D", str(data), "-U", "postgres", "--auth=trust"),
+                *("--encoding=UTF8", "--no-locale", "--no-sync"),
+            ],
+            "initdb",
+        )
+        for _ in range(3):  # another process may take the free port first
+            port = _free_port()
+            if self._launch(bindir, data, port):
+                break
+        else:
+            raise NoThrowawayPostgresError(f"postgres did not start: {self._log_tail()}")
+        import psycopg
+
+        admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("create database test")
+        self.url = f"postgresql://postgres@127.0.0.1:{port}/test"
+
+    @staticmethod
+    def _bindir() -> Path:
+        try:
+            # Its import warns that XDG_RUNTIME_DIR is unset on machines
+            # without a login session; nothing here uses that directory.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import pgserver
+        except ImportError as e:
+            msg = (
+                f"pgserver is not installed ({e}); it ships wheels for CPython 3.12 and older, "
+                "on Linux x86_64 (glibc), macOS and Windows"
+            )
+            raise NoThrowawayPostgresError(msg) from e
+        return Path(pgserver.pg_config(["--bindir"]).strip())
+
+    def _drop_root(self, bindir: Path) -> Path:
+        """
+        Run the server as an unprivileged user; return the binaries it can run.
+        """
+        import pwd
+
+        try:
+            user = pwd.getpwnam(UNPRIVILEGED_USER)
+        except KeyError as e:
+            msg = f"running as root, and there is no user {UNPRIVILEGED_USER!r} to run it as"
+            raise NoThrowawayPostgresError(msg) from e
+        self._run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        self._dir.chmod(0o700)
+        os.chown(self._dir, user.pw_uid, user.pw_gid)
+        try:
+            self._run([str(bindir / "postgres"), "--version"], "postgres --version")
+        except NoThrowawayPostgresError:
+            # The package lies where that user cannot reach it (a venv under
+            # /root): run a copy instead, readable by everyone.
+            # The binaries find the libraries of the wheel (pgserver.libs)
+            # three levels up, so the copy keeps that layout.
+            root = Path(tempfile.mkdtemp(prefix="usercontext-pginstall-"))
+            self._cleanup_dirs.append(root)
+            root.chmod(0o755)
+            install = bindir.parent
+            shutil.copytree(install, root / "pgserver" / install.name)
+            libs = install.parent.parent / "pgserver.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, root / libs.name)
+            bindir = root / "pgserver" / install.name / bindir.name
+        return bindir
+
+    def _run(self, command: list[str], what: str) -> None:
+        try:
+            subprocess.run(  # noqa: S603  # the package's own binaries
+                command,
+                check=True,
+                capture_output=True,
+                timeout=START_TIMEOUT_S,
+                **self._run_as,  # type: ignore[call-overload]
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            output = getattr(e, "stderr", None) or b""
+            msg = f"{what} failed: {e} {output.decode(errors='replace').strip()}"
+            raise NoThrowawayPostgresError(msg.strip()) from e
+
+    def _launch(self, bindir: Path, data: Path, port: int) -> bool:
+        """
+        Start postgres on *port*; tell whether it answers.
+        """
+        import psycopg
+
+        log = (self._dir / "postgres.log").open("ab")
+        with log:
+            self._process = subprocess.Popen(  # noqa: S603  # the package's own binary
+                [
+                    str(bindir / "postgres"),
+                    *("-D", str(data), "-h", "127.0.0.1", "-p", str(port)),
+                    *("-k", str(self._dir), "-F", "-c", "max_connections=200"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                **self._run_as,  # type: ignore[call-overload]
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while self._process.poll() is None and time.monotonic() < deadline:
+            try:
+                psycopg.connect(
+                    f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=3
+                ).close()
+            except psycopg.OperationalError:  # noqa: PERF203  # polling until it answers
+                time.sleep(0.05)
+            else:
+                return True
+        self._terminate()
+        return False
+
+    def _log_tail(self) -> str:
+        log = self._dir / "postgres.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return " | ".join(text.strip().splitlines()[-5:]) or "no log"
+
+    def _terminate(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        if os.name == "nt":
+            process.terminate()
+        else:
+            # SIGINT is postgres's "fast" shutdown: clients are disconnected.
+            process.send_signal(signal.SIGINT)
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def stop(self) -> None:
+        """
+        Stop the server and remove its files.
+        """
+        self._terminate()
+        for directory in [self._dir, *self._cleanup_dirs]:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def find_postgres(url: str, *, ci: bool) -> tuple[str, ThrowawayPostgres | None]:
+    """
+    Return *url* if it answers, else the URL of a throwaway server started
+    for the occasion, and that server to stop; skip (or fail when *ci*) when
+    neither can be had.
+    """
+    unreachable = postgres_unreachable(url)
+    if unreachable is None:
+        return url, None
+    try:
+        server = ThrowawayPostgres.start()
+    except NoThrowawayPostgresError as e:
+        why = str(e)
+    else:
+        return server.url, server
+    reason = (
+        f"{unreachable}, and no throwaway one could be started: {why}. Start one, or "
+        f"point {POSTGRES_URL_VAR} at one."
+    )
+    skip_or_fail(reason, ci=ci)
+
+
+@pytest.fixture(name="postgres_url", scope="session")
+def _postgres_url() -> Iterator[str]:
+    """
+    The URL of a PostgreSQL superuser's database for the tests (see the
+    module's docstring); a throwaway server is stopped at the end.
+    """
+    url, server = find_postgres(
+        os.environ.get(POSTGRES_URL_VAR, DEFAULT_POSTGRES_URL), ci=os.environ.get("CI") == "true"
+    )
+    try:
+        yield url
+    finally:
+        if server is not None:
+            server.stop()
+
+
+@pytest.fixture(name="find_postgres")
+def _find_postgres() -> Callable[..., tuple[str, ThrowawayPostgres | None]]:
+    """
+    `find_postgres`, for the tests of the fixture above.
+    """
+    return find_postgres

@@ -6,8 +6,11 @@ import math
 import os
 import pickle
 import re
+import subprocess
+import sys
 import time
 
+from pathlib import Path
 from types import MappingProxyType
 
 import attrs
@@ -24,6 +27,18 @@ from usercontext import (
     UserContextError,
     _context,
 )
+
+
+class _Tampered:
+    """
+    Pickles as a `UserContext` rebuilt from *data*, as a tampered pickle would.
+    """
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce__(self):
+        return (_context._from_dict, (UserContext, self.data))
 
 
 REQUIRED = {"user_id": "u-42", "thread_id": "t-7", "run_id": "r-1"}
@@ -203,6 +218,48 @@ class TestConstruction:
             make(created_at=value)
 
         assert ei.value.field == "created_at"
+
+    @pytest.mark.parametrize(
+        "value",
+        [2**1024, 10**400, -(10**400), 10**5000],
+        ids=["2**1024", "10**400", "-10**400", "10**5000"],
+    )
+    @pytest.mark.parametrize("how", ["constructor", "evolve", "from_dict", "pickle"])
+    def test_created_at_too_large(self, value, how, ctx):
+        """
+        An int too large for a float is refused with InvalidContextError naming
+        created_at, by construction, evolve(), from_dict() and unpickling, not
+        with OverflowError (nor ValueError from printing a 5,000-digit int).
+        """
+        data = {**ctx.to_dict(), "created_at": value}
+        build = {
+            "constructor": lambda: UserContext(**data),
+            "evolve": lambda: ctx.evolve(created_at=value),
+            "from_dict": lambda: UserContext.from_dict(data),
+            "pickle": lambda: pickle.loads(  # noqa: S301  # a pickle we made, on purpose
+                pickle.dumps(_Tampered(data))
+            ),
+        }[how]
+
+        with pytest.raises(InvalidContextError, match=r"created_at: must be a finite") as ei:
+            build()
+
+        assert ei.value.field == "created_at"
+        assert ei.value.value == value
+
+    def test_too_large_int_shown_by_type(self):
+        """
+        An error about an int too long to print shows its type instead of
+        failing while it is being built.
+        """
+        with pytest.raises(
+            TypeError, match=r"must be a str, got int \(a value of type int too large"
+        ):
+            make(user_id=10**5000)
+        with pytest.raises(InvalidContextError, match="got a value of type int too large to show"):
+            make(created_at=10**5000)
+        with pytest.raises(IsolationError, match="for user a value of type int too large"):
+            make().evolve(user_id=10**5000)
 
     @pytest.mark.parametrize("value", ["1700000000", True, b"1", [1.0]])
     def test_created_at_wrong_type(self, value):
@@ -589,12 +646,28 @@ class TestIdRules:
         number of distinct ids.
         """
         sizes = set()
+        held = set()
         for i in range(10_000):
             UserContext(user_id=f"user-{i}", thread_id=f"thread-{i}", run_id="r")
             sizes.add(len(_context._valid_ids))
+            held.add(len(_context._valid_ids) + len(_context._old_ids))
 
         assert _context._VALID_IDS_MAX == 4096
         assert 4000 <= max(sizes) <= 4096
+        # Both generations together: the whole cache.
+        assert max(held) == _context._ID_CACHE_MAX == 8192
+
+    def test_cache_bound_in_readme(self):
+        """
+        The README states the bound of the id cache the code enforces.
+        """
+        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+        figures = re.findall(
+            r"cache\s+of\s+already\s+validated\s+ids\s+is\s+capped\s+at\s+([\d,]+)\s+entries",
+            readme,
+        )
+
+        assert figures == [f"{_context._ID_CACHE_MAX:,}"]
 
     @pytest.mark.parametrize("max_length", [0, -1, 1.5, "256", True, None])
     def test_bad_max_length(self, max_length):
@@ -651,6 +724,53 @@ class TestIdRules:
         usercontext.configure(max_depth=4)
 
         assert _context.current_rules() == (rules, 4)
+
+    def test_described_rules(self):
+        """
+        described_rules() gives the rules in force as text, updated by every
+        configure() call; ContextExecutor sends it to its worker processes.
+        """
+        assert _context.described_rules() == (
+            "IdRules(max_length=256, placeholders=frozenset({'-', 'default', 'example', "
+            "'n/a', 'nil', 'none', 'null', 'placeholder', 'registry', 'temp', 'tmp', "
+            "'undefined', 'unknown', 'xxx'}), pattern=None) with max_depth=32"
+        )
+        usercontext.configure(id_rules=IdRules(placeholders=frozenset(), pattern="u-[0-9]+"))
+        usercontext.configure(max_depth=4)
+
+        assert _context.described_rules() == (
+            "IdRules(max_length=256, placeholders=frozenset({}), pattern='u-[0-9]+') "
+            "with max_depth=4"
+        )
+
+    def test_described_rules_same_in_every_process(self):
+        """
+        Equal rules are described by the same text in processes with different
+        hash seeds, where their placeholders iterate in different orders.
+        """
+        script = (
+            "import usercontext as uc, usercontext._context as c\n"
+            "p = frozenset(f'p{i}' for i in range(40))\n"
+            "uc.configure(id_rules=uc.IdRules(placeholders=p))\n"
+            "print(list(uc.IdRules(placeholders=p).placeholders)[:5], c.described_rules())\n"
+        )
+        outputs = [
+            subprocess.run(  # noqa: S603  # our own interpreter
+                [sys.executable, "-c", script],
+                env={**os.environ, "PYTHONHASHSEED": seed},
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
+            ).stdout
+            for seed in ("1", "2")
+        ]
+        orders = [out.partition("] ")[0] for out in outputs]
+        described = [out.partition("] ")[2] for out in outputs]
+
+        assert orders[0] != orders[1]
+        assert described[0] == described[1]
+        assert "'p0', 'p1', 'p10', 'p11'" in described[0]
 
     def test_rules_are_frozen(self):
         """

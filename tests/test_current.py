@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import multiprocessing
 import operator
 import threading
@@ -20,6 +21,7 @@ from usercontext import (
     IsolationError,
     NoContextError,
     UserContext,
+    _context,
     _current,
     bind,
     current,
@@ -60,6 +62,40 @@ def remote_describe(prefix, *, suffix):
     Describe the bound context, to check that arguments arrive.
     """
     return f"{prefix}{current().user_id}{suffix}"
+
+
+_user_at_start = "initializer not run"
+
+
+def remember_user_at_start():
+    """
+    A pool initializer: note the user bound while the worker starts.
+    """
+    global _user_at_start  # noqa: PLW0603  # the worker's own record
+    _user_at_start = user_of_current()
+
+
+def remote_start_and_now():
+    """
+    Return the user bound when the worker started and the one bound now.
+    """
+    return _user_at_start, user_of_current()
+
+
+def remote_new_context(user_id):
+    """
+    Create a context in the worker, under the worker's rules.
+    """
+    return UserContext(user_id=user_id, thread_id="u-2", run_id="u-3").user_id
+
+
+START_METHODS = [
+    pytest.param(
+        method,
+        marks=pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning"),
+    )
+    for method in multiprocessing.get_all_start_methods()
+]
 
 
 class TestCurrent:
@@ -732,6 +768,126 @@ class TestContextExecutorProcesses:
         assert described == "[u-42]"
         assert unbound is None
 
+    @pytest.mark.parametrize("method", START_METHODS)
+    def test_worker_started_under_a_user(self, method, ctx, other_ctx):
+        """
+        A worker started by a task of user u-42 runs a task submitted with no
+        context with none, and a task of u-99 with u-99's, whatever the start
+        method. Its initializer ran with no user bound either: the pool started
+        it from a Context without one.
+        """
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context(method),
+            initializer=remember_user_at_start,
+        )
+        with ContextExecutor(pool) as executor:
+            with bind(ctx):
+                first = executor.submit(remote_start_and_now).result(timeout=60)
+            unbound = executor.submit(remote_start_and_now).result(timeout=60)
+            with bind(other_ctx):
+                other = executor.submit(remote_start_and_now).result(timeout=60)
+
+        assert first == (None, "u-42")
+        assert unbound == (None, None)
+        assert other == (None, "u-99")
+
+    @pytest.mark.parametrize("method", START_METHODS)
+    def test_worker_forked_by_someone_else(self, method, ctx, other_ctx):
+        """
+        A worker that the pool itself started while u-42 was bound (a plain
+        submit, outside ContextExecutor; with fork it inherits u-42) still runs
+        tasks sent through ContextExecutor with their own context, or none.
+        """
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context(method)
+        )
+        with ContextExecutor(pool) as executor:
+            with bind(ctx):
+                direct = pool.submit(user_of_current).result(timeout=60)
+            unbound = executor.submit(user_of_current).result(timeout=60)
+            with bind(other_ctx):
+                other = executor.submit(user_of_current).result(timeout=60)
+
+        assert direct == ("u-42" if method == "fork" else None)
+        assert unbound is None
+        assert other == "u-99"
+
+    def test_rules_must_reach_spawned_workers(self):
+        """
+        A spawned worker without the submitter's rules refuses the task with a
+        ConfigurationError that says to configure it in the initializer; with
+        the initializer it applies them, and the InvalidContextError it raises
+        reaches the submitter with its field, value and reason.
+        """
+        rules = usercontext.IdRules(pattern=r"u-[0-9]+")
+        usercontext.configure(id_rules=rules, max_depth=8)
+        ctx = UserContext(user_id="u-1", thread_id="u-2", run_id="u-3")
+        spawn = multiprocessing.get_context("spawn")
+
+        bare = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn)
+        with ContextExecutor(bare) as executor, bind(ctx):
+            future = executor.submit(remote_current)
+            with pytest.raises(usercontext.ConfigurationError) as ei:
+                future.result(timeout=60)
+        message = str(ei.value)
+        assert "by other rules than the process that submitted the task" in message
+        assert "here IdRules(max_length=256," in message
+        assert "pattern=None) with max_depth=32" in message
+        assert "there IdRules(max_length=256," in message
+        assert "pattern='u-[0-9]+') with max_depth=8" in message
+        assert "initializer=functools.partial(usercontext.configure" in message
+
+        configured = concurrent.futures.ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=spawn,
+            initializer=functools.partial(usercontext.configure, id_rules=rules, max_depth=8),
+        )
+        with ContextExecutor(configured) as executor:
+            with bind(ctx):
+                seen = executor.submit(remote_current).result(timeout=60)
+            made = executor.submit(remote_new_context, "u-7").result(timeout=60)
+            refused = executor.submit(remote_new_context, "alice").exception(timeout=60)
+
+        assert seen == ctx
+        assert made == "u-7"
+        assert isinstance(refused, usercontext.InvalidContextError)
+        assert (refused.field, refused.value) == ("user_id", "alice")
+        assert refused.reason == "does not match the pattern 'u-[0-9]+' of the configured IdRules"
+
+    def test_worker_refusal_reaches_the_submitter(self):
+        """
+        An InvalidContextError raised in a worker reaches the submitter with its
+        field, value and reason, and the pool keeps working (it used to fail
+        to unpickle, which broke the whole pool).
+        """
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn")
+        )
+        with ContextExecutor(pool) as executor:
+            refused = executor.submit(remote_new_context, "null").exception(timeout=60)
+            after = executor.submit(remote_new_context, "u-8").result(timeout=60)
+
+        assert type(refused) is usercontext.InvalidContextError
+        assert (refused.field, refused.value, refused.reason) == (
+            "user_id",
+            "null",
+            "is a placeholder, not a real id",
+        )
+        assert str(refused).startswith("Invalid UserContext.user_id: is a placeholder")
+        assert after == "u-8"
+
+    def test_rules_mismatch_in_process(self, ctx):
+        """
+        _run_in_process refuses a task sent under other rules before running it.
+        """
+        ran = []
+        other = _context._describe_rules(usercontext.IdRules(max_length=10), 32)
+
+        with pytest.raises(usercontext.ConfigurationError, match="max_length=10"):
+            _current._run_in_process(ctx.to_dict(), other, ran.append, (1,), {})
+        assert ran == []
+
     def test_processes_flag(self, ctx):
         """
         processes=True sends the context through the codec, here to a thread:
@@ -761,14 +917,16 @@ class TestContextExecutorProcesses:
         _run_in_process binds the decoded context for the call only, and runs
         unbound without one; it validates what it decodes.
         """
-        run = _current._run_in_process
+        run = functools.partial(_current._run_in_process, rules=_context.described_rules())
 
-        assert run(None, user_of_current, (), {}) is None
-        assert run(ctx.to_dict(), remote_current, (), {}) == ctx
-        assert run(ctx.to_dict(), remote_describe, ("(",), {"suffix": ")"}) == "(u-42)"
+        assert run(None, fn=user_of_current, args=(), kwargs={}) is None
+        assert run(ctx.to_dict(), fn=remote_current, args=(), kwargs={}) == ctx
+        assert (
+            run(ctx.to_dict(), fn=remote_describe, args=("(",), kwargs={"suffix": ")"}) == "(u-42)"
+        )
         assert current_or_none() is None
         with pytest.raises(usercontext.InvalidContextError):
-            run({**ctx.to_dict(), "user_id": "null"}, remote_current, (), {})
+            run({**ctx.to_dict(), "user_id": "null"}, fn=remote_current, args=(), kwargs={})
 
     def test_run_in_process_no_leak(self, ctx):
         """
@@ -778,8 +936,9 @@ class TestContextExecutorProcesses:
         def dirty():
             probe.set("dirty")
 
-        _current._run_in_process(None, dirty, (), {})
-        _current._run_in_process(ctx.to_dict(), dirty, (), {})
+        rules = _context.described_rules()
+        _current._run_in_process(None, rules, dirty, (), {})
+        _current._run_in_process(ctx.to_dict(), rules, dirty, (), {})
 
         assert probe.get() == "unset"
 

@@ -9,7 +9,9 @@ service would). The randomized state machine lives in ``test_quota_model.py``.
 
 from __future__ import annotations
 
+import copy
 import functools
+import pickle
 import random
 import sys
 import threading
@@ -24,6 +26,7 @@ import attrs
 import pytest
 
 from anyio.lowlevel import checkpoint
+from trio.testing import MockClock
 
 import usercontext._quota as quota_module
 
@@ -634,6 +637,160 @@ class TestLimits:
         lease.release()
         q = cls(per_key=3, total=0)
         assert q.try_acquire("a") is None
+
+
+class TestLoopClock:
+    @pytest.mark.parametrize(
+        "anyio_backend",
+        [
+            pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio-autojump"),
+            pytest.param("asyncio", id="asyncio"),
+        ],
+    )
+    async def test_timeout_waited_on_the_loop_clock(self, anyio_backend):
+        """
+        QuotaTimeout reports the wait measured by the event loop's clock, the
+        one its timeout runs on: 30.000 s under trio's autojump clock (which
+        takes no wall time at all), and the real wait on asyncio.
+        """
+        virtual = anyio_backend[0] == "trio"
+        timeout = 30.0 if virtual else 0.2
+        q = LocalQuota(per_key=1)
+        holder = await q.acquire("a")
+
+        loop_start, wall_start = anyio.current_time(), time.monotonic()
+        with pytest.raises(QuotaTimeout) as ei:
+            await q.acquire("a", timeout=timeout)
+        loop_elapsed = anyio.current_time() - loop_start
+        wall_elapsed = time.monotonic() - wall_start
+
+        assert timeout <= ei.value.waited <= loop_elapsed
+        if virtual:
+            assert ei.value.waited == pytest.approx(30.0)
+            assert wall_elapsed < 5
+            assert str(ei.value).startswith("Waited 30.000 s (the timeout of 30.0 s) for a slot")
+        else:
+            assert ei.value.waited < 0.7
+            assert f"Waited {ei.value.waited:.3f} s (the timeout of 0.2 s)" in str(ei.value)
+        holder.release()
+
+
+class TestLeasesNotGranted:
+    """
+    A quota takes back only the slots it granted, each once: leases cannot be
+    forged, copied or re-keyed, so counters never drop below what is held.
+    """
+
+    @pytest.mark.parametrize("cls", [LocalQuota, ThreadQuota])
+    @pytest.mark.parametrize("key", ["a", "idle"])
+    def test_made_by_hand(self, cls, key):
+        """
+        A Lease made by hand, for a busy key or an idle one, is refused with a
+        TypeError saying how to get one; the quota still admits exactly its
+        limits afterwards: 2 for "a", 3 overall.
+        """
+        q = cls(per_key=2, total=3)
+        held = [q.try_acquire("a"), q.try_acquire("a")]
+
+        with pytest.raises(TypeError, match=r"A Lease is granted by a quota, never made by hand"):
+            Lease(q, key)
+        with pytest.raises(TypeError, match=r"call `await quota\.acquire\(key\)`"):
+            Lease()
+
+        burst = [q.try_acquire(k) for k in ("a", "a", "a", "b", "b")]
+        granted = [lease for lease in burst if lease is not None]
+        assert [lease.key for lease in granted] == ["b"]
+        s = q.stats()
+        assert (s.in_use, s.granted, s.rejected, q._in_use) == (3, 3, 4, {"a": 2, "b": 1})
+        for lease in held + granted:
+            lease.release()
+        assert (q.stats().in_use, q._in_use) == (0, {})
+
+    @pytest.mark.parametrize("cls", [LocalQuota, ThreadQuota])
+    @pytest.mark.parametrize(
+        "duplicate",
+        [copy.copy, copy.deepcopy, pickle.dumps],
+        ids=["copy", "deepcopy", "pickle"],
+    )
+    def test_not_copied(self, cls, duplicate):
+        """
+        A lease cannot be copied or pickled: a copy would be a second handle on
+        one slot, released twice.
+        """
+        q = cls(per_key=1)
+        lease = q.try_acquire("a")
+
+        with pytest.raises(TypeError, match=r"is one slot of one quota: it cannot be copied"):
+            duplicate(lease)
+
+        lease.release()
+        lease.release()
+        assert (q.stats().in_use, q._in_use) == (0, {})
+        assert q.try_acquire("a") is not None
+
+    @pytest.mark.parametrize("cls", [LocalQuota, ThreadQuota])
+    def test_key_is_read_only(self, cls):
+        """
+        A lease cannot be pointed at another key, whose slot its release would
+        free.
+        """
+        q = cls(per_key=1)
+        a = q.try_acquire("a")
+        b = q.try_acquire("b")
+
+        with pytest.raises(AttributeError):
+            a.key = "b"
+
+        a.release()
+        assert q._in_use == {"b": 1}
+        assert q.try_acquire("b") is None
+        b.release()
+
+    @pytest.mark.parametrize("cls", [LocalQuota, ThreadQuota])
+    def test_released_twice(self, cls):
+        """
+        However a lease is released twice (the lease, the quota, or both), the
+        slot comes back once: counters never go below what is held.
+        """
+        q = cls(per_key=3)
+        kept = q.try_acquire("a")
+        lease = q.try_acquire("a")
+        lease.release()
+        with pytest.raises(LeaseReleasedError, match="was already released"):
+            q.release(lease)
+        lease.release()
+        other = q.try_acquire("a")
+        q.release(other)
+        other.release()
+
+        assert (q.stats().in_use, q._in_use) == (1, {"a": 1})
+        kept.release()
+        assert (q.stats().in_use, q._in_use) == (0, {})
+
+    def test_threads_release_one_lease_at_once(self):
+        """
+        Eight threads releasing one ThreadQuota lease at the same moment return
+        its slot once: the check and the return happen under the quota's lock.
+        """
+        q = ThreadQuota(per_key=2)
+        kept = q.acquire("a")
+        lease = q.acquire("a")
+        barrier = threading.Barrier(8)
+
+        def release():
+            barrier.wait()
+            lease.release()
+
+        threads = [threading.Thread(target=release) for _ in range(8)]
+        with q._lock:  # every thread reaches the lock before any returns the slot
+            for t in threads:
+                t.start()
+            time.sleep(0.2)
+        for t in threads:
+            t.join(5)
+
+        assert (q.stats().in_use, q._in_use) == (1, {"a": 1})
+        kept.release()
 
 
 class TestLocalQuota:

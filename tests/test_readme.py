@@ -1,6 +1,7 @@
 """
 The README's quick start and usage example are kept honest by these tests: the
-test command is the one CI runs, and the example runs as-is.
+test command is the one CI runs, the docs command installs what the build
+imports, and the example runs as-is.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ from pathlib import Path
 import pytest
 
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 CI_SCRIPT = ROOT / ".ci" / "run"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+EXAMPLE_README = ROOT / "docs" / "examples" / "agent_service" / "README.md"
 
 
 def fenced_blocks(text: str, language: str) -> list[str]:
@@ -106,6 +115,76 @@ class TestQuickStart:
             upgrade = steps.index(".venv/bin/python -m pip install --upgrade pip")
             groups = [i for i, step in enumerate(steps) if "--group" in step]
             assert all(upgrade < i for i in groups)
+
+
+@pytest.fixture(name="docs_steps", scope="module")
+def _docs_steps():
+    """
+    The steps of the one shell command of the README's documentation section.
+    """
+    blocks = fenced_blocks(section(README.read_text(encoding="utf-8"), "Documentation"), "sh")
+    assert len(blocks) == 1
+    (command,) = (block.strip() for block in blocks)
+    assert "\n" not in command
+    return command.split(" && ")
+
+
+class TestDocsCommand:
+    def test_installs_the_package_with_every_adapter_and_the_docs_group(self, docs_steps):
+        """
+        The command creates a venv, upgrades pip before using `--group`,
+        installs the package itself with the `all` extra and the docs group
+        (the API reference imports every adapter), and builds with -n -W.
+        """
+        assert docs_steps == [
+            "python3 -m venv .venv",
+            ".venv/bin/python -m pip install --upgrade pip",
+            '.venv/bin/python -m pip install -e ".[all]" --group docs',
+            ".venv/bin/python -m sphinx -n -W -b html docs docs/_build/html",
+        ]
+
+    def test_all_extra_has_every_adapter(self):
+        """
+        The `all` extra names every other extra, so the docs command installs
+        every framework the API reference imports, greenlet included.
+        """
+        extras = PYPROJECT["project"]["optional-dependencies"]
+        (everything,) = extras["all"]
+        names = re.fullmatch(r"usercontext\[(.*)\]", everything).group(1).split(",")
+        assert sorted(names) == sorted(set(extras) - {"all"})
+        assert any(r.startswith("greenlet") for r in extras["sqlalchemy"])
+
+
+class TestTestDependencies:
+    def test_tests_group_brings_pgserver_where_it_ships(self):
+        """
+        The tests group installs pgserver (the throwaway PostgreSQL the README
+        promises) only where it ships wheels: CPython below 3.13.
+        """
+        (pgserver,) = [r for r in PYPROJECT["dependency-groups"]["tests"] if "pgserver" in r]
+        assert "python_version < '3.13'" in pgserver
+        quick_start = section(README.read_text(encoding="utf-8"), "Quick start")
+        assert "pgserver" in quick_start
+        assert "USERCONTEXT_TEST_POSTGRES_URL" in quick_start
+
+    def test_example_test_command_installs_the_tests_group(self):
+        """
+        The example service's test command installs the package with the
+        extras the app imports and the library's tests group (pytest and the
+        plugins its configuration names), from the example's folder.
+        """
+        blocks = fenced_blocks(section(EXAMPLE_README.read_text(encoding="utf-8"), "Tests"), "sh")
+        assert blocks[-1].strip().splitlines() == [
+            "python -m pip install --upgrade pip",
+            (
+                'python -m pip install -e "../../..[fastapi,sqlalchemy]" '
+                "--group ../../../pyproject.toml:tests"
+            ),
+            "python -m pytest",
+        ]
+        tests = PYPROJECT["dependency-groups"]["tests"]
+        for plugin in ("pytest-benchmark", "trio", "httpx2", "websockets", "uvicorn"):
+            assert any(r.startswith(plugin) for r in tests), plugin
 
 
 class TestUsage:

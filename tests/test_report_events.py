@@ -64,9 +64,33 @@ class TestEventsSection:
 
         assert re.findall(r"events: (.+) \.\.\.", err) == list(_report_events.STEPS)
         assert [r.metric for r in section.rows] == list(METRICS)
-        assert {r.status for r in section.rows} <= {"PASS", "FAIL", "INFO"}
+        assert {r.status for r in section.rows} <= {"PASS", "FAIL", "MISS", "INFO"}
         by_metric = {r.metric: r for r in section.rows}
         assert by_metric[METRICS[2]].status == by_metric[METRICS[6]].status == "INFO"
+        assert [r.kind for r in section.rows] == [
+            "performance",
+            "performance",
+            "info",
+            "performance",
+            "performance",
+            "correctness",
+            "info",
+            "correctness",
+            "correctness",
+            "correctness",
+        ]
+        assert [r.id for r in section.rows] == [
+            "events.emit_nowait_vs_floor",
+            "events.end_to_end_vs_floor",
+            "events.in_process_rate",
+            "events.socket_rate",
+            "events.delivery_latency_p99",
+            "events.stalled_sink_bound",
+            "events.drops_by_reason",
+            "events.critical_lost",
+            "events.block_policy",
+            "events.idle_users_left",
+        ]
         json.dumps(section.figures)  # the figures are JSON for --json
         assert len(section.notes) == 5
 
@@ -115,28 +139,33 @@ class TestEventsSection:
 class TestRowsCanFail:
     def test_socket_below_target(self, monkeypatch):
         """
-        The socket row fails below its target.
+        The socket row, a performance row, misses below its target.
         """
         monkeypatch.setattr(_report_events, "SOCKET_TARGET_EPS", 1e15)
-        out = _report.Table()
+        out = _report.Table("events")
         in_process = _report.Comparison(None, None, [5_000.0], [4_000.0], 1, 1)  # type: ignore[arg-type]
 
         _report_events._socket_rows(out, TINY, in_process)
 
         info, socket = out.rows
-        assert socket.status == "FAIL"
+        assert socket.status == "MISS"
+        assert socket.to_json()["target"] == {
+            "comparison": ">=",
+            "value": 1e15,
+            "unit": "events/s",
+        }
         assert info.achieved.startswith("**200,000/s** (100x legacy; floor 250,000/s)")
 
     def test_latency_above_target(self, monkeypatch):
         """
-        The latency row fails above its target.
+        The latency row, a performance row, misses above its target.
         """
         monkeypatch.setattr(_report_events, "LATENCY_P99_TARGET_MS", 0.0)
-        out = _report.Table()
+        out = _report.Table("events")
 
         _report_events._latency_rows(out, TINY)
 
-        assert out.rows[0].status == "FAIL"
+        assert out.rows[0].status == "MISS"
 
     def test_broken_bound_and_lost_criticals_fail(self, monkeypatch):
         """
@@ -164,12 +193,13 @@ class TestRowsCanFail:
             }
 
         monkeypatch.setattr(_report_events, "_stalled", broken)
-        out = _report.Table()
+        out = _report.Table("events")
 
         _report_events._stalled_rows(out, TINY)
 
         bound, reasons, critical, block = out.rows
         assert (bound.status, critical.status, block.status) == ("FAIL", "FAIL", "FAIL")
+        assert critical.to_json()["value"] == {"value": 1, "unit": "events"}
         assert reasons.achieved == "none"
         assert "OUT OF ORDER" in block.achieved
 
@@ -183,7 +213,7 @@ class TestRowsCanFail:
             return {"users": n, "held_before_ttl": n, "left": 3}
 
         monkeypatch.setattr(_report_events, "_distinct", sticky)
-        out = _report.Table()
+        out = _report.Table("events")
 
         _report_events._idle_rows(out, TINY)
 

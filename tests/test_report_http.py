@@ -33,7 +33,8 @@ METRICS = (
 )
 # The latency row depends on the machine (and on a tracer slowing it down):
 # its status is not checked, only that it has one.
-STATUS = dict.fromkeys(METRICS, "PASS") | {METRICS[1]: "PASS or FAIL", METRICS[2]: "INFO"}
+STATUS = dict.fromkeys(METRICS, "PASS") | {METRICS[1]: "PASS or MISS", METRICS[2]: "INFO"}
+KINDS = ("correctness", "performance", "info", "correctness", "correctness", "correctness")
 
 
 @pytest.fixture(name="few_requests")
@@ -49,8 +50,9 @@ def _check_rows(result: _report.SectionResult) -> dict[str, _report.Row]:
     Check the rows' metrics and statuses; return the rows by metric.
     """
     rows = {}
-    for row, metric in zip(result.rows, METRICS, strict=True):
+    for row, metric, kind in zip(result.rows, METRICS, KINDS, strict=True):
         assert row.metric.startswith(metric)
+        assert row.kind == kind
         assert row.status in STATUS[metric].split(" or ")
         rows[metric] = row
     return rows
@@ -146,7 +148,7 @@ class TestSection:
                 await http._json_response(send, 200, payload)
 
         monkeypatch.setattr(http, "Service", Leaky)
-        out = _report.Table()
+        out = _report.Table("http")
 
         http._legacy_rows(out, _report.QUICK, "in-process")
 
@@ -169,7 +171,7 @@ class TestSection:
         scale = attrs.evolve(_report.QUICK, memory_contexts=100)
 
         for run, text in ((left, "; scopes_open 1; hub_users 2"), (unbalanced, "not every")):
-            out = _report.Table()
+            out = _report.Table("http")
             http._memory_rows(out, scale, [run])
 
             row = out.rows[-1]
@@ -182,7 +184,7 @@ class TestSection:
         before memory is measured, and both rounds' requests are accounted for.
         """
         scale = attrs.evolve(_report.QUICK, scenario_rounds=2, memory_contexts=1_000)
-        out = _report.Table()
+        out = _report.Table("http")
 
         http._memory_rows(out, scale, [])
 
@@ -387,7 +389,12 @@ class TestCommand:
         runs = {s.key: s.run for s in uvicorn["sections"]}
         assert runs["http"] is not http.http_section
         assert runs["contexts"] is _report.contexts_section
-        assert default == {"scale": _report.DEFAULT, "json_path": None, "sections": None}
+        assert default == {
+            "scale": _report.DEFAULT,
+            "json_path": None,
+            "sections": _report.SECTIONS,
+            "strict": False,
+        }
 
     def test_http_server_without_uvicorn(self, monkeypatch, capsys):
         """

@@ -41,6 +41,7 @@ from ._quota import Lease, LocalQuota, Quota, QuotaStats, ThreadQuota
 from ._registry import Registry, RegistryStats, Scope
 from .exceptions import (
     CloseTimeoutError,
+    ConfigurationError,
     EmitterClosedError,
     EmitterFullError,
     EmitterTimeout,
@@ -76,6 +77,7 @@ __all__ = [
     "Attachment",
     "CallbackSink",
     "CloseTimeoutError",
+    "ConfigurationError",
     "ContextExecutor",
     "DeadLetter",
     "Emitter",

@@ -9,12 +9,28 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from typing import TYPE_CHECKING
 
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+
+# The keys of the report's sections, in order; a test checks them against
+# usercontext._report.SECTIONS, which this module does not import up front.
+SECTION_KEYS = ("contexts", "engines", "db", "events", "http")
+
+EXIT_CODES = """\
+exit codes:
+  0    every correctness row holds (isolation, leaks, bounds, success rates);
+       performance rows may have missed their targets (MISS), unless --strict
+  1    a correctness row failed (FAIL), or with --strict a performance row missed
+  2    usage error (such as a --json path that cannot be written), or a crash:
+       standard error names the section and shows the traceback
+  130  interrupted with Ctrl-C: the rows measured so far are printed
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,14 +50,36 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Run the validation scenarios on this machine and print a Markdown report of "
             "every figure measured, against its target. Progress goes to standard error. "
-            "Exits with 1 if a target is missed, 0 otherwise."
+            "Each row is a correctness check (PASS or FAIL), a performance target (PASS or "
+            "MISS) or information (INFO); the exit code follows the correctness rows."
         ),
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     report.add_argument(
         "--quick", action="store_true", help="a rough run of about a second, for smoke tests"
     )
     report.add_argument(
-        "--json", metavar="PATH", help="also write every raw figure measured to PATH as JSON"
+        "--json",
+        metavar="PATH",
+        help=(
+            "also write every row and raw figure measured to PATH as JSON; the path is "
+            "checked before the run"
+        ),
+    )
+    report.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit with 1 when a performance row misses its target, too",
+    )
+    report.add_argument(
+        "--section",
+        action="append",
+        choices=SECTION_KEYS,
+        metavar="KEY",
+        help=(
+            f"run only this section (repeat for more): {', '.join(SECTION_KEYS)}; all by default"
+        ),
     )
     report.add_argument(
         "--http-server",
@@ -52,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
             "under uvicorn on 127.0.0.1 (needs uvicorn)"
         ),
     )
+    # Usage errors found after parsing are the report's, with its usage line.
+    report.set_defaults(report_parser=report)
     return parser
 
 
@@ -60,28 +100,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     Run the ``usercontext`` command with *argv* (the process's arguments by default).
 
     Returns:
-        The exit status: 0 on success, 1 if the report missed a target, 2 when
-        no command was given.
+        The exit status of ``usercontext report``: 0 when every correctness row
+        holds, 1 when one fails (or, with ``--strict``, a performance row
+        misses its target), 2 for a usage error or a crash, 130 when
+        interrupted with Ctrl-C. 2 also when no command was given.
     """
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    from ._report import DEFAULT, QUICK, run_report
+    try:
+        return _report(args.report_parser, args)
+    except KeyboardInterrupt:
+        # Outside a section (a section's interruption is handled by the report).
+        sys.stderr.write("\nusercontext report: interrupted.\n")
+        return 130
+    except Exception as e:  # noqa: BLE001  # any crash exits with 2, described
+        sys.stderr.write(
+            f"usercontext report: crashed ({type(e).__name__}: {e}); the traceback follows.\n"
+            + "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        )
+        return 2
 
-    sections = None
+
+def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if args.http_server == "uvicorn" and importlib.util.find_spec("uvicorn") is None:
+        parser.error("--http-server uvicorn needs uvicorn: pip install uvicorn")
+    from ._report import DEFAULT, QUICK, SECTIONS, check_json_path, run_report
+
+    if args.json is not None:
+        problem = check_json_path(args.json)
+        if problem is not None:
+            parser.error(problem)
+    sections = SECTIONS
     if args.http_server == "uvicorn":
-        import importlib.util
-
-        if importlib.util.find_spec("uvicorn") is None:
-            parser.error("--http-server uvicorn needs uvicorn: pip install uvicorn")
-        from ._report import SECTIONS
         from ._report_http import with_server
 
-        sections = with_server(SECTIONS, "uvicorn")
+        sections = with_server(sections, "uvicorn")
+    if args.section:
+        sections = tuple(s for s in sections if s.key in args.section)
     return run_report(
-        scale=QUICK if args.quick else DEFAULT, json_path=args.json, sections=sections
+        scale=QUICK if args.quick else DEFAULT,
+        json_path=args.json,
+        sections=sections,
+        strict=args.strict,
     )
 
 

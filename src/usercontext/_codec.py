@@ -111,7 +111,7 @@ def to_headers(ctx: UserContext) -> dict[str, str]:
                 "values only (str, int, finite float, bool, None, tuples and mappings); use "
                 "to_dict() with a binary transport for bytes and frozensets.",
                 field="metadata",
-                value=ctx.metadata,
+                value=_thaw(ctx.metadata),  # plain dicts, which pickle: errors cross processes
                 reason="not JSON-serialisable",
             ) from e
     size = sum(len(k) + len(v) for k, v in headers.items())

@@ -74,7 +74,12 @@ _REPR_MAX = 64
 
 
 def _short_repr(value: object) -> str:
-    r = repr(value)
+    try:
+        r = repr(value)
+    except ValueError:
+        # An int longer than sys.get_int_max_str_digits() has no repr; an error
+        # message about it must not fail with one of its own.
+        return f"a value of type {type(value).__name__} too large to show"
     return r if len(r) <= _REPR_MAX else r[: _REPR_MAX - 4] + "...'"
 
 
@@ -105,7 +110,7 @@ class IdRules:
     def __attrs_post_init__(self) -> None:
         if type(self.max_length) is not int or self.max_length < 1:
             msg = (
-                f"IdRules.max_length must be a positive int, got {self.max_length!r}. "
+                f"IdRules.max_length must be a positive int, got {_short_repr(self.max_length)}. "
                 "Pass the longest id your service accepts, such as 256."
             )
             raise ValueError(msg)
@@ -139,6 +144,21 @@ _pattern: re.Pattern[str] | None = None
 _max_depth = 32
 
 
+def _describe_rules(rules: IdRules, max_depth: int) -> str:
+    """
+    Describe *rules* and *max_depth* in a text that equal rules give in every
+    process (placeholders sorted: a frozenset's order varies with the hash seed).
+    """
+    placeholders = ", ".join(map(repr, sorted(rules.placeholders)))
+    return (
+        f"IdRules(max_length={rules.max_length}, placeholders=frozenset({{{placeholders}}}), "
+        f"pattern={rules.pattern!r}) with max_depth={max_depth}"
+    )
+
+
+_described = _describe_rules(_rules, _max_depth)
+
+
 def configure(*, id_rules: IdRules | None = None, max_depth: int | None = None) -> None:
     """
     Set the validation rules for every `UserContext` created afterwards.
@@ -147,6 +167,11 @@ def configure(*, id_rules: IdRules | None = None, max_depth: int | None = None) 
     rules then apply to construction, `UserContext.evolve`,
     `UserContext.from_dict` and `UserContext.from_headers`. Arguments left as
     `None` keep their current value.
+
+    The rules hold in the calling process only. A worker process started by
+    spawn or forkserver begins with the defaults: call `configure` with the same
+    rules in the pool's initializer (`ContextExecutor` refuses tasks sent to a
+    worker whose rules differ, saying so).
 
     Args:
         id_rules: The rules for ids; see `IdRules`.
@@ -158,7 +183,7 @@ def configure(*, id_rules: IdRules | None = None, max_depth: int | None = None) 
 
     .. versionadded:: 0.1.0
     """
-    global _rules, _max_len, _placeholders, _placeholder_len, _pattern, _max_depth  # noqa: PLW0603
+    global _rules, _max_len, _placeholders, _placeholder_len, _pattern, _max_depth, _described  # noqa: PLW0603
     if id_rules is not None:
         rules: object = id_rules
         if not isinstance(rules, IdRules):
@@ -173,9 +198,13 @@ def configure(*, id_rules: IdRules | None = None, max_depth: int | None = None) 
         _old_ids.clear()
     if max_depth is not None:
         if type(max_depth) is not int or max_depth < 0:
-            msg = f"max_depth must be a non-negative int, got {max_depth!r}; the default is 32."
+            msg = (
+                f"max_depth must be a non-negative int, got {_short_repr(max_depth)}; "
+                "the default is 32."
+            )
             raise ValueError(msg)
         _max_depth = max_depth
+    _described = _describe_rules(_rules, _max_depth)
 
 
 def current_rules() -> tuple[IdRules, int]:
@@ -183,6 +212,14 @@ def current_rules() -> tuple[IdRules, int]:
     Return the `IdRules` and the maximum depth in force.
     """
     return _rules, _max_depth
+
+
+def described_rules() -> str:
+    """
+    Return the rules in force as a text that equal rules give in every process,
+    for a worker process to compare with its submitter's.
+    """
+    return _described
 
 
 def _invalid(
@@ -260,7 +297,8 @@ def _id_error(  # noqa: PLR0911  # one return per rule
 # bounded and emptied whenever the rules change.
 _valid_ids: set[str] = set()
 _old_ids: set[str] = set()
-_VALID_IDS_MAX = 4096
+_VALID_IDS_MAX = 4096  # per generation
+_ID_CACHE_MAX = 2 * _VALID_IDS_MAX  # both generations: the figure the README gives
 
 
 def _passes(value: str) -> bool:
@@ -405,14 +443,19 @@ def _check_created_at(created_at: object) -> float:
             f"{type(created_at).__name__} ({_short_repr(created_at)})."
         )
         raise TypeError(msg)
-    if not math.isfinite(created_at) or created_at < 0:
+    try:
+        # An int too large for a float overflows here, not in isfinite below.
+        seconds = float(created_at)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0:
         raise _invalid(
             "created_at",
             created_at,
             "must be a finite, non-negative number of epoch seconds",
             "Leave it out to use time.time().",
         )
-    return float(created_at)
+    return seconds
 
 
 @attrs.frozen(init=False, repr=False, weakref_slot=False)
@@ -590,7 +633,7 @@ class UserContext:
             if changes["user_id"] != self.user_id:
                 msg = (
                     f"A context for user {self.user_id!r} cannot become one for user "
-                    f"{changes['user_id']!r} through {how}(). Create a new root "
+                    f"{_short_repr(changes['user_id'])} through {how}(). Create a new root "
                     "UserContext for the other user."
                 )
                 raise IsolationError(msg)

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio.to_thread
 
-from ._context import UserContext
-from .exceptions import IsolationError, NoContextError
+from ._context import UserContext, described_rules
+from .exceptions import ConfigurationError, IsolationError, NoContextError
 
 
 if TYPE_CHECKING:
@@ -245,11 +245,38 @@ async def to_thread(
     )
 
 
-def _run_in_process(data: dict[str, Any] | None, fn: Callable[..., T], args: Any, kwargs: Any) -> T:
+def _run_in_process(
+    data: dict[str, Any] | None,
+    rules: str,
+    fn: Callable[..., T],
+    args: Any,
+    kwargs: Any,
+) -> T:
+    """
+    Run one task of a `ContextExecutor` in a worker process, under the context
+    *data* describes, or none; check first that the worker's rules are *rules*,
+    those of the submitter.
+    """
+    # Compared as text computed once per configure(): a short string costs
+    # each task far less to send than the IdRules object.
+    here = described_rules()
+    if rules != here:
+        msg = (
+            "This worker process validates contexts by other rules than the process that "
+            f"submitted the task: here {here}, there {rules}. usercontext.configure() "
+            "applies to one process only: call it with the same rules in the pool's "
+            "initializer, such as ProcessPoolExecutor(initializer=functools.partial("
+            "usercontext.configure, id_rules=RULES, max_depth=DEPTH))."
+        )
+        raise ConfigurationError(msg)
+    # A worker forked while a context was bound inherited it in its Context: run
+    # every task in one where none is bound, so a task sent without a context
+    # sees none, whatever the start method and whoever started the worker.
+    context = _fresh_context()
     if data is None:
-        return contextvars.copy_context().run(fn, *args, **kwargs)
+        return context.run(fn, *args, **kwargs)
     ctx = UserContext.from_dict(data)
-    return contextvars.copy_context().run(bind(ctx)(fn), *args, **kwargs)
+    return context.run(bind(ctx)(fn), *args, **kwargs)
 
 
 class ContextExecutor(concurrent.futures.Executor):
@@ -263,9 +290,13 @@ class ContextExecutor(concurrent.futures.Executor):
 
     Processes cannot share a Context: for a `concurrent.futures.ProcessPoolExecutor`
     (or with *processes* set to `True`) the current `UserContext` is sent
-    through `UserContext.to_dict` and bound in the child for the task. The child
-    validates it with its own rules: call `usercontext.configure` in the pool's
-    initializer if you changed them.
+    through `UserContext.to_dict` and bound in the worker for the task; a task
+    submitted with none bound runs with none, in every worker, whatever the
+    start method (fork, forkserver, spawn). The worker validates the context
+    with its own rules, which must be the submitter's: if you call
+    `usercontext.configure`, call it in the pool's initializer too. A task
+    sent to a worker whose rules differ raises
+    `usercontext.exceptions.ConfigurationError` instead of running.
 
     Args:
         executor: The executor to wrap; it is shut down with this one.
@@ -293,8 +324,16 @@ class ContextExecutor(concurrent.futures.Executor):
         """
         if self._processes:
             ctx = _get(None)
-            return self._executor.submit(
-                _run_in_process, None if ctx is None else ctx.to_dict(), fn, args, kwargs
+            # Submitted in a Context with no user bound: a pool that forks its
+            # workers on this call copies the caller's Context into them.
+            return _fresh_context().run(
+                self._executor.submit,
+                _run_in_process,
+                None if ctx is None else ctx.to_dict(),
+                described_rules(),
+                fn,
+                args,
+                kwargs,
             )
         return self._executor.submit(contextvars.copy_context().run, fn, *args, **kwargs)
 

@@ -17,7 +17,7 @@ import threading
 import time
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, SupportsIndex, runtime_checkable
 
 import anyio
 import attrs
@@ -81,19 +81,35 @@ class Lease:
     """
     One slot of a quota, held for *key* until released.
 
-    Release it with `release` (idempotent), or use it as a context manager
-    (``with`` or ``async with``), which releases it on exit.
+    Only a quota grants leases, through ``acquire`` or ``try_acquire``: a
+    lease cannot be made by hand, copied, pickled or pointed at another key,
+    so every release hands back a slot its quota granted, once. Release it
+    with `release` (idempotent), or use it as a context manager (``with`` or
+    ``async with``), which releases it on exit.
 
     .. versionadded:: 0.1.0
     """
 
-    __slots__ = ("_quota", "key")
+    __slots__ = ("_key", "_quota")
 
     _quota: _Core | None  # None once released
+    _key: str
 
-    def __init__(self, quota: _Core, key: str) -> None:
-        self._quota = quota
-        self.key = key
+    def __init__(self, *args: object, **kwargs: object) -> None:  # noqa: ARG002  # refused, whatever it is given
+        msg = (
+            "A Lease is granted by a quota, never made by hand: call "
+            "`await quota.acquire(key)` or `quota.try_acquire(key)` and release what it "
+            "returns. Releasing a slot the quota never granted would let it admit more "
+            "work than its limits."
+        )
+        raise TypeError(msg)
+
+    @property
+    def key(self) -> str:
+        """
+        The key (usually a user id) the slot is held for.
+        """
+        return self._key
 
     @property
     def released(self) -> bool:
@@ -108,8 +124,16 @@ class Lease:
         """
         quota = self._quota
         if quota is not None:
-            self._quota = None
-            quota._give_back(self.key)  # noqa: SLF001
+            quota._give_back(self)  # noqa: SLF001
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        # copy.copy and pickle both come here: a copy would be a second
+        # handle on one slot, released twice.
+        msg = (
+            f"{self!r} is one slot of one quota: it cannot be copied or pickled. Pass the "
+            "lease itself, and release it once, in the process that acquired it."
+        )
+        raise TypeError(msg)
 
     def __enter__(self) -> Self:
         return self
@@ -135,7 +159,21 @@ class Lease:
 
     def __repr__(self) -> str:
         state = "released" if self._quota is None else "held"
-        return f"<usercontext.Lease(key={self.key!r}, {state})>"
+        return f"<usercontext.Lease(key={self._key!r}, {state})>"
+
+
+_new_lease = Lease.__new__
+
+
+def _grant_lease(cls: type[Lease], quota: _Core, key: str) -> Lease:
+    """
+    Make the lease of a slot *quota* just granted to *key*, bypassing the
+    refusing ``__init__`` (the grant paths of ``acquire`` inline this).
+    """
+    lease = _new_lease(cls)
+    lease._quota = quota  # noqa: SLF001
+    lease._key = key  # noqa: SLF001
+    return lease
 
 
 @runtime_checkable
@@ -257,7 +295,7 @@ class _Core:
             self._peak = total
         lease = _new_lease(self._lease_type)
         lease._quota = self  # noqa: SLF001
-        lease.key = key
+        lease._key = key  # noqa: SLF001
         return lease
 
     def _take(self, key: str) -> None:
@@ -285,8 +323,9 @@ class _Core:
         else:
             self._dispatch()
 
-    # Lease.release comes here; ThreadQuota takes its lock first.
-    _give_back = _return
+    # Lease.release comes here: ThreadQuota returns the slot under its lock.
+    # LocalQuota's leases release themselves.
+    _give_back: Callable[[Lease], None]
     _lease_type: type[Lease] = Lease
 
     def release(self, lease: Lease) -> None:
@@ -305,7 +344,7 @@ class _Core:
             msg = f"{lease!r} belongs to another quota; release it through that one."
             raise ValueError(msg)
         lease._quota = None  # noqa: SLF001
-        self._return(lease.key)
+        self._return(lease._key)  # noqa: SLF001
 
     def _alive(self, waiter: _Waiter) -> bool:  # noqa: ARG002  # threads are not cancelled
         return True
@@ -413,7 +452,6 @@ class _Core:
 
 
 _MISSING: Any = object()
-_new_lease = Lease.__new__
 
 
 class _LocalLease(Lease):
@@ -428,7 +466,7 @@ class _LocalLease(Lease):
         if quota is not None:
             self._quota = None
             # _Core._return, written out: releasing is half of every engine's hot path.
-            key = self.key
+            key = self._key
             in_use = quota._in_use  # noqa: SLF001
             n = in_use[key] - 1
             if n:
@@ -502,7 +540,7 @@ class LocalQuota(_Core):
                 self._peak = total
             lease = _new_lease(_LocalLease)
             lease._quota = self  # noqa: SLF001
-            lease.key = key
+            lease._key = key  # noqa: SLF001
             return lease
         if timeout is not None and timeout <= 0:
             self._rejected += 1
@@ -547,7 +585,9 @@ class LocalQuota(_Core):
     async def _wait(self, key: str, timeout: float | None) -> Lease:
         w = _Waiter(key, self._new_signal())
         self._enqueue(w)
-        start = time.monotonic()
+        # The loop's clock, which the timeout runs on: under a mock clock (trio's
+        # autojump in tests) the wall clock would report no wait at all.
+        start = anyio.current_time()
         try:
             with anyio.move_on_after(timeout):
                 signal = w.signal
@@ -564,10 +604,10 @@ class LocalQuota(_Core):
                 self._cancelled += 1
             raise
         if w.granted:
-            return _LocalLease(self, key)
+            return _grant_lease(_LocalLease, self, key)
         self._forget(w)
         self._timed_out += 1
-        raise self._full_error(QuotaTimeout, key, time.monotonic() - start, timeout)
+        raise self._full_error(QuotaTimeout, key, anyio.current_time() - start, timeout)
 
     def __repr__(self) -> str:
         return (
@@ -626,10 +666,10 @@ class ThreadQuota(_Core):
                     self._cancelled += 1
             raise
         if got:
-            return Lease(self, key)
+            return _grant_lease(Lease, self, key)
         with self._lock:
             if w.granted:  # granted between the timeout and taking the lock
-                return Lease(self, key)
+                return _grant_lease(Lease, self, key)
             self._forget(w)
             self._timed_out += 1
             raise self._full_error(QuotaTimeout, key, time.monotonic() - start, timeout)
@@ -649,9 +689,13 @@ class ThreadQuota(_Core):
         with self._lock:
             super().release(lease)
 
-    def _give_back(self, key: str) -> None:
+    def _give_back(self, lease: Lease) -> None:
+        # Checked and returned under the lock: two threads releasing one lease
+        # at once return its slot once.
         with self._lock:
-            self._return(key)
+            if lease._quota is self:  # noqa: SLF001  # Lease is this module's
+                lease._quota = None  # noqa: SLF001
+                self._return(lease._key)  # noqa: SLF001
 
     def _wake(self, waiter: _Waiter) -> None:
         waiter.signal.release()

@@ -10,7 +10,7 @@ and checks with `usercontext.sqlalchemy.PoolWatch`, the pool's events and the
 rows written that nothing leaked.
 
 SQLAlchemy and the drivers come with the ``sqlalchemy`` extra. Without them the
-section reports one INFO row that says so, and imports nothing else.
+section reports one info row that says so, and imports nothing else.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from usercontext import Registry, Scope, UserContext
 
 from ._report import (
     Comparison,
+    Goal,
     Progress,
+    Quantity,
     Row,
     Scale,
     SectionResult,
@@ -140,10 +142,19 @@ def db_section(scale: Scale, progress: Progress) -> SectionResult:
         for step in STEPS:
             progress("database", step)
         return SectionResult(
-            (Row("Database sessions", "none (info)", f"not measured: {INSTALL_HINT}", "INFO"),),
+            (
+                Row(
+                    id="db.not_measured",
+                    kind="info",
+                    metric="Database sessions",
+                    target="none (info)",
+                    achieved=f"not measured: {INSTALL_HINT}",
+                    note=f"not measured: {INSTALL_HINT}",
+                ),
+            ),
             {"skipped": f"not installed: {', '.join(missing)}"},
         )
-    out = Table()
+    out = progress.table("db")
     sizes = _sizes(scale)
     with tempfile.TemporaryDirectory(prefix="usercontext-report-") as tmp:
         sqlite = _Backend(
@@ -194,7 +205,19 @@ def _postgres(out: Table, url: str, sizes: _Sizes) -> None:
     from sqlalchemy.exc import ArgumentError
 
     def failed(why: str) -> None:
-        out.rows.append(Row("PostgreSQL", "measured", f"not measured: {why}", "FAIL"))
+        # Correctness: the leak checks asked for were not made, so the run
+        # cannot say that they hold.
+        out.rows.append(
+            Row(
+                id="db.postgresql_measured",
+                kind="correctness",
+                metric="PostgreSQL",
+                target="measured",
+                achieved=f"not measured: {why}",
+                ok=False,
+                note=f"not measured: {why}",
+            )
+        )
 
     if _missing("asyncpg"):
         failed("install usercontext[sqlalchemy] (asyncpg)")
@@ -382,11 +405,20 @@ class _Measurement:
         # the issue sets the throughput, not this ratio, as the target.
         self.out.rows.append(
             Row(
-                f"{name}: time per transaction, registry scope + `session_provider` vs "
-                "session by hand",
-                "none (info)",
-                fmt_ratio(c, None),
-                "INFO",
+                id=f"db.{key}_transaction_vs_floor",
+                kind="info",
+                metric=(
+                    f"{name}: time per transaction, registry scope + `session_provider` vs "
+                    "session by hand"
+                ),
+                target="none (info)",
+                achieved=fmt_ratio(c, None),
+                value=Quantity(c.ratio, "x"),
+                details={
+                    "ours": Quantity(c.ours_ns, "ns"),
+                    "floor": Quantity(c.floor_ns, "ns"),
+                    "median_pair_ratio": Quantity(c.median_ratio, "x"),
+                },
             )
         )
         self.out.figures[f"{key}_overhead"] = c.figures(None, "INFO")
@@ -400,11 +432,18 @@ class _Measurement:
         }
         self.out.rows.append(
             Row(
-                f"{name}: transaction throughput vs legacy (~150-200 txn/s)",
-                f"> {LEGACY_TXN_PER_S:g} txn/s",
-                f"**{rate:,.0f} txn/s** (floor {floor_rate:,.0f}), "
-                f"{rate / LEGACY_TXN_PER_S:.1f}x legacy",
-                "PASS" if rate > LEGACY_TXN_PER_S else "FAIL",
+                id=f"db.{key}_throughput",
+                kind="performance",
+                metric=f"{name}: transaction throughput vs legacy (~150-200 txn/s)",
+                target=f"> {LEGACY_TXN_PER_S:g} txn/s",
+                achieved=(
+                    f"**{rate:,.0f} txn/s** (floor {floor_rate:,.0f}), "
+                    f"{rate / LEGACY_TXN_PER_S:.1f}x legacy"
+                ),
+                ok=rate > LEGACY_TXN_PER_S,
+                value=Quantity(rate, "txn/s"),
+                goal=Goal(">", LEGACY_TXN_PER_S, "txn/s"),
+                details={"floor": Quantity(floor_rate, "txn/s")},
             )
         )
 
@@ -516,19 +555,44 @@ class _Measurement:
             else f", {r.idle_in_transaction} idle in transaction"
         )
         clean = r.checked_out == 0 and not r.idle_in_transaction and stats.resources_open == ()
+        connections = {
+            "cleanup_errors": Quantity(stats.cleanup_errors, "errors"),
+            "resources_open": Quantity(sum(k for _, k in stats.resources_open), "resources"),
+        }
+        if r.idle_in_transaction is not None:
+            connections["idle_in_transaction"] = Quantity(r.idle_in_transaction, "connections")
         self.out.rows += [
             Row(
-                f"{name}: {n} requests, {len(r.failed)} failing, {len(r.cancelled)} cancelled: "
-                "rows of failed or cancelled requests left / of successful ones missing",
-                "0 / 0",
-                f"**{left} / {missing}** ({len(r.rows)} rows for {len(r.ok)} successes)",
-                "PASS" if left == missing == 0 and counted else "FAIL",
+                id=f"db.{key}_rows_left_or_missing",
+                kind="correctness",
+                metric=(
+                    f"{name}: {n} requests, {len(r.failed)} failing, {len(r.cancelled)} "
+                    "cancelled: rows of failed or cancelled requests left / of successful "
+                    "ones missing"
+                ),
+                target="0 / 0",
+                achieved=f"**{left} / {missing}** ({len(r.rows)} rows for {len(r.ok)} successes)",
+                ok=left == missing == 0 and counted,
+                value=Quantity(left + missing, "rows"),
+                goal=Goal("==", 0, "rows"),
+                details={
+                    "left": Quantity(left, "rows"),
+                    "missing": Quantity(missing, "rows"),
+                    "succeeded": Quantity(len(r.ok), "requests"),
+                    "failed": Quantity(len(r.failed), "requests"),
+                    "cancelled": Quantity(len(r.cancelled), "requests"),
+                },
             ),
             Row(
-                f"{name}: connections checked out at the end (`PoolWatch`)",
-                "0",
-                f"**{r.checked_out}**{idle}, {stats.cleanup_errors} cleanup errors",
-                "PASS" if clean and stats.cleanup_errors == 0 else "FAIL",
+                id=f"db.{key}_connections_checked_out",
+                kind="correctness",
+                metric=f"{name}: connections checked out at the end (`PoolWatch`)",
+                target="0",
+                achieved=f"**{r.checked_out}**{idle}, {stats.cleanup_errors} cleanup errors",
+                ok=clean and stats.cleanup_errors == 0,
+                value=Quantity(r.checked_out, "connections"),
+                goal=Goal("==", 0, "connections"),
+                details=connections,
             ),
         ]
 
@@ -547,11 +611,23 @@ class _Measurement:
         }
         self.out.rows.append(
             Row(
-                f"{name}: connections opened / closed (pool events, after dispose)",
-                "equal",
-                f"**{watch.connects} / {watch.closes}** ({watch.checkouts:,} checkouts, "
-                f"{watch.invalidations} invalidated)",
-                "PASS" if watch.connects == watch.closes > 0 else "FAIL",
+                id=f"db.{key}_connections_opened_closed",
+                kind="correctness",
+                metric=f"{name}: connections opened / closed (pool events, after dispose)",
+                target="equal",
+                achieved=(
+                    f"**{watch.connects} / {watch.closes}** ({watch.checkouts:,} checkouts, "
+                    f"{watch.invalidations} invalidated)"
+                ),
+                ok=watch.connects == watch.closes > 0,
+                value=Quantity(watch.connects - watch.closes, "connections"),
+                goal=Goal("==", 0, "connections"),
+                details={
+                    "opened": Quantity(watch.connects, "connections"),
+                    "closed": Quantity(watch.closes, "connections"),
+                    "checkouts": Quantity(watch.checkouts, "checkouts"),
+                    "invalidated": Quantity(watch.invalidations, "connections"),
+                },
             )
         )
 

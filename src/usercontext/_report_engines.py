@@ -31,8 +31,10 @@ from usercontext import (
 
 from ._report import (
     Comparison,
+    Goal,
     Op,
     Progress,
+    Quantity,
     Row,
     Scale,
     SectionResult,
@@ -42,7 +44,7 @@ from ._report import (
     in_empty_context,
     paired_ratios,
     percentile,
-    ratio_status,
+    ratio_ok,
 )
 
 
@@ -229,18 +231,28 @@ def _latency_row(out: Table, runs: dict[str, list[_Run]], p: int, target: float)
         [r.percentile(p) for r in runs["quota"]], [r.percentile(p) for r in runs["floor"]]
     )
     best, median = pair["ratio"], pair["median_pair_ratio"]
-    status = ratio_status(best, median, target)
     out.rows.append(
         Row(
-            f"Legacy scenario P{p}, `LocalQuota` vs per-user `asyncio.Semaphore`",
-            f"≤ {target:g}x",
-            f"{min(pair['ours_ms']):.1f} ms vs {min(pair['floor_ms']):.1f} ms: **{best:.2f}x**"
+            id=f"engines.legacy_p{p}_vs_floor",
+            kind="performance",
+            metric=f"Legacy scenario P{p}, `LocalQuota` vs per-user `asyncio.Semaphore`",
+            target=f"≤ {target:g}x",
+            achieved=(
+                f"{min(pair['ours_ms']):.1f} ms vs {min(pair['floor_ms']):.1f} ms: **{best:.2f}x**"
+            )
             + (
                 f" (median of pairs {median:.2f}x: within noise)"
                 if (best > target) != (median > target)
                 else ""
             ),
-            status,
+            ok=ratio_ok(best, median, target),
+            value=Quantity(best, "x"),
+            goal=Goal("<=", target, "x"),
+            details={
+                "median_pair_ratio": Quantity(median, "x"),
+                "ours": Quantity(min(pair["ours_ms"]), "ms"),
+                "floor": Quantity(min(pair["floor_ms"]), "ms"),
+            },
         )
     )
     return pair
@@ -258,24 +270,48 @@ def _legacy_rows(out: Table, scale: Scale) -> None:
     factory = min(runs["factory"], key=lambda r: r.percentile(50))
     out.rows += [
         Row(
-            "Legacy scenario success rate (all variants, all rounds)",
-            "100% (legacy 98.7%)",
-            f"{succeeded:,} of {total:,}: **{succeeded / total:.1%}**",
-            "PASS" if succeeded == total else "FAIL",
+            id="engines.legacy_success_rate",
+            kind="correctness",
+            metric="Legacy scenario success rate (all variants, all rounds)",
+            target="100% (legacy 98.7%)",
+            achieved=f"{succeeded:,} of {total:,}: **{succeeded / total:.1%}**",
+            ok=succeeded == total,
+            value=Quantity(100 * succeeded / total, "%"),
+            goal=Goal("==", 100, "%"),
+            details={
+                "succeeded": Quantity(succeeded, "requests"),
+                "requests": Quantity(total, "requests"),
+            },
         ),
         Row(
-            "Legacy scenario through `EngineFactory`, a context per request: P50 / P95 / P99",
-            "none (info); legacy 45 / 125 / 250 ms",
-            f"{factory.percentile(50):.1f} / {factory.percentile(95):.1f} / "
-            f"{factory.percentile(99):.1f} ms, wall {factory.wall_s * 1e3:.0f} ms "
-            f"(legacy {LEGACY_WALL_S:g} s)",
-            "INFO",
+            id="engines.legacy_factory_latency",
+            kind="info",
+            metric=(
+                "Legacy scenario through `EngineFactory`, a context per request: P50 / P95 / P99"
+            ),
+            target="none (info); legacy 45 / 125 / 250 ms",
+            achieved=(
+                f"{factory.percentile(50):.1f} / {factory.percentile(95):.1f} / "
+                f"{factory.percentile(99):.1f} ms, wall {factory.wall_s * 1e3:.0f} ms "
+                f"(legacy {LEGACY_WALL_S:g} s)"
+            ),
+            value=Quantity(factory.percentile(99), "ms"),
+            details={
+                "p50": Quantity(factory.percentile(50), "ms"),
+                "p95": Quantity(factory.percentile(95), "ms"),
+                "p99": Quantity(factory.percentile(99), "ms"),
+                "wall": Quantity(factory.wall_s * 1e3, "ms"),
+            },
         ),
         Row(
-            "Peak engines in use per user vs the limit",
-            f"≤ {PER_USER}",
-            f"**{peak}**",
-            "PASS" if peak <= PER_USER else "FAIL",
+            id="engines.peak_per_user",
+            kind="correctness",
+            metric="Peak engines in use per user vs the limit",
+            target=f"≤ {PER_USER}",
+            achieved=f"**{peak}**",
+            ok=peak <= PER_USER,
+            value=Quantity(peak, "engines"),
+            goal=Goal("<=", PER_USER, "engines"),
         ),
     ]
     out.figures["legacy_scenario"] = figures
@@ -300,10 +336,17 @@ def _memory_rows(out: Table) -> None:
     }
     out.rows.append(
         Row(
-            "Memory under the legacy scenario (`EngineFactory`): retained after / peak growth",
-            "retained < 1 MiB (legacy: 35 MB growth)",
-            f"**{retained / 1024:.0f} KiB** / {growth / 1024**2:.1f} MiB",
-            "PASS" if retained < RETAINED_LIMIT else "FAIL",
+            id="engines.memory_retained",
+            kind="correctness",
+            metric=(
+                "Memory under the legacy scenario (`EngineFactory`): retained after / peak growth"
+            ),
+            target="retained < 1 MiB (legacy: 35 MB growth)",
+            achieved=f"**{retained / 1024:.0f} KiB** / {growth / 1024**2:.1f} MiB",
+            ok=retained < RETAINED_LIMIT,
+            value=Quantity(retained, "B"),
+            goal=Goal("<", RETAINED_LIMIT, "B"),
+            details={"peak_growth": Quantity(growth, "B")},
         )
     )
 
@@ -341,16 +384,27 @@ def _engine_rows(out: Table, scale: Scale, loop: asyncio.AbstractEventLoop) -> N
     }
     out.rows += [
         Row(
-            "Engine lifecycle overhead (quota, bind, cancel scope, close) vs floor",
-            "none (info)",
-            f"{fmt_ns(c.ours_ns)} vs {fmt_ns(c.floor_ns)}: {c.ratio:.1f}x",
-            "INFO",
+            id="engines.engine_lifecycle_vs_floor",
+            kind="info",
+            metric="Engine lifecycle overhead (quota, bind, cancel scope, close) vs floor",
+            target="none (info)",
+            achieved=f"{fmt_ns(c.ours_ns)} vs {fmt_ns(c.floor_ns)}: {c.ratio:.1f}x",
+            value=Quantity(c.ratio, "x"),
+            details={"ours": Quantity(c.ours_ns, "ns"), "floor": Quantity(c.floor_ns, "ns")},
         ),
         Row(
-            "Engine lifecycle overhead vs legacy (8 ms create + 2 ms cleanup)",
-            f"≥ {SPEEDUP_TARGET:g}x faster",
-            f"**{speedup:,.0f}x** faster",
-            "PASS" if speedup >= SPEEDUP_TARGET else "FAIL",
+            id="engines.engine_lifecycle_speedup_vs_legacy",
+            kind="performance",
+            metric="Engine lifecycle overhead vs legacy (8 ms create + 2 ms cleanup)",
+            target=f"≥ {SPEEDUP_TARGET:g}x faster",
+            achieved=f"**{speedup:,.0f}x** faster",
+            ok=speedup >= SPEEDUP_TARGET,
+            value=Quantity(speedup, "x"),
+            goal=Goal(">=", SPEEDUP_TARGET, "x"),
+            details={
+                "ours": Quantity(c.ours_ns, "ns"),
+                "legacy": Quantity(LEGACY_ENGINE_MS * 1e6, "ns"),
+            },
         ),
     ]
 
@@ -526,18 +580,41 @@ def _reject_rows(out: Table) -> None:
     )
     out.rows += [
         Row(
-            "Reject mode (`timeout=0`): 100 users x 5 requests at once, 2 per user",
-            f"{expected} rejected, 200 engines, 0 left in use",
-            f"{r['rejected']} rejected, {r['created']} created / {r['closed']} closed, peak "
-            f"{r['peak_per_user']} per user, {r['in_use_after']} in use after",
-            "PASS" if reject_ok else "FAIL",
+            id="engines.reject_mode",
+            kind="correctness",
+            metric="Reject mode (`timeout=0`): 100 users x 5 requests at once, 2 per user",
+            target=f"{expected} rejected, 200 engines, 0 left in use",
+            achieved=(
+                f"{r['rejected']} rejected, {r['created']} created / {r['closed']} closed, peak "
+                f"{r['peak_per_user']} per user, {r['in_use_after']} in use after"
+            ),
+            ok=reject_ok,
+            value=Quantity(r["rejected"], "requests"),
+            goal=Goal("==", expected, "requests"),
+            details={
+                "created": Quantity(r["created"], "engines"),
+                "closed": Quantity(r["closed"], "engines"),
+                "peak_per_user": Quantity(r["peak_per_user"], "engines"),
+                "in_use_after": Quantity(r["in_use_after"], "slots"),
+            },
         ),
         Row(
-            "Timeout mode (`timeout=0.02`): 5 waiters on a full user",
-            "5 timed out after ≥ 20 ms, no slot taken or left waiting",
-            f"{r['timed_out']} timed out, shortest wait {r['min_waited_s'] * 1e3:.1f} ms, "
-            f"{r['waiting_after_timeouts']} waiting after",
-            "PASS" if timeout_ok else "FAIL",
+            id="engines.timeout_mode",
+            kind="correctness",
+            metric="Timeout mode (`timeout=0.02`): 5 waiters on a full user",
+            target="5 timed out after ≥ 20 ms, no slot taken or left waiting",
+            achieved=(
+                f"{r['timed_out']} timed out, shortest wait {r['min_waited_s'] * 1e3:.1f} ms, "
+                f"{r['waiting_after_timeouts']} waiting after"
+            ),
+            ok=timeout_ok,
+            value=Quantity(r["timed_out"], "waiters"),
+            goal=Goal("==", 5, "waiters"),
+            details={
+                "shortest_wait": Quantity(r["min_waited_s"] * 1e3, "ms"),
+                "waiting_after": Quantity(r["waiting_after_timeouts"], "waiters"),
+                "in_use_after": Quantity(r["in_use_after_timeouts"], "slots"),
+            },
         ),
     ]
 
@@ -566,10 +643,20 @@ def _distinct_rows(out: Table, n: int) -> None:
     }
     out.rows.append(
         Row(
-            f"{n:,} distinct users through a quota: per-user state left, memory retained",
-            "0 users, < 1 MiB",
-            f"**{stats.keys}** users, {retained / 1024:.1f} KiB ({stats.granted:,} granted)",
-            "PASS" if stats.keys == 0 and retained < RETAINED_LIMIT else "FAIL",
+            id="engines.distinct_users_left",
+            kind="correctness",
+            metric=f"{n:,} distinct users through a quota: per-user state left, memory retained",
+            target="0 users, < 1 MiB",
+            achieved=(
+                f"**{stats.keys}** users, {retained / 1024:.1f} KiB ({stats.granted:,} granted)"
+            ),
+            ok=stats.keys == 0 and retained < RETAINED_LIMIT,
+            value=Quantity(stats.keys, "users"),
+            goal=Goal("==", 0, "users"),
+            details={
+                "retained": Quantity(retained, "B"),
+                "granted": Quantity(stats.granted, "leases"),
+            },
         )
     )
 
@@ -579,7 +666,7 @@ def engines_section(scale: Scale, progress: Progress) -> SectionResult:
     Measure engines and quotas: the legacy scenario, hot paths, rejections,
     timeouts and memory.
     """
-    out = Table()
+    out = progress.table("engines")
     progress("engines", STEPS[0])
     _legacy_rows(out, scale)
     progress("engines", STEPS[1])

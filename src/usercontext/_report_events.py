@@ -16,7 +16,6 @@ runs, the best kept.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import gc
@@ -35,14 +34,16 @@ from usercontext import AGENT_COMPLETED, Emitter, EmitterHub, Event, UserContext
 
 from ._report import (
     Comparison,
+    Goal,
     Progress,
+    Quantity,
     Row,
     Scale,
     SectionResult,
     Table,
     compare,
     fmt_ns,
-    in_empty_context,
+    in_thread,
     percentile,
 )
 from ._report_engines import LoopOp
@@ -201,30 +202,11 @@ class _RunningHub:
 _CTX = UserContext(user_id="user-42", thread_id="thread-7", run_id="run-1")
 
 
-def _in_thread(fn: Callable[[], T]) -> T:
-    """
-    Call *fn* in an empty Context, in a thread of its own, and return its result.
-
-    Each scenario gets a fresh event loop on a fresh thread: nothing it leaves
-    behind (loops, tracing state of debuggers and coverage tools) reaches the
-    next one or the caller.
-    """
-
-    def call() -> T:
-        try:
-            return in_empty_context(fn)
-        finally:
-            gc.collect()  # finalise what the scenario left, on its own thread
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(call).result()
-
-
 def _run(main: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
     """
-    Run ``main(*args)`` in a new event loop, with `_in_thread`.
+    Run ``main(*args)`` in a new event loop, on a thread of its own (`in_thread`).
     """
-    return _in_thread(lambda: asyncio.run(main(*args)))
+    return in_thread(lambda: asyncio.run(main(*args)))
 
 
 # -- Steps -------------------------------------------------------------------------
@@ -312,9 +294,10 @@ def _compare_on_loop(
     scale: Scale,
 ) -> Comparison:
     """
-    Time the pair of operations *make* returns on a new loop, with `_in_thread`.
+    Time the pair of operations *make* returns on a new loop, on a thread of
+    its own (`in_thread`).
     """
-    return _in_thread(functools.partial(_loop_compare, make, scale))
+    return in_thread(functools.partial(_loop_compare, make, scale))
 
 
 class _SocketSink:
@@ -402,18 +385,33 @@ def _socket_rows(out: Table, scale: Scale, in_process: Comparison) -> None:
     out.figures["in_process_events_per_s"] = in_process_eps
     out.rows += [
         Row(
-            "Events/s in process, end to end to an in-memory sink",
-            f"none (info); legacy {LEGACY_EVENTS_PER_S:,.0f}/s",
-            f"**{in_process_eps:,.0f}/s** ({in_process_eps / LEGACY_EVENTS_PER_S:,.0f}x legacy; "
-            f"floor {1e9 / in_process.floor_ns:,.0f}/s)",
-            "INFO",
+            id="events.in_process_rate",
+            kind="info",
+            metric="Events/s in process, end to end to an in-memory sink",
+            target=f"none (info); legacy {LEGACY_EVENTS_PER_S:,.0f}/s",
+            achieved=(
+                f"**{in_process_eps:,.0f}/s** ({in_process_eps / LEGACY_EVENTS_PER_S:,.0f}x "
+                f"legacy; floor {1e9 / in_process.floor_ns:,.0f}/s)"
+            ),
+            value=Quantity(in_process_eps, "events/s"),
+            details={
+                "floor": Quantity(1e9 / in_process.floor_ns, "events/s"),
+                "legacy": Quantity(LEGACY_EVENTS_PER_S, "events/s"),
+            },
         ),
         Row(
-            f"JSON events over a local socket ({n:,} events, one write per flush)",
-            f"≥ {SOCKET_TARGET_EPS:,.0f}/s (70x legacy {LEGACY_EVENTS_PER_S:,.0f}/s)",
-            f"**{best:,.0f}/s** ({best / LEGACY_EVENTS_PER_S:,.0f}x legacy; "
-            f"floor {floor_best:,.0f}/s)",
-            "PASS" if best >= SOCKET_TARGET_EPS else "FAIL",
+            id="events.socket_rate",
+            kind="performance",
+            metric=f"JSON events over a local socket ({n:,} events, one write per flush)",
+            target=f"≥ {SOCKET_TARGET_EPS:,.0f}/s (70x legacy {LEGACY_EVENTS_PER_S:,.0f}/s)",
+            achieved=(
+                f"**{best:,.0f}/s** ({best / LEGACY_EVENTS_PER_S:,.0f}x legacy; "
+                f"floor {floor_best:,.0f}/s)"
+            ),
+            ok=best >= SOCKET_TARGET_EPS,
+            value=Quantity(best, "events/s"),
+            goal=Goal(">=", SOCKET_TARGET_EPS, "events/s"),
+            details={"floor": Quantity(floor_best, "events/s")},
         ),
     ]
 
@@ -457,10 +455,15 @@ def _latency_rows(out: Table, scale: Scale) -> None:
     }
     out.rows.append(
         Row(
-            "Delivery latency, emit to sink, one event at a time: P50 / P99",
-            f"P99 ≤ {LATENCY_P99_TARGET_MS:g} ms (legacy: 'sub-millisecond')",
-            f"{fmt_ns(p50 * 1e6)} / **{fmt_ns(p99 * 1e6)}**",
-            "PASS" if p99 <= LATENCY_P99_TARGET_MS else "FAIL",
+            id="events.delivery_latency_p99",
+            kind="performance",
+            metric="Delivery latency, emit to sink, one event at a time: P50 / P99",
+            target=f"P99 ≤ {LATENCY_P99_TARGET_MS:g} ms (legacy: 'sub-millisecond')",
+            achieved=f"{fmt_ns(p50 * 1e6)} / **{fmt_ns(p99 * 1e6)}**",
+            ok=p99 <= LATENCY_P99_TARGET_MS,
+            value=Quantity(p99, "ms"),
+            goal=Goal("<=", LATENCY_P99_TARGET_MS, "ms"),
+            details={"p50": Quantity(p50, "ms")},
         )
     )
 
@@ -556,30 +559,66 @@ def _stalled_rows(out: Table, scale: Scale) -> None:
     reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(r["dropped"].items())) or "none"
     out.rows += [
         Row(
-            f"Stalled sink, {r['events']:,} events, `drop_oldest`: buffer peak vs bound",
-            f"≤ {BOUND:,}, dropped = emitted - delivered (legacy: grew, then dropped silently)",
-            f"peak **{r['depth_peak']:,}**; {dropped:,} dropped = {r['emitted']:,} - "
-            f"{r['delivered']:,}",
-            "PASS" if held and exact else "FAIL",
+            id="events.stalled_sink_bound",
+            kind="correctness",
+            metric=f"Stalled sink, {r['events']:,} events, `drop_oldest`: buffer peak vs bound",
+            target=(
+                f"≤ {BOUND:,}, dropped = emitted - delivered (legacy: grew, then dropped silently)"
+            ),
+            achieved=(
+                f"peak **{r['depth_peak']:,}**; {dropped:,} dropped = {r['emitted']:,} - "
+                f"{r['delivered']:,}"
+            ),
+            ok=held and exact,
+            value=Quantity(max(r["depth_peak"], r["peak_seen"]), "events"),
+            goal=Goal("<=", BOUND, "events"),
+            details={
+                "emitted": Quantity(r["emitted"], "events"),
+                "delivered": Quantity(r["delivered"], "events"),
+                "dropped": Quantity(dropped, "events"),
+            },
         ),
         Row(
-            "Drops by reason under the stalled sink",
-            "none (info)",
-            reasons,
-            "INFO",
+            id="events.drops_by_reason",
+            kind="info",
+            metric="Drops by reason under the stalled sink",
+            target="none (info)",
+            achieved=reasons,
+            value=Quantity(dropped, "events"),
+            details={k: Quantity(v, "events") for k, v in sorted(r["dropped"].items())},
         ),
         Row(
-            "Critical events (`agent_completed`) under `drop_oldest` with a full buffer",
-            "all delivered (legacy: dropped)",
-            f"**{r['critical_delivered']} of {r['critical_emitted']}** delivered",
-            "PASS" if r["critical_lost"] == 0 else "FAIL",
+            id="events.critical_lost",
+            kind="correctness",
+            metric="Critical events (`agent_completed`) under `drop_oldest` with a full buffer",
+            target="all delivered (legacy: dropped)",
+            achieved=f"**{r['critical_delivered']} of {r['critical_emitted']}** delivered",
+            ok=r["critical_lost"] == 0,
+            value=Quantity(r["critical_lost"], "events"),
+            goal=Goal("==", 0, "events"),
+            details={
+                "emitted": Quantity(r["critical_emitted"], "events"),
+                "delivered": Quantity(r["critical_delivered"], "events"),
+            },
         ),
         Row(
-            f"Stalled sink under `block`: producer of {r['block_events']:,} events",
-            f"waits at {BOUND:,}, resumes, all delivered in order",
-            f"waited at {r['block_waited_at']:,}, delivered {r['block_delivered']:,}, "
-            f"{'in order' if r['block_in_order'] else 'OUT OF ORDER'}",
-            "PASS" if block_ok else "FAIL",
+            id="events.block_policy",
+            kind="correctness",
+            metric=f"Stalled sink under `block`: producer of {r['block_events']:,} events",
+            target=f"waits at {BOUND:,}, resumes, all delivered in order",
+            achieved=(
+                f"waited at {r['block_waited_at']:,}, delivered {r['block_delivered']:,}, "
+                f"{'in order' if r['block_in_order'] else 'OUT OF ORDER'}"
+            ),
+            ok=block_ok,
+            value=Quantity(r["block_events"] - r["block_delivered"], "events"),
+            goal=Goal("==", 0, "events"),
+            details={
+                "waited_at": Quantity(r["block_waited_at"], "events"),
+                "delivered": Quantity(r["block_delivered"], "events"),
+                "out_of_order": Quantity(0 if r["block_in_order"] else 1, "runs"),
+                "depth_peak": Quantity(r["block_depth_peak"], "events"),
+            },
         ),
     ]
 
@@ -619,10 +658,24 @@ def _idle_rows(out: Table, scale: Scale) -> None:
     out.figures["idle_users"] = r
     out.rows.append(
         Row(
-            f"{n:,} distinct users emitting once: state left after the idle TTL, memory retained",
-            "0 users, < 1 MiB",
-            f"**{r['left']}** users (of {r['held_before_ttl']:,} held), {retained / 1024:.1f} KiB",
-            "PASS" if r["left"] == 0 and retained < RETAINED_LIMIT else "FAIL",
+            id="events.idle_users_left",
+            kind="correctness",
+            metric=(
+                f"{n:,} distinct users emitting once: state left after the idle TTL, memory "
+                "retained"
+            ),
+            target="0 users, < 1 MiB",
+            achieved=(
+                f"**{r['left']}** users (of {r['held_before_ttl']:,} held), "
+                f"{retained / 1024:.1f} KiB"
+            ),
+            ok=r["left"] == 0 and retained < RETAINED_LIMIT,
+            value=Quantity(r["left"], "users"),
+            goal=Goal("==", 0, "users"),
+            details={
+                "held_before_ttl": Quantity(r["held_before_ttl"], "users"),
+                "retained": Quantity(retained, "B"),
+            },
         )
     )
 
@@ -632,7 +685,7 @@ def events_section(scale: Scale, progress: Progress) -> SectionResult:
     Measure event dispatch: hot path and end to end against their floors,
     JSON over a socket, latency, the bound under a stalled sink, idle users.
     """
-    out = Table()
+    out = progress.table("events")
     progress("events", STEPS[0])
     out.ratio(
         "emit_nowait",

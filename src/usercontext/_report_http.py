@@ -22,7 +22,6 @@ installed, sent over keep-alive connections to a real uvicorn on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import gc
 import json
@@ -32,7 +31,7 @@ import threading
 import time
 import tracemalloc
 
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import attrs
@@ -51,13 +50,16 @@ from usercontext import (
 from usercontext.asgi import UserContextMiddleware, request_state
 
 from ._report import (
+    Goal,
     Progress,
+    Quantity,
     Row,
     Scale,
     Section,
     SectionResult,
     Table,
     in_empty_context,
+    in_thread,
     paired_ratios,
     percentile,
 )
@@ -83,7 +85,6 @@ if TYPE_CHECKING:
 
 __all__ = ["SERVERS", "STEPS", "http_section", "with_server"]
 
-T = TypeVar("T")
 Server = Literal["in-process", "uvicorn"]
 SERVERS: tuple[Server, ...] = ("in-process", "uvicorn")
 
@@ -647,25 +648,10 @@ def _serve_uvicorn(service: Service | FloorService) -> Run:
     return run
 
 
-def _in_thread(fn: Callable[[], T]) -> T:
-    """
-    Call *fn* in an empty Context, in a thread of its own, and return its result.
-
-    The thread keeps the trace events of the run to itself: on Python 3.11 a
-    coroutine resumed by a cancellation sends no "call" event, which leaves a
-    tracer (coverage's) out of step with the frames below the event loop
-    (https://github.com/python/cpython/issues/106749).
-    """
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(in_empty_context, fn).result()
-
-
 def _run(service: Service | FloorService, server: Server) -> Run:
     if server == "uvicorn":
         return in_empty_context(lambda: _serve_uvicorn(service))
-    return _in_thread(lambda: asyncio.run(_serve_in_process(service, per_user=REQUESTS_PER_USER)))[
-        0
-    ]
+    return in_thread(lambda: asyncio.run(_serve_in_process(service, per_user=REQUESTS_PER_USER)))[0]
 
 
 # -- The section --------------------------------------------------------------------
@@ -738,32 +724,75 @@ def _legacy_rows(out: Table, scale: Scale, server: Server) -> list[Run]:
     }
     out.rows += [
         Row(
-            "Success rate (every run)",
-            f"100% (legacy {LEGACY_SUCCESS:.1%})",
-            f"{succeeded:,} of {total:,}: **{succeeded / total:.1%}**",
-            "PASS" if succeeded == total else "FAIL",
+            id="http.success_rate",
+            kind="correctness",
+            metric="Success rate (every run)",
+            target=f"100% (legacy {LEGACY_SUCCESS:.1%})",
+            achieved=f"{succeeded:,} of {total:,}: **{succeeded / total:.1%}**",
+            ok=succeeded == total,
+            value=Quantity(100 * succeeded / total, "%"),
+            goal=Goal("==", 100, "%"),
+            details={
+                "succeeded": Quantity(succeeded, "requests"),
+                "requests": Quantity(total, "requests"),
+                "legacy": Quantity(100 * LEGACY_SUCCESS, "%"),
+            },
         ),
         Row(
-            "Latency P50 / P95 / P99, best run",
-            f"P99 ≤ {LEGACY_P99_MS:g} ms (legacy {LEGACY_P50_MS:g} / {LEGACY_P95_MS:g} / "
-            f"{LEGACY_P99_MS:g} ms)",
-            f"{p50:.1f} / {p95:.1f} / **{p99:.1f} ms**, wall {best.wall_s * 1e3:.0f} ms "
-            f"(legacy {LEGACY_WALL_S:g} s), {best.requests / best.wall_s:,.0f} requests/s",
-            "PASS" if p99 <= LEGACY_P99_MS else "FAIL",
+            id="http.latency_p99",
+            kind="performance",
+            metric="Latency P50 / P95 / P99, best run",
+            target=(
+                f"P99 ≤ {LEGACY_P99_MS:g} ms (legacy {LEGACY_P50_MS:g} / {LEGACY_P95_MS:g} / "
+                f"{LEGACY_P99_MS:g} ms)"
+            ),
+            achieved=(
+                f"{p50:.1f} / {p95:.1f} / **{p99:.1f} ms**, wall {best.wall_s * 1e3:.0f} ms "
+                f"(legacy {LEGACY_WALL_S:g} s), {best.requests / best.wall_s:,.0f} requests/s"
+            ),
+            ok=p99 <= LEGACY_P99_MS,
+            value=Quantity(p99, "ms"),
+            goal=Goal("<=", LEGACY_P99_MS, "ms"),
+            details={
+                "p50": Quantity(p50, "ms"),
+                "p95": Quantity(p95, "ms"),
+                "wall": Quantity(best.wall_s * 1e3, "ms"),
+                "throughput": Quantity(best.requests / best.wall_s, "requests/s"),
+            },
         ),
         Row(
-            "P50 / P99 vs the same service without the library (per-user `asyncio.Semaphore`)",
-            "none (info)",
-            f"{p50:.1f} / {p99:.1f} ms vs {floor.percentile(50):.1f} / "
-            f"{floor.percentile(99):.1f} ms: {ratios['p50']['ratio']:.2f}x / "
-            f"{ratios['p99']['ratio']:.2f}x (best runs)",
-            "INFO",
+            id="http.latency_vs_floor",
+            kind="info",
+            metric=(
+                "P50 / P99 vs the same service without the library (per-user `asyncio.Semaphore`)"
+            ),
+            target="none (info)",
+            achieved=(
+                f"{p50:.1f} / {p99:.1f} ms vs {floor.percentile(50):.1f} / "
+                f"{floor.percentile(99):.1f} ms: {ratios['p50']['ratio']:.2f}x / "
+                f"{ratios['p99']['ratio']:.2f}x (best runs)"
+            ),
+            value=Quantity(ratios["p99"]["ratio"], "x"),
+            details={
+                "p50_ratio": Quantity(ratios["p50"]["ratio"], "x"),
+                "floor_p50": Quantity(floor.percentile(50), "ms"),
+                "floor_p99": Quantity(floor.percentile(99), "ms"),
+            },
         ),
         Row(
-            "Cross-user responses (user or request id not the request's), and events",
-            "0",
-            f"**{cross}** in {total:,} responses, {wrong_events} in {received:,} events",
-            "PASS" if cross == wrong_events == 0 and received > 0 else "FAIL",
+            id="http.cross_user",
+            kind="correctness",
+            metric="Cross-user responses (user or request id not the request's), and events",
+            target="0",
+            achieved=f"**{cross}** in {total:,} responses, {wrong_events} in {received:,} events",
+            ok=cross == wrong_events == 0 and received > 0,
+            value=Quantity(cross + wrong_events, "observations"),
+            goal=Goal("==", 0, "observations"),
+            details={
+                "responses": Quantity(cross, "responses"),
+                "events": Quantity(wrong_events, "events"),
+                "events_received": Quantity(received, "events"),
+            },
         ),
     ]
     return ours
@@ -802,7 +831,7 @@ def _memory_rows(out: Table, scale: Scale, ours: list[Run]) -> None:
     rounds = 2 if scale.scenario_rounds > 1 else 1
     per_user = max(1, min(REQUESTS_PER_USER, scale.memory_contexts // 1_000))
     service = Service()
-    run, mem = _in_thread(
+    run, mem = in_thread(
         lambda: asyncio.run(
             _serve_in_process(service, rounds=rounds, per_user=per_user, memory=True)
         )
@@ -816,19 +845,39 @@ def _memory_rows(out: Table, scale: Scale, ours: list[Run]) -> None:
     retained, growth = mem["retained_bytes"], mem["peak_growth_bytes"]
     out.rows += [
         Row(
-            f"Memory over {run.requests:,} requests (tracemalloc): retained after / peak growth",
-            f"retained < 1 MiB (legacy: {LEGACY_GROWTH_MB:g} MB growth)",
-            f"**{retained / 1024:.0f} KiB** / {growth / 1024**2:.1f} MiB",
-            "PASS" if retained < RETAINED_LIMIT and run.failed == 0 else "FAIL",
+            id="http.memory_retained",
+            kind="correctness",
+            metric=(
+                f"Memory over {run.requests:,} requests (tracemalloc): retained after / peak growth"
+            ),
+            target=f"retained < 1 MiB (legacy: {LEGACY_GROWTH_MB:g} MB growth)",
+            achieved=f"**{retained / 1024:.0f} KiB** / {growth / 1024**2:.1f} MiB",
+            ok=retained < RETAINED_LIMIT and run.failed == 0,
+            value=Quantity(retained, "B"),
+            goal=Goal("<", RETAINED_LIMIT, "B"),
+            details={
+                "peak_growth": Quantity(growth, "B"),
+                "failed": Quantity(run.failed, "requests"),
+            },
         ),
         Row(
-            "Per-request state left after every run: scopes, resources, engines, quota slots "
-            "and users, hub users and connections",
-            "0; every session and engine closed, every event delivered",
-            f"**{sum(left.values())}** after {requests:,} requests in {len(runs)} runs"
+            id="http.state_left",
+            kind="correctness",
+            metric=(
+                "Per-request state left after every run: scopes, resources, engines, quota "
+                "slots and users, hub users and connections"
+            ),
+            target="0; every session and engine closed, every event delivered",
+            achieved=f"**{sum(left.values())}** after {requests:,} requests in {len(runs)} runs"
             + ("" if balanced else "; not every session, engine or event accounted for")
             + "".join(f"; {key} {n}" for key, n in left.items() if n),
-            "PASS" if not any(left.values()) and balanced else "FAIL",
+            ok=not any(left.values()) and balanced,
+            value=Quantity(sum(left.values()), "items"),
+            goal=Goal("==", 0, "items"),
+            details={
+                **{key: Quantity(n, "items") for key, n in left.items()},
+                "unbalanced_runs": Quantity(sum(not _balanced(r) for r in runs), "runs"),
+            },
         ),
     ]
 
@@ -838,7 +887,7 @@ def http_section(scale: Scale, progress: Progress, server: Server = "in-process"
     Run the concurrent-requests scenario against the example service and its
     floor, then measure its memory and the state it leaves behind.
     """
-    out = Table()
+    out = progress.table("http")
     progress("http", STEPS[0])
     ours = _legacy_rows(out, scale, server)
     progress("http", STEPS[1])

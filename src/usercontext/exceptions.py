@@ -19,6 +19,7 @@ if typing.TYPE_CHECKING:
 
 __all__ = [
     "CloseTimeoutError",
+    "ConfigurationError",
     "EmitterClosedError",
     "EmitterFullError",
     "EmitterTimeout",
@@ -42,12 +43,61 @@ __all__ = [
 ]
 
 
+def _portable(value: object) -> object:
+    """
+    Return *value* if it pickles, else a string that says what it was.
+
+    An error must reach the process that waits for it even when it carries an
+    offending value that cannot travel (a lock, a mappingproxy): losing that
+    one value beats losing the whole error to a pickling failure.
+    """
+    import pickle  # only when an error is pickled: it costs `import usercontext` 6 ms
+
+    try:
+        pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001  # pickling fails with many types, all meaning "cannot"
+        return f"<a {type(value).__name__} that cannot be pickled>"
+    return value
+
+
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    """
+    Recreate an error from its *args* and attributes, without calling ``__init__``.
+    """
+    # The __new__ that cls(*args) would run: the one of the base CPython lays
+    # the instance out from (OSError's for TimeoutError subclasses), which
+    # attribute lookup along the MRO does not always find first.
+    base: Any = cls
+    while "__new__" not in vars(base):
+        base = base.__base__
+    error = base.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
 class UserContextError(Exception):
     """
     Base class of every error raised by usercontext.
 
+    Every subclass pickles with its message and attributes, so an error raised
+    in a worker process reaches the process that waits for it intact.
+
     .. versionadded:: 0.1.0
     """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default rebuilds with cls(*args), which fails for errors whose
+        # __init__ takes keyword-only arguments (InvalidContextError): rebuild
+        # from args and attributes instead, whatever __init__ takes.
+        return (
+            _rebuild,
+            (
+                type(self),
+                tuple(_portable(a) for a in self.args),
+                {k: _portable(v) for k, v in vars(self).items()},
+            ),
+        )
 
 
 class NoContextError(UserContextError, LookupError):
@@ -79,6 +129,20 @@ class InvalidContextError(UserContextError, ValueError):
         self.field = field
         self.value = value
         self.reason = reason
+
+
+class ConfigurationError(UserContextError, RuntimeError):
+    """
+    Work runs in a process configured differently from the one that sent it.
+
+    `usercontext.ContextExecutor` raises it in a worker process whose
+    `usercontext.configure` rules differ from those of the process that
+    submitted the task: the worker would validate the context, and every
+    context the task creates, by other rules. Configure the worker in the
+    pool's initializer.
+
+    .. versionadded:: 0.1.0
+    """
 
 
 class IsolationError(UserContextError, RuntimeError):
@@ -383,19 +447,6 @@ def _check_header(where: str, name: object, value: object) -> None:
             raise ValueError(msg)
 
 
-def _rebuild(
-    cls: type[RequestRefused], args: tuple[object, ...], state: dict[str, object]
-) -> object:
-    """
-    Rebuild a pickled refusal without calling its ``__init__``, whose keyword
-    arguments are not in *args*.
-    """
-    error = cls.__new__(cls, *args)
-    error.args = args
-    error.__dict__.update(state)
-    return error
-
-
 class RequestRefused(UserContextError):  # noqa: N818  # the name says what happened
     """
     A resolver refuses the request: the client gets *status* and a problem
@@ -492,9 +543,6 @@ class RequestRefused(UserContextError):  # noqa: N818  # the name says what happ
         What happened, for the client.
         """
         return str(self.args[0])
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (_type(self), self.args, dict(self.__dict__)))
 
 
 def _phrase(status: int) -> tuple[str, str]:

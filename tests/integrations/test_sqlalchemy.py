@@ -2,10 +2,12 @@
 Tests of `usercontext.sqlalchemy` against real databases: PostgreSQL through
 asyncpg and psycopg, and SQLite files through aiosqlite and pysqlite.
 
-PostgreSQL comes from ``USERCONTEXT_TEST_POSTGRES_URL`` (default
+PostgreSQL comes from the root conftest.py's ``postgres_url`` fixture: the
+server at ``USERCONTEXT_TEST_POSTGRES_URL`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``, a superuser: the row-level
-security tests create a role of their own). When it cannot be reached the
-PostgreSQL tests are skipped, unless ``CI=true``, where they fail. Every table
+security tests create a role of their own), else a throwaway one from
+pgserver; when neither can be had the PostgreSQL tests are skipped, unless
+``CI=true``, where they fail. Every table
 and role they create has a name unique to the run and is dropped afterwards.
 
 asyncpg and aiosqlite run on asyncio only, so the tests of `AsyncSession` run on
@@ -15,6 +17,7 @@ asyncio only; the tests that need no async driver run on asyncio and trio.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import os
 import random
 import subprocess
@@ -62,8 +65,6 @@ from usercontext.sqlalchemy import Checkout, PoolWatch, session_provider
 if sys.version_info < (3, 11):
     from exceptiongroup import ExceptionGroup
 
-
-DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 
@@ -120,40 +121,14 @@ def _ctx(user_id="u-42", i=1):
 # -- Real components -----------------------------------------------------------
 
 
-def reach_postgres(url, *, ci):
+@pytest.fixture(name="pg_url", scope="session")
+def _pg_url(postgres_url):
     """
-    Connect to *url* once; skip when it cannot be reached, or fail when *ci*.
+    The URL of the test PostgreSQL (see the root conftest.py), without a
+    driver.
     """
     pytest.importorskip("psycopg")
-    engine = create_engine(
-        make_url(url).set(drivername="postgresql+psycopg"),
-        connect_args={"connect_timeout": 3},
-        poolclass=None,
-    )
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("select 1"))
-    except exc.OperationalError as e:
-        reason = (
-            f"PostgreSQL is not reachable at {engine.url.render_as_string(hide_password=True)} "
-            f"({type(e.orig).__name__}). Start it, or point USERCONTEXT_TEST_POSTGRES_URL at one."
-        )
-        if ci:
-            pytest.fail(f"CI=true, so a missing PostgreSQL is a failure: {reason}", pytrace=False)
-        pytest.skip(reason)
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture(name="pg_url", scope="session")
-def _pg_url():
-    """
-    The URL of the test PostgreSQL, without a driver; skip (or fail on CI)
-    when it is unreachable.
-    """
-    url = os.environ.get("USERCONTEXT_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
-    reach_postgres(url, ci=os.environ.get("CI") == "true")
-    return make_url(url).set(drivername="postgresql")
+    return make_url(postgres_url).set(drivername="postgresql")
 
 
 @pytest.fixture(name="pg_admin")
@@ -260,22 +235,66 @@ SQLITE_SLOW = text(
 
 
 class TestReachability:
-    def test_unreachable_postgres_skips_locally(self):
+    """
+    The ``postgres_url`` fixture of the root conftest.py: the configured
+    server, else a throwaway one from pgserver, else a skip (a failure on CI).
+    """
+
+    CLOSED = "postgresql://nobody@127.0.0.1:1/none"
+
+    def test_no_server_and_no_pgserver_skips_locally(self, find_postgres, monkeypatch):
         """
-        Without CI, an unreachable PostgreSQL skips the tests with a reason
-        that names the URL and the variable to set.
+        Without CI, when nothing answers at the URL and pgserver cannot be
+        imported, the tests are skipped with a reason that names the URL,
+        pgserver and the variable to set.
         """
+        monkeypatch.setitem(sys.modules, "pgserver", None)
+
         with pytest.raises(pytest.skip.Exception, match="USERCONTEXT_TEST_POSTGRES_URL") as e:
-            reach_postgres("postgresql://nobody@127.0.0.1:1/none", ci=False)
+            find_postgres(self.CLOSED, ci=False)
 
         assert "127.0.0.1:1" in str(e.value)
+        assert "pgserver is not installed" in str(e.value)
 
-    def test_unreachable_postgres_fails_on_ci(self):
+    def test_no_server_and_no_pgserver_fails_on_ci(self, find_postgres, monkeypatch):
         """
-        With CI=true, an unreachable PostgreSQL is a failure, not a skip.
+        With CI=true, the same situation is a failure, not a skip.
         """
+        monkeypatch.setitem(sys.modules, "pgserver", None)
+
         with pytest.raises(pytest.fail.Exception, match="CI=true"):
-            reach_postgres("postgresql://nobody@127.0.0.1:1/none", ci=True)
+            find_postgres(self.CLOSED, ci=True)
+
+    def test_no_server_starts_a_throwaway_one(self, find_postgres):
+        """
+        When nothing answers at the URL, a throwaway server from pgserver is
+        started on another port of 127.0.0.1, with a superuser and a database
+        "test"; once stopped, it answers no more and its files are gone.
+        """
+        if importlib.util.find_spec("pgserver") is None:
+            pytest.skip("pgserver ships no wheel for this Python or platform")
+        import psycopg
+
+        url, server = find_postgres(self.CLOSED, ci=False)
+        try:
+            assert url.startswith("postgresql://postgres@127.0.0.1:")
+            assert url.endswith("/test")
+            with psycopg.connect(url) as conn:
+                row = conn.execute(
+                    "select current_database(), rolsuper from pg_roles where rolname = current_user"
+                ).fetchone()
+            assert row == ("test", True)
+        finally:
+            server.stop()
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(url, connect_timeout=3)
+        assert not server._dir.exists()
+
+    def test_a_reachable_server_is_used_as_it_is(self, find_postgres, postgres_url):
+        """
+        A URL that answers is returned unchanged, with no server to stop.
+        """
+        assert find_postgres(postgres_url, ci=True) == (postgres_url, None)
 
 
 # -- session_provider ----------------------------------------------------------

@@ -13,6 +13,8 @@ import contextlib
 import functools
 import json
 import os
+import signal
+import threading
 
 import anyio
 import pytest
@@ -40,6 +42,7 @@ from starlette.websockets import WebSocket, WebSocketState
 from usercontext.starlette import (
     EventSourceResponse,
     WebSocketSink,
+    close_on_signal,
     serve_websocket,
 )
 
@@ -108,16 +111,21 @@ def ws_scope(query=b""):
     }
 
 
+CLOSE = b'event: close\ndata: {"reason":"shutdown"}\n\n'
+
+
 def sse_events(body):
     """
-    Parse an SSE body into (id, event dict) pairs, skipping comments.
+    Parse an SSE body into (id, event dict) pairs, skipping comments and the
+    final ``close`` event.
     """
     out = []
     for block in body.decode().split("\n\n"):
         lines = [line for line in block.split("\n") if line and not line.startswith(":")]
         if lines:
             fields = dict(line.split(": ", 1) for line in lines)
-            out.append((fields["id"], json.loads(fields["data"])))
+            if fields.get("event") != "close":
+                out.append((fields["id"], json.loads(fields["data"])))
     return out
 
 
@@ -244,7 +252,8 @@ class TestEventSource:
 
     async def test_hub_close_ends_the_response(self, ctx):
         """
-        When the hub closes, the response delivers what was buffered and ends.
+        When the hub closes, the response delivers what was buffered, then
+        ends with a ``close`` event (no id) in the body's last message.
         """
         client = Client({"type": "http.request"}, "http.disconnect")
         async with anyio.create_task_group() as tg:
@@ -253,11 +262,58 @@ class TestEventSource:
                     EventSourceResponse(hub, "u-42"), http_scope(), client.receive, client.send
                 )
                 await _until(lambda: hub.stats().attached == 1)
+                for _ in range(3):
+                    hub.emitter(ctx).emit_nowait(TYPE)
                 hub.emitter(ctx).emit_nowait(uc.AGENT_COMPLETED)
             await _until(lambda: client.sent[-1].get("more_body") is False)
             client.gone.set()
 
-        assert [e["type"] for _, e in sse_events(client.body())] == [uc.AGENT_COMPLETED]
+        events = client.body().removesuffix(CLOSE)
+        assert [e["seq"] for _, e in sse_events(events)] == [1, 2, 3, 4]
+        assert events.endswith(b"\n\n")
+        assert client.sent[-1] == {"type": "http.response.body", "body": CLOSE, "more_body": False}
+
+    async def test_request_while_hub_closes_gets_only_the_close_event(self):
+        """
+        A stream requested while the hub is closing (the server shuts down)
+        is a 200 whose body is the ``close`` event alone: browsers reconnect
+        after it, where a 5xx would make them give up.
+        """
+        client = Client({"type": "http.request"}, "http.disconnect")
+        hub = uc.EmitterHub()
+        async with hub:
+            pass
+        await EventSourceResponse(hub, "u-42")(http_scope(), client.receive, client.send)
+
+        assert client.sent[0]["status"] == 200
+        assert client.body() == CLOSE
+        assert client.sent[-1]["more_body"] is False
+
+    async def test_failing_sends_end_with_an_error_close_event(self, ctx):
+        """
+        When the hub gives up on a sink whose sends keep failing (not a gone
+        client), the response ends with a ``close`` event of reason ``error``.
+        """
+        client = Client({"type": "http.request"}, "http.disconnect")
+        original = client.send
+
+        async def fail_events(message):
+            if message.get("body", b"").startswith(b"id: "):
+                raise RuntimeError("encoder bug")
+            await original(message)
+
+        retry = uc.Retry(attempts=1)
+        hub = uc.EmitterHub(retry=retry, on_dead_letter=lambda _: None)
+        async with hub, anyio.create_task_group() as tg:
+            tg.start_soon(
+                EventSourceResponse(hub, "u-42"), http_scope(), client.receive, fail_events
+            )
+            await _until(lambda: hub.stats().attached == 1)
+            hub.emitter(ctx).emit_nowait(TYPE)
+            await _until(lambda: client.sent and client.sent[-1].get("more_body") is False)
+            client.gone.set()
+
+        assert client.body() == b'event: close\ndata: {"reason":"error"}\n\n'
 
     async def test_client_gone_while_sending(self, ctx):
         """
@@ -380,11 +436,14 @@ class TestWebSocket:
         assert (close["type"], close["code"]) == ("websocket.close", 1008)
         assert "last_seq" in close["reason"]
 
-    @pytest.mark.parametrize(("failing", "code"), [(False, 1001), (True, 1011)])
-    async def test_server_side_end_closes_the_socket(self, ctx, failing, code):
+    @pytest.mark.parametrize(
+        ("failing", "code", "reason"),
+        [(False, 1001, "The server is shutting down."), (True, 1011, "The event stream failed.")],
+    )
+    async def test_server_side_end_closes_the_socket(self, ctx, failing, code, reason):
         """
         When the hub closes, or the sink's sends keep failing, the socket is
-        closed with 1001 (going away) or 1011 (internal error).
+        closed with 1001 (going away) or 1011 (internal error), and a reason.
         """
         client = Client({"type": "websocket.connect"}, "websocket.disconnect")
         ws = WebSocket(ws_scope(), client.receive, client.send)
@@ -409,6 +468,24 @@ class TestWebSocket:
             client.gone.set()
 
         assert client.sent[-1]["code"] == code
+        assert client.sent[-1]["reason"] == reason
+
+    async def test_connect_while_hub_closes(self):
+        """
+        A socket that connects while the hub is closing (the server shuts
+        down) is accepted, then closed at once with 1001 and the reason.
+        """
+        client = Client({"type": "websocket.connect"}, "websocket.disconnect")
+        hub = uc.EmitterHub()
+        async with hub:
+            pass
+        await serve_websocket(WebSocket(ws_scope(), client.receive, client.send), hub, "u-42")
+
+        assert [m["type"] for m in client.sent] == ["websocket.accept", "websocket.close"]
+        assert (client.sent[-1]["code"], client.sent[-1]["reason"]) == (
+            1001,
+            "The server is shutting down.",
+        )
 
     async def test_sink_maps_closed_sockets(self, ctx):
         """
@@ -446,6 +523,224 @@ class TestWebSocket:
         ws3.application_state = WebSocketState.CONNECTED
         with pytest.raises(RuntimeError, match="hiccup"):
             await WebSocketSink(ws3).send(events)
+
+
+class Server:
+    """
+    Stands in for a server's signal handler: records the signals it gets,
+    and what *probe* returns at that moment.
+    """
+
+    def __init__(self):
+        self.signals = []
+        self.seen = []
+        self.probe = lambda: None
+
+    def handle_exit(self, sig, _frame):
+        self.signals.append(sig)
+        self.seen.append(self.probe())
+
+
+@pytest.fixture(name="server")
+def _server():
+    """
+    A `Server` installed as the handler of SIGINT and SIGTERM, as uvicorn
+    installs its own before the app starts; the old handlers are put back.
+    """
+    server = Server()
+    saved = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield server
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+class Stalled:
+    """
+    A sink whose sends wait for *gate*.
+    """
+
+    def __init__(self):
+        self.gate = anyio.Event()
+        self.events = []
+
+    async def send(self, events):
+        await self.gate.wait()
+        self.events.extend(events)
+
+
+class TestCloseOnSignal:
+    async def test_streams_end_before_the_server_hears_the_signal(self, ctx, server):
+        """
+        On SIGTERM the hub closes: both streams get every event emitted
+        before, the SSE body ends with the close event and the WebSocket is
+        closed with 1001; only then does the server's handler get the signal,
+        once. Leaving the block puts the server's handler back.
+        """
+        sse = Client({"type": "http.request"}, "http.disconnect")
+        ws = Client({"type": "websocket.connect"}, "websocket.disconnect")
+        server.probe = lambda: (sse.sent[-1], ws.sent[-1])
+        async with uc.EmitterHub() as hub, anyio.create_task_group() as tg:
+            async with close_on_signal(hub):
+                assert signal.getsignal(signal.SIGTERM) != server.handle_exit
+                tg.start_soon(EventSourceResponse(hub, "u-42"), http_scope(), sse.receive, sse.send)
+                websocket = WebSocket(ws_scope(), ws.receive, ws.send)
+                tg.start_soon(serve_websocket, websocket, hub, "u-42")
+                await _until(lambda: hub.stats().attached == 2)
+                for i in range(50):
+                    hub.emitter(ctx).emit_nowait(TYPE, {"i": i})
+                signal.raise_signal(signal.SIGTERM)
+                await _until(lambda: server.signals)
+                assert hub.closed
+            assert signal.getsignal(signal.SIGTERM) == server.handle_exit
+            sse.gone.set()
+            ws.gone.set()
+
+        assert server.signals == [signal.SIGTERM]
+        last_body, last_ws = server.seen[0]
+        assert last_body == {"type": "http.response.body", "body": CLOSE, "more_body": False}
+        assert last_ws == {
+            "type": "websocket.close",
+            "code": 1001,
+            "reason": "The server is shutting down.",
+        }
+        assert [e["seq"] for _, e in sse_events(sse.body())] == list(range(1, 51))
+        assert [e["seq"] for t in ws.texts() for e in json.loads(t)] == list(range(1, 51))
+
+    async def test_second_signal_is_handed_on_at_once(self, ctx, server):
+        """
+        While the close waits for a slow stream, a second signal (a second
+        Ctrl-C) hands both to the server at once; none is handed on again
+        when the close ends.
+        """
+        sink = Stalled()
+        async with uc.EmitterHub(drain_timeout=10) as hub:
+            async with close_on_signal(hub):
+                hub.attach("u-42", sink)
+                hub.emitter(ctx).emit_nowait(TYPE)
+                signal.raise_signal(signal.SIGINT)
+                await _until(lambda: hub.closed)
+                await anyio.sleep(0.05)
+                assert server.signals == []
+                signal.raise_signal(signal.SIGINT)
+                assert server.signals == [signal.SIGINT, signal.SIGINT]
+                assert signal.getsignal(signal.SIGINT) == server.handle_exit
+                sink.gate.set()
+            assert [e.seq for e in sink.events] == [1]
+        assert server.signals == [signal.SIGINT, signal.SIGINT]
+
+    async def test_no_signal(self, server):
+        """
+        Without a signal the hub stays open until its own block ends; leaving
+        puts the previous handlers back, and a later signal goes straight to
+        the server without closing anything.
+        """
+        async with uc.EmitterHub() as hub:
+            async with close_on_signal(hub, signals=(signal.SIGTERM,)):
+                await anyio.sleep(0.01)
+            assert signal.getsignal(signal.SIGTERM) == server.handle_exit
+            signal.raise_signal(signal.SIGTERM)
+            assert server.signals == [signal.SIGTERM]
+            assert not hub.closed
+
+    async def test_a_handler_replaced_meanwhile_is_left_alone(self, server):
+        """
+        A handler installed over ours while the block runs stays when it ends.
+        """
+
+        def other(_sig, _frame):
+            pass
+
+        async with uc.EmitterHub() as hub, close_on_signal(hub, signals=(signal.SIGTERM,)):
+            signal.signal(signal.SIGTERM, other)
+        try:
+            assert signal.getsignal(signal.SIGTERM) is other
+        finally:
+            signal.signal(signal.SIGTERM, server.handle_exit)
+
+    @pytest.mark.parametrize("previous", ["server", signal.SIG_IGN, signal.SIG_DFL])
+    async def test_a_handler_over_ours_that_chains_to_it(self, server, previous, monkeypatch):
+        """
+        A handler installed over ours that calls ours in turn still reaches
+        the handler from before once the block has ended: the server's, or
+        the default action; an ignored signal stays ignored.
+        """
+        if previous != "server":
+            signal.signal(signal.SIGTERM, previous)
+        chained = []
+
+        async with uc.EmitterHub() as hub, close_on_signal(hub, signals=(signal.SIGTERM,)):
+            ours = signal.getsignal(signal.SIGTERM)
+
+            def chaining(sig, frame):
+                chained.append(sig)
+                ours(sig, frame)
+
+            signal.signal(signal.SIGTERM, chaining)
+        raised = []
+        monkeypatch.setattr(signal, "raise_signal", raised.append)
+        try:
+            chaining(signal.SIGTERM, None)
+            after = signal.getsignal(signal.SIGTERM)
+        finally:
+            signal.signal(signal.SIGTERM, server.handle_exit)
+
+        assert chained == [signal.SIGTERM]
+        if previous == "server":
+            assert (server.signals, raised, after) == ([signal.SIGTERM], [], chaining)
+        elif previous is signal.SIG_DFL:
+            assert (server.signals, raised, after) == ([], [signal.SIGTERM], signal.SIG_DFL)
+        else:
+            assert (server.signals, raised, after) == ([], [], chaining)
+
+    @pytest.mark.parametrize("previous", [signal.SIG_IGN, signal.SIG_DFL, None])
+    async def test_previous_handler_not_a_function(self, previous, monkeypatch):
+        """
+        An ignored signal is not handed on; one with the default action, or
+        with a handler not installed from Python, is raised again once the
+        default action is back.
+        """
+        raise_signal = signal.raise_signal
+        raised = []
+        saved = signal.signal(signal.SIGTERM, signal.SIG_IGN if previous is None else previous)
+        try:
+            if previous is None:
+                getsignal = signal.getsignal
+                monkeypatch.setattr(signal, "getsignal", lambda sig: None)
+            async with uc.EmitterHub() as hub, close_on_signal(hub, signals=(signal.SIGTERM,)):
+                if previous is None:
+                    monkeypatch.setattr(signal, "getsignal", getsignal)
+                monkeypatch.setattr(signal, "raise_signal", raised.append)
+                raise_signal(signal.SIGTERM)
+                await _until(lambda: hub.closed)
+                await anyio.sleep(0.05)
+            after = signal.getsignal(signal.SIGTERM)
+        finally:
+            signal.signal(signal.SIGTERM, saved)
+
+        if previous is signal.SIG_IGN:
+            assert (raised, after) == ([], signal.SIG_IGN)
+        else:
+            assert (raised, after) == ([signal.SIGTERM], signal.SIG_DFL)
+
+    async def test_outside_the_main_thread_it_does_nothing(self, anyio_backend, server):
+        """
+        Signals can only be caught in the main thread: elsewhere the block
+        installs nothing and closes nothing.
+        """
+        seen = []
+
+        async def in_thread():
+            async with uc.EmitterHub() as hub, close_on_signal(hub):
+                seen.append(signal.getsignal(signal.SIGTERM))
+            seen.append(hub.closed)
+
+        thread = threading.Thread(
+            target=anyio.run, args=(in_thread,), kwargs={"backend": anyio_backend}
+        )
+        thread.start()
+        await anyio.to_thread.run_sync(thread.join)
+
+        assert seen == [server.handle_exit, True]
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

@@ -48,7 +48,7 @@ import usercontext as uc
 from usercontext.asgi import UserContextMiddleware
 from usercontext.fastapi import CurrentContext, CurrentEmitter, EngineDep, Resource, document_auth
 from usercontext.sqlalchemy import PoolWatch, session_provider
-from usercontext.starlette import serve_websocket
+from usercontext.starlette import close_on_signal, serve_websocket
 
 
 #: The header naming the conversation thread of a request, and its default.
@@ -128,6 +128,44 @@ def _sqlite_wal(dbapi_connection: Any, _record: object) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("pragma journal_mode=wal")
     cursor.close()
+
+
+class WriteTurn:
+    """
+    A request's turn to write, on a database that allows one writer at a time.
+
+    SQLite holds its write lock from a transaction's first write to its
+    commit, and the commit runs when the request's scope closes, after the
+    response is ready. Without turns, every other writer waits on that lock
+    in SQLite's busy handler, which polls (it is not first come, first served)
+    for up to 5 s, and a write first flushed by the commit waits there too,
+    against the registry's *cleanup_timeout*: under load, a commit can be cut
+    and a request fail. With turns, a request takes its turn in the endpoint,
+    before its first write, in order of arrival, and gives it back when its
+    scope has committed or rolled back; so no commit ever waits for another
+    request. It is a resource of the request's scope: ask for it before the
+    session, so that it is given back after the session's commit.
+    """
+
+    def __init__(self, turns: anyio.Semaphore | None) -> None:
+        self._turns = turns  # None: the database takes concurrent writers
+        self._held = False
+
+    async def take(self) -> None:
+        """
+        Wait for this request's turn to write (once; later calls return at once).
+        """
+        if self._turns is not None and not self._held:
+            await self._turns.acquire()
+            self._held = True
+
+    def give_back(self) -> None:
+        """
+        Let the next request write.
+        """
+        if self._turns is not None and self._held:
+            self._held = False
+            self._turns.release()
 
 
 # -- The agent --------------------------------------------------------------------------------
@@ -274,6 +312,19 @@ class Service:
     db_schema: str | None
     engine: AsyncEngine | None = None
     pool: PoolWatch | None = None
+    # One write at a time on SQLite, in order of arrival (see WriteTurn).
+    write_turns: anyio.Semaphore | None = None
+
+    def write_turn(self, _ctx: uc.UserContext) -> Iterator[WriteTurn]:
+        """
+        The provider of `WriteTurn` in the registry: a turn not yet taken,
+        given back when the request's scope closes.
+        """
+        turn = WriteTurn(self.write_turns)
+        try:
+            yield turn
+        finally:
+            turn.give_back()
 
 
 class RunRequest(BaseModel):
@@ -334,6 +385,7 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
     registry.register(AsyncSession, session_provider(sessions))
     registry.register(RequestLog, request_logs.provide)
     service = Service(registry, factory, hub, sessions, request_logs, database_url, db_schema)
+    registry.register(WriteTurn, service.write_turn)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -345,6 +397,7 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
         engine = create_async_engine(url, execution_options=options)
         if engine.dialect.name == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_wal)
+            service.write_turns = anyio.Semaphore(1)
         service.engine, service.pool = engine, PoolWatch(engine)
         sessions.configure(bind=engine)
         try:
@@ -352,7 +405,9 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
                 if db_schema is not None:
                     await conn.execute(CreateSchema(db_schema, if_not_exists=True))
                 await conn.run_sync(Base.metadata.create_all)
-            async with hub:
+            # On SIGTERM or Ctrl-C the hub closes at once, so the WebSockets
+            # end (code 1001) before uvicorn waits for open connections.
+            async with hub, close_on_signal(hub):
                 yield
                 await factory.aclose()
         finally:
@@ -370,6 +425,9 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
     document_auth(app, exempt=PUBLIC)
 
     Session = Annotated[AsyncSession, Resource(AsyncSession)]  # noqa: N806  # a type alias
+    # Before Session in an endpoint's parameters: the scope opens resources in
+    # that order and closes them in reverse, so the turn outlives the commit.
+    Writes = Annotated[WriteTurn, Resource(WriteTurn)]  # noqa: N806  # a type alias
     AgentEngine = Annotated[Agent, EngineDep(factory)]  # noqa: N806  # ditto
 
     @app.get("/whoami")
@@ -386,11 +444,12 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
         }
 
     @app.post("/runs")
-    async def start_run(
+    async def start_run(  # noqa: PLR0913, PLR0917  # FastAPI injects each dependency by parameter
         body: RunRequest,
         ctx: CurrentContext,
         agent: AgentEngine,
         events: CurrentEmitter,
+        writes: Writes,
         session: Session,
     ) -> RunOut:
         """
@@ -401,6 +460,7 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
         status, answer = await agent.run(
             events, body.prompt, fail=body.fail, step_delay=body.step_delay
         )
+        await writes.take()
         session.add(
             Run(
                 user_id=ctx.user_id,
@@ -410,6 +470,8 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
                 answer=answer,
             )
         )
+        # Written now, so that the commit at the scope's end waits for nothing.
+        await session.flush()
         return RunOut(
             run_id=ctx.run_id,
             user_id=agent.user_id,
@@ -436,10 +498,13 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
         ]
 
     @app.post("/notes", status_code=201)
-    async def add_note(body: NoteIn, ctx: CurrentContext, session: Session) -> NoteOut:
+    async def add_note(
+        body: NoteIn, ctx: CurrentContext, writes: Writes, session: Session
+    ) -> NoteOut:
         """
         Save a note of the caller; it is committed when the request succeeds.
         """
+        await writes.take()
         note = Note(user_id=ctx.user_id, request_id=ctx.request_id, text=body.text)
         session.add(note)
         await session.flush()

@@ -14,10 +14,11 @@ them too (``tests/integrations/test_examples.py``). They are skipped when
 FastAPI, uvicorn, websockets, httpx2 or SQLAlchemy is missing, unless
 ``CI=true``, where a missing piece fails the run.
 
-One test runs the service on PostgreSQL, at ``USERCONTEXT_TEST_POSTGRES_URL``
-(default ``postgresql://postgres@127.0.0.1:5432/test``), in a schema of its
-own that it drops afterwards; it is skipped when PostgreSQL cannot be reached,
-unless ``CI=true``.
+One test runs the service on PostgreSQL, in a schema of its own that it drops
+afterwards: the server at ``USERCONTEXT_TEST_POSTGRES_URL`` (default
+``postgresql://postgres@127.0.0.1:5432/test``), else a throwaway one that the
+repository's ``conftest.py`` starts from the ``pgserver`` package; it is
+skipped when neither can be had, unless ``CI=true``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ try:
     import httpx2
     import uvicorn
 
-    from sqlalchemy import create_engine, exc, make_url, select, text, union_all
+    from sqlalchemy import create_engine, event, make_url, select, union_all
     from sqlalchemy.schema import DropSchema
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
@@ -61,7 +62,6 @@ except ImportError as e:
 pytestmark = pytest.mark.anyio
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 # The events of a run, in order: the agent thinks, calls its tool, thinks, answers.
 SUCCEEDED = [
@@ -689,35 +689,79 @@ class TestNoLeaks:
         assert await server.settled() == SETTLED
 
 
+@contextlib.contextmanager
+def concurrent_writers(server):
+    """
+    Yield a list that gets, at each write statement the server's database
+    runs, how many connections are between their first write and their
+    commit or rollback.
+    """
+    writing, counts = set(), []
+
+    def before_execute(conn, _cursor, statement, *_args):
+        if statement.lstrip()[:6].upper() in {"INSERT", "UPDATE", "DELETE"}:
+            writing.add(id(conn))
+            counts.append(len(writing))
+
+    def ended(conn):
+        writing.discard(id(conn))
+
+    listeners = [("before_cursor_execute", before_execute), ("commit", ended), ("rollback", ended)]
+    engine = server.service.engine.sync_engine
+    for name, fn in listeners:
+        server.call(event.listen, engine, name, fn)
+    try:
+        yield counts
+    finally:
+        for name, fn in listeners:
+            server.call(event.remove, engine, name, fn)
+
+
+class TestWriteTurns:
+    async def test_one_writer_at_a_time_on_sqlite(self, server, http, prefix):
+        """
+        On SQLite, 10 users writing 6 notes and running the agent twice, all
+        at once: at most one database connection at a time is between its
+        first write and its commit or rollback (so no write waits on SQLite's
+        lock, and no commit waits for another request), every request
+        succeeds, and every note is saved.
+        """
+        users = [f"{prefix}-w{u}" for u in range(10)]
+        statuses = []
+
+        async def write(user_id, path, body):
+            response = await http.post(path, json=body, headers=auth(user_id))
+            statuses.append(response.status_code)
+
+        with concurrent_writers(server) as counts:
+            async with anyio.create_task_group() as tg:
+                for user_id in users:
+                    for i in range(6):
+                        tg.start_soon(write, user_id, "/notes", {"text": f"note {i}"})
+                    for _ in range(2):
+                        tg.start_soon(write, user_id, "/runs", {})
+
+        assert sorted(statuses) == [200] * 20 + [201] * 60
+        assert len(counts) == 80
+        assert max(counts) == 1
+        for user_id in users:
+            notes = (await http.get("/notes", headers=auth(user_id))).json()
+            assert len(notes) == 6
+        assert await server.settled() == SETTLED
+
+
 # -- PostgreSQL ------------------------------------------------------------------------------
 
 
 @pytest.fixture(name="pg_url", scope="module")
-def _pg_url():
+def _pg_url(postgres_url):
     """
-    The URL of the test PostgreSQL; skip (or fail, with CI=true) when it
-    cannot be reached.
+    The URL of the test PostgreSQL, from the repository's ``postgres_url``
+    fixture.
     """
     pytest.importorskip("asyncpg")
     pytest.importorskip("psycopg")
-    url = make_url(os.environ.get("USERCONTEXT_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL))
-    engine = create_engine(
-        url.set(drivername="postgresql+psycopg"), connect_args={"connect_timeout": 3}
-    )
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("select 1"))
-    except exc.OperationalError as e:
-        reason = (
-            f"PostgreSQL is not reachable at {url.render_as_string(hide_password=True)} "
-            f"({type(e.orig).__name__}). Start it, or point USERCONTEXT_TEST_POSTGRES_URL at one."
-        )
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true, so a missing PostgreSQL is a failure: {reason}", pytrace=False)
-        pytest.skip(reason)
-    finally:
-        engine.dispose()
-    return url
+    return make_url(postgres_url)
 
 
 @pytest.fixture(name="pg_server")
