@@ -15,16 +15,17 @@ is bound, so nothing the server starts from them carries the request's user.
 
 from __future__ import annotations
 
+import builtins
 import contextvars
 import functools
+import importlib
 import inspect
 import json
 import logging
-import os
 import re
 import types
 
-from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from usercontext import (
@@ -32,12 +33,15 @@ from usercontext import (
     InvalidContextError,
     NoContextError,
     Registry,
-    Unauthenticated,
+    RequestRefused,
     UserContext,
     bind,
     current,
     isolated,
+    to_thread,
 )
+from usercontext._pending import Pending, pending, readers
+from usercontext.exceptions import _check_header, _phrase
 
 
 if TYPE_CHECKING:
@@ -66,8 +70,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 #: An ASGI application.
 ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
-#: A resolver: takes the ASGI scope, returns the request's context (or an awaitable of it).
-Resolver = Callable[[MutableMapping[str, Any]], "UserContext | Awaitable[UserContext]"]
+#: A resolver: takes the ASGI scope, returns the request's context, or `None`
+#: to let it through with no user (or an awaitable of either).
+Resolver = Callable[
+    [MutableMapping[str, Any]], "UserContext | Awaitable[UserContext | None] | None"
+]
 
 logger = logging.getLogger("usercontext.asgi")
 
@@ -78,12 +85,24 @@ STATE_KEY = "usercontext"
 # spaces, short enough for any log line.
 _GOOD_REQUEST_ID = re.compile(r"[!-~]{1,128}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-zA-Z-]+")
-_JSON = (b"content-type", b"application/json")
+_PROBLEM_JSON = (b"content-type", b"application/problem+json")
 # Responses that never have a body, and which Starlette sends without a
 # Content-Length: held like any response whose body comes in one message.
 _NO_BODY = frozenset((204, 304))
-# WebSocket close code for a refused handshake (RFC 6455: policy violation).
+# WebSocket close codes for a refused handshake (RFC 6455, IANA registry): a
+# client error is a policy violation; 429 and 503 say try again later; any
+# other server error, an internal error.
 _POLICY_VIOLATION = 1008
+_INTERNAL_ERROR = 1011
+_TRY_AGAIN_LATER = 1013
+# The longest reason a close frame may carry, in bytes (RFC 6455).
+_MAX_REASON = 123
+# BaseExceptionGroup is a builtin from Python 3.11 on; the backport (a
+# dependency on 3.10) provides it before.
+_Group: type[BaseException] = (
+    getattr(builtins, "BaseExceptionGroup", None)
+    or importlib.import_module("exceptiongroup").BaseExceptionGroup
+)
 
 
 class RequestState:
@@ -138,12 +157,14 @@ def request_state(scope: MutableMapping[str, Any]) -> RequestState:
     ``request.scope`` (or ``websocket.scope``).
 
     Raises:
-        NoContextError: If the request did not pass through the middleware.
+        NoContextError: If the request did not pass through the middleware, or
+            passed with no user (its path is exempt, or the resolver returned
+            `None`); the message says which.
 
     .. versionadded:: 0.1.0
     """
     try:
-        return scope[STATE_KEY]  # type: ignore[no-any-return]
+        state: RequestState | None = scope[STATE_KEY]
     except KeyError:
         msg = (
             "This request did not pass through usercontext.asgi.UserContextMiddleware. "
@@ -151,6 +172,15 @@ def request_state(scope: MutableMapping[str, Any]) -> RequestState:
             "resolver=...) or UserContextMiddleware(app, resolver=...)."
         )
         raise NoContextError(msg) from None
+    if state is None:
+        msg = (
+            "This request passed through usercontext.asgi.UserContextMiddleware with no user: "
+            "its path is exempt, or the resolver returned None. Serve it without the "
+            "request's context and resources (usercontext.current_or_none() is None), or "
+            "make the resolver return a UserContext, or raise Unauthenticated, for it."
+        )
+        raise NoContextError(msg)
+    return state
 
 
 class _DisconnectedError(ConnectionError):
@@ -163,27 +193,34 @@ class _DisconnectedError(ConnectionError):
 class UserContextMiddleware:
     """
     UserContextMiddleware(app, *, resolver, registry=None, hub=None, \
-    request_id_header="x-request-id")
+    request_id_header="x-request-id", exempt=(), resolver_in_thread=False, \
+    trust_request_id=True, request_id_factory=None)
 
     Bind a `usercontext.UserContext` to every ``http`` and ``websocket``
     request of *app*; pass ``lifespan`` and other scopes through untouched.
 
     For each request the middleware:
 
-    1. calls ``resolver(scope)`` (a function or a coroutine function) for the
-       request's context. If it raises
-       `usercontext.exceptions.Unauthenticated`, the client gets ``401`` with
-       ``{"error": "unauthenticated", "detail": ...}``; if it raises
-       `usercontext.exceptions.InvalidContextError`, ``400`` with
-       ``{"error": "invalid_context", "field": ..., "detail": ...}``. A
-       WebSocket handshake is refused the same way where the server supports
-       denial responses, else closed with code 1008. Any other error
-       propagates.
-    2. reuses the request id the client sent in *request_id_header* if it is
-       valid (1 to 128 visible ASCII characters, and the library's rules), and
-       else keeps the context's own; the response carries it in the same header.
+    1. takes the request id the client sent in *request_id_header*, if
+       *trust_request_id* accepts it (by default: 1 to 128 visible ASCII
+       characters that the library's id rules accept), and else makes one;
+    2. calls ``resolver(scope)`` (a function or a coroutine function) for the
+       request's context, unless the request's path is *exempt*. If it raises
+       `usercontext.exceptions.RequestRefused` (such as
+       `usercontext.exceptions.Unauthenticated` for ``401``),
+       `usercontext.exceptions.InvalidContextError` (``400``), an
+       ``HTTPException`` of Starlette or FastAPI, or an exception group
+       holding only such refusals (the first is answered), the client gets
+       that status with a problem document (RFC 9457,
+       ``application/problem+json``) carrying the request id. A WebSocket
+       handshake is refused the same way where the server supports denial
+       responses, and else closed with code 1008 (1013 for ``429`` and
+       ``503``). Any other error propagates. If it returns `None`, or the path
+       is exempt, the request goes on with no user bound and no scope.
     3. runs the rest of the request in a fresh copy of the Context, with the
-       context bound, and with a scope of *registry* open (`RequestState`).
+       context bound (its request id is the one of step 1), and with a scope of
+       *registry* open (`RequestState`); the response carries the request id
+       in *request_id_header*.
 
     The scope stays open while the application produces the response, and
     is closed before the client can see the response complete, so that a
@@ -193,16 +230,16 @@ class UserContextMiddleware:
     - A response whose whole body comes in one message (``JSONResponse`` and
       most others: a ``Content-Length`` and one body message, a ``204`` or
       ``304``, a ``pathsend``) is held until the scope is closed; if a
-      cleanup failed, the client gets ``500`` ``{"error": "cleanup_failed"}``
-      instead.
+      cleanup failed, the client gets a ``500``
+      problem document (``"error": "cleanup_failed"``) instead.
     - A response whose headers go out before its last message (a
       ``FileResponse`` in several messages, a ``StreamingResponse``) is
       forwarded as it comes, but its last message waits for the scope to
       close. If a cleanup failed, that message is never sent: the middleware
       raises, and the server drops the connection, so the client sees a
       truncated response.
-    - An application that raises before its response started gets ``500``
-      ``{"error": "internal_error"}`` with the request id; the exception then
+    - An application that raises before its response started gets a ``500``
+      problem document (``"error": "internal_error"``) with the request id; the exception then
       propagates, for the server to log. After the start, nothing more is
       sent.
     - A client that disconnects before the response is complete has the
@@ -220,15 +257,33 @@ class UserContextMiddleware:
     Args:
         app: The ASGI application.
         resolver: Returns the `usercontext.UserContext` of a request from its
-            ASGI scope.
+            ASGI scope, or `None` to let it through without a user.
         registry: Per-request resources, opened lazily in each request's scope.
         hub: An `usercontext.EmitterHub`, reachable as `RequestState.hub`.
         request_id_header: The header carrying the request id, both ways.
+        exempt: Paths served without calling the resolver, with no user bound:
+            each matches the path itself and every path below it (``"/docs"``
+            matches ``/docs`` and ``/docs/oauth2-redirect``, not ``/docsets``).
+        resolver_in_thread: Run a plain-function resolver in a worker thread
+            (with a copy of the Context), for a resolver that blocks: on a
+            database, a file, a key server.
+        trust_request_id: ``True`` to take a valid request id from the client,
+            ``False`` to never take one, or a function that takes the id (1 to
+            128 visible ASCII characters) and returns whether to take it.
+        request_id_factory: Makes the request id of each request whose client
+            sent none (or one not taken), instead of the context's own; each
+            id must be 1 to 128 visible ASCII characters.
+
+    Raises:
+        TypeError: If an argument has the wrong type, or *resolver_in_thread*
+            is given a coroutine function.
+        ValueError: If *request_id_header* is not a header name, or an
+            *exempt* path does not start with ``/``.
 
     .. versionadded:: 0.1.0
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  # one check per argument
         self,
         app: ASGIApp,
         *,
@@ -236,6 +291,10 @@ class UserContextMiddleware:
         registry: Registry | None = None,
         hub: EmitterHub | None = None,
         request_id_header: str = "x-request-id",
+        exempt: Iterable[str] = (),
+        resolver_in_thread: bool = False,
+        trust_request_id: bool | Callable[[str], bool] = True,
+        request_id_factory: Callable[[], str] | None = None,
     ) -> None:
         if not callable(resolver):
             msg = (  # type: ignore[unreachable]
@@ -258,11 +317,42 @@ class UserContextMiddleware:
                 f"got {request_id_header!r}."
             )
             raise ValueError(msg)
+        if type(resolver_in_thread) is not bool:
+            msg = f"resolver_in_thread must be True or False, got {resolver_in_thread!r}."  # type: ignore[unreachable]
+            raise TypeError(msg)
+        call = getattr(resolver, "__call__", None)  # noqa: B004  # an object may have an async __call__
+        if resolver_in_thread and (
+            inspect.iscoroutinefunction(resolver) or inspect.iscoroutinefunction(call)
+        ):
+            msg = (
+                "resolver_in_thread=True runs a plain function in a worker thread, but the "
+                f"resolver {_name(resolver)} is a coroutine function, which runs on the event "
+                "loop: leave resolver_in_thread out."
+            )
+            raise TypeError(msg)
+        if type(trust_request_id) is not bool and not callable(trust_request_id):
+            msg = (  # type: ignore[unreachable]
+                "trust_request_id must be True, False, or a function taking a request id and "
+                f"returning whether to take it, got {type(trust_request_id).__name__}."
+            )
+            raise TypeError(msg)
+        if request_id_factory is not None and not callable(request_id_factory):
+            msg = (  # type: ignore[unreachable]
+                "request_id_factory must be a function returning a new request id, or None, "
+                f"got {type(request_id_factory).__name__}."
+            )
+            raise TypeError(msg)
         self.app = app
         self.resolver = resolver
         self.registry = registry
         self.hub = hub
         self.request_id_header = request_id_header
+        self.exempt = _exempt_paths(exempt)
+        self.resolver_in_thread = resolver_in_thread
+        self.trust_request_id = trust_request_id
+        self.request_id_factory = request_id_factory
+        self._exempt = _exempt_matcher(self.exempt)
+        self._make_id = None if request_id_factory is None else _checked_factory(request_id_factory)
         self._header = request_id_header.lower().encode("ascii")
         self._serve_isolated = isolated(self._serve)
 
@@ -278,87 +368,315 @@ class UserContextMiddleware:
             await self.app(scope, receive, send)
 
     def _incoming_id(self, scope: MutableMapping[str, Any]) -> str | None:
+        trust = self.trust_request_id
+        if trust is False:
+            return None
         header = self._header
         for name, value in scope.get("headers", ()):
             if name == header:
-                text = value.decode("latin-1")
-                return text if _GOOD_REQUEST_ID.fullmatch(text) else None
+                text: str = value.decode("latin-1")
+                if not _GOOD_REQUEST_ID.fullmatch(text):
+                    return None
+                if trust is not True and not trust(text):
+                    return None
+                # The library's rules are checked when the id is used: by the
+                # context taking it, or by a refusal (`Pending.get`).
+                return text
         return None
 
-    async def _resolve(self, scope: MutableMapping[str, Any]) -> UserContext:
-        ctx = self.resolver(scope)
-        if type(ctx) is not UserContext:
-            if inspect.isawaitable(ctx):
-                ctx = await ctx
-            if not isinstance(ctx, UserContext):
-                msg = (  # type: ignore[unreachable]
-                    f"The resolver {getattr(self.resolver, '__qualname__', self.resolver)!r} "
-                    f"returned {type(ctx).__name__}; it must return a usercontext.UserContext "
-                    "(or raise usercontext.Unauthenticated)."
-                )
-                raise TypeError(msg)
-        return ctx
+    async def _resolve(
+        self, scope: MutableMapping[str, Any], request: Pending | None
+    ) -> UserContext | _Refusal | None:
+        """
+        Return the request's context, `None`, or how to refuse it; with
+        *request*, its id is visible to the logging adapters meanwhile.
+        """
+        # Reset before any message reaches the server: the server's own code
+        # must not carry this request's id into the next request's.
+        token = None if request is None else pending.set(request)
+        try:
+            if self.resolver_in_thread:
+                ctx = await to_thread(self.resolver, scope)
+            else:
+                ctx = self.resolver(scope)
+            if type(ctx) is not UserContext and ctx is not None:
+                if inspect.isawaitable(ctx):
+                    ctx = await ctx
+                if ctx is not None and not isinstance(ctx, UserContext):
+                    # Not a refusal: the handler below lets it propagate.
+                    raise _wrong_return(self.resolver, ctx)  # noqa: TRY301
+            return ctx
+        except Exception as e:
+            refusal = _refusal(e)
+            if refusal is None:
+                raise
+            logger.info(
+                "Refused %s %s: %d %s",
+                scope.get("method", "WEBSOCKET"),
+                scope.get("path", ""),
+                refusal.status,
+                refusal.body["detail"],
+            )
+            return refusal
+        finally:
+            if token is not None:
+                pending.reset(token)
 
     async def _serve(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         incoming = self._incoming_id(scope)
-        try:
-            ctx = await self._resolve(scope)
-        except Unauthenticated as e:
-            headers = [(b"www-authenticate", e.challenge.encode("latin-1", "replace"))]
-            body = {"error": "unauthenticated", "detail": str(e)}
-            await self._refuse(scope, send, 401, body, incoming, headers)
+        make_id = self._make_id
+        # Only a logging adapter reads the id of a request being resolved:
+        # without one, the id is made only where it is needed.
+        request = Pending(incoming, make_id) if readers else None
+        exempt = self._exempt
+        ctx: UserContext | None = None
+        server: _Request = send  # type: ignore[assignment]  # made by __call__
+        if exempt is None or not exempt(scope.get("path", "")):
+            try:
+                outcome = await self._resolve(scope, request)
+            except Exception as e:
+                # A resolver that crashed (not a refusal): the client still
+                # gets a 500 with the id it can quote, and the error goes on.
+                crashed = (request or Pending(incoming, make_id)).get()
+                await _answer_crash(server, scope, e, (self._header, crashed.encode("ascii")))
+                raise
+            if isinstance(outcome, _Refusal):
+                await self._refuse(
+                    scope, send, outcome, (request or Pending(incoming, make_id)).get()
+                )
+                return
+            ctx = outcome
+        if ctx is None:
+            # No user: nothing to bind, no scope to open.
+            scope[STATE_KEY] = None
+            anonymous = (request or Pending(incoming, make_id)).get()
+            header = (self._header, anonymous.encode("ascii"))
+            await server.run_plain(self.app, scope, receive, None, header)
             return
-        except InvalidContextError as e:
-            body = {"error": "invalid_context", "field": e.field, "detail": str(e)}
-            await self._refuse(scope, send, 400, body, incoming, [])
-            return
-        if incoming is not None and incoming != ctx.request_id:
+        # The client's id, or the one the resolver's logs carry (made when
+        # they asked for it), or a new one from the factory.
+        chosen = incoming if request is None else request.id
+        if make_id is not None:
+            chosen = (request or Pending(incoming, make_id)).get()
+        if chosen is not None and chosen != ctx.request_id:
             try:  # noqa: SIM105  # contextlib.suppress costs an object per request
-                ctx = ctx.evolve(request_id=incoming)
+                ctx = ctx.evolve(request_id=chosen)
             except InvalidContextError:
-                pass  # a bad id from a client is replaced, not refused
+                # The client's id breaks the library's rules (a placeholder
+                # such as "null"). Nothing used it yet (`Pending.get` would
+                # have replaced it), so the context keeps its own.
+                pass
         registry = self.registry
         resources = None if registry is None else registry.scope(ctx)
         scope[STATE_KEY] = RequestState(ctx, resources, self.hub)
         request_id = (self._header, ctx.request_id.encode("ascii", "backslashreplace"))
-        request: _Request = send  # type: ignore[assignment]  # made by __call__
         with bind(ctx):
             if resources is not None and scope["type"] == "http":
-                await request.run(self.app, scope, receive, resources, request_id)
+                await server.run(self.app, scope, receive, resources, request_id)
             else:
-                await request.run_plain(self.app, scope, receive, resources, request_id)
+                await server.run_plain(self.app, scope, receive, resources, request_id)
 
-    async def _refuse(  # noqa: PLR0913, PLR0917  # private, called twice
-        self,
-        scope: MutableMapping[str, Any],
-        send: Send,
-        status: int,
-        body: dict[str, str],
-        incoming: str | None,
-        headers: list[tuple[bytes, bytes]],
+    async def _refuse(
+        self, scope: MutableMapping[str, Any], send: Send, refusal: _Refusal, request_id: str
     ) -> None:
-        request_id = incoming if incoming is not None else os.urandom(16).hex()
-        header = (self._header, request_id.encode("ascii"))
+        headers = [*refusal.headers, (self._header, request_id.encode("ascii"))]
         if scope["type"] == "http":
-            await _send_json(send, "http.response", status, body, [*headers, header])
+            await _send_json(send, "http.response", refusal.status, refusal.body, headers)
         elif "websocket.http.response" in scope.get("extensions", {}):
-            await _send_json(send, "websocket.http.response", status, body, [*headers, header])
+            kind = "websocket.http.response"
+            await _send_json(send, kind, refusal.status, refusal.body, headers)
         else:
-            reason = f"{status} {body['error']}"
-            await send({"type": "websocket.close", "code": _POLICY_VIOLATION, "reason": reason})
+            status = refusal.status
+            if status in _RETRY_LATER:
+                code = _TRY_AGAIN_LATER
+            elif status >= 500:  # noqa: PLR2004  # server errors
+                code = _INTERNAL_ERROR
+            else:
+                code = _POLICY_VIOLATION
+            reason = f"{status} {refusal.body['error']}".encode()[:_MAX_REASON]
+            await send(
+                {
+                    "type": "websocket.close",
+                    "code": code,
+                    "reason": reason.decode("utf-8", "ignore"),
+                }
+            )
+
+
+_RETRY_LATER = frozenset((429, 503))
+
+
+def _name(fn: object) -> str:
+    return repr(getattr(fn, "__qualname__", fn))
+
+
+def _wrong_return(resolver: object, value: object) -> TypeError:
+    return TypeError(
+        f"The resolver {_name(resolver)} returned {type(value).__name__}; it must return a "
+        "usercontext.UserContext, or None to let the request through without a user (or "
+        "raise usercontext.Unauthenticated)."
+    )
+
+
+def _exempt_paths(exempt: Iterable[str]) -> tuple[str, ...]:
+    """
+    Check the exempt paths given to the middleware; return them as a tuple.
+    """
+    if isinstance(exempt, (str, bytes)) or not isinstance(exempt, Iterable):
+        msg = (
+            "exempt must be an iterable of paths such as ('/health', '/docs'), got a "
+            f"{type(exempt).__name__} ({exempt!r})."
+        )
+        if isinstance(exempt, str):
+            msg += f" Wrap a single path in a tuple: exempt=({exempt!r},)."
+        raise TypeError(msg)
+    paths = tuple(exempt)
+    for path in paths:
+        if type(path) is not str or not path.startswith("/"):
+            msg = f"exempt holds {path!r}, but each exempt path must be a str starting with '/'."
+            raise ValueError(msg)
+    return paths
+
+
+def _exempt_matcher(paths: tuple[str, ...]) -> Callable[[str], bool] | None:
+    """
+    Return a function telling whether a request path is exempt (one of
+    *paths*, or below one of them), or `None` when no path is.
+    """
+    if not paths:
+        return None
+    exact = frozenset(paths)
+    prefixes = tuple(path if path.endswith("/") else f"{path}/" for path in paths)
+
+    def is_exempt(path: str) -> bool:
+        return path in exact or path.startswith(prefixes)
+
+    return is_exempt
+
+
+def _checked_factory(factory: Callable[[], str]) -> Callable[[], str]:
+    """
+    Wrap a request id factory so that every id it makes is checked: it goes
+    into a header and the logs.
+    """
+
+    def make() -> str:
+        request_id = factory()
+        if type(request_id) is not str or not _GOOD_REQUEST_ID.fullmatch(request_id):
+            msg = (
+                f"The request_id_factory {_name(factory)} returned {request_id!r}; a request id "
+                "must be a str of 1 to 128 visible ASCII characters."
+            )
+            raise ValueError(msg)
+        return request_id
+
+    return make
+
+
+class _Refusal:
+    """
+    How to answer a refused request: its status, problem document and headers.
+    """
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(
+        self, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+
+def _refusal(error: BaseException) -> _Refusal | None:
+    """
+    Return how to answer a request whose resolver raised *error*, or `None`
+    when *error* is not a refusal (it then propagates).
+    """
+    if isinstance(error, RequestRefused):
+        body: dict[str, Any] = {
+            "type": error.type,
+            "title": error.title,
+            "detail": error.detail,
+            "error": error.error,
+        }
+        if error.retry_after is not None:
+            body["retry_after"] = error.retry_after
+        headers = [
+            (name.lower().encode("ascii"), value.encode("latin-1"))
+            for name, value in error.headers.items()
+        ]
+        return _Refusal(error.status, body, headers)
+    if isinstance(error, InvalidContextError):
+        body = {"detail": str(error), "error": "invalid_context", "field": error.field}
+        return _Refusal(400, body, [])
+    if isinstance(error, _Group):
+        # A task group in the resolver: answered as its first refusal, in the
+        # order the group lists them, when it holds nothing but refusals.
+        refusals = [_refusal(leaf) for leaf in _leaves(error)]
+        if None in refusals:
+            return None
+        return refusals[0]
+    return _http_exception(error)
+
+
+def _leaves(group: Any) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for error in group.exceptions:
+        if isinstance(error, _Group):
+            leaves.extend(_leaves(error))
+        else:
+            leaves.append(error)
+    return leaves
+
+
+def _http_exception(error: BaseException) -> _Refusal | None:
+    """
+    Map an ``HTTPException`` of Starlette or FastAPI (anything with an int
+    *status_code* from 400 to 599 and a *detail*) to a refusal, without
+    importing either.
+    """
+    status = getattr(error, "status_code", None)
+    if type(status) is not int or not 400 <= status <= 599 or not hasattr(error, "detail"):  # noqa: PLR2004  # error statuses
+        return None
+    title, code = _phrase(status)
+    detail = error.detail
+    body: dict[str, Any] = {"title": title, "detail": detail, "error": code}
+    if type(detail) is not str:
+        # FastAPI allows any JSON as detail; a problem's detail is a string.
+        body["detail"] = title
+        body["errors"] = detail
+    headers = []
+    for name, value in (getattr(error, "headers", None) or {}).items():
+        _check_header(f"{type(error).__name__}(headers=...) raised by the resolver", name, value)
+        headers.append((name.lower().encode("ascii"), value.encode("latin-1")))
+    return _Refusal(status, body, headers)
 
 
 async def _send_json(
-    send: Send, kind: str, status: int, body: dict[str, str], headers: list[tuple[bytes, bytes]]
+    send: Send, kind: str, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]
 ) -> None:
     """
-    Send a JSON response (*kind* is ``http.response`` or a WebSocket's
-    ``websocket.http.response``) of *body* and the request id, which is the
-    value of the last of *headers*.
+    Send a problem document (RFC 9457, ``application/problem+json``) of
+    *status* and *body* (*kind* is ``http.response`` or a WebSocket's
+    ``websocket.http.response``) with the request id, which is the value of the
+    last of *headers*.
+
+    *body* holds ``detail`` and may hold ``type`` (``"about:blank"`` by
+    default), ``title`` (the status's reason phrase by default) and extension
+    members, such as ``error``.
     """
-    payload = json.dumps({**body, "request_id": headers[-1][1].decode("ascii")}).encode()
+    problem = {
+        "type": body.get("type", "about:blank"),
+        "title": body.get("title") or _phrase(status)[0],
+        "status": status,
+        **body,
+        "request_id": headers[-1][1].decode("ascii"),
+    }
+    payload = json.dumps(problem).encode()
     length = (b"content-length", str(len(payload)).encode("ascii"))
-    await send({"type": f"{kind}.start", "status": status, "headers": [_JSON, length, *headers]})
+    start = [_PROBLEM_JSON, length, *headers]
+    await send({"type": f"{kind}.start", "status": status, "headers": start})
     await send({"type": f"{kind}.body", "body": payload})
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from usercontext import UserContext, current_or_none
+from usercontext._pending import pending, readers
 
 
 __all__ = ["ContextFilter"]
@@ -120,6 +121,11 @@ class ContextFilter(logging.Filter):
     the same name, and *default* stands in for a key the context's metadata
     lacks. Attributes the record has already, from ``extra=`` or from an
     earlier `ContextFilter`, are kept. It never drops a record.
+
+    While `usercontext.asgi.UserContextMiddleware` resolves a request, or
+    refuses it, no context is bound yet, but ``request_id`` is already the id
+    the client gets back (in the response header and the error body), so
+    that a refused request can be found in the logs.
 
     >>> import logging, sys
     >>> import usercontext as uc
@@ -247,6 +253,12 @@ class ContextFilter(logging.Filter):
         )
 
 
+_pending_get = pending.get
+# The middleware makes the id of a request being resolved visible only once a
+# logging adapter is loaded: this one.
+readers[:] = [True]
+
+
 def _add_context(
     into: MutableMapping[str, Any], metadata: tuple[str, ...], default: object
 ) -> None:
@@ -260,7 +272,9 @@ def _add_context(
         setdefault("user_id", default)
         setdefault("thread_id", default)
         setdefault("run_id", default)
-        setdefault("request_id", default)
+        # A request being resolved or refused has an id, and no context yet.
+        request = _pending_get(None)
+        setdefault("request_id", default if request is None else request.get())
         for key in metadata:
             setdefault(key, default)
     else:

@@ -41,7 +41,9 @@ def add_context(logger: WrappedLogger, method_name: str, event_dict: EventDict) 
 
     The event gets the keys ``user_id``, ``thread_id``, ``run_id`` and
     ``request_id`` of the `usercontext.UserContext` bound where the log call
-    ran, or ``"-"`` when none is bound. Keys the event has already (passed to
+    ran, or ``"-"`` when none is bound (but ``request_id`` while
+    `usercontext.asgi.UserContextMiddleware` resolves or refuses a request:
+    see `usercontext.stdlib.ContextFilter`). Keys the event has already (passed to
     the log call, bound to the logger, or merged from
     ``structlog.contextvars``) are kept. For metadata, or another default, use
     `AddContext`.

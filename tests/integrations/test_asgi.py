@@ -10,12 +10,17 @@ only the core.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import json
 import logging
 import os
 import random
+import socket
+import sys
+import threading
+import time
 import types
 
 import anyio
@@ -46,6 +51,11 @@ needs_starlette = pytest.mark.skipif(
     httpx2 is None,
     reason="starlette and httpx2 are not installed: pip install usercontext[starlette] httpx2",
 )
+
+if sys.version_info >= (3, 11):
+    ExceptionGroupType = ExceptionGroup  # noqa: F821  # a builtin from Python 3.11
+else:
+    from exceptiongroup import ExceptionGroup as ExceptionGroupType
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 DISCONNECTED = "The client disconnected before the response was complete."
@@ -102,6 +112,20 @@ def ws_scope(*headers, user="u-42", extensions=None):
     An ASGI ``websocket`` scope, as `http_scope` builds it.
     """
     return {**http_scope(*headers, user=user, extensions=extensions), "type": "websocket"}
+
+
+def assert_crash_answer(sent):
+    """
+    Check that *sent* is the middleware's answer to a crash: a 500 problem
+    document whose request id is the one in the response's header.
+    """
+    start, body = sent
+    assert start["status"] == 500
+    headers = dict(start["headers"])
+    assert headers[b"content-type"] == b"application/problem+json"
+    problem = json.loads(body["body"])
+    assert problem["error"] == "internal_error"
+    assert problem["request_id"] == headers[b"x-request-id"].decode()
 
 
 class Client:
@@ -204,11 +228,16 @@ def json_app(log=None, payload=None):
     """
 
     async def app(scope, receive, send):
-        state = request_state(scope)
-        if state.resources is not None:
-            await state.resources.aget(Session)
-        ctx = uc.current()
-        data = payload or {"user_id": ctx.user_id, "request_id": ctx.request_id}
+        if scope[STATE_KEY] is not None:  # None: a request let through with no user
+            state = request_state(scope)
+            if state.resources is not None:
+                await state.resources.aget(Session)
+        ctx = uc.current_or_none()
+        data = payload or (
+            {"anonymous": True}
+            if ctx is None
+            else {"user_id": ctx.user_id, "request_id": ctx.request_id}
+        )
         body = json.dumps(data).encode()
         if log is not None:
             log.append("app sends")
@@ -359,16 +388,17 @@ class TestResolver:
     async def test_resolver_returning_something_else_is_a_type_error(self, is_async):
         """
         A resolver that returns something other than a UserContext raises a
-        TypeError naming the resolver and what it returned; nothing is sent.
+        TypeError naming the resolver and what it returned; the client gets a
+        500 problem document carrying the request id, as for any crash.
         """
 
         def lookup_user(scope):
             return {"user_id": "u-42"}
 
         async def alookup_user(scope):
-            return None
+            return 42
 
-        resolver, kind = (alookup_user, "NoneType") if is_async else (lookup_user, "dict")
+        resolver, kind = (alookup_user, "int") if is_async else (lookup_user, "dict")
         client = Client()
         mw = UserContextMiddleware(json_app(), resolver=resolver)
         with pytest.raises(TypeError) as e:
@@ -376,9 +406,15 @@ class TestResolver:
 
         assert str(e.value) == (
             f"The resolver {resolver.__qualname__!r} returned {kind}; it must return a "
-            "usercontext.UserContext (or raise usercontext.Unauthenticated)."
+            "usercontext.UserContext, or None to let the request through without a user (or "
+            "raise usercontext.Unauthenticated)."
         )
-        assert client.sent == []
+        start, body = client.sent
+        assert start["status"] == 500
+        request_id = dict(start["headers"])[b"x-request-id"].decode()
+        assert len(request_id) == 32
+        problem = json.loads(body["body"])
+        assert (problem["error"], problem["request_id"]) == ("internal_error", request_id)
 
     async def test_type_error_names_a_resolver_object_by_its_repr(self):
         """
@@ -400,7 +436,7 @@ class TestResolver:
     async def test_other_errors_propagate(self):
         """
         Any other error of the resolver propagates unchanged; the application
-        is not called and nothing is sent.
+        is not called, and the client gets the 500 of a crash.
         """
 
         def resolver(scope):
@@ -417,7 +453,7 @@ class TestResolver:
             await mw(http_scope(), client.receive, client.send)
 
         assert app_calls == []
-        assert client.sent == []
+        assert_crash_answer(client.sent)
 
 
 class TestRefusals:
@@ -437,11 +473,14 @@ class TestRefusals:
         request_id = headers[b"x-request-id"].decode()
         assert len(request_id) == 32
         assert headers[b"www-authenticate"] == b"Bearer"
-        assert headers[b"content-type"] == b"application/json"
+        assert headers[b"content-type"] == b"application/problem+json"
         assert headers[b"content-length"] == b"%d" % len(client.body())
         assert client.json() == {
-            "error": "unauthenticated",
+            "type": "about:blank",
+            "title": "Unauthorized",
+            "status": 401,
             "detail": "Send an x-user header.",
+            "error": "unauthenticated",
             "request_id": request_id,
         }
         assert [m["type"] for m in client.sent] == ["http.response.start", "http.response.body"]
@@ -476,7 +515,7 @@ class TestRefusals:
 
         assert client.status() == 400
         assert client.headers()[b"x-request-id"] == b"req-9"
-        assert client.headers()[b"content-type"] == b"application/json"
+        assert client.headers()[b"content-type"] == b"application/problem+json"
         assert b"www-authenticate" not in client.headers()
         body = client.json()
         assert body["error"] == "invalid_context"
@@ -511,7 +550,8 @@ class TestRefusals:
         ]
         assert client.status() == status
         assert client.headers()[b"x-request-id"] == b"ws-1"
-        assert client.headers()[b"content-type"] == b"application/json"
+        assert client.headers()[b"content-type"] == b"application/problem+json"
+        assert client.json()["status"] == status
         assert client.json()["error"] == error
         assert client.json()["request_id"] == "ws-1"
 
@@ -531,6 +571,818 @@ class TestRefusals:
         )
 
         assert client.sent == [{"type": "websocket.close", "code": 1008, "reason": reason}]
+
+
+class TestProblemDocuments:
+    @pytest.mark.parametrize(
+        ("error", "status", "headers", "body"),
+        [
+            (
+                uc.Forbidden("Not your workspace."),
+                403,
+                {},
+                {"title": "Forbidden", "detail": "Not your workspace.", "error": "forbidden"},
+            ),
+            (
+                uc.ServiceUnavailable("The key server is down.", retry_after=2.5),
+                503,
+                {b"retry-after": b"3"},
+                {
+                    "title": "Service Unavailable",
+                    "detail": "The key server is down.",
+                    "error": "service_unavailable",
+                    "retry_after": 3,
+                },
+            ),
+            (
+                uc.TooManyRequests("Slow down.", retry_after=10),
+                429,
+                {b"retry-after": b"10"},
+                {
+                    "title": "Too Many Requests",
+                    "detail": "Slow down.",
+                    "error": "too_many_requests",
+                    "retry_after": 10,
+                },
+            ),
+            (
+                uc.RequestRefused(
+                    "Your plan has no exports.",
+                    status=402,
+                    type="https://example.com/problems/plan",
+                    title="Upgrade needed",
+                    error="plan_limit",
+                    headers={"Link": "</plans>"},
+                ),
+                402,
+                {b"link": b"</plans>"},
+                {
+                    "type": "https://example.com/problems/plan",
+                    "title": "Upgrade needed",
+                    "detail": "Your plan has no exports.",
+                    "error": "plan_limit",
+                },
+            ),
+        ],
+        ids=["403", "503", "429", "custom"],
+    )
+    async def test_every_refusal_of_the_family(self, error, status, headers, body):
+        """
+        Each refusal a resolver raises answers its status with a problem
+        document (RFC 9457) in the same shape, its headers, and the request
+        id; the application is not called.
+        """
+
+        def resolver(scope):
+            raise error
+
+        client = Client()
+        mw = UserContextMiddleware(json_app(), resolver=resolver)
+        scope = http_scope(("x-request-id", "req-77"))
+        await mw(scope, client.receive, client.send)
+
+        assert client.status() == status
+        assert client.headers() == {
+            b"content-type": b"application/problem+json",
+            b"content-length": b"%d" % len(client.body()),
+            **headers,
+            b"x-request-id": b"req-77",
+        }
+        assert client.json() == {
+            "type": "about:blank",
+            "status": status,
+            **body,
+            "request_id": "req-77",
+        }
+        assert list(client.json())[:4] == ["type", "title", "status", "detail"]
+        assert STATE_KEY not in scope
+
+    @pytest.mark.skipif(httpx2 is None, reason="starlette is not installed")
+    async def test_starlette_http_exception_is_mapped(self):
+        """
+        Starlette's HTTPException raised by a resolver is answered with its
+        status, detail and headers in the problem shape, not a 500.
+        """
+        from starlette.exceptions import HTTPException
+
+        def resolver(scope):
+            raise HTTPException(403, "Suspended account.", headers={"X-Reason": "suspended"})
+
+        client = Client()
+        await UserContextMiddleware(json_app(), resolver=resolver)(
+            http_scope(("x-request-id", "req-1")), client.receive, client.send
+        )
+
+        assert client.status() == 403
+        assert client.headers()[b"x-reason"] == b"suspended"
+        assert client.json() == {
+            "type": "about:blank",
+            "title": "Forbidden",
+            "status": 403,
+            "detail": "Suspended account.",
+            "error": "forbidden",
+            "request_id": "req-1",
+        }
+
+    @pytest.mark.skipif(httpx2 is None, reason="fastapi is not installed")
+    async def test_fastapi_http_exception_with_a_json_detail(self):
+        """
+        FastAPI's HTTPException may carry any JSON as its detail: the problem's
+        detail is then the status's phrase, and the JSON is under ``errors``.
+        """
+        from fastapi import HTTPException
+
+        def resolver(scope):
+            raise HTTPException(401, {"reason": "expired"}, headers={"WWW-Authenticate": "Bearer"})
+
+        client = Client()
+        await UserContextMiddleware(json_app(), resolver=resolver)(
+            http_scope(("x-request-id", "req-2")), client.receive, client.send
+        )
+
+        assert client.status() == 401
+        assert client.headers()[b"www-authenticate"] == b"Bearer"
+        assert client.json() == {
+            "type": "about:blank",
+            "title": "Unauthorized",
+            "status": 401,
+            "detail": "Unauthorized",
+            "error": "unauthorized",
+            "errors": {"reason": "expired"},
+            "request_id": "req-2",
+        }
+
+    async def test_any_http_exception_like_error_is_mapped(self):
+        """
+        The mapping needs no framework: any exception with an int
+        ``status_code`` from 400 to 599 and a ``detail`` is a refusal, with
+        or without headers.
+        """
+
+        class Refused(Exception):  # noqa: N818
+            status_code = 451
+            detail = "Not here."
+
+        def resolver(scope):
+            raise Refused
+
+        client = Client()
+        await UserContextMiddleware(json_app(), resolver=resolver)(
+            http_scope(), client.receive, client.send
+        )
+
+        assert client.status() == 451
+        assert client.json()["title"] == "Unavailable For Legal Reasons"
+        assert client.json()["detail"] == "Not here."
+
+    async def test_a_status_http_does_not_name(self):
+        """
+        A status HTTP does not name gets the title "Error" and the code
+        "error".
+        """
+
+        class Refused(Exception):  # noqa: N818
+            status_code = 599
+            detail = "Odd."
+
+        def resolver(scope):
+            raise Refused
+
+        client = Client()
+        await UserContextMiddleware(json_app(), resolver=resolver)(
+            http_scope(), client.receive, client.send
+        )
+
+        assert client.status() == 599
+        assert (client.json()["title"], client.json()["error"]) == ("Error", "error")
+
+    @pytest.mark.parametrize(
+        "attributes",
+        [
+            {"status_code": 302, "detail": "x"},
+            {"status_code": "401", "detail": "x"},
+            {"status_code": 401},
+        ],
+        ids=["redirect", "str-status", "no-detail"],
+    )
+    async def test_other_errors_with_a_status_propagate(self, attributes):
+        """
+        An error whose status is not an int from 400 to 599, or without a
+        detail, is not a refusal: it propagates.
+        """
+        error = type("Odd", (Exception,), attributes)()
+
+        def resolver(scope):
+            raise error
+
+        client = Client()
+        with pytest.raises(type(error)):
+            await UserContextMiddleware(json_app(), resolver=resolver)(
+                http_scope(), client.receive, client.send
+            )
+        assert_crash_answer(client.sent)
+
+    async def test_crlf_in_an_http_exception_header_is_never_sent(self):
+        """
+        An HTTPException whose header holds CR/LF cannot be answered as it is:
+        the middleware raises a ValueError naming it, and sends nothing.
+        """
+
+        class HTTPException(Exception):  # noqa: N818
+            status_code = 401
+            detail = "no"
+            headers = {"WWW-Authenticate": "Bearer\r\nSet-Cookie: session=stolen"}  # noqa: RUF012
+
+        def resolver(scope):
+            raise HTTPException
+
+        client = Client()
+        with pytest.raises(
+            ValueError, match=r"HTTPException\(headers=\.\.\.\) raised by the resolver"
+        ):
+            await UserContextMiddleware(json_app(), resolver=resolver)(
+                http_scope(), client.receive, client.send
+            )
+        assert_crash_answer(client.sent)
+
+    async def test_exception_group_of_refusals_is_its_first(self):
+        """
+        A resolver whose task group raises only refusals (nested groups too)
+        is answered with the first of them, in the group's order.
+        """
+
+        async def resolver(scope):
+            async def check_token():
+                raise uc.Unauthenticated("The token expired.")
+
+            async def check_plan():
+                await anyio.sleep(0.01)
+                raise uc.Forbidden("No plan.")
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(check_token)
+                tg.start_soon(check_plan)
+
+        def nested(scope):
+            raise ExceptionGroupType(
+                "outer",
+                [ExceptionGroupType("inner", [uc.Forbidden("first")]), uc.Unauthenticated("2nd")],
+            )
+
+        statuses = []
+        for fn in (resolver, nested):
+            client = Client()
+            await UserContextMiddleware(json_app(), resolver=fn)(
+                http_scope(), client.receive, client.send
+            )
+            statuses.append((client.status(), client.json()["detail"]))
+
+        assert statuses == [(401, "The token expired."), (403, "first")]
+
+    async def test_exception_group_with_another_error_propagates(self):
+        """
+        A group holding a refusal and any other error propagates unchanged:
+        the other error is a bug to see, not a refusal.
+        """
+        group = ExceptionGroupType("both", [uc.Unauthenticated(), RuntimeError("db down")])
+
+        def resolver(scope):
+            raise group
+
+        client = Client()
+        with pytest.raises(ExceptionGroupType) as e:
+            await UserContextMiddleware(json_app(), resolver=resolver)(
+                http_scope(), client.receive, client.send
+            )
+        assert e.value is group
+        assert_crash_answer(client.sent)
+
+    @pytest.mark.parametrize(
+        ("error", "code", "reason"),
+        [
+            (uc.Forbidden(), 1008, "403 forbidden"),
+            (uc.TooManyRequests(retry_after=1), 1013, "429 too_many_requests"),
+            (uc.ServiceUnavailable(), 1013, "503 service_unavailable"),
+            (uc.RequestRefused("x", status=500, error="e" * 200), 1011, "500 " + "e" * 119),
+        ],
+        ids=["403", "429", "503", "500-long"],
+    )
+    async def test_websocket_close_codes(self, error, code, reason):
+        """
+        Without denial responses, a refused handshake is closed with 1008 for
+        a client error, 1013 (try again later) for 429 and 503, and 1011 for
+        another server error; the reason fits a close frame (123 bytes).
+        """
+
+        def resolver(scope):
+            raise error
+
+        client = Client([{"type": "websocket.connect"}], disconnect="websocket.disconnect")
+        await UserContextMiddleware(json_app(), resolver=resolver)(
+            ws_scope(), client.receive, client.send
+        )
+
+        assert client.sent == [{"type": "websocket.close", "code": code, "reason": reason}]
+        assert len(reason.encode()) <= 123
+
+    async def test_websocket_denial_of_a_403(self):
+        """
+        With denial responses, a WebSocket handshake gets the same problem
+        document as HTTP.
+        """
+
+        def resolver(scope):
+            raise uc.Forbidden("Not your room.")
+
+        client = Client([{"type": "websocket.connect"}], disconnect="websocket.disconnect")
+        scope = ws_scope(("x-request-id", "ws-9"), extensions={"websocket.http.response": {}})
+        await UserContextMiddleware(json_app(), resolver=resolver)(
+            scope, client.receive, client.send
+        )
+
+        assert client.status() == 403
+        assert client.json()["detail"] == "Not your room."
+        assert client.json()["request_id"] == "ws-9"
+
+
+class TestResolverInThread:
+    async def test_runs_in_a_worker_thread_with_the_context(self):
+        """
+        With *resolver_in_thread*, a plain-function resolver runs in a worker
+        thread, with a copy of the Context (variables the server set are
+        seen), and its context is bound as usual.
+        """
+        seen = []
+
+        def resolver(scope):
+            seen.append((threading.get_ident(), outer_var.get()))
+            return resolve(scope)
+
+        token = outer_var.set("set by the server")
+        try:
+            client = Client()
+            mw = UserContextMiddleware(json_app(), resolver=resolver, resolver_in_thread=True)
+            await mw(http_scope(), client.receive, client.send)
+        finally:
+            outer_var.reset(token)
+
+        assert seen[0][0] != threading.get_ident()
+        assert seen[0][1] == "set by the server"
+        assert client.json()["user_id"] == "u-42"
+        assert mw.resolver_in_thread is True
+
+    async def test_the_event_loop_runs_while_it_blocks(self):
+        """
+        A resolver that blocks (a database call) does not block the event
+        loop: another request is served meanwhile.
+        """
+        release = threading.Event()
+        order = []
+
+        def slow(scope):
+            if dict(scope["headers"])[b"x-user"] == b"u-slow":
+                release.wait(5)
+                order.append("slow resolved")
+            return resolve(scope)
+
+        mw = UserContextMiddleware(json_app(), resolver=slow, resolver_in_thread=True)
+
+        async def fast():
+            client = Client()
+            await mw(http_scope(user="u-fast"), client.receive, client.send)
+            order.append("fast served")
+            release.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mw, http_scope(user="u-slow"), Client().receive, Client().send)
+            await anyio.sleep(0.01)
+            tg.start_soon(fast)
+
+        assert order == ["fast served", "slow resolved"]
+
+    async def test_refusals_from_the_thread(self):
+        """
+        A refusal raised in the worker thread is answered as any other.
+        """
+        client = Client()
+        mw = UserContextMiddleware(json_app(), resolver=resolve, resolver_in_thread=True)
+        await mw(http_scope(user=None), client.receive, client.send)
+
+        assert client.status() == 401
+
+    def test_coroutine_function_is_refused(self):
+        """
+        A coroutine function runs on the event loop: asking for a thread for
+        it is a TypeError that says so.
+        """
+
+        class Resolver:
+            async def __call__(self, scope):
+                return resolve(scope)
+
+        for resolver in (aresolve, Resolver()):
+            with pytest.raises(TypeError, match=r"is a coroutine function, which runs on the"):
+                UserContextMiddleware(json_app(), resolver=resolver, resolver_in_thread=True)
+
+    def test_must_be_a_bool(self):
+        """
+        *resolver_in_thread* is True or False.
+        """
+        with pytest.raises(TypeError, match=r"^resolver_in_thread must be True or False, got 1\.$"):
+            UserContextMiddleware(json_app(), resolver=resolve, resolver_in_thread=1)
+
+
+class TestAnonymous:
+    async def test_resolver_returning_none(self):
+        """
+        A resolver that returns None lets the request through with no user
+        bound and no scope opened; `request_state` says why, and the response
+        carries the request id.
+        """
+        seen = {}
+
+        async def app(scope, receive, send):
+            seen["current"] = uc.current_or_none()
+            with pytest.raises(uc.NoContextError) as e:
+                request_state(scope)
+            seen["error"] = str(e.value)
+            await send(json_start(b"{}"))
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        registry = uc.Registry()
+        registry.register(Session, Session)
+        client = Client()
+        mw = UserContextMiddleware(app, resolver=lambda scope: None, registry=registry)
+        await mw(http_scope(("x-request-id", "req-anon")), client.receive, client.send)
+
+        assert seen["current"] is None
+        assert seen["error"].startswith(
+            "This request passed through usercontext.asgi.UserContextMiddleware with no user: "
+            "its path is exempt, or the resolver returned None."
+        )
+        assert client.status() == 200
+        assert client.header_values(b"x-request-id") == [b"req-anon"]
+        assert registry.stats().scopes_opened == 0
+
+    async def test_async_resolver_returning_none(self):
+        """
+        A coroutine function may return None too; without a client id, the
+        response carries a new one.
+        """
+
+        async def resolver(scope):
+            return None
+
+        client = Client()
+        await UserContextMiddleware(json_app(payload={"ok": 1}), resolver=resolver)(
+            http_scope(), client.receive, client.send
+        )
+
+        assert client.status() == 200
+        assert len(client.header_values(b"x-request-id")[0]) == 32
+
+    @pytest.mark.parametrize(
+        ("path", "exempt"),
+        [
+            ("/health", True),
+            ("/docs", True),
+            ("/docs/oauth2-redirect", True),
+            ("/openapi.json", True),
+            ("/static/app.js", True),
+            ("/docsets", False),
+            ("/healthz", False),
+            ("/static", False),
+            ("/api/health", False),
+            ("/", False),
+        ],
+    )
+    async def test_exempt_paths(self, path, exempt):
+        """
+        An exempt path, or any path below it, is served without calling the
+        resolver and with no user; a path that merely starts with the same
+        letters is not exempt. An entry ending with ``/`` exempts only what
+        is below it.
+        """
+        calls = []
+
+        def resolver(scope):
+            calls.append(scope["path"])
+            return resolve(scope)
+
+        mw = UserContextMiddleware(
+            json_app(payload={"ok": 1}),
+            resolver=resolver,
+            exempt=["/health", "/docs", "/openapi.json", "/static/"],
+        )
+        client = Client()
+        scope = {**http_scope(user=None), "path": path}
+        await mw(scope, client.receive, client.send)
+
+        assert mw.exempt == ("/health", "/docs", "/openapi.json", "/static/")
+        if exempt:
+            assert (client.status(), calls, scope[STATE_KEY]) == (200, [], None)
+        else:
+            assert (client.status(), calls) == (401, [path])
+
+    async def test_exempt_websocket(self):
+        """
+        Exempt paths hold for WebSocket connections too.
+        """
+
+        async def app(scope, receive, send):
+            await send({"type": "websocket.accept"})
+
+        client = Client([{"type": "websocket.connect"}], disconnect="websocket.disconnect")
+        scope = {**ws_scope(("x-request-id", "ws-1"), user=None), "path": "/public/feed"}
+        await UserContextMiddleware(app, resolver=resolve, exempt=("/public",))(
+            scope, client.receive, client.send
+        )
+
+        assert client.sent == [
+            {"type": "websocket.accept", "headers": [(b"x-request-id", b"ws-1")]}
+        ]
+
+    @pytest.mark.parametrize(
+        ("exempt", "error", "match"),
+        [
+            ("/health", TypeError, r"exempt=\('/health',\)"),
+            (b"/health", TypeError, r"got a bytes"),
+            (7, TypeError, r"got a int"),
+            (["health"], ValueError, r"holds 'health', but each exempt path must be a str start"),
+            ([b"/health"], ValueError, r"holds b'/health'"),
+        ],
+    )
+    def test_bad_exempt(self, exempt, error, match):
+        """
+        *exempt* is an iterable of paths starting with ``/``; a bare string is
+        refused with the fix.
+        """
+        with pytest.raises(error, match=match):
+            UserContextMiddleware(json_app(), resolver=resolve, exempt=exempt)
+
+
+class TestRequestIdPolicy:
+    @pytest.mark.parametrize("incoming", ["null", "-", "undefined", "None"])
+    async def test_refusal_replaces_what_an_accepted_request_replaces(self, incoming):
+        """
+        A refusal applies the same rules as an accepted request: an id that
+        breaks the library's rules (placeholders such as ``null`` and ``-``)
+        is replaced in both, never echoed.
+        """
+        accepted, refused = Client(), Client()
+        mw = UserContextMiddleware(json_app(), resolver=resolve)
+        await mw(http_scope(("x-request-id", incoming)), accepted.receive, accepted.send)
+        await mw(http_scope(("x-request-id", incoming), user=None), refused.receive, refused.send)
+
+        for client in (accepted, refused):
+            (sent,) = client.header_values(b"x-request-id")
+            assert sent != incoming.encode()
+            assert len(sent) == 32
+        assert refused.json()["request_id"] == refused.headers()[b"x-request-id"].decode()
+
+    async def test_never_trust(self):
+        """
+        With ``trust_request_id=False`` the client's id is never taken: the
+        accepted request keeps its context's id, a refusal gets a new one.
+        """
+        resolved = []
+
+        def resolver(scope):
+            resolved.append(resolve(scope))
+            return resolved[-1]
+
+        mw = UserContextMiddleware(json_app(), resolver=resolver, trust_request_id=False)
+        accepted, refused = Client(), Client()
+        await mw(http_scope(("x-request-id", "req-1")), accepted.receive, accepted.send)
+        await mw(http_scope(("x-request-id", "req-2"), user=None), refused.receive, refused.send)
+
+        assert accepted.json()["request_id"] == resolved[0].request_id
+        assert accepted.header_values(b"x-request-id") == [resolved[0].request_id.encode()]
+        assert refused.header_values(b"x-request-id") != [b"req-2"]
+        assert mw.trust_request_id is False
+
+    async def test_validate_with_a_callable(self):
+        """
+        A callable decides which valid ids to take, for accepted and refused
+        requests alike; it sees only ids of 1 to 128 visible ASCII characters.
+        """
+        asked = []
+
+        def ours(request_id):
+            asked.append(request_id)
+            return request_id.startswith("edge-")
+
+        mw = UserContextMiddleware(json_app(), resolver=resolve, trust_request_id=ours)
+        sent = {}
+        for incoming, user in [
+            ("edge-1", "u-1"),
+            ("evil-1", "u-1"),
+            ("edge-2", None),
+            ("evil-2", None),
+            ("edge 3", "u-1"),
+        ]:
+            client = Client()
+            await mw(http_scope(("x-request-id", incoming), user=user), client.receive, client.send)
+            sent[incoming] = client.header_values(b"x-request-id")[0].decode()
+
+        assert sent["edge-1"] == "edge-1"
+        assert sent["edge-2"] == "edge-2"
+        assert sent["evil-1"] != "evil-1"
+        assert sent["evil-2"] != "evil-2"
+        assert sent["edge 3"] != "edge 3"
+        assert asked == ["edge-1", "evil-1", "edge-2", "evil-2"]
+
+    async def test_custom_generator(self):
+        """
+        *request_id_factory* makes the id of every request whose client sent
+        none: accepted (the context takes it), refused and anonymous alike.
+        """
+        made = iter(f"gen-{n}" for n in range(10))
+        mw = UserContextMiddleware(
+            json_app(),
+            resolver=resolve,
+            request_id_factory=lambda: next(made),
+            exempt=("/health",),
+        )
+        ids = []
+        for scope in [
+            http_scope(),
+            http_scope(user=None),
+            {**http_scope(), "path": "/health"},
+            http_scope(("x-request-id", "req-client")),
+        ]:
+            client = Client()
+            await mw(scope, client.receive, client.send)
+            ids.append(client.header_values(b"x-request-id")[0].decode())
+
+        assert ids == ["gen-0", "gen-1", "gen-2", "req-client"]
+
+    async def test_generator_returning_a_bad_id(self):
+        """
+        A generated id goes into a header: one that is not 1 to 128 visible
+        ASCII characters is a ValueError naming the factory.
+        """
+
+        def make_id():
+            return "has space"
+
+        mw = UserContextMiddleware(json_app(), resolver=resolve, request_id_factory=make_id)
+        with pytest.raises(ValueError, match=r"request_id_factory 'TestRequestIdPolicy"):
+            await mw(http_scope(), Client().receive, Client().send)
+
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"trust_request_id": "yes"}, r"^trust_request_id must be True, False, or a function"),
+            ({"request_id_factory": "uuid4"}, r"^request_id_factory must be a function"),
+        ],
+    )
+    def test_bad_policy(self, kwargs, match):
+        """
+        The policy arguments are checked at construction.
+        """
+        with pytest.raises(TypeError, match=match):
+            UserContextMiddleware(json_app(), resolver=resolve, **kwargs)
+
+
+class TestRefusedRequestsInTheLogs:
+    @pytest.fixture(name="records")
+    def _records(self):
+        """
+        Records of the ``resolver`` and ``usercontext.asgi`` loggers, through
+        a `ContextFilter` on the handler.
+        """
+        from usercontext.stdlib import ContextFilter
+
+        records = []
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append(record)
+
+        handler = Keep()
+        handler.addFilter(ContextFilter())
+        loggers = [logging.getLogger("resolver"), logging.getLogger("usercontext.asgi")]
+        for log in loggers:
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+        yield records
+        for log in loggers:
+            log.removeHandler(handler)
+            log.setLevel(logging.NOTSET)
+
+    @pytest.mark.parametrize("in_thread", [False, True], ids=["inline", "thread"])
+    async def test_refused_request_is_found_by_its_id(self, records, in_thread):
+        """
+        While a request is resolved and refused, no user is known, but the
+        records of the resolver and the middleware's refusal line carry the
+        request id the client gets back.
+        """
+
+        def resolver(scope):
+            logging.getLogger("resolver").warning("checking the token")
+            return resolve(scope)
+
+        client = Client()
+        mw = UserContextMiddleware(json_app(), resolver=resolver, resolver_in_thread=in_thread)
+        await mw(http_scope(user=None), client.receive, client.send)
+
+        request_id = client.headers()[b"x-request-id"].decode()
+        assert [(r.getMessage(), r.request_id, r.user_id) for r in records] == [
+            ("checking the token", request_id, "-"),
+            ("Refused GET /: 401 Send an x-user header.", request_id, "-"),
+        ]
+
+    async def test_client_id_in_the_logs(self, records):
+        """
+        A valid id the client sent is the one in the records.
+        """
+        client = Client()
+        mw = UserContextMiddleware(json_app(), resolver=resolve)
+        await mw(http_scope(("x-request-id", "req-5"), user=None), client.receive, client.send)
+
+        assert [r.request_id for r in records] == ["req-5"]
+
+    async def test_accepted_request_keeps_the_id_its_resolver_logged(self, records):
+        """
+        When the resolver of an accepted request logged before any id was
+        known, the request takes the id those records carry.
+        """
+
+        def resolver(scope):
+            logging.getLogger("resolver").warning("looking the user up")
+            return resolve(scope)
+
+        client = Client()
+        await UserContextMiddleware(json_app(), resolver=resolver)(
+            http_scope(), client.receive, client.send
+        )
+
+        assert [r.request_id for r in records] == [client.json()["request_id"]]
+
+    async def test_the_server_never_sees_the_pending_id(self):
+        """
+        The pending id is set only while the resolver runs: the server's
+        ``send`` of a refusal, and the application of an anonymous request,
+        run without it, so the server cannot carry it to another request.
+        """
+        import usercontext.stdlib  # noqa: F401  # a logging adapter: the id is pending
+
+        from usercontext._pending import pending
+
+        seen = []
+
+        class Watching(Client):
+            async def send(self, message):
+                seen.append(pending.get(None))
+                await super().send(message)
+
+        async def app(scope, receive, send):
+            seen.append(pending.get(None))
+            await json_app(payload={"ok": 1})(scope, receive, send)
+
+        def resolver(scope):
+            seen.append(pending.get(None).get())
+            return None if dict(scope["headers"]).get(b"x-user") == b"anon" else resolve(scope)
+
+        mw = UserContextMiddleware(app, resolver=resolver)
+        for user in (None, "anon"):
+            client = Watching()
+            await mw(http_scope(user=user), client.receive, client.send)
+
+        assert [type(s).__name__ for s in seen] == ["str", "NoneType", "NoneType", "str"] + [
+            "NoneType"
+        ] * 3
+
+    async def test_without_a_logging_adapter_nothing_is_set(self, monkeypatch):
+        """
+        Only the logging adapters read the pending id: with none loaded, the
+        middleware sets nothing while resolving, and refusals, anonymous and
+        generated ids work the same.
+        """
+        from usercontext import _pending
+
+        monkeypatch.setattr(_pending, "readers", [])
+        monkeypatch.setattr("usercontext.asgi.readers", _pending.readers)
+        seen = []
+
+        def resolver(scope):
+            seen.append(_pending.pending.get(None))
+            headers = dict(scope["headers"])
+            return None if headers.get(b"x-user") == b"anon" else resolve(scope)
+
+        made = iter(["gen-1", "gen-2", "gen-3"])
+        mw = UserContextMiddleware(
+            json_app(), resolver=resolver, request_id_factory=lambda: next(made)
+        )
+        ids = []
+        for user in (None, "anon", "u-1"):
+            client = Client()
+            await mw(http_scope(user=user), client.receive, client.send)
+            ids.append((client.status(), client.header_values(b"x-request-id")[0]))
+
+        assert seen == [None, None, None]
+        assert ids == [(401, b"gen-1"), (200, b"gen-2"), (200, b"gen-3")]
 
 
 # -- request ids -------------------------------------------------------------
@@ -1105,11 +1957,14 @@ class TestHTTPScope:
 
         assert client.status() == 500
         assert client.headers() == {
-            b"content-type": b"application/json",
+            b"content-type": b"application/problem+json",
             b"content-length": b"%d" % len(client.body()),
             b"x-request-id": b"req-fail",
         }
         assert client.json() == {
+            "type": "about:blank",
+            "title": "Internal Server Error",
+            "status": 500,
             "error": "cleanup_failed",
             "detail": "The request's resources could not be cleaned up (a commit may have "
             "failed); its changes may not have been saved.",
@@ -1589,7 +2444,7 @@ class TestHTTPFailures:
             "sent body " + repr(client.body()),
         ]
         assert client.header_values(b"x-request-id") == [b"req-f"]
-        assert client.headers()[b"content-type"] == b"application/json"
+        assert client.headers()[b"content-type"] == b"application/problem+json"
         assert client.json()["request_id"] == "req-f"
         assert "ValueError" not in client.body().decode()  # nothing of the error itself
         assert registry.stats().scopes_open == 0
@@ -2429,3 +3284,116 @@ class TestStarlette:
         assert response.status_code == 500
         assert response.headers["x-request-id"] == "req-b"
         assert response.json()["request_id"] == "req-b"
+
+
+# -- under a real server -----------------------------------------------------
+
+try:
+    import uvicorn
+    import websockets.sync.client
+except ImportError:
+    if os.environ.get("CI") == "true":
+        raise
+    uvicorn = None
+
+needs_uvicorn = pytest.mark.skipif(
+    uvicorn is None,
+    reason="uvicorn and websockets are not installed: pip install uvicorn websockets",
+)
+
+
+class _Uvicorn:
+    """
+    *app* served by uvicorn on a free port of 127.0.0.1, in a thread, for a
+    ``with`` block of at most a few seconds.
+    """
+
+    def __init__(self, app, **options):
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", **options)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(self._server.serve(sockets=[self._sock])), daemon=True
+        )
+
+    def __enter__(self):
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            assert self._thread.is_alive(), "uvicorn did not start"
+            assert time.monotonic() < deadline, "uvicorn did not start within 10 s"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc_info):
+        self._server.should_exit = True
+        self._thread.join(10)
+        self._sock.close()
+        assert not self._thread.is_alive(), "uvicorn did not stop within 10 s"
+
+
+@needs_uvicorn
+class TestUnderUvicorn:
+    def test_websocket_denial_and_exempt_paths(self):
+        """
+        Under uvicorn, a refused handshake gets the problem document as a
+        denial response, with its status, Retry-After and request id; an
+        exempt path is served with no user, and an anonymous WebSocket is
+        accepted.
+        """
+
+        def resolver(scope):
+            room = scope["path"].rsplit("/", 1)[-1]
+            if room == "secret":
+                raise uc.Forbidden("Not your room.")
+            if room == "busy":
+                raise uc.ServiceUnavailable("Too busy.", retry_after=5)
+            return resolve(scope)
+
+        async def app(scope, receive, send):
+            if scope["type"] == "websocket":
+                await receive()
+                await send({"type": "websocket.accept"})
+                await send({"type": "websocket.send", "text": repr(uc.current_or_none())})
+                await send({"type": "websocket.close"})
+                return
+            await json_app(payload={"ok": True})(scope, receive, send)
+
+        mw = UserContextMiddleware(app, resolver=resolver, exempt=("/public",))
+        denials = {}
+
+        def handshake(url, request_id):
+            headers = {"x-request-id": request_id}
+            with websockets.sync.client.connect(url, open_timeout=5, additional_headers=headers):
+                pass
+
+        with _Uvicorn(mw, ws="websockets-sansio") as server:
+            for room in ("secret", "busy"):
+                url = f"ws://127.0.0.1:{server.port}/rooms/{room}"
+                with pytest.raises(websockets.exceptions.InvalidStatus) as e:
+                    handshake(url, f"req-{room}")
+                denials[room] = e.value.response
+            url = f"ws://127.0.0.1:{server.port}/public/feed"
+            with websockets.sync.client.connect(url, open_timeout=5) as conn:
+                anonymous = conn.recv(timeout=5)
+            with httpx2.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=5) as client:
+                public = client.get("/public/health")
+
+        secret, busy = denials["secret"], denials["busy"]
+        assert (secret.status_code, busy.status_code) == (403, 503)
+        assert secret.headers["content-type"] == "application/problem+json"
+        assert json.loads(secret.body) == {
+            "type": "about:blank",
+            "title": "Forbidden",
+            "status": 403,
+            "detail": "Not your room.",
+            "error": "forbidden",
+            "request_id": "req-secret",
+        }
+        assert busy.headers["retry-after"] == "5"
+        assert json.loads(busy.body)["retry_after"] == 5
+        assert anonymous == "None"
+        assert public.json() == {"ok": True}
+        assert len(public.headers["x-request-id"]) == 32

@@ -588,6 +588,6 @@ class TestHonestResponses:
 
         assert response.status_code == 500
         assert response.headers["x-request-id"] == "req-bob-1"
-        assert response.headers["content-type"] == "application/json"
+        assert response.headers["content-type"] == "application/problem+json"
         assert response.json()["request_id"] == "req-bob-1"
         assert len(server.error_records()) == 1

@@ -15,11 +15,13 @@ a missing dependency fails the run.
 # the endpoints at run time, and they name aliases local to `build()`.
 
 import contextlib
+import functools
 import gc
 import math
 import os
 import random
 import threading
+import types
 import weakref
 
 from typing import Annotated, Any
@@ -32,7 +34,7 @@ import usercontext as uc
 
 
 try:
-    import fastapi  # noqa: F401
+    import fastapi
     import httpx2
 except ImportError:
     if os.environ.get("CI") == "true":
@@ -47,8 +49,19 @@ from fastapi.responses import StreamingResponse
 from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
+import usercontext.fastapi as fastapi_module
+
 from usercontext.asgi import STATE_KEY, RequestState, UserContextMiddleware
-from usercontext.fastapi import CurrentContext, CurrentEmitter, EngineDep, Resource
+from usercontext.fastapi import (
+    CurrentContext,
+    CurrentEmitter,
+    EngineDep,
+    ProblemException,
+    Resource,
+    current_context,
+    current_emitter,
+    document_auth,
+)
 
 
 class Engine:
@@ -278,14 +291,25 @@ def assert_settled(app):
 
 
 def assert_refused(response, error, retry_after):
+    """
+    Check a 429 problem document (RFC 9457), flat, the shape of the
+    middleware's refusals; return it.
+    """
     assert response.status_code == 429
     assert response.headers["retry-after"] == str(retry_after)
-    detail = response.json()["detail"]
-    assert detail["error"] == error
-    assert detail["retry_after"] == retry_after
-    assert detail["request_id"] == response.headers["x-request-id"]
-    assert f"Retry after {retry_after} s." in detail["message"]
-    return detail
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert list(problem)[:4] == ["type", "title", "status", "detail"]
+    assert (problem["type"], problem["title"], problem["status"]) == (
+        "about:blank",
+        "Too Many Requests",
+        429,
+    )
+    assert problem["error"] == error
+    assert problem["retry_after"] == retry_after
+    assert problem["request_id"] == response.headers["x-request-id"]
+    assert f"Retry after {retry_after} s." in problem["detail"]
+    return problem
 
 
 class TestCurrentContext:
@@ -639,7 +663,7 @@ class TestEngineDep:
             gate.open.set()
 
         detail = assert_refused(third, "quota_exceeded", 1)
-        assert "(the limit is 2)" in detail["message"]
+        assert "(the limit is 2)" in detail["detail"]
         assert_refused(sync_third, "quota_exceeded", 1)
         assert other.status_code == 200
         assert [r.status_code for r in held] == [200, 200, 200]
@@ -694,7 +718,7 @@ class TestEngineDep:
         kind = "quota_timeout" if isinstance(error, uc.QuotaTimeout) else "quota_exceeded"
         detail = assert_refused(response, kind, want)
         if error.scope == "total":
-            assert detail["message"].startswith("The service is at capacity.")
+            assert detail["detail"].startswith("The service is at capacity.")
 
     def test_websocket_denial_response(self, anyio_backend):
         """
@@ -712,7 +736,7 @@ class TestEngineDep:
         response = info.value
         assert response.status_code == 429
         assert response.headers["retry-after"] == "1"
-        assert response.json()["detail"]["error"] == "quota_exceeded"
+        assert response.json()["error"] == "quota_exceeded"
         assert_settled(app)
 
     async def test_websocket_close_without_denial_responses(self):
@@ -764,7 +788,7 @@ class TestEngineDep:
 
         assert response.status_code == 503
         assert response.headers["retry-after"] == "1"
-        assert response.json()["detail"]["error"] == "unavailable"
+        assert response.json()["error"] == "unavailable"
 
     async def test_endpoint_errors_pass_through(self):
         """
@@ -922,3 +946,236 @@ class TestUnderLoad:
         assert stats.rejected == outcomes[429]
         assert stats.peak_active <= 12
         assert_settled(app)
+
+
+class TestDependencyOverrides:
+    async def test_every_dependency_can_be_overridden(self):
+        """
+        Each dependency has a public callable that app.dependency_overrides
+        keys on: `current_context`, `current_emitter`, ``Resource(key).dependency``
+        and ``EngineDep(factory).dependency``; with all four replaced, the
+        endpoints see only the replacements.
+        """
+        app = build(hub=uc.EmitterHub())
+        fake_ctx = uc.UserContext(user_id="u-fake", thread_id="t-1", run_id="r-1")
+        fake_conn = Conn("u-fake", "fake")
+        fake_engine = Engine("u-fake")
+
+        class FakeEmitter:
+            user_id = "u-fake"
+
+            async def emit(self, type_, data):
+                return type("E", (), {"seq": 99})()
+
+        app.dependency_overrides[current_context] = lambda: fake_ctx
+        app.dependency_overrides[current_emitter] = FakeEmitter
+        app.dependency_overrides[Resource("aconn").dependency] = lambda: fake_conn
+        app.dependency_overrides[Resource("conn").dependency] = lambda: fake_conn
+        app.dependency_overrides[EngineDep(app.state.factory).dependency] = lambda: fake_engine
+        async with client_of(app) as client:
+            ctx = await client.get("/ctx/async", headers=as_user("u-1"))
+            res = await client.get("/res/async", headers=as_user("u-1"))
+            engine = await client.get("/engine/sync", headers=as_user("u-1"))
+            emit = await client.get("/emit/async", headers=as_user("u-1"))
+
+        assert ctx.json()["user"] == "u-fake"
+        assert res.json()["users"] == ["u-fake", "u-fake", "u-fake"]
+        assert res.json()["kinds"] == ["fake", "fake"]
+        assert engine.json()["users"] == ["u-fake", "u-fake"]
+        assert emit.json() == {"user": "u-fake", "seq": 99}
+        assert app.state.factory.stats().created == 0
+        assert app.state.registry.stats().resources_created == 0
+
+    def test_one_callable_per_resource_key(self):
+        """
+        ``Resource(key)`` gives the same callable for the same key, named
+        after it, and another for another key.
+        """
+        assert Resource("conn").dependency is Resource("conn").dependency
+        assert Resource("conn").dependency is not Resource("aconn").dependency
+        assert Resource(Conn).dependency.__name__ == "Resource(Conn)"
+
+    def test_the_aliases_use_the_public_callables(self):
+        """
+        `CurrentContext` and `CurrentEmitter` depend on `current_context`
+        and `current_emitter`.
+        """
+        assert CurrentContext.__metadata__[0].dependency is current_context
+        assert CurrentEmitter.__metadata__[0].dependency is current_emitter
+
+
+class TestProblemDocuments:
+    async def test_503_is_a_flat_problem_document(self):
+        """
+        After the factory was closed, the 503 is a problem document in the
+        middleware's shape, flat, with Retry-After.
+        """
+        app = build()
+        await app.state.factory.aclose()
+        async with client_of(app) as client:
+            response = await client.get("/engine/async", headers=as_user("u-1"))
+
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json() == {
+            "type": "about:blank",
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": "The service is shutting down. Retry shortly.",
+            "error": "unavailable",
+            "retry_after": 1,
+            "request_id": response.headers["x-request-id"],
+        }
+
+    async def test_same_shape_as_the_middleware(self):
+        """
+        A 401 of the middleware and a 429 of `EngineDep` share the members of
+        RFC 9457 and the request id, in the same order.
+        """
+        app = build(factory=new_factory([], per_user=1, timeout=0))
+        app.state.gate = Gate(expect=1)
+        async with client_of(app) as client, anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(client.get, "/engine/async", headers=as_user("u-1")))
+            await app.state.gate.all_in.wait()
+            refused = await client.get("/engine/sync", headers=as_user("u-1"))
+            unauthenticated = await client.get("/ctx/async")
+            app.state.gate.open.set()
+
+        for response in (refused, unauthenticated):
+            assert response.headers["content-type"] == "application/problem+json"
+            keys = list(response.json())
+            assert keys[:4] == ["type", "title", "status", "detail"]
+            assert keys[-1] == "request_id"
+        assert (refused.status_code, unauthenticated.status_code) == (429, 401)
+
+    async def test_the_apps_own_handler_wins(self):
+        """
+        An application that registered a handler for `ProblemException`
+        formats the refusal its own way.
+        """
+        from fastapi.responses import PlainTextResponse
+
+        app = build()
+
+        async def plain(request, exc):
+            return PlainTextResponse(f"{exc.status_code} {exc.problem['error']}", exc.status_code)
+
+        app.add_exception_handler(ProblemException, plain)
+        await app.state.factory.aclose()
+        async with client_of(app) as client:
+            response = await client.get("/engine/async", headers=as_user("u-1"))
+
+        assert (response.status_code, response.text) == (503, "503 unavailable")
+
+    def test_without_starlettes_exception_middleware(self):
+        """
+        Where no exception handlers are in the scope, nothing is put in
+        place: the exception is still an HTTPException.
+        """
+        conn = types.SimpleNamespace(scope={"type": "http"})
+
+        fastapi_module._with_handler(conn)
+
+        assert conn.scope == {"type": "http"}
+
+    def test_is_an_http_exception(self):
+        """
+        `ProblemException` is an HTTPException whose detail is the problem's
+        detail, so that generic handlers still read it.
+        """
+        from fastapi import HTTPException
+
+        e = ProblemException({"status": 429, "detail": "Slow down."}, headers={"Retry-After": "1"})
+
+        assert isinstance(e, HTTPException)
+        assert (e.status_code, e.detail, e.headers) == (429, "Slow down.", {"Retry-After": "1"})
+
+
+class TestDocumentAuth:
+    def test_security_scheme_and_refusals_in_openapi(self):
+        """
+        `document_auth` adds the security scheme, the Problem schema, and to
+        every operation not exempt the security requirement and the 401 and
+        400 problem responses; operations using an engine get 429 and 503.
+        """
+        app = build()
+
+        @app.get("/health")
+        def health():
+            return {"ok": True}
+
+        @app.get("/hidden", include_in_schema=False)
+        def hidden():
+            return {}
+
+        document_auth(app, exempt=("/health",))
+        schema = app.openapi()
+
+        assert schema["components"]["securitySchemes"] == {
+            "bearerAuth": {"type": "http", "scheme": "bearer"}
+        }
+        assert schema["components"]["schemas"]["Problem"]["required"] == [
+            "type",
+            "title",
+            "status",
+            "detail",
+            "request_id",
+        ]
+        ctx_op = schema["paths"]["/ctx/async"]["get"]
+        engine_op = schema["paths"]["/engine/sync"]["get"]
+        health_op = schema["paths"]["/health"]["get"]
+        assert ctx_op["security"] == [{"bearerAuth": []}]
+        assert sorted(ctx_op["responses"]) == ["200", "400", "401"]
+        assert sorted(engine_op["responses"]) == ["200", "400", "401", "429", "503"]
+        assert "/hidden" not in schema["paths"]
+        assert "security" not in health_op
+        assert sorted(health_op["responses"]) == ["200"]
+        assert ctx_op["responses"]["401"]["content"] == {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        }
+        assert app.openapi() is schema  # made once
+        assert schema["paths"]["/ctx/async"]["get"]["security"] == [{"bearerAuth": []}]
+
+    def test_a_fastapi_security_object_and_declared_responses(self):
+        """
+        The scheme may be a FastAPI security object; a response an operation
+        declares itself is kept.
+        """
+        from fastapi.security import APIKeyCookie
+
+        app = FastAPI()
+
+        @app.get("/me", responses={401: {"description": "Log in first."}})
+        def me():
+            return {}
+
+        document_auth(app, scheme=APIKeyCookie(name="session"), name="cookieAuth")
+        schema = app.openapi()
+
+        assert schema["components"]["securitySchemes"]["cookieAuth"] == {
+            "type": "apiKey",
+            "in": "cookie",
+            "name": "session",
+        }
+        assert schema["paths"]["/me"]["get"]["responses"]["401"]["description"] == "Log in first."
+        assert schema["paths"]["/me"]["get"]["security"] == [{"cookieAuth": []}]
+
+    def test_a_mapping_scheme_and_nested_engine_dependencies(self):
+        """
+        The scheme may be a plain mapping; an engine used by a dependency of
+        the endpoint counts too.
+        """
+        factory = uc.EngineFactory(Engine)
+        app = FastAPI()
+
+        def wrapped(engine: Annotated[Engine, EngineDep(factory)]):
+            return engine
+
+        @app.post("/run")
+        def run(engine: Annotated[Engine, fastapi.Depends(wrapped)]):
+            return {}
+
+        document_auth(app, scheme={"type": "apiKey", "in": "header", "name": "x-key"})
+        schema = app.openapi()
+
+        assert schema["components"]["securitySchemes"]["bearerAuth"]["in"] == "header"
+        assert "429" in schema["paths"]["/run"]["post"]["responses"]

@@ -675,6 +675,41 @@ class TestAddContextFunction:
         assert (merged["thread_id"], merged["request_id"]) == ("t-merged", ctx.request_id)
         assert explicit == {"request_id": "req-x", "user_id": "-", "thread_id": "-", "run_id": "-"}
 
+    async def test_refused_request_has_its_request_id(self):
+        """
+        While the ASGI middleware resolves and refuses a request, no context
+        is bound, but events carry the request id the client gets back; the
+        other ids stay "-".
+        """
+        from usercontext.asgi import UserContextMiddleware
+
+        capture = structlog.testing.LogCapture()
+        log = structlog.wrap_logger(None, processors=[add_context, capture])
+
+        def resolver(scope):
+            log.warning("bad_token")
+            raise uc.Unauthenticated
+
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        async def app(scope, receive, send):
+            raise AssertionError  # never called
+
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
+        await UserContextMiddleware(app, resolver=resolver)(scope, receive, send)
+        log.info("after")
+
+        request_id = dict(sent[0]["headers"])[b"x-request-id"].decode()
+        before, after = capture.entries
+        assert [before[key] for key in IDS] == ["-", "-", "-", request_id]
+        assert [after[key] for key in IDS] == ["-", "-", "-", "-"]
+
     def test_no_metadata(self):
         """
         `add_context` adds the four ids and nothing from the metadata.

@@ -46,7 +46,7 @@ from starlette.datastructures import Headers
 import usercontext as uc
 
 from usercontext.asgi import UserContextMiddleware
-from usercontext.fastapi import CurrentContext, CurrentEmitter, EngineDep, Resource
+from usercontext.fastapi import CurrentContext, CurrentEmitter, EngineDep, Resource, document_auth
 from usercontext.sqlalchemy import PoolWatch, session_provider
 from usercontext.starlette import close_on_signal, serve_websocket
 
@@ -55,6 +55,8 @@ from usercontext.starlette import close_on_signal, serve_websocket
 THREAD_HEADER, DEFAULT_THREAD = "x-thread-id", "main"
 #: The header naming the agent run of a request; a new run id when absent.
 RUN_HEADER = "x-run-id"
+#: Paths served without a token, with no user bound: the API docs.
+PUBLIC = ("/docs", "/openapi.json", "/redoc")
 #: How many request logs the service keeps, newest last.
 MAX_REQUEST_LOGS = 1_000
 
@@ -416,7 +418,11 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
 
     app = FastAPI(title="Agent service", lifespan=lifespan)
     app.state.service = service
-    app.add_middleware(UserContextMiddleware, resolver=resolve, registry=registry, hub=hub)
+    # The API docs load in a browser, which sends no token: exempt them.
+    app.add_middleware(
+        UserContextMiddleware, resolver=resolve, registry=registry, hub=hub, exempt=PUBLIC
+    )
+    document_auth(app, exempt=PUBLIC)
 
     Session = Annotated[AsyncSession, Resource(AsyncSession)]  # noqa: N806  # a type alias
     # Before Session in an endpoint's parameters: the scope opens resources in

@@ -413,7 +413,7 @@ class TestWebSocket:
     async def test_handshake_without_token_is_refused(self, server):
         """
         A WebSocket handshake without a token is refused with 401 and the
-        documented JSON body, before any event could flow.
+        documented problem document, before any event could flow.
         """
 
         def handshake():
@@ -426,7 +426,8 @@ class TestWebSocket:
         response = e.value.response
         body = json.loads(response.body)
         assert response.status_code == 401
-        assert body["error"] == "unauthenticated"
+        assert response.headers["content-type"] == "application/problem+json"
+        assert (body["status"], body["error"]) == (401, "unauthenticated")
         assert body["request_id"] == response.headers["x-request-id"]
 
 
@@ -434,25 +435,27 @@ class TestErrors:
     async def test_401_without_a_bearer_token(self, http):
         """
         No Authorization header, or another scheme than Bearer: 401 with a
-        challenge and the JSON body ``{"error": "unauthenticated", "detail",
-        "request_id"}``.
+        challenge and a problem document (RFC 9457) with the request id.
         """
         for headers in ({}, {"authorization": "Basic dTpw"}, {"authorization": "Bearer"}):
             response = await http.get("/whoami", headers={**headers, "x-request-id": "req-401"})
 
             assert response.status_code == 401
             assert response.headers["www-authenticate"] == "Bearer"
+            assert response.headers["content-type"] == "application/problem+json"
             assert response.json() == {
-                "error": "unauthenticated",
+                "type": "about:blank",
+                "title": "Unauthorized",
+                "status": 401,
                 "detail": "Send an `Authorization: Bearer <token>` header.",
+                "error": "unauthenticated",
                 "request_id": "req-401",
             }
 
     async def test_400_for_an_invalid_id(self, http):
         """
         An id that breaks the rules (a placeholder such as "null") is refused
-        with 400 and the JSON body ``{"error": "invalid_context", "field",
-        "detail", "request_id"}`` naming the field.
+        with 400 and a problem document naming the field.
         """
         cases = [
             ({"authorization": "Bearer null"}, "user_id"),
@@ -464,15 +467,43 @@ class TestErrors:
 
             body = response.json()
             assert response.status_code == 400
-            assert set(body) == {"error", "field", "detail", "request_id"}
+            assert set(body) == {
+                "type",
+                "title",
+                "status",
+                "error",
+                "field",
+                "detail",
+                "request_id",
+            }
             assert (body["error"], body["field"]) == ("invalid_context", field)
             assert "placeholder" in body["detail"]
             assert body["request_id"] == response.headers["x-request-id"]
 
+    async def test_api_docs_need_no_token(self, http):
+        """
+        The API docs are exempt from authentication: ``/docs`` and
+        ``/openapi.json`` load in a browser, and the document shows the bearer
+        scheme and the problem responses.
+        """
+        docs = await http.get("/docs")
+        schema = await http.get("/openapi.json")
+
+        assert docs.status_code == 200
+        assert "swagger-ui" in docs.text
+        assert schema.status_code == 200
+        document = schema.json()
+        assert document["components"]["securitySchemes"] == {
+            "bearerAuth": {"type": "http", "scheme": "bearer"}
+        }
+        run = document["paths"]["/runs"]["post"]
+        assert run["security"] == [{"bearerAuth": []}]
+        assert {"401", "400", "429"} <= set(run["responses"])
+
     async def test_429_for_a_third_run_at_once(self, server, http, prefix):
         """
         A user may run the agent twice at once: a third run is refused at once
-        with 429, a Retry-After header and the documented JSON body, while the
+        with 429, a Retry-After header and the documented problem document, while the
         two runs go on and complete, and another user runs meanwhile. The
         refused run creates no engine and takes no slot.
         """
@@ -507,14 +538,16 @@ class TestErrors:
 
         assert third.status_code == 429
         assert third.headers["retry-after"] == "1"
+        assert third.headers["content-type"] == "application/problem+json"
         assert third.json() == {
-            "detail": {
-                "error": "quota_exceeded",
-                "message": "Too many of your requests are running at once (the limit is 2). "
-                "Retry after 1 s.",
-                "retry_after": 1,
-                "request_id": "req-third",
-            }
+            "type": "about:blank",
+            "title": "Too Many Requests",
+            "status": 429,
+            "detail": "Too many of your requests are running at once (the limit is 2). "
+            "Retry after 1 s.",
+            "error": "quota_exceeded",
+            "retry_after": 1,
+            "request_id": "req-third",
         }
         assert other.status_code == 200
         assert [r.json()["status"] for r in results] == ["completed", "completed"]
