@@ -972,7 +972,7 @@ class TestExitCodes:
             proc.kill()
 
         assert proc.returncode == 130, err + rest
-        assert "Traceback" not in err + rest
+        assert "Traceback" not in err + rest, rest
         assert "usercontext report: interrupted in the Second section." in rest
         assert "| first metric | correctness | t | a | PASS |" in out
         assert "## Second (interrupted)\n" in out
@@ -1000,7 +1000,7 @@ class TestExitCodes:
             proc.kill()
 
         assert proc.returncode == 130, err + rest
-        assert "Traceback" not in err + rest
+        assert "Traceback" not in err + rest, rest
         assert "## Contexts\n" in out
         assert "| Isolation: cross-user observations" in out
         assert "## Engines and quotas (interrupted)\n" in out

@@ -111,17 +111,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return _report(args.report_parser, args)
-    except KeyboardInterrupt:
+        code = _report(args.report_parser, args)
+    except KeyboardInterrupt as e:
         # Outside a section (a section's interruption is handled by the report).
         sys.stderr.write("\nusercontext report: interrupted.\n")
-        return 130
+        from usercontext._report import forget_interrupt
+
+        forget_interrupt(e)
+        code = 130
     except Exception as e:  # noqa: BLE001  # any crash exits with 2, described
         sys.stderr.write(
             f"usercontext report: crashed ({type(e).__name__}: {e}); the traceback follows.\n"
             + "".join(traceback.format_exception(type(e), e, e.__traceback__))
         )
         return 2
+    return code
 
 
 def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

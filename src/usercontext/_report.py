@@ -43,6 +43,7 @@ import time
 import timeit
 import traceback
 import tracemalloc
+import warnings
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -59,11 +60,13 @@ from ._report_verdict import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     LEGACY,
+    LEGACY_SUCCESS,
     Goal,
     Quantity,
     Row,
     counts,
     exit_code,
+    success_rate_row,
     verdict,
 )
 
@@ -75,6 +78,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT",
+    "LEGACY_SUCCESS",
     "QUICK",
     "SECTIONS",  # noqa: F822  # built on first use, by __getattr__
     "Comparison",
@@ -96,12 +100,14 @@ __all__ = [
     "contexts_section",
     "fmt_ns",
     "fmt_ratio",
+    "forget_interrupt",
     "in_empty_context",
     "in_thread",
     "paired_ratios",
     "percentile",
     "ratio_ok",
     "run_report",
+    "success_rate_row",
     "time_op",
 ]
 
@@ -452,6 +458,7 @@ def run_report(  # noqa: PLR0913  # keyword-only options of one command
             results.append((section, section.run(scale, progress)))
         except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001, PERF203  # reported below, with its traceback
             if isinstance(e, KeyboardInterrupt):
+                forget_interrupt(e)
                 stop = _Stop(section, EXIT_INTERRUPTED)
                 err.write(f"\nusercontext report: interrupted in the {section.title} section.\n")
             else:
@@ -474,6 +481,28 @@ def run_report(  # noqa: PLR0913  # keyword-only options of one command
         Path(json_path).write_text(json.dumps(outcome.json(), indent=2) + "\n", encoding="utf-8")
     err.write(f"done in {wall_s:.1f} s, exit code {code}\n")
     return code
+
+
+def forget_interrupt(interrupt: KeyboardInterrupt) -> None:
+    """
+    Free, quietly, what Ctrl-C left half-made where *interrupt* was raised.
+
+    An event loop interrupted in its constructor, or a coroutine never
+    awaited, reports itself with a traceback when it is collected; the
+    traceback of *interrupt* holds them. The run says all it has to say (the
+    rows so far, exit code 130), so they are freed here with such reports
+    silenced, and the hooks put back.
+    """
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda _: None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            interrupt.__traceback__ = None
+            interrupt.__context__ = None
+            gc.collect()
+    finally:
+        sys.unraisablehook = hook
 
 
 def in_thread(fn: Callable[[], T]) -> T:

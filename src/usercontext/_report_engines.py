@@ -30,6 +30,7 @@ from usercontext import (
 )
 
 from ._report import (
+    LEGACY_SUCCESS,
     Comparison,
     Goal,
     Op,
@@ -45,6 +46,7 @@ from ._report import (
     paired_ratios,
     percentile,
     ratio_ok,
+    success_rate_row,
 )
 
 
@@ -269,19 +271,12 @@ def _legacy_rows(out: Table, scale: Scale) -> None:
     peak = max(r.peak_per_user for r in every)
     factory = min(runs["factory"], key=lambda r: r.percentile(50))
     out.rows += [
-        Row(
-            id="engines.legacy_success_rate",
-            kind="correctness",
-            metric="Legacy scenario success rate (all variants, all rounds)",
-            target="100% (legacy 98.7%)",
-            achieved=f"{succeeded:,} of {total:,}: **{succeeded / total:.1%}**",
-            ok=succeeded == total,
-            value=Quantity(100 * succeeded / total, "%"),
-            goal=Goal("==", 100, "%"),
-            details={
-                "succeeded": Quantity(succeeded, "requests"),
-                "requests": Quantity(total, "requests"),
-            },
+        success_rate_row(
+            "engines.legacy_success_rate",
+            "Legacy scenario success rate (all variants, all rounds)",
+            succeeded,
+            total,
+            LEGACY_SUCCESS,
         ),
         Row(
             id="engines.legacy_factory_latency",

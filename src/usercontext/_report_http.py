@@ -50,6 +50,7 @@ from usercontext import (
 from usercontext.asgi import UserContextMiddleware, request_state
 
 from ._report import (
+    LEGACY_SUCCESS,
     Goal,
     Progress,
     Quantity,
@@ -62,6 +63,7 @@ from ._report import (
     in_thread,
     paired_ratios,
     percentile,
+    success_rate_row,
 )
 
 
@@ -88,7 +90,6 @@ __all__ = ["SERVERS", "STEPS", "http_section", "with_server"]
 Server = Literal["in-process", "uvicorn"]
 SERVERS: tuple[Server, ...] = ("in-process", "uvicorn")
 
-LEGACY_SUCCESS = 0.987
 LEGACY_P50_MS, LEGACY_P95_MS, LEGACY_P99_MS = 45.0, 125.0, 250.0
 LEGACY_WALL_S = 8.5
 LEGACY_GROWTH_MB = 35.0
@@ -723,20 +724,8 @@ def _legacy_rows(out: Table, scale: Scale, server: Server) -> list[Run]:
         },
     }
     out.rows += [
-        Row(
-            id="http.success_rate",
-            kind="correctness",
-            metric="Success rate (every run)",
-            target=f"100% (legacy {LEGACY_SUCCESS:.1%})",
-            achieved=f"{succeeded:,} of {total:,}: **{succeeded / total:.1%}**",
-            ok=succeeded == total,
-            value=Quantity(100 * succeeded / total, "%"),
-            goal=Goal("==", 100, "%"),
-            details={
-                "succeeded": Quantity(succeeded, "requests"),
-                "requests": Quantity(total, "requests"),
-                "legacy": Quantity(100 * LEGACY_SUCCESS, "%"),
-            },
+        success_rate_row(
+            "http.success_rate", "Success rate (every run)", succeeded, total, LEGACY_SUCCESS
         ),
         Row(
             id="http.latency_p99",

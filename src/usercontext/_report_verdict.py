@@ -63,6 +63,9 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl
 
 # What "legacy" means wherever the report says it: the system whose figures
 # the report compares against, and where those figures come from.
+# The legacy system's success rate under 1,000 concurrent requests.
+LEGACY_SUCCESS = 0.987
+
 LEGACY: dict[str, Any] = {
     "system": (
         "the system this library replaces, the per-request UserExecutionContext architecture "
@@ -174,6 +177,28 @@ class Row:
             "details": {name: q.to_json() for name, q in self.details.items()},
             "note": self.note,
         }
+
+
+def success_rate_row(row_id: str, metric: str, succeeded: int, total: int, legacy: float) -> Row:
+    """
+    Return the correctness row of a scenario's success rate: *succeeded* of
+    *total* requests, against 100% and the *legacy* system's rate (a fraction).
+    """
+    return Row(
+        id=row_id,
+        kind="correctness",
+        metric=metric,
+        target=f"100% (legacy {legacy:.1%})",
+        achieved=f"{succeeded:,} of {total:,}: **{succeeded / total:.1%}**",
+        ok=succeeded == total,
+        value=Quantity(100 * succeeded / total, "%"),
+        goal=Goal("==", 100, "%"),
+        details={
+            "succeeded": Quantity(succeeded, "requests"),
+            "requests": Quantity(total, "requests"),
+            "legacy": Quantity(100 * legacy, "%"),
+        },
+    )
 
 
 def plain(text: str) -> str:
