@@ -45,7 +45,7 @@ from ._report_engines import LoopOp
 
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Awaitable, Callable, Coroutine
 
     import sqlalchemy as sa
 
@@ -469,16 +469,23 @@ class _Measurement:
 
         async def body(scope: Scope, ctx: UserContext, kind: str, cs: anyio.CancelScope) -> None:
             session = await scope.aget(AsyncSession)
-            # Chosen before the first query: coverage.py loses track of the
-            # lines of a frame that resumes after a SQLAlchemy greenlet switch
-            # unless it runs with concurrency = greenlet.
+            # coverage.py loses track of the lines of a frame that resumes
+            # after a SQLAlchemy greenlet switch (unless it runs with
+            # concurrency = greenlet): what follows the first query is chosen
+            # before it, and runs in a frame of its own, with nothing after
+            # its own query.
             wait = partial(anyio.sleep, 1) if slow is None else partial(session.execute, slow)
             await session.execute(insert, {"request_id": ctx.request_id, "user_id": ctx.user_id})
+            await then(kind, cs, wait)
+
+        async def then(
+            kind: str, cs: anyio.CancelScope, wait: Callable[[], Awaitable[Any]]
+        ) -> None:
+            if kind == "fail":
+                raise _RequestFailedError
             if kind == "cancel":
                 cs.deadline = anyio.current_time() + CANCEL_AFTER_S
                 await wait()
-            if kind == "fail":
-                raise _RequestFailedError
 
         async def request(ctx: UserContext, kind: str) -> None:
             async with limiter:
