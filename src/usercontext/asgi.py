@@ -16,16 +16,12 @@ is bound, so nothing the server starts from them carries the request's user.
 from __future__ import annotations
 
 import builtins
-import contextvars
 import functools
 import importlib
 import inspect
-import json
-import logging
 import re
-import types
 
-from collections.abc import Awaitable, Callable, Generator, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from usercontext import (
@@ -39,6 +35,15 @@ from usercontext import (
     current,
     isolated,
     to_thread,
+)
+from usercontext._asgi_response import (
+    ASGIApp,
+    Receive,
+    Send,
+    _answer_crash,
+    _Request,
+    _send_json,
+    logger,
 )
 from usercontext._pending import Pending, pending, readers
 from usercontext.exceptions import _check_header, _phrase
@@ -63,20 +68,11 @@ __all__ = [
 
 T = TypeVar("T")
 
-Message = MutableMapping[str, Any]
-#: An ASGI ``receive`` callable.
-Receive = Callable[[], Awaitable[Message]]
-#: An ASGI ``send`` callable.
-Send = Callable[[Message], Awaitable[None]]
-#: An ASGI application.
-ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 #: A resolver: takes the ASGI scope, returns the request's context, or `None`
 #: to let it through with no user (or an awaitable of either).
 Resolver = Callable[
     [MutableMapping[str, Any]], "UserContext | Awaitable[UserContext | None] | None"
 ]
-
-logger = logging.getLogger("usercontext.asgi")
 
 #: The key of the ASGI scope under which the middleware keeps the `RequestState`.
 STATE_KEY = "usercontext"
@@ -85,10 +81,6 @@ STATE_KEY = "usercontext"
 # spaces, short enough for any log line.
 _GOOD_REQUEST_ID = re.compile(r"[!-~]{1,128}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-zA-Z-]+")
-_PROBLEM_JSON = (b"content-type", b"application/problem+json")
-# Responses that never have a body, and which Starlette sends without a
-# Content-Length: held like any response whose body comes in one message.
-_NO_BODY = frozenset((204, 304))
 # WebSocket close codes for a refused handshake (RFC 6455, IANA registry): a
 # client error is a policy violation; 429 and 503 say try again later; any
 # other server error, an internal error.
@@ -181,13 +173,6 @@ def request_state(scope: MutableMapping[str, Any]) -> RequestState:
         )
         raise NoContextError(msg)
     return state
-
-
-class _DisconnectedError(ConnectionError):
-    """
-    What the request's scope is closed with when the client left before the
-    response was complete: providers roll back, as for any failed request.
-    """
 
 
 class UserContextMiddleware:
@@ -651,402 +636,6 @@ def _http_exception(error: BaseException) -> _Refusal | None:
         _check_header(f"{type(error).__name__}(headers=...) raised by the resolver", name, value)
         headers.append((name.lower().encode("ascii"), value.encode("latin-1")))
     return _Refusal(status, body, headers)
-
-
-async def _send_json(
-    send: Send, kind: str, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]
-) -> None:
-    """
-    Send a problem document (RFC 9457, ``application/problem+json``) of
-    *status* and *body* (*kind* is ``http.response`` or a WebSocket's
-    ``websocket.http.response``) with the request id, which is the value of the
-    last of *headers*.
-
-    *body* holds ``detail`` and may hold ``type`` (``"about:blank"`` by
-    default), ``title`` (the status's reason phrase by default) and extension
-    members, such as ``error``.
-    """
-    problem = {
-        "type": body.get("type", "about:blank"),
-        "title": body.get("title") or _phrase(status)[0],
-        "status": status,
-        **body,
-        "request_id": headers[-1][1].decode("ascii"),
-    }
-    payload = json.dumps(problem).encode()
-    length = (b"content-length", str(len(payload)).encode("ascii"))
-    start = [_PROBLEM_JSON, length, *headers]
-    await send({"type": f"{kind}.start", "status": status, "headers": start})
-    await send({"type": f"{kind}.body", "body": payload})
-
-
-async def _call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-    return await fn(*args)
-
-
-@types.coroutine
-def _send_all(send: Send, messages: tuple[Message, ...]) -> Generator[Any, Any, None]:
-    # A generator rather than a coroutine: `next` steps it to its end without
-    # making a StopIteration (see _Request.send).
-    for message in messages:
-        yield from send(message).__await__()
-
-
-_UNSTARTED: Any = object()
-_DONE: Any = object()
-
-
-@types.coroutine
-def _in_context(
-    run: Callable[..., Any], coro: Any, yielded: Any = _UNSTARTED
-) -> Generator[Any, Any, Any]:
-    """
-    Await *coro* with each of its steps run by *run* (a Context's ``run``),
-    in the caller's task, as `usercontext.isolated` runs a request: a task
-    would cost more, and escape the caller's cancel scopes. If *coro* ran
-    its first step already, *yielded* is what that step yielded.
-    """
-    send = coro.send
-    if yielded is _UNSTARTED:
-        try:
-            yielded = run(send, None)
-        except StopIteration as e:
-            return e.value
-    while True:
-        try:
-            value = yield yielded
-        except GeneratorExit:
-            run(coro.close)
-            raise
-        except BaseException as e:  # noqa: BLE001  # thrown into the call, as a task would
-            step, value = coro.throw, e
-        else:
-            step = send
-        try:
-            yielded = run(step, value)
-        except StopIteration as e:
-            return e.value
-
-
-_STARTS = frozenset(("http.response.start", "websocket.accept", "websocket.http.response.start"))
-
-
-def _with_header_and_length(message: Message, header: tuple[bytes, bytes]) -> tuple[Message, bool]:
-    """
-    Return *message* with the *header* added unless it has one, and whether it
-    has a Content-Length, in one pass over its headers.
-    """
-    headers = message.get("headers") or []
-    if type(headers) is not list and type(headers) is not tuple:
-        # Any iterable will do (ASGI), but it must be read more than once here.
-        headers = list(headers)
-        message = {**message, "headers": headers}
-    name = header[0]
-    has_id = has_length = False
-    for key, _ in headers:
-        lower = key.lower()
-        if lower == b"content-length":
-            has_length = True
-        elif lower == name:
-            has_id = True
-    if not has_id:
-        message = {**message, "headers": [*headers, header]}
-    return message, has_length
-
-
-async def _answer_crash(
-    send: Send, scope: MutableMapping[str, Any], error: BaseException, header: tuple[bytes, bytes]
-) -> None:
-    """
-    Answer ``500`` with the request id for an application that raised *error*
-    before its response started, where a response can still be sent: the
-    error then propagates, for the server (and Starlette's
-    ``ServerErrorMiddleware``, which sees a response started) to log it.
-    """
-    if not isinstance(error, Exception):
-        return  # cancelled, or the process is stopping: no one waits for an answer
-    if scope["type"] == "http":
-        kind = "http.response"
-    elif "websocket.http.response" in scope.get("extensions", {}):
-        kind = "websocket.http.response"
-    else:
-        return  # the server refuses the handshake on its own
-    body = {
-        "error": "internal_error",
-        "detail": "The server failed to answer the request; its logs give the reason under "
-        "this request id.",
-    }
-    try:
-        await _send_json(send, kind, 500, body, [header])
-    except Exception:  # the client left: the application's error is the one to raise
-        request_id = header[1].decode("ascii")
-        logger.debug("The 500 for request %s could not be sent.", request_id, exc_info=True)
-
-
-async def _close(resources: Scope, error: BaseException | None) -> Exception | None:
-    """
-    Close a request's scope once its response is out (or the connection is
-    over): cleanup errors are logged, not raised; return the error, or `None`
-    if every cleanup succeeded.
-    """
-    try:
-        if error is None:
-            await resources.__aexit__(None, None, None)
-        else:  # the scope adds its cleanup errors to *error* as notes
-            await resources.__aexit__(type(error), error, error.__traceback__)
-    except Exception as e:  # noqa: BLE001  # each error was logged by the scope
-        logger.error(  # noqa: TRY400  # the scope logged each traceback already
-            "The resources of request %s were not all cleaned up: %s",
-            resources.ctx.request_id,
-            e,
-        )
-        return e
-    return None
-
-
-class _ResponseCutError(RuntimeError):
-    """
-    Raised into the application's last ``send`` of a response whose headers
-    are out when the request's cleanup failed: the last message is never sent,
-    and the server drops the connection, so the client sees a truncated
-    response, never a complete one.
-    """
-
-
-class _Request:
-    """
-    One request's link to the server: it sends the response, and closes the
-    request's scope at the right moment (see `UserContextMiddleware`). Calling
-    it calls the server's ``send``.
-
-    Servers start tasks and schedule callbacks from inside ``send`` and
-    ``receive``, and each copies the Context it is started from: uvicorn
-    starts the next pipelined request from the last ``send`` of the one
-    before, and resumes reading the socket from ``send`` and ``receive``.
-    Called under the request's `bind`, they would carry its user into the
-    next request, into an outer middleware and into the server's own log
-    lines. So every step of each call to the server runs in a copy of the
-    Context the middleware was called in, made with this object before the
-    request bound anything. The calls of one request share that copy: the
-    steps of two calls never nest (each ends at its next ``await``), so the
-    Context is never entered twice.
-    """
-
-    __slots__ = (
-        "_closed",
-        "_context",
-        "_cut",
-        "_disconnected",
-        "_header",
-        "_held",
-        "_resources",
-        "_send",
-        "_started",
-    )
-
-    _header: tuple[bytes, bytes]
-    _resources: Scope
-
-    def __init__(self, send: Send) -> None:
-        self._context = contextvars.copy_context()
-        self._send = send
-        self._held: Message | None = None  # a response start waiting for its body
-        self._started = False  # whether the server was given a response start
-        self._closed = False
-        self._disconnected = False
-        self._cut: _ResponseCutError | None = None
-
-    # -- calls into the server, in its Context
-
-    def __call__(self, message: Message) -> Awaitable[None]:
-        return _in_context(self._context.run, _call(self._send, message))
-
-    def send_all(self, *messages: Message) -> Awaitable[None]:
-        """
-        Send *messages* to the server in turn, in one call.
-        """
-        return _in_context(self._context.run, _send_all(self._send, messages))
-
-    def receive(self, receive: Receive) -> Awaitable[Message]:
-        """
-        Call the server's *receive*.
-        """
-        return _in_context(self._context.run, _call(receive))
-
-    # -- the request
-
-    async def run(
-        self,
-        app: ASGIApp,
-        scope: MutableMapping[str, Any],
-        receive: Receive,
-        resources: Scope,
-        header: tuple[bytes, bytes],
-    ) -> None:
-        """
-        Run *app* for an HTTP request with its scope of *resources*, and the
-        request id *header* on its response.
-        """
-        self._header = header
-        self._resources = resources
-
-        async def watch() -> Message:
-            message = await self.receive(receive)
-            # The scope is closed before the last message of a response is
-            # sent, so a disconnect seen while it is open is a client leaving.
-            if message["type"] == "http.disconnect":
-                self._disconnected = True
-            return message
-
-        await resources.__aenter__()
-        try:
-            await app(scope, watch, self.send)
-        except BaseException as e:
-            if not self._closed:
-                await self._close(e)
-            if not self._started:
-                self._held = None
-                await _answer_crash(self, scope, e, header)
-            raise
-        if not self._closed:
-            # The application returned before finishing its response, or the
-            # client left: close now, then pass on what is still held.
-            error = await self._close()
-            held = self._held
-            if held is not None:
-                self._held = None
-                self._started = True
-                if error is None:
-                    await self(held)
-                else:
-                    await self._send_failure()
-        elif self._cut is not None:
-            raise self._cut  # the application caught it: the server must still drop the connection
-
-    async def run_plain(
-        self,
-        app: ASGIApp,
-        scope: MutableMapping[str, Any],
-        receive: Receive,
-        resources: Scope | None,
-        header: tuple[bytes, bytes],
-    ) -> None:
-        """
-        Run *app* for a request that needs no more than the request id
-        *header* on its response: one without a scope, or a WebSocket, whose
-        scope of *resources* lives as long as the connection.
-        """
-        self._header = header
-        if resources is not None:
-            await resources.__aenter__()
-        try:
-            await app(scope, functools.partial(self.receive, receive), self.send_with_id)
-        except BaseException as e:
-            if resources is not None:
-                await _close(resources, e)
-            if not self._started:
-                await _answer_crash(self, scope, e, self._header)
-            raise
-        if resources is not None:
-            await _close(resources, None)
-
-    async def send_with_id(self, message: Message) -> None:
-        """
-        ``send`` adding the request id header to the response (or the
-        WebSocket accept, or denial response), unless the application set it
-        itself.
-        """
-        kind = message["type"]
-        if kind in _STARTS:
-            message = _with_header_and_length(message, self._header)[0]
-            self._started = True
-        await self(message)
-
-    async def _close(self, error: BaseException | None = None) -> Exception | None:
-        """
-        Close the scope (as failed if the client left); return the cleanup
-        error, or `None` if every cleanup succeeded.
-        """
-        self._closed = True
-        if error is None and self._disconnected:
-            error = _DisconnectedError("The client disconnected before the response was complete.")
-        return await _close(self._resources, error)
-
-    async def send(self, message: Message) -> None:
-        kind = message["type"]
-        if kind == "http.response.start":
-            message, has_length = _with_header_and_length(message, self._header)
-            if not self._closed and (has_length or message["status"] in _NO_BODY):
-                self._held = message  # sent with its body, after the cleanup
-                return
-            self._started = True
-            await self(message)
-            return
-        if self._closed:
-            await self(message)
-            return
-        if kind == "http.response.body":
-            final = not message.get("more_body", False)
-        else:
-            final = kind == "http.response.pathsend"
-        held = self._held
-        if held is not None:
-            self._held = None
-            self._started = True
-        if not final:
-            await self._forward(held, message)
-            return
-        # The last message tells the client that the response is complete,
-        # which it must not be if a commit failed: it waits for the cleanup.
-        error = await self._close()
-        if error is not None:
-            await self._fail(held, error)
-            return
-        # The server's sends, with their first step (most often the only one)
-        # inlined: this is every request's path.
-        steps = _send_all(self._send, (message,) if held is None else (held, message))
-        run = self._context.run
-        yielded = run(next, steps, _DONE)
-        if yielded is not _DONE:
-            await _in_context(run, steps, yielded)
-
-    async def _forward(self, held: Message | None, message: Message) -> None:
-        """
-        Send a body message that is not the last (after the *held* start).
-        """
-        try:
-            if held is None:
-                await self(message)
-            else:
-                await self.send_all(held, message)
-        except BaseException as e:
-            self._disconnected = True
-            await self._close(e)
-            raise
-
-    async def _fail(self, held: Message | None, error: Exception) -> None:
-        """
-        Answer for a response whose cleanup failed with *error*: ``500`` if
-        nothing was sent (its start is *held*), else cut it short.
-        """
-        if held is not None:
-            await self._send_failure()
-            return
-        self._cut = _ResponseCutError(
-            f"The resources of request {self._resources.ctx.request_id} were not all "
-            "cleaned up (a commit may have failed) after the response's headers were "
-            "sent, so the response was cut short: its last message was not sent, and "
-            "the connection must be dropped."
-        )
-        raise self._cut from error
-
-    async def _send_failure(self) -> None:
-        body = {
-            "error": "cleanup_failed",
-            "detail": "The request's resources could not be cleaned up (a commit may have "
-            "failed); its changes may not have been saved.",
-        }
-        await _send_json(self, "http.response", 500, body, [self._header])
 
 
 @overload
