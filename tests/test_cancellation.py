@@ -590,6 +590,7 @@ class TestEngineFactory:
         assert took < 1.0
         assert len(closed) == 1
         assert len(seen) == 1
+        assert str(seen[0]).endswith("the body was cancelled because aclose() was cancelled.")
         _settled(factory)
 
 

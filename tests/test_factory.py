@@ -1326,7 +1326,7 @@ class TestAclose:
         assert isinstance(results["stuck"], FactoryClosedError)
         assert str(results["stuck"]) == (
             "The EngineFactory was closed while user 'u-99' used an engine; the body was "
-            "cancelled after the close timeout."
+            "cancelled because the factory's close timeout of 0.3 s passed."
         )
         assert [e.closed for e in engines] == [1, 1]
         s = factory.stats()

@@ -434,8 +434,13 @@ class EngineFactory(Generic[E]):
                     await drained.wait()
             except BaseException as e:  # noqa: BLE001  # raised once everything is closed
                 cancelled = e
+            why = (
+                "aclose() was cancelled"
+                if cancelled is not None
+                else f"the factory's close timeout of {timeout:g} s passed"
+            )
             for use in list(self._uses):
-                use.abort()
+                use.abort(why)
             with anyio.CancelScope(shield=True):
                 try:
                     await shielded(drained.wait())
@@ -636,6 +641,7 @@ class _EngineUse(Generic[E]):
         "_made",
         "_scope",
         "_task",
+        "_why",
     )
     _scope: anyio.CancelScope | None
     _task: Any  # the asyncio or trio task that entered
@@ -644,9 +650,15 @@ class _EngineUse(Generic[E]):
         self._factory = factory
         self._ctx = ctx
         self._aborted = False
+        self._why = ""
 
-    def abort(self) -> None:
+    def abort(self, why: str) -> None:
+        """
+        Cut the body short because the factory is closing: *why* completes
+        "the body was cancelled because ..." in the error the body sees.
+        """
         self._aborted = True
+        self._why = why
         scope = self._scope
         if scope is not None:
             scope.cancel()  # a no-op once the body has ended
@@ -768,7 +780,7 @@ class _EngineUse(Generic[E]):
         elif caught:
             error = FactoryClosedError(
                 f"The EngineFactory was closed while user {ctx.user_id!r} used an engine; "
-                "the body was cancelled after the close timeout."
+                f"the body was cancelled because {self._why}."
             )
         elif errors and body_error is None:
             error = errors[0]
