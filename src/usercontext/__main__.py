@@ -110,14 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    interrupt: KeyboardInterrupt | None = None
     try:
         code = _report(args.report_parser, args)
     except KeyboardInterrupt as e:
         # Outside a section (a section's interruption is handled by the report).
         sys.stderr.write("\nusercontext report: interrupted.\n")
-        from usercontext._report import forget_interrupt
-
-        forget_interrupt(e)
+        interrupt = e
         code = 130
     except Exception as e:  # noqa: BLE001  # any crash exits with 2, described
         sys.stderr.write(
@@ -125,6 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             + "".join(traceback.format_exception(type(e), e, e.__traceback__))
         )
         return 2
+    if interrupt is not None:
+        # Outside the handler, where nothing else holds its traceback.
+        from usercontext._report import forget_interrupt
+
+        forget_interrupt(interrupt)
     return code
 
 

@@ -453,12 +453,13 @@ def run_report(  # noqa: PLR0913  # keyword-only options of one command
     started = time.perf_counter()
     results: list[tuple[Section, SectionResult]] = []
     stop: _Stop | None = None
+    interrupt: KeyboardInterrupt | None = None
     for section in sections:
         try:
             results.append((section, section.run(scale, progress)))
         except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001, PERF203  # reported below, with its traceback
             if isinstance(e, KeyboardInterrupt):
-                forget_interrupt(e)
+                interrupt = e  # forgotten once its handling ended (see below)
                 stop = _Stop(section, EXIT_INTERRUPTED)
                 err.write(f"\nusercontext report: interrupted in the {section.title} section.\n")
             else:
@@ -470,6 +471,11 @@ def run_report(  # noqa: PLR0913  # keyword-only options of one command
                 )
             results.append((section, progress.partial(section.key)))
             break
+    if interrupt is not None:
+        # Outside the handler: on Python 3.10 the thread's handled-exception
+        # state holds the traceback apart from the exception until then.
+        forget_interrupt(interrupt)
+        interrupt = None
     wall_s = time.perf_counter() - started
 
     rows = [row for _, result in results for row in result.rows]
