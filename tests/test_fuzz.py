@@ -27,15 +27,9 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-ID_FIELDS = (
-    "user_id",
-    "thread_id",
-    "run_id",
-    "request_id",
-    "connection_id",
-    "parent_request_id",
-)
-FIELDS = (*ID_FIELDS, "depth", "created_at", "metadata")
+# The fuzzing covers every field the class has: its own lists of them.
+ID_FIELDS = _context._ID_FIELDS
+FIELDS = _context._FIELDS
 CHILD_FIELDS = ("thread_id", "run_id", "connection_id", "metadata")
 HEADER_OF = {f: "x-usercontext-" + f.replace("_", "-") for f in FIELDS}
 BASE = {"user_id": "u-1", "thread_id": "t-1", "run_id": "r-1"}
