@@ -422,19 +422,17 @@ class UserContextMiddleware:
             except Exception as e:
                 # A resolver that crashed (not a refusal): the client still
                 # gets a 500 with the id it can quote, and the error goes on.
-                crashed = (request or Pending(incoming, make_id)).get()
+                crashed = _id_of(request, incoming, make_id)
                 await _answer_crash(server, scope, e, (self._header, crashed.encode("ascii")))
                 raise
             if isinstance(outcome, _Refusal):
-                await self._refuse(
-                    scope, send, outcome, (request or Pending(incoming, make_id)).get()
-                )
+                await self._refuse(scope, send, outcome, _id_of(request, incoming, make_id))
                 return
             ctx = outcome
         if ctx is None:
             # No user: nothing to bind, no scope to open.
             scope[STATE_KEY] = None
-            anonymous = (request or Pending(incoming, make_id)).get()
+            anonymous = _id_of(request, incoming, make_id)
             header = (self._header, anonymous.encode("ascii"))
             await server.run_plain(self.app, scope, receive, None, header)
             return
@@ -442,7 +440,7 @@ class UserContextMiddleware:
         # they asked for it), or a new one from the factory.
         chosen = incoming if request is None else request.id
         if make_id is not None:
-            chosen = (request or Pending(incoming, make_id)).get()
+            chosen = _id_of(request, incoming, make_id)
         if chosen is not None and chosen != ctx.request_id:
             try:  # noqa: SIM105  # contextlib.suppress costs an object per request
                 ctx = ctx.evolve(request_id=chosen)
@@ -489,6 +487,14 @@ class UserContextMiddleware:
 
 
 _RETRY_LATER = frozenset((429, 503))
+
+
+def _id_of(request: Pending | None, incoming: str | None, make: Callable[[], str] | None) -> str:
+    """
+    Return the id a request answers with: the one its logs carry already
+    (*request*), else the client's *incoming* id if valid, else a new one.
+    """
+    return (request or Pending(incoming, make)).get()
 
 
 def _name(fn: object) -> str:
