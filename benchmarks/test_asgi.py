@@ -149,7 +149,7 @@ def _resolve(scope):
             return uc.UserContext(
                 user_id=value.decode("latin-1"), thread_id="t-web", run_id="r-web"
             )
-    raise uc.Unauthenticated("Send the user id in the x-user-id header.")
+    raise uc.UnauthenticatedError("Send the user id in the x-user-id header.")
 
 
 class Session:

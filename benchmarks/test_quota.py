@@ -120,7 +120,7 @@ def test_reject_raise_floor(benchmark, loop):
 @pytest.mark.benchmark(group="quota: reject by raising")
 def test_acquire_timeout_zero(benchmark, loop):
     """
-    `await quota.acquire(key, timeout=0)` raising `QuotaExceeded`, caught.
+    `await quota.acquire(key, timeout=0)` raising `QuotaExceededError`, caught.
     Target: <= 1.5x the floor.
     """
     quota = uc.LocalQuota(2)
@@ -130,7 +130,7 @@ def test_acquire_timeout_zero(benchmark, loop):
         for _ in range(BATCH):
             try:
                 await quota.acquire("u-42", timeout=0)
-            except uc.QuotaExceeded:
+            except uc.QuotaExceededError:
                 pass
 
     benchmark(lambda: loop.run_until_complete(batch()))

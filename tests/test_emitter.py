@@ -935,7 +935,7 @@ class TestStalledSink:
     async def test_block_timeout(self, ctx):
         """
         Under "block", an emit waits up to its timeout and then raises
-        EmitterTimeout; timeout=0 raises at once; the wait changes nothing.
+        EmitterTimeoutError; timeout=0 raises at once; the wait changes nothing.
         """
         sink = GateSink()
         async with uc.EmitterHub(maxsize=2, overflow="block", timeout=0.05) as hub:
@@ -944,7 +944,7 @@ class TestStalledSink:
             emitter.emit_nowait(TYPE)
             await sink.started.wait()
             emitter.emit_nowait(TYPE)
-            with pytest.raises(uc.EmitterTimeout) as ei:
+            with pytest.raises(uc.EmitterTimeoutError) as ei:
                 await emitter.emit(TYPE)
             with pytest.raises(uc.EmitterFullError) as now:
                 await emitter.emit(TYPE, timeout=0)
@@ -957,7 +957,7 @@ class TestStalledSink:
         assert ei.value.timeout == 0.05
         assert isinstance(ei.value, TimeoutError)
         assert "Waited" in str(ei.value)
-        assert not isinstance(now.value, uc.EmitterTimeout)
+        assert not isinstance(now.value, uc.EmitterTimeoutError)
         assert (stats.emitted, stats.timed_out, stats.rejected) == (2, 1, 1)
         assert stats.sinks[0].pending == 2
         assert hub._streams == {}
@@ -979,7 +979,7 @@ class TestStalledSink:
             async def produce(name, timeout=None):
                 try:
                     event = await emitter.emit(TYPE, {"name": name}, timeout=timeout)
-                except uc.EmitterTimeout:
+                except uc.EmitterTimeoutError:
                     order.append(f"{name} gave up")
                 else:
                     order.append((name, event.seq))

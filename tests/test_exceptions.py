@@ -25,10 +25,10 @@ def public_exceptions() -> list[type[BaseException]]:
 # Errors built with positional arguments that their __str__ reads back.
 SAMPLES = {
     exceptions.QuotaError: ("u-1", 2, "key", 2, 0.25, 1.0),
-    exceptions.QuotaExceeded: ("u-1", 2, "key", 2, 0.0, 0),
-    exceptions.QuotaTimeout: ("u-1", 10, "total", 10, 1.5, 1.5),
+    exceptions.QuotaExceededError: ("u-1", 2, "key", 2, 0.0, 0),
+    exceptions.QuotaTimeoutError: ("u-1", 10, "total", 10, 1.5, 1.5),
     exceptions.EmitterFullError: ("u-1", 100, "error", True, 0.0, None),
-    exceptions.EmitterTimeout: ("u-1", 100, "block", False, 2.0, 2.0),
+    exceptions.EmitterTimeoutError: ("u-1", 100, "block", False, 2.0, 2.0),
 }
 # What to pass for an argument of __init__, by its annotation (its first type).
 BY_ANNOTATION = {
@@ -97,7 +97,7 @@ class TestPickle:
 
         assert exceptions.UserContextError in found
         assert exceptions.InvalidContextError in found
-        assert exceptions.QuotaTimeout in found
+        assert exceptions.QuotaTimeoutError in found
         assert len(found) >= 17
         assert all(issubclass(cls, exceptions.UserContextError) for cls in found)
 

@@ -34,8 +34,8 @@ from usercontext import Lease, LocalQuota, Quota, QuotaStats, ThreadQuota
 from usercontext.exceptions import (
     LeaseReleasedError,
     QuotaError,
-    QuotaExceeded,
-    QuotaTimeout,
+    QuotaExceededError,
+    QuotaTimeoutError,
     UserContextError,
 )
 
@@ -149,14 +149,14 @@ class TestQuotaContract:
         leases = [await k.acquire("a"), await k.acquire("a")]
 
         assert q.try_acquire("a") is None
-        with pytest.raises(QuotaExceeded) as ei:
+        with pytest.raises(QuotaExceededError) as ei:
             await k.acquire("a", timeout=0)
         e = ei.value
         assert (e.key, e.limit, e.scope, e.in_use, e.waited, e.timeout) == ("a", 2, "key", 2, 0, 0)
 
         leases.append(await k.acquire("b"))
         assert q.try_acquire("b") is None
-        with pytest.raises(QuotaExceeded) as ei:
+        with pytest.raises(QuotaExceededError) as ei:
             await k.acquire("c", timeout=0)
         e = ei.value
         assert (e.key, e.limit, e.scope, e.in_use) == ("c", 3, "total", 3)
@@ -180,7 +180,7 @@ class TestQuotaContract:
 
         assert [lease is not None for lease in paid] == [True] * 5 + [False]
         assert [lease is not None for lease in free] == [True, False]
-        with pytest.raises(QuotaExceeded) as ei:
+        with pytest.raises(QuotaExceededError) as ei:
             await k.acquire("paid-1", timeout=0)
         assert (ei.value.limit, ei.value.in_use, ei.value.scope) == (5, 5, "key")
         for lease in paid + free:
@@ -226,7 +226,7 @@ class TestQuotaContract:
     )
     async def test_timeout_raises_quota_timeout(self, make, case):
         """
-        A positive timeout gives up after about that long with QuotaTimeout, a
+        A positive timeout gives up after about that long with QuotaTimeoutError, a
         TimeoutError and QuotaError carrying the figures; only timed_out changes.
         """
         per_key, total, scope, limit, where = case
@@ -235,7 +235,7 @@ class TestQuotaContract:
         before = _counters(k.quota.stats())
 
         start = time.perf_counter()
-        with pytest.raises(QuotaTimeout) as ei:
+        with pytest.raises(QuotaTimeoutError) as ei:
             await k.acquire("a", timeout=0.2)
         elapsed = time.perf_counter() - start
 
@@ -259,7 +259,7 @@ class TestQuotaContract:
     @pytest.mark.parametrize("timeout", [0, 0.0, -1])
     async def test_timeout_zero_rejects_at_once(self, make, timeout):
         """
-        timeout=0 (or below) raises QuotaExceeded at once, without queueing;
+        timeout=0 (or below) raises QuotaExceededError at once, without queueing;
         only the rejected counter changes.
         """
         k = make(per_key=1)
@@ -267,7 +267,7 @@ class TestQuotaContract:
         before = _counters(k.quota.stats())
 
         start = time.perf_counter()
-        with pytest.raises(QuotaExceeded) as ei:
+        with pytest.raises(QuotaExceededError) as ei:
             await k.acquire("a", timeout=timeout)
         assert time.perf_counter() - start < 0.1
 
@@ -318,7 +318,7 @@ class TestQuotaContract:
             await _enqueue(tg, k, "w", "a", log)
             limits["a"] = 2
             assert q.try_acquire("a") is None
-            with pytest.raises(QuotaExceeded):
+            with pytest.raises(QuotaExceededError):
                 await k.acquire("a", timeout=0)
             assert q.stats().in_use == 1
             holder.release()
@@ -484,9 +484,9 @@ class TestQuotaContract:
             first.in_use = 0
 
         assert q.try_acquire("c") is None
-        with pytest.raises(QuotaExceeded):
+        with pytest.raises(QuotaExceededError):
             await k.acquire("c", timeout=0)
-        with pytest.raises(QuotaTimeout):
+        with pytest.raises(QuotaTimeoutError):
             await k.acquire("c", timeout=0.05)
 
         log = []
@@ -538,7 +538,7 @@ class TestQuotaContract:
         k = make(per_key=1)
         q = k.quota
         lease = q.try_acquire("a")
-        with pytest.raises(QuotaTimeout):
+        with pytest.raises(QuotaTimeoutError):
             await k.acquire("a", timeout=0.01)
         assert q._waiters == {}
         assert dict(q._in_use) == {"a": 1}
@@ -649,7 +649,7 @@ class TestLoopClock:
     )
     async def test_timeout_waited_on_the_loop_clock(self, anyio_backend):
         """
-        QuotaTimeout reports the wait measured by the event loop's clock, the
+        QuotaTimeoutError reports the wait measured by the event loop's clock, the
         one its timeout runs on: 30.000 s under trio's autojump clock (which
         takes no wall time at all), and the real wait on asyncio.
         """
@@ -659,7 +659,7 @@ class TestLoopClock:
         holder = await q.acquire("a")
 
         loop_start, wall_start = anyio.current_time(), time.monotonic()
-        with pytest.raises(QuotaTimeout) as ei:
+        with pytest.raises(QuotaTimeoutError) as ei:
             await q.acquire("a", timeout=timeout)
         loop_elapsed = anyio.current_time() - loop_start
         wall_elapsed = time.monotonic() - wall_start
@@ -1034,7 +1034,7 @@ class TestLocalQuota:
                     log = []
                     async with anyio.create_task_group() as tg:
                         await _enqueue(tg, k, "w", key, log)
-                        with pytest.raises(QuotaTimeout):
+                        with pytest.raises(QuotaTimeoutError):
                             await q.acquire(key, timeout=0.001)
                         with anyio.CancelScope() as scope:
                             scope.cancel()

@@ -33,7 +33,12 @@ from hypothesis.stateful import (
 )
 
 from usercontext import Lease, LocalQuota
-from usercontext.exceptions import LeaseReleasedError, QuotaError, QuotaExceeded, QuotaTimeout
+from usercontext.exceptions import (
+    LeaseReleasedError,
+    QuotaError,
+    QuotaExceededError,
+    QuotaTimeoutError,
+)
 
 
 KEYS = ("a", "b", "c")
@@ -65,7 +70,7 @@ async def _run_waiter(quota, waiter):
         waiter.entered = True
         try:
             waiter.lease = await quota.acquire(waiter.key, timeout=waiter.timeout)
-        except QuotaTimeout as e:
+        except QuotaTimeoutError as e:
             waiter.error = e
     waiter.done = True
 
@@ -199,7 +204,7 @@ class QuotaMachine(RuleBasedStateMachine):
         if how == "try_acquire":
             assert got is None
         else:
-            assert isinstance(got, QuotaExceeded)
+            assert isinstance(got, QuotaExceededError)
             self._check_refusal(got, key)
         self.rejected += 1
 
@@ -250,7 +255,7 @@ class QuotaMachine(RuleBasedStateMachine):
         self._start(w)
         self._settle(w, patience=5.0)
         if not free:
-            assert isinstance(w.error, QuotaTimeout)
+            assert isinstance(w.error, QuotaTimeoutError)
             assert w.error.waited >= 0.002
             self._check_refusal(w.error, key)
             self.timed_out += 1

@@ -12,11 +12,11 @@ import pytest
 import usercontext as uc
 
 from usercontext.exceptions import (
-    Forbidden,
-    RequestRefused,
-    ServiceUnavailable,
-    TooManyRequests,
-    Unauthenticated,
+    ForbiddenError,
+    RequestRefusedError,
+    ServiceUnavailableError,
+    TooManyRequestsError,
+    UnauthenticatedError,
 )
 
 
@@ -26,7 +26,7 @@ class TestRequestRefused:
         A refusal keeps every member of its problem document; the title and
         the error code default to the status's phrase and name.
         """
-        e = RequestRefused("No tea here.", status=418)
+        e = RequestRefusedError("No tea here.", status=418)
 
         assert (e.status, e.title, e.type, e.error, e.detail) == (
             418,
@@ -44,7 +44,7 @@ class TestRequestRefused:
         """
         Title, type, error code and headers given are kept as given.
         """
-        e = RequestRefused(
+        e = RequestRefusedError(
             "Your plan does not include exports.",
             status=402,
             title="Upgrade needed",
@@ -64,7 +64,7 @@ class TestRequestRefused:
         """
         A status HTTP does not name gets the title "Error".
         """
-        e = RequestRefused("odd", status=599)
+        e = RequestRefusedError("odd", status=599)
 
         assert (e.title, e.error) == ("Error", "error")
 
@@ -76,7 +76,7 @@ class TestRequestRefused:
         *retry_after* is rounded up to whole seconds, at least 1, and becomes
         the Retry-After header.
         """
-        e = TooManyRequests(retry_after=retry_after)
+        e = TooManyRequestsError(retry_after=retry_after)
 
         assert e.retry_after == int(header)
         assert e.headers == {"Retry-After": header}
@@ -103,14 +103,14 @@ class TestRequestRefused:
         argument.
         """
         with pytest.raises(error, match=match):
-            RequestRefused("d", **kwargs)
+            RequestRefusedError("d", **kwargs)
 
     def test_detail_must_be_a_str(self):
         """
         The detail is the text the client reads: it must be a str.
         """
-        with pytest.raises(TypeError, match=r"^RequestRefused\(detail=\.\.\.\) must be a str"):
-            RequestRefused({"why": "no"}, status=400)
+        with pytest.raises(TypeError, match=r"^RequestRefusedError\(detail=\.\.\.\) must be a str"):
+            RequestRefusedError({"why": "no"}, status=400)
 
     @pytest.mark.parametrize(
         "value",
@@ -130,7 +130,7 @@ class TestRequestRefused:
         message naming the header and the character: it is never sent.
         """
         with pytest.raises(ValueError, match=r"the value of header 'X-Why' holds") as e:
-            RequestRefused("d", status=403, headers={"X-Why": value})
+            RequestRefusedError("d", status=403, headers={"X-Why": value})
 
         assert "which a header cannot carry" in str(e.value)
 
@@ -139,7 +139,7 @@ class TestRequestRefused:
         A tab and Latin-1 characters are legal in a header value (RFC 9110
         obs-text).
         """
-        e = Forbidden(headers={"X-Why": "a\tb caf\xe9"})
+        e = ForbiddenError(headers={"X-Why": "a\tb caf\xe9"})
 
         assert e.headers == {"X-Why": "a\tb caf\xe9"}
 
@@ -149,7 +149,7 @@ class TestRequestRefused:
         A header name that is not an HTTP token is refused.
         """
         with pytest.raises(ValueError, match=r"has an invalid header name"):
-            RequestRefused("d", status=403, headers={name: "v"})
+            RequestRefusedError("d", status=403, headers={name: "v"})
 
     def test_header_values_must_be_str(self):
         """
@@ -158,18 +158,18 @@ class TestRequestRefused:
         with pytest.raises(
             TypeError, match=r"the value of header 'X-Count' must be a str, got int"
         ):
-            RequestRefused("d", status=403, headers={"X-Count": 3})
+            RequestRefusedError("d", status=403, headers={"X-Count": 3})
 
 
 class TestFamily:
     def test_unauthenticated(self):
         """
-        `Unauthenticated` is the 401 refusal: its challenge is the
+        `UnauthenticatedError` is the 401 refusal: its challenge is the
         WWW-Authenticate header, and it stays a PermissionError.
         """
-        e = Unauthenticated("The token expired.", challenge='Bearer error="invalid_token"')
+        e = UnauthenticatedError("The token expired.", challenge='Bearer error="invalid_token"')
 
-        assert isinstance(e, RequestRefused)
+        assert isinstance(e, RequestRefusedError)
         assert isinstance(e, PermissionError)
         assert (e.status, e.title, e.error, e.detail) == (
             401,
@@ -185,7 +185,7 @@ class TestFamily:
         By default the message asks for authentication and the challenge is
         Bearer; extra headers are kept beside the challenge.
         """
-        e = Unauthenticated(headers={"X-Login": "/login"})
+        e = UnauthenticatedError(headers={"X-Login": "/login"})
 
         assert str(e) == "Authentication is required."
         assert e.headers == {"WWW-Authenticate": "Bearer", "X-Login": "/login"}
@@ -195,15 +195,17 @@ class TestFamily:
         A challenge with CR or LF (a header injection) is refused when the
         exception is made.
         """
-        with pytest.raises(ValueError, match=r"^Unauthenticated\(challenge=\.\.\.\): the value"):
-            Unauthenticated(challenge="Bearer\r\nSet-Cookie: session=stolen")
+        with pytest.raises(
+            ValueError, match=r"^UnauthenticatedError\(challenge=\.\.\.\): the value"
+        ):
+            UnauthenticatedError(challenge="Bearer\r\nSet-Cookie: session=stolen")
 
     @pytest.mark.parametrize(
         ("error", "status", "code", "builtin"),
         [
-            (Forbidden(), 403, "forbidden", PermissionError),
-            (TooManyRequests(), 429, "too_many_requests", RequestRefused),
-            (ServiceUnavailable(), 503, "service_unavailable", RequestRefused),
+            (ForbiddenError(), 403, "forbidden", PermissionError),
+            (TooManyRequestsError(), 429, "too_many_requests", RequestRefusedError),
+            (ServiceUnavailableError(), 503, "service_unavailable", RequestRefusedError),
         ],
     )
     def test_statuses(self, error, status, code, builtin):
@@ -211,7 +213,7 @@ class TestFamily:
         Each member of the family has its status and code, and a default
         detail for the client.
         """
-        assert isinstance(error, RequestRefused)
+        assert isinstance(error, RequestRefusedError)
         assert isinstance(error, builtin)
         assert (error.status, error.error) == (status, code)
         assert error.detail
@@ -220,10 +222,10 @@ class TestFamily:
         """
         The family is importable from `usercontext` too.
         """
-        assert uc.RequestRefused is RequestRefused
-        assert uc.Forbidden is Forbidden
-        assert uc.TooManyRequests is TooManyRequests
-        assert uc.ServiceUnavailable is ServiceUnavailable
+        assert uc.RequestRefusedError is RequestRefusedError
+        assert uc.ForbiddenError is ForbiddenError
+        assert uc.TooManyRequestsError is TooManyRequestsError
+        assert uc.ServiceUnavailableError is ServiceUnavailableError
 
 
 class TestPickle:
@@ -231,13 +233,15 @@ class TestPickle:
     @pytest.mark.parametrize(
         "make",
         [
-            lambda: RequestRefused(
+            lambda: RequestRefusedError(
                 "No tea.", status=418, type="https://example.com/tea", headers={"X-A": "1"}
             ),
-            lambda: Unauthenticated("The token expired.", challenge='Bearer error="invalid_token"'),
-            lambda: Forbidden("Not your document.", error="not_owner"),
-            lambda: TooManyRequests(retry_after=2.5),
-            lambda: ServiceUnavailable("Down for maintenance.", retry_after=30),
+            lambda: UnauthenticatedError(
+                "The token expired.", challenge='Bearer error="invalid_token"'
+            ),
+            lambda: ForbiddenError("Not your document.", error="not_owner"),
+            lambda: TooManyRequestsError(retry_after=2.5),
+            lambda: ServiceUnavailableError("Down for maintenance.", retry_after=30),
         ],
         ids=["RequestRefused", "Unauthenticated", "Forbidden", "TooManyRequests", "Unavailable"],
     )
@@ -268,7 +272,7 @@ class TestPickle:
         A user's subclass whose constructor takes other arguments round-trips
         too: unpickling does not call it.
         """
-        copy = pickle.loads(pickle.dumps(PlanLimit("exports", 3)))  # noqa: S301  # our own pickle
+        copy = pickle.loads(pickle.dumps(PlanLimitError("exports", 3)))  # noqa: S301  # our own pickle
 
         assert (copy.feature, copy.limit, copy.status, copy.detail) == (
             "exports",
@@ -278,7 +282,7 @@ class TestPickle:
         )
 
 
-class PlanLimit(RequestRefused):
+class PlanLimitError(RequestRefusedError):
     """
     A user's refusal, built from its own arguments.
     """

@@ -371,7 +371,7 @@ class TestRegistry:
         close must be callable or None; anything else is refused at
         registration and nothing is registered.
         """
-        message = f"close must be callable or None, got {close!r}."
+        message = f"close must be a callable or None, got {close!r}."
 
         with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
             registry.register("db", lambda c: "db", close=close)

@@ -18,7 +18,7 @@ import pytest
 
 import usercontext
 
-from usercontext import AGENT_STARTED, Unauthenticated, UserContext, _report
+from usercontext import AGENT_STARTED, UnauthenticatedError, UserContext, _report
 from usercontext import _report_http as http
 from usercontext.__main__ import main
 
@@ -204,7 +204,7 @@ class TestService:
 
         assert ctx.user_id == "user-042"
         for headers in ([(b"authorization", b"Bearer nope")], [(b"host", b"x")]):
-            with pytest.raises(Unauthenticated):
+            with pytest.raises(UnauthenticatedError):
                 http.resolve({"headers": headers})
 
     def test_settle_waits_for_deliveries(self):

@@ -32,6 +32,7 @@ import anyio
 import anyio.lowlevel
 import attrs
 
+from . import _checks
 from ._context import UserContext
 from ._current import _get as _current_or_none
 from ._current import current
@@ -39,7 +40,7 @@ from ._util import describe, logger, shielded
 from .exceptions import (
     EmitterClosedError,
     EmitterFullError,
-    EmitterTimeout,
+    EmitterTimeoutError,
     IsolationError,
     SinkClosedError,
 )
@@ -482,9 +483,9 @@ def _new_event(  # noqa: PLR0913, PLR0917  # every field of an event, on the hot
     ev.thread_id = thread_id
     ev.run_id = run_id
     ev.request_id = request_id
-    ev._data_json = data_json  # noqa: SLF001
-    ev._ids_json = ids_json  # noqa: SLF001
-    ev._json = None  # noqa: SLF001
+    ev._data_json = data_json
+    ev._ids_json = ids_json
+    ev._json = None
     ev.__class__ = Event  # type: ignore[assignment]
     return ev  # type: ignore[return-value]
 
@@ -609,30 +610,6 @@ class CallbackSink:
 # -- Policies and reports ------------------------------------------------------
 
 
-def _seconds(name: str, value: object, *, allow_none: bool, zero_ok: bool) -> None:
-    if value is None and allow_none:
-        return
-    if value.__class__ not in (int, float):
-        msg = (
-            f"{name} must be a number of seconds{' or None' if allow_none else ''}, got {value!r}."
-        )
-        raise TypeError(msg)
-    assert isinstance(value, (int, float))  # noqa: S101  # for mypy
-    if math.isnan(value) or value < 0 or (value == 0 and not zero_ok):
-        msg = f"{name} must be {'>= 0' if zero_ok else '> 0'} seconds, got {value!r}."
-        raise ValueError(msg)
-
-
-def _count(name: str, value: object, minimum: int) -> None:
-    if value.__class__ is not int:
-        msg = f"{name} must be an int, got {value!r}."
-        raise TypeError(msg)
-    assert isinstance(value, int)  # noqa: S101  # for mypy
-    if value < minimum:
-        msg = f"{name} must be at least {minimum}, got {value}."
-        raise ValueError(msg)
-
-
 @attrs.frozen
 class Retry:
     """
@@ -662,10 +639,10 @@ class Retry:
     jitter: bool = True
 
     def __attrs_post_init__(self) -> None:
-        _count("Retry.attempts", self.attempts, 1)
-        _seconds("Retry.backoff", self.backoff, allow_none=False, zero_ok=True)
-        _seconds("Retry.max_backoff", self.max_backoff, allow_none=False, zero_ok=True)
-        _seconds("Retry.timeout", self.timeout, allow_none=True, zero_ok=False)
+        _checks.count("Retry.attempts", self.attempts, minimum=1)
+        _checks.seconds("Retry.backoff", self.backoff, allow_none=False, zero_ok=True)
+        _checks.seconds("Retry.max_backoff", self.max_backoff, allow_none=False, zero_ok=True)
+        _checks.seconds("Retry.timeout", self.timeout, allow_none=True, zero_ok=False)
         jitter: object = self.jitter
         if jitter.__class__ is not bool:
             msg = f"Retry.jitter must be a bool, got {self.jitter!r}."
@@ -959,7 +936,7 @@ class Attachment:
         """
         Detach the sink, as `EmitterHub.detach` does; return the events dropped.
         """
-        return self._hub._detach(self._attached)  # noqa: SLF001
+        return self._hub._detach(self._attached)
 
     async def wait(self) -> None:
         """
@@ -1081,7 +1058,7 @@ class Emitter:
         """
         ev = self._emit(type, data, None)
         if ev is None:
-            raise self._hub._full_error(self.user_id, type, 0.0, None)  # noqa: SLF001
+            raise self._hub._full_error(self.user_id, type, 0.0, None)
         return ev
 
     async def emit(
@@ -1101,7 +1078,7 @@ class Emitter:
         is validated, and its data copied, when it is called, before it waits.
 
         Raises:
-            usercontext.exceptions.EmitterTimeout: If no room came in time.
+            usercontext.exceptions.EmitterTimeoutError: If no room came in time.
             usercontext.exceptions.EmitterFullError: Under the ``error`` policy,
                 or with ``timeout=0`` when it would have to wait.
             usercontext.exceptions.EmitterClosedError: After the hub closed, or
@@ -1110,13 +1087,13 @@ class Emitter:
             ValueError: See `emit_nowait`, or if *timeout* is negative.
         """
         if timeout is _UNSET:
-            timeout = self._hub._timeout  # noqa: SLF001
+            timeout = self._hub._timeout
         else:
-            _seconds("timeout", timeout, allow_none=True, zero_ok=True)
+            _checks.seconds("timeout", timeout, allow_none=True, zero_ok=True)
         ev = self._emit(type, data, None)
         if ev is not None:
             return ev
-        return await self._hub._wait_and_emit(self, type, data, timeout)  # noqa: SLF001
+        return await self._hub._wait_and_emit(self, type, data, timeout)
 
     def _emit(  # noqa: C901, PLR0912, PLR0915  # the hot path, written out
         self, kind: str, data: object, me: _Waiter | None
@@ -1144,17 +1121,17 @@ class Emitter:
                 data_json = "{}"
             else:
                 frozen, data_json = _freeze(data)
-                if len(data_json) > hub._max_event_size:  # noqa: SLF001
-                    raise hub._size_error(len(data_json))  # noqa: SLF001
+                if len(data_json) > hub._max_event_size:
+                    raise hub._size_error(len(data_json))
         else:
             kind, frozen, data_json = me.kind, me.frozen, me.data_json
-        maxsize = hub._maxsize  # noqa: SLF001
+        maxsize = hub._maxsize
         sinks = s.sinks
         for a in sinks:
             if len(a.queue) + a.inflight >= maxsize:
-                return hub._overflow_emit(self, s, kind, frozen, data_json, me)  # noqa: SLF001
+                return hub._overflow_emit(self, s, kind, frozen, data_json, me)
         if s.waiters and s.waiters[0] is not me:
-            return hub._overflow_emit(self, s, kind, frozen, data_json, me)  # noqa: SLF001
+            return hub._overflow_emit(self, s, kind, frozen, data_json, me)
         ctx = self._ctx
         seq = s.seq = s.seq + 1
         ts = s.last = _time()
@@ -1169,9 +1146,9 @@ class Emitter:
         ev.thread_id = ctx.thread_id
         ev.run_id = ctx.run_id
         ev.request_id = ctx.request_id
-        ev._data_json = data_json  # noqa: SLF001
-        ev._ids_json = self._ids  # noqa: SLF001
-        ev._json = None  # noqa: SLF001
+        ev._data_json = data_json
+        ev._ids_json = self._ids
+        ev._json = None
         ev.__class__ = Event
         event: Event = ev
         if sinks:
@@ -1180,10 +1157,10 @@ class Emitter:
                 if a.waiter is not None:
                     a.wake()
         else:
-            hub._unrouted += 1  # noqa: SLF001
+            hub._unrouted += 1
         if s.history is not None:
             s.history.append(event)
-        hub._emitted += 1  # noqa: SLF001
+        hub._emitted += 1
         return event
 
     def _prepare(self, kind: str, data: object) -> _Waiter:
@@ -1223,7 +1200,7 @@ class Emitter:
         """
         Return the user's stream anew after it was evicted, or raise if closed.
         """
-        s = self._stream = self._hub._stream_of(self.user_id)  # noqa: SLF001
+        s = self._stream = self._hub._stream_of(self.user_id)
         return s
 
     def _isolation_error(self, other: str) -> IsolationError:
@@ -1318,7 +1295,7 @@ class EmitterHub:
         max_event_size: int = 1 << 20,
         on_dead_letter: Callable[[DeadLetter], object] | None = None,
     ) -> None:
-        _count("maxsize", maxsize, 1)
+        _checks.count("maxsize", maxsize, minimum=1)
         if overflow not in _OVERFLOWS:
             msg = f"overflow must be one of {', '.join(map(repr, _OVERFLOWS))}; got {overflow!r}."
             raise ValueError(msg)
@@ -1336,16 +1313,13 @@ class EmitterHub:
         if policy is not None and not isinstance(policy, Retry):
             msg = f"retry must be a usercontext.Retry, got {type(retry).__name__}."
             raise TypeError(msg)
-        _count("replay", replay, 0)
-        _seconds("timeout", timeout, allow_none=True, zero_ok=True)
-        _seconds("idle_ttl", idle_ttl, allow_none=False, zero_ok=False)
-        _count("max_batch", max_batch, 1)
-        _seconds("drain_timeout", drain_timeout, allow_none=False, zero_ok=True)
-        _count("max_event_size", max_event_size, 2)
-        hook: object = on_dead_letter
-        if hook is not None and not callable(hook):
-            msg = f"on_dead_letter must be a callable, got {on_dead_letter!r}."
-            raise TypeError(msg)
+        _checks.count("replay", replay, minimum=0)
+        _checks.seconds("timeout", timeout, allow_none=True, zero_ok=True)
+        _checks.seconds("idle_ttl", idle_ttl, allow_none=False, zero_ok=False)
+        _checks.count("max_batch", max_batch, minimum=1)
+        _checks.seconds("drain_timeout", drain_timeout, allow_none=False, zero_ok=True)
+        _checks.count("max_event_size", max_event_size, minimum=2)
+        _checks.function("on_dead_letter", on_dead_letter, allow_none=True)
         self._maxsize = maxsize
         self._overflow: Overflow = overflow
         # A notice of missed events is never dropped either: the client would
@@ -1431,7 +1405,7 @@ class EmitterHub:
         Leaving ``async with`` calls it.
         """
         if drain_timeout is not None:
-            _seconds("drain_timeout", drain_timeout, allow_none=False, zero_ok=True)
+            _checks.seconds("drain_timeout", drain_timeout, allow_none=False, zero_ok=True)
         if self._state == "new":
             self._state = "closed"
             return
@@ -1663,7 +1637,9 @@ class EmitterHub:
         critical = kind in self._critical
         if waited:
             self._timed_out += 1
-            return EmitterTimeout(user_id, self._maxsize, self._overflow, critical, waited, timeout)
+            return EmitterTimeoutError(
+                user_id, self._maxsize, self._overflow, critical, waited, timeout
+            )
         self._rejected += 1
         return EmitterFullError(user_id, self._maxsize, self._overflow, critical, waited, timeout)
 
@@ -1710,7 +1686,7 @@ class EmitterHub:
                 if victim is None and critical:
                     return None
             plan.append((a, victim))
-        ev = emitter._build(s, kind, frozen, data_json)  # noqa: SLF001
+        ev = emitter._build(s, kind, frozen, data_json)
         skip: list[_Attached] = []
         for a, victim in plan:
             a.peak = max(a.peak, maxsize)
@@ -1744,10 +1720,10 @@ class EmitterHub:
     ) -> Event:
         if timeout is not None and timeout <= 0:
             raise self._full_error(emitter.user_id, kind, 0.0, timeout)
-        s = emitter._stream  # noqa: SLF001
+        s = emitter._stream
         # The data is copied now: the event is what the caller passed, not what
         # the data holds when room comes.
-        me = emitter._prepare(kind, data)  # noqa: SLF001
+        me = emitter._prepare(kind, data)
         s.waiters.append(me)
         start = anyio.current_time()
         try:
@@ -1755,7 +1731,7 @@ class EmitterHub:
                 while True:
                     await me.event.wait()
                     me.event = anyio.Event()
-                    ev = emitter._emit(kind, None, me)  # noqa: SLF001
+                    ev = emitter._emit(kind, None, me)
                     if ev is not None:
                         return ev
         finally:

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 import anyio
 import attrs
 
+from . import _checks
 from ._current import bind, current
-from ._quota import LocalQuota, ThreadQuota, check_limit
+from ._quota import LocalQuota, ThreadQuota
 from ._util import (
     ASYNC_CM,
     ASYNC_GEN,
@@ -40,10 +41,10 @@ from ._util import (
     shielded,
 )
 from .exceptions import (
-    EngineDeadlineExceeded,
+    EngineDeadlineError,
     FactoryClosedError,
-    QuotaExceeded,
-    QuotaTimeout,
+    QuotaExceededError,
+    QuotaTimeoutError,
 )
 
 
@@ -156,17 +157,6 @@ class _Made(Generic[E]):
         self.parked_at = 0.0
 
 
-def _positive(name: str, value: float | None, *, zero_ok: bool = False) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        msg = f"{name} must be a number of seconds or None, got {value!r}."
-        raise TypeError(msg)
-    if math.isnan(value) or value < 0 or (value == 0 and not zero_ok):
-        msg = f"{name} must be {'>= 0' if zero_ok else '> 0'} seconds or None, got {value!r}."
-        raise ValueError(msg)
-
-
 class EngineFactory(Generic[E]):
     """
     Create an expensive engine per request, under per-user and global quotas,
@@ -191,13 +181,13 @@ class EngineFactory(Generic[E]):
             ``user_id -> int``.
         total: Engines in use at once overall, or `None`.
         timeout: How long to wait for a slot: `None` waits, ``0`` rejects at
-            once with `usercontext.exceptions.QuotaExceeded`, a positive number
-            raises `usercontext.exceptions.QuotaTimeout` after that many seconds.
+            once with `usercontext.exceptions.QuotaExceededError`, a positive number
+            raises `usercontext.exceptions.QuotaTimeoutError` after that many seconds.
         close_timeout: How long closing one engine may take before it is cut
             and reported as `usercontext.exceptions.CloseTimeoutError`.
         deadline: How long a body may use its engine before it is cancelled
             (cooperatively, that body only) and
-            `usercontext.exceptions.EngineDeadlineExceeded` is raised.
+            `usercontext.exceptions.EngineDeadlineError` is raised.
         pool_idle: Keep up to this many idle engines per user for reuse by the
             same user only (0, the default, closes every engine after use).
         pool_max: The most idle engines kept over all users; the oldest is
@@ -305,27 +295,19 @@ class EngineFactory(Generic[E]):
         reset: Callable[[E], object] | None = None,
         thread_quota: ThreadQuota | None = None,
     ) -> None:
-        hooks: tuple[tuple[str, object], ...] = (
-            ("create", create),
-            ("close", close),
-            ("reset", reset),
-        )
-        for name, hook in hooks:
-            if (hook is not None or name == "create") and not callable(hook):
-                msg = f"{name} must be a callable, got {hook!r}."
-                raise TypeError(msg)
-        _positive("timeout", timeout, zero_ok=True)
-        _positive("close_timeout", close_timeout)
-        _positive("deadline", deadline)
-        _positive("idle_ttl", idle_ttl)
-        for name, value in (("pool_idle", pool_idle), ("pool_max", pool_max)):
-            if type(value) is not int or value < 0:
-                msg = f"{name} must be a non-negative int, got {value!r}."
-                raise ValueError(msg)
+        _checks.function("create", create)
+        _checks.function("close", close, allow_none=True)
+        _checks.function("reset", reset, allow_none=True)
+        _checks.seconds("timeout", timeout, allow_none=True, zero_ok=True)
+        _checks.seconds("close_timeout", close_timeout, allow_none=True)
+        _checks.seconds("deadline", deadline, allow_none=True)
+        _checks.seconds("idle_ttl", idle_ttl, allow_none=True)
+        _checks.count("pool_idle", pool_idle, minimum=0)
+        _checks.count("pool_max", pool_max, minimum=0)
         self._create = create
         self._close = close
-        check_limit("per_user", per_user, allow_none=False)
-        check_limit("total", total, allow_none=True)
+        _checks.limit("per_user", per_user, allow_none=False)
+        _checks.limit("total", total, allow_none=True)
         self._quota: Quota = quota if quota is not None else LocalQuota(per_user, total)
         self._per_user = per_user
         self._total = total
@@ -362,10 +344,10 @@ class EngineFactory(Generic[E]):
 
         Raises:
             usercontext.exceptions.FactoryClosedError: After `aclose`.
-            usercontext.exceptions.QuotaExceeded: If the quota is full and
+            usercontext.exceptions.QuotaExceededError: If the quota is full and
                 *timeout* is 0.
-            usercontext.exceptions.QuotaTimeout: If no slot freed up in time.
-            usercontext.exceptions.EngineDeadlineExceeded: If the body ran past
+            usercontext.exceptions.QuotaTimeoutError: If no slot freed up in time.
+            usercontext.exceptions.EngineDeadlineError: If the body ran past
                 the *deadline*.
         """
         return _EngineUse(self, ctx)
@@ -421,7 +403,7 @@ class EngineFactory(Generic[E]):
         natively too), it stops waiting, cancels the bodies at once, closes
         every engine, and then raises the cancellation.
         """
-        _positive("timeout", timeout, zero_ok=True)
+        _checks.seconds("timeout", timeout, allow_none=True, zero_ok=True)
         self._closed = True
         # A cancellation (of the caller, or natively of its asyncio task)
         # cuts the wait for bodies short, never the closing: it is raised once
@@ -667,33 +649,33 @@ class _EngineUse(Generic[E]):
 
     async def __aenter__(self) -> E:
         f = self._factory
-        f._check_open()  # noqa: SLF001
+        f._check_open()
         ctx = self._ctx = self._ctx if self._ctx is not None else current()
         b = self._bind = bind(ctx)
         b.__enter__()
-        c = f._counters  # noqa: SLF001
+        c = f._counters
         try:
             try:
-                lease = await f._quota.acquire(ctx.user_id, timeout=f._timeout)  # noqa: SLF001
-            except QuotaTimeout:
+                lease = await f._quota.acquire(ctx.user_id, timeout=f._timeout)
+            except QuotaTimeoutError:
                 c.timed_out += 1
                 raise
-            except QuotaExceeded:
+            except QuotaExceededError:
                 c.rejected += 1
                 raise
             try:
-                f._check_open()  # noqa: SLF001  # closed while we waited
-                f._creating += 1  # noqa: SLF001  # aclose() waits for engines being made
+                f._check_open()
+                f._creating += 1
                 try:
-                    made = await f._obtain(ctx)  # noqa: SLF001
+                    made = await f._obtain(ctx)
                 finally:
-                    f._creating -= 1  # noqa: SLF001
-                if f._closed:  # noqa: SLF001  # closed while it was being made
-                    await f._close_idle(made)  # noqa: SLF001
-                    f._check_open()  # noqa: SLF001
+                    f._creating -= 1
+                if f._closed:
+                    await f._close_idle(made)
+                    f._check_open()
             except BaseException:
                 lease.release()
-                f._settle()  # noqa: SLF001
+                f._settle()
                 raise
         except BaseException:
             b.__exit__(None, None, None)
@@ -701,8 +683,8 @@ class _EngineUse(Generic[E]):
         self._lease = lease
         self._made = made
         c.start(ctx.user_id)
-        f._uses.add(self)  # noqa: SLF001
-        deadline = f._deadline  # noqa: SLF001
+        f._uses.add(self)
+        deadline = f._deadline
         try:
             task = current_task()
         except RuntimeError:  # no asyncio loop: trio
@@ -753,28 +735,28 @@ class _EngineUse(Generic[E]):
             scope.deadline = math.inf
             caught = False
         body_error = None if caught else exc
-        c = f._counters  # noqa: SLF001
+        c = f._counters
         hit = caught and not self._aborted
         if hit:
             c.deadline_hits += 1
         try:
-            errors = await f._park_or_close(  # noqa: SLF001
+            errors = await f._park_or_close(
                 self._made, None if caught else exc_type, body_error, None if caught else tb
             )
-            if f._idle_lru:  # noqa: SLF001
-                await f._sweep()  # noqa: SLF001
+            if f._idle_lru:
+                await f._sweep()
         finally:
             # Counted out before the slot is given back, so that the next
             # holder is never counted beside this one.
             c.stop(ctx.user_id)
             self._lease.release()
-            f._uses.discard(self)  # noqa: SLF001
-            f._settle()  # noqa: SLF001
+            f._uses.discard(self)
+            f._settle()
             self._bind.__exit__(None, None, None)
         if hit:
-            error: BaseException = EngineDeadlineExceeded(
+            error: BaseException = EngineDeadlineError(
                 f"The body using an engine of user {ctx.user_id!r} ran past its deadline of "
-                f"{f._deadline} s and was cancelled. Make it finish sooner or raise the "  # noqa: SLF001
+                f"{f._deadline} s and was cancelled. Make it finish sooner or raise the "
                 "factory's deadline."
             )
         elif caught:
@@ -821,23 +803,23 @@ class _SyncEngineUse(Generic[E]):
 
     def __enter__(self) -> E:
         f = self._factory
-        f._check_open()  # noqa: SLF001
+        f._check_open()
         ctx = self._ctx = self._ctx if self._ctx is not None else current()
         b = self._bind = bind(ctx)
         b.__enter__()
-        c = f._sync_counters  # noqa: SLF001
+        c = f._sync_counters
         try:
-            quota = f._thread_quota  # noqa: SLF001
+            quota = f._thread_quota
             if quota is None:
-                with f._sync_lock:  # noqa: SLF001
-                    if f._thread_quota is None:  # noqa: SLF001
-                        f._thread_quota = ThreadQuota(f._per_user, f._total)  # noqa: SLF001
-                    quota = f._thread_quota  # noqa: SLF001
+                with f._sync_lock:
+                    if f._thread_quota is None:
+                        f._thread_quota = ThreadQuota(f._per_user, f._total)
+                    quota = f._thread_quota
             try:
-                lease = quota.acquire(ctx.user_id, timeout=f._timeout)  # noqa: SLF001
-            except (QuotaTimeout, QuotaExceeded) as e:
-                with f._sync_lock:  # noqa: SLF001
-                    if isinstance(e, QuotaTimeout):
+                lease = quota.acquire(ctx.user_id, timeout=f._timeout)
+            except (QuotaTimeoutError, QuotaExceededError) as e:
+                with f._sync_lock:
+                    if isinstance(e, QuotaTimeoutError):
                         c.timed_out += 1
                     else:
                         c.rejected += 1
@@ -852,7 +834,7 @@ class _SyncEngineUse(Generic[E]):
             raise
         self._lease = lease
         self._made = made
-        with f._sync_lock:  # noqa: SLF001
+        with f._sync_lock:
             c.created += 1
             c.start(ctx.user_id)
         return made.engine
@@ -860,7 +842,7 @@ class _SyncEngineUse(Generic[E]):
     def _create(self, ctx: UserContext) -> _Made[E]:
         f = self._factory
         try:
-            result: Any = f._create(ctx)  # noqa: SLF001
+            result: Any = f._create(ctx)
             kind = _refuse_async(result, "create")
             if kind is SYNC_CM:
                 return _Made(ctx.user_id, result.__enter__(), result.__exit__)
@@ -868,8 +850,8 @@ class _SyncEngineUse(Generic[E]):
                 return _Made(ctx.user_id, first_value(result, "create"), gen_exit(result))
             return _Made(ctx.user_id, result, None)
         except Exception:
-            with f._sync_lock:  # noqa: SLF001
-                f._sync_counters.create_errors += 1  # noqa: SLF001
+            with f._sync_lock:
+                f._sync_counters.create_errors += 1
             raise
 
     def __exit__(
@@ -889,14 +871,14 @@ class _SyncEngineUse(Generic[E]):
                     made.exit(exc_type, exc, tb)
                 except Exception as e:  # noqa: BLE001  # collected and reported
                     errors.append(e)
-            if f._close is not None:  # noqa: SLF001
+            if f._close is not None:
                 try:
-                    _refuse_async(f._close(made.engine), "close")  # noqa: SLF001
+                    _refuse_async(f._close(made.engine), "close")
                 except Exception as e:  # noqa: BLE001  # collected and reported
                     errors.append(e)
         finally:
-            c = f._sync_counters  # noqa: SLF001
-            with f._sync_lock:  # noqa: SLF001
+            c = f._sync_counters
+            with f._sync_lock:
                 c.closed += 1
                 c.close_errors += len(errors)
                 c.stop(ctx.user_id)

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, SupportsIndex, runtim
 import anyio
 import attrs
 
-from .exceptions import LeaseReleasedError, QuotaError, QuotaExceeded, QuotaTimeout
+from . import _checks
+from .exceptions import LeaseReleasedError, QuotaError, QuotaExceededError, QuotaTimeoutError
 
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ class Lease:
         """
         quota = self._quota
         if quota is not None:
-            quota._give_back(self)  # noqa: SLF001
+            quota._give_back(self)
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         # copy.copy and pickle both come here: a copy would be a second
@@ -171,8 +172,8 @@ def _grant_lease(cls: type[Lease], quota: _Core, key: str) -> Lease:
     refusing ``__init__`` (the grant paths of ``acquire`` inline this).
     """
     lease = _new_lease(cls)
-    lease._quota = quota  # noqa: SLF001
-    lease._key = key  # noqa: SLF001
+    lease._quota = quota
+    lease._key = key
     return lease
 
 
@@ -191,8 +192,8 @@ class Quota(Protocol):
 
         *timeout* `None` waits as long as it takes, a positive number waits at
         most that many seconds and then raises
-        `usercontext.exceptions.QuotaTimeout`, and ``0`` raises
-        `usercontext.exceptions.QuotaExceeded` at once when the quota is full.
+        `usercontext.exceptions.QuotaTimeoutError`, and ``0`` raises
+        `usercontext.exceptions.QuotaExceededError` at once when the quota is full.
         """
         ...
 
@@ -225,29 +226,14 @@ class _Waiter:
         self.granted = False
 
 
-def check_limit(name: str, value: object, *, allow_none: bool) -> None:
-    """
-    Refuse a limit that is not a non-negative int (or None, for a total; or a
-    callable, for a per-key limit), naming the argument *name*.
-    """
-    if value is None and allow_none:
-        return
-    if callable(value) and not allow_none:
-        return
-    if type(value) is not int or value < 0:
-        what = "a non-negative int" + (" or None" if allow_none else " or a callable key -> int")
-        msg = f"{name} must be {what}, got {value!r}."
-        raise TypeError(msg) if type(value) is not int else ValueError(msg)
-
-
 class _Core:
     """
     The bookkeeping shared by both quotas. Callers hold whatever lock they need.
     """
 
     def __init__(self, per_key: PerKey, total: int | None) -> None:
-        check_limit("per_key", per_key, allow_none=False)
-        check_limit("total", total, allow_none=True)
+        _checks.limit("per_key", per_key, allow_none=False)
+        _checks.limit("total", total, allow_none=True)
         self._per_key = per_key
         self._fixed: int | None
         self._fn: Callable[[str], int] | None
@@ -294,8 +280,8 @@ class _Core:
         if total > self._peak:  # noqa: PLR1730  # max() is a call, slower on the hot path
             self._peak = total
         lease = _new_lease(self._lease_type)
-        lease._quota = self  # noqa: SLF001
-        lease._key = key  # noqa: SLF001
+        lease._quota = self
+        lease._key = key
         return lease
 
     def _take(self, key: str) -> None:
@@ -334,8 +320,8 @@ class _Core:
         if it was already handed back, and `ValueError` if it is another
         quota's.
         """
-        if lease._quota is not self:  # noqa: SLF001  # Lease is this module's
-            if lease._quota is None:  # noqa: SLF001
+        if lease._quota is not self:
+            if lease._quota is None:
                 msg = (
                     f"{lease!r} was already released. Release each lease once; "
                     "Lease.release() and leaving `async with` are safe to repeat."
@@ -343,8 +329,8 @@ class _Core:
                 raise LeaseReleasedError(msg)
             msg = f"{lease!r} belongs to another quota; release it through that one."
             raise ValueError(msg)
-        lease._quota = None  # noqa: SLF001
-        self._return(lease._key)  # noqa: SLF001
+        lease._quota = None
+        self._return(lease._key)
 
     def _alive(self, waiter: _Waiter) -> bool:  # noqa: ARG002  # threads are not cancelled
         return True
@@ -440,9 +426,9 @@ class _Core:
     def _set_limits(self, per_key: PerKey | None, total: int | None, *, set_total: bool) -> None:
         # Check both before changing either: a bad call changes nothing.
         if per_key is not None:
-            check_limit("per_key", per_key, allow_none=False)
+            _checks.limit("per_key", per_key, allow_none=False)
         if set_total:
-            check_limit("total", total, allow_none=True)
+            _checks.limit("total", total, allow_none=True)
         if per_key is not None:
             self._per_key = per_key
             self._fixed, self._fn = (per_key, None) if isinstance(per_key, int) else (None, per_key)
@@ -467,15 +453,15 @@ class _LocalLease(Lease):
             self._quota = None
             # _Core._return, written out: releasing is half of every engine's hot path.
             key = self._key
-            in_use = quota._in_use  # noqa: SLF001
+            in_use = quota._in_use
             n = in_use[key] - 1
             if n:
                 in_use[key] = n
             else:
                 del in_use[key]
-            quota._total_in_use -= 1  # noqa: SLF001
-            if quota._waiters:  # noqa: SLF001
-                quota._wake_next(key)  # noqa: SLF001
+            quota._total_in_use -= 1
+            if quota._waiters:
+                quota._wake_next(key)
 
 
 class LocalQuota(_Core):
@@ -520,8 +506,8 @@ class LocalQuota(_Core):
 
         A free slot is granted without suspending. Otherwise, *timeout* `None`
         waits as long as it takes, a positive number waits at most that many
-        seconds and then raises `usercontext.exceptions.QuotaTimeout`, and ``0``
-        raises `usercontext.exceptions.QuotaExceeded` at once. A request
+        seconds and then raises `usercontext.exceptions.QuotaTimeoutError`, and ``0``
+        raises `usercontext.exceptions.QuotaExceededError` at once. A request
         cancelled while it waits, even right after being granted, leaves no slot
         taken.
         """
@@ -539,12 +525,12 @@ class LocalQuota(_Core):
             if total > self._peak:  # noqa: PLR1730  # max() is a call, slower on the hot path
                 self._peak = total
             lease = _new_lease(_LocalLease)
-            lease._quota = self  # noqa: SLF001
-            lease._key = key  # noqa: SLF001
+            lease._quota = self
+            lease._key = key
             return lease
         if timeout is not None and timeout <= 0:
             self._rejected += 1
-            raise self._full_error(QuotaExceeded, key, 0.0, timeout)
+            raise self._full_error(QuotaExceededError, key, 0.0, timeout)
         return await self._wait(key, timeout)
 
     def stats(self, top: int = 10) -> QuotaStats:
@@ -607,7 +593,7 @@ class LocalQuota(_Core):
             return _grant_lease(_LocalLease, self, key)
         self._forget(w)
         self._timed_out += 1
-        raise self._full_error(QuotaTimeout, key, anyio.current_time() - start, timeout)
+        raise self._full_error(QuotaTimeoutError, key, anyio.current_time() - start, timeout)
 
     def __repr__(self) -> str:
         return (
@@ -640,15 +626,15 @@ class ThreadQuota(_Core):
         Block until a slot of *key* is free and return its `Lease`.
 
         *timeout* `None` waits as long as it takes, a positive number waits at
-        most that many seconds and then raises `usercontext.exceptions.QuotaTimeout`,
-        and ``0`` raises `usercontext.exceptions.QuotaExceeded` at once.
+        most that many seconds and then raises `usercontext.exceptions.QuotaTimeoutError`,
+        and ``0`` raises `usercontext.exceptions.QuotaExceededError` at once.
         """
         with self._lock:
             lease = _Core.try_acquire(self, key)
             if lease is not None:
                 return lease
             if timeout is not None and timeout <= 0:
-                raise self._full_error(QuotaExceeded, key, 0.0, timeout)
+                raise self._full_error(QuotaExceededError, key, 0.0, timeout)
             self._rejected -= 1  # counted by try_acquire, but this request waits
             signal = threading.Lock()
             signal.acquire()
@@ -672,7 +658,7 @@ class ThreadQuota(_Core):
                 return _grant_lease(Lease, self, key)
             self._forget(w)
             self._timed_out += 1
-            raise self._full_error(QuotaTimeout, key, time.monotonic() - start, timeout)
+            raise self._full_error(QuotaTimeoutError, key, time.monotonic() - start, timeout)
 
     def try_acquire(self, key: str) -> Lease | None:
         """
@@ -693,9 +679,9 @@ class ThreadQuota(_Core):
         # Checked and returned under the lock: two threads releasing one lease
         # at once return its slot once.
         with self._lock:
-            if lease._quota is self:  # noqa: SLF001  # Lease is this module's
-                lease._quota = None  # noqa: SLF001
-                self._return(lease._key)  # noqa: SLF001
+            if lease._quota is self:
+                lease._quota = None
+                self._return(lease._key)
 
     def _wake(self, waiter: _Waiter) -> None:
         waiter.signal.release()

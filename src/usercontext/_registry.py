@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import anyio
 import attrs
 
+from . import _checks
 from ._current import _get, _var, bind, current
 from ._util import (
     ASYNC_CM,
@@ -192,13 +193,7 @@ class Registry:
     """
 
     def __init__(self, *, cleanup_timeout: float = 5.0) -> None:
-        timeout: object = cleanup_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            msg = f"cleanup_timeout must be a number of seconds, got {timeout!r}."
-            raise TypeError(msg)
-        if not timeout > 0:
-            msg = f"cleanup_timeout must be > 0 seconds, got {cleanup_timeout!r}."
-            raise ValueError(msg)
+        _checks.seconds("cleanup_timeout", cleanup_timeout)
         self._providers: dict[Hashable, _Provider] = {}
         # Per key ever registered, in order; kept when a provider is replaced.
         self._counts: dict[Hashable, _Counts] = {}
@@ -234,9 +229,7 @@ class Registry:
         if not callable(hooks[0]):
             msg = f"The provider of {_key_name(key)} must be callable, got {provider!r}."
             raise TypeError(msg)
-        if hooks[1] is not None and not callable(hooks[1]):
-            msg = f"close must be callable or None, got {close!r}."
-            raise TypeError(msg)
+        _checks.function("close", hooks[1], allow_none=True)
         if key in self._providers and not replace:
             msg = (
                 f"{_key_name(key)} is registered already. Pass replace=True to replace its "
@@ -280,11 +273,11 @@ class Registry:
         if ctx is None:
             ctx = current()
         scope = _new_scope(Scope)
-        scope._registry = self  # noqa: SLF001
-        scope._ctx = ctx  # noqa: SLF001
-        scope._resources = {}  # noqa: SLF001
-        scope._opened = []  # noqa: SLF001
-        scope._state = _NEW  # noqa: SLF001
+        scope._registry = self
+        scope._ctx = ctx
+        scope._resources = {}
+        scope._opened = []
+        scope._state = _NEW
         return scope
 
     def stats(self, top: int = 10) -> RegistryStats:
@@ -315,12 +308,12 @@ class _Override:
         self._value = value
 
     def __enter__(self) -> None:
-        providers = self._registry._providers  # noqa: SLF001
+        providers = self._registry._providers
         self._saved = providers.get(self._key)
         providers[self._key] = self._value
 
     def __exit__(self, *exc_info: object) -> None:
-        providers = self._registry._providers  # noqa: SLF001
+        providers = self._registry._providers
         if self._saved is None:
             del providers[self._key]
         else:
@@ -333,7 +326,7 @@ _new_scope = object.__new__
 # without suspending, so a cancel scope around it could neither see a
 # cancellation nor reach a deadline, and it is left out.
 _ASYNC_GEN_NO_AWAIT = "async generator without await"
-_getframe = sys._getframe  # noqa: SLF001  # where a scope is entered, for its warning
+_getframe = sys._getframe
 _set = _var.set
 _reset = _var.reset
 
@@ -430,7 +423,7 @@ class Scope:
         resources: dict[object, object] = self._resources  # type: ignore[assignment]
         if key in resources:
             return resources[key]
-        provider = self._registry._providers.get(key)  # noqa: SLF001
+        provider = self._registry._providers.get(key)
         if provider is None:
             raise _unknown(key)
         make = provider.make
@@ -483,7 +476,7 @@ class Scope:
         resources: dict[object, object] = self._resources  # type: ignore[assignment]
         if key in resources:
             return resources[key]
-        provider = self._registry._providers.get(key)  # noqa: SLF001
+        provider = self._registry._providers.get(key)
         if provider is None:
             raise _unknown(key)
         make = provider.make
@@ -544,8 +537,8 @@ class Scope:
         self._token = None if prev is ctx else _set(ctx)
         self._state = _OPEN
         registry = self._registry
-        registry._scopes_open += 1  # noqa: SLF001
-        registry._scopes_opened += 1  # noqa: SLF001
+        registry._scopes_open += 1
+        registry._scopes_opened += 1
         return self
 
     async def __aenter__(self) -> Self:
@@ -563,8 +556,8 @@ class Scope:
         self._token = None if prev is ctx else _set(ctx)
         self._state = _OPEN
         registry = self._registry
-        registry._scopes_open += 1  # noqa: SLF001
-        registry._scopes_opened += 1  # noqa: SLF001
+        registry._scopes_open += 1
+        registry._scopes_opened += 1
         return self
 
     def __exit__(  # noqa: C901, PLR0912  # a branch per kind, inline for speed
@@ -619,7 +612,7 @@ class Scope:
         finally:
             self._state = _CLOSED
             self._resources = _CLEARED  # drops the resources now, not with the scope
-            self._registry._scopes_open -= 1  # noqa: SLF001
+            self._registry._scopes_open -= 1
             token = self._token
             if token is not None:
                 try:  # noqa: SIM105  # see bind.__exit__: left in another Context, nothing to undo
@@ -661,14 +654,14 @@ class Scope:
                     elif kind is ASYNC_GEN:
                         await drive(
                             finish_agen(obj, exc),
-                            self._registry._cleanup_timeout,  # noqa: SLF001
+                            self._registry._cleanup_timeout,
                             "resource %r",
                             counts.key,
                         )
                     elif kind is ASYNC_CM:
                         await drive(
                             obj.__aexit__(exc_type, exc, tb),
-                            self._registry._cleanup_timeout,  # noqa: SLF001
+                            self._registry._cleanup_timeout,
                             "resource %r",
                             counts.key,
                         )
@@ -682,7 +675,7 @@ class Scope:
                         if result is not None and kind_of(type(result)) is AWAITABLE:
                             await drive(
                                 result,
-                                self._registry._cleanup_timeout,  # noqa: SLF001
+                                self._registry._cleanup_timeout,
                                 "resource %r",
                                 counts.key,
                             )
@@ -693,7 +686,7 @@ class Scope:
         finally:
             self._state = _CLOSED
             self._resources = _CLEARED  # drops the resources now, not with the scope
-            self._registry._scopes_open -= 1  # noqa: SLF001
+            self._registry._scopes_open -= 1
             token = self._token
             if token is not None:
                 try:  # noqa: SIM105  # see bind.__exit__: left in another Context, nothing to undo
@@ -713,7 +706,7 @@ class Scope:
         cancelled: bool,
     ) -> None:
         if errors:
-            self._registry._cleanup_errors += len(errors)  # noqa: SLF001
+            self._registry._cleanup_errors += len(errors)
             for error in errors:
                 logger.error(
                     "A cleanup of a scope of user %r failed: %s",

@@ -24,8 +24,8 @@ import attrs
 from usercontext import (
     EngineFactory,
     LocalQuota,
-    QuotaExceeded,
-    QuotaTimeout,
+    QuotaExceededError,
+    QuotaTimeoutError,
     UserContext,
 )
 
@@ -478,7 +478,7 @@ def _quota_rows(out: Table, scale: Scale, loop: asyncio.AbstractEventLoop) -> No
             for _ in range(n):
                 try:  # noqa: SIM105  # contextlib.suppress would add its own cost
                     await q.acquire("user-42", timeout=0)
-                except (QuotaExceeded, _RejectedError):  # noqa: PERF203  # what is timed
+                except (QuotaExceededError, _RejectedError):  # noqa: PERF203  # what is timed
                     pass
 
         return reject
@@ -517,7 +517,7 @@ async def _reject_and_timeout() -> dict[str, Any]:
                 peak = max(peak, in_flight[user])
                 await gate.wait()
                 in_flight[user] -= 1
-        except QuotaExceeded:
+        except QuotaExceededError:
             rejected += 1
 
     tasks = [asyncio.create_task(request(u, i)) for u in range(USERS) for i in range(5)]
@@ -534,7 +534,7 @@ async def _reject_and_timeout() -> dict[str, Any]:
     async def waiter() -> None:
         try:
             await quota.acquire("user-1", timeout=0.02)
-        except QuotaTimeout as e:
+        except QuotaTimeoutError as e:
             waited.append(e.waited)
 
     await asyncio.gather(*(waiter() for _ in range(5)))

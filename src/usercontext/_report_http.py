@@ -43,7 +43,7 @@ from usercontext import (
     EmitterHub,
     EngineFactory,
     Registry,
-    Unauthenticated,
+    UnauthenticatedError,
     UserContext,
     current,
 )
@@ -157,7 +157,7 @@ def resolve(scope: MutableMapping[str, Any]) -> UserContext:
             user_id = TOKENS.get(value)
             if user_id is not None:
                 return UserContext(user_id=user_id, thread_id="web", run_id="agent")
-    raise Unauthenticated("Send a known bearer token.")
+    raise UnauthenticatedError("Send a known bearer token.")
 
 
 async def _json_response(send: Send, status: int, payload: dict[str, Any]) -> None:

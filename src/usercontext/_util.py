@@ -152,7 +152,7 @@ def _guard(awaitable: Awaitable[Any], task: Any) -> Generator[Any, Any, Any]:  #
                 # generator delegated to is not traced on Python 3.11 after a
                 # throw, so coverage would miss what follows.)
                 fut: Future[Any] = yielded
-                fut._asyncio_future_blocking = False  # noqa: SLF001  # as a task does
+                fut._asyncio_future_blocking = False
                 while not fut.done():
                     proxy = fut.get_loop().create_future()
                     wake = _waker(proxy)

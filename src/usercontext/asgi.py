@@ -29,7 +29,7 @@ from usercontext import (
     InvalidContextError,
     NoContextError,
     Registry,
-    RequestRefused,
+    RequestRefusedError,
     UserContext,
     bind,
     current,
@@ -169,7 +169,7 @@ def request_state(scope: MutableMapping[str, Any]) -> RequestState:
             "This request passed through usercontext.asgi.UserContextMiddleware with no user: "
             "its path is exempt, or the resolver returned None. Serve it without the "
             "request's context and resources (usercontext.current_or_none() is None), or "
-            "make the resolver return a UserContext, or raise Unauthenticated, for it."
+            "make the resolver return a UserContext, or raise UnauthenticatedError, for it."
         )
         raise NoContextError(msg)
     return state
@@ -191,8 +191,8 @@ class UserContextMiddleware:
        characters that the library's id rules accept), and else makes one;
     2. calls ``resolver(scope)`` (a function or a coroutine function) for the
        request's context, unless the request's path is *exempt*. If it raises
-       `usercontext.exceptions.RequestRefused` (such as
-       `usercontext.exceptions.Unauthenticated` for ``401``),
+       `usercontext.exceptions.RequestRefusedError` (such as
+       `usercontext.exceptions.UnauthenticatedError` for ``401``),
        `usercontext.exceptions.InvalidContextError` (``400``), an
        ``HTTPException`` of Starlette or FastAPI, or an exception group
        holding only such refusals (the first is answered), the client gets
@@ -505,7 +505,7 @@ def _wrong_return(resolver: object, value: object) -> TypeError:
     return TypeError(
         f"The resolver {_name(resolver)} returned {type(value).__name__}; it must return a "
         "usercontext.UserContext, or None to let the request through without a user (or "
-        "raise usercontext.Unauthenticated)."
+        "raise usercontext.UnauthenticatedError)."
     )
 
 
@@ -584,7 +584,7 @@ def _refusal(error: BaseException) -> _Refusal | None:
     Return how to answer a request whose resolver raised *error*, or `None`
     when *error* is not a refusal (it then propagates).
     """
-    if isinstance(error, RequestRefused):
+    if isinstance(error, RequestRefusedError):
         body: dict[str, Any] = {
             "type": error.type,
             "title": error.title,

@@ -22,23 +22,23 @@ __all__ = [
     "ConfigurationError",
     "EmitterClosedError",
     "EmitterFullError",
-    "EmitterTimeout",
-    "EngineDeadlineExceeded",
+    "EmitterTimeoutError",
+    "EngineDeadlineError",
     "FactoryClosedError",
-    "Forbidden",
+    "ForbiddenError",
     "InvalidContextError",
     "IsolationError",
     "LeaseReleasedError",
     "NoContextError",
     "QuotaError",
-    "QuotaExceeded",
-    "QuotaTimeout",
-    "RequestRefused",
+    "QuotaExceededError",
+    "QuotaTimeoutError",
+    "RequestRefusedError",
     "ScopeClosedError",
-    "ServiceUnavailable",
+    "ServiceUnavailableError",
     "SinkClosedError",
-    "TooManyRequests",
-    "Unauthenticated",
+    "TooManyRequestsError",
+    "UnauthenticatedError",
     "UserContextError",
 ]
 
@@ -170,7 +170,7 @@ class QuotaError(UserContextError):
     .. versionadded:: 0.1.0
     """
 
-    # Constructed positionally, as QuotaExceeded(key, limit, scope, in_use,
+    # Constructed positionally, as QuotaExceededError(key, limit, scope, in_use,
     # waited, timeout): the arguments stay in args, read through properties,
     # and the message is built only when shown. A busy service rejects often,
     # and most rejections become a 429 without ever printing one.
@@ -224,7 +224,7 @@ class QuotaError(UserContextError):
         return f"all {self.limit} slots are in use (the total limit)"
 
 
-class QuotaExceeded(QuotaError, RuntimeError):  # noqa: N818  # the name says what happened
+class QuotaExceededError(QuotaError, RuntimeError):
     """
     The quota was full and the request was not allowed to wait (``timeout=0``).
 
@@ -238,7 +238,7 @@ class QuotaExceeded(QuotaError, RuntimeError):  # noqa: N818  # the name says wh
         )
 
 
-class QuotaTimeout(QuotaError, TimeoutError):  # noqa: N818  # the name says what happened
+class QuotaTimeoutError(QuotaError, TimeoutError):
     """
     The quota stayed full for the whole timeout the request was willing to wait.
 
@@ -274,7 +274,7 @@ class FactoryClosedError(UserContextError, RuntimeError):
     """
 
 
-class EngineDeadlineExceeded(UserContextError, TimeoutError):  # noqa: N818  # says what happened
+class EngineDeadlineError(UserContextError, TimeoutError):
     """
     The body using an engine ran past the factory's *deadline* and was cancelled.
 
@@ -376,7 +376,7 @@ class EmitterFullError(UserContextError, RuntimeError):
         )
 
 
-class EmitterTimeout(EmitterFullError, TimeoutError):  # noqa: N818  # the name says what happened
+class EmitterTimeoutError(EmitterFullError, TimeoutError):
     """
     An emit waited for room in a full buffer for its whole timeout.
 
@@ -410,7 +410,7 @@ class SinkClosedError(UserContextError, ConnectionError):
     """
 
 
-# The builtin, under a name that RequestRefused's *type* argument does not hide.
+# The builtin, under a name that RequestRefusedError's *type* argument does not hide.
 _type = type
 
 
@@ -447,13 +447,13 @@ def _check_header(where: str, name: object, value: object) -> None:
             raise ValueError(msg)
 
 
-class RequestRefused(UserContextError):  # noqa: N818  # the name says what happened
+class RequestRefusedError(UserContextError):
     """
     A resolver refuses the request: the client gets *status* and a problem
     document (RFC 9457, ``application/problem+json``).
 
-    Raise it, or one of its subclasses (`Unauthenticated`, `Forbidden`,
-    `TooManyRequests`, `ServiceUnavailable`), from the resolver given to
+    Raise it, or one of its subclasses (`UnauthenticatedError`, `ForbiddenError`,
+    `TooManyRequestsError`, `ServiceUnavailableError`), from the resolver given to
     `usercontext.asgi.UserContextMiddleware`. The body is ``{"type": ...,
     "title": ..., "status": ..., "detail": ..., "error": ..., "request_id":
     ...}``, with ``"retry_after"`` when *retry_after* is given. Keep *detail*
@@ -558,19 +558,19 @@ def _phrase(status: int) -> tuple[str, str]:
     return known.phrase, known.name.lower()
 
 
-class Unauthenticated(RequestRefused, PermissionError):  # noqa: N818  # the name says what happened
+class UnauthenticatedError(RequestRefusedError, PermissionError):
     """
     A resolver could not tell who is calling: no credentials, or bad ones.
 
     Raise it from the resolver given to `usercontext.asgi.UserContextMiddleware`
     to answer ``401`` with a problem document holding its message (see
-    `RequestRefused`; its ``error`` is ``"unauthenticated"``). Keep the message
+    `RequestRefusedError`; its ``error`` is ``"unauthenticated"``). Keep the message
     free of secrets: the client reads it.
 
     Args:
         message: What the client should fix, such as ``"Send a bearer token."``.
         challenge: The ``WWW-Authenticate`` header of the 401 response.
-        kwargs: *title*, *type*, *error* and *headers*, as for `RequestRefused`.
+        kwargs: *title*, *type*, *error* and *headers*, as for `RequestRefusedError`.
 
     Raises:
         ValueError: If *challenge* holds CR, LF or another character a header
@@ -588,20 +588,20 @@ class Unauthenticated(RequestRefused, PermissionError):  # noqa: N818  # the nam
         challenge: str = "Bearer",
         **kwargs: Any,
     ) -> None:
-        _check_header("Unauthenticated(challenge=...)", "WWW-Authenticate", challenge)
+        _check_header("UnauthenticatedError(challenge=...)", "WWW-Authenticate", challenge)
         headers = {"WWW-Authenticate": challenge, **(kwargs.pop("headers", None) or {})}
         kwargs.setdefault("error", "unauthenticated")
         super().__init__(message, status=401, headers=headers, **kwargs)
         self.challenge = challenge
 
 
-class Forbidden(RequestRefused, PermissionError):  # noqa: N818  # the name says what happened
+class ForbiddenError(RequestRefusedError, PermissionError):
     """
     A resolver knows who is calling, and refuses them: the client gets ``403``.
 
     Args:
         detail: Why, for the client.
-        kwargs: *title*, *type*, *error* and *headers*, as for `RequestRefused`.
+        kwargs: *title*, *type*, *error* and *headers*, as for `RequestRefusedError`.
 
     .. versionadded:: 0.1.0
     """
@@ -610,7 +610,7 @@ class Forbidden(RequestRefused, PermissionError):  # noqa: N818  # the name says
         super().__init__(detail, status=403, **kwargs)
 
 
-class TooManyRequests(RequestRefused, RuntimeError):  # noqa: N818  # the name says what happened
+class TooManyRequestsError(RequestRefusedError, RuntimeError):
     """
     The caller sent too many requests: the client gets ``429``, with a
     ``Retry-After`` header when *retry_after* is given.
@@ -618,7 +618,7 @@ class TooManyRequests(RequestRefused, RuntimeError):  # noqa: N818  # the name s
     Args:
         detail: What to do, for the client.
         retry_after: Seconds after which the client may retry.
-        kwargs: *title*, *type*, *error* and *headers*, as for `RequestRefused`.
+        kwargs: *title*, *type*, *error* and *headers*, as for `RequestRefusedError`.
 
     .. versionadded:: 0.1.0
     """
@@ -633,7 +633,7 @@ class TooManyRequests(RequestRefused, RuntimeError):  # noqa: N818  # the name s
         super().__init__(detail, status=429, retry_after=retry_after, **kwargs)
 
 
-class ServiceUnavailable(RequestRefused, RuntimeError):  # noqa: N818  # the name says what happened
+class ServiceUnavailableError(RequestRefusedError, RuntimeError):
     """
     The service cannot serve the request now (a dependency of the resolver is
     down, the service is shutting down): the client gets ``503``, with a
@@ -642,7 +642,7 @@ class ServiceUnavailable(RequestRefused, RuntimeError):  # noqa: N818  # the nam
     Args:
         detail: What happened, for the client.
         retry_after: Seconds after which the client may retry.
-        kwargs: *title*, *type*, *error* and *headers*, as for `RequestRefused`.
+        kwargs: *title*, *type*, *error* and *headers*, as for `RequestRefusedError`.
 
     .. versionadded:: 0.1.0
     """

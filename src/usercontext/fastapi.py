@@ -47,7 +47,7 @@ from usercontext import (
     EngineFactory,
     FactoryClosedError,
     QuotaError,
-    QuotaTimeout,
+    QuotaTimeoutError,
     UserContext,
 )
 from usercontext.asgi import RequestState, _exempt_matcher, _exempt_paths, request_state
@@ -287,7 +287,7 @@ def _quota_refusal(
     body = {
         "title": "Too Many Requests",
         "detail": f"{message} Retry after {retry_after} s.",
-        "error": "quota_timeout" if isinstance(e, QuotaTimeout) else "quota_exceeded",
+        "error": "quota_timeout" if isinstance(e, QuotaTimeoutError) else "quota_exceeded",
         "retry_after": retry_after,
     }
     return _refusal(conn, ctx, 429, body)
@@ -312,8 +312,8 @@ def EngineDep(  # noqa: N802  # used like Depends, and named like it
     uses the engine. On a WebSocket route, the engine lives as long as the
     endpoint.
 
-    When the quota refuses (``QuotaExceeded``) or gives up waiting
-    (``QuotaTimeout``), the client gets ``429`` with a ``Retry-After`` header
+    When the quota refuses (``QuotaExceededError``) or gives up waiting
+    (``QuotaTimeoutError``), the client gets ``429`` with a ``Retry-After`` header
     and a problem document (RFC 9457, ``application/problem+json``, the shape
     of the middleware's refusals): ``{"type": "about:blank", "title": "Too
     Many Requests", "status": 429, "detail": ..., "error": "quota_exceeded"

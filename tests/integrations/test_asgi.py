@@ -75,7 +75,7 @@ def resolve(scope):
     headers = dict(scope["headers"])
     user = headers.get(b"x-user")
     if user is None:
-        raise uc.Unauthenticated("Send an x-user header.")
+        raise uc.UnauthenticatedError("Send an x-user header.")
     thread = headers.get(b"x-thread", b"t-1").decode()
     return uc.UserContext(user_id=user.decode(), thread_id=thread, run_id="r-1")
 
@@ -407,7 +407,7 @@ class TestResolver:
         assert str(e.value) == (
             f"The resolver {resolver.__qualname__!r} returned {kind}; it must return a "
             "usercontext.UserContext, or None to let the request through without a user (or "
-            "raise usercontext.Unauthenticated)."
+            "raise usercontext.UnauthenticatedError)."
         )
         start, body = client.sent
         assert start["status"] == 500
@@ -460,7 +460,7 @@ class TestRefusals:
     @pytest.mark.parametrize("resolver", [resolve, aresolve], ids=["sync", "async"])
     async def test_unauthenticated_is_401_json(self, resolver):
         """
-        `Unauthenticated` from the resolver answers 401 with a JSON body
+        `UnauthenticatedError` from the resolver answers 401 with a JSON body
         holding its message and the request id, a WWW-Authenticate challenge
         and the request id header; the application is not called.
         """
@@ -492,7 +492,9 @@ class TestRefusals:
         """
 
         def resolver(scope):
-            raise uc.Unauthenticated("The token expired.", challenge='Bearer error="invalid_token"')
+            raise uc.UnauthenticatedError(
+                "The token expired.", challenge='Bearer error="invalid_token"'
+            )
 
         client = Client()
         mw = UserContextMiddleware(json_app(), resolver=resolver)
@@ -578,13 +580,13 @@ class TestProblemDocuments:
         ("error", "status", "headers", "body"),
         [
             (
-                uc.Forbidden("Not your workspace."),
+                uc.ForbiddenError("Not your workspace."),
                 403,
                 {},
                 {"title": "Forbidden", "detail": "Not your workspace.", "error": "forbidden"},
             ),
             (
-                uc.ServiceUnavailable("The key server is down.", retry_after=2.5),
+                uc.ServiceUnavailableError("The key server is down.", retry_after=2.5),
                 503,
                 {b"retry-after": b"3"},
                 {
@@ -595,7 +597,7 @@ class TestProblemDocuments:
                 },
             ),
             (
-                uc.TooManyRequests("Slow down.", retry_after=10),
+                uc.TooManyRequestsError("Slow down.", retry_after=10),
                 429,
                 {b"retry-after": b"10"},
                 {
@@ -606,7 +608,7 @@ class TestProblemDocuments:
                 },
             ),
             (
-                uc.RequestRefused(
+                uc.RequestRefusedError(
                     "Your plan has no exports.",
                     status=402,
                     type="https://example.com/problems/plan",
@@ -813,11 +815,11 @@ class TestProblemDocuments:
 
         async def resolver(scope):
             async def check_token():
-                raise uc.Unauthenticated("The token expired.")
+                raise uc.UnauthenticatedError("The token expired.")
 
             async def check_plan():
                 await anyio.sleep(0.01)
-                raise uc.Forbidden("No plan.")
+                raise uc.ForbiddenError("No plan.")
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(check_token)
@@ -826,7 +828,10 @@ class TestProblemDocuments:
         def nested(scope):
             raise ExceptionGroupType(
                 "outer",
-                [ExceptionGroupType("inner", [uc.Forbidden("first")]), uc.Unauthenticated("2nd")],
+                [
+                    ExceptionGroupType("inner", [uc.ForbiddenError("first")]),
+                    uc.UnauthenticatedError("2nd"),
+                ],
             )
 
         statuses = []
@@ -844,7 +849,7 @@ class TestProblemDocuments:
         A group holding a refusal and any other error propagates unchanged:
         the other error is a bug to see, not a refusal.
         """
-        group = ExceptionGroupType("both", [uc.Unauthenticated(), RuntimeError("db down")])
+        group = ExceptionGroupType("both", [uc.UnauthenticatedError(), RuntimeError("db down")])
 
         def resolver(scope):
             raise group
@@ -860,10 +865,10 @@ class TestProblemDocuments:
     @pytest.mark.parametrize(
         ("error", "code", "reason"),
         [
-            (uc.Forbidden(), 1008, "403 forbidden"),
-            (uc.TooManyRequests(retry_after=1), 1013, "429 too_many_requests"),
-            (uc.ServiceUnavailable(), 1013, "503 service_unavailable"),
-            (uc.RequestRefused("x", status=500, error="e" * 200), 1011, "500 " + "e" * 119),
+            (uc.ForbiddenError(), 1008, "403 forbidden"),
+            (uc.TooManyRequestsError(retry_after=1), 1013, "429 too_many_requests"),
+            (uc.ServiceUnavailableError(), 1013, "503 service_unavailable"),
+            (uc.RequestRefusedError("x", status=500, error="e" * 200), 1011, "500 " + "e" * 119),
         ],
         ids=["403", "429", "503", "500-long"],
     )
@@ -892,7 +897,7 @@ class TestProblemDocuments:
         """
 
         def resolver(scope):
-            raise uc.Forbidden("Not your room.")
+            raise uc.ForbiddenError("Not your room.")
 
         client = Client([{"type": "websocket.connect"}], disconnect="websocket.disconnect")
         scope = ws_scope(("x-request-id", "ws-9"), extensions={"websocket.http.response": {}})
@@ -3347,9 +3352,9 @@ class TestUnderUvicorn:
         def resolver(scope):
             room = scope["path"].rsplit("/", 1)[-1]
             if room == "secret":
-                raise uc.Forbidden("Not your room.")
+                raise uc.ForbiddenError("Not your room.")
             if room == "busy":
-                raise uc.ServiceUnavailable("Too busy.", retry_after=5)
+                raise uc.ServiceUnavailableError("Too busy.", retry_after=5)
             return resolve(scope)
 
         async def app(scope, receive, send):

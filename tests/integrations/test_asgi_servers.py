@@ -169,7 +169,7 @@ class Observer:
 def resolve(scope) -> uc.UserContext:
     user = dict(scope["headers"]).get(b"x-user")
     if user is None:
-        raise uc.Unauthenticated("Send an x-user header.")
+        raise uc.UnauthenticatedError("Send an x-user header.")
     return uc.UserContext(user_id=user.decode(), thread_id="t-1", run_id="r-1")
 
 

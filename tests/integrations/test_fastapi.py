@@ -93,7 +93,7 @@ def resolve(scope):
         if name == b"x-user":
             user = value.decode()
             return uc.UserContext(user_id=user, thread_id=f"t-{user}", run_id="r-1")
-    raise uc.Unauthenticated
+    raise uc.UnauthenticatedError
 
 
 def new_registry(log):
@@ -697,11 +697,11 @@ class TestEngineDep:
     @pytest.mark.parametrize(
         ("error", "retry_after", "want"),
         [
-            (uc.QuotaTimeout("u-1", 2, "key", 2, 2.2, 2.2), None, 3),
-            (uc.QuotaTimeout("u-1", 2, "key", 2, 30.0, 30.0), None, 30),
-            (uc.QuotaExceeded("u-1", 9, "total", 9, 0.0, 0), None, 1),
-            (uc.QuotaExceeded("u-1", 9, "total", 9, 0.0, 0), 2.5, 3),
-            (uc.QuotaTimeout("u-1", 2, "key", 2, 0.2, 0.2), 0.1, 1),
+            (uc.QuotaTimeoutError("u-1", 2, "key", 2, 2.2, 2.2), None, 3),
+            (uc.QuotaTimeoutError("u-1", 2, "key", 2, 30.0, 30.0), None, 30),
+            (uc.QuotaExceededError("u-1", 9, "total", 9, 0.0, 0), None, 1),
+            (uc.QuotaExceededError("u-1", 9, "total", 9, 0.0, 0), 2.5, 3),
+            (uc.QuotaTimeoutError("u-1", 2, "key", 2, 0.2, 0.2), 0.1, 1),
         ],
     )
     async def test_retry_after(self, error, retry_after, want):
@@ -715,7 +715,7 @@ class TestEngineDep:
         async with client_of(app) as client:
             response = await client.get("/engine/async", headers=as_user("u-1"))
 
-        kind = "quota_timeout" if isinstance(error, uc.QuotaTimeout) else "quota_exceeded"
+        kind = "quota_timeout" if isinstance(error, uc.QuotaTimeoutError) else "quota_exceeded"
         detail = assert_refused(response, kind, want)
         if error.scope == "total":
             assert detail["detail"].startswith("The service is at capacity.")
@@ -804,7 +804,7 @@ class TestEngineDep:
                 pass
 
         async with client_of(app) as client:
-            with pytest.raises(uc.QuotaExceeded):
+            with pytest.raises(uc.QuotaExceededError):
                 await client.get("/nested", headers=as_user("u-1"))
             with pytest.raises(RuntimeError, match="the endpoint failed for u-1"):
                 await client.get("/engine/boom", headers=as_user("u-1"))
@@ -814,11 +814,11 @@ class TestEngineDep:
     async def test_deadline(self):
         """
         A body running past the factory's deadline is cancelled, and the
-        request fails with EngineDeadlineExceeded; the engine is closed.
+        request fails with EngineDeadlineError; the engine is closed.
         """
         app = build(factory=new_factory([], deadline=0.05))
         async with client_of(app) as client:
-            with anyio.fail_after(5), pytest.raises(uc.EngineDeadlineExceeded):
+            with anyio.fail_after(5), pytest.raises(uc.EngineDeadlineError):
                 await client.get("/engine/slow", headers=as_user("u-1"))
         assert app.state.factory.stats().deadline_hits == 1
         assert_settled(app)

@@ -688,7 +688,7 @@ class TestAddContextFunction:
 
         def resolver(scope):
             log.warning("bad_token")
-            raise uc.Unauthenticated
+            raise uc.UnauthenticatedError
 
         sent = []
 

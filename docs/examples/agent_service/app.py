@@ -71,7 +71,7 @@ def resolve(scope: MutableMapping[str, Any]) -> uc.UserContext:
 
     This stands in for real authentication: a real service verifies the token
     (a signed JWT, a session cookie) and takes the user id from it. A missing
-    or malformed header raises `usercontext.Unauthenticated`, which the
+    or malformed header raises `usercontext.UnauthenticatedError`, which the
     middleware answers with 401; an id that breaks the library's rules (empty,
     ``"null"``, control characters...) raises
     `usercontext.InvalidContextError`, answered with 400.
@@ -80,7 +80,7 @@ def resolve(scope: MutableMapping[str, Any]) -> uc.UserContext:
     scheme, _, token = headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         msg = "Send an `Authorization: Bearer <token>` header."
-        raise uc.Unauthenticated(msg)
+        raise uc.UnauthenticatedError(msg)
     return uc.UserContext(
         user_id=token,
         thread_id=headers.get(THREAD_HEADER, DEFAULT_THREAD),
