@@ -26,7 +26,7 @@ import pytest
 import usercontext
 
 from usercontext import UserContext
-from usercontext._report import Floor5, FloorBind, _floor_var
+from usercontext._report.floors import Floor5, FloorBind, floor_var
 
 
 ROUNDS = 1_000  # operations per benchmarked call
@@ -208,4 +208,4 @@ def test_current_floor(benchmark):
     """
     benchmark.extra_info["ops_per_call"] = ROUNDS
     with FloorBind(object()):
-        benchmark(_batch("get()", get=_floor_var.get))
+        benchmark(_batch("get()", get=floor_var.get))

@@ -19,14 +19,7 @@ import pytest
 
 import usercontext as uc
 
-from usercontext._report_events import (
-    DATA,
-    TYPE,
-    _CountingSink,
-    _FloorEvents,
-    _RunningHub,
-    _socket_run,
-)
+from usercontext._report.floors import DATA, TYPE, CountingSink, FloorEvents, RunningHub, socket_run
 
 
 BATCH = 1_000
@@ -48,8 +41,8 @@ def _running(loop):
     hubs = []
 
     def start(**kwargs):
-        running = _RunningHub(loop, uc.EmitterHub(**kwargs))
-        sink = _CountingSink()
+        running = RunningHub(loop, uc.EmitterHub(**kwargs))
+        sink = CountingSink()
         hubs.append(running)
         return running.attach(sink), sink
 
@@ -65,7 +58,7 @@ def test_emit_nowait_floor(benchmark, loop):
     Floor: build the same event by hand, then `asyncio.Queue.put_nowait` and
     `get_nowait`.
     """
-    floor = _FloorEvents()
+    floor = FloorEvents()
     queue: asyncio.Queue = asyncio.Queue()
 
     async def batch():
@@ -103,7 +96,7 @@ def test_end_to_end_floor(benchmark, loop):
     Floor: a producer and a consumer task over `asyncio.Queue(64)`, the
     producer building the same events by hand.
     """
-    floor = _FloorEvents()
+    floor = FloorEvents()
 
     async def batch():
         queue: asyncio.Queue = asyncio.Queue(64)
@@ -154,7 +147,7 @@ def test_socket_floor(benchmark):
     """
     rates = []
     benchmark.pedantic(
-        lambda: rates.append(asyncio.run(_socket_run(SOCKET_EVENTS, False))),  # noqa: FBT003
+        lambda: rates.append(asyncio.run(socket_run(SOCKET_EVENTS, False))),  # noqa: FBT003
         rounds=3,
         iterations=1,
     )
@@ -171,7 +164,7 @@ def test_socket(benchmark):
     """
     rates = []
     benchmark.pedantic(
-        lambda: rates.append(asyncio.run(_socket_run(SOCKET_EVENTS, True))),  # noqa: FBT003
+        lambda: rates.append(asyncio.run(socket_run(SOCKET_EVENTS, True))),  # noqa: FBT003
         rounds=3,
         iterations=1,
     )

@@ -14,7 +14,7 @@ import pytest
 
 import usercontext as uc
 
-from usercontext._report_engines import _DictQuota, _RejectedError
+from usercontext._report.floors import DictQuota, RejectedError
 
 
 BATCH = 1_000
@@ -66,7 +66,7 @@ def test_reject_counter_floor(benchmark):
     """
     Floor: `try_acquire` of a dict-of-int quota refusing a key at its limit.
     """
-    quota = _DictQuota(2)
+    quota = DictQuota(2)
     quota.try_acquire("u-42")
     quota.try_acquire("u-42")
 
@@ -103,7 +103,7 @@ def test_reject_raise_floor(benchmark, loop):
     Floor: `await acquire(key, timeout=0)` of a dict-of-int quota raising for
     a key at its limit, caught by the caller.
     """
-    quota = _DictQuota(2)
+    quota = DictQuota(2)
     quota.try_acquire("u-42")
     quota.try_acquire("u-42")
 
@@ -111,7 +111,7 @@ def test_reject_raise_floor(benchmark, loop):
         for _ in range(BATCH):
             try:
                 await quota.acquire("u-42", timeout=0)
-            except _RejectedError:
+            except RejectedError:
                 pass
 
     benchmark(lambda: loop.run_until_complete(batch()))

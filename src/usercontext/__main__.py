@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 
 # The keys of the report's sections, in order; a test checks them against
-# usercontext._report.SECTIONS, which this module does not import up front.
+# usercontext._report.sections.SECTIONS, which this module does not import up
+# front.
 SECTION_KEYS = ("contexts", "engines", "db", "events", "http")
 
 EXIT_CODES = """\
@@ -126,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if interrupt is not None:
         # Outside the handler, where nothing else holds its traceback.
-        from usercontext._report import forget_interrupt
+        from ._report.frame import forget_interrupt
 
         forget_interrupt(interrupt)
     return code
@@ -137,7 +138,9 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     if args.http_server == "uvicorn" and importlib.util.find_spec("uvicorn") is None:
         parser.error("--http-server uvicorn needs uvicorn: pip install uvicorn")
-    from ._report import DEFAULT, QUICK, SECTIONS, check_json_path, run_report
+    from ._report.frame import check_json_path, run_report
+    from ._report.scale import DEFAULT, QUICK
+    from ._report.sections import SECTIONS
 
     if args.json is not None:
         problem = check_json_path(args.json)
@@ -145,7 +148,7 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             parser.error(problem)
     sections = SECTIONS
     if args.http_server == "uvicorn":
-        from ._report_http import with_server
+        from ._report.http import with_server
 
         sections = with_server(sections, "uvicorn")
     if args.section:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-import timeit
 import tracemalloc
 
 from typing import TYPE_CHECKING, Any
@@ -29,32 +28,29 @@ from usercontext import (
     UserContext,
 )
 
-from ._report import (
-    LEGACY_SUCCESS,
+from .floors import DictQuota, RejectedError
+from .frame import Progress, SectionResult, Table
+from .rows import LEGACY_SUCCESS, Goal, Quantity, Row, success_rate_row
+from .timing import (
     Comparison,
-    Goal,
+    LoopOp,
     Op,
-    Progress,
-    Quantity,
-    Row,
-    Scale,
-    SectionResult,
-    Table,
     compare,
     fmt_ns,
     in_empty_context,
     paired_ratios,
     percentile,
     ratio_ok,
-    success_rate_row,
 )
 
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
 
+    from .scale import Scale
 
-__all__ = ["STEPS", "LoopOp", "engines_section"]
+
+__all__ = ["STEPS", "engines_section"]
 
 LEGACY_P50_MS, LEGACY_P95_MS, LEGACY_P99_MS = 45.0, 125.0, 250.0
 LEGACY_WALL_S = 8.5
@@ -78,27 +74,6 @@ STEPS = (
     "reject and timeout",
     "distinct users",
 )
-
-
-@attrs.frozen
-class LoopOp:
-    """
-    An asynchronous operation timed in batches on *loop*: ``make(n)`` returns a
-    coroutine running it *n* times.
-    """
-
-    label: str
-    make: Callable[[int], Coroutine[Any, Any, None]]
-    loop: asyncio.AbstractEventLoop
-
-    def batch(self, n: int) -> int:
-        """
-        Run a batch of *n* operations with the collector off; return its nanoseconds.
-        """
-        timer = timeit.Timer(
-            lambda: self.loop.run_until_complete(self.make(n)), timer=time.perf_counter_ns
-        )
-        return int(timer.timeit(1))
 
 
 @attrs.define
@@ -404,33 +379,6 @@ def _engine_rows(out: Table, scale: Scale, loop: asyncio.AbstractEventLoop) -> N
     ]
 
 
-class _DictQuota:
-    """
-    The plain-Python floor of a quota: a dict of ints and a fixed limit.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.counts: dict[str, int] = {}
-
-    def try_acquire(self, key: str) -> str | None:
-        n = self.counts.get(key, 0)
-        if n >= self.limit:
-            return None
-        self.counts[key] = n + 1
-        return key
-
-    async def acquire(self, key: str, *, timeout: float | None = None) -> str:  # noqa: ARG002  # as Quota.acquire
-        lease = self.try_acquire(key)
-        if lease is None:
-            raise _RejectedError(key)
-        return lease
-
-
-class _RejectedError(Exception):
-    pass
-
-
 def _quota_rows(out: Table, scale: Scale, loop: asyncio.AbstractEventLoop) -> None:  # noqa: C901  # three pairs of closures
     quota = LocalQuota(PER_USER)
     sems = {"user-42": asyncio.Semaphore(PER_USER)}
@@ -459,7 +407,7 @@ def _quota_rows(out: Table, scale: Scale, loop: asyncio.AbstractEventLoop) -> No
 
     full = LocalQuota(PER_USER)
     held = [full.try_acquire("user-42") for _ in range(PER_USER)]
-    floor = _DictQuota(PER_USER)
+    floor = DictQuota(PER_USER)
     for _ in range(PER_USER):
         floor.try_acquire("user-42")
     out.ratio(
@@ -473,12 +421,12 @@ def _quota_rows(out: Table, scale: Scale, loop: asyncio.AbstractEventLoop) -> No
         ),
     )
 
-    def raising(q: LocalQuota | _DictQuota) -> Callable[[int], Coroutine[Any, Any, None]]:
+    def raising(q: LocalQuota | DictQuota) -> Callable[[int], Coroutine[Any, Any, None]]:
         async def reject(n: int) -> None:
             for _ in range(n):
                 try:  # noqa: SIM105  # contextlib.suppress would add its own cost
                     await q.acquire("user-42", timeout=0)
-                except (QuotaExceededError, _RejectedError):  # noqa: PERF203  # what is timed
+                except (QuotaExceededError, RejectedError):  # noqa: PERF203  # what is timed
                     pass
 
         return reject

@@ -19,38 +19,36 @@ import asyncio
 import contextlib
 import functools
 import gc
-import socket
 import statistics
 import time
 import tracemalloc
 
-from json.encoder import encode_basestring_ascii
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from usercontext import AGENT_COMPLETED, Emitter, EmitterHub, Event, UserContext
+from usercontext import AGENT_COMPLETED, EmitterHub, Event, UserContext
 
-from ._report import (
-    Comparison,
-    Goal,
-    Progress,
-    Quantity,
-    Row,
-    Scale,
-    SectionResult,
-    Table,
-    compare,
-    fmt_ns,
-    in_thread,
-    percentile,
+from .floors import (
+    BOUND,
+    CTX,
+    DATA,
+    TYPE,
+    CountingSink,
+    FloorEvent,
+    FloorEvents,
+    RunningHub,
+    socket_run,
 )
-from ._report_engines import LoopOp
+from .frame import Progress, SectionResult, Table, in_thread
+from .rows import Goal, Quantity, Row
+from .timing import Comparison, LoopOp, compare, fmt_ns, percentile
 
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
+
+    from .scale import Scale
 
 
 __all__ = ["STEPS", "events_section"]
@@ -62,10 +60,7 @@ SOCKET_TARGET_EPS = 140_000.0  # 70x the legacy figure
 EMIT_TARGET = 1.2
 END_TO_END_TARGET = 1.5
 LATENCY_P99_TARGET_MS = 1.0  # the legacy report claimed "sub-millisecond" processing
-BOUND = 1_000
 RETAINED_LIMIT = 1 << 20
-TYPE = "tool_executing"
-DATA = {"tool": "search", "step": 3, "query": "weather in paris"}
 CRITICAL_EVERY = 1_000
 YIELD_EVERY = 256  # ours yields to the delivery task this often, so nothing is dropped
 
@@ -77,129 +72,6 @@ STEPS = (
     "stalled sink",
     "idle users",
 )
-
-
-# -- The floors ------------------------------------------------------------------
-
-
-@attrs.frozen
-class FloorEvent:
-    """
-    The floor's event: a plain frozen attrs class with the fields of `Event`.
-    """
-
-    type: str
-    data: Any
-    seq: int
-    event_id: str
-    ts: float
-    user_id: str
-    thread_id: str
-    run_id: str
-    request_id: str
-    data_json: str
-
-
-def _floor_encoder() -> Callable[[object], str]:
-    """
-    The fastest standard-library encoder, the one `Event` uses: a C encoder
-    built once and reused (`json.dumps` builds one per call).
-    """
-    from json.encoder import c_make_encoder  # type: ignore[attr-defined]
-
-    options = (None, None, encode_basestring_ascii, None, ":", ",", False, False, False)
-    encoder = c_make_encoder(*options)
-    return lambda value: "".join(encoder(value, 0))
-
-
-class _FloorEvents:
-    """
-    Makes the floor's events: what any emitter must do at least.
-    """
-
-    def __init__(self) -> None:
-        self.seq = 0
-        self.encode = _floor_encoder()
-
-    def make(self) -> FloorEvent:
-        seq = self.seq = self.seq + 1
-        return FloorEvent(
-            TYPE,
-            MappingProxyType(dict(DATA)),
-            seq,
-            f"0123456789abcdef-{seq}",
-            time.time(),
-            "user-42",
-            "thread-7",
-            "run-1",
-            "request",
-            self.encode(DATA),
-        )
-
-
-class _CountingSink:
-    """
-    An in-memory sink that counts, and wakes a waiter at a target.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.target = 0
-        self.reached: asyncio.Event | None = None
-
-    async def send(self, events: Sequence[Event]) -> None:
-        self.count += len(events)
-        if self.reached is not None and self.count >= self.target:
-            self.reached.set()
-
-    async def wait_for(self, target: int) -> None:
-        if self.count < target:
-            self.target = target
-            self.reached = asyncio.Event()
-            await self.reached.wait()
-            self.reached = None
-
-
-class _RunningHub:
-    """
-    A hub running in a task of *loop* while batches run on the same loop.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, hub: EmitterHub) -> None:
-        self.loop = loop
-        self.hub = hub
-        self.stop = asyncio.Event()
-        self.started = asyncio.Event()
-
-        async def run() -> None:
-            async with hub:
-                self.started.set()
-                await self.stop.wait()
-
-        self.task = loop.create_task(run())
-        loop.run_until_complete(self.started.wait())
-
-    def attach(self, sink: _CountingSink) -> Emitter:
-        """
-        Attach *sink* for the user of `_CTX`, and return an emitter of that user.
-        """
-
-        async def attach() -> Emitter:
-            self.hub.attach("user-42", sink)
-            return self.hub.emitter(_CTX)
-
-        return self.loop.run_until_complete(attach())
-
-    def close(self) -> None:
-        """
-        Stop the hub, and close the loop.
-        """
-        self.stop.set()
-        with contextlib.closing(self.loop):
-            self.loop.run_until_complete(self.task)
-
-
-_CTX = UserContext(user_id="user-42", thread_id="thread-7", run_id="run-1")
 
 
 def _run(main: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
@@ -214,11 +86,11 @@ def _run(main: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
 
 def _emit_ops(
     loop: asyncio.AbstractEventLoop,
-) -> tuple[LoopOp, LoopOp, _RunningHub]:
-    running = _RunningHub(loop, EmitterHub(maxsize=BOUND))
-    sink = _CountingSink()
+) -> tuple[LoopOp, LoopOp, RunningHub]:
+    running = RunningHub(loop, EmitterHub(maxsize=BOUND))
+    sink = CountingSink()
     emitter = running.attach(sink)
-    floor = _FloorEvents()
+    floor = FloorEvents()
     queue: asyncio.Queue[FloorEvent] = asyncio.Queue()
 
     async def ours(n: int) -> None:
@@ -241,11 +113,11 @@ def _emit_ops(
     )
 
 
-def _end_to_end_ops(loop: asyncio.AbstractEventLoop) -> tuple[LoopOp, LoopOp, _RunningHub]:
-    running = _RunningHub(loop, EmitterHub(maxsize=BOUND, overflow="block", timeout=None))
-    sink = _CountingSink()
+def _end_to_end_ops(loop: asyncio.AbstractEventLoop) -> tuple[LoopOp, LoopOp, RunningHub]:
+    running = RunningHub(loop, EmitterHub(maxsize=BOUND, overflow="block", timeout=None))
+    sink = CountingSink()
     emitter = running.attach(sink)
-    floor = _FloorEvents()
+    floor = FloorEvents()
 
     async def ours(n: int) -> None:
         target = sink.count + n
@@ -277,7 +149,7 @@ MIN_BATCH_NS = 1_000_000
 
 
 def _loop_compare(
-    make: Callable[[asyncio.AbstractEventLoop], tuple[LoopOp, LoopOp, _RunningHub]],
+    make: Callable[[asyncio.AbstractEventLoop], tuple[LoopOp, LoopOp, RunningHub]],
     scale: Scale,
 ) -> Comparison:
     ours, floor, running = make(asyncio.new_event_loop())
@@ -290,7 +162,7 @@ def _loop_compare(
 
 
 def _compare_on_loop(
-    make: Callable[[asyncio.AbstractEventLoop], tuple[LoopOp, LoopOp, _RunningHub]],
+    make: Callable[[asyncio.AbstractEventLoop], tuple[LoopOp, LoopOp, RunningHub]],
     scale: Scale,
 ) -> Comparison:
     """
@@ -298,67 +170,6 @@ def _compare_on_loop(
     its own (`in_thread`).
     """
     return in_thread(functools.partial(_loop_compare, make, scale))
-
-
-class _SocketSink:
-    """
-    Writes each batch as JSON lines in one write, and waits for the drain.
-    """
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-
-    async def send(self, events: Sequence[Event]) -> None:
-        self.writer.write(("\n".join([e.json for e in events]) + "\n").encode())
-        await self.writer.drain()
-
-
-async def _count_lines(reader: asyncio.StreamReader, n: int) -> None:
-    seen = 0
-    while seen < n:
-        chunk = await reader.read(1 << 16)
-        if not chunk:
-            return
-        seen += chunk.count(b"\n")
-
-
-async def _socket_run(n: int, ours: bool) -> float:  # noqa: FBT001  # positional for _run
-    """
-    Send *n* JSON events over a socketpair; return events per second.
-    """
-    a, b = socket.socketpair()
-    _, writer = await asyncio.open_connection(sock=a)
-    reader, peer = await asyncio.open_connection(sock=b)
-    try:
-        started = time.perf_counter()
-        counting = asyncio.ensure_future(_count_lines(reader, n))
-        if ours:
-            async with EmitterHub(maxsize=BOUND, overflow="block", timeout=None) as hub:
-                hub.attach("user-42", _SocketSink(writer))
-                emitter = hub.emitter(_CTX)
-                for _ in range(n):
-                    await emitter.emit(TYPE, DATA)
-                await counting
-        else:
-            floor = _FloorEvents()
-            for start in range(0, n, 256):
-                batch = [floor.make() for _ in range(min(256, n - start))]
-                writer.write(("\n".join([_floor_json(e) for e in batch]) + "\n").encode())
-                await writer.drain()
-            await counting
-        return n / (time.perf_counter() - started)
-    finally:
-        for stream in (writer, peer):
-            stream.close()
-            await stream.wait_closed()
-
-
-def _floor_json(e: FloorEvent) -> str:
-    return (
-        f'{{"type":"{e.type}","seq":{e.seq},"event_id":"{e.event_id}","ts":{e.ts!r},'
-        f'"user_id":"{e.user_id}","thread_id":"{e.thread_id}","run_id":"{e.run_id}",'
-        f'"request_id":"{e.request_id}","data":{e.data_json}}}'
-    )
 
 
 # Enough to measure a rate and the bound; more only makes the report slower.
@@ -371,8 +182,8 @@ def _socket_rows(out: Table, scale: Scale, in_process: Comparison) -> None:
     ours: list[float] = []
     floor: list[float] = []
     for _ in range(scale.scenario_rounds):
-        ours.append(_run(_socket_run, n, True))  # noqa: FBT003  # positional for _run
-        floor.append(_run(_socket_run, n, False))  # noqa: FBT003
+        ours.append(_run(socket_run, n, True))  # noqa: FBT003  # positional for _run
+        floor.append(_run(socket_run, n, False))  # noqa: FBT003
     best, floor_best = max(ours), max(floor)
     in_process_eps = 1e9 / in_process.ours_ns
     out.figures["socket"] = {
@@ -432,7 +243,7 @@ async def _latencies(n: int) -> list[float]:
     sent: dict[int, float] = {}
     async with EmitterHub() as hub:
         hub.attach("user-42", Timing())
-        emitter = hub.emitter(_CTX)
+        emitter = hub.emitter(CTX)
         for _ in range(n):
             arrived.clear()
             started = time.perf_counter()
@@ -486,7 +297,7 @@ async def _stalled(n: int) -> dict[str, Any]:
     peak_seen = 0
     async with EmitterHub(maxsize=BOUND) as hub:
         hub.attach("user-42", Stalled())
-        emitter = hub.emitter(_CTX)
+        emitter = hub.emitter(CTX)
         for i in range(n):
             if i % CRITICAL_EVERY == CRITICAL_EVERY - 1:
                 criticals.append(emitter.emit_nowait(AGENT_COMPLETED, DATA).seq)
@@ -510,7 +321,7 @@ async def _stalled(n: int) -> dict[str, Any]:
     block_n = 5 * BOUND
     async with EmitterHub(maxsize=BOUND, overflow="block", timeout=None) as block:
         block.attach("user-42", Blocked())
-        emitter = block.emitter(_CTX)
+        emitter = block.emitter(CTX)
 
         async def produce() -> None:
             for _ in range(block_n):

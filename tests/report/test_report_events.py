@@ -1,6 +1,6 @@
 """
 Tests for the "Event dispatch" section of ``usercontext report``
-(`usercontext._report_events`), in-process at a tiny scale.
+(`usercontext._report.events`), in-process at a tiny scale.
 
 The figures depend on the machine, so these tests check the section's shape,
 that its checks check something, and that every row can fail.
@@ -8,17 +8,19 @@ that its checks check something, and that every row can fail.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import re
 
 import pytest
 
-from usercontext import _report, _report_events
+from usercontext._report import events, floors
+from usercontext._report.frame import Progress, Table
+from usercontext._report.scale import Scale
+from usercontext._report.timing import Comparison
 
 
-TINY = _report.Scale(
+TINY = Scale(
     name="tiny",
     repeats=2,
     batch_ns=20_000,
@@ -50,7 +52,7 @@ def _result():
     The section, run once at the tiny scale, with its progress lines.
     """
     err = io.StringIO()
-    result = _report_events.events_section(TINY, _report.Progress(6, err))
+    result = events.events_section(TINY, Progress(6, err))
     return result, err.getvalue()
 
 
@@ -62,7 +64,7 @@ class TestEventsSection:
         """
         section, err = result
 
-        assert re.findall(r"events: (.+) \.\.\.", err) == list(_report_events.STEPS)
+        assert re.findall(r"events: (.+) \.\.\.", err) == list(events.STEPS)
         assert [r.metric for r in section.rows] == list(METRICS)
         assert {r.status for r in section.rows} <= {"PASS", "FAIL", "MISS", "INFO"}
         by_metric = {r.metric: r for r in section.rows}
@@ -107,11 +109,11 @@ class TestEventsSection:
             row = next(r for r in section.rows if r.metric == metric)
             assert row.status in ("PASS", "INFO"), row
         stalled = figures["stalled_sink"]
-        assert stalled["depth_peak"] == stalled["peak_seen"] == _report_events.BOUND
+        assert stalled["depth_peak"] == stalled["peak_seen"] == floors.BOUND
         assert sum(stalled["dropped"].values()) == stalled["emitted"] - stalled["delivered"]
         assert stalled["dropped"] == {"oldest": 1_000}
         assert stalled["critical_emitted"] == stalled["critical_delivered"] == 2
-        assert stalled["block_waited_at"] == _report_events.BOUND
+        assert stalled["block_waited_at"] == floors.BOUND
         assert stalled["block_in_order"]
         idle = figures["idle_users"]
         assert (idle["users"], idle["held_before_ttl"], idle["left"]) == (2_000, 2_000, 0)
@@ -141,11 +143,11 @@ class TestRowsCanFail:
         """
         The socket row, a performance row, misses below its target.
         """
-        monkeypatch.setattr(_report_events, "SOCKET_TARGET_EPS", 1e15)
-        out = _report.Table("events")
-        in_process = _report.Comparison(None, None, [5_000.0], [4_000.0], 1, 1)  # type: ignore[arg-type]
+        monkeypatch.setattr(events, "SOCKET_TARGET_EPS", 1e15)
+        out = Table("events")
+        in_process = Comparison(None, None, [5_000.0], [4_000.0], 1, 1)  # type: ignore[arg-type]
 
-        _report_events._socket_rows(out, TINY, in_process)
+        events._socket_rows(out, TINY, in_process)
 
         info, socket = out.rows
         assert socket.status == "MISS"
@@ -160,10 +162,10 @@ class TestRowsCanFail:
         """
         The latency row, a performance row, misses above its target.
         """
-        monkeypatch.setattr(_report_events, "LATENCY_P99_TARGET_MS", 0.0)
-        out = _report.Table("events")
+        monkeypatch.setattr(events, "LATENCY_P99_TARGET_MS", 0.0)
+        out = Table("events")
 
-        _report_events._latency_rows(out, TINY)
+        events._latency_rows(out, TINY)
 
         assert out.rows[0].status == "MISS"
 
@@ -192,10 +194,10 @@ class TestRowsCanFail:
                 "block_depth_peak": 1000,
             }
 
-        monkeypatch.setattr(_report_events, "_stalled", broken)
-        out = _report.Table("events")
+        monkeypatch.setattr(events, "_stalled", broken)
+        out = Table("events")
 
-        _report_events._stalled_rows(out, TINY)
+        events._stalled_rows(out, TINY)
 
         bound, reasons, critical, block = out.rows
         assert (bound.status, critical.status, block.status) == ("FAIL", "FAIL", "FAIL")
@@ -212,53 +214,10 @@ class TestRowsCanFail:
             n = len(contexts)
             return {"users": n, "held_before_ttl": n, "left": 3}
 
-        monkeypatch.setattr(_report_events, "_distinct", sticky)
-        out = _report.Table("events")
+        monkeypatch.setattr(events, "_distinct", sticky)
+        out = Table("events")
 
-        _report_events._idle_rows(out, TINY)
+        events._idle_rows(out, TINY)
 
         assert out.rows[0].status == "FAIL"
         assert out.rows[0].achieved.startswith("**3** users")
-
-
-class TestHelpers:
-    def test_count_lines_stops_at_end_of_stream(self):
-        """
-        Counting lines stops when the peer closes early.
-        """
-
-        async def run():
-            reader = asyncio.StreamReader()
-            reader.feed_data(b"a\nb\n")
-            reader.feed_eof()
-            await _report_events._count_lines(reader, 10)
-
-        asyncio.run(run())
-
-    def test_counting_sink_reached_already(self):
-        """
-        Waiting for a count already reached returns at once.
-        """
-        sink = _report_events._CountingSink()
-
-        asyncio.run(sink.wait_for(0))
-
-        assert sink.reached is None
-
-    def test_floor_json_matches_event_json(self):
-        """
-        The floor writes the same JSON shape as `Event.json`.
-        """
-        floor = _report_events._FloorEvents().make()
-
-        assert set(json.loads(_report_events._floor_json(floor))) == {
-            "type",
-            "seq",
-            "event_id",
-            "ts",
-            "user_id",
-            "thread_id",
-            "run_id",
-            "request_id",
-            "data",
-        }

@@ -1,6 +1,6 @@
 """
 Tests of the "Database sessions" section of ``usercontext report``
-(`usercontext._report_db`).
+(`usercontext._report.db`).
 
 Its timings depend on the machine, so these tests check the rows that must pass
 on any machine (nothing leaked) and that every figure is sane. PostgreSQL comes
@@ -18,11 +18,13 @@ import sys
 
 import pytest
 
-from usercontext import _report
-from usercontext._report_db import INSTALL_HINT, POSTGRES_URL_VAR, STEPS, _sizes, db_section
+from usercontext._report.db import INSTALL_HINT, POSTGRES_URL_VAR, STEPS, _sizes, db_section
+from usercontext._report.frame import Progress, Section
+from usercontext._report.rows import Row
+from usercontext._report.scale import DEFAULT, QUICK, Scale
 
 
-TINY = _report.Scale(
+TINY = Scale(
     name="tiny",
     repeats=2,
     batch_ns=20_000,
@@ -31,13 +33,13 @@ TINY = _report.Scale(
     tasks_per_user=1,
     rounds=1,
 )
-SECTION = _report.Section("database", "Database sessions", STEPS, db_section)
+SECTION = Section("database", "Database sessions", STEPS, db_section)
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def _run(scale=TINY):
     err = io.StringIO()
-    result = db_section(scale, _report.Progress(len(STEPS), err))
+    result = db_section(scale, Progress(len(STEPS), err))
     return result, err.getvalue().splitlines()
 
 
@@ -183,7 +185,7 @@ class TestDatabaseSection:
         result, progress = _run()
 
         assert result.rows == (
-            _report.Row(
+            Row(
                 id="db.not_measured",
                 kind="info",
                 metric="Database sessions",
@@ -204,10 +206,11 @@ class TestDatabaseSection:
         script = (
             "import sys\n"
             "sys.modules['sqlalchemy'] = None\n"
-            "from usercontext import _report\n"
-            "from usercontext._report_db import STEPS, db_section\n"
-            "section = _report.Section('database', 'Database sessions', STEPS, db_section)\n"
-            "code = _report.run_report(scale=_report.QUICK, sections=[section])\n"
+            "from usercontext._report.db import STEPS, db_section\n"
+            "from usercontext._report.frame import Section, run_report\n"
+            "from usercontext._report.scale import QUICK\n"
+            "section = Section('database', 'Database sessions', STEPS, db_section)\n"
+            "code = run_report(scale=QUICK, sections=[section])\n"
             "assert 'usercontext.sqlalchemy' not in sys.modules\n"
             "sys.exit(code)\n"
         )
@@ -231,7 +234,7 @@ class TestDatabaseSection:
         """
         The full report does more work than the quick one.
         """
-        full, quick = _sizes(_report.DEFAULT), _sizes(_report.QUICK)
+        full, quick = _sizes(DEFAULT), _sizes(QUICK)
 
         assert full.requests > quick.requests >= 50
         assert full.pairs * full.txns > quick.pairs * quick.txns

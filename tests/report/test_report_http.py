@@ -13,14 +13,22 @@ import io
 import json
 import re
 
+from typing import TYPE_CHECKING
+
 import attrs
 import pytest
 
 import usercontext
 
-from usercontext import AGENT_STARTED, UnauthenticatedError, UserContext, _report
-from usercontext import _report_http as http
 from usercontext.__main__ import main
+from usercontext._report import contexts, frame, http, service
+from usercontext._report.frame import Progress, SectionResult, Table
+from usercontext._report.scale import DEFAULT, QUICK
+from usercontext._report.sections import SECTIONS
+
+
+if TYPE_CHECKING:
+    from usercontext._report.rows import Row
 
 
 METRICS = (
@@ -45,7 +53,7 @@ def _few_requests(monkeypatch):
     monkeypatch.setattr(http, "REQUESTS_PER_USER", 1)
 
 
-def _check_rows(result: _report.SectionResult) -> dict[str, _report.Row]:
+def _check_rows(result: SectionResult) -> dict[str, Row]:
     """
     Check the rows' metrics and statuses; return the rows by metric.
     """
@@ -66,9 +74,9 @@ class TestSection:
         cross-user response or event and no state left behind.
         """
         err = io.StringIO()
-        progress = _report.Progress(len(http.STEPS), err)
+        progress = Progress(len(http.STEPS), err)
 
-        result = http.http_section(_report.QUICK, progress)
+        result = http.http_section(QUICK, progress)
 
         assert re.findall(r"http: (.+) \.\.\.", err.getvalue()) == list(http.STEPS)
         rows = _check_rows(result)
@@ -114,8 +122,8 @@ class TestSection:
         """
         The report runs the section after the event dispatch section.
         """
-        keys = [s.key for s in _report.SECTIONS]
-        section = _report.SECTIONS[keys.index("http")]
+        keys = [s.key for s in SECTIONS]
+        section = SECTIONS[keys.index("http")]
 
         assert keys.index("http") == keys.index("events") + 1
         assert section.title == "Concurrent HTTP requests"
@@ -137,7 +145,7 @@ class TestSection:
                 self.shared = usercontext.current()
                 await asyncio.sleep(0.001)
                 if usercontext.current().user_id.endswith("7"):
-                    await http._json_response(send, 500, {"error": "boom"})
+                    await service._json_response(send, 500, {"error": "boom"})
                     return
                 payload = {
                     "user_id": self.shared.user_id,
@@ -145,12 +153,12 @@ class TestSection:
                     "session_user_id": self.shared.user_id,
                     "engine_user_id": self.shared.user_id,
                 }
-                await http._json_response(send, 200, payload)
+                await service._json_response(send, 200, payload)
 
         monkeypatch.setattr(http, "Service", Leaky)
-        out = _report.Table("http")
+        out = Table("http")
 
-        http._legacy_rows(out, _report.QUICK, "in-process")
+        http._legacy_rows(out, QUICK, "in-process")
 
         scenario = out.figures["legacy_scenario"]
         assert scenario["cross_user_responses"] > 0
@@ -168,10 +176,10 @@ class TestSection:
         idle = http.Service().state()
         left = http.Run("in-process", state={**idle, "scopes_open": 1, "hub_users": 2})
         unbalanced = http.Run("in-process", state={**idle, "sessions_opened": 1})
-        scale = attrs.evolve(_report.QUICK, memory_contexts=100)
+        scale = attrs.evolve(QUICK, memory_contexts=100)
 
         for run, text in ((left, "; scopes_open 1; hub_users 2"), (unbalanced, "not every")):
-            out = _report.Table("http")
+            out = Table("http")
             http._memory_rows(out, scale, [run])
 
             row = out.rows[-1]
@@ -183,8 +191,8 @@ class TestSection:
         At a scale with several rounds, a first round warms the service up
         before memory is measured, and both rounds' requests are accounted for.
         """
-        scale = attrs.evolve(_report.QUICK, scenario_rounds=2, memory_contexts=1_000)
-        out = _report.Table("http")
+        scale = attrs.evolve(QUICK, scenario_rounds=2, memory_contexts=1_000)
+        out = Table("http")
 
         http._memory_rows(out, scale, [])
 
@@ -192,68 +200,6 @@ class TestSection:
         assert out.figures["memory"]["requests"] == 100
         assert out.figures["state_left"]["requests"] == 200
         assert [row.status for row in out.rows] == ["PASS", "PASS"]
-
-
-class TestService:
-    def test_resolver(self):
-        """
-        The resolver finds the user of a known bearer token and refuses
-        unknown and missing ones.
-        """
-        ctx = http.resolve({"headers": [(b"authorization", b"Bearer tok-042")]})
-
-        assert ctx.user_id == "user-042"
-        for headers in ([(b"authorization", b"Bearer nope")], [(b"host", b"x")]):
-            with pytest.raises(UnauthenticatedError):
-                http.resolve({"headers": headers})
-
-    def test_settle_waits_for_deliveries(self):
-        """
-        Settling waits for the events still buffered, then disconnects the
-        users and waits until the hub forgot them.
-        """
-        service = http.Service()
-
-        async def main():
-            async with service.hub:
-                service.connect()
-                ctx = UserContext(user_id="user-001", thread_id="web", run_id="agent")
-                for _ in range(3):
-                    service.hub.emitter(ctx).emit_nowait(AGENT_STARTED)
-                return await service.settle()
-
-        state = asyncio.run(main())
-
-        assert (state["events_emitted"], state["events_delivered"]) == (3, 3)
-        assert state["events_received"] == 3
-        assert state["events_wrong_user"] == 0
-        assert state["hub_users"] == state["hub_attached"] == 0
-
-    def test_floor(self):
-        """
-        The floor refuses an unknown token with a 401, makes a request id when
-        the client sent none, and reuses its semaphores.
-        """
-        floor = http.FloorService(work_s=0)
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-
-        async def main():
-            for token in (b"Bearer nope", b"Bearer tok-001", b"Bearer tok-001"):
-                scope = {"type": "http", "headers": [(b"authorization", token)]}
-                await floor.asgi(scope, None, send)
-            return await floor.settle()
-
-        state = asyncio.run(main())
-
-        statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
-        assert statuses == [401, 200, 200]
-        bodies = [json.loads(m["body"]) for m in sent if m["type"] == "http.response.body"]
-        assert len(bodies[1]["request_id"]) == 32
-        assert bodies[1]["request_id"] != bodies[2]["request_id"]
-        assert state == {"semaphores": 1, "event_lists": 1, "events": 4}
 
 
 class TestClients:
@@ -332,13 +278,13 @@ class TestUvicorn:
         over keep-alive connections, with the same checks; the other sections
         are left alone.
         """
-        sections = http.with_server(_report.SECTIONS, "uvicorn")
-        assert [s.key for s in sections] == [s.key for s in _report.SECTIONS]
+        sections = http.with_server(SECTIONS, "uvicorn")
+        assert [s.key for s in sections] == [s.key for s in SECTIONS]
         section = next(s for s in sections if s.key == "http")
         others = [s for s in sections if s.key != "http"]
-        assert all(s in _report.SECTIONS for s in others)
+        assert all(s in SECTIONS for s in others)
 
-        result = section.run(_report.QUICK, _report.Progress(2, io.StringIO()))
+        result = section.run(QUICK, Progress(2, io.StringIO()))
 
         rows = _check_rows(result)
         assert rows[METRICS[3]].achieved.startswith("**0** in 100 responses, 0 in 200 events")
@@ -372,7 +318,7 @@ class TestCommand:
         HTTP section under uvicorn; by default it runs in-process.
         """
         calls = []
-        monkeypatch.setattr(_report, "run_report", lambda **kw: calls.append(kw) or 0)
+        monkeypatch.setattr(frame, "run_report", lambda **kw: calls.append(kw) or 0)
         find_spec = importlib.util.find_spec
         monkeypatch.setattr(
             importlib.util,
@@ -384,15 +330,15 @@ class TestCommand:
         assert main(["report"]) == 0
 
         uvicorn, default = calls
-        assert uvicorn["scale"] is _report.QUICK
+        assert uvicorn["scale"] is QUICK
         assert uvicorn["json_path"] is None
         runs = {s.key: s.run for s in uvicorn["sections"]}
         assert runs["http"] is not http.http_section
-        assert runs["contexts"] is _report.contexts_section
+        assert runs["contexts"] is contexts.contexts_section
         assert default == {
-            "scale": _report.DEFAULT,
+            "scale": DEFAULT,
             "json_path": None,
-            "sections": _report.SECTIONS,
+            "sections": SECTIONS,
             "strict": False,
         }
 

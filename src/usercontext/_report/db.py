@@ -29,19 +29,9 @@ import attrs
 
 from usercontext import Registry, Scope, UserContext
 
-from ._report import (
-    Comparison,
-    Goal,
-    Progress,
-    Quantity,
-    Row,
-    Scale,
-    SectionResult,
-    Table,
-    fmt_ratio,
-    in_empty_context,
-)
-from ._report_engines import LoopOp
+from .frame import Progress, SectionResult, Table
+from .rows import Goal, Quantity, Row
+from .timing import Comparison, LoopOp, fmt_ratio, in_empty_context
 
 
 if TYPE_CHECKING:
@@ -52,7 +42,9 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-    from .sqlalchemy import PoolWatch
+    from usercontext.sqlalchemy import PoolWatch
+
+    from .scale import Scale
 
 
 __all__ = ["POSTGRES_URL_VAR", "STEPS", "db_section"]
@@ -258,7 +250,7 @@ def _measure(out: Table, backend: _Backend, sizes: _Sizes, announce: Callable[[s
 
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from .sqlalchemy import PoolWatch
+    from usercontext.sqlalchemy import PoolWatch
 
     table = sa.Table(
         f"usercontext_report_{os.urandom(4).hex()}",
@@ -346,7 +338,7 @@ class _Measurement:
         """
         from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-        from .sqlalchemy import session_provider
+        from usercontext.sqlalchemy import session_provider
 
         maker = async_sessionmaker(self.engine)
         registry = Registry()
@@ -454,7 +446,7 @@ class _Measurement:
         from sqlalchemy import text
         from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-        from .sqlalchemy import session_provider
+        from usercontext.sqlalchemy import session_provider
 
         registry = Registry()
         registry.register(AsyncSession, session_provider(async_sessionmaker(self.engine)))
