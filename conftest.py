@@ -6,12 +6,24 @@ suite and the example apps' tests alike).
 imports its framework at the top, so it is left out when that framework is not
 installed (a run with the core only).
 
-The tests that need PostgreSQL ask for the session fixture ``postgres_url``:
-the server at ``USERCONTEXT_TEST_POSTGRES_URL`` (default
+What a test needs and cannot find is a skip on a developer's machine and a
+failure with ``CI=true``, where everything must be there; `unavailable` is the
+one place that decides. It covers:
+
+- a test module that cannot be imported (``pytest.importorskip`` at its top,
+  for a framework or a client);
+- a test marked ``@pytest.mark.server(*needs)``: it needs a real server,
+  ``"postgresql"`` or ``"redis"`` (a service that must answer) or the name of
+  the package of a server the test starts itself (``"uvicorn"``,
+  ``"hypercorn"``), which must be installed. A test that asks for the
+  ``postgres_url`` or ``redis_url`` fixture is marked so by itself.
+  ``pytest -m "not server"`` runs only the tests that need none.
+
+PostgreSQL is the server at ``USERCONTEXT_TEST_POSTGRES_URL`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``, a superuser) when it answers,
 else a throwaway server started from the ``pgserver`` package (a wheel with
-PostgreSQL inside) and stopped at the end of the session. When neither can be
-had the tests are skipped, unless ``CI=true``, where they fail.
+PostgreSQL inside) and stopped at the end of the session. Redis is the server
+at ``USERCONTEXT_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``).
 """
 
 from __future__ import annotations
@@ -24,16 +36,21 @@ import socket
 import subprocess
 import tempfile
 import time
+import types
 import warnings
 
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
 
 import pytest
 
 
+# pytester runs small suites with this file, to test the rules above.
+pytest_plugins = ["pytester"]
+
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Generator
 
 
 ADAPTERS = {
@@ -49,6 +66,8 @@ collect_ignore = [
 
 POSTGRES_URL_VAR = "USERCONTEXT_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS_URL_VAR = "USERCONTEXT_TEST_REDIS_URL"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # initdb and postgres refuse to run as root; as root, the throwaway server runs
 # as this unprivileged user, which every Linux and macOS system has.
 UNPRIVILEGED_USER = "nobody"
@@ -83,13 +102,27 @@ def _hide_password(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def skip_or_fail(reason: str, *, ci: bool) -> NoReturn:
+def ci() -> bool:
+    """
+    Tell whether this run is CI's (``CI=true``), where nothing may be missing.
+    """
+    return os.environ.get("CI") == "true"
+
+
+def unavailable(reason: str, *, ci: bool) -> NoReturn:
     """
     Skip the test with *reason*, or fail it when *ci*.
     """
     if ci:
-        pytest.fail(f"CI=true, so a missing PostgreSQL is a failure: {reason}", pytrace=False)
+        pytest.fail(f"CI=true, so what a test needs must be there: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+class ServerUnavailableError(Exception):
+    """
+    A real server that a test needs cannot be had; the message says why and
+    how to provide one.
+    """
 
 
 def _free_port() -> int:
@@ -290,11 +323,13 @@ class ThrowawayPostgres:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def find_postgres(url: str, *, ci: bool) -> tuple[str, ThrowawayPostgres | None]:
+def find_postgres(url: str) -> tuple[str, ThrowawayPostgres | None]:
     """
     Return *url* if it answers, else the URL of a throwaway server started
-    for the occasion, and that server to stop; skip (or fail when *ci*) when
-    neither can be had.
+    for the occasion, and that server to stop.
+
+    Raises:
+        ServerUnavailableError: If neither can be had.
     """
     unreachable = postgres_unreachable(url)
     if unreachable is None:
@@ -305,32 +340,163 @@ def find_postgres(url: str, *, ci: bool) -> tuple[str, ThrowawayPostgres | None]
         why = str(e)
     else:
         return server.url, server
-    reason = (
+    msg = (
         f"{unreachable}, and no throwaway one could be started: {why}. Start one, or "
         f"point {POSTGRES_URL_VAR} at one."
     )
-    skip_or_fail(reason, ci=ci)
+    raise ServerUnavailableError(msg)
+
+
+def redis_unreachable(url: str) -> str | None:
+    """
+    Send ``PING`` to the Redis server at *url* once; return why it did not
+    answer, or `None` if it did (an error reply, such as a request to
+    authenticate, is an answer too).
+    """
+    parts = urlsplit(url)
+    address = (parts.hostname or "127.0.0.1", parts.port or 6379)
+    where = f"{address[0]}:{address[1]}"
+    try:
+        with socket.create_connection(address, timeout=3) as sock:
+            sock.sendall(b"PING\r\n")
+            reply = sock.recv(64)
+    except OSError as e:
+        return f"Redis is not reachable at {where} ({type(e).__name__})"
+    if reply[:1] not in {b"+", b"-"}:
+        return f"what answers at {where} is not Redis (it replied {reply[:20]!r} to PING)"
+    return None
+
+
+def find_redis(url: str) -> tuple[str, None]:
+    """
+    Return *url* if a Redis server answers there, with no server to stop.
+
+    Raises:
+        ServerUnavailableError: If none answers.
+    """
+    unreachable = redis_unreachable(url)
+    if unreachable is None:
+        return url, None
+    raise ServerUnavailableError(f"{unreachable}. Start one, or point {REDIS_URL_VAR} at one.")
+
+
+#: A service a test may need: its URL variable, the default URL, and the
+#: function that finds it.
+SERVICES: dict[str, tuple[str, str, Callable[[str], tuple[str, Any]]]] = {
+    "postgresql": (POSTGRES_URL_VAR, DEFAULT_POSTGRES_URL, find_postgres),
+    "redis": (REDIS_URL_VAR, DEFAULT_REDIS_URL, find_redis),
+}
+#: The fixture that gives each service's URL; its tests are marked by themselves.
+SERVICE_FIXTURES = {"postgres_url": "postgresql", "redis_url": "redis"}
+_FOUND = pytest.StashKey[dict[str, "str | ServerUnavailableError"]]()
+
+
+def service_url(config: pytest.Config, name: str) -> str:
+    """
+    The URL of the service *name* (a key of `SERVICES`), found once per
+    session; a throwaway server is stopped when the session ends. Skip the
+    test (fail it under ``CI=true``) when it cannot be had.
+    """
+    found = config.stash.setdefault(_FOUND, {})
+    if name not in found:
+        variable, default, find = SERVICES[name]
+        try:
+            url, server = find(os.environ.get(variable, default))
+        except ServerUnavailableError as e:
+            found[name] = e
+        else:
+            found[name] = url
+            if server is not None:
+                config.add_cleanup(server.stop)
+    result = found[name]
+    if isinstance(result, ServerUnavailableError):
+        unavailable(str(result), ci=ci())
+    return result
+
+
+def server_missing(need: str) -> str | None:
+    """
+    Why the package of the server *need* (one the test starts) cannot be
+    used, or `None` if it is installed.
+    """
+    if importlib.util.find_spec(need) is None:
+        return f"{need} is not installed, and the test starts a server with it: pip install {need}"
+    return None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """
+    Mark the tests that ask for a service's URL as needing that server.
+    """
+    for item in items:
+        for fixture, name in SERVICE_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.server(name))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """
+    Check what a test marked ``server`` needs before any of its fixtures
+    starts: skip it (fail it under ``CI=true``) when that is missing.
+    """
+    for marker in item.iter_markers("server"):
+        if not marker.args:
+            pytest.fail("@pytest.mark.server() names what the test needs.", pytrace=False)
+        for need in marker.args:
+            if need in SERVICES:
+                service_url(item.config, need)
+                continue
+            reason = server_missing(need)
+            if reason is not None:
+                unavailable(reason, ci=ci())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """
+    Under ``CI=true``, a test module skipped as a whole (its
+    ``pytest.importorskip`` found a package missing) fails instead.
+    """
+    report: pytest.CollectReport = yield
+    if report.skipped and isinstance(collector, pytest.Module) and ci():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        reason = str(reason).removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = f"CI=true, so what a test needs must be there: {reason}"
+    return report
 
 
 @pytest.fixture(name="postgres_url", scope="session")
-def _postgres_url() -> Iterator[str]:
+def _postgres_url(pytestconfig: pytest.Config) -> str:
     """
     The URL of a PostgreSQL superuser's database for the tests (see the
-    module's docstring); a throwaway server is stopped at the end.
+    module's docstring).
     """
-    url, server = find_postgres(
-        os.environ.get(POSTGRES_URL_VAR, DEFAULT_POSTGRES_URL), ci=os.environ.get("CI") == "true"
+    return service_url(pytestconfig, "postgresql")
+
+
+@pytest.fixture(name="redis_url", scope="session")
+def _redis_url(pytestconfig: pytest.Config) -> str:
+    """
+    The URL of a Redis server for the tests (see the module's docstring).
+    """
+    return service_url(pytestconfig, "redis")
+
+
+@pytest.fixture(name="real_servers", scope="session")
+def _real_servers() -> types.SimpleNamespace:
+    """
+    The functions above, for the tests of this module's machinery and for a
+    fixture that finds something else missing.
+    """
+    return types.SimpleNamespace(
+        ServerUnavailableError=ServerUnavailableError,
+        ci=ci,
+        find_postgres=find_postgres,
+        find_redis=find_redis,
+        server_missing=server_missing,
+        unavailable=unavailable,
     )
-    try:
-        yield url
-    finally:
-        if server is not None:
-            server.stop()
-
-
-@pytest.fixture(name="find_postgres")
-def _find_postgres() -> Callable[..., tuple[str, ThrowawayPostgres | None]]:
-    """
-    `find_postgres`, for the tests of the fixture above.
-    """
-    return find_postgres

@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = [
     "STATE_KEY",
     "RequestState",
+    "Resolver",
     "UserContextMiddleware",
     "in_child_scope",
     "request_state",

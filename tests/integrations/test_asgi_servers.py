@@ -11,18 +11,17 @@ around each request, as a metrics or audit middleware would see it. The
 clients (raw sockets through anyio, and httpx2) run on asyncio and on trio.
 
 A server whose package is missing is skipped, unless ``CI=true``, where that
-fails the run; uvloop does not exist on Windows and is skipped there.
+fails the run (see the ``server`` marker in the root conftest.py); uvloop does
+not exist on Windows and is skipped there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import inspect
 import json
 import logging
-import os
 import socket
 import sys
 import threading
@@ -38,20 +37,19 @@ import usercontext as uc
 from usercontext.asgi import UserContextMiddleware, request_state
 from usercontext.stdlib import ContextFilter
 
+from helpers import KeepRecords
 
-try:
-    import httpx2
 
-    from starlette.applications import Starlette
-    from starlette.responses import FileResponse, JSONResponse, StreamingResponse
-    from starlette.routing import Route
-except ImportError as e:
-    if os.environ.get("CI") == "true":
-        raise
-    pytest.skip(
-        f"{e.name} is not installed; these tests need `pip install starlette httpx2`.",
-        allow_module_level=True,
-    )
+pytest.importorskip(
+    "starlette", reason="starlette is not installed: pip install usercontext[starlette]"
+)
+pytest.importorskip("httpx2", reason="httpx2 is not installed: pip install httpx2")
+
+import httpx2
+
+from starlette.applications import Starlette
+from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.routing import Route
 
 
 # Every bound on a wait, in seconds: the tests never hang.
@@ -84,29 +82,16 @@ FILE_SIZE = 300_000  # several 64 KiB messages of a FileResponse
 POST_SIZE = 300_000  # enough for uvicorn to pause reading the socket
 
 
-def need(what: str) -> None:
+def server_param(name: str) -> Any:
     """
-    Check that the server *what* (a key of `SERVERS`) can run here, or skip
-    (fail with ``CI=true``) saying why.
+    The fixture parameter of the server *name* (a key of `SERVERS`), marked
+    with the packages it needs, and skipped where it cannot run.
     """
-    modules = SERVERS[what][3]
-    if "uvloop" in modules and sys.platform == "win32":
-        pytest.skip("uvloop does not run on Windows.")
-    reason = None
-    for name in modules:
-        if importlib.util.find_spec(name) is None:
-            reason = f"{name} is not installed; {what} needs it: pip install {name}"
-            break
-    else:
-        if what.endswith("reset_contextvars"):
-            import uvicorn
-
-            if "reset_contextvars" not in inspect.signature(uvicorn.Config).parameters:
-                reason = f"uvicorn {uvicorn.__version__} has no reset_contextvars option."
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true, so a missing server is a failure: {reason}", pytrace=False)
-        pytest.skip(reason)
+    modules = SERVERS[name][3]
+    marks = [pytest.mark.server(*modules)]
+    if "uvloop" in modules:
+        marks.append(pytest.mark.skipif(sys.platform == "win32", reason="uvloop needs Unix."))
+    return pytest.param(name, marks=marks)
 
 
 # -- the app -------------------------------------------------------------------
@@ -402,29 +387,25 @@ class Served:
         self.records.clear()
 
 
-class _Keep(logging.Handler):
-    def __init__(self, records: list[logging.LogRecord]) -> None:
-        super().__init__()
-        self.records = records
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture(name="served", scope="module", params=list(SERVERS))
-def _served(request, tmp_path_factory):
+@pytest.fixture(name="served", scope="module", params=[server_param(name) for name in SERVERS])
+def _served(request, tmp_path_factory, real_servers):
     """
     The app under each server, started once for the tests of this module.
     """
     name = request.param
-    need(name)
+    if name.endswith("reset_contextvars"):
+        import uvicorn
+
+        if "reset_contextvars" not in inspect.signature(uvicorn.Config).parameters:
+            reason = f"uvicorn {uvicorn.__version__} has no reset_contextvars option."
+            real_servers.unavailable(reason, ci=real_servers.ci())
     path = tmp_path_factory.mktemp("files") / "report.bin"
     path.write_bytes(bytes(range(256)) * (FILE_SIZE // 256) + b"x" * (FILE_SIZE % 256))
     observer, log, ready = make_app(str(path))
     with LiveServer(name, observer, ready) as server:
         served = Served(server, observer, log)
         error_logger = logging.getLogger(ERROR_LOGS[server.kind][0])
-        handler = _Keep(served.records)
+        handler = KeepRecords(served.records)
         handler.addFilter(ContextFilter())
         error_logger.addHandler(handler)
         try:

@@ -8,7 +8,7 @@ loop, so that asyncio and trio are both exercised; WebSocket routes go through
 Starlette's TestClient, run on the same backend.
 
 They are skipped when fastapi (or httpx2) is missing, unless ``CI=true``, where
-a missing dependency fails the run.
+a missing dependency fails the run (see the root conftest.py).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the annotations of
@@ -18,7 +18,6 @@ import contextlib
 import functools
 import gc
 import math
-import os
 import random
 import threading
 import types
@@ -33,18 +32,13 @@ import pytest
 import usercontext as uc
 
 
-try:
-    import fastapi
-    import httpx2
-except ImportError:
-    if os.environ.get("CI") == "true":
-        raise
-    pytest.skip(
-        "fastapi and httpx2 are not installed: pip install usercontext[fastapi] httpx2",
-        allow_module_level=True,
-    )
+pytest.importorskip("fastapi", reason="fastapi is not installed: pip install usercontext[fastapi]")
+pytest.importorskip("httpx2", reason="httpx2 is not installed: pip install httpx2")
 
-from fastapi import FastAPI, WebSocket  # after the skip above
+import fastapi
+import httpx2
+
+from fastapi import FastAPI, WebSocket
 from fastapi.responses import StreamingResponse
 from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect

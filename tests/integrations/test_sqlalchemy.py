@@ -17,7 +17,6 @@ asyncio only; the tests that need no async driver run on asyncio and trio.
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import os
 import random
 import subprocess
@@ -61,18 +60,14 @@ from usercontext import Registry, UserContext, bind, isolated
 from usercontext.exceptions import IsolationError, NoContextError
 from usercontext.sqlalchemy import Checkout, PoolWatch, session_provider
 
+from helpers import BoomError
+
 
 if sys.version_info < (3, 11):
     from exceptiongroup import ExceptionGroup
 
 
 asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
-
-
-class BoomError(Exception):
-    """
-    An error raised on purpose by a request's body.
-    """
 
 
 class Base(DeclarativeBase):
@@ -232,69 +227,6 @@ SQLITE_SLOW = text(
     "with recursive c(x) as (select 1 union all select x + 1 from c where x < 300000) "
     "select count(*) from c"
 )
-
-
-class TestReachability:
-    """
-    The ``postgres_url`` fixture of the root conftest.py: the configured
-    server, else a throwaway one from pgserver, else a skip (a failure on CI).
-    """
-
-    CLOSED = "postgresql://nobody@127.0.0.1:1/none"
-
-    def test_no_server_and_no_pgserver_skips_locally(self, find_postgres, monkeypatch):
-        """
-        Without CI, when nothing answers at the URL and pgserver cannot be
-        imported, the tests are skipped with a reason that names the URL,
-        pgserver and the variable to set.
-        """
-        monkeypatch.setitem(sys.modules, "pgserver", None)
-
-        with pytest.raises(pytest.skip.Exception, match="USERCONTEXT_TEST_POSTGRES_URL") as e:
-            find_postgres(self.CLOSED, ci=False)
-
-        assert "127.0.0.1:1" in str(e.value)
-        assert "pgserver is not installed" in str(e.value)
-
-    def test_no_server_and_no_pgserver_fails_on_ci(self, find_postgres, monkeypatch):
-        """
-        With CI=true, the same situation is a failure, not a skip.
-        """
-        monkeypatch.setitem(sys.modules, "pgserver", None)
-
-        with pytest.raises(pytest.fail.Exception, match="CI=true"):
-            find_postgres(self.CLOSED, ci=True)
-
-    def test_no_server_starts_a_throwaway_one(self, find_postgres):
-        """
-        When nothing answers at the URL, a throwaway server from pgserver is
-        started on another port of 127.0.0.1, with a superuser and a database
-        "test"; once stopped, it answers no more and its files are gone.
-        """
-        if importlib.util.find_spec("pgserver") is None:
-            pytest.skip("pgserver ships no wheel for this Python or platform")
-        import psycopg
-
-        url, server = find_postgres(self.CLOSED, ci=False)
-        try:
-            assert url.startswith("postgresql://postgres@127.0.0.1:")
-            assert url.endswith("/test")
-            with psycopg.connect(url) as conn:
-                row = conn.execute(
-                    "select current_database(), rolsuper from pg_roles where rolname = current_user"
-                ).fetchone()
-            assert row == ("test", True)
-        finally:
-            server.stop()
-        with pytest.raises(psycopg.OperationalError):
-            psycopg.connect(url, connect_timeout=3)
-        assert not server._dir.exists()
-
-    def test_a_reachable_server_is_used_as_it_is(self, find_postgres, postgres_url):
-        """
-        A URL that answers is returned unchanged, with no server to stop.
-        """
-        assert find_postgres(postgres_url, ci=True) == (postgres_url, None)
 
 
 # -- session_provider ----------------------------------------------------------

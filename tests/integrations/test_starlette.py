@@ -4,7 +4,8 @@ Server-Sent Events response, at the ASGI level on asyncio and trio, and end to
 end through Starlette's TestClient.
 
 They are skipped when starlette (or httpx, for the TestClient) is missing,
-unless ``CI=true``, where a missing dependency fails the run.
+unless ``CI=true``, where a missing dependency fails the run (see the root
+conftest.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import signal
 import threading
 
@@ -22,18 +22,13 @@ import pytest
 import usercontext as uc
 
 
-try:
-    import httpx2  # noqa: F401  # Starlette's TestClient needs it (httpx before Starlette 1)
-    import starlette  # noqa: F401
-except ImportError:
-    if os.environ.get("CI") == "true":
-        raise
-    pytest.skip(
-        "starlette and httpx2 are not installed: pip install usercontext[starlette] httpx2",
-        allow_module_level=True,
-    )
+pytest.importorskip(
+    "starlette", reason="starlette is not installed: pip install usercontext[starlette]"
+)
+# Starlette's TestClient needs it (httpx before Starlette 1).
+pytest.importorskip("httpx2", reason="httpx2 is not installed: pip install httpx2")
 
-from starlette.applications import Starlette  # after the skip above
+from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
@@ -45,6 +40,8 @@ from usercontext.starlette import (
     close_on_signal,
     serve_websocket,
 )
+
+from helpers import until
 
 
 TYPE = "tool_executing"
@@ -129,12 +126,6 @@ def sse_events(body):
     return out
 
 
-async def _until(predicate, timeout=5.0):
-    with anyio.fail_after(timeout):
-        while not predicate():  # noqa: ASYNC110  # polls the state of the code under test
-            await anyio.sleep(0.001)
-
-
 class TestEventSource:
     async def test_streams_events_one_chunk_per_flush(self, ctx):
         """
@@ -146,13 +137,13 @@ class TestEventSource:
             tg.start_soon(
                 EventSourceResponse(hub, "u-42"), http_scope(), client.receive, client.send
             )
-            await _until(lambda: hub.stats().attached == 1)
+            await until(lambda: hub.stats().attached == 1)
             emitter = hub.emitter(ctx)
             for i in range(5):
                 emitter.emit_nowait(TYPE, {"i": i})
-            await _until(lambda: len(client.chunks()) == 1)
+            await until(lambda: len(client.chunks()) == 1)
             client.gone.set()
-            await _until(lambda: hub.stats().attached == 0)
+            await until(lambda: hub.stats().attached == 0)
 
         start = client.sent[0]
         assert start["type"] == "http.response.start"
@@ -184,7 +175,7 @@ class TestEventSource:
             client = Client({"type": "http.request"}, "http.disconnect")
             async with anyio.create_task_group() as tg:
                 tg.start_soon(EventSourceResponse(hub, "u-42"), scope, client.receive, client.send)
-                await _until(lambda: len(client.chunks()) == 1)
+                await until(lambda: len(client.chunks()) == 1)
                 client.gone.set()
 
         assert [e["seq"] for _, e in sse_events(client.body())] == [4, 5]
@@ -203,7 +194,7 @@ class TestEventSource:
                 with uc.bind(ctx):
                     response = EventSourceResponse(hub, last_seq=0, ping=None)
                     tg.start_soon(response, scope, client.receive, client.send)
-                await _until(lambda: len(client.chunks()) == 1)
+                await until(lambda: len(client.chunks()) == 1)
                 client.gone.set()
 
         assert [e["seq"] for _, e in sse_events(client.body())] == [1, 2, 3]
@@ -230,7 +221,7 @@ class TestEventSource:
         async with uc.EmitterHub() as hub, anyio.create_task_group() as tg:
             response = EventSourceResponse(hub, "u-42", ping=0.005)
             tg.start_soon(response, http_scope(), client.receive, client.send)
-            await _until(lambda: client.body().count(b": ping\n\n") >= 2)
+            await until(lambda: client.body().count(b": ping\n\n") >= 2)
             client.gone.set()
 
         assert sse_events(client.body()) == []
@@ -245,9 +236,9 @@ class TestEventSource:
             response = EventSourceResponse(hub, "u-42", ping=0.005)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(response, http_scope(), client.receive, client.send)
-                await _until(lambda: hub.stats().attached == 1)
+                await until(lambda: hub.stats().attached == 1)
                 client.fail_sends = True
-                await _until(lambda: hub.stats().attached == 0)
+                await until(lambda: hub.stats().attached == 0)
                 client.gone.set()
 
     async def test_hub_close_ends_the_response(self, ctx):
@@ -261,11 +252,11 @@ class TestEventSource:
                 tg.start_soon(
                     EventSourceResponse(hub, "u-42"), http_scope(), client.receive, client.send
                 )
-                await _until(lambda: hub.stats().attached == 1)
+                await until(lambda: hub.stats().attached == 1)
                 for _ in range(3):
                     hub.emitter(ctx).emit_nowait(TYPE)
                 hub.emitter(ctx).emit_nowait(uc.AGENT_COMPLETED)
-            await _until(lambda: client.sent[-1].get("more_body") is False)
+            await until(lambda: client.sent[-1].get("more_body") is False)
             client.gone.set()
 
         events = client.body().removesuffix(CLOSE)
@@ -308,9 +299,9 @@ class TestEventSource:
             tg.start_soon(
                 EventSourceResponse(hub, "u-42"), http_scope(), client.receive, fail_events
             )
-            await _until(lambda: hub.stats().attached == 1)
+            await until(lambda: hub.stats().attached == 1)
             hub.emitter(ctx).emit_nowait(TYPE)
-            await _until(lambda: client.sent and client.sent[-1].get("more_body") is False)
+            await until(lambda: client.sent and client.sent[-1].get("more_body") is False)
             client.gone.set()
 
         assert client.body() == b'event: close\ndata: {"reason":"error"}\n\n'
@@ -327,10 +318,10 @@ class TestEventSource:
                 tg.start_soon(
                     EventSourceResponse(hub, "u-42"), http_scope(), client.receive, client.send
                 )
-                await _until(lambda: hub.stats().attached == 1)
+                await until(lambda: hub.stats().attached == 1)
                 client.fail_sends = True
                 hub.emitter(ctx).emit_nowait(TYPE)
-                await _until(lambda: hub.stats().attached == 0)
+                await until(lambda: hub.stats().attached == 0)
                 client.gone.set()
             stats = hub.stats()
 
@@ -370,13 +361,13 @@ class TestWebSocket:
         ws = WebSocket(ws_scope(), client.receive, client.send)
         async with uc.EmitterHub() as hub, anyio.create_task_group() as tg:
             tg.start_soon(serve_websocket, ws, hub, "u-42")
-            await _until(lambda: hub.stats().attached == 1)
+            await until(lambda: hub.stats().attached == 1)
             emitter = hub.emitter(ctx)
             for i in range(3):
                 emitter.emit_nowait(TYPE, {"i": i})
-            await _until(lambda: len(client.texts()) == 1)
+            await until(lambda: len(client.texts()) == 1)
             client.gone.set()
-            await _until(lambda: hub.stats().attached == 0)
+            await until(lambda: hub.stats().attached == 0)
 
         assert client.sent[0] == {"type": "websocket.accept", "subprotocol": None, "headers": []}
         (text,) = client.texts()
@@ -399,7 +390,7 @@ class TestWebSocket:
                 hub.emitter(ctx).emit_nowait(TYPE, {"i": i})
             async with anyio.create_task_group() as tg:
                 tg.start_soon(functools.partial(serve_websocket, ws, hub, "u-42", last_seq=0))
-                await _until(lambda: len(client.texts()) == 1)
+                await until(lambda: len(client.texts()) == 1)
                 client.gone.set()
 
         assert [m["type"] for m in client.sent].count("websocket.accept") == 1
@@ -418,7 +409,7 @@ class TestWebSocket:
             async with anyio.create_task_group() as tg:
                 with uc.bind(ctx):
                     tg.start_soon(serve_websocket, ws, hub)
-                await _until(lambda: len(client.texts()) == 1)
+                await until(lambda: len(client.texts()) == 1)
                 client.gone.set()
 
         assert [e["seq"] for e in json.loads(client.texts()[0])] == [2, 3]
@@ -451,7 +442,7 @@ class TestWebSocket:
         async with anyio.create_task_group() as tg:
             async with uc.EmitterHub(retry=retry, on_dead_letter=lambda _: None) as hub:
                 tg.start_soon(serve_websocket, ws, hub, "u-42")
-                await _until(lambda: hub.stats().attached == 1)
+                await until(lambda: hub.stats().attached == 1)
                 if failing:
                     original = client.send
 
@@ -463,8 +454,8 @@ class TestWebSocket:
                     client.send = fail_texts  # type: ignore[method-assign]
                     ws._send = fail_texts
                     hub.emitter(ctx).emit_nowait(TYPE)
-                    await _until(lambda: hub.stats().attached == 0)
-            await _until(lambda: client.sent[-1]["type"] == "websocket.close")
+                    await until(lambda: hub.stats().attached == 0)
+            await until(lambda: client.sent[-1]["type"] == "websocket.close")
             client.gone.set()
 
         assert client.sent[-1]["code"] == code
@@ -585,11 +576,11 @@ class TestCloseOnSignal:
                 tg.start_soon(EventSourceResponse(hub, "u-42"), http_scope(), sse.receive, sse.send)
                 websocket = WebSocket(ws_scope(), ws.receive, ws.send)
                 tg.start_soon(serve_websocket, websocket, hub, "u-42")
-                await _until(lambda: hub.stats().attached == 2)
+                await until(lambda: hub.stats().attached == 2)
                 for i in range(50):
                     hub.emitter(ctx).emit_nowait(TYPE, {"i": i})
                 signal.raise_signal(signal.SIGTERM)
-                await _until(lambda: server.signals)
+                await until(lambda: server.signals)
                 assert hub.closed
             assert signal.getsignal(signal.SIGTERM) == server.handle_exit
             sse.gone.set()
@@ -618,7 +609,7 @@ class TestCloseOnSignal:
                 hub.attach("u-42", sink)
                 hub.emitter(ctx).emit_nowait(TYPE)
                 signal.raise_signal(signal.SIGINT)
-                await _until(lambda: hub.closed)
+                await until(lambda: hub.closed)
                 await anyio.sleep(0.05)
                 assert server.signals == []
                 signal.raise_signal(signal.SIGINT)
@@ -711,7 +702,7 @@ class TestCloseOnSignal:
                     monkeypatch.setattr(signal, "getsignal", getsignal)
                 monkeypatch.setattr(signal, "raise_signal", raised.append)
                 raise_signal(signal.SIGTERM)
-                await _until(lambda: hub.closed)
+                await until(lambda: hub.closed)
                 await anyio.sleep(0.05)
             after = signal.getsignal(signal.SIGTERM)
         finally:

@@ -6,14 +6,13 @@ cutting the SSE body.
 
 The server runs in a subprocess on a free 127.0.0.1 port, so that it can be
 sent SIGTERM and SIGINT. The tests are skipped when uvicorn or websockets is
-missing, unless ``CI=true``, where that fails them.
+missing, unless ``CI=true``, where that fails them (see the root conftest.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -25,19 +24,17 @@ import time
 import pytest
 
 
-try:
-    import httpx2
-    import uvicorn  # noqa: F401  # run as `python -m uvicorn`
+pytest.importorskip("httpx2", reason="httpx2 is not installed: pip install httpx2")
+pytest.importorskip("websockets", reason="websockets is not installed: pip install websockets")
 
-    from websockets.exceptions import ConnectionClosed
-    from websockets.sync.client import connect
-except ImportError:
-    if os.environ.get("CI") == "true":
-        raise
-    pytest.skip(
-        "uvicorn, websockets and httpx2 are needed: pip install uvicorn websockets httpx2",
-        allow_module_level=True,
-    )
+import httpx2
+
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+
+# Each test starts uvicorn (as `python -m uvicorn`).
+pytestmark = pytest.mark.server("uvicorn")
 
 
 #: uvicorn's graceful-shutdown timeout: the server must exit well before it.

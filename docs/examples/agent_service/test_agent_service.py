@@ -12,7 +12,8 @@ loop.
 Run them from this folder with ``python -m pytest``; the library's suite runs
 them too (``tests/integrations/test_examples.py``). They are skipped when
 FastAPI, uvicorn, websockets, httpx2 or SQLAlchemy is missing, unless
-``CI=true``, where a missing piece fails the run.
+``CI=true``, where a missing piece fails the run (the repository's
+``conftest.py`` decides).
 
 One test runs the service on PostgreSQL, in a schema of its own that it drops
 afterwards: the server at ``USERCONTEXT_TEST_POSTGRES_URL`` (default
@@ -39,27 +40,27 @@ import anyio
 import pytest
 
 
-try:
-    import aiosqlite  # noqa: F401  # the default database's driver
-    import fastapi  # noqa: F401  # the app's framework
-    import httpx2
-    import uvicorn
+# What the example needs besides the library: its framework, the default
+# database's driver, its server, and the clients of the tests. Install them with
+# pip install "usercontext[fastapi,sqlalchemy]" aiosqlite uvicorn websockets httpx2
+pytest.importorskip("aiosqlite")
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx2")
+pytest.importorskip("sqlalchemy")
+pytest.importorskip("uvicorn")
+pytest.importorskip("websockets")
 
-    from sqlalchemy import create_engine, event, make_url, select, union_all
-    from sqlalchemy.schema import DropSchema
-    from websockets.exceptions import InvalidStatus
-    from websockets.sync.client import connect
-except ImportError as e:
-    if os.environ.get("CI") == "true":
-        raise
-    pytest.skip(
-        f"{e.name} is not installed; the agent service example needs "
-        '`pip install "usercontext[fastapi,sqlalchemy]" uvicorn websockets httpx2`.',
-        allow_module_level=True,
-    )
+import httpx2
+import uvicorn
+
+from sqlalchemy import create_engine, event, make_url, select, union_all
+from sqlalchemy.schema import DropSchema
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 
-pytestmark = pytest.mark.anyio
+# Each test runs the service under uvicorn.
+pytestmark = [pytest.mark.anyio, pytest.mark.server("uvicorn")]
 
 HERE = Path(__file__).resolve().parent
 
