@@ -38,8 +38,6 @@ TOO_LONG = {
     "usercontext._context",
     "usercontext._emitter",
     "usercontext._factory",
-    "usercontext._report",
-    "usercontext._report_http",
 }
 #: What `import usercontext` may import beside the standard library.
 ALLOWED_DEPENDENCIES = {
@@ -66,7 +64,6 @@ FORBIDDEN = (
     "starlette",
     "structlog",
     "trio",
-    "usercontext._report",
 )
 
 

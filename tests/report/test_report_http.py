@@ -270,7 +270,7 @@ class TestClients:
         assert (run.requests, run.failed, run.latencies_ms) == (100, 100, [])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("uvicorn") is None, reason="needs uvicorn")
+@pytest.mark.server("uvicorn")
 class TestUvicorn:
     def test_section_under_uvicorn(self, few_requests):
         """
