@@ -213,6 +213,8 @@ class Quota(Protocol):
 
     - **Limits.** At most ``per_key`` leases are held per key and at most
       ``total`` overall, at every instant, under timeouts and cancellation.
+      A backend whose leases expire (to recover a crashed holder's slot)
+      documents what an expired lease still being used costs.
     - **Waiting.** ``acquire`` with *timeout* `None` waits as long as it
       takes; a positive *timeout* waits at most that long, then raises
       `usercontext.exceptions.QuotaTimeoutError`; ``0`` (or less) never waits
@@ -224,10 +226,12 @@ class Quota(Protocol):
     - **Fairness across keys.** A slot freed under the *total* limit goes
       round-robin to the keys that have waiters, so one key with a hundred
       waiters cannot starve another.
-    - **Cancellation.** An ``acquire`` cancelled while it waits, even right
-      after it was granted, leaves nothing held and nothing waiting. An
-      ``arelease`` is never lost: if its caller is cancelled, the slot is
-      still handed back (a network backend shields the round trip).
+    - **Cancellation.** An ``acquire`` that raises (cancelled while it
+      waits, even right after it was granted, or timed out, or refused)
+      leaves nothing held and nothing waiting: a slot is held only by a
+      lease returned to the caller. An ``arelease`` is never lost: if its
+      caller is cancelled, the slot is still handed back (a network backend
+      shields the round trip).
     - **Release once.** Each lease's slot is handed back exactly once;
       `arelease` of a lease already handed back raises
       `usercontext.exceptions.LeaseReleasedError` (`Lease.arelease` and
