@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import anyio
 
-from anyio.lowlevel import checkpoint
-
 from .exceptions import LeaseReleasedError, QuotaExceededError, QuotaTimeoutError
 
 
@@ -43,12 +41,12 @@ async def _until(predicate: Callable[[], bool]) -> None:
     Let other tasks run until *predicate* holds; fail after ``_STEP`` seconds.
     """
     with anyio.fail_after(_STEP):
-        for _ in range(50):
-            if predicate():
-                return
-            await checkpoint()
-        while not predicate():  # noqa: ASYNC110  # polls a gauge that has no event
-            await anyio.sleep(0.001)
+        rounds = 0
+        while not predicate():
+            # Scheduling rounds first, then a poll per millisecond: a network
+            # backend's state changes after round trips, not rounds.
+            await anyio.sleep(0 if rounds < 50 else 0.001)
+            rounds += 1
 
 
 class QuotaConformance:

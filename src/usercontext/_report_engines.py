@@ -471,7 +471,7 @@ def _quota_rows(out: Table, scale: Scale, loop: asyncio.AbstractEventLoop) -> No
     held = [full.acquire_nowait("user-42") for _ in range(PER_USER)]
     floor = _DictQuota(PER_USER)
     for _ in range(PER_USER):
-        floor.try_acquire("user-42")
+        floor.acquire_nowait("user-42")
     out.ratio(
         "reject",
         "Rejection by `acquire_nowait` vs a dict-of-int quota",
