@@ -50,7 +50,7 @@ def test_local_quota(benchmark, loop):
     `await quota.acquire(key)` and `lease.release()` on a hot key with room.
     Target: <= 1.3x the floor.
     """
-    quota = uc.LocalQuota(2)
+    quota = uc.LocalQuota(per_key=2)
 
     async def batch():
         for _ in range(BATCH):
@@ -61,39 +61,62 @@ def test_local_quota(benchmark, loop):
     assert quota.stats().in_use == 0
 
 
-@pytest.mark.benchmark(group="quota: reject without raising")
-def test_reject_counter_floor(benchmark):
+@pytest.mark.benchmark(group="quota: uncontended acquire + release")
+def test_local_quota_protocol(benchmark, loop):
     """
-    Floor: `try_acquire` of a dict-of-int quota refusing a key at its limit.
+    `await quota.acquire(key)` and `await quota.arelease(lease)`, the `Quota`
+    protocol's calls, as `EngineFactory` makes them. Target: <= 1.3x the floor.
+    """
+    quota = uc.LocalQuota(per_key=2)
+
+    async def batch():
+        for _ in range(BATCH):
+            lease = await quota.acquire("u-42")
+            await quota.arelease(lease)
+
+    benchmark(lambda: loop.run_until_complete(batch()))
+    assert quota.stats().in_use == 0
+
+
+@pytest.mark.benchmark(group="quota: reject by acquire_nowait")
+def test_reject_nowait_floor(benchmark):
+    """
+    Floor: `acquire_nowait` of a dict-of-int quota raising for a key at its
+    limit, caught by the caller.
     """
     quota = DictQuota(2)
-    quota.try_acquire("u-42")
-    quota.try_acquire("u-42")
+    quota.acquire_nowait("u-42")
+    quota.acquire_nowait("u-42")
 
     def batch():
         for _ in range(BATCH):
-            quota.try_acquire("u-42")
+            try:
+                quota.acquire_nowait("u-42")
+            except RejectedError:
+                pass
 
     benchmark(batch)
 
 
-@pytest.mark.benchmark(group="quota: reject without raising")
-def test_try_acquire_rejected(benchmark):
+@pytest.mark.benchmark(group="quota: reject by acquire_nowait")
+def test_acquire_nowait_rejected(benchmark):
     """
-    `quota.try_acquire(key)` refused because the key is at its limit.
-    Target: <= 1.5x the floor.
+    `quota.acquire_nowait(key)` raising `QuotaExceededError` because the key
+    is at its limit, caught. Target: <= 1.5x the floor.
     """
-    quota = uc.LocalQuota(2)
-    held = [quota.try_acquire("u-42"), quota.try_acquire("u-42")]
+    quota = uc.LocalQuota(per_key=2)
+    held = [quota.acquire_nowait("u-42"), quota.acquire_nowait("u-42")]
 
     def batch():
         for _ in range(BATCH):
-            quota.try_acquire("u-42")
+            try:
+                quota.acquire_nowait("u-42")
+            except uc.QuotaExceededError:
+                pass
 
     benchmark(batch)
-    assert quota.try_acquire("u-42") is None
+    assert quota.stats().rejected >= BATCH
     for lease in held:
-        assert lease is not None
         lease.release()
 
 
@@ -104,8 +127,8 @@ def test_reject_raise_floor(benchmark, loop):
     a key at its limit, caught by the caller.
     """
     quota = DictQuota(2)
-    quota.try_acquire("u-42")
-    quota.try_acquire("u-42")
+    quota.acquire_nowait("u-42")
+    quota.acquire_nowait("u-42")
 
     async def batch():
         for _ in range(BATCH):
@@ -123,8 +146,8 @@ def test_acquire_timeout_zero(benchmark, loop):
     `await quota.acquire(key, timeout=0)` raising `QuotaExceededError`, caught.
     Target: <= 1.5x the floor.
     """
-    quota = uc.LocalQuota(2)
-    held = [quota.try_acquire("u-42"), quota.try_acquire("u-42")]
+    quota = uc.LocalQuota(per_key=2)
+    held = [quota.acquire_nowait("u-42"), quota.acquire_nowait("u-42")]
 
     async def batch():
         for _ in range(BATCH):
@@ -135,7 +158,6 @@ def test_acquire_timeout_zero(benchmark, loop):
 
     benchmark(lambda: loop.run_until_complete(batch()))
     for lease in held:
-        assert lease is not None
         lease.release()
 
 
@@ -197,7 +219,7 @@ def test_legacy_scenario_local_quota(benchmark, loop):
     P99 <= 1.15x the floor's (the legacy system reported P50 45 ms, P99 250 ms).
     """
     result: list[list[float]] = []
-    quota = uc.LocalQuota(2)
+    quota = uc.LocalQuota(per_key=2)
 
     class _Slot:
         def __init__(self, user: str) -> None:

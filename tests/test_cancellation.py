@@ -673,7 +673,8 @@ class TestStatsUnderThreads:
         total=5: the bodies never see more than 5 at once, and the stats
         never count more (peak_active <= 5), round after round.
         """
-        factory = EngineFactory(Engine, per_user=2, total=5, thread_quota=ThreadQuota(2, 5))
+        quota = ThreadQuota(per_key=2, total=5)
+        factory = EngineFactory(Engine, per_user=2, total=5, thread_quota=quota)
         lock = threading.Lock()
         now = [0]
         seen = [0]

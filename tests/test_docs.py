@@ -15,6 +15,7 @@ import pytest
 
 import usercontext
 import usercontext.exceptions
+import usercontext.testing
 
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -68,13 +69,14 @@ class TestExamples:
 class TestAPIReference:
     def test_every_public_name_is_documented(self):
         """
-        api.md has an autodoc directive for every name in `usercontext.__all__`
-        and `usercontext.exceptions.__all__`, and documents no other top-level
-        name.
+        api.md has an autodoc directive for every name in `usercontext.__all__`,
+        `usercontext.exceptions.__all__` and `usercontext.testing.__all__`, and
+        documents no other top-level name.
         """
         text = (DOCS / "api.md").read_text(encoding="utf-8")
         documented = {name.rpartition(".")[2] for name in _DOCUMENTED.findall(text)}
         public = set(usercontext.__all__) | set(usercontext.exceptions.__all__)
+        public |= set(usercontext.testing.__all__)
 
         assert public - documented == set(), "public names missing from docs/api.md"
         assert documented - public == set(), "docs/api.md documents non-public names"

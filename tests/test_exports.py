@@ -126,7 +126,8 @@ def defined_public_names(module):
     it holds but modules, __future__ features, and classes or functions from
     outside usercontext: it re-exports what private modules define. For any
     other module, it is every public class, function and variable its own
-    source defines at the top level (imports and type variables are not
+    source defines at the top level, and what it imports from a private
+    module to be its face (other imports and type variables are not
     definitions).
     """
     if hasattr(module, "__path__"):
@@ -143,9 +144,17 @@ def defined_public_names(module):
                 continue
             names.add(name)
         return names
+    body = ast.parse(inspect.getsource(module)).body
+    # A public module may be the face of a private one, as the package is.
+    faced = {
+        alias.asname or alias.name
+        for node in body
+        if isinstance(node, ast.ImportFrom) and node.level and (node.module or "").startswith("_")
+        for alias in node.names
+    }
     return {
         name
-        for name in top_level_definitions(ast.parse(inspect.getsource(module)).body)
+        for name in (top_level_definitions(body) | faced)
         if not name.startswith("_")
         and type(getattr(module, name, None)).__name__ not in TYPE_VARIABLES
     }

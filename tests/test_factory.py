@@ -937,7 +937,7 @@ class TestEngine:
                 async with factory.engine(ctx):
                     pass
             assert (ei.value.scope, ei.value.limit) == ("key", 1)
-        other = quota.try_acquire("u-7")
+        other = quota.acquire_nowait("u-7")
         with pytest.raises(QuotaExceededError) as ei:
             async with factory.engine(ctx):
                 pass

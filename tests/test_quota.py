@@ -105,9 +105,19 @@ def _make(request):
     kind = request.param
 
     def make(per_key=2, total=None):
-        return kind(kind.cls(per_key, total))
+        return kind(kind.cls(per_key=per_key, total=total))
 
     return make
+
+
+def _try(quota, key):
+    """
+    The lease `acquire_nowait` grants for *key*, or `None` where it refuses.
+    """
+    try:
+        return quota.acquire_nowait(key)
+    except QuotaExceededError:
+        return None
 
 
 def _counters(stats):
@@ -148,14 +158,14 @@ class TestQuotaContract:
         q = k.quota
         leases = [await k.acquire("a"), await k.acquire("a")]
 
-        assert q.try_acquire("a") is None
+        assert _try(q, "a") is None
         with pytest.raises(QuotaExceededError) as ei:
             await k.acquire("a", timeout=0)
         e = ei.value
         assert (e.key, e.limit, e.scope, e.in_use, e.waited, e.timeout) == ("a", 2, "key", 2, 0, 0)
 
         leases.append(await k.acquire("b"))
-        assert q.try_acquire("b") is None
+        assert _try(q, "b") is None
         with pytest.raises(QuotaExceededError) as ei:
             await k.acquire("c", timeout=0)
         e = ei.value
@@ -175,8 +185,8 @@ class TestQuotaContract:
         """
         k = make(per_key=lambda key: 5 if key.startswith("paid-") else 1)
         q = k.quota
-        paid = [q.try_acquire("paid-1") for _ in range(6)]
-        free = [q.try_acquire("free-1") for _ in range(2)]
+        paid = [_try(q, "paid-1") for _ in range(6)]
+        free = [_try(q, "free-1") for _ in range(2)]
 
         assert [lease is not None for lease in paid] == [True] * 5 + [False]
         assert [lease is not None for lease in free] == [True, False]
@@ -294,7 +304,7 @@ class TestQuotaContract:
         Ten waiters of one key get their lease in the order they asked.
         """
         k = make(per_key=1)
-        holder = k.quota.try_acquire("a")
+        holder = _try(k.quota, "a")
         order = []
         async with anyio.create_task_group() as tg:
             for i in range(10):
@@ -312,12 +322,12 @@ class TestQuotaContract:
         limits = {"a": 1}
         k = make(per_key=lambda key: limits[key])
         q = k.quota
-        holder = q.try_acquire("a")
+        holder = _try(q, "a")
         log = []
         async with anyio.create_task_group() as tg:
             await _enqueue(tg, k, "w", "a", log)
             limits["a"] = 2
-            assert q.try_acquire("a") is None
+            assert _try(q, "a") is None
             with pytest.raises(QuotaExceededError):
                 await k.acquire("a", timeout=0)
             assert q.stats().in_use == 1
@@ -332,7 +342,7 @@ class TestQuotaContract:
         each key, whatever the length of each key's queue.
         """
         k = make(per_key=10, total=1)
-        holder = k.quota.try_acquire("h")
+        holder = _try(k.quota, "h")
         order = []
         async with anyio.create_task_group() as tg:
             for name in ("a1", "a2", "a3", "b1", "b2", "c1"):
@@ -349,7 +359,7 @@ class TestQuotaContract:
         """
         k = make(per_key=1)
         q = k.quota
-        holder = q.try_acquire("a")
+        holder = _try(q, "a")
         got = []
 
         async def wait(key):
@@ -365,7 +375,7 @@ class TestQuotaContract:
         assert len(got) == 3
 
         q.set_limits(per_key=5, total=4)
-        assert q.try_acquire("b") is None
+        assert _try(q, "b") is None
         async with anyio.create_task_group() as tg:
             for n, key in enumerate(("b", "b", "c"), 1):
                 tg.start_soon(wait, key)
@@ -387,29 +397,50 @@ class TestQuotaContract:
         """
         k = make(per_key=3, total=10)
         q = k.quota
-        leases = [q.try_acquire("a") for _ in range(3)]
+        leases = [_try(q, "a") for _ in range(3)]
         q.set_limits(per_key=1)
         assert q.stats().in_use == 3
         assert all(not lease.released for lease in leases)
-        assert q.try_acquire("a") is None
+        assert _try(q, "a") is None
         leases.pop().release()
-        assert q.try_acquire("a") is None
+        assert _try(q, "a") is None
         leases.pop().release()
-        assert q.try_acquire("a") is None
+        assert _try(q, "a") is None
         leases.pop().release()
-        lease = q.try_acquire("a")
+        lease = _try(q, "a")
         assert lease is not None
 
         q.set_limits(per_key=5, total=1)
-        assert q.try_acquire("b") is None
+        assert _try(q, "b") is None
         q.set_limits(total=None)
-        other = q.try_acquire("b")
+        other = _try(q, "b")
         assert other is not None
         assert q.stats().total is None
         q.set_limits()
         assert (q.stats().in_use, q.stats().total) == (2, None)
         lease.release()
         other.release()
+
+    async def test_acquire_nowait(self, make):
+        """
+        acquire_nowait grants a free slot without waiting, and raises
+        QuotaExceededError (counted as rejected) at a limit or behind a waiter.
+        """
+        k = make(per_key=1, total=2)
+        q = k.quota
+        lease = q.acquire_nowait("a")
+        assert (lease.key, lease.released) == ("a", False)
+        with pytest.raises(QuotaExceededError) as caught:
+            q.acquire_nowait("a")
+        assert caught.value.args == ("a", 1, "key", 1, 0.0, 0.0)
+        other = q.acquire_nowait("b")
+        with pytest.raises(QuotaExceededError) as caught:
+            q.acquire_nowait("c")
+        assert caught.value.args == ("c", 2, "total", 2, 0.0, 0.0)
+        assert (q.stats().granted, q.stats().rejected) == (2, 2)
+        lease.release()
+        other.release()
+        assert q.stats().in_use == 0
 
     async def test_lease(self, make):
         """
@@ -419,7 +450,7 @@ class TestQuotaContract:
         """
         k = make(per_key=2)
         q = k.quota
-        lease = q.try_acquire("a")
+        lease = _try(q, "a")
         assert isinstance(lease, Lease)
         assert lease.key == "a"
         assert not lease.released
@@ -434,7 +465,7 @@ class TestQuotaContract:
         assert isinstance(LeaseReleasedError("x"), RuntimeError)
         assert (q.stats().in_use, q._in_use) == (0, {})
 
-        mine = q.try_acquire("a")
+        mine = _try(q, "a")
         other = type(q)(per_key=2)
         with pytest.raises(ValueError, match="belongs to another quota"):
             other.release(mine)
@@ -448,7 +479,7 @@ class TestQuotaContract:
         raw.release()
         assert q.stats().in_use == 0
 
-        with q.try_acquire("a") as held:
+        with _try(q, "a") as held:
             assert q.stats().in_use == 1
         assert held.released
         with pytest.raises(ValueError, match="body"):
@@ -465,7 +496,7 @@ class TestQuotaContract:
         """
         k = make(per_key=2, total=3)
         q = k.quota
-        a1, a2, b1 = q.try_acquire("a"), q.try_acquire("a"), q.try_acquire("b")
+        a1, a2, b1 = _try(q, "a"), _try(q, "a"), _try(q, "b")
         first = q.stats(top=1)
         assert isinstance(first, QuotaStats)
         assert first == QuotaStats(
@@ -483,7 +514,7 @@ class TestQuotaContract:
         with pytest.raises(attrs.exceptions.FrozenInstanceError):
             first.in_use = 0
 
-        assert q.try_acquire("c") is None
+        assert _try(q, "c") is None
         with pytest.raises(QuotaExceededError):
             await k.acquire("c", timeout=0)
         with pytest.raises(QuotaTimeoutError):
@@ -521,7 +552,7 @@ class TestQuotaContract:
         """
         k = make(per_key=5)
         q = k.quota
-        leases = [q.try_acquire(key) for key in "abbcccdddd"]
+        leases = [_try(q, key) for key in "abbcccdddd"]
         assert q.stats(top=3).top == (("d", 4), ("c", 3), ("b", 2))
         assert q.stats(top=0).top == ()
         assert q.stats().top == (("d", 4), ("c", 3), ("b", 2), ("a", 1))
@@ -537,7 +568,7 @@ class TestQuotaContract:
         """
         k = make(per_key=1)
         q = k.quota
-        lease = q.try_acquire("a")
+        lease = _try(q, "a")
         with pytest.raises(QuotaTimeoutError):
             await k.acquire("a", timeout=0.01)
         assert q._waiters == {}
@@ -560,7 +591,7 @@ class TestQuotaContract:
             with pytest.raises(TypeError, match=r"per_key\('u-1'\) must return a non-negative int"):
                 await k.acquire("u-1")
             with pytest.raises(TypeError, match="got "):
-                k.quota.try_acquire("u-1")
+                _try(k.quota, "u-1")
             s = k.quota.stats()
             assert (s.in_use, s.waiting, s.granted, s.rejected, s.keys) == (0, 0, 0, 0, 0)
 
@@ -619,8 +650,8 @@ class TestLimits:
         with pytest.raises(ValueError, match="total"):
             q.set_limits(per_key=5, total=-1)
         assert (q._per_key, q.stats().total) == (2, 3)
-        leases = [q.try_acquire("a"), q.try_acquire("a")]
-        assert q.try_acquire("a") is None
+        leases = [_try(q, "a"), _try(q, "a")]
+        assert _try(q, "a") is None
         for lease in leases:
             lease.release()
 
@@ -630,13 +661,13 @@ class TestLimits:
         A limit of 0 is valid: every request is refused until it is raised.
         """
         q = cls(per_key=0)
-        assert q.try_acquire("a") is None
+        assert _try(q, "a") is None
         q.set_limits(per_key=1)
-        lease = q.try_acquire("a")
+        lease = _try(q, "a")
         assert lease is not None
         lease.release()
         q = cls(per_key=3, total=0)
-        assert q.try_acquire("a") is None
+        assert _try(q, "a") is None
 
 
 class TestLoopClock:
@@ -690,14 +721,14 @@ class TestLeasesNotGranted:
         limits afterwards: 2 for "a", 3 overall.
         """
         q = cls(per_key=2, total=3)
-        held = [q.try_acquire("a"), q.try_acquire("a")]
+        held = [_try(q, "a"), _try(q, "a")]
 
         with pytest.raises(TypeError, match=r"A Lease is granted by a quota, never made by hand"):
             Lease(q, key)
         with pytest.raises(TypeError, match=r"call `await quota\.acquire\(key\)`"):
             Lease()
 
-        burst = [q.try_acquire(k) for k in ("a", "a", "a", "b", "b")]
+        burst = [_try(q, k) for k in ("a", "a", "a", "b", "b")]
         granted = [lease for lease in burst if lease is not None]
         assert [lease.key for lease in granted] == ["b"]
         s = q.stats()
@@ -718,7 +749,7 @@ class TestLeasesNotGranted:
         one slot, released twice.
         """
         q = cls(per_key=1)
-        lease = q.try_acquire("a")
+        lease = _try(q, "a")
 
         with pytest.raises(TypeError, match=r"is one slot of one quota: it cannot be copied"):
             duplicate(lease)
@@ -726,7 +757,7 @@ class TestLeasesNotGranted:
         lease.release()
         lease.release()
         assert (q.stats().in_use, q._in_use) == (0, {})
-        assert q.try_acquire("a") is not None
+        assert _try(q, "a") is not None
 
     @pytest.mark.parametrize("cls", [LocalQuota, ThreadQuota])
     def test_key_is_read_only(self, cls):
@@ -735,15 +766,15 @@ class TestLeasesNotGranted:
         free.
         """
         q = cls(per_key=1)
-        a = q.try_acquire("a")
-        b = q.try_acquire("b")
+        a = _try(q, "a")
+        b = _try(q, "b")
 
         with pytest.raises(AttributeError):
             a.key = "b"
 
         a.release()
         assert q._in_use == {"b": 1}
-        assert q.try_acquire("b") is None
+        assert _try(q, "b") is None
         b.release()
 
     @pytest.mark.parametrize("cls", [LocalQuota, ThreadQuota])
@@ -753,13 +784,13 @@ class TestLeasesNotGranted:
         slot comes back once: counters never go below what is held.
         """
         q = cls(per_key=3)
-        kept = q.try_acquire("a")
-        lease = q.try_acquire("a")
+        kept = _try(q, "a")
+        lease = _try(q, "a")
         lease.release()
         with pytest.raises(LeaseReleasedError, match="was already released"):
             q.release(lease)
         lease.release()
-        other = q.try_acquire("a")
+        other = _try(q, "a")
         q.release(other)
         other.release()
 
@@ -808,6 +839,44 @@ class TestLocalQuota:
         assert repr(q) == "<usercontext.LocalQuota(per_key=3, total=7, in_use=0, waiting=0)>"
         assert LocalQuota()._per_key == 2
 
+    def test_settings_are_keywords(self):
+        """
+        The constructor and stats() take their settings by keyword only.
+        """
+        with pytest.raises(TypeError, match="positional"):
+            LocalQuota(2)  # type: ignore[misc]
+        with pytest.raises(TypeError, match="positional"):
+            LocalQuota().stats(3)  # type: ignore[misc]
+
+    async def test_arelease(self):
+        """
+        The protocol's arelease hands a slot back once and grants the next
+        waiter; a second arelease raises LeaseReleasedError, another quota's
+        lease ValueError, and Lease.arelease() stays idempotent.
+        """
+        q = LocalQuota(per_key=1)
+        lease = await q.acquire("a")
+        got = []
+
+        async def wait():
+            got.append(await q.acquire("a"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await _until(lambda: q.stats().waiting == 1)
+            await q.arelease(lease)
+        assert lease.released
+        assert [g.key for g in got] == ["a"]
+        with pytest.raises(LeaseReleasedError, match="was already released"):
+            await q.arelease(lease)
+        await lease.arelease()
+        with pytest.raises(ValueError, match="belongs to another quota"):
+            await LocalQuota().arelease(got[0])
+        await got[0].arelease()
+        await got[0].arelease()
+        s = q.stats()
+        assert (s.in_use, s.granted, s.keys) == (0, 2, 0)
+
     async def test_free_slot_granted_without_checkpoint(self):
         """
         A free slot is granted without reaching a checkpoint: inside an already
@@ -840,7 +909,7 @@ class TestLocalQuota:
         next waiter, nothing is over-granted, and no slot is lost.
         """
         q = LocalQuota(per_key=1, total=total)
-        holder = q.try_acquire("a")
+        holder = _try(q, "a")
         log = []
 
         async def first(*, task_status):
@@ -870,7 +939,7 @@ class TestLocalQuota:
         either order, leaves the slot free.
         """
         q = LocalQuota(per_key=1, total=total)
-        holder = q.try_acquire("a")
+        holder = _try(q, "a")
 
         async def first(*, task_status):
             with anyio.CancelScope() as scope:
@@ -890,7 +959,7 @@ class TestLocalQuota:
         s = q.stats()
         assert (s.in_use, s.waiting, s.peak, s.keys) == (0, 0, 1, 0)
         assert (q._in_use, q._waiters) == ({}, {})
-        lease = q.try_acquire("a")
+        lease = _try(q, "a")
         assert lease is not None
         lease.release()
 
@@ -904,7 +973,7 @@ class TestLocalQuota:
         waiter, at most one lease is ever held, and in_use returns to 0.
         """
         q = LocalQuota(per_key=1, total=total)
-        holder = q.try_acquire("a")
+        holder = _try(q, "a")
         log = []
         done = anyio.Event()
 
@@ -953,7 +1022,7 @@ class TestLocalQuota:
         the lease: it is neither lost nor counted as timed out.
         """
         q = LocalQuota(per_key=1)
-        holder = q.try_acquire("a")
+        holder = _try(q, "a")
         got = []
 
         async def wait():
@@ -1114,7 +1183,7 @@ class TestLocalQuota:
         q = LocalQuota(per_key=1)
 
         async def contended():
-            holder = q.try_acquire("a")
+            holder = _try(q, "a")
             log = []
             async with anyio.create_task_group() as tg:
                 await _enqueue(tg, _LocalKind(q), "w", "a", log)
@@ -1147,6 +1216,31 @@ class TestThreadQuota:
         with q.acquire("a") as lease:
             assert q.stats().in_use == 1
         assert lease.released
+        with pytest.raises(TypeError, match="positional"):
+            ThreadQuota(2)  # type: ignore[misc]
+
+    def test_is_not_a_quota(self):
+        """
+        A ThreadQuota does not pass for the async Quota protocol: its acquire
+        blocks a thread, and it has no arelease.
+        """
+        assert not isinstance(ThreadQuota(), Quota)
+        assert not hasattr(ThreadQuota(), "arelease")
+        assert isinstance(LocalQuota(), Quota)
+
+    async def test_lease_in_async_code(self):
+        """
+        A ThreadQuota's lease also serves `async with` and arelease(), which
+        release at once, once.
+        """
+        q = ThreadQuota(per_key=1)
+        async with q.acquire("a") as lease:
+            assert q.stats().in_use == 1
+        assert lease.released
+        other = q.acquire_nowait("a")
+        await other.arelease()
+        await other.arelease()
+        assert (q.stats().in_use, q.stats().granted) == (0, 2)
 
     def test_blocking_acquire_waits_for_a_release(self):
         """

@@ -50,30 +50,8 @@ async def use_factories(ctx: uc.UserContext) -> None:
     uc.EngineFactory(Engine, timeout="5")  # type: ignore[call-overload]
 
 
-async def use_local_quota() -> None:
-    quota = uc.LocalQuota(per_key=2, total=None)
-    assert_type(await quota.acquire("u-42", timeout=1.0), uc.Lease)
-    assert_type(quota.try_acquire("u-42"), uc.Lease | None)
-    async with await quota.acquire("u-42") as lease:
-        assert_type(lease, uc.Lease)
-        assert_type(lease.key, str)
-        assert_type(lease.released, bool)
-    assert_type(quota.stats(), uc.QuotaStats)
-    assert_type(quota.stats().total, int | None)
-    backend: uc.Quota = quota
-    assert_type(await backend.acquire("u-42"), uc.Lease)
-
-
-def use_thread_quota() -> None:
-    quota = uc.ThreadQuota(per_key=lambda key: 5 if key.startswith("paid-") else 2)
-    with quota.acquire("u-42", timeout=0) as lease:
-        assert_type(lease, uc.Lease)
-    quota.set_limits(per_key=3, total=None)
-    quota.set_limits(3)  # type: ignore[call-arg]
-
-
 try:
-    uc.ThreadQuota().acquire("u-42", timeout=0)
+    uc.ThreadQuota().acquire_nowait("u-42")
 except uc.QuotaError as error:
     assert_type(error.key, str)
     assert_type(error.limit, int)

@@ -308,7 +308,9 @@ class EngineFactory(Generic[E]):
         self._close = close
         _checks.limit("per_user", per_user, allow_none=False)
         _checks.limit("total", total, allow_none=True)
-        self._quota: Quota = quota if quota is not None else LocalQuota(per_user, total)
+        self._quota: Quota = (
+            quota if quota is not None else LocalQuota(per_key=per_user, total=total)
+        )
         self._per_user = per_user
         self._total = total
         self._thread_quota = thread_quota
@@ -372,9 +374,9 @@ class EngineFactory(Generic[E]):
             by_user = dict(a.by_user)
             for user_id, n in s.by_user.items():
                 by_user[user_id] = by_user.get(user_id, 0) + n
-            waiting = self._quota.stats(0).waiting
+            waiting = self._quota.stats(top=0).waiting
             if self._thread_quota is not None:
-                waiting += self._thread_quota.stats(0).waiting
+                waiting += self._thread_quota.stats(top=0).waiting
             return FactoryStats(
                 created=a.created + s.created,
                 closed=a.closed + s.closed,
@@ -674,7 +676,7 @@ class _EngineUse(Generic[E]):
                     await f._close_idle(made)
                     f._check_open()
             except BaseException:
-                lease.release()
+                await f._quota.arelease(lease)
                 f._settle()
                 raise
         except BaseException:
@@ -749,7 +751,7 @@ class _EngineUse(Generic[E]):
             # Counted out before the slot is given back, so that the next
             # holder is never counted beside this one.
             c.stop(ctx.user_id)
-            self._lease.release()
+            await f._quota.arelease(self._lease)
             f._uses.discard(self)
             f._settle()
             self._bind.__exit__(None, None, None)
@@ -813,7 +815,7 @@ class _SyncEngineUse(Generic[E]):
             if quota is None:
                 with f._sync_lock:
                     if f._thread_quota is None:
-                        f._thread_quota = ThreadQuota(f._per_user, f._total)
+                        f._thread_quota = ThreadQuota(per_key=f._per_user, total=f._total)
                     quota = f._thread_quota
             try:
                 lease = quota.acquire(ctx.user_id, timeout=f._timeout)

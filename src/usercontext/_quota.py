@@ -1,6 +1,7 @@
 """
-Per-key and global limits on concurrent work: `LocalQuota` for one event loop
-(asyncio or trio) and `ThreadQuota` for threaded services.
+Per-key and global limits on concurrent work: the `Quota` protocol a backend
+implements, `LocalQuota` for one event loop (asyncio or trio) and `ThreadQuota`
+for threaded services.
 
 Both share one bookkeeping core. A grant on the uncontended path is a few dict
 operations and never awaits: anyio's limiter checkpoints on every acquire, which
@@ -48,13 +49,18 @@ __all__ = [
 @attrs.frozen
 class QuotaStats:
     """
-    A snapshot of a quota's counters.
+    A snapshot of a quota's counters, as this quota object sees them.
+
+    The gauges say what holds and waits right now, the counters count
+    requests since creation, each exactly once: a request ends granted,
+    rejected, timed out or cancelled. A quota shared across processes (a
+    network backend) reports the requests made through this object.
 
     Attributes:
         in_use: Slots held right now.
         waiting: Requests waiting for a slot right now.
         granted: Slots granted since creation.
-        rejected: Requests refused at once (``timeout=0`` or `LocalQuota.try_acquire`).
+        rejected: Requests refused at once (``timeout=0`` or ``acquire_nowait``).
         timed_out: Requests that gave up after their timeout.
         cancelled: Requests cancelled while waiting.
         peak: The most slots ever held at once.
@@ -82,11 +88,16 @@ class Lease:
     """
     One slot of a quota, held for *key* until released.
 
-    Only a quota grants leases, through ``acquire`` or ``try_acquire``: a
+    Only a quota grants leases, through ``acquire`` or ``acquire_nowait``: a
     lease cannot be made by hand, copied, pickled or pointed at another key,
     so every release hands back a slot its quota granted, once. Release it
-    with `release` (idempotent), or use it as a context manager (``with`` or
-    ``async with``), which releases it on exit.
+    with `arelease` or `release` (both idempotent), or use it as a context
+    manager (``async with`` or ``with``), which releases it on exit.
+
+    The leases of `LocalQuota` and `ThreadQuota` release without waiting, in
+    both colours. A backend whose release needs a round trip (a network
+    quota) grants a subclass whose `arelease` awaits it; ``async with`` works
+    for every quota.
 
     .. versionadded:: 0.1.0
     """
@@ -99,7 +110,7 @@ class Lease:
     def __init__(self, *args: object, **kwargs: object) -> None:  # noqa: ARG002  # refused, whatever it is given
         msg = (
             "A Lease is granted by a quota, never made by hand: call "
-            "`await quota.acquire(key)` or `quota.try_acquire(key)` and release what it "
+            "`await quota.acquire(key)` or `quota.acquire_nowait(key)` and release what it "
             "returns. Releasing a slot the quota never granted would let it admit more "
             "work than its limits."
         )
@@ -126,6 +137,14 @@ class Lease:
         quota = self._quota
         if quota is not None:
             quota._give_back(self)
+
+    async def arelease(self) -> None:
+        """
+        Hand the slot back to the quota, in async code; further calls do
+        nothing. It is never lost to a cancellation: the slot is handed back
+        even if the caller is cancelled.
+        """
+        self.release()
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         # copy.copy and pickle both come here: a copy would be a second
@@ -156,7 +175,7 @@ class Lease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release()
+        await self.arelease()
 
     def __repr__(self) -> str:
         state = "released" if self._quota is None else "held"
@@ -180,7 +199,50 @@ def _grant_lease(cls: type[Lease], quota: _Core, key: str) -> Lease:
 @runtime_checkable
 class Quota(Protocol):
     """
-    What an async quota backend provides; `LocalQuota` is the in-process one.
+    The contract of an async quota backend: what `EngineFactory` and every
+    other user of a quota rely on. `LocalQuota` is the in-process backend; a
+    backend shared across processes (Redis) implements the same three
+    methods and passes the same conformance suite,
+    ``usercontext.testing.QuotaConformance``.
+
+    Every method that may need a round trip is a coroutine, so a network
+    backend never blocks the event loop. A `ThreadQuota` is not a `Quota`:
+    its ``acquire`` blocks a thread.
+
+    The guarantees a backend gives:
+
+    - **Limits.** At most ``per_key`` leases are held per key and at most
+      ``total`` overall, at every instant, under timeouts and cancellation.
+      A backend whose leases expire (to recover a crashed holder's slot)
+      documents what an expired lease still being used costs.
+    - **Waiting.** ``acquire`` with *timeout* `None` waits as long as it
+      takes; a positive *timeout* waits at most that long, then raises
+      `usercontext.exceptions.QuotaTimeoutError`; ``0`` (or less) never waits
+      for a slot and raises `usercontext.exceptions.QuotaExceededError` at
+      once when none is free (it may still take a round trip to find out).
+    - **FIFO per key.** Waiters of one key are granted in the order they
+      started waiting, and a new request never takes a slot ahead of an
+      older waiter of its key.
+    - **Fairness across keys.** A slot freed under the *total* limit goes
+      round-robin to the keys that have waiters, so one key with a hundred
+      waiters cannot starve another.
+    - **Cancellation.** An ``acquire`` that raises (cancelled while it
+      waits, even right after it was granted, or timed out, or refused)
+      leaves nothing held and nothing waiting: a slot is held only by a
+      lease returned to the caller. An ``arelease`` is never lost: if its
+      caller is cancelled, the slot is still handed back (a network backend
+      shields the round trip).
+    - **Release once.** Each lease's slot is handed back exactly once;
+      `arelease` of a lease already handed back raises
+      `usercontext.exceptions.LeaseReleasedError` (`Lease.arelease` and
+      leaving ``async with`` are idempotent).
+    - **Stats.** `stats` counts each request once, as granted, rejected,
+      timed out or cancelled, and reports what is held and waited for now.
+    - **Bounded state.** A key that holds nothing and waits for nothing
+      leaves no state behind.
+
+    Leases are `Lease` objects; a backend whose release needs a round trip
+    grants a subclass whose `Lease.arelease` awaits it.
 
     .. versionadded:: 0.1.0
     """
@@ -190,29 +252,34 @@ class Quota(Protocol):
         Wait for a slot of *key* and return its `Lease`, which is also an
         async context manager: ``async with await quota.acquire(key):``.
 
-        *timeout* `None` waits as long as it takes, a positive number waits at
-        most that many seconds and then raises
-        `usercontext.exceptions.QuotaTimeoutError`, and ``0`` raises
-        `usercontext.exceptions.QuotaExceededError` at once when the quota is full.
+        Args:
+            key: What the limit is per, usually a user id.
+            timeout: `None` waits as long as it takes, a positive number waits
+                at most that many seconds, ``0`` never waits for a slot.
+
+        Raises:
+            usercontext.exceptions.QuotaExceededError: If *timeout* is 0 and
+                no slot is free.
+            usercontext.exceptions.QuotaTimeoutError: If no slot was free
+                within *timeout*.
         """
         ...
 
-    def try_acquire(self, key: str) -> Lease | None:
+    async def arelease(self, lease: Lease) -> None:
         """
-        Return a `Lease` of *key* if a slot is free right now, else `None`.
+        Hand the slot of *lease* back and grant it to the next waiter, if
+        any; the slot is handed back even if the caller is cancelled.
+
+        Raises:
+            usercontext.exceptions.LeaseReleasedError: If *lease* was already
+                handed back.
         """
         ...
 
-    def release(self, lease: Lease) -> None:
+    def stats(self, *, top: int = 10) -> QuotaStats:
         """
-        Hand *lease* back; raise `usercontext.exceptions.LeaseReleasedError`
-        if it was already handed back.
-        """
-        ...
-
-    def stats(self, top: int = 10) -> QuotaStats:
-        """
-        Return a snapshot of the counters, with the *top* busiest keys.
+        Return a snapshot of the counters, with the *top* busiest keys; it
+        never waits.
         """
         ...
 
@@ -259,10 +326,10 @@ class _Core:
             raise TypeError(msg)
         return limit
 
-    def try_acquire(self, key: str) -> Lease | None:
+    def _take_now(self, key: str) -> Lease | None:
         """
         Return a `Lease` of *key* if a slot is free right now and nobody waits
-        ahead, else `None` (counted as rejected). Never waits.
+        ahead, else `None`. Never waits and counts no rejection.
         """
         in_use = self._in_use
         n = in_use.get(key, 0)
@@ -272,7 +339,6 @@ class _Core:
             or (self._total is not None and self._total_in_use >= self._total)
             or (self._waiters and key in self._waiters)
         ):
-            self._rejected += 1
             return None
         in_use[key] = n + 1
         total = self._total_in_use = self._total_in_use + 1
@@ -282,6 +348,20 @@ class _Core:
         lease = _new_lease(self._lease_type)
         lease._quota = self
         lease._key = key
+        return lease
+
+    def acquire_nowait(self, key: str) -> Lease:
+        """
+        Return a `Lease` of *key* if a slot is free right now and nobody of
+        *key* waits ahead; never wait.
+
+        Raises:
+            usercontext.exceptions.QuotaExceededError: If no slot is free.
+        """
+        lease = self._take_now(key)
+        if lease is None:
+            self._rejected += 1
+            raise self._full_error(QuotaExceededError, key, 0.0, 0.0)
         return lease
 
     def _take(self, key: str) -> None:
@@ -316,9 +396,12 @@ class _Core:
 
     def release(self, lease: Lease) -> None:
         """
-        Hand *lease* back; raise `usercontext.exceptions.LeaseReleasedError`
-        if it was already handed back, and `ValueError` if it is another
-        quota's.
+        Hand the slot of *lease* back and grant it to the next waiter, if any.
+
+        Raises:
+            usercontext.exceptions.LeaseReleasedError: If *lease* was already
+                handed back.
+            ValueError: If *lease* is another quota's.
         """
         if lease._quota is not self:
             if lease._quota is None:
@@ -442,7 +525,7 @@ _MISSING: Any = object()
 
 class _LocalLease(Lease):
     """
-    A lease of a `LocalQuota`, whose release needs no lock.
+    A lease of a `LocalQuota`, whose release needs no lock and no await.
     """
 
     __slots__ = ()
@@ -463,6 +546,15 @@ class _LocalLease(Lease):
             if quota._waiters:
                 quota._wake_next(key)
 
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # The release never awaits: no coroutine of arelease() on the way.
+        self.release()
+
 
 class LocalQuota(_Core):
     """
@@ -474,8 +566,9 @@ class LocalQuota(_Core):
     round-robin across the keys that have waiters. Per-key state disappears as
     soon as a key holds nothing and waits for nothing.
 
-    It works on asyncio and trio; use one instance per event loop. For
-    threads, use `ThreadQuota`.
+    It implements the `Quota` protocol, and adds what needs no round trip:
+    `acquire_nowait`, a sync `release`, and `set_limits`. It works on asyncio
+    and trio; use one instance per event loop. For threads, use `ThreadQuota`.
 
     Args:
         per_key: The per-key limit, or a callable returning the limit of a key
@@ -496,7 +589,7 @@ class LocalQuota(_Core):
 
     _lease_type = _LocalLease
 
-    def __init__(self, per_key: PerKey = 2, total: int | None = None) -> None:
+    def __init__(self, *, per_key: PerKey = 2, total: int | None = None) -> None:
         super().__init__(per_key, total)
 
     async def acquire(self, key: str, *, timeout: float | None = None) -> Lease:
@@ -511,7 +604,7 @@ class LocalQuota(_Core):
         cancelled while it waits, even right after being granted, leaves no slot
         taken.
         """
-        # try_acquire, written out: this is the hot path of every engine.
+        # _take_now, written out: this is the hot path of every engine.
         in_use = self._in_use
         n = in_use.get(key, 0)
         if (
@@ -533,7 +626,22 @@ class LocalQuota(_Core):
             raise self._full_error(QuotaExceededError, key, 0.0, timeout)
         return await self._wait(key, timeout)
 
-    def stats(self, top: int = 10) -> QuotaStats:
+    async def arelease(self, lease: Lease) -> None:
+        """
+        Hand the slot of *lease* back and grant it to the next waiter, if any.
+        It never suspends, so a cancellation cannot interrupt it.
+
+        Raises:
+            usercontext.exceptions.LeaseReleasedError: If *lease* was already
+                handed back.
+            ValueError: If *lease* is another quota's.
+        """
+        if lease._quota is self:
+            lease.release()  # a _LocalLease's, written out for the hot path
+        else:
+            self.release(lease)  # raises the error that fits
+
+    def stats(self, *, top: int = 10) -> QuotaStats:
         """
         Return a snapshot of the counters, with the *top* busiest keys.
         """
@@ -608,7 +716,8 @@ class ThreadQuota(_Core):
 
     It has the same semantics (per-key and total limits, FIFO per key,
     round-robin across keys, no state left for idle keys) with a blocking
-    `acquire`.
+    `acquire` and a sync `release`. It is not a `Quota`: that protocol is
+    async, and a blocking ``acquire`` would stop an event loop.
 
     Args:
         per_key: The per-key limit, or a callable returning the limit of a key.
@@ -617,7 +726,7 @@ class ThreadQuota(_Core):
     .. versionadded:: 0.1.0
     """
 
-    def __init__(self, per_key: PerKey = 2, total: int | None = None) -> None:
+    def __init__(self, *, per_key: PerKey = 2, total: int | None = None) -> None:
         super().__init__(per_key, total)
         self._lock = threading.Lock()
 
@@ -630,12 +739,12 @@ class ThreadQuota(_Core):
         and ``0`` raises `usercontext.exceptions.QuotaExceededError` at once.
         """
         with self._lock:
-            lease = _Core.try_acquire(self, key)
+            lease = self._take_now(key)
             if lease is not None:
                 return lease
             if timeout is not None and timeout <= 0:
+                self._rejected += 1
                 raise self._full_error(QuotaExceededError, key, 0.0, timeout)
-            self._rejected -= 1  # counted by try_acquire, but this request waits
             signal = threading.Lock()
             signal.acquire()
             w = _Waiter(key, signal)
@@ -660,17 +769,25 @@ class ThreadQuota(_Core):
             self._timed_out += 1
             raise self._full_error(QuotaTimeoutError, key, time.monotonic() - start, timeout)
 
-    def try_acquire(self, key: str) -> Lease | None:
+    def acquire_nowait(self, key: str) -> Lease:
         """
-        Return a `Lease` of *key* if a slot is free right now, else `None`.
+        Return a `Lease` of *key* if a slot is free right now and nobody of
+        *key* waits ahead; never wait.
+
+        Raises:
+            usercontext.exceptions.QuotaExceededError: If no slot is free.
         """
         with self._lock:
-            return _Core.try_acquire(self, key)
+            return super().acquire_nowait(key)
 
     def release(self, lease: Lease) -> None:
         """
-        Hand *lease* back; raise `usercontext.exceptions.LeaseReleasedError`
-        if it was already handed back.
+        Hand the slot of *lease* back and grant it to the next waiter, if any.
+
+        Raises:
+            usercontext.exceptions.LeaseReleasedError: If *lease* was already
+                handed back.
+            ValueError: If *lease* is another quota's.
         """
         with self._lock:
             super().release(lease)
@@ -686,7 +803,7 @@ class ThreadQuota(_Core):
     def _wake(self, waiter: _Waiter) -> None:
         waiter.signal.release()
 
-    def stats(self, top: int = 10) -> QuotaStats:
+    def stats(self, *, top: int = 10) -> QuotaStats:
         """
         Return a snapshot of the counters, with the *top* busiest keys.
         """

@@ -226,7 +226,8 @@ class QuotaError(UserContextError):
 
 class QuotaExceededError(QuotaError, RuntimeError):
     """
-    The quota was full and the request was not allowed to wait (``timeout=0``).
+    The quota was full and the request was not allowed to wait (``timeout=0``
+    or ``acquire_nowait``).
 
     .. versionadded:: 0.1.0
     """
@@ -255,7 +256,7 @@ class QuotaTimeoutError(QuotaError, TimeoutError):
 
 class LeaseReleasedError(UserContextError, RuntimeError):
     """
-    A lease was handed back to its quota twice through `usercontext.Quota.release`.
+    A lease was handed back to its quota twice through `usercontext.Quota.arelease`.
 
     `usercontext.Lease.release` and leaving ``async with`` are idempotent; the
     raw call is strict, so double bookkeeping shows up instead of silently

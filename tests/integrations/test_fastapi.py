@@ -894,14 +894,11 @@ class RefusingQuota:
     async def acquire(self, key, *, timeout=None):
         raise self.error
 
-    def try_acquire(self, key):  # pragma: no cover
-        return None
-
-    def release(self, lease):  # pragma: no cover
+    async def arelease(self, lease):  # pragma: no cover
         pass
 
-    def stats(self, top=10):  # pragma: no cover
-        return uc.LocalQuota().stats()
+    def stats(self, *, top=10):  # pragma: no cover
+        return uc.LocalQuota().stats(top=top)
 
 
 class TestUnderLoad:

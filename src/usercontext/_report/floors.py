@@ -121,6 +121,16 @@ class DictQuota:
         self.counts[key] = n + 1
         return key
 
+    def acquire_nowait(self, key: str) -> str:
+        """
+        Grant a slot of *key* and return *key*, or raise `RejectedError` at the
+        limit.
+        """
+        lease = self.try_acquire(key)
+        if lease is None:
+            raise RejectedError(key)
+        return lease
+
     async def acquire(self, key: str, *, timeout: float | None = None) -> str:  # noqa: ARG002  # as Quota.acquire
         """
         Grant a slot of *key* and return *key*, or raise `RejectedError` at the
