@@ -1,6 +1,10 @@
 """
 A `UserContext` to and from plain dicts and HTTP headers, for crossing process
 and service boundaries. Decoding validates exactly like construction.
+
+This module owns the wire format, and with it the list of a context's fields;
+it imports nothing of the package but its exceptions, so that `UserContext`
+can import it without a circle.
 """
 
 from __future__ import annotations
@@ -8,27 +12,73 @@ from __future__ import annotations
 import json
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import quote, unquote
 
-from ._context import _FIELDS, _short_repr
-from .exceptions import InvalidContextError
+from .exceptions import InvalidContextError, _short_repr
 
 
 if TYPE_CHECKING:
-    from ._context import UserContext
+    from collections.abc import Callable
 
-C = TypeVar("C", bound="UserContext")
 
+__all__ = [
+    "FIELDS",
+    "HEADER_PREFIX",
+    "ID_FIELDS",
+    "MAX_HEADER_BYTES",
+    "from_dict",
+    "from_headers",
+    "to_dict",
+    "to_headers",
+]
+
+ID_FIELDS = ("user_id", "thread_id", "run_id", "request_id", "connection_id", "parent_request_id")
+"""
+The fields of a context that hold ids: strings, percent-encoded in headers.
+"""
+FIELDS = (*ID_FIELDS, "depth", "created_at", "metadata")
+"""
+Every field of a context, in the order of `UserContext`'s attributes: the keys
+of `to_dict` and what the headers are named after. A test checks it against
+the class.
+"""
 HEADER_PREFIX = "x-usercontext-"
 MAX_HEADER_BYTES = 8 * 1024
 _MAX_DEPTH_DIGITS = 4
 _REQUIRED = ("user_id", "thread_id", "run_id")
-_HEADER_OF = {f: HEADER_PREFIX + f.replace("_", "-") for f in _FIELDS}
+_HEADER_OF = {f: HEADER_PREFIX + f.replace("_", "-") for f in FIELDS}
 _FIELD_OF = {h: f for f, h in _HEADER_OF.items()}
-_ID_FIELDS = frozenset(_FIELDS) - {"depth", "created_at", "metadata"}
+_DECODED_AS_ID = frozenset(ID_FIELDS)
 # RFC 3986 unreserved characters plus a few harmless ones stay readable.
 _SAFE = "-._~:@!$&'()*+,;=/"
+
+C = TypeVar("C")
+
+
+class Context(Protocol):
+    """
+    What the wire format reads of a context: its fields, read-only.
+    """
+
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def thread_id(self) -> str: ...
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def connection_id(self) -> str | None: ...
+    @property
+    def parent_request_id(self) -> str | None: ...
+    @property
+    def depth(self) -> int: ...
+    @property
+    def created_at(self) -> float: ...
+    @property
+    def metadata(self) -> Mapping[str, Any]: ...
 
 
 def _thaw(value: Any) -> Any:
@@ -39,7 +89,10 @@ def _thaw(value: Any) -> Any:
     return value
 
 
-def to_dict(ctx: UserContext) -> dict[str, Any]:
+def to_dict(ctx: Context) -> dict[str, Any]:
+    """
+    Return *ctx* as a dict of plain values under the keys of `FIELDS`.
+    """
     return {
         "user_id": ctx.user_id,
         "thread_id": ctx.thread_id,
@@ -62,7 +115,10 @@ def _error(field: str, value: object, reason: str, fix: str) -> InvalidContextEr
     )
 
 
-def from_dict(cls: type[C], data: object) -> C:
+def from_dict(cls: Callable[..., C], data: object) -> C:
+    """
+    Call *cls* with the fields in *data*, after refusing unknown and missing keys.
+    """
     if not isinstance(data, Mapping):
         msg = (
             f"UserContext.from_dict() takes a mapping, got {type(data).__name__}. "
@@ -75,7 +131,7 @@ def from_dict(cls: type[C], data: object) -> C:
                 str(key),
                 key,
                 "is not a UserContext field",
-                f"Pass only the keys UserContext.to_dict() returns: {', '.join(_FIELDS)}.",
+                f"Pass only the keys UserContext.to_dict() returns: {', '.join(FIELDS)}.",
             )
     for key in _REQUIRED:
         if key not in data:
@@ -85,18 +141,12 @@ def from_dict(cls: type[C], data: object) -> C:
     return cls(**data)
 
 
-def to_headers(ctx: UserContext) -> dict[str, str]:
+def to_headers(ctx: Context) -> dict[str, str]:
+    """
+    Return *ctx* as ``x-usercontext-*`` headers of at most `MAX_HEADER_BYTES`.
+    """
     headers = {
-        _HEADER_OF[f]: quote(v, safe=_SAFE)
-        for f in (
-            "user_id",
-            "thread_id",
-            "run_id",
-            "request_id",
-            "connection_id",
-            "parent_request_id",
-        )
-        if (v := getattr(ctx, f)) is not None
+        _HEADER_OF[f]: quote(v, safe=_SAFE) for f in ID_FIELDS if (v := getattr(ctx, f)) is not None
     }
     headers[_HEADER_OF["depth"]] = str(ctx.depth)
     headers[_HEADER_OF["created_at"]] = repr(ctx.created_at)
@@ -187,7 +237,7 @@ def _collect(headers: Any) -> dict[str, str]:
 
 
 def _decode(field: str, value: str) -> Any:
-    if field in _ID_FIELDS:
+    if field in _DECODED_AS_ID:
         try:
             return unquote(value, errors="strict")
         except UnicodeDecodeError:
@@ -216,7 +266,10 @@ def _decode(field: str, value: str) -> Any:
     return metadata
 
 
-def from_headers(cls: type[C], headers: Any) -> C:
+def from_headers(cls: Callable[..., C], headers: Any) -> C:
+    """
+    Call *cls* with the fields decoded from the ``x-usercontext-*`` *headers*.
+    """
     found = _collect(headers)
     for field in _REQUIRED:
         if field not in found:
