@@ -10,7 +10,7 @@ from types import MappingProxyType
 import attrs
 import pytest
 
-from usercontext import InvalidContextError, UserContext, _codec
+from usercontext import InvalidContextError, UserContext, _codec, _messages, exceptions
 
 
 REQUIRED = {"user_id": "u-42", "thread_id": "t-7", "run_id": "r-1"}
@@ -67,17 +67,22 @@ class TestFields:
 
     def test_leaf(self):
         """
-        The codec imports nothing of the package but its exceptions, so that
+        The codec imports nothing of the package but the exceptions and the
+        wording of their messages, which import nothing but the exceptions:
         the context can import it without a circle.
         """
-        tree = ast.parse(inspect.getsource(_codec))
-        imported = {
-            node.module
-            for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom) and node.level > 0
-        }
 
-        assert imported == {"exceptions"}
+        def imported(module):
+            tree = ast.parse(inspect.getsource(module))
+            return {
+                node.module
+                for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.level > 0
+            }
+
+        assert imported(_codec) == {"_messages", "exceptions"}
+        assert imported(_messages) == {"exceptions"}
+        assert imported(exceptions) == set()
 
 
 class TestDict:

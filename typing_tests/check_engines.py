@@ -13,7 +13,7 @@ import usercontext as uc
 
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncGenerator
 
 
 class Engine:
@@ -26,7 +26,7 @@ async def make_engine(ctx: uc.UserContext) -> Engine:
 
 
 @asynccontextmanager
-async def engine_session(ctx: uc.UserContext) -> AsyncIterator[Engine]:
+async def engine_session(ctx: uc.UserContext) -> AsyncGenerator[Engine, None]:
     yield Engine(ctx)
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 from urllib.parse import quote, unquote
 
-from .exceptions import InvalidContextError, _short_repr
+from ._messages import short_repr
+from .exceptions import InvalidContextError
 
 
 if TYPE_CHECKING:
@@ -81,11 +82,12 @@ class Context(Protocol):
     def metadata(self) -> Mapping[str, Any]: ...
 
 
-def _thaw(value: Any) -> Any:
+def _thaw(value: object) -> Any:
     if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
+        mapping = cast("Mapping[object, object]", value)
+        return {k: _thaw(v) for k, v in mapping.items()}
     if type(value) is tuple:
-        return tuple(_thaw(v) for v in value)
+        return tuple(_thaw(v) for v in cast("tuple[object, ...]", value))
     return value
 
 
@@ -108,7 +110,7 @@ def to_dict(ctx: Context) -> dict[str, Any]:
 
 def _error(field: str, value: object, reason: str, fix: str) -> InvalidContextError:
     return InvalidContextError(
-        f"Cannot decode UserContext.{field}: {reason}; got {_short_repr(value)}. {fix}",
+        f"Cannot decode UserContext.{field}: {reason}; got {short_repr(value)}. {fix}",
         field=field,
         value=value,
         reason=reason,
@@ -125,6 +127,7 @@ def from_dict(cls: Callable[..., C], data: object) -> C:
             "Pass the dict that UserContext.to_dict() returned."
         )
         raise TypeError(msg)
+    data = cast("Mapping[object, object]", data)
     for key in data:
         if key not in _HEADER_OF:
             raise _error(
@@ -138,7 +141,7 @@ def from_dict(cls: Callable[..., C], data: object) -> C:
             raise _error(
                 key, None, "is missing", "Pass the dict that UserContext.to_dict() returned."
             )
-    return cls(**data)
+    return cls(**cast("Mapping[str, object]", data))
 
 
 def to_headers(ctx: Context) -> dict[str, str]:
@@ -177,16 +180,16 @@ def to_headers(ctx: Context) -> dict[str, str]:
     return headers
 
 
-def _pairs(headers: Any) -> Iterable[tuple[Any, Any]]:
+def _pairs(headers: object) -> Iterable[Any]:
     if isinstance(headers, Mapping):
-        return headers.items()
+        return cast("Mapping[object, object]", headers).items()
     if isinstance(headers, (str, bytes)) or not isinstance(headers, Iterable):
         msg = (
             "UserContext.from_headers() takes a mapping or an iterable of (name, value) "
             f"pairs, got {type(headers).__name__}."
         )
         raise TypeError(msg)
-    return headers
+    return cast("Iterable[object]", headers)  # of anything: _collect checks each one
 
 
 def _text(field: str, raw: object) -> str:
@@ -263,7 +266,7 @@ def _decode(field: str, value: str) -> Any:
         raise _error(field, value, "is not valid JSON", "Send it as to_headers() does.") from None
     if not isinstance(metadata, dict):
         raise _error(field, value, "is not a JSON object", "Send it as to_headers() does.")
-    return metadata
+    return cast("dict[str, Any]", metadata)
 
 
 def from_headers(cls: Callable[..., C], headers: Any) -> C:

@@ -15,8 +15,9 @@ import attrs
 
 from . import _codec
 from ._ids import new_id
+from ._messages import invalid, short_repr
 from ._metadata import EMPTY, check_metadata
-from .exceptions import IsolationError, _invalid, _short_repr
+from .exceptions import IsolationError
 
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ class IdRules:
     def __attrs_post_init__(self) -> None:
         if type(self.max_length) is not int or self.max_length < 1:
             msg = (
-                f"IdRules.max_length must be a positive int, got {_short_repr(self.max_length)}. "
+                f"IdRules.max_length must be a positive int, got {short_repr(self.max_length)}. "
                 "Pass the longest id your service accepts, such as 256."
             )
             raise ValueError(msg)
@@ -96,7 +97,7 @@ class IdRules:
         ):
             msg = (
                 "IdRules.placeholders must be a frozenset of str, got "
-                f"{_short_repr(self.placeholders)}. Wrap your values in frozenset({{...}})."
+                f"{short_repr(self.placeholders)}. Wrap your values in frozenset({{...}})."
             )
             raise TypeError(msg)
         object.__setattr__(self, "placeholders", frozenset(p.lower() for p in self.placeholders))
@@ -175,7 +176,7 @@ def configure(*, id_rules: IdRules | None = None, max_depth: int | None = None) 
     if max_depth is not None:
         if type(max_depth) is not int or max_depth < 0:
             msg = (
-                f"max_depth must be a non-negative int, got {_short_repr(max_depth)}; "
+                f"max_depth must be a non-negative int, got {short_repr(max_depth)}; "
                 "the default is 32."
             )
             raise ValueError(msg)
@@ -207,14 +208,14 @@ def _id_error(  # noqa: PLR0911  # one return per rule
     if type(value) is not str:
         return TypeError(
             f"UserContext.{field} must be a str, got {type(value).__name__} "
-            f"({_short_repr(value)}). Convert it with str() where it enters your service."
+            f"({short_repr(value)}). Convert it with str() where it enters your service."
         )
     if not value:
-        return _invalid(
+        return invalid(
             field, value, "must not be empty", "Pass the real id, such as the authenticated user's."
         )
     if len(value) > _max_len:
-        return _invalid(
+        return invalid(
             field,
             value,
             f"must be at most {_max_len} characters, not {len(value)}",
@@ -222,21 +223,21 @@ def _id_error(  # noqa: PLR0911  # one return per rule
         )
     for i, ch in enumerate(value):
         if not ch.isprintable():
-            return _invalid(
+            return invalid(
                 field,
                 value,
                 f"must contain only printable characters, found {ch!r} at index {i}",
                 "Remove control, format and line-separator characters.",
             )
     if value.strip() != value:
-        return _invalid(
+        return invalid(
             field,
             value,
             "must not start or end with whitespace",
             "Strip it with value.strip() where it enters your service.",
         )
     if value.lower() in _placeholders:
-        return _invalid(
+        return invalid(
             field,
             value,
             "is a placeholder, not a real id",
@@ -245,7 +246,7 @@ def _id_error(  # noqa: PLR0911  # one return per rule
         )
     assert pattern  # noqa: S101  # request ids fail an earlier rule
     assert _pattern is not None  # noqa: S101  # the only rule left
-    return _invalid(
+    return invalid(
         field,
         value,
         f"does not match the pattern {_pattern.pattern!r} of the configured IdRules",
@@ -303,12 +304,10 @@ def _check_request_id(field: str, value: object) -> None:
 
 def _check_depth(depth: object, parent_request_id: object) -> None:
     if type(depth) is not int:
-        msg = (
-            f"UserContext.depth must be an int, got {type(depth).__name__} ({_short_repr(depth)})."
-        )
+        msg = f"UserContext.depth must be an int, got {type(depth).__name__} ({short_repr(depth)})."
         raise TypeError(msg)
     if not 0 <= depth <= _max_depth:
-        raise _invalid(
+        raise invalid(
             "depth",
             depth,
             f"must be between 0 and {_max_depth}",
@@ -316,7 +315,7 @@ def _check_depth(depth: object, parent_request_id: object) -> None:
             "usercontext.configure(max_depth=...) if deep nesting is intended.",
         )
     if (depth == 0) != (parent_request_id is None):
-        raise _invalid(
+        raise invalid(
             "depth",
             depth,
             "must be 0 exactly when parent_request_id is None",
@@ -328,7 +327,7 @@ def _check_created_at(created_at: object) -> float:
     if type(created_at) is not float and type(created_at) is not int:
         msg = (
             "UserContext.created_at must be a float of epoch seconds, got "
-            f"{type(created_at).__name__} ({_short_repr(created_at)})."
+            f"{type(created_at).__name__} ({short_repr(created_at)})."
         )
         raise TypeError(msg)
     try:
@@ -337,7 +336,7 @@ def _check_created_at(created_at: object) -> float:
     except OverflowError:
         seconds = math.inf
     if not math.isfinite(seconds) or seconds < 0:
-        raise _invalid(
+        raise invalid(
             "created_at",
             created_at,
             "must be a finite, non-negative number of epoch seconds",
@@ -459,7 +458,7 @@ class UserContext:
         .. versionadded:: 0.1.0
         """
         if self.depth >= _max_depth:
-            raise _invalid(
+            raise invalid(
                 "depth",
                 self.depth + 1,
                 f"must not exceed the maximum depth of {_max_depth}",
@@ -521,7 +520,7 @@ class UserContext:
             if changes["user_id"] != self.user_id:
                 msg = (
                     f"A context for user {self.user_id!r} cannot become one for user "
-                    f"{_short_repr(changes['user_id'])} through {how}(). Create a new root "
+                    f"{short_repr(changes['user_id'])} through {how}(). Create a new root "
                     "UserContext for the other user."
                 )
                 raise IsolationError(msg)

@@ -11,7 +11,7 @@ same keys and the same stand-ins whichever library logged it.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._codec import FIELDS
 from ._current import current_or_none
@@ -66,8 +66,8 @@ def metadata_keys(
         if isinstance(metadata, str):
             msg += f" Wrap a single key in a tuple: metadata=({metadata!r},)."
         raise TypeError(msg)
-    keys = tuple(metadata)  # pyright: ignore[reportUnknownArgumentType]  # checked below
-    for key in keys:
+    keys: dict[str, None] = {}  # in order, without duplicates
+    for key in cast("Iterable[object]", metadata):
         if not isinstance(key, str):
             msg = (
                 f"{owner}(metadata=...) takes metadata keys as str, got a "
@@ -109,7 +109,8 @@ def metadata_keys(
                 f"'ctx_{key.strip('_')}', and allowlist that."
             )
             raise ValueError(msg)
-    return tuple(dict.fromkeys(keys))
+        keys[key] = None
+    return tuple(keys)
 
 
 def add_fields(into: MutableMapping[str, Any], metadata: tuple[str, ...], default: object) -> None:

@@ -13,7 +13,7 @@ from types import MappingProxyType
 from typing import Any, cast
 
 from ._codec import FIELDS
-from .exceptions import _invalid
+from ._messages import invalid
 
 
 __all__ = ["EMPTY", "MAX_METADATA_ENTRIES", "RESERVED_METADATA_KEYS", "check_metadata"]
@@ -42,7 +42,7 @@ def _freeze(path: str, value: object, nesting: int) -> object:
     if t in _SCALARS:
         return value
     if nesting >= _MAX_NESTING:
-        raise _invalid(
+        raise invalid(
             path,
             value,
             f"nests containers deeper than {_MAX_NESTING} levels",
@@ -69,7 +69,7 @@ def _freeze_mapping(path: str, value: Mapping[object, object], nesting: int) -> 
     out: dict[str, Any] = {}
     for key, v in value.items():
         if type(key) is not str or not key:
-            raise _invalid(
+            raise invalid(
                 f"{path} key",
                 key,
                 "must be a non-empty str",
@@ -101,7 +101,7 @@ def check_metadata(metadata: object) -> Mapping[str, Any]:
     if not entries:
         return EMPTY
     if len(entries) > MAX_METADATA_ENTRIES:
-        raise _invalid(
+        raise invalid(
             "metadata",
             entries,
             f"must have at most {MAX_METADATA_ENTRIES} entries, not {len(entries)}",
@@ -110,7 +110,7 @@ def check_metadata(metadata: object) -> Mapping[str, Any]:
         )
     for key in entries:
         if key in RESERVED_METADATA_KEYS:
-            raise _invalid(
+            raise invalid(
                 "metadata key",
                 key,
                 "is reserved: it names a UserContext field",

@@ -43,22 +43,6 @@ __all__ = [
 ]
 
 
-_REPR_MAX = 64
-
-
-def _short_repr(value: object) -> str:
-    """
-    Return the repr of *value*, cut to a length an error message can show.
-    """
-    try:
-        r = repr(value)
-    except ValueError:
-        # An int longer than sys.get_int_max_str_digits() has no repr; an error
-        # message about it must not fail with one of its own.
-        return f"a value of type {type(value).__name__} too large to show"
-    return r if len(r) <= _REPR_MAX else r[: _REPR_MAX - 4] + "...'"
-
-
 def _portable(value: object) -> object:
     """
     Return *value* if it pickles, else a string that says what it was.
@@ -145,24 +129,6 @@ class InvalidContextError(UserContextError, ValueError):
         self.field = field
         self.value = value
         self.reason = reason
-
-
-def _invalid(
-    field: str, value: object, reason: str, fix: str, *, show: bool = True
-) -> InvalidContextError:
-    """
-    Return the `InvalidContextError` for *value* of *field*, which breaks the
-    rule *reason*, with the *fix* to apply; without *show*, the message gives
-    the value's type only.
-    """
-    # Metadata values may hold personal data: their errors show the type only.
-    got = _short_repr(value) if show else f"a {type(value).__name__}"
-    return InvalidContextError(
-        f"Invalid UserContext.{field}: {reason}; got {got}. {fix}",
-        field=field,
-        value=value,
-        reason=reason,
-    )
 
 
 class ConfigurationError(UserContextError, RuntimeError):
@@ -582,7 +548,8 @@ class UnauthenticatedError(RequestRefusedError, PermissionError):
         **kwargs: Any,
     ) -> None:
         _check_header("UnauthenticatedError(challenge=...)", "WWW-Authenticate", challenge)
-        headers = {"WWW-Authenticate": challenge, **(kwargs.pop("headers", None) or {})}
+        extra: Mapping[str, str] = kwargs.pop("headers", None) or {}
+        headers = {"WWW-Authenticate": challenge, **extra}
         kwargs.setdefault("error", "unauthenticated")
         super().__init__(message, status=401, headers=headers, **kwargs)
         self.challenge = challenge
