@@ -1,5 +1,6 @@
+# pyright: reportUnnecessaryTypeIgnoreComment=true
 """
-Types of the quotas and of `EngineFactory`, checked by mypy.
+Types of the quotas and of `EngineFactory`, checked by mypy and pyright.
 """
 
 from __future__ import annotations
