@@ -76,7 +76,7 @@ nitpick_ignore = [
     ("py:class", "Hashable"),
     ("py:class", "Made"),
     ("py:class", "PerKey"),
-    ("py:class", "usercontext._quota._Core"),
+    ("py:class", "usercontext._local_quota._Core"),
     # FastAPI, an optional dependency: no intersphinx. The aliases of
     # usercontext.fastapi show their Depends marker and its private function.
     ("py:class", "fastapi.params.Depends"),

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import math
 
 from types import MappingProxyType
 
+import attrs
 import pytest
 
-from usercontext import InvalidContextError, UserContext, _codec
+from usercontext import InvalidContextError, UserContext, _codec, _messages, exceptions
 
 
 REQUIRED = {"user_id": "u-42", "thread_id": "t-7", "run_id": "r-1"}
@@ -39,6 +42,47 @@ def _full():
     return root.child(
         metadata={"tags": ["a", "b"], "nested": {"x": [1, {"y": "é\"'"}]}, "big": 10**30}
     )
+
+
+class TestFields:
+    def test_fields_are_the_class_fields(self):
+        """
+        The wire format's field list is UserContext's attributes, in order:
+        nine fields, six of them ids.
+        """
+        assert tuple(a.name for a in attrs.fields(UserContext)) == _codec.FIELDS
+        assert len(_codec.FIELDS) == 9
+        assert _codec.FIELDS[:6] == _codec.ID_FIELDS
+
+    def test_keys_and_headers_follow_the_fields(self):
+        """
+        to_dict() returns the fields' keys in their order, and every header
+        is named after a field.
+        """
+        root = UserContext(user_id="u", thread_id="t", run_id="r", connection_id="c")
+        ctx = root.child(metadata={"k": 1})
+
+        assert tuple(ctx.to_dict()) == _codec.FIELDS
+        assert list(ctx.to_headers()) == [HEADER_NAMES[f] for f in _codec.FIELDS]
+
+    def test_leaf(self):
+        """
+        The codec imports nothing of the package but the exceptions and the
+        wording of their messages, which import nothing but the exceptions:
+        the context can import it without a circle.
+        """
+
+        def imported(module):
+            tree = ast.parse(inspect.getsource(module))
+            return {
+                node.module
+                for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.level > 0
+            }
+
+        assert imported(_codec) == {"_messages", "exceptions"}
+        assert imported(_messages) == {"exceptions"}
+        assert imported(exceptions) == set()
 
 
 class TestDict:

@@ -197,3 +197,76 @@ class TestPickle:
         """
         for cls in public_exceptions():
             assert getattr(usercontext, cls.__name__) is cls
+
+
+NAMED_ARGS = [cls for cls in public_exceptions() if issubclass(cls, exceptions._NamedArgsError)]
+
+
+class TestNamedArgs:
+    def test_found(self):
+        """
+        The quota and emitter errors, and only they, name their arguments.
+        """
+        assert {cls.__name__ for cls in NAMED_ARGS} == {
+            "QuotaError",
+            "QuotaExceededError",
+            "QuotaTimeoutError",
+            "EmitterFullError",
+            "EmitterTimeoutError",
+        }
+
+    @pytest.mark.parametrize("cls", NAMED_ARGS, ids=lambda cls: cls.__name__)
+    def test_names_match_annotations(self, cls):
+        """
+        Each class that names its arguments annotates exactly those names, in
+        order, and annotates args with as many types: the types checkers see
+        are the attributes there are.
+        """
+        owner = next(k for k in cls.__mro__ if "_arg_names" in vars(k))
+        annotated = [name for name in vars(owner)["__annotations__"] if name != "args"]
+
+        assert annotated == list(owner._arg_names)
+        assert vars(owner)["__annotations__"]["args"].count(",") == len(annotated) - 1
+
+    def test_quota_attributes(self):
+        """
+        A quota error reads its six arguments back by name, and its message
+        shows them.
+        """
+        error = exceptions.QuotaTimeoutError("u-1", 10, "total", 7, 1.5, 2.0)
+
+        assert (error.key, error.limit, error.scope, error.in_use) == ("u-1", 10, "total", 7)
+        assert (error.waited, error.timeout) == (1.5, 2.0)
+        assert str(error).startswith("Waited 1.500 s (the timeout of 2.0 s) for a slot, but all 10")
+
+    def test_emitter_attributes(self):
+        """
+        An emitter error reads its six arguments back by name, and its
+        message shows them.
+        """
+        error = exceptions.EmitterFullError("u-1", 100, "drop_oldest", True, 0.0, None)
+
+        assert (error.user_id, error.maxsize, error.overflow) == ("u-1", 100, "drop_oldest")
+        assert (error.critical, error.waited, error.timeout) == (True, 0.0, None)
+        assert "holds 100 critical events" in str(error)
+
+    def test_read_only(self):
+        """
+        The attributes are read-only views of args: assigning one fails, and
+        args keeps its six values.
+        """
+        error = exceptions.QuotaExceededError("u-1", 2, "key", 2, 0.0, 0)
+
+        with pytest.raises(AttributeError):
+            error.limit = 3
+
+        assert error.args == ("u-1", 2, "key", 2, 0.0, 0)
+        assert vars(error) == {}
+
+    def test_reader_docstring(self):
+        """
+        Each attribute says which argument it reads.
+        """
+        assert exceptions.EmitterFullError.overflow.__doc__ == (
+            "The error's *overflow*: ``args[2]``."
+        )

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from usercontext import InvalidContextError, UserContext, _context
+from usercontext import InvalidContextError, UserContext, _codec, _context
 
 
 # Each example costs microseconds; hypothesis's own work dominates. 120 examples
@@ -28,8 +28,8 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 # The fuzzing covers every field the class has: its own lists of them.
-ID_FIELDS = _context._ID_FIELDS
-FIELDS = _context._FIELDS
+ID_FIELDS = _codec.ID_FIELDS
+FIELDS = _codec.FIELDS
 CHILD_FIELDS = ("thread_id", "run_id", "connection_id", "metadata")
 HEADER_OF = {f: "x-usercontext-" + f.replace("_", "-") for f in FIELDS}
 BASE = {"user_id": "u-1", "thread_id": "t-1", "run_id": "r-1"}

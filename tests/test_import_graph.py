@@ -35,7 +35,6 @@ MAX_LINES = 750
 #: expected failure until then, and an entry that no longer names a module, or
 #: names one that fits, fails the run so that it is taken off the list.
 TOO_LONG = {
-    "usercontext._context",
     "usercontext._emitter",
     "usercontext._factory",
 }
@@ -221,10 +220,6 @@ class TestGraph:
         """
         assert circles(import_graph()) == []
 
-    @pytest.mark.xfail(
-        reason="_codec and _context, and the _report modules, import each other in functions",
-        strict=True,
-    )
     def test_no_circle_with_deferred_imports(self):
         """
         Nor through the imports inside functions, which run on a call: the

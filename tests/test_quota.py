@@ -28,7 +28,7 @@ import pytest
 from anyio.lowlevel import checkpoint
 from trio.testing import MockClock
 
-import usercontext._quota as quota_module
+import usercontext._local_quota as quota_module
 
 from usercontext import Lease, LocalQuota, Quota, QuotaStats, ThreadQuota
 from usercontext.exceptions import (

@@ -1,5 +1,6 @@
+# pyright: reportUnnecessaryTypeIgnoreComment=true
 """
-Types of `UserContext`, its derivations and its codec, checked by mypy.
+Types of `UserContext`, its derivations and its codec, checked by mypy and pyright.
 """
 
 from __future__ import annotations

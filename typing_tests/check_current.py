@@ -1,5 +1,6 @@
+# pyright: reportUnnecessaryTypeIgnoreComment=true
 """
-Types of the current context and of the propagation helpers, checked by mypy.
+Types of the current context and of the propagation helpers, checked by mypy and pyright.
 """
 
 from __future__ import annotations

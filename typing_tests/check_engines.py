@@ -1,5 +1,6 @@
+# pyright: reportUnnecessaryTypeIgnoreComment=true
 """
-Types of the quotas and of `EngineFactory`, checked by mypy.
+Types of the quotas and of `EngineFactory`, checked by mypy and pyright.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import usercontext as uc
 
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncGenerator
 
 
 class Engine:
@@ -26,7 +27,7 @@ async def make_engine(ctx: uc.UserContext) -> Engine:
 
 
 @asynccontextmanager
-async def engine_session(ctx: uc.UserContext) -> AsyncIterator[Engine]:
+async def engine_session(ctx: uc.UserContext) -> AsyncGenerator[Engine, None]:
     yield Engine(ctx)
 
 

@@ -37,7 +37,8 @@ from ._emitter import (
     SinkStats,
 )
 from ._factory import EngineFactory, FactoryStats
-from ._quota import Lease, LocalQuota, Quota, QuotaStats, ThreadQuota
+from ._local_quota import LocalQuota, ThreadQuota
+from ._quota import Lease, Quota, QuotaStats
 from ._registry import Registry, RegistryStats, Scope
 from .exceptions import (
     CloseTimeoutError,

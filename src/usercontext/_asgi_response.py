@@ -13,8 +13,8 @@ import json
 import logging
 import types
 
-from collections.abc import Awaitable, Callable, Generator, MutableMapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Generator, Iterable, MutableMapping
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from usercontext.exceptions import _phrase
 
@@ -83,7 +83,7 @@ async def _call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
 @types.coroutine
 def _send_all(send: Send, messages: tuple[Message, ...]) -> Generator[Any, Any, None]:
     # A generator rather than a coroutine: `next` steps it to its end without
-    # making a StopIteration (see _Request.send).
+    # making a StopIteration (see RequestLink.send).
     for message in messages:
         yield from send(message).__await__()
 
@@ -132,14 +132,15 @@ def _with_header_and_length(message: Message, header: tuple[bytes, bytes]) -> tu
     Return *message* with the *header* added unless it has one, and whether it
     has a Content-Length, in one pass over its headers.
     """
-    headers = message.get("headers") or []
+    headers: Iterable[tuple[bytes, bytes]] = message.get("headers") or ()
     if type(headers) is not list and type(headers) is not tuple:
         # Any iterable will do (ASGI), but it must be read more than once here.
         headers = list(headers)
         message = {**message, "headers": headers}
     name = header[0]
     has_id = has_length = False
-    for key, _ in headers:
+    # type() narrows to list[Unknown] for pyright, losing the item type.
+    for key, _ in cast("Iterable[tuple[bytes, bytes]]", headers):
         lower = key.lower()
         if lower == b"content-length":
             has_length = True
@@ -209,7 +210,7 @@ class _ResponseCutError(RuntimeError):
     """
 
 
-class _Request:
+class RequestLink:
     """
     One request's link to the server: it sends the response, and closes the
     request's scope at the right moment (see `UserContextMiddleware`). Calling
@@ -401,7 +402,7 @@ class _Request:
         # The server's sends, with their first step (most often the only one)
         # inlined: this is every request's path.
         steps = _send_all(self._send, (message,) if held is None else (held, message))
-        run = self._context.run
+        run: Callable[..., Any] = self._context.run
         yielded = run(next, steps, _DONE)
         if yielded is not _DONE:
             await _in_context(run, steps, yielded)

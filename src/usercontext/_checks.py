@@ -48,7 +48,7 @@ def limit(name: str, value: object, *, allow_none: bool) -> None:
         return
     if callable(value) and not allow_none:
         return
-    if type(value) is not int or value < 0:
+    if not isinstance(value, int) or type(value) is not int or value < 0:
         what = "a non-negative int" + (" or None" if allow_none else " or a callable key -> int")
         msg = f"{name} must be {what}, got {value!r}."
         raise TypeError(msg) if type(value) is not int else ValueError(msg)

@@ -1,6 +1,10 @@
 """
 A `UserContext` to and from plain dicts and HTTP headers, for crossing process
 and service boundaries. Decoding validates exactly like construction.
+
+This module owns the wire format, and with it the list of a context's fields;
+it imports nothing of the package but its exceptions, so that `UserContext`
+can import it without a circle.
 """
 
 from __future__ import annotations
@@ -8,38 +12,89 @@ from __future__ import annotations
 import json
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 from urllib.parse import quote, unquote
 
-from ._context import _FIELDS, _short_repr
+from ._messages import short_repr
 from .exceptions import InvalidContextError
 
 
 if TYPE_CHECKING:
-    from ._context import UserContext
+    from collections.abc import Callable
 
-C = TypeVar("C", bound="UserContext")
 
+__all__ = [
+    "FIELDS",
+    "HEADER_PREFIX",
+    "ID_FIELDS",
+    "MAX_HEADER_BYTES",
+    "from_dict",
+    "from_headers",
+    "to_dict",
+    "to_headers",
+]
+
+ID_FIELDS = ("user_id", "thread_id", "run_id", "request_id", "connection_id", "parent_request_id")
+"""
+The fields of a context that hold ids: strings, percent-encoded in headers.
+"""
+FIELDS = (*ID_FIELDS, "depth", "created_at", "metadata")
+"""
+Every field of a context, in the order of `UserContext`'s attributes: the keys
+of `to_dict` and what the headers are named after. A test checks it against
+the class.
+"""
 HEADER_PREFIX = "x-usercontext-"
 MAX_HEADER_BYTES = 8 * 1024
 _MAX_DEPTH_DIGITS = 4
 _REQUIRED = ("user_id", "thread_id", "run_id")
-_HEADER_OF = {f: HEADER_PREFIX + f.replace("_", "-") for f in _FIELDS}
+_HEADER_OF = {f: HEADER_PREFIX + f.replace("_", "-") for f in FIELDS}
 _FIELD_OF = {h: f for f, h in _HEADER_OF.items()}
-_ID_FIELDS = frozenset(_FIELDS) - {"depth", "created_at", "metadata"}
+_DECODED_AS_ID = frozenset(ID_FIELDS)
 # RFC 3986 unreserved characters plus a few harmless ones stay readable.
 _SAFE = "-._~:@!$&'()*+,;=/"
 
+C = TypeVar("C")
 
-def _thaw(value: Any) -> Any:
+
+class Context(Protocol):
+    """
+    What the wire format reads of a context: its fields, read-only.
+    """
+
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def thread_id(self) -> str: ...
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def connection_id(self) -> str | None: ...
+    @property
+    def parent_request_id(self) -> str | None: ...
+    @property
+    def depth(self) -> int: ...
+    @property
+    def created_at(self) -> float: ...
+    @property
+    def metadata(self) -> Mapping[str, Any]: ...
+
+
+def _thaw(value: object) -> Any:
     if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
+        mapping = cast("Mapping[object, object]", value)
+        return {k: _thaw(v) for k, v in mapping.items()}
     if type(value) is tuple:
-        return tuple(_thaw(v) for v in value)
+        return tuple(_thaw(v) for v in cast("tuple[object, ...]", value))
     return value
 
 
-def to_dict(ctx: UserContext) -> dict[str, Any]:
+def to_dict(ctx: Context) -> dict[str, Any]:
+    """
+    Return *ctx* as a dict of plain values under the keys of `FIELDS`.
+    """
     return {
         "user_id": ctx.user_id,
         "thread_id": ctx.thread_id,
@@ -55,48 +110,46 @@ def to_dict(ctx: UserContext) -> dict[str, Any]:
 
 def _error(field: str, value: object, reason: str, fix: str) -> InvalidContextError:
     return InvalidContextError(
-        f"Cannot decode UserContext.{field}: {reason}; got {_short_repr(value)}. {fix}",
+        f"Cannot decode UserContext.{field}: {reason}; got {short_repr(value)}. {fix}",
         field=field,
         value=value,
         reason=reason,
     )
 
 
-def from_dict(cls: type[C], data: object) -> C:
+def from_dict(cls: Callable[..., C], data: object) -> C:
+    """
+    Call *cls* with the fields in *data*, after refusing unknown and missing keys.
+    """
     if not isinstance(data, Mapping):
         msg = (
             f"UserContext.from_dict() takes a mapping, got {type(data).__name__}. "
             "Pass the dict that UserContext.to_dict() returned."
         )
         raise TypeError(msg)
+    data = cast("Mapping[object, object]", data)
     for key in data:
         if key not in _HEADER_OF:
             raise _error(
                 str(key),
                 key,
                 "is not a UserContext field",
-                f"Pass only the keys UserContext.to_dict() returns: {', '.join(_FIELDS)}.",
+                f"Pass only the keys UserContext.to_dict() returns: {', '.join(FIELDS)}.",
             )
     for key in _REQUIRED:
         if key not in data:
             raise _error(
                 key, None, "is missing", "Pass the dict that UserContext.to_dict() returned."
             )
-    return cls(**data)
+    return cls(**cast("Mapping[str, object]", data))
 
 
-def to_headers(ctx: UserContext) -> dict[str, str]:
+def to_headers(ctx: Context) -> dict[str, str]:
+    """
+    Return *ctx* as ``x-usercontext-*`` headers of at most `MAX_HEADER_BYTES`.
+    """
     headers = {
-        _HEADER_OF[f]: quote(v, safe=_SAFE)
-        for f in (
-            "user_id",
-            "thread_id",
-            "run_id",
-            "request_id",
-            "connection_id",
-            "parent_request_id",
-        )
-        if (v := getattr(ctx, f)) is not None
+        _HEADER_OF[f]: quote(v, safe=_SAFE) for f in ID_FIELDS if (v := getattr(ctx, f)) is not None
     }
     headers[_HEADER_OF["depth"]] = str(ctx.depth)
     headers[_HEADER_OF["created_at"]] = repr(ctx.created_at)
@@ -127,16 +180,16 @@ def to_headers(ctx: UserContext) -> dict[str, str]:
     return headers
 
 
-def _pairs(headers: Any) -> Iterable[tuple[Any, Any]]:
+def _pairs(headers: object) -> Iterable[Any]:
     if isinstance(headers, Mapping):
-        return headers.items()
+        return cast("Mapping[object, object]", headers).items()
     if isinstance(headers, (str, bytes)) or not isinstance(headers, Iterable):
         msg = (
             "UserContext.from_headers() takes a mapping or an iterable of (name, value) "
             f"pairs, got {type(headers).__name__}."
         )
         raise TypeError(msg)
-    return headers
+    return cast("Iterable[object]", headers)  # of anything: _collect checks each one
 
 
 def _text(field: str, raw: object) -> str:
@@ -187,7 +240,7 @@ def _collect(headers: Any) -> dict[str, str]:
 
 
 def _decode(field: str, value: str) -> Any:
-    if field in _ID_FIELDS:
+    if field in _DECODED_AS_ID:
         try:
             return unquote(value, errors="strict")
         except UnicodeDecodeError:
@@ -213,10 +266,13 @@ def _decode(field: str, value: str) -> Any:
         raise _error(field, value, "is not valid JSON", "Send it as to_headers() does.") from None
     if not isinstance(metadata, dict):
         raise _error(field, value, "is not a JSON object", "Send it as to_headers() does.")
-    return metadata
+    return cast("dict[str, Any]", metadata)
 
 
-def from_headers(cls: type[C], headers: Any) -> C:
+def from_headers(cls: Callable[..., C], headers: Any) -> C:
+    """
+    Call *cls* with the fields decoded from the ``x-usercontext-*`` *headers*.
+    """
     found = _collect(headers)
     for field in _REQUIRED:
         if field not in found:

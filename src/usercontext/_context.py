@@ -9,17 +9,20 @@ import math
 import re
 import time
 
-from collections.abc import Iterable, Mapping
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
+from . import _codec
 from ._ids import new_id
-from .exceptions import InvalidContextError, IsolationError
+from ._messages import invalid, short_repr
+from ._metadata import EMPTY, check_metadata
+from .exceptions import IsolationError
 
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from typing_extensions import Self
 
 
@@ -54,33 +57,7 @@ Ids refused by default, compared case-insensitively.
 .. versionadded:: 0.1.0
 """
 
-_ID_FIELDS = (
-    "user_id",
-    "thread_id",
-    "run_id",
-    "request_id",
-    "connection_id",
-    "parent_request_id",
-)
-_FIELDS = (*_ID_FIELDS, "depth", "created_at", "metadata")
-RESERVED_METADATA_KEYS = frozenset(_FIELDS)
-MAX_METADATA_ENTRIES = 64
-_MAX_METADATA_NESTING = 8
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
-_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
-
-
-_REPR_MAX = 64
-
-
-def _short_repr(value: object) -> str:
-    try:
-        r = repr(value)
-    except ValueError:
-        # An int longer than sys.get_int_max_str_digits() has no repr; an error
-        # message about it must not fail with one of its own.
-        return f"a value of type {type(value).__name__} too large to show"
-    return r if len(r) <= _REPR_MAX else r[: _REPR_MAX - 4] + "...'"
+_FIELD_SET = frozenset(_codec.FIELDS)
 
 
 @attrs.frozen
@@ -110,7 +87,7 @@ class IdRules:
     def __attrs_post_init__(self) -> None:
         if type(self.max_length) is not int or self.max_length < 1:
             msg = (
-                f"IdRules.max_length must be a positive int, got {_short_repr(self.max_length)}. "
+                f"IdRules.max_length must be a positive int, got {short_repr(self.max_length)}. "
                 "Pass the longest id your service accepts, such as 256."
             )
             raise ValueError(msg)
@@ -120,7 +97,7 @@ class IdRules:
         ):
             msg = (
                 "IdRules.placeholders must be a frozenset of str, got "
-                f"{_short_repr(self.placeholders)}. Wrap your values in frozenset({{...}})."
+                f"{short_repr(self.placeholders)}. Wrap your values in frozenset({{...}})."
             )
             raise TypeError(msg)
         object.__setattr__(self, "placeholders", frozenset(p.lower() for p in self.placeholders))
@@ -199,7 +176,7 @@ def configure(*, id_rules: IdRules | None = None, max_depth: int | None = None) 
     if max_depth is not None:
         if type(max_depth) is not int or max_depth < 0:
             msg = (
-                f"max_depth must be a non-negative int, got {_short_repr(max_depth)}; "
+                f"max_depth must be a non-negative int, got {short_repr(max_depth)}; "
                 "the default is 32."
             )
             raise ValueError(msg)
@@ -222,19 +199,6 @@ def described_rules() -> str:
     return _described
 
 
-def _invalid(
-    field: str, value: object, reason: str, fix: str, *, show: bool = True
-) -> InvalidContextError:
-    # Metadata values may hold personal data: their errors show the type only.
-    got = _short_repr(value) if show else f"a {type(value).__name__}"
-    return InvalidContextError(
-        f"Invalid UserContext.{field}: {reason}; got {got}. {fix}",
-        field=field,
-        value=value,
-        reason=reason,
-    )
-
-
 def _id_error(  # noqa: PLR0911  # one return per rule
     field: str, value: object, *, pattern: bool = True
 ) -> Exception:
@@ -244,14 +208,14 @@ def _id_error(  # noqa: PLR0911  # one return per rule
     if type(value) is not str:
         return TypeError(
             f"UserContext.{field} must be a str, got {type(value).__name__} "
-            f"({_short_repr(value)}). Convert it with str() where it enters your service."
+            f"({short_repr(value)}). Convert it with str() where it enters your service."
         )
     if not value:
-        return _invalid(
+        return invalid(
             field, value, "must not be empty", "Pass the real id, such as the authenticated user's."
         )
     if len(value) > _max_len:
-        return _invalid(
+        return invalid(
             field,
             value,
             f"must be at most {_max_len} characters, not {len(value)}",
@@ -259,21 +223,21 @@ def _id_error(  # noqa: PLR0911  # one return per rule
         )
     for i, ch in enumerate(value):
         if not ch.isprintable():
-            return _invalid(
+            return invalid(
                 field,
                 value,
                 f"must contain only printable characters, found {ch!r} at index {i}",
                 "Remove control, format and line-separator characters.",
             )
     if value.strip() != value:
-        return _invalid(
+        return invalid(
             field,
             value,
             "must not start or end with whitespace",
             "Strip it with value.strip() where it enters your service.",
         )
     if value.lower() in _placeholders:
-        return _invalid(
+        return invalid(
             field,
             value,
             "is a placeholder, not a real id",
@@ -282,7 +246,7 @@ def _id_error(  # noqa: PLR0911  # one return per rule
         )
     assert pattern  # noqa: S101  # request ids fail an earlier rule
     assert _pattern is not None  # noqa: S101  # the only rule left
-    return _invalid(
+    return invalid(
         field,
         value,
         f"does not match the pattern {_pattern.pattern!r} of the configured IdRules",
@@ -338,89 +302,12 @@ def _check_request_id(field: str, value: object) -> None:
         raise _id_error(field, value, pattern=False)
 
 
-def _freeze(path: str, value: object, nesting: int) -> object:
-    """
-    Return *value* as an immutable value, converting lists, sets and dicts.
-    """
-    t = type(value)
-    if t in _SCALARS:
-        return value
-    if nesting >= _MAX_METADATA_NESTING:
-        raise _invalid(
-            path,
-            value,
-            f"nests containers deeper than {_MAX_METADATA_NESTING} levels",
-            "Flatten the metadata.",
-            show=False,
-        )
-    if t is tuple or t is list:
-        items = cast("Iterable[object]", value)
-        return tuple([_freeze(f"{path}[{i}]", v, nesting + 1) for i, v in enumerate(items)])
-    if t is frozenset or t is set:
-        members = cast("Iterable[object]", value)
-        return frozenset([_freeze(f"{path}[...]", v, nesting + 1) for v in members])
-    if isinstance(value, Mapping):
-        return _freeze_mapping(path, value, nesting + 1)
-    msg = (
-        f"UserContext.{path} must be an immutable value (str, int, float, bool, None, bytes, "
-        f"or a tuple, frozenset or mapping of those), got a {t.__name__}. "
-        "Convert it to one of those types, such as str(value)."
-    )
-    raise TypeError(msg)
-
-
-def _freeze_mapping(path: str, value: Mapping[Any, Any], nesting: int) -> Mapping[str, Any]:
-    out: dict[str, Any] = {}
-    for key, v in value.items():
-        if type(key) is not str or not key:
-            raise _invalid(
-                f"{path} key",
-                key,
-                "must be a non-empty str",
-                "Use non-empty string keys in metadata.",
-            )
-        out[key] = _freeze(f"{path}[{key!r}]", v, nesting)
-    return MappingProxyType(out)
-
-
-def _check_metadata(metadata: object) -> Mapping[str, Any]:
-    if metadata is None or (type(metadata) is dict and not metadata):
-        return _EMPTY
-    if not isinstance(metadata, Mapping):
-        msg = (
-            f"UserContext.metadata must be a mapping, got a {type(metadata).__name__}. "
-            "Pass a dict of str keys to immutable values."
-        )
-        raise TypeError(msg)
-    if not metadata:
-        return _EMPTY
-    if len(metadata) > MAX_METADATA_ENTRIES:
-        raise _invalid(
-            "metadata",
-            metadata,
-            f"must have at most {MAX_METADATA_ENTRIES} entries, not {len(metadata)}",
-            "Keep metadata small; store bulky data in a per-request resource instead.",
-            show=False,
-        )
-    for key in metadata:
-        if key in RESERVED_METADATA_KEYS:
-            raise _invalid(
-                "metadata key",
-                key,
-                "is reserved: it names a UserContext field",
-                "Set the field itself, or choose another key.",
-            )
-    return _freeze_mapping("metadata", metadata, 0)
-
-
 def _check_depth(depth: object, parent_request_id: object) -> None:
     if type(depth) is not int:
-        msg = (
-            f"UserContext.depth must be an int, got {type(depth).__name__} ({_short_repr(depth)})."
-        )
+        msg = f"UserContext.depth must be an int, got {type(depth).__name__} ({short_repr(depth)})."
         raise TypeError(msg)
     if not 0 <= depth <= _max_depth:
-        raise _invalid(
+        raise invalid(
             "depth",
             depth,
             f"must be between 0 and {_max_depth}",
@@ -428,7 +315,7 @@ def _check_depth(depth: object, parent_request_id: object) -> None:
             "usercontext.configure(max_depth=...) if deep nesting is intended.",
         )
     if (depth == 0) != (parent_request_id is None):
-        raise _invalid(
+        raise invalid(
             "depth",
             depth,
             "must be 0 exactly when parent_request_id is None",
@@ -440,7 +327,7 @@ def _check_created_at(created_at: object) -> float:
     if type(created_at) is not float and type(created_at) is not int:
         msg = (
             "UserContext.created_at must be a float of epoch seconds, got "
-            f"{type(created_at).__name__} ({_short_repr(created_at)})."
+            f"{type(created_at).__name__} ({short_repr(created_at)})."
         )
         raise TypeError(msg)
     try:
@@ -449,7 +336,7 @@ def _check_created_at(created_at: object) -> float:
     except OverflowError:
         seconds = math.inf
     if not math.isfinite(seconds) or seconds < 0:
-        raise _invalid(
+        raise invalid(
             "created_at",
             created_at,
             "must be a finite, non-negative number of epoch seconds",
@@ -547,7 +434,7 @@ class UserContext:
         draft.parent_request_id = parent_request_id
         draft.depth = depth
         draft.created_at = _now() if created_at is None else _check_created_at(created_at)
-        draft.metadata = _EMPTY if metadata is None else _check_metadata(metadata)
+        draft.metadata = EMPTY if metadata is None else check_metadata(metadata)
         draft.__class__ = cls  # type: ignore[assignment]
         return draft  # type: ignore[return-value]
 
@@ -571,7 +458,7 @@ class UserContext:
         .. versionadded:: 0.1.0
         """
         if self.depth >= _max_depth:
-            raise _invalid(
+            raise invalid(
                 "depth",
                 self.depth + 1,
                 f"must not exceed the maximum depth of {_max_depth}",
@@ -609,8 +496,8 @@ class UserContext:
 
         .. versionadded:: 0.1.0
         """
-        if "user_id" in changes or not changes.keys() <= RESERVED_METADATA_KEYS:
-            self._check_changes(changes, RESERVED_METADATA_KEYS, "evolve")
+        if "user_id" in changes or not changes.keys() <= _FIELD_SET:
+            self._check_changes(changes, _FIELD_SET, "evolve")
         new = _draft()
         new.user_id = self.user_id
         new.thread_id = self.thread_id
@@ -633,7 +520,7 @@ class UserContext:
             if changes["user_id"] != self.user_id:
                 msg = (
                     f"A context for user {self.user_id!r} cannot become one for user "
-                    f"{_short_repr(changes['user_id'])} through {how}(). Create a new root "
+                    f"{short_repr(changes['user_id'])} through {how}(). Create a new root "
                     "UserContext for the other user."
                 )
                 raise IsolationError(msg)
@@ -654,9 +541,7 @@ class UserContext:
 
         .. versionadded:: 0.1.0
         """
-        from ._codec import to_dict
-
-        return to_dict(self)
+        return _codec.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
@@ -671,9 +556,7 @@ class UserContext:
 
         .. versionadded:: 0.1.0
         """
-        from ._codec import from_dict
-
-        return from_dict(cls, data)
+        return _codec.from_dict(cls, data)
 
     def to_headers(self) -> dict[str, str]:
         """
@@ -689,9 +572,7 @@ class UserContext:
 
         .. versionadded:: 0.1.0
         """
-        from ._codec import to_headers
-
-        return to_headers(self)
+        return _codec.to_headers(self)
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str] | Mapping[bytes, bytes] | Any) -> Self:
@@ -710,9 +591,7 @@ class UserContext:
 
         .. versionadded:: 0.1.0
         """
-        from ._codec import from_headers
-
-        return from_headers(cls, headers)
+        return _codec.from_headers(cls, headers)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Unpickling goes through from_dict, so it is validated like construction.
@@ -742,7 +621,7 @@ def _from_dict(cls: type[UserContext], data: dict[str, Any]) -> UserContext:
 
 def _set_field(draft: _Draft, field: str, value: Any) -> None:
     if field == "metadata":
-        value = _check_metadata(value)
+        value = check_metadata(value)
     elif field == "depth":
         pass  # checked together with parent_request_id by the caller
     elif field == "created_at":
@@ -765,7 +644,7 @@ class _Draft:
     contexts is the library's hottest path.
     """
 
-    __slots__ = _FIELDS  # the layout of UserContext, slot for slot
+    __slots__ = tuple(field.name for field in attrs.fields(UserContext))
 
     user_id: str
     thread_id: str

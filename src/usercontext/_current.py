@@ -236,8 +236,9 @@ async def to_thread(
 
     .. versionadded:: 0.1.0
     """
+    run: Callable[..., Any] = contextvars.copy_context().run
     return await anyio.to_thread.run_sync(
-        contextvars.copy_context().run,
+        run,
         fn,
         *args,
         abandon_on_cancel=abandon_on_cancel,

@@ -20,7 +20,7 @@ import attrs
 
 from . import _checks
 from ._current import bind, current
-from ._quota import LocalQuota, ThreadQuota
+from ._local_quota import LocalQuota, ThreadQuota
 from ._util import (
     ASYNC_CM,
     ASYNC_GEN,
@@ -55,7 +55,8 @@ if TYPE_CHECKING:
     from typing import TypeAlias
 
     from ._context import UserContext
-    from ._quota import PerKey, Quota
+    from ._local_quota import PerKey
+    from ._quota import Quota
 
 E = TypeVar("E")
 

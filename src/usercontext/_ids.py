@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import os
 
+from typing import TYPE_CHECKING
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 
 __all__ = ["new_id"]
 
@@ -36,5 +42,12 @@ def new_id() -> str:
         return _refill()
 
 
+def _no_fork(**_: object) -> None:
+    """
+    Stand in for `os.register_at_fork` where there is no fork.
+    """
+
+
 # Windows has no fork, and no os.register_at_fork.
-getattr(os, "register_at_fork", lambda **_: None)(after_in_child=_pool.clear)
+_register_at_fork: Callable[..., None] = getattr(os, "register_at_fork", _no_fork)
+_register_at_fork(after_in_child=_pool.clear)

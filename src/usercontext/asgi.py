@@ -39,9 +39,9 @@ from usercontext import (
 from usercontext._asgi_response import (
     ASGIApp,
     Receive,
+    RequestLink,
     Send,
     _answer_crash,
-    _Request,
     _send_json,
     logger,
 )
@@ -50,6 +50,7 @@ from usercontext.exceptions import _check_header, _phrase
 
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Concatenate
 
     from typing_extensions import ParamSpec
@@ -116,6 +117,10 @@ class RequestState:
     """
 
     __slots__ = ("ctx", "hub", "resources")
+
+    ctx: UserContext
+    resources: Scope | None
+    hub: EmitterHub | None
 
     def __init__(self, ctx: UserContext, resources: Scope | None, hub: EmitterHub | None) -> None:
         self.ctx = ctx
@@ -333,7 +338,7 @@ class UserContextMiddleware:
         self.registry = registry
         self.hub = hub
         self.request_id_header = request_id_header
-        self.exempt = _exempt_paths(exempt)
+        self.exempt: tuple[str, ...] = _exempt_paths(exempt)
         self.resolver_in_thread = resolver_in_thread
         self.trust_request_id = trust_request_id
         self.request_id_factory = request_id_factory
@@ -348,8 +353,8 @@ class UserContextMiddleware:
         """
         kind = scope["type"]
         if kind == "http" or kind == "websocket":  # noqa: PLR1714  # faster than `in`
-            # Made before the request binds anything: see _Request.
-            await self._serve_isolated(scope, receive, _Request(send))
+            # Made before the request binds anything: see RequestLink.
+            await self._serve_isolated(scope, receive, RequestLink(send))
         else:
             await self.app(scope, receive, send)
 
@@ -416,7 +421,7 @@ class UserContextMiddleware:
         request = Pending(incoming, make_id) if readers else None
         exempt = self._exempt
         ctx: UserContext | None = None
-        server: _Request = send  # type: ignore[assignment]  # made by __call__
+        server: RequestLink = send  # type: ignore[assignment]  # made by __call__
         if exempt is None or not exempt(scope.get("path", "")):
             try:
                 outcome = await self._resolve(scope, request)
@@ -632,14 +637,15 @@ def _http_exception(error: BaseException) -> _Refusal | None:
     if type(status) is not int or not 400 <= status <= 599 or not hasattr(error, "detail"):  # noqa: PLR2004  # error statuses
         return None
     title, code = _phrase(status)
-    detail = error.detail
+    detail: object = getattr(error, "detail")  # noqa: B009  # checked above: it has one
     body: dict[str, Any] = {"title": title, "detail": detail, "error": code}
     if type(detail) is not str:
         # FastAPI allows any JSON as detail; a problem's detail is a string.
         body["detail"] = title
         body["errors"] = detail
-    headers = []
-    for name, value in (getattr(error, "headers", None) or {}).items():
+    headers: list[tuple[bytes, bytes]] = []
+    given: Mapping[Any, Any] = getattr(error, "headers", None) or {}
+    for name, value in given.items():
         _check_header(f"{type(error).__name__}(headers=...) raised by the resolver", name, value)
         headers.append((name.lower().encode("ascii"), value.encode("latin-1")))
     return _Refusal(status, body, headers)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import typing
 
-from typing import Any
+from typing import Any, ClassVar
 
 
 if typing.TYPE_CHECKING:
@@ -157,7 +157,39 @@ class IsolationError(UserContextError, RuntimeError):
     """
 
 
-class QuotaError(UserContextError):
+def _arg_reader(index: int, name: str) -> property:
+    """
+    Return a read-only property that gives positional argument *index* of an
+    error, under the name *name*.
+    """
+
+    def read(error: BaseException) -> Any:
+        return error.args[index]
+
+    read.__name__ = name
+    return property(read, doc=f"The error's *{name}*: ``args[{index}]``.")
+
+
+class _NamedArgsError(UserContextError):
+    """
+    An error built from positional arguments that read back as attributes.
+
+    A subclass lists the names of its arguments in ``_arg_names``, in order,
+    and annotates each name with its type; each becomes a read-only attribute
+    over ``args``. Building one costs what building any exception costs (the
+    message is made only when shown, from the attributes), and it pickles as
+    its args.
+    """
+
+    _arg_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for index, name in enumerate(vars(cls).get("_arg_names", ())):
+            setattr(cls, name, _arg_reader(index, name))
+
+
+class QuotaError(_NamedArgsError):
     """
     Base class of the errors raised when a quota cannot grant a slot.
 
@@ -171,52 +203,16 @@ class QuotaError(UserContextError):
     """
 
     # Constructed positionally, as QuotaExceededError(key, limit, scope, in_use,
-    # waited, timeout): the arguments stay in args, read through properties,
-    # and the message is built only when shown. A busy service rejects often,
-    # and most rejections become a 429 without ever printing one.
+    # waited, timeout), and formatted only when shown: a busy service rejects
+    # often, and most rejections become a 429 without ever printing one.
+    _arg_names = ("key", "limit", "scope", "in_use", "waited", "timeout")
     args: tuple[str, int, str, int, float, float | None]
-
-    @property
-    def key(self) -> str:
-        """
-        The key (usually a user id) that asked for a slot.
-        """
-        return self.args[0]
-
-    @property
-    def limit(self) -> int:
-        """
-        The limit that was reached.
-        """
-        return self.args[1]
-
-    @property
-    def scope(self) -> str:
-        """
-        ``"key"`` for the per-key limit, ``"total"`` for the global one.
-        """
-        return self.args[2]
-
-    @property
-    def in_use(self) -> int:
-        """
-        How many slots were in use under that limit.
-        """
-        return self.args[3]
-
-    @property
-    def waited(self) -> float:
-        """
-        How long the request waited, in seconds.
-        """
-        return self.args[4]
-
-    @property
-    def timeout(self) -> float | None:
-        """
-        The timeout the request gave, in seconds.
-        """
-        return self.args[5]
+    key: str
+    limit: int
+    scope: str
+    in_use: int
+    waited: float
+    timeout: float | None
 
     def _where(self) -> str:
         if self.scope == "key":
@@ -302,7 +298,7 @@ class ScopeClosedError(UserContextError, RuntimeError):
     """
 
 
-class EmitterFullError(UserContextError, RuntimeError):
+class EmitterFullError(_NamedArgsError, RuntimeError):
     """
     An event did not fit in a sink's full buffer and could not be dropped.
 
@@ -318,51 +314,14 @@ class EmitterFullError(UserContextError, RuntimeError):
     .. versionadded:: 0.1.0
     """
 
-    # Built positionally and formatted only when shown, as QuotaError is: a busy
-    # service may reject often.
+    _arg_names = ("user_id", "maxsize", "overflow", "critical", "waited", "timeout")
     args: tuple[str, int, str, bool, float, float | None]
-
-    @property
-    def user_id(self) -> str:
-        """
-        The user whose stream was full.
-        """
-        return self.args[0]
-
-    @property
-    def maxsize(self) -> int:
-        """
-        The bound of each sink's buffer.
-        """
-        return self.args[1]
-
-    @property
-    def overflow(self) -> str:
-        """
-        The hub's overflow policy.
-        """
-        return self.args[2]
-
-    @property
-    def critical(self) -> bool:
-        """
-        Whether the event's type is critical (never dropped).
-        """
-        return self.args[3]
-
-    @property
-    def waited(self) -> float:
-        """
-        How long the emit waited for room, in seconds.
-        """
-        return self.args[4]
-
-    @property
-    def timeout(self) -> float | None:
-        """
-        How long the emit was willing to wait, in seconds.
-        """
-        return self.args[5]
+    user_id: str
+    maxsize: int
+    overflow: str
+    critical: bool
+    waited: float
+    timeout: float | None
 
     def __str__(self) -> str:
         what = "critical event" if self.critical else "event"
@@ -590,7 +549,8 @@ class UnauthenticatedError(RequestRefusedError, PermissionError):
         **kwargs: Any,
     ) -> None:
         _check_header("UnauthenticatedError(challenge=...)", "WWW-Authenticate", challenge)
-        headers = {"WWW-Authenticate": challenge, **(kwargs.pop("headers", None) or {})}
+        extra: Mapping[str, str] = kwargs.pop("headers", None) or {}
+        headers = {"WWW-Authenticate": challenge, **extra}
         kwargs.setdefault("error", "unauthenticated")
         super().__init__(message, status=401, headers=headers, **kwargs)
         self.challenge = challenge

@@ -451,7 +451,7 @@ def document_auth(
         definition = scheme.model.model_dump(mode="json", by_alias=True, exclude_none=True)
     else:
         definition = dict(scheme)
-    is_exempt = _exempt_matcher(_exempt_paths(exempt)) or (lambda _: False)
+    is_exempt: Callable[[str], bool] = _exempt_matcher(_exempt_paths(exempt)) or (lambda _: False)
     original = app.openapi
     done: list[bool] = []
 

@@ -414,10 +414,10 @@ class PoolWatch:
         self, _dbapi_connection: object, record: ConnectionPoolEntry, _proxy: object
     ) -> None:
         ctx = current_or_none()
-        holder = (None, None) if ctx is None else (ctx.user_id, ctx.request_id)
+        user, request = (None, None) if ctx is None else (ctx.user_id, ctx.request_id)
         with self._lock:
             self._checkouts += 1
-            self._held[record] = (*holder, time.monotonic())
+            self._held[record] = (user, request, time.monotonic())
 
     def _on_checkin(self, _dbapi_connection: object, record: ConnectionPoolEntry) -> None:
         with self._lock:

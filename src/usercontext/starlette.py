@@ -30,9 +30,10 @@ from usercontext import EmitterClosedError, EmitterHub, Event, SinkClosedError, 
 
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+    from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
     from types import FrameType
 
+    from starlette.background import BackgroundTask
     from starlette.types import Receive, Scope, Send
 
     from usercontext import Attachment
@@ -73,7 +74,7 @@ _OPEN: weakref.WeakKeyDictionary[EmitterHub, _Open] = weakref.WeakKeyDictionary(
 
 
 @contextlib.contextmanager
-def _running(hub: EmitterHub) -> Iterator[None]:
+def _running(hub: EmitterHub) -> Generator[None, None, None]:
     """
     Count a stream of *hub* as running inside the block.
     """
@@ -314,7 +315,7 @@ class EventSourceResponse(Response):
         self.last_seq = last_seq
         self.ping = ping
         self.status_code = 200
-        self.background = None
+        self.background: BackgroundTask | None = None
         self.init_headers(
             {"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})}
         )
@@ -469,7 +470,7 @@ def _loop_hooks() -> tuple[Callable[[Callable[[], object]], object], Callable[[l
 @contextlib.asynccontextmanager
 async def close_on_signal(
     hub: EmitterHub, signals: Sequence[int] = _SHUTDOWN_SIGNALS
-) -> AsyncIterator[None]:
+) -> AsyncGenerator[None, None]:
     """
     close_on_signal(hub, signals=(signal.SIGINT, signal.SIGTERM))
 

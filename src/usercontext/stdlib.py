@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import logging
 
-from collections.abc import Iterable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING
 
-import attrs
+from usercontext._log_fields import MISSING as _MISSING
+from usercontext._log_fields import add_fields as _add_fields
+from usercontext._log_fields import metadata_keys as _metadata_keys
 
-from usercontext import UserContext, current_or_none
-from usercontext._pending import pending, readers
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 
 __all__ = ["ContextFilter"]
 
-_ID_KEYS = ("user_id", "thread_id", "run_id", "request_id")
-# Metadata never holds a key that names a field (UserContext refuses them), so
-# allowlisting one would only ever give the default.
-_CONTEXT_FIELDS = frozenset(field.name for field in attrs.fields(UserContext))
 # Every attribute a LogRecord has, or gets from a formatter ("message",
 # "asctime"), or has on newer Pythons ("taskName", 3.12): a metadata value
 # there would replace the record's own and break formatting. Methods too:
@@ -42,70 +40,6 @@ _RECORD_ATTRIBUTES = frozenset(
         "taskName",
     }
 )
-
-
-def _metadata_keys(
-    metadata: object, *, owner: str, reserved: frozenset[str], where: str, identifiers: bool
-) -> tuple[str, ...]:
-    """
-    Check the metadata allowlist *metadata* given to *owner*, and return its
-    keys in order, without duplicates.
-
-    Keys in *reserved* are refused as names the *where* has already; with
-    *identifiers*, keys must be Python identifiers.
-    """
-    if isinstance(metadata, (str, bytes)) or not isinstance(metadata, Iterable):
-        msg = (
-            f"{owner}(metadata=...) takes an iterable of metadata keys, such as "
-            f"('plan', 'tenant'), got a {type(metadata).__name__} ({metadata!r})."
-        )
-        if isinstance(metadata, str):
-            msg += f" Wrap a single key in a tuple: metadata=({metadata!r},)."
-        raise TypeError(msg)
-    keys = tuple(metadata)
-    for key in keys:
-        if not isinstance(key, str):
-            msg = (
-                f"{owner}(metadata=...) takes metadata keys as str, got a "
-                f"{type(key).__name__} ({key!r}). Metadata keys are always str: pass "
-                "the key's name."
-            )
-            raise TypeError(msg)
-        if not key or (identifiers and not key.isidentifier()):
-            what = (
-                "a Python identifier, so that format strings can name it"
-                if identifiers
-                else "a non-empty str"
-            )
-            msg = (
-                f"{owner}(metadata=...) cannot allowlist {key!r}: a key must be {what}. "
-                "Store the value in the context's metadata under such a key, such as "
-                "'plan' or 'tenant_id', and allowlist that."
-            )
-            raise ValueError(msg)
-        if key in _ID_KEYS:
-            msg = (
-                f"{owner}(metadata=...) cannot allowlist {key!r}: the {where} gets "
-                f"{', '.join(_ID_KEYS)} from the context in every case. Leave it out of "
-                "metadata."
-            )
-            raise ValueError(msg)
-        if key in _CONTEXT_FIELDS:
-            msg = (
-                f"{owner}(metadata=...) cannot allowlist {key!r}: it names a field of "
-                "usercontext.UserContext, and metadata never holds such a key. Leave it "
-                "out of metadata."
-            )
-            raise ValueError(msg)
-        if key in reserved:
-            msg = (
-                f"{owner}(metadata=...) cannot allowlist {key!r}: every {where} has "
-                f"its own {key!r}, which the metadata value would clash with. Store the "
-                f"value in the context's metadata under another key, such as "
-                f"'ctx_{key.strip('_')}', and allowlist that."
-            )
-            raise ValueError(msg)
-    return tuple(dict.fromkeys(keys))
 
 
 class ContextFilter(logging.Filter):
@@ -207,7 +141,7 @@ class ContextFilter(logging.Filter):
     .. versionadded:: 0.1.0
     """
 
-    def __init__(self, *, metadata: Iterable[str] = (), default: object = "-") -> None:
+    def __init__(self, *, metadata: Iterable[str] = (), default: object = _MISSING) -> None:
         super().__init__()
         self._metadata = _metadata_keys(
             metadata,
@@ -243,7 +177,7 @@ class ContextFilter(logging.Filter):
         Returns:
             Always `True`; the record is never dropped.
         """
-        _add_context(record.__dict__, self._metadata, self._default)
+        _add_fields(record.__dict__, self._metadata, self._default)
         return True
 
     def __repr__(self) -> str:
@@ -251,38 +185,3 @@ class ContextFilter(logging.Filter):
             f"<usercontext.stdlib.ContextFilter(metadata={self._metadata!r}, "
             f"default={self._default!r})>"
         )
-
-
-_pending_get = pending.get
-# The middleware makes the id of a request being resolved visible only once a
-# logging adapter is loaded: this one.
-readers[:] = [True]
-
-
-def _add_context(
-    into: MutableMapping[str, Any], metadata: tuple[str, ...], default: object
-) -> None:
-    """
-    Add the current context's ids, and its *metadata* keys, to *into*, keeping
-    the keys it has; *default* stands for what is missing.
-    """
-    ctx = current_or_none()
-    setdefault = into.setdefault
-    if ctx is None:
-        setdefault("user_id", default)
-        setdefault("thread_id", default)
-        setdefault("run_id", default)
-        # A request being resolved or refused has an id, and no context yet.
-        request = _pending_get(None)
-        setdefault("request_id", default if request is None else request.get())
-        for key in metadata:
-            setdefault(key, default)
-    else:
-        setdefault("user_id", ctx.user_id)
-        setdefault("thread_id", ctx.thread_id)
-        setdefault("run_id", ctx.run_id)
-        setdefault("request_id", ctx.request_id)
-        if metadata:
-            get = ctx.metadata.get
-            for key in metadata:
-                setdefault(key, get(key, default))

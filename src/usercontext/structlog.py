@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from usercontext.stdlib import _add_context, _metadata_keys
+from usercontext._log_fields import MISSING as _MISSING
+from usercontext._log_fields import add_fields as _add_fields
+from usercontext._log_fields import metadata_keys as _metadata_keys
 
 
 if TYPE_CHECKING:
@@ -65,7 +67,7 @@ def add_context(logger: WrappedLogger, method_name: str, event_dict: EventDict) 
 
     .. versionadded:: 0.1.0
     """
-    _add_context(event_dict, (), "-")
+    _add_fields(event_dict, (), _MISSING)
     return event_dict
 
 
@@ -124,7 +126,7 @@ class AddContext:
 
     __slots__ = ("_default", "_metadata")
 
-    def __init__(self, *, metadata: Iterable[str] = (), default: object = "-") -> None:
+    def __init__(self, *, metadata: Iterable[str] = (), default: object = _MISSING) -> None:
         self._metadata = _metadata_keys(
             metadata, owner="AddContext", reserved=_EVENT_KEYS, where="event", identifiers=False
         )
@@ -155,7 +157,7 @@ class AddContext:
         Add the current context's ids, and its allowlisted metadata, to
         *event_dict*; keep the keys *event_dict* has already.
         """
-        _add_context(event_dict, self._metadata, self._default)
+        _add_fields(event_dict, self._metadata, self._default)
         return event_dict
 
     def __repr__(self) -> str:

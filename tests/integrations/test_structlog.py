@@ -403,4 +403,4 @@ def test_structlog_not_shadowed():
     assert structlog.__name__ == "structlog"
     assert usercontext.structlog.__name__ == "usercontext.structlog"
     assert Path(structlog.__file__).parent != Path(usercontext.structlog.__file__).parent
-    assert usercontext.structlog._add_context is usercontext.stdlib._add_context
+    assert usercontext.structlog._add_fields is usercontext.stdlib._add_fields

@@ -1,0 +1,579 @@
+"""
+The in-process quotas: `LocalQuota` for one event loop (asyncio or trio) and
+`ThreadQuota` for threaded services.
+
+Both share one bookkeeping core. A grant on the uncontended path is a few dict
+operations and never awaits: anyio's limiter checkpoints on every acquire, which
+costs more than the rest of a request's isolation. Only a request that must wait
+parks on a waiter, and waiters are served FIFO per key and round-robin across
+keys, so one user with a hundred queued requests cannot starve another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import threading
+import time
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from . import _checks
+from ._quota import Lease, QuotaStats, _grant_lease, _new_lease
+from .exceptions import LeaseReleasedError, QuotaError, QuotaExceededError, QuotaTimeoutError
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import TracebackType
+    from typing import TypeAlias
+
+    PerKey: TypeAlias = "int | Callable[[str], int]"
+
+
+__all__ = ["LocalQuota", "ThreadQuota"]
+
+
+class _Waiter:
+    __slots__ = ("granted", "key", "signal")
+
+    def __init__(self, key: str, signal: Any) -> None:
+        self.key = key
+        self.signal = signal
+        self.granted = False
+
+
+class _Core:
+    """
+    The bookkeeping shared by both quotas. Callers hold whatever lock they need.
+    """
+
+    def __init__(self, per_key: PerKey, total: int | None) -> None:
+        _checks.limit("per_key", per_key, allow_none=False)
+        _checks.limit("total", total, allow_none=True)
+        self._per_key = per_key
+        self._fixed: int | None
+        self._fn: Callable[[str], int] | None
+        self._fixed, self._fn = (per_key, None) if isinstance(per_key, int) else (None, per_key)
+        self._total = total
+        self._in_use: dict[str, int] = {}
+        self._total_in_use = 0
+        # Keys with waiters, in round-robin order: a served key moves to the end.
+        self._waiters: dict[str, deque[_Waiter]] = {}
+        self._n_waiting = 0
+        self._granted = 0
+        self._rejected = 0
+        self._timed_out = 0
+        self._cancelled = 0
+        self._peak = 0
+
+    def _limit(self, key: str) -> int:
+        if self._fixed is not None:
+            return self._fixed
+        limit = self._fn(key)  # type: ignore[misc]  # set whenever _fixed is None
+        if type(limit) is not int or limit < 0:
+            msg = f"per_key({key!r}) must return a non-negative int, got {limit!r}."
+            raise TypeError(msg)
+        return limit
+
+    def _take_now(self, key: str) -> Lease | None:
+        """
+        Return a `Lease` of *key* if a slot is free right now and nobody waits
+        ahead, else `None`. Never waits and counts no rejection.
+        """
+        in_use = self._in_use
+        n = in_use.get(key, 0)
+        if (
+            # A fixed limit of 0 is falsy and takes the slow _limit: still right.
+            n >= (self._fixed or self._limit(key))
+            or (self._total is not None and self._total_in_use >= self._total)
+            or (self._waiters and key in self._waiters)
+        ):
+            return None
+        in_use[key] = n + 1
+        total = self._total_in_use = self._total_in_use + 1
+        self._granted += 1
+        if total > self._peak:  # noqa: PLR1730  # max() is a call, slower on the hot path
+            self._peak = total
+        lease = _new_lease(self._lease_type)
+        lease._quota = self
+        lease._key = key
+        return lease
+
+    def acquire_nowait(self, key: str) -> Lease:
+        """
+        Return a `Lease` of *key* if a slot is free right now and nobody of
+        *key* waits ahead; never wait.
+
+        Raises:
+            usercontext.exceptions.QuotaExceededError: If no slot is free.
+        """
+        lease = self._take_now(key)
+        if lease is None:
+            self._rejected += 1
+            raise self._full_error(QuotaExceededError, key, 0.0, 0.0)
+        return lease
+
+    def _take(self, key: str) -> None:
+        self._in_use[key] = self._in_use.get(key, 0) + 1
+        self._total_in_use += 1
+        self._granted += 1
+        self._peak = max(self._peak, self._total_in_use)
+
+    def _return(self, key: str) -> None:
+        n = self._in_use[key] - 1
+        if n:
+            self._in_use[key] = n
+        else:
+            del self._in_use[key]
+        self._total_in_use -= 1
+        if self._waiters:
+            self._wake_next(key)
+
+    def _wake_next(self, key: str) -> None:
+        """
+        Grant what a slot of *key* just freed up.
+        """
+        if self._total is None:
+            self._dispatch_key(key)
+        else:
+            self._dispatch()
+
+    # Lease.release comes here: ThreadQuota returns the slot under its lock.
+    # LocalQuota's leases release themselves.
+    _give_back: Callable[[Lease], None]
+    _lease_type: type[Lease] = Lease
+
+    def release(self, lease: Lease) -> None:
+        """
+        Hand the slot of *lease* back and grant it to the next waiter, if any.
+
+        Raises:
+            usercontext.exceptions.LeaseReleasedError: If *lease* was already
+                handed back.
+            ValueError: If *lease* is another quota's.
+        """
+        if lease._quota is not self:
+            if lease._quota is None:
+                msg = (
+                    f"{lease!r} was already released. Release each lease once; "
+                    "Lease.release() and leaving `async with` are safe to repeat."
+                )
+                raise LeaseReleasedError(msg)
+            msg = f"{lease!r} belongs to another quota; release it through that one."
+            raise ValueError(msg)
+        lease._quota = None
+        self._return(lease._key)
+
+    def _alive(self, waiter: _Waiter) -> bool:  # noqa: ARG002  # threads are not cancelled
+        return True
+
+    def _wake(self, waiter: _Waiter) -> None:
+        """
+        Tell *waiter* it was granted; each quota wakes its own kind of waiter.
+        """
+
+    def _pop_alive(self, queue: deque[_Waiter]) -> _Waiter | None:
+        while queue:
+            w = queue.popleft()
+            self._n_waiting -= 1
+            if self._alive(w):
+                return w
+        return None
+
+    def _grant(self, w: _Waiter) -> None:
+        self._take(w.key)
+        w.granted = True
+        self._wake(w)
+
+    def _dispatch_key(self, key: str) -> None:
+        queue = self._waiters.get(key)
+        while queue and self._in_use.get(key, 0) < self._limit(key):
+            w = self._pop_alive(queue)
+            if w is not None:
+                self._grant(w)
+        if queue is not None and not queue:
+            del self._waiters[key]
+
+    def _dispatch(self) -> None:
+        """
+        Grant every waiter that fits: FIFO per key, round-robin across keys.
+        """
+        progress = True
+        while progress and self._waiters:
+            progress = False
+            for key in list(self._waiters):
+                if self._total is not None and self._total_in_use >= self._total:
+                    return
+                if self._in_use.get(key, 0) >= self._limit(key):
+                    continue
+                queue = self._waiters.pop(key)
+                w = self._pop_alive(queue)
+                if w is not None:
+                    self._grant(w)
+                    progress = True
+                if queue:
+                    self._waiters[key] = queue  # to the end of the ring
+
+    def _enqueue(self, w: _Waiter) -> None:
+        queue = self._waiters.get(w.key)
+        if queue is None:
+            queue = self._waiters[w.key] = deque()
+        queue.append(w)
+        self._n_waiting += 1
+
+    def _forget(self, w: _Waiter) -> None:
+        """
+        Remove a waiter that stops waiting without a grant.
+        """
+        queue = self._waiters.get(w.key)
+        if queue is not None and w in queue:
+            queue.remove(w)
+            self._n_waiting -= 1
+            if not queue:
+                del self._waiters[w.key]
+
+    def _full_error(
+        self, cls: type[QuotaError], key: str, waited: float, timeout: float | None
+    ) -> QuotaError:
+        limit = self._limit(key)
+        in_use = self._in_use.get(key, 0)
+        if in_use >= limit or self._total is None:
+            return cls(key, limit, "key", in_use, waited, timeout)
+        return cls(key, self._total, "total", self._total_in_use, waited, timeout)
+
+    def _stats(self, top: int) -> QuotaStats:
+        return QuotaStats(
+            in_use=self._total_in_use,
+            waiting=self._n_waiting,
+            granted=self._granted,
+            rejected=self._rejected,
+            timed_out=self._timed_out,
+            cancelled=self._cancelled,
+            peak=self._peak,
+            keys=len(self._in_use.keys() | self._waiters.keys()),
+            total=self._total,
+            top=tuple(heapq.nlargest(top, self._in_use.items(), key=lambda kv: kv[1])),
+        )
+
+    def _set_limits(self, per_key: PerKey | None, total: int | None, *, set_total: bool) -> None:
+        # Check both before changing either: a bad call changes nothing.
+        if per_key is not None:
+            _checks.limit("per_key", per_key, allow_none=False)
+        if set_total:
+            _checks.limit("total", total, allow_none=True)
+        if per_key is not None:
+            self._per_key = per_key
+            self._fixed, self._fn = (per_key, None) if isinstance(per_key, int) else (None, per_key)
+        if set_total:
+            self._total = total
+        self._dispatch()
+
+
+_MISSING: Any = object()
+
+
+class _LocalLease(Lease):
+    """
+    A lease of a `LocalQuota`, whose release needs no lock and no await.
+    """
+
+    __slots__ = ()
+
+    _quota: _Core | None  # only a LocalQuota grants it
+
+    def release(self) -> None:
+        quota = self._quota
+        if quota is not None:
+            self._quota = None
+            # _Core._return, written out: releasing is half of every engine's hot path.
+            key = self._key
+            in_use = quota._in_use
+            n = in_use[key] - 1
+            if n:
+                in_use[key] = n
+            else:
+                del in_use[key]
+            quota._total_in_use -= 1
+            if quota._waiters:
+                quota._wake_next(key)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # The release never awaits: no coroutine of arelease() on the way.
+        self.release()
+
+
+class LocalQuota(_Core):
+    """
+    Per-key and global limits on concurrent work within one event loop.
+
+    At most *per_key* leases are held per key and at most *total* overall,
+    at every instant, including under cancellation and timeouts. A request
+    that must wait is served FIFO within its key; freed global slots go
+    round-robin across the keys that have waiters. Per-key state disappears as
+    soon as a key holds nothing and waits for nothing.
+
+    It implements the `Quota` protocol, and adds what needs no round trip:
+    `acquire_nowait`, a sync `release`, and `set_limits`. It works on asyncio
+    and trio; use one instance per event loop. For threads, use `ThreadQuota`.
+
+    Args:
+        per_key: The per-key limit, or a callable returning the limit of a key
+            (for example, paid users get 5). Limits can be changed later
+            through `set_limits`; changes apply to the next grants.
+        total: The global limit, or `None` for none.
+
+    >>> import anyio, usercontext as uc
+    >>> quota = uc.LocalQuota(per_key=2, total=100)
+    >>> async def main():
+    ...     async with await quota.acquire("u-42") as lease:
+    ...         return quota.stats().in_use, lease.key
+    >>> anyio.run(main)
+    (1, 'u-42')
+
+    .. versionadded:: 0.1.0
+    """
+
+    _lease_type = _LocalLease
+
+    def __init__(self, *, per_key: PerKey = 2, total: int | None = None) -> None:
+        super().__init__(per_key, total)
+
+    async def acquire(self, key: str, *, timeout: float | None = None) -> Lease:
+        """
+        Wait for a slot of *key* and return its `Lease`, which is also an
+        async context manager: ``async with await quota.acquire(key):``.
+
+        A free slot is granted without suspending. Otherwise, *timeout* `None`
+        waits as long as it takes, a positive number waits at most that many
+        seconds and then raises `usercontext.exceptions.QuotaTimeoutError`, and ``0``
+        raises `usercontext.exceptions.QuotaExceededError` at once. A request
+        cancelled while it waits, even right after being granted, leaves no slot
+        taken.
+        """
+        # _take_now, written out: this is the hot path of every engine.
+        in_use = self._in_use
+        n = in_use.get(key, 0)
+        if (
+            n < (self._fixed or self._limit(key))
+            and (self._total is None or self._total_in_use < self._total)
+            and not (self._waiters and key in self._waiters)
+        ):
+            in_use[key] = n + 1
+            total = self._total_in_use = self._total_in_use + 1
+            self._granted += 1
+            if total > self._peak:  # noqa: PLR1730  # max() is a call, slower on the hot path
+                self._peak = total
+            lease = _new_lease(_LocalLease)
+            lease._quota = self
+            lease._key = key
+            return lease
+        if timeout is not None and timeout <= 0:
+            self._rejected += 1
+            raise self._full_error(QuotaExceededError, key, 0.0, timeout)
+        return await self._wait(key, timeout)
+
+    async def arelease(self, lease: Lease) -> None:
+        """
+        Hand the slot of *lease* back and grant it to the next waiter, if any.
+        It never suspends, so a cancellation cannot interrupt it.
+
+        Raises:
+            usercontext.exceptions.LeaseReleasedError: If *lease* was already
+                handed back.
+            ValueError: If *lease* is another quota's.
+        """
+        if lease._quota is self:
+            lease.release()  # a _LocalLease's, written out for the hot path
+        else:
+            self.release(lease)  # raises the error that fits
+
+    def stats(self, *, top: int = 10) -> QuotaStats:
+        """
+        Return a snapshot of the counters, with the *top* busiest keys.
+        """
+        return self._stats(top)
+
+    def set_limits(self, *, per_key: PerKey | None = None, total: int | None = _MISSING) -> None:
+        """
+        Change the limits; waiters that now fit are granted at once.
+
+        Leases already held are kept even if they exceed a lowered limit; new
+        grants wait until use is under it.
+        """
+        self._set_limits(per_key, total, set_total=total is not _MISSING)
+
+    def _new_signal(self) -> Any:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio: trio
+            return anyio.Event()
+        # A bare future is the cheapest waiter on asyncio, and it shows in the
+        # tail latency of a busy quota.
+        return loop.create_future()
+
+    def _alive(self, waiter: _Waiter) -> bool:
+        signal = waiter.signal
+        return not (isinstance(signal, asyncio.Future) and signal.done())
+
+    def _wake(self, waiter: _Waiter) -> None:
+        signal = waiter.signal
+        if isinstance(signal, asyncio.Future):
+            signal.set_result(None)
+        else:
+            signal.set()
+
+    async def _wait(self, key: str, timeout: float | None) -> Lease:
+        w = _Waiter(key, self._new_signal())
+        self._enqueue(w)
+        # The loop's clock, which the timeout runs on: under a mock clock (trio's
+        # autojump in tests) the wall clock would report no wait at all.
+        start = anyio.current_time()
+        try:
+            with anyio.move_on_after(timeout):
+                signal = w.signal
+                if isinstance(signal, asyncio.Future):
+                    await signal
+                else:
+                    await signal.wait()
+        except BaseException:
+            # Cancelled from outside: never keep or lose a slot on the way out.
+            if w.granted:
+                self._return(key)
+            else:
+                self._forget(w)
+                self._cancelled += 1
+            raise
+        if w.granted:
+            return _grant_lease(_LocalLease, self, key)
+        self._forget(w)
+        self._timed_out += 1
+        raise self._full_error(QuotaTimeoutError, key, anyio.current_time() - start, timeout)
+
+    def __repr__(self) -> str:
+        return (
+            f"<usercontext.LocalQuota(per_key={self._per_key!r}, total={self._total!r}, "
+            f"in_use={self._total_in_use}, waiting={self._n_waiting})>"
+        )
+
+
+class ThreadQuota(_Core):
+    """
+    The thread-safe counterpart of `LocalQuota`, for threaded (WSGI) services.
+
+    It has the same semantics (per-key and total limits, FIFO per key,
+    round-robin across keys, no state left for idle keys) with a blocking
+    `acquire` and a sync `release`. It is not a `Quota`: that protocol is
+    async, and a blocking ``acquire`` would stop an event loop.
+
+    Args:
+        per_key: The per-key limit, or a callable returning the limit of a key.
+        total: The global limit, or `None` for none.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, *, per_key: PerKey = 2, total: int | None = None) -> None:
+        super().__init__(per_key, total)
+        self._lock = threading.Lock()
+
+    def acquire(self, key: str, *, timeout: float | None = None) -> Lease:
+        """
+        Block until a slot of *key* is free and return its `Lease`.
+
+        *timeout* `None` waits as long as it takes, a positive number waits at
+        most that many seconds and then raises `usercontext.exceptions.QuotaTimeoutError`,
+        and ``0`` raises `usercontext.exceptions.QuotaExceededError` at once.
+        """
+        with self._lock:
+            lease = self._take_now(key)
+            if lease is not None:
+                return lease
+            if timeout is not None and timeout <= 0:
+                self._rejected += 1
+                raise self._full_error(QuotaExceededError, key, 0.0, timeout)
+            signal = threading.Lock()
+            signal.acquire()
+            w = _Waiter(key, signal)
+            self._enqueue(w)
+        start = time.monotonic()
+        try:
+            got = signal.acquire(timeout=-1 if timeout is None else timeout)
+        except BaseException:  # KeyboardInterrupt while blocked
+            with self._lock:
+                if w.granted:
+                    self._return(key)
+                else:
+                    self._forget(w)
+                    self._cancelled += 1
+            raise
+        if got:
+            return _grant_lease(Lease, self, key)
+        with self._lock:
+            if w.granted:  # granted between the timeout and taking the lock
+                return _grant_lease(Lease, self, key)
+            self._forget(w)
+            self._timed_out += 1
+            raise self._full_error(QuotaTimeoutError, key, time.monotonic() - start, timeout)
+
+    def acquire_nowait(self, key: str) -> Lease:
+        """
+        Return a `Lease` of *key* if a slot is free right now and nobody of
+        *key* waits ahead; never wait.
+
+        Raises:
+            usercontext.exceptions.QuotaExceededError: If no slot is free.
+        """
+        with self._lock:
+            return super().acquire_nowait(key)
+
+    def release(self, lease: Lease) -> None:
+        """
+        Hand the slot of *lease* back and grant it to the next waiter, if any.
+
+        Raises:
+            usercontext.exceptions.LeaseReleasedError: If *lease* was already
+                handed back.
+            ValueError: If *lease* is another quota's.
+        """
+        with self._lock:
+            super().release(lease)
+
+    def _give_back(self, lease: Lease) -> None:
+        # Checked and returned under the lock: two threads releasing one lease
+        # at once return its slot once.
+        with self._lock:
+            if lease._quota is self:
+                lease._quota = None
+                self._return(lease._key)
+
+    def _wake(self, waiter: _Waiter) -> None:
+        waiter.signal.release()
+
+    def stats(self, *, top: int = 10) -> QuotaStats:
+        """
+        Return a snapshot of the counters, with the *top* busiest keys.
+        """
+        with self._lock:
+            return self._stats(top)
+
+    def set_limits(self, *, per_key: PerKey | None = None, total: int | None = _MISSING) -> None:
+        """
+        Change the limits; waiters that now fit are granted at once.
+        """
+        with self._lock:
+            self._set_limits(per_key, total, set_total=total is not _MISSING)
+
+    def __repr__(self) -> str:
+        return (
+            f"<usercontext.ThreadQuota(per_key={self._per_key!r}, total={self._total!r}, "
+            f"in_use={self._total_in_use}, waiting={self._n_waiting})>"
+        )
