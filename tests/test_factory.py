@@ -22,7 +22,7 @@ import pytest
 from anyio.lowlevel import checkpoint
 
 import usercontext as uc
-import usercontext._util as util_module
+import usercontext._lifecycle as lifecycle
 
 from usercontext import EngineFactory, FactoryStats, LocalQuota, ThreadQuota, UserContext
 from usercontext.exceptions import (
@@ -95,9 +95,9 @@ def _settled(factory):
     every engine created is closed or idle.
     """
     s = factory.stats()
-    assert s.active == 0
-    assert s.active_per_user == ()
-    assert s.waiting == 0
+    assert s.in_use == 0
+    assert s.top == ()
+    assert s.quota.waiting == 0
     assert s.created == s.closed + s.idle
     assert factory.quota.stats().in_use == 0
 
@@ -283,14 +283,14 @@ class TestEngine:
             assert uc.current() is ctx
             assert factory.quota.stats().in_use == 1
             s = factory.stats()
-            assert (s.active, s.active_per_user, s.created) == (1, (("u-42", 1),), 1)
+            assert (s.in_use, s.top, s.created) == (1, (("u-42", 1),), 1)
 
         expected = ["create", "body", "exit", "close"] if kind.endswith("cm") else None
         assert events == (expected or ["create", "body", "close"])
         assert engine.closed == 1
         assert uc.current_or_none() is None
         s = factory.stats()
-        assert (s.created, s.closed, s.peak_active) == (1, 1, 1)
+        assert (s.created, s.closed, s.peak) == (1, 1, 1)
         _settled(factory)
 
     @pytest.mark.parametrize("kind", ["generator", "async_generator"])
@@ -406,8 +406,8 @@ class TestEngine:
         What create returns is recognised by its type, through a bounded cache:
         types beyond the bound are still recognised, just not remembered.
         """
-        monkeypatch.setattr(util_module, "_kinds", {})
-        monkeypatch.setattr(util_module, "_KINDS_MAX", 2)
+        monkeypatch.setattr(lifecycle, "_kinds", {})
+        monkeypatch.setattr(lifecycle, "_KINDS_MAX", 2)
         classes = [type(f"Engine{i}", (), {}) for i in range(4)]
         made = []
         factory = EngineFactory(lambda c: classes[len(made)]())
@@ -415,7 +415,7 @@ class TestEngine:
             async with factory.engine(ctx) as engine:
                 made.append(engine)
         assert [type(e) for e in made] == classes
-        assert len(util_module._kinds) == 2
+        assert len(lifecycle._kinds) == 2
 
     async def test_no_close_hook(self, ctx):
         """
@@ -507,15 +507,15 @@ class TestEngine:
         async with anyio.create_task_group() as tg:
             for c in (ctx, ctx, ctx, other_ctx, other_ctx):
                 tg.start_soon(use, c)
-            await _until(lambda: factory.stats().active == 3)
+            await _until(lambda: factory.stats().in_use == 3)
             s = factory.stats()
-            assert s.waiting == 2
+            assert s.quota.waiting == 2
             assert factory.quota.stats().in_use == 3
             gate.set()
         assert peaks["u-42"] <= 2
         assert peaks["u-99"] <= 2
         assert peaks["all"] == 3
-        assert factory.stats().peak_active == 3
+        assert factory.stats().peak == 3
         assert factory.stats().created == 5
         _settled(factory)
 
@@ -599,7 +599,7 @@ class TestEngine:
                 pass
         assert len(closed) == (1 if where.endswith("exit") else 0)
         assert factory.quota.stats().in_use == 0
-        assert factory.stats().active == 0
+        assert factory.stats().in_use == 0
         assert uc.current_or_none() is None
 
     async def test_close_is_shielded_from_cancellation(self, ctx):
@@ -809,7 +809,7 @@ class TestEngine:
         assert results["other user"][0] == "ok"
         assert sorted(closed) == ["u-42", "u-42", "u-99"]
         s = factory.stats()
-        assert (s.deadline_hits, s.created, s.closed) == (1, 3, 3)
+        assert (s.deadline_errors, s.created, s.closed) == (1, 3, 3)
         _settled(factory)
 
     async def test_deadline_with_a_failing_close(self, ctx):
@@ -826,7 +826,7 @@ class TestEngine:
             async with factory.engine(ctx):
                 await anyio.sleep_forever()
         assert ei.value.__notes__ == ["While closing its engine: RuntimeError: close"]
-        assert (factory.stats().deadline_hits, factory.stats().close_errors) == (1, 1)
+        assert (factory.stats().deadline_errors, factory.stats().close_errors) == (1, 1)
         _settled(factory)
 
     async def test_body_finishing_in_time_is_not_a_deadline_hit(self, ctx):
@@ -842,7 +842,7 @@ class TestEngine:
                 async with factory.engine(ctx):
                     raise BoomError
             s = factory.stats()
-            assert (s.deadline_hits, s.created, s.closed) == (0, 2, 2)
+            assert (s.deadline_errors, s.created, s.closed) == (0, 2, 2)
 
     async def test_stats_when_refused(self, ctx, other_ctx):
         """
@@ -859,22 +859,22 @@ class TestEngine:
                     pass
             assert (ei.value.key, ei.value.scope) == ("u-42", "key")
             assert factory.stats() == FactoryStats(
+                in_use=1,
+                idle=0,
+                peak=1,
+                top=(("u-42", 1),),
                 created=3,
                 closed=2,
-                active=1,
-                active_per_user=(("u-42", 1),),
-                waiting=0,
-                rejected=1,
-                timed_out=0,
+                reused=0,
                 create_errors=0,
                 close_errors=0,
-                deadline_hits=0,
-                peak_active=1,
-                reused=0,
-                idle=0,
+                deadline_errors=0,
+                quota=factory.quota.stats(),
+                thread_quota=None,
             )
-        assert factory.stats().rejected == 1
-        assert factory.quota.stats().rejected == 1
+            q = factory.stats().quota
+            assert (q.in_use, q.waiting, q.rejected, q.timed_out) == (1, 0, 1, 0)
+        assert factory.stats().quota.rejected == 1
         _settled(factory)
 
     async def test_stats_when_timed_out(self, ctx):
@@ -894,17 +894,17 @@ class TestEngine:
 
         async with factory.engine(ctx), anyio.create_task_group() as tg:
             tg.start_soon(late)
-            await _until(lambda: factory.stats().waiting == 1)
+            await _until(lambda: factory.stats().quota.waiting == 1)
             s = factory.stats()
-            assert (s.active, s.waiting, s.timed_out) == (1, 1, 0)
+            assert (s.in_use, s.quota.waiting, s.quota.timed_out) == (1, 1, 0)
         assert 0.2 <= during[0] < 0.5
-        s = factory.stats()
-        assert (s.timed_out, s.rejected, s.created, s.closed, s.waiting) == (1, 0, 1, 1, 0)
+        s, q = factory.stats(), factory.stats().quota
+        assert (q.timed_out, q.rejected, s.created, s.closed, q.waiting) == (1, 0, 1, 1, 0)
         _settled(factory)
 
     async def test_stats_top_users(self):
         """
-        active_per_user lists the users with the most engines in use, most
+        top lists the users with the most engines in use, most
         first, cut at top.
         """
         factory = EngineFactory(_make_engine, per_user=5)
@@ -917,9 +917,9 @@ class TestEngine:
         async with anyio.create_task_group() as tg:
             for user_id in ("u-1", "u-2", "u-2", "u-3", "u-3", "u-3"):
                 tg.start_soon(use, user_id)
-            await _until(lambda: factory.stats().active == 6)
-            assert factory.stats(top=2).active_per_user == (("u-3", 3), ("u-2", 2))
-            assert factory.stats().active_per_user == (("u-3", 3), ("u-2", 2), ("u-1", 1))
+            await _until(lambda: factory.stats().in_use == 6)
+            assert factory.stats(top=2).top == (("u-3", 3), ("u-2", 2))
+            assert factory.stats().top == (("u-3", 3), ("u-2", 2), ("u-1", 1))
             gate.set()
         _settled(factory)
 
@@ -944,7 +944,7 @@ class TestEngine:
         assert (ei.value.scope, ei.value.limit) == ("total", 1)
         other.release()
         assert quota.stats().granted == 2
-        assert factory.stats().rejected == 2
+        assert factory.stats().quota.rejected == 2
 
     def test_bad_per_user_names_per_user(self):
         """
@@ -1204,7 +1204,7 @@ class TestPool:
         assert (stale.closed, failed.closed) == (1, 1)
         s = factory.stats()
         assert (s.created, s.closed, s.idle) == (2, 2, 0)
-        assert (factory._idle, dict(factory._idle_lru)) == ({}, {})
+        assert (len(factory._pool), factory._pool._by_user) == (0, {})
 
     async def test_other_users_close_errors_stay_theirs(self, ctx, other_ctx, caplog):
         """
@@ -1315,11 +1315,11 @@ class TestAclose:
         async with anyio.create_task_group() as tg:
             tg.start_soon(use, "quick", ctx, 0.1)
             tg.start_soon(use, "stuck", other_ctx, math.inf)
-            await _until(lambda: factory.stats().active == 2)
+            await _until(lambda: factory.stats().in_use == 2)
             start = time.perf_counter()
             await factory.aclose(timeout=0.3)
             elapsed = time.perf_counter() - start
-            assert factory.stats().active == 0
+            assert factory.stats().in_use == 0
 
         assert 0.3 <= elapsed < 0.5
         assert results["quick"] == "ok"
@@ -1330,7 +1330,7 @@ class TestAclose:
         )
         assert [e.closed for e in engines] == [1, 1]
         s = factory.stats()
-        assert (s.created, s.closed, s.deadline_hits) == (2, 2, 0)
+        assert (s.created, s.closed, s.deadline_errors) == (2, 2, 0)
         _settled(factory)
         start = time.perf_counter()
         await factory.aclose(timeout=5)
@@ -1348,7 +1348,7 @@ class TestAclose:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(use)
-            await _until(lambda: factory.stats().active == 1)
+            await _until(lambda: factory.stats().in_use == 1)
             start = time.perf_counter()
             await factory.aclose(timeout=5)
             assert time.perf_counter() - start < 1
@@ -1371,9 +1371,9 @@ class TestAclose:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(use, math.inf)
-            await _until(lambda: factory.stats().active == 1)
+            await _until(lambda: factory.stats().in_use == 1)
             tg.start_soon(use, 0)
-            await _until(lambda: factory.stats().waiting == 1)
+            await _until(lambda: factory.stats().quota.waiting == 1)
             await factory.aclose(timeout=0.05)
         assert len(results) == 2
         s = factory.stats()
@@ -1418,7 +1418,7 @@ class TestAclose:
 
 class TestEngineSync:
     """
-    `EngineFactory.engine_sync`: the same contract for threads, on a ThreadQuota.
+    ``with EngineFactory.engine()``: the same contract for threads, on a ThreadQuota.
     """
 
     def test_sync_create_kinds(self, ctx):
@@ -1436,20 +1436,20 @@ class TestEngineSync:
 
         for create in (_make_engine, cm_create):
             factory = EngineFactory(create, close=_close_engine)
-            with factory.engine_sync(ctx) as engine:
+            with factory.engine(ctx) as engine:
                 assert uc.current() is ctx
-                assert factory.stats().active == 1
+                assert factory.stats().in_use == 1
                 assert factory._thread_quota.stats().in_use == 1
             assert engine.closed == 1
             assert uc.current_or_none() is None
             s = factory.stats()
-            assert (s.created, s.closed, s.active, s.peak_active) == (1, 1, 0, 1)
+            assert (s.created, s.closed, s.in_use, s.peak) == (1, 1, 0, 1)
             assert factory._thread_quota.stats().in_use == 0
         assert events == ["enter", "exit"]
 
     def test_sync_generator_create(self, ctx):
         """
-        engine_sync takes a generator create: its cleanup runs on exit, with the
+        `with factory.engine()` takes a generator create: its cleanup runs on exit, with the
         body's error thrown in.
         """
         events = []
@@ -1463,9 +1463,9 @@ class TestEngineSync:
             events.append("cleanup")
 
         factory = EngineFactory(gen)
-        with factory.engine_sync(ctx) as engine:
+        with factory.engine(ctx) as engine:
             assert isinstance(engine, Engine)
-        with pytest.raises(KeyError), factory.engine_sync(ctx):
+        with pytest.raises(KeyError), factory.engine(ctx):
             raise KeyError("body")
         assert events == ["cleanup", "saw the error"]
         s = factory.stats()
@@ -1473,7 +1473,7 @@ class TestEngineSync:
 
     def test_sync_generator_that_never_yields(self, ctx):
         """
-        In engine_sync too, a generator create that returns without yielding
+        In `with` too, a generator create that returns without yielding
         raises a clear RuntimeError (never a bare StopIteration).
         """
 
@@ -1482,7 +1482,7 @@ class TestEngineSync:
             yield
 
         factory = EngineFactory(gen)
-        with pytest.raises(RuntimeError, match="without yielding"), factory.engine_sync(ctx):
+        with pytest.raises(RuntimeError, match="without yielding"), factory.engine(ctx):
             pass
         assert factory.stats().create_errors == 1
         assert factory._thread_quota.stats().in_use == 0
@@ -1506,7 +1506,7 @@ class TestEngineSync:
                 barrier.wait()
                 for i in range(200):
                     c = users[(n + i) % 4]
-                    with factory.engine_sync(c) as engine:
+                    with factory.engine(c) as engine:
                         assert uc.current() is c
                         assert engine.user_id == c.user_id
                         with lock:
@@ -1527,20 +1527,20 @@ class TestEngineSync:
         assert errors == []
         assert max(peaks.values()) <= 2
         s = factory.stats()
-        assert (s.created, s.closed, s.active, s.create_errors, s.close_errors) == (
+        assert (s.created, s.closed, s.in_use, s.create_errors, s.close_errors) == (
             3200,
             3200,
             0,
             0,
             0,
         )
-        assert s.peak_active <= 8
+        assert s.peak <= 8
         q = factory._thread_quota.stats()
         assert (q.granted, q.in_use, q.waiting, q.keys) == (3200, 0, 0, 0)
 
     def test_refuses_async_create(self, ctx):
         """
-        engine_sync refuses an async create with TypeError, without leaving a
+        `with factory.engine()` refuses an async create with TypeError, without leaving a
         never-awaited coroutine behind, and releases the slot.
         """
 
@@ -1556,21 +1556,24 @@ class TestEngineSync:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 with (
-                    pytest.raises(TypeError, match=r"engine_sync\(\) needs a sync create"),
-                    factory.engine_sync(ctx),
+                    pytest.raises(
+                        TypeError,
+                        match=r"The create function is asynchronous \(it returned an awaitable\)",
+                    ),
+                    factory.engine(ctx),
                 ):
                     pass
                 gc.collect()
             assert caught == []
             s = factory.stats()
-            assert (s.create_errors, s.created, s.active) == (1, 0, 0)
+            assert (s.create_errors, s.created, s.in_use) == (1, 0, 0)
             assert factory._thread_quota.stats().in_use == 0
             assert uc.current_or_none() is None
 
     @pytest.mark.parametrize("kind", ["async_cm", "async_generator"])
     def test_refuses_async_context_managers(self, ctx, kind):
         """
-        engine_sync refuses a create returning an async context manager or an
+        `with factory.engine()` refuses a create returning an async context manager or an
         async generator with TypeError, instead of handing it out as the engine.
         """
 
@@ -1582,14 +1585,19 @@ class TestEngineSync:
             yield Engine(c.user_id)
 
         factory = EngineFactory(async_cm if kind == "async_cm" else agen)
-        with pytest.raises(TypeError, match="engine_sync"), factory.engine_sync(ctx):
+        with (
+            pytest.raises(
+                TypeError, match=r"create function is asynchronous \(it returned an async"
+            ),
+            factory.engine(ctx),
+        ):
             pass
         assert factory.stats().create_errors == 1
         assert factory._thread_quota.stats().in_use == 0
 
     def test_refuses_async_close(self, ctx):
         """
-        engine_sync refuses an async close with TypeError, without leaving a
+        `with factory.engine()` refuses an async close with TypeError, without leaving a
         never-awaited coroutine behind, and releases the slot.
         """
         closed = []
@@ -1601,15 +1609,17 @@ class TestEngineSync:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with (
-                pytest.raises(TypeError, match=r"engine_sync\(\) needs a sync close"),
-                factory.engine_sync(ctx),
+                pytest.raises(
+                    TypeError, match=r"The close hook of an engine of user 'u-42' is asynchronous"
+                ),
+                factory.engine(ctx),
             ):
                 pass
             gc.collect()
         assert caught == []
         assert closed == []
         s = factory.stats()
-        assert (s.close_errors, s.active) == (1, 0)
+        assert (s.close_errors, s.in_use) == (1, 0)
         assert factory._thread_quota.stats().in_use == 0
 
     def test_errors(self, ctx, caplog):
@@ -1624,7 +1634,7 @@ class TestEngineSync:
             raise BoomError("create")
 
         factory = EngineFactory(failing_create)
-        with pytest.raises(BoomError, match="create"), factory.engine_sync(ctx):
+        with pytest.raises(BoomError, match="create"), factory.engine(ctx):
             pass
         assert factory.stats().create_errors == 1
         assert factory._thread_quota.stats().in_use == 0
@@ -1640,7 +1650,7 @@ class TestEngineSync:
             raise RuntimeError("close")
 
         factory = EngineFactory(create, close=close)
-        with pytest.raises(KeyError) as ei, factory.engine_sync(ctx):
+        with pytest.raises(KeyError) as ei, factory.engine(ctx):
             raise KeyError("body")
         assert ei.value.__notes__ == [
             "While closing its engine: BoomError: exit",
@@ -1648,11 +1658,11 @@ class TestEngineSync:
         ]
         assert len(caplog.records) == 2
 
-        with pytest.raises(BoomError, match="exit") as ei, factory.engine_sync(ctx):
+        with pytest.raises(BoomError, match="exit") as ei, factory.engine(ctx):
             pass
         assert ei.value.__notes__ == ["While closing its engine: RuntimeError: close"]
         s = factory.stats()
-        assert (s.created, s.closed, s.close_errors, s.active) == (2, 2, 4, 0)
+        assert (s.created, s.closed, s.close_errors, s.in_use) == (2, 2, 4, 0)
         assert factory._thread_quota.stats().in_use == 0
 
     def test_rejected_and_timed_out(self, ctx):
@@ -1661,41 +1671,42 @@ class TestEngineSync:
         timeout>0 a thread waits (counted as waiting), then times out.
         """
         factory = EngineFactory(_make_engine, per_user=1, timeout=0)
-        with factory.engine_sync(ctx):
+        with factory.engine(ctx):
             outcome = []
             t = threading.Thread(target=lambda: outcome.append(_try_sync(factory, ctx)))
             t.start()
             t.join(5)
             assert isinstance(outcome[0], QuotaExceededError)
-        s = factory.stats()
-        assert (s.rejected, s.timed_out, s.created, s.closed) == (1, 0, 1, 1)
+        s, q = factory.stats(), factory.stats().thread_quota
+        assert (q.rejected, q.timed_out, s.created, s.closed) == (1, 0, 1, 1)
+        assert factory.stats().quota.rejected == 0  # the other colour's quota
 
         factory = EngineFactory(_make_engine, per_user=1, timeout=0.2)
-        with factory.engine_sync(ctx):
+        with factory.engine(ctx):
             outcome = []
             t = threading.Thread(target=lambda: outcome.append(_try_sync(factory, ctx)))
             t.start()
             deadline = time.monotonic() + 5
-            while factory.stats().waiting != 1 and time.monotonic() < deadline:
+            while factory.stats().thread_quota.waiting != 1 and time.monotonic() < deadline:
                 time.sleep(0.001)
-            assert factory.stats().waiting == 1
+            assert factory.stats().thread_quota.waiting == 1
             t.join(5)
             assert isinstance(outcome[0], QuotaTimeoutError)
-        s = factory.stats()
-        assert (s.rejected, s.timed_out, s.waiting, s.active) == (0, 1, 0, 0)
+        s, q = factory.stats(), factory.stats().thread_quota
+        assert (q.rejected, q.timed_out, q.waiting, s.in_use) == (0, 1, 0, 0)
 
     def test_context(self, ctx, other_ctx):
         """
-        engine_sync() uses current() by default, raises NoContextError without
+        engine() uses current() by default, raises NoContextError without
         one, and IsolationError for another user's context, taking nothing.
         """
         factory = EngineFactory(_make_engine, thread_quota=ThreadQuota(per_key=1))
-        with pytest.raises(NoContextError), factory.engine_sync():
+        with pytest.raises(NoContextError), factory.engine():
             pass
         with uc.bind(ctx):
-            with factory.engine_sync() as engine:
+            with factory.engine() as engine:
                 assert uc.current() is ctx
-            with pytest.raises(IsolationError), factory.engine_sync(other_ctx):
+            with pytest.raises(IsolationError), factory.engine(other_ctx):
                 pass
         assert engine.user_id == "u-42"
         assert factory._thread_quota.stats().granted == 1
@@ -1703,11 +1714,11 @@ class TestEngineSync:
 
     def test_closed_factory(self, ctx):
         """
-        After aclose(), engine_sync() raises FactoryClosedError.
+        After aclose(), engine() raises FactoryClosedError.
         """
         factory = EngineFactory(_make_engine)
         anyio.run(factory.aclose)
-        with pytest.raises(FactoryClosedError), factory.engine_sync(ctx):
+        with pytest.raises(FactoryClosedError), factory.engine(ctx):
             pass
 
     def test_thread_quota_made_once(self, ctx):
@@ -1733,28 +1744,28 @@ class TestEngineSync:
                 real_lock.release()
 
         factory._sync_lock = RacingLock()
-        with factory.engine_sync(ctx):
+        with factory.engine(ctx):
             assert winner.stats().in_use == 1
         assert factory._thread_quota is winner
 
     async def test_stats_combine_both_paths(self, ctx):
         """
-        stats() adds the engines of engine() and engine_sync(), and the waiters
+        stats() adds the engines of engine() and engine(), and the waiters
         of both quotas.
         """
         factory = EngineFactory(_make_engine, per_user=1)
         async with factory.engine(ctx):
-            with factory.engine_sync(ctx):
+            with factory.engine(ctx):
                 s = factory.stats()
-                assert (s.active, s.created, s.peak_active) == (2, 2, 1)
-                assert s.active_per_user == (("u-42", 2),)
+                assert (s.in_use, s.created, s.peak) == (2, 2, 1)
+                assert s.top == (("u-42", 2),)
         s = factory.stats()
-        assert (s.active, s.created, s.closed) == (0, 2, 2)
+        assert (s.in_use, s.created, s.closed) == (0, 2, 2)
 
 
 def _try_sync(factory, ctx):
     try:
-        with factory.engine_sync(ctx):
+        with factory.engine(ctx):
             return "ok"
     except (QuotaExceededError, QuotaTimeoutError) as e:
         return e

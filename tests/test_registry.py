@@ -26,7 +26,7 @@ import pytest
 from anyio.lowlevel import checkpoint
 
 import usercontext as uc
-import usercontext._util as util
+import usercontext._lifecycle as lifecycle
 
 from usercontext import Registry, RegistryStats, UserContext
 from usercontext.exceptions import (
@@ -251,7 +251,7 @@ def _settled(registry):
     Assert that *registry* holds nothing open: no scope, no resource.
     """
     s = registry.stats()
-    assert (s.scopes_open, s.resources_open) == (0, ())
+    assert (s.scopes, s.top) == (0, ())
 
 
 @pytest.fixture(name="registry")
@@ -278,31 +278,31 @@ class TestRegistry:
     @pytest.mark.parametrize(
         ("timeout", "error", "message"),
         [
-            ("5", TypeError, "cleanup_timeout must be a number of seconds, got '5'."),
-            (None, TypeError, "cleanup_timeout must be a number of seconds, got None."),
-            (True, TypeError, "cleanup_timeout must be a number of seconds, got True."),
-            (0, ValueError, "cleanup_timeout must be > 0 seconds, got 0."),
-            (-1.5, ValueError, "cleanup_timeout must be > 0 seconds, got -1.5."),
-            (math.nan, ValueError, "cleanup_timeout must be > 0 seconds, got nan."),
+            ("5", TypeError, "close_timeout must be a number of seconds, got '5'."),
+            (None, TypeError, "close_timeout must be a number of seconds, got None."),
+            (True, TypeError, "close_timeout must be a number of seconds, got True."),
+            (0, ValueError, "close_timeout must be > 0 seconds, got 0."),
+            (-1.5, ValueError, "close_timeout must be > 0 seconds, got -1.5."),
+            (math.nan, ValueError, "close_timeout must be > 0 seconds, got nan."),
         ],
     )
-    def test_bad_cleanup_timeout(self, timeout, error, message):
+    def test_bad_close_timeout(self, timeout, error, message):
         """
-        cleanup_timeout must be a number (not a bool) above zero; the error
+        close_timeout must be a number (not a bool) above zero; the error
         says which value was given.
         """
         with pytest.raises(error, match=f"^{re.escape(message)}$"):
-            Registry(cleanup_timeout=timeout)
+            Registry(close_timeout=timeout)
 
     @pytest.mark.parametrize("timeout", [1, 0.001, math.inf])
-    def test_good_cleanup_timeout(self, timeout):
+    def test_good_close_timeout(self, timeout):
         """
         Any positive int or float is a cleanup timeout, kept as a float.
         """
-        registry = Registry(cleanup_timeout=timeout)
+        registry = Registry(close_timeout=timeout)
 
-        assert registry._cleanup_timeout == float(timeout)
-        assert type(registry._cleanup_timeout) is float
+        assert registry._close_timeout == float(timeout)
+        assert type(registry._close_timeout) is float
 
     def test_register_and_contains(self, registry):
         """
@@ -409,7 +409,7 @@ class TestRegistry:
             registry.scope()
 
         assert isinstance(NoContextError("x"), LookupError)
-        assert registry.stats().scopes_opened == 0
+        assert registry.stats().opened == 0
 
 
 class TestOverride:
@@ -433,7 +433,7 @@ class TestOverride:
 
         assert isinstance(real, Resource)
         assert tracker.created == tracker.closed == ["db"]
-        assert registry.stats().resources_created == 1
+        assert registry.stats().created == 1
 
     async def test_async(self, registry, tracker, ctx):
         """
@@ -568,7 +568,7 @@ class TestScope:
         assert uc.current_or_none() is None
         with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"), scope:
             pass
-        assert registry.stats().scopes_opened == 1
+        assert registry.stats().opened == 1
         _settled(registry)
 
     async def test_used_before_entering_or_after_exit(self, registry, tracker, ctx):
@@ -605,11 +605,11 @@ class TestScope:
             pass
 
         assert uc.current_or_none() is None
-        assert registry.stats().scopes_opened == 0
+        assert registry.stats().opened == 0
         assert repr(scope) == "<usercontext.Scope(user_id='u-42', new, resources=0)>"
         with scope:
             assert uc.current() is ctx
-        assert registry.stats().scopes_opened == 1
+        assert registry.stats().opened == 1
 
     def test_made_directly(self, registry, ctx):
         """
@@ -622,7 +622,7 @@ class TestScope:
         with scope:
             assert scope.get("db") == "db"
             assert uc.current() is ctx
-        assert registry.stats().scopes_opened == 1
+        assert registry.stats().opened == 1
         _settled(registry)
 
     async def test_entered_under_another_user_async(self, registry, ctx, other_ctx):
@@ -637,7 +637,7 @@ class TestScope:
                 pass
 
         assert uc.current_or_none() is None
-        assert registry.stats().scopes_opened == 0
+        assert registry.stats().opened == 0
         assert repr(scope) == "<usercontext.Scope(user_id='u-42', new, resources=0)>"
 
     def test_repr(self, registry, tracker, ctx):
@@ -761,13 +761,15 @@ class TestScopeGet:
                 assert repr(scope).endswith("resources=0)>")
             gc.collect()
 
+        returned = {"awaitable": "awaitable", "async_cm": "async context manager"}
         assert str(ei.value) == (
-            "The provider of 'db' is asynchronous; use `await scope.aget(key)` in an "
-            "`async with` scope."
+            f"The provider of 'db' is asynchronous (it returned an "
+            f"{returned.get(kind, 'async generator')}); use "
+            "`async with registry.scope()` and `await scope.aget(key)`."
         )
         assert [str(w.message) for w in caught] == []
         assert tracker.closed == []
-        assert registry.stats().resources_created == 0
+        assert registry.stats().created == 0
 
     def test_enters_dual_context_managers(self, registry, ctx):
         """
@@ -812,7 +814,10 @@ class TestScopeGet:
             gc.collect()
 
         assert [str(e) for e in ei.value.exceptions] == [
-            ("The close hook of 'async' is asynchronous; use `async with registry.scope()`.")
+            (
+                "The close hook of 'async' is asynchronous (it returned an awaitable); use "
+                "`async with registry.scope()` and `await scope.aget(key)`."
+            )
         ]
         assert [type(e) for e in ei.value.exceptions] == [TypeError]
         assert closed == ["first"]
@@ -837,11 +842,11 @@ class TestScopeGet:
         with registry.scope(ctx) as scope:
             with pytest.raises(BoomError, match="first try"):
                 scope.get("db")
-            assert registry.stats().resources_created == 0
+            assert registry.stats().created == 0
             assert scope.get("db") == "db"
 
         assert len(calls) == 2
-        assert registry.stats().resources_created == 1
+        assert registry.stats().created == 1
         _settled(registry)
 
     def test_threads_get_their_own(self, registry, tracker, ctx):
@@ -869,7 +874,7 @@ class TestScopeGet:
         assert got["a"] is not got["b"]
         assert cached == {"a": True, "b": True}
         assert (got["a"].closed, got["b"].closed) == (1, 1)
-        assert registry.stats().scopes_opened == 2
+        assert registry.stats().opened == 2
         _settled(registry)
 
     def test_generator_that_does_not_yield(self, registry, ctx):
@@ -974,13 +979,13 @@ class TestScopeAget:
         tracker.add("db", "async_gen")
         got = {}
         cached = {}
-        scopes_open = []
+        scopes = []
 
         async def request(name):
             async with registry.scope(ctx) as scope:
                 got[name] = await scope.aget("db")
                 await _until(lambda: len(got) == 2)
-                scopes_open.append(registry.stats().scopes_open)
+                scopes.append(registry.stats().scopes)
                 cached[name] = await scope.aget("db") is got[name]
 
         async with anyio.create_task_group() as tg:
@@ -989,7 +994,7 @@ class TestScopeAget:
 
         assert got["a"] is not got["b"]
         assert cached == {"a": True, "b": True}
-        assert max(scopes_open) == 2
+        assert max(scopes) == 2
         assert (got["a"].user_id, got["b"].user_id) == ("u-42", "u-42")
         assert (got["a"].closed, got["b"].closed) == (1, 1)
         assert tracker.created == ["db", "db"]
@@ -1038,7 +1043,7 @@ class TestScopeAget:
             with pytest.raises(BoomError, match="enter"):
                 await scope.aget("b")
 
-        assert registry.stats().resources_created == 0
+        assert registry.stats().created == 0
         _settled(registry)
 
     @pytest.mark.parametrize("kind", ["gen", "async_gen"])
@@ -1201,7 +1206,7 @@ class TestCleanup:
         with anyio.CancelScope() as cs, _raises_if(outcome) as raised:
             async with registry.scope(ctx) as scope:
                 got = [await scope.aget(i) for i in range(50)]
-                assert registry.stats().resources_open[0] == ("0", 1)
+                assert registry.stats().top[0] == ("0", 1)
                 if outcome == "error":
                     raise BoomError("body")
                 if outcome == "cancel":
@@ -1220,10 +1225,10 @@ class TestCleanup:
         given = {type(tracker.given[i]) for i in range(50) if KINDS[i % len(KINDS)] in EXIT_KINDS}
         assert given == {expected}
         if outcome == "error":
-            assert not hasattr(raised.value, "cleanup_errors")
+            assert not hasattr(raised.value, "close_errors")
             assert not hasattr(raised.value, "__notes__")
         s = registry.stats()
-        assert (s.scopes_opened, s.resources_created, s.cleanup_errors) == (1, 50, 0)
+        assert (s.opened, s.created, s.close_errors) == (1, 50, 0)
         _settled(registry)
 
     @pytest.mark.parametrize("outcome", ["success", "error"])
@@ -1271,14 +1276,14 @@ class TestCleanup:
             f"A cleanup of a scope of user 'u-42' failed: BoomError: cleanup of {i}"
             for i in (8, 5, 2)
         ]
-        assert registry.stats().cleanup_errors == 3
+        assert registry.stats().close_errors == 3
         _settled(registry)
 
     async def test_three_of_ten_fail_body_fails(self, registry, ctx, caplog):
         """
         When the body raised too, its exception propagates with its type (an
         `except ValueError` catches it), the 3 cleanup errors attached as notes
-        and as `cleanup_errors`, and logged; the other 7 cleanups ran.
+        and as `close_errors`, and logged; the other 7 cleanups ran.
         """
         caplog.set_level(logging.ERROR, logger="usercontext")
         tracker = Tracker(registry)
@@ -1298,12 +1303,12 @@ class TestCleanup:
 
         assert caught is body_error
         assert tracker.closed == list(range(9, -1, -1))
-        assert [str(e) for e in caught.cleanup_errors] == [f"cleanup of {i}" for i in (8, 5, 2)]
+        assert [str(e) for e in caught.close_errors] == [f"cleanup of {i}" for i in (8, 5, 2)]
         assert caught.__notes__ == [
             f"While cleaning up the scope: BoomError: cleanup of {i}" for i in (8, 5, 2)
         ]
         assert [(r.name, r.levelno) for r in caplog.records] == [("usercontext", logging.ERROR)] * 3
-        assert registry.stats().cleanup_errors == 3
+        assert registry.stats().close_errors == 3
         _settled(registry)
 
     def test_three_of_ten_fail_sync(self, registry, ctx, caplog):
@@ -1324,7 +1329,7 @@ class TestCleanup:
         assert [str(e) for e in ei.value.exceptions] == [f"cleanup of {i}" for i in (7, 5, 3)]
         assert tracker.closed == list(range(9, -1, -1))
         assert len(caplog.records) == 3
-        assert registry.stats().cleanup_errors == 3
+        assert registry.stats().close_errors == 3
         _settled(registry)
 
     def test_three_of_ten_fail_sync_body_fails(self, registry, ctx, caplog):
@@ -1344,7 +1349,7 @@ class TestCleanup:
                 scope.get(i)
             raise ValueError("body")
 
-        assert [str(e) for e in ei.value.cleanup_errors] == [f"cleanup of {i}" for i in (7, 5, 3)]
+        assert [str(e) for e in ei.value.close_errors] == [f"cleanup of {i}" for i in (7, 5, 3)]
         assert len(ei.value.__notes__) == 3
         assert tracker.closed == list(range(9, -1, -1))
         assert len(caplog.records) == 3
@@ -1375,9 +1380,9 @@ class TestCleanup:
         assert closed == ["db", "db"]
         for ei in (async_ei, sync_ei):
             assert [str(e) for e in ei.value.exceptions] == ["exit", "close"]
-        assert registry.stats().cleanup_errors == 4
+        assert registry.stats().close_errors == 4
 
-    async def test_nested_scopes_add_up_cleanup_errors(self, registry, ctx):
+    async def test_nested_scopes_add_up_close_errors(self, registry, ctx):
         """
         A body error leaving two nested scopes carries the cleanup errors of
         both, inner first.
@@ -1392,8 +1397,8 @@ class TestCleanup:
                     await inner.aget("inner")
                     raise ValueError("body")
 
-        assert [str(e) for e in ei.value.cleanup_errors] == ["inner", "outer"]
-        assert registry.stats().cleanup_errors == 2
+        assert [str(e) for e in ei.value.close_errors] == ["inner", "outer"]
+        assert registry.stats().close_errors == 2
 
     @pytest.mark.parametrize("kind", ["gen", "async_gen"])
     async def test_generator_sees_the_body_error(self, registry, ctx, kind):
@@ -1428,8 +1433,8 @@ class TestCleanup:
 
         assert seen == [body_error, None]
         assert ei.value is body_error
-        assert not hasattr(body_error, "cleanup_errors")
-        assert registry.stats().cleanup_errors == 0
+        assert not hasattr(body_error, "close_errors")
+        assert registry.stats().close_errors == 0
 
     @pytest.mark.parametrize("kind", ["gen", "async_gen", "sync_cm"])
     async def test_cleanup_cannot_swallow_the_body_error(self, registry, ctx, kind):
@@ -1469,7 +1474,7 @@ class TestCleanup:
                 raise ValueError("body")
 
         assert swallowed == [ei.value]
-        assert registry.stats().cleanup_errors == 0
+        assert registry.stats().close_errors == 0
 
     @pytest.mark.parametrize("kind", ["gen", "async_gen"])
     async def test_generator_raising_another_error(self, registry, ctx, kind):
@@ -1496,7 +1501,7 @@ class TestCleanup:
                 await scope.aget("db")
                 raise ValueError("body")
 
-        [error] = ei.value.cleanup_errors
+        [error] = ei.value.close_errors
         assert isinstance(error, BoomError)
         assert error.__cause__ is ei.value
         assert ei.value.__notes__ == ["While cleaning up the scope: BoomError: cleanup"]
@@ -1534,7 +1539,7 @@ class TestCleanup:
                 if body_fails:
                     raise ValueError("body")
 
-        errors = ei.value.cleanup_errors if body_fails else ei.value.exceptions
+        errors = ei.value.close_errors if body_fails else ei.value.exceptions
         [error] = errors
         assert type(error) is RuntimeError
         what = "yielded again after an exception" if body_fails else "yielded more than once"
@@ -1600,7 +1605,7 @@ class TestCleanup:
             if body_fails:
                 raise ValueError("body")
 
-        errors = ei.value.cleanup_errors if body_fails else ei.value.exceptions
+        errors = ei.value.close_errors if body_fails else ei.value.exceptions
         [error] = errors
         assert type(error) is RuntimeError
         what = "yielded again after an exception" if body_fails else "yielded more than once"
@@ -1636,7 +1641,7 @@ def _fail(value):
 class TestCleanupUnderPressure:
     """
     Async cleanups are shielded from cancellation and bounded by the
-    registry's cleanup_timeout.
+    registry's close_timeout.
     """
 
     @pytest.mark.parametrize("body", ["succeeds", "cancelled"])
@@ -1684,12 +1689,12 @@ class TestCleanupUnderPressure:
     @pytest.mark.parametrize("kind", ASYNC_KINDS)
     async def test_hanging_cleanup_cut_at_timeout(self, ctx, caplog, kind):
         """
-        A cleanup that hangs is cancelled after cleanup_timeout (0.3 s, give or
+        A cleanup that hangs is cancelled after close_timeout (0.3 s, give or
         take 0.1 s); the cleanups after it still run, and the
         CloseTimeoutError (a TimeoutError) is raised and logged.
         """
         caplog.set_level(logging.ERROR, logger="usercontext")
-        registry = Registry(cleanup_timeout=0.3)
+        registry = Registry(close_timeout=0.3)
         tracker = Tracker(registry)
         tracker.add(0, "gen")
         tracker.add(1, kind)
@@ -1714,7 +1719,7 @@ class TestCleanupUnderPressure:
         assert [r.getMessage() for r in caplog.records] == [
             f"A cleanup of a scope of user 'u-42' failed: CloseTimeoutError: {error}"
         ]
-        assert registry.stats().cleanup_errors == 1
+        assert registry.stats().close_errors == 1
         _settled(registry)
 
     async def test_hanging_cleanup_with_a_failing_body(self, ctx):
@@ -1722,7 +1727,7 @@ class TestCleanupUnderPressure:
         When the body failed, a cleanup cut at the timeout is attached to the
         body's error; each hanging cleanup gets its own timeout.
         """
-        registry = Registry(cleanup_timeout=0.3)
+        registry = Registry(close_timeout=0.3)
         tracker = Tracker(registry)
         for i in range(3):
             tracker.add(i, "async_gen")
@@ -1738,8 +1743,8 @@ class TestCleanupUnderPressure:
         assert abs(time.monotonic() - start - 0.6) <= 0.15
         assert tracker.closed == [2]
         assert tracker.cut == [1, 0]
-        assert [type(e) for e in ei.value.cleanup_errors] == [CloseTimeoutError] * 2
-        assert [str(e).split(" took")[0] for e in ei.value.cleanup_errors] == [
+        assert [type(e) for e in ei.value.close_errors] == [CloseTimeoutError] * 2
+        assert [str(e).split(" took")[0] for e in ei.value.close_errors] == [
             "Closing resource 1",
             "Closing resource 0",
         ]
@@ -1770,11 +1775,11 @@ class TestCleanupUnderPressure:
         assert cs.cancelled_caught
         [e] = cancelled
         assert not hasattr(e, "__notes__")
-        assert not hasattr(e, "cleanup_errors")
+        assert not hasattr(e, "close_errors")
         assert [r.getMessage() for r in caplog.records] == [
             "A cleanup of a scope of user 'u-42' failed: BoomError: db"
         ]
-        assert registry.stats().cleanup_errors == 1
+        assert registry.stats().close_errors == 1
         _settled(registry)
 
 
@@ -1813,7 +1818,7 @@ class TestCleanupWithoutAwait:
         [(first, unbounded, ctx1), (second, deadline, ctx2)] = seen
         assert (first, second) == ("no_await", "awaiting")
         assert unbounded == math.inf
-        assert 4.0 < deadline - start < 6.0  # the default cleanup_timeout, 5 s
+        assert 4.0 < deadline - start < 6.0  # the default close_timeout, 5 s
         assert ctx1 is ctx2 is ctx
         _settled(registry)
 
@@ -1841,7 +1846,7 @@ class TestCleanupWithoutAwait:
         assert cs.cancelled_caught
         [e] = given
         assert isinstance(e, anyio.get_cancelled_exc_class())
-        assert registry.stats().cleanup_errors == 0
+        assert registry.stats().close_errors == 0
         _settled(registry)
 
     async def test_provider_switching_generators(self, registry, ctx):
@@ -1902,7 +1907,7 @@ class TestCleanupWithoutAwait:
             finally:
                 await cleanup()
 
-        registry = Registry(cleanup_timeout=1)
+        registry = Registry(close_timeout=1)
         registry.register("db", agen)
         with anyio.CancelScope() as cs:
             async with registry.scope(ctx) as scope:
@@ -1912,7 +1917,7 @@ class TestCleanupWithoutAwait:
 
         assert done == [True]
         assert cs.cancelled_caught
-        assert registry.stats().cleanup_errors == 0
+        assert registry.stats().close_errors == 0
 
 
 class TestUnclosedScope:
@@ -1995,7 +2000,9 @@ class TestRegistryStats:
         tracker.add("db", "async_gen")
         tracker.add("cache", "value")
         tracker.add(Resource, "sync_cm")
-        assert registry.stats() == RegistryStats(0, 0, (), 0, 0)
+        assert registry.stats() == RegistryStats(
+            in_use=0, top=(), scopes=0, opened=0, created=0, closed=0, close_errors=0
+        )
         snapshots = []
 
         def other_user_requests():
@@ -2017,23 +2024,27 @@ class TestRegistryStats:
             snapshots.append(registry.stats())
 
         assert snapshots[0] == RegistryStats(
-            scopes_open=3,
-            scopes_opened=3,
-            resources_open=(("'cache'", 3), ("'db'", 1), ("Resource", 1)),
-            resources_created=5,
-            cleanup_errors=0,
+            in_use=5,
+            top=(("'cache'", 3), ("'db'", 1), ("Resource", 1)),
+            scopes=3,
+            opened=3,
+            created=5,
+            closed=0,
+            close_errors=0,
         )
-        assert snapshots[1].resources_open == (("'cache'", 3),)
-        assert snapshots[2].resources_open == ()
-        assert (snapshots[3].scopes_open, snapshots[3].resources_open) == (
+        assert snapshots[1].top == (("'cache'", 3),)
+        assert snapshots[2].top == ()
+        assert (snapshots[3].scopes, snapshots[3].top) == (
             2,
             (("'cache'", 2), ("'db'", 1), ("Resource", 1)),
         )
-        assert (snapshots[4].scopes_open, snapshots[4].resources_open) == (
+        assert (snapshots[4].scopes, snapshots[4].top) == (
             1,
             (("'db'", 1), ("'cache'", 1)),
         )
-        assert registry.stats() == RegistryStats(0, 3, (), 5, 0)
+        assert registry.stats() == RegistryStats(
+            in_use=0, top=(), scopes=0, opened=3, created=5, closed=5, close_errors=0
+        )
 
     async def test_back_to_zero_after_failing_and_cancelled_scopes(self, registry, ctx):
         """
@@ -2063,7 +2074,9 @@ class TestRegistryStats:
                 cs.cancel()
                 await anyio.sleep_forever()
 
-        assert registry.stats() == RegistryStats(0, 3, (), 18, 3)
+        assert registry.stats() == RegistryStats(
+            in_use=0, top=(), scopes=0, opened=3, created=18, closed=18, close_errors=3
+        )
         assert tracker.closed == list(range(5, -1, -1)) * 3
 
     def test_counts_follow_the_key(self, registry, ctx):
@@ -2080,14 +2093,16 @@ class TestRegistryStats:
             registry.register("db", lambda c: "new", close=closed.append, replace=True)
             with registry.scope(ctx) as b:
                 assert b.get("db") == "new"
-                assert registry.stats().resources_open == (("'db'", 2),)
+                assert registry.stats().top == (("'db'", 2),)
                 with registry.override("db", "fake"), registry.scope(ctx) as c:
                     assert c.get("db") == "fake"
-                    assert registry.stats().resources_open == (("'db'", 2),)
-            assert registry.stats().resources_open == (("'db'", 1),)
+                    assert registry.stats().top == (("'db'", 2),)
+            assert registry.stats().top == (("'db'", 1),)
 
         assert closed == ["new", "old"]
-        assert registry.stats() == RegistryStats(0, 3, (), 2, 0)
+        assert registry.stats() == RegistryStats(
+            in_use=0, top=(), scopes=0, opened=3, created=2, closed=2, close_errors=0
+        )
 
     def test_frozen(self, registry):
         """
@@ -2099,9 +2114,9 @@ class TestRegistryStats:
         with registry.scope(ctx) as scope:
             scope.get("db")
 
-        assert before.scopes_opened == 0
+        assert before.opened == 0
         with pytest.raises(attrs.exceptions.FrozenInstanceError):
-            before.scopes_opened = 1  # type: ignore[misc]
+            before.opened = 1  # type: ignore[misc]
 
 
 class TestKinds:
@@ -2114,8 +2129,8 @@ class TestKinds:
         Types beyond the cache's bound are still recognised, just not
         remembered.
         """
-        monkeypatch.setattr(util, "_kinds", {})
-        monkeypatch.setattr(util, "_KINDS_MAX", 2)
+        monkeypatch.setattr(lifecycle, "_kinds", {})
+        monkeypatch.setattr(lifecycle, "_KINDS_MAX", 2)
         classes = [type(f"Value{i}", (), {}) for i in range(3)]
         for i, cls in enumerate(classes):
             registry.register(i, lambda c, cls=cls: cls())
@@ -2126,7 +2141,7 @@ class TestKinds:
             assert scope.get("cm") == "entered"
 
         assert [type(v) for v in values] == classes
-        assert list(util._kinds) == classes[:2]
+        assert list(lifecycle._kinds) == classes[:2]
 
     def test_provider_switching_kinds(self, registry, ctx):
         """
@@ -2167,12 +2182,12 @@ class TestKinds:
         async def agen():
             yield
 
-        assert util.kind_of(type(gen())) == util.GEN
-        assert util.kind_of(type(agen())) == util.ASYNC_GEN
-        assert util.kind_of(Both) == util.ASYNC_CM
-        assert util.kind_of(SyncOnly) == util.SYNC_CM
-        assert util.kind_of(Later) == util.AWAITABLE
-        assert util.kind_of(Resource) == util.PLAIN
+        assert lifecycle.kind_of(type(gen())) == lifecycle.GEN
+        assert lifecycle.kind_of(type(agen())) == lifecycle.ASYNC_GEN
+        assert lifecycle.kind_of(Both) == lifecycle.ASYNC_CM
+        assert lifecycle.kind_of(SyncOnly) == lifecycle.SYNC_CM
+        assert lifecycle.kind_of(Later) == lifecycle.AWAITABLE
+        assert lifecycle.kind_of(Resource) == lifecycle.PLAIN
 
 
 class TestCanSuspend:
@@ -2235,7 +2250,7 @@ class TestCanSuspend:
             coroutine: False,
             awaiting_coroutine: True,
         }
-        assert {f: util.can_suspend(f.__code__) for f in cases} == cases
+        assert {f: lifecycle.can_suspend(f.__code__) for f in cases} == cases
 
     def test_cache(self, monkeypatch):
         """
@@ -2250,16 +2265,16 @@ class TestCanSuspend:
             await checkpoint()
             yield 1
 
-        monkeypatch.setattr(util, "_suspends", {})
-        monkeypatch.setattr(util, "_SUSPENDS_MAX", 1)
-        assert util.can_suspend(no_await.__code__) is False
-        assert util.can_suspend(awaiting.__code__) is True
-        assert list(util._suspends.values()) == [(no_await.__code__, False)]
-        assert util.can_suspend(no_await.__code__) is False
+        monkeypatch.setattr(lifecycle, "_suspends", {})
+        monkeypatch.setattr(lifecycle, "_SUSPENDS_MAX", 1)
+        assert lifecycle.can_suspend(no_await.__code__) is False
+        assert lifecycle.can_suspend(awaiting.__code__) is True
+        assert list(lifecycle._suspends.values()) == [(no_await.__code__, False)]
+        assert lifecycle.can_suspend(no_await.__code__) is False
 
         # An entry under the same id but for another code object is not used.
-        util._suspends[id(awaiting.__code__)] = (no_await.__code__, False)
-        assert util.can_suspend(awaiting.__code__) is True
+        lifecycle._suspends[id(awaiting.__code__)] = (no_await.__code__, False)
+        assert lifecycle.can_suspend(awaiting.__code__) is True
 
 
 class TestScopeEdges:
@@ -2288,7 +2303,7 @@ class TestScopeEdges:
         contextvars.copy_context().run(scope.__exit__, None, None, None)
 
         assert closed == ["u-42"]
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().scopes == 0
 
     def test_left_in_another_context_async(self, registry, ctx):
         """
@@ -2329,8 +2344,12 @@ class TestScopeEdges:
 
         [error] = ei.value.exceptions
         assert type(error) is TypeError
-        assert "opened with aget()" in str(error)
-        assert registry.stats().resources_open == ()
+        assert str(error) == (
+            "'async' (async generator without await) was entered by async code but left by "
+            "sync code, so its async cleanup cannot run; use `async with registry.scope()` and "
+            "`await scope.aget(key)`."
+        )
+        assert registry.stats().top == ()
 
     def test_fatal_error_from_a_generator_runs_the_others(self, registry, ctx):
         """
@@ -2354,7 +2373,7 @@ class TestScopeEdges:
             scope.get("fatal")
 
         assert closed == ["fine"]
-        assert registry.stats().resources_open == ()
+        assert registry.stats().top == ()
 
 
 class TestContextAlreadyBound:

@@ -36,9 +36,11 @@ from ._emitter import (
     Sink,
     SinkStats,
 )
+from ._engine_use import EngineUse
 from ._factory import EngineFactory, FactoryStats
 from ._quota import Lease, LocalQuota, Quota, QuotaStats, ThreadQuota
-from ._registry import Registry, RegistryStats, Scope
+from ._registry import Registry, RegistryStats
+from ._scope import Scope
 from .exceptions import (
     CloseTimeoutError,
     ConfigurationError,
@@ -88,6 +90,7 @@ __all__ = [
     "EmitterTimeoutError",
     "EngineDeadlineError",
     "EngineFactory",
+    "EngineUse",
     "Event",
     "FactoryClosedError",
     "FactoryStats",
