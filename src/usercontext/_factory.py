@@ -542,6 +542,18 @@ class EngineFactory(Generic[E]):
         """
         c = self._counters
         c.closed += 1
+        close = self._close
+        if made.entered[0] is PLAIN and close is not None:
+            # The twin of aleave for a plain engine, inline: the usual case,
+            # and with a sync close it needs no coroutine nor list.
+            try:
+                result = close(made.engine)
+                if result is not None and kind_of(type(result)) is AWAITABLE:
+                    await drive(result, self._close_timeout, "an engine of user %r", made.user_id)
+            except Exception as e:  # noqa: BLE001  # reported by the caller
+                c.close_errors += 1
+                return [e]
+            return []
         errors: list[BaseException] = []
         fatal = await aleave(
             made.entered,
