@@ -547,7 +547,7 @@ class EngineFactory(Generic[E]):
             # The twin of aleave for a plain engine, inline: the usual case,
             # and with a sync close it needs no coroutine nor list.
             try:
-                result = close(made.engine)
+                result: Any = close(made.engine)
                 if result is not None and kind_of(type(result)) is AWAITABLE:
                     await drive(result, self._close_timeout, "an engine of user %r", made.user_id)
             except Exception as e:  # noqa: BLE001  # reported by the caller
