@@ -179,9 +179,9 @@ class TestTwins:
         assert _outcome(tracker, error) == inline
 
 
-class TestLeaveSync:
+class TestLeave:
     """
-    `leave`: what a sync exit cannot do.
+    `leave` and `aleave`: what a sync exit cannot do, and fatal errors.
     """
 
     async def test_async_resource_left_by_sync_code(self, ctx):
@@ -208,3 +208,21 @@ class TestLeaveSync:
         ]
         await result.aclose()  # as the event loop would, at last
         assert tracker.closed == ["r"]
+
+    async def test_fatal_error_of_an_async_close_hook(self, ctx):
+        """
+        aleave returns a close hook's fatal error once the exit ran, for the
+        caller to raise after its other cleanups.
+        """
+        tracker, provider = _tracked("async_gen", False, ctx)
+        result = provider.make(ctx)
+        entered = await lifecycle.aenter(result, lifecycle.ASYNC_GEN, "provider of 'r'")
+        errors = []
+
+        def close(_value):
+            raise Fatal
+
+        fatal = await lifecycle.aleave(
+            entered, close, (None, None, None), errors, timeout=5.0, what="resource %r"
+        )
+        assert (type(fatal), errors, tracker.closed) == (Fatal, [], ["r"])
