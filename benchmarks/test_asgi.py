@@ -218,7 +218,7 @@ def _usercontext(benchmark, loop, *, sent_id: bool) -> None:
     _run(benchmark, loop, client, "usercontext", sent_id=sent_id)
     client.check(request_id=REQUEST_ID if sent_id else "")
     stats = registry.stats()
-    assert (stats.scopes_open, stats.scopes_opened) == (0, client.served)
+    assert (stats.scopes, stats.opened) == (0, client.served)
 
 
 @pytest.mark.parametrize("sent_id", [False, True])
@@ -352,7 +352,7 @@ def _interleaved(benchmark, loop, *, sent_id: bool) -> None:
     for kind, client in clients.items():
         client.check(request_id=None if kind == "bare" else REQUEST_ID if sent_id else "")
     stats = registry.stats()
-    assert (stats.scopes_open, stats.scopes_opened) == (0, clients["usercontext"].served)
+    assert (stats.scopes, stats.opened) == (0, clients["usercontext"].served)
 
 
 @pytest.mark.benchmark(group="asgi: overheads interleaved, no request id sent")

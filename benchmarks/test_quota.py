@@ -278,4 +278,4 @@ def test_engine_factory(benchmark, loop):
     benchmark(lambda: loop.run_until_complete(batch()))
     stats = factory.stats()
     assert stats.created == stats.closed
-    assert stats.active == 0
+    assert stats.in_use == 0

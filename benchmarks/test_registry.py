@@ -151,7 +151,7 @@ def _ours_sync(benchmark, ctx):
     assert len(made) == BATCH
     assert all(s.closed for s in made)
     stats = registry.stats()
-    assert (stats.scopes_open, stats.resources_open, stats.cleanup_errors) == (0, (), 0)
+    assert (stats.scopes, stats.in_use, stats.close_errors) == (0, 0, 0)
 
 
 def _svcs_sync(benchmark):
@@ -390,4 +390,4 @@ def test_registry_async(benchmark, loop, ctx):
     assert len(made) == BATCH
     assert all(s.closed for s in made)
     stats = registry.stats()
-    assert (stats.scopes_open, stats.resources_open, stats.cleanup_errors) == (0, (), 0)
+    assert (stats.scopes, stats.in_use, stats.close_errors) == (0, 0, 0)

@@ -64,6 +64,7 @@ nitpick_ignore = [
     ("py:class", "T"),
     ("py:class", "usercontext._current.T"),
     ("py:class", "usercontext._registry.T"),
+    ("py:class", "usercontext._scope.T"),
     # SQLAlchemy, an optional dependency: no intersphinx either.
     ("py:class", "sqlalchemy.engine.base.Engine"),
     ("py:class", "sqlalchemy.ext.asyncio.engine.AsyncEngine"),
@@ -74,7 +75,7 @@ nitpick_ignore = [
     ("py:class", "usercontext.sqlalchemy._AS"),
     ("py:class", "usercontext.sqlalchemy._S"),
     ("py:class", "Hashable"),
-    ("py:class", "Made"),
+    ("py:class", "Makes"),
     ("py:class", "PerKey"),
     ("py:class", "usercontext._local_quota._Core"),
     # FastAPI, an optional dependency: no intersphinx. The aliases of

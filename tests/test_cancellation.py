@@ -191,7 +191,7 @@ class TestScopeCleanup:
         assert closed == [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
         assert took >= 0.29
         stats = registry.stats()
-        assert (stats.scopes_open, stats.resources_open, stats.cleanup_errors) == (0, (), 0)
+        assert (stats.scopes, stats.top, stats.close_errors) == (0, (), 0)
 
     async def test_commit_completes(self, ctx, way):
         """
@@ -214,14 +214,14 @@ class TestScopeCleanup:
         assert log == ["commit started", "committed"]
         assert took >= 0.1
 
-    async def test_cleanup_timeout_still_cuts(self, ctx, way, caplog):
+    async def test_close_timeout_still_cuts(self, ctx, way, caplog):
         """
         A hanging cleanup is still cut at the cleanup timeout (0.2 s) when the
         task is cancelled meanwhile; the cut is logged, the cleanup before it
         still runs, and the cancellation comes out.
         """
         caplog.set_level(logging.ERROR, logger="usercontext")
-        registry = Registry(cleanup_timeout=0.2)
+        registry = Registry(close_timeout=0.2)
         closed = []
         _resources(registry, "async_gen", 1, closed, 0.01)
 
@@ -239,7 +239,7 @@ class TestScopeCleanup:
             "Closing resource 'hangs' took longer than its timeout of 0.2 s" in r.getMessage()
             for r in caplog.records
         )
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().scopes == 0
 
     async def test_cleanups_own_cancel_scopes_still_work(self, ctx, way):
         """
@@ -314,7 +314,7 @@ class TestScopeCleanup:
 
         assert closed == [0]
         assert any("BoomError: the commit failed" in r.getMessage() for r in caplog.records)
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().scopes == 0
 
     async def test_middleware_closes_the_scope(self, way):
         """
@@ -355,7 +355,7 @@ class TestScopeCleanup:
 
         assert log == ["committed"]
         assert took >= 0.1
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().scopes == 0
 
 
 def _run(main):
@@ -463,7 +463,7 @@ class Engine:
 
 def _settled(factory):
     s = factory.stats()
-    assert (s.active, s.active_per_user, s.waiting) == (0, (), 0)
+    assert (s.in_use, s.top, s.quota.waiting) == (0, (), 0)
     assert s.created == s.closed + s.idle
     assert factory.quota.stats().in_use == 0
 
@@ -616,7 +616,7 @@ class TestEngineLeftInAnotherTask:
 
         gen = stream()
         await _in_a_plain_task(anyio_backend, gen.__anext__)
-        assert factory.stats().active == 1
+        assert factory.stats().in_use == 1
 
         await gen.aclose()
 
@@ -669,9 +669,9 @@ async def _in_a_plain_task(backend, fn):
 class TestStatsUnderThreads:
     def test_peak_never_above_total(self):
         """
-        32 threads, each of its own user, use engine_sync 200 times each with
+        32 threads, each of its own user, use `with factory.engine()` 200 times each with
         total=5: the bodies never see more than 5 at once, and the stats
-        never count more (peak_active <= 5), round after round.
+        never count more (peak <= 5), round after round.
         """
         quota = ThreadQuota(per_key=2, total=5)
         factory = EngineFactory(Engine, per_user=2, total=5, thread_quota=quota)
@@ -682,7 +682,7 @@ class TestStatsUnderThreads:
         def worker(n):
             ctx = uc.UserContext(user_id=f"u-{n}", thread_id="t-1", run_id="r-1")
             for _ in range(200):
-                with factory.engine_sync(ctx):
+                with factory.engine(ctx):
                     with lock:
                         now[0] += 1
                         seen[0] = max(seen[0], now[0])
@@ -703,8 +703,8 @@ class TestStatsUnderThreads:
 
         s = factory.stats()
         assert seen[0] <= 5
-        assert seen[0] <= s.peak_active <= 5
-        assert (s.created, s.closed, s.active) == (6400, 6400, 0)
+        assert seen[0] <= s.peak <= 5
+        assert (s.created, s.closed, s.in_use) == (6400, 6400, 0)
 
 
 class TestHub:

@@ -41,10 +41,10 @@ async def use_factories(ctx: uc.UserContext) -> None:
         assert_type(factory, uc.EngineFactory[Engine])
         async with factory.engine(ctx) as engine:
             assert_type(engine, Engine)
-        with factory.engine_sync() as sync_engine:
+        with factory.engine() as sync_engine:
             assert_type(sync_engine, Engine)
         assert_type(factory.stats(), uc.FactoryStats)
-        assert_type(factory.stats().active_per_user, tuple[tuple[str, int], ...])
+        assert_type(factory.stats().top, tuple[tuple[str, int], ...])
         assert_type(factory.quota, uc.Quota)
         await factory.aclose()
 

@@ -36,10 +36,12 @@ from ._emitter import (
     Sink,
     SinkStats,
 )
+from ._engine_use import EngineUse
 from ._factory import EngineFactory, FactoryStats
 from ._local_quota import LocalQuota, ThreadQuota
 from ._quota import Lease, Quota, QuotaStats
-from ._registry import Registry, RegistryStats, Scope
+from ._registry import Registry, RegistryStats
+from ._scope import Scope
 from .exceptions import (
     CloseTimeoutError,
     ConfigurationError,
@@ -89,6 +91,7 @@ __all__ = [
     "EmitterTimeoutError",
     "EngineDeadlineError",
     "EngineFactory",
+    "EngineUse",
     "Event",
     "FactoryClosedError",
     "FactoryStats",

@@ -36,7 +36,7 @@ from . import _checks
 from ._context import UserContext
 from ._current import _get as _current_or_none
 from ._current import current
-from ._util import describe, logger, shielded
+from ._lifecycle import describe, logger, shielded
 from .exceptions import (
     EmitterClosedError,
     EmitterFullError,

@@ -6,46 +6,30 @@ and always closed.
 from __future__ import annotations
 
 import heapq
-import math
-import sys
 import threading
-import time
 
-from asyncio import CancelledError, current_task
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import anyio
 import attrs
 
 from . import _checks
-from ._current import bind, current
-from ._local_quota import LocalQuota, ThreadQuota
-from ._util import (
-    ASYNC_CM,
-    ASYNC_GEN,
+from ._engine_use import EngineUse, Made, report
+from ._idle_pool import IdlePool
+from ._lifecycle import (
     AWAITABLE,
-    GEN,
     PLAIN,
-    SYNC_CM,
-    add_note,
-    async_gen_exit,
+    aenter,
+    aleave,
     describe,
-    first_value,
-    first_value_async,
-    gen_exit,
+    drive,
     kind_of,
     logger,
-    run_steps,
-    running_task,
     shielded,
 )
-from .exceptions import (
-    EngineDeadlineError,
-    FactoryClosedError,
-    QuotaExceededError,
-    QuotaTimeoutError,
-)
+from ._local_quota import LocalQuota, ThreadQuota
+from ._quota import QuotaStats  # noqa: TC001  # the docs resolve FactoryStats.quota at runtime
+from .exceptions import FactoryClosedError
 
 
 if TYPE_CHECKING:
@@ -54,20 +38,21 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import TypeAlias
 
+    from typing_extensions import Self
+
     from ._context import UserContext
+    from ._lifecycle import ExcInfo
     from ._local_quota import PerKey
     from ._quota import Quota
 
 E = TypeVar("E")
 
 if TYPE_CHECKING:
-    Made: TypeAlias = E | Awaitable[E] | AbstractAsyncContextManager[E] | AbstractContextManager[E]
+    Makes: TypeAlias = E | Awaitable[E] | AbstractAsyncContextManager[E] | AbstractContextManager[E]
 
 __all__ = ["EngineFactory", "FactoryStats"]
 
-# Task.cancelling() and uncancel(), by which a native cancellation of one's
-# own is told apart from others' (Python 3.11+).
-_CANCELLING = sys.version_info >= (3, 11)
+_NO_ERROR: ExcInfo = (None, None, None)
 
 
 @attrs.frozen
@@ -76,86 +61,71 @@ class FactoryStats:
     A snapshot of an `EngineFactory`'s counters.
 
     Attributes:
+        in_use: Engines in use right now, in ``async with`` and ``with``.
+        idle: Engines parked in the idle pool right now.
+        peak: The most engines in use at once (in ``async with``, or in
+            ``with``, whichever was higher).
+        top: The users with the most engines in use, as ``(user_id, count)``
+            pairs, most first.
         created: Engines created.
-        closed: Engines closed (created = closed + active + idle once settled).
-        active: Engines in use right now.
-        active_per_user: The users with the most engines in use, as
-            ``(user_id, count)`` pairs, most first.
-        waiting: Requests waiting for a quota slot right now.
-        rejected: Requests refused because the quota was full (``timeout=0``).
-        timed_out: Requests that gave up waiting for a slot.
+        closed: Engines closed (created = closed + in_use + idle once settled).
+        reused: Engines handed out again from the idle pool.
         create_errors: Calls of *create* that raised.
         close_errors: Errors raised (or timeouts hit) while closing engines.
-        deadline_hits: Bodies cancelled by the *deadline*.
-        peak_active: The most engines in use at once.
-        reused: Engines handed out again from the idle pool.
-        idle: Engines parked in the idle pool right now.
+        deadline_errors: Bodies cancelled by the *deadline*.
+        quota: The stats of the quota ``async with`` draws from: its
+            ``waiting``, ``rejected`` and ``timed_out`` are the factory's
+            requests (and those of whatever else shares the quota).
+        thread_quota: The stats of the quota ``with`` draws from, or `None`
+            before the first ``with`` (when no *thread_quota* was given).
 
     .. versionadded:: 0.1.0
     """
 
+    in_use: int
+    idle: int
+    peak: int
+    top: tuple[tuple[str, int], ...]
     created: int
     closed: int
-    active: int
-    active_per_user: tuple[tuple[str, int], ...]
-    waiting: int
-    rejected: int
-    timed_out: int
+    reused: int
     create_errors: int
     close_errors: int
-    deadline_hits: int
-    peak_active: int
-    reused: int
-    idle: int
+    deadline_errors: int
+    quota: QuotaStats
+    thread_quota: QuotaStats | None
 
 
 class _Counters:
     __slots__ = (
-        "active",
         "by_user",
         "close_errors",
         "closed",
         "create_errors",
         "created",
-        "deadline_hits",
+        "deadline_errors",
+        "in_use",
         "peak",
-        "rejected",
         "reused",
-        "timed_out",
     )
 
     def __init__(self) -> None:
-        self.created = self.closed = self.active = self.peak = self.reused = 0
-        self.rejected = self.timed_out = self.create_errors = self.close_errors = 0
-        self.deadline_hits = 0
+        self.created = self.closed = self.in_use = self.peak = self.reused = 0
+        self.create_errors = self.close_errors = self.deadline_errors = 0
         self.by_user: dict[str, int] = {}
 
     def start(self, user_id: str) -> None:
-        active = self.active = self.active + 1
-        self.peak = max(self.peak, active)
+        in_use = self.in_use = self.in_use + 1
+        self.peak = max(self.peak, in_use)
         self.by_user[user_id] = self.by_user.get(user_id, 0) + 1
 
     def stop(self, user_id: str) -> None:
-        self.active -= 1
+        self.in_use -= 1
         n = self.by_user[user_id] - 1
         if n:
             self.by_user[user_id] = n
         else:
             del self.by_user[user_id]
-
-
-class _Made(Generic[E]):
-    """
-    An engine and how to undo what creating it entered.
-    """
-
-    __slots__ = ("engine", "exit", "parked_at", "user_id")
-
-    def __init__(self, user_id: str, engine: E, exit_: Any) -> None:
-        self.user_id = user_id
-        self.engine = engine
-        self.exit = exit_
-        self.parked_at = 0.0
 
 
 class EngineFactory(Generic[E]):
@@ -168,12 +138,17 @@ class EngineFactory(Generic[E]):
     binds *ctx* for the body, then closes the engine (shielded from
     cancellation, cut after *close_timeout*) and gives the slot back, on every
     path: create fails, the body fails or is cancelled, close fails or hangs.
-    Engines are never shared between users.
+    Engines are never shared between users. Sync code (threads) uses the same
+    object with ``with``; see `engine`.
+
+    ``async with factory:`` closes the factory on exit, as `aclose` does.
 
     Args:
         create: Makes an engine from a `usercontext.UserContext`. It may return
-            the engine, an awaitable of it, or an (async) context manager whose
-            ``__aenter__``/``__enter__`` gives the engine and whose exit closes it.
+            the engine, an awaitable of it, an (async) context manager whose
+            ``__aenter__``/``__enter__`` gives the engine and whose exit closes
+            it, or an (async) generator whose first value is the engine and
+            whose rest closes it.
         close: Closes an engine; sync or async. Runs after a context manager's
             exit, if both apply.
         quota: The quota to draw from; a `LocalQuota` of *per_user* and *total*
@@ -196,8 +171,8 @@ class EngineFactory(Generic[E]):
         idle_ttl: Idle engines older than this many seconds are closed.
         reset: Called (sync or async) on an engine before it is parked for
             reuse; if it raises, the engine is closed instead.
-        thread_quota: The quota of `engine_sync`; a `ThreadQuota` of
-            *per_user* and *total* by default.
+        thread_quota: The quota of ``with factory.engine()``; a `ThreadQuota`
+            of *per_user* and *total* by default.
 
     .. versionadded:: 0.1.0
     """
@@ -281,7 +256,7 @@ class EngineFactory(Generic[E]):
 
     def __init__(  # noqa: PLR0913
         self,
-        create: Callable[[UserContext], Made[E]],
+        create: Callable[[UserContext], Makes[E]],
         *,
         close: Callable[[E], object] | None = None,
         quota: Quota | None = None,
@@ -305,10 +280,10 @@ class EngineFactory(Generic[E]):
         _checks.seconds("idle_ttl", idle_ttl, allow_none=True)
         _checks.count("pool_idle", pool_idle, minimum=0)
         _checks.count("pool_max", pool_max, minimum=0)
-        self._create = create
-        self._close = close
         _checks.limit("per_user", per_user, allow_none=False)
         _checks.limit("total", total, allow_none=True)
+        self._create = create
+        self._close = close
         self._quota: Quota = (
             quota if quota is not None else LocalQuota(per_key=per_user, total=total)
         )
@@ -318,16 +293,15 @@ class EngineFactory(Generic[E]):
         self._timeout = timeout
         self._close_timeout = close_timeout
         self._deadline = deadline
-        self._pool_idle = pool_idle
-        self._pool_max = pool_max
-        self._idle_ttl = idle_ttl
+        # None when nothing is pooled: the hot path then skips the pool.
+        self._pool: IdlePool[Made[E]] | None = (
+            IdlePool(pool_idle, pool_max, idle_ttl) if pool_idle else None
+        )
         self._reset = reset
         self._counters = _Counters()
         self._sync_counters = _Counters()
         self._sync_lock = threading.Lock()
-        self._idle: dict[str, list[_Made[E]]] = {}
-        self._idle_lru: OrderedDict[int, _Made[E]] = OrderedDict()
-        self._uses: set[_EngineUse[E]] = set()
+        self._uses: set[EngineUse[E]] = set()
         self._creating = 0
         self._closed = False
         self._drained: anyio.Event | None = None
@@ -335,15 +309,21 @@ class EngineFactory(Generic[E]):
     @property
     def quota(self) -> Quota:
         """
-        The quota `engine` draws from.
+        The quota ``async with factory.engine()`` draws from.
         """
         return self._quota
 
-    def engine(self, ctx: UserContext | None = None) -> AbstractAsyncContextManager[E]:
+    def engine(self, ctx: UserContext | None = None) -> EngineUse[E]:
         """
-        Return an async context manager giving an engine for *ctx*.
+        Return an `EngineUse` giving an engine for *ctx*, in ``async with`` or,
+        in sync code (threads), ``with``.
 
-        *ctx* defaults to `usercontext.current`. The body runs with *ctx* bound.
+        *ctx* defaults to `usercontext.current`. The body runs with *ctx*
+        bound. ``with`` draws from a thread-safe `ThreadQuota` (*thread_quota*)
+        and differs from ``async with`` in this: *create*, *close* and what
+        *create* returns must be sync, the *deadline* does not apply (a thread
+        cannot be cancelled), engines are not pooled, a close that hangs
+        cannot be cut, and `aclose` does not wait for it.
 
         Raises:
             usercontext.exceptions.FactoryClosedError: After `aclose`.
@@ -353,18 +333,7 @@ class EngineFactory(Generic[E]):
             usercontext.exceptions.EngineDeadlineError: If the body ran past
                 the *deadline*.
         """
-        return _EngineUse(self, ctx)
-
-    def engine_sync(self, ctx: UserContext | None = None) -> AbstractContextManager[E]:
-        """
-        Return a context manager giving an engine for *ctx*, for threads.
-
-        It follows `engine`, on a thread-safe `ThreadQuota`, with these
-        differences: *create*, *close* and context managers must be sync, the
-        *deadline* does not apply (a thread cannot be cancelled), engines are
-        not pooled, and a close that hangs cannot be cut.
-        """
-        return _SyncEngineUse(self, ctx)
+        return EngineUse(self, ctx)
 
     def stats(self, top: int = 10) -> FactoryStats:
         """
@@ -375,36 +344,45 @@ class EngineFactory(Generic[E]):
             by_user = dict(a.by_user)
             for user_id, n in s.by_user.items():
                 by_user[user_id] = by_user.get(user_id, 0) + n
-            waiting = self._quota.stats(top=0).waiting
-            if self._thread_quota is not None:
-                waiting += self._thread_quota.stats(top=0).waiting
+            threads = self._thread_quota
             return FactoryStats(
+                in_use=a.in_use + s.in_use,
+                idle=0 if self._pool is None else len(self._pool),
+                peak=max(a.peak, s.peak),
+                top=tuple(heapq.nlargest(top, by_user.items(), key=lambda kv: kv[1])),
                 created=a.created + s.created,
                 closed=a.closed + s.closed,
-                active=a.active + s.active,
-                active_per_user=tuple(heapq.nlargest(top, by_user.items(), key=lambda kv: kv[1])),
-                waiting=waiting,
-                rejected=a.rejected + s.rejected,
-                timed_out=a.timed_out + s.timed_out,
+                reused=a.reused,
                 create_errors=a.create_errors + s.create_errors,
                 close_errors=a.close_errors + s.close_errors,
-                deadline_hits=a.deadline_hits,
-                peak_active=max(a.peak, s.peak),
-                reused=a.reused,
-                idle=len(self._idle_lru),
+                deadline_errors=a.deadline_errors,
+                quota=self._quota.stats(top=top),
+                thread_quota=None if threads is None else threads.stats(top=top),
             )
 
-    async def aclose(self, timeout: float = 10.0) -> None:
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self, *, timeout: float = 10.0) -> None:
         """
         Stop creating engines and close everything.
 
         New requests get `usercontext.exceptions.FactoryClosedError` at once.
-        Bodies still running get *timeout* seconds to finish; then they are
-        cancelled (they see `usercontext.exceptions.FactoryClosedError`), and
-        their engines closed. Idle engines are closed. Calling it again waits
-        for the first call's work and returns. If it is cancelled (on asyncio
-        natively too), it stops waiting, cancels the bodies at once, closes
-        every engine, and then raises the cancellation.
+        Bodies still running in ``async with`` get *timeout* seconds to finish;
+        then they are cancelled (they see
+        `usercontext.exceptions.FactoryClosedError`), and their engines closed.
+        Idle engines are closed. Calling it again waits for the first call's
+        work and returns. If it is cancelled (on asyncio natively too), it stops
+        waiting, cancels the bodies at once, closes every engine, and then
+        raises the cancellation.
         """
         _checks.seconds("timeout", timeout, allow_none=True, zero_ok=True)
         self._closed = True
@@ -431,18 +409,27 @@ class EngineFactory(Generic[E]):
                     await shielded(drained.wait())
                 except BaseException as e:  # noqa: BLE001  # raised once everything is closed
                     cancelled = cancelled or e
-        with anyio.CancelScope(shield=True):
-            while self._idle_lru:
-                _, made = self._idle_lru.popitem(last=False)
-                self._forget_idle(made)
-                try:
-                    await self._close_idle(made)
-                except BaseException as e:  # noqa: BLE001  # raised after the others
-                    cancelled = cancelled or e
+        if self._pool is not None:
+            with anyio.CancelScope(shield=True):
+                for made in self._pool.drain():
+                    try:
+                        await self._close_idle(made)
+                    except BaseException as e:  # noqa: BLE001, PERF203  # raised after the others
+                        cancelled = cancelled or e
         if cancelled is not None:
             raise cancelled
 
-    # -- internals --
+    def __repr__(self) -> str:
+        create = getattr(self._create, "__qualname__", None) or repr(self._create)
+        state = "closed" if self._closed else "open"
+        a, s = self._counters, self._sync_counters
+        idle = 0 if self._pool is None else len(self._pool)
+        return (
+            f"<usercontext.EngineFactory({create}, {state}, in_use={a.in_use + s.in_use}, "
+            f"idle={idle})>"
+        )
+
+    # -- internals, called by EngineUse --
 
     def _settle(self) -> None:
         """
@@ -456,11 +443,24 @@ class EngineFactory(Generic[E]):
             msg = "This EngineFactory is closed and creates no more engines; create a new one."
             raise FactoryClosedError(msg)
 
-    async def _obtain(self, ctx: UserContext) -> _Made[E]:
-        if self._pool_idle:
-            if self._idle_lru:
+    def _threads(self) -> ThreadQuota:
+        """
+        Return the quota of ``with``, made on first use.
+        """
+        quota = self._thread_quota
+        if quota is None:
+            with self._sync_lock:
+                if self._thread_quota is None:
+                    self._thread_quota = ThreadQuota(per_key=self._per_user, total=self._total)
+                quota = self._thread_quota
+        return quota
+
+    async def _obtain(self, ctx: UserContext) -> Made[E]:
+        pool = self._pool
+        if pool is not None:
+            if len(pool):
                 await self._sweep()  # never hand out a stale engine
-            made = self._take_idle(ctx.user_id)
+            made = pool.take(ctx.user_id)
             if made is not None:
                 self._counters.reused += 1
                 return made
@@ -468,428 +468,106 @@ class EngineFactory(Generic[E]):
         try:
             result: Any = self._create(ctx)
             kind = kind_of(type(result))
-            if kind is AWAITABLE:
-                result = await result
-                kind = kind_of(type(result))
-            if kind is ASYNC_CM:
-                made = _Made(ctx.user_id, await result.__aenter__(), result.__aexit__)
-            elif kind is ASYNC_GEN:
-                made = _Made(
-                    ctx.user_id, await first_value_async(result, "create"), async_gen_exit(result)
-                )
-            elif kind is SYNC_CM:
-                made = _Made(ctx.user_id, result.__enter__(), result.__exit__)
-            elif kind is GEN:
-                made = _Made(ctx.user_id, first_value(result, "create"), gen_exit(result))
-            else:
-                made = _Made(ctx.user_id, result, None)
+            # A plain engine: aenter's last case, without a coroutine.
+            entered = (
+                (PLAIN, None, result)
+                if kind is PLAIN
+                else await aenter(result, kind, "create function")
+            )
         except Exception:
             c.create_errors += 1
             raise
         c.created += 1
-        return made
+        return Made(ctx.user_id, entered)
 
-    def _take_idle(self, user_id: str) -> _Made[E] | None:
-        stack = self._idle.get(user_id)
-        if not stack:
+    async def _park_or_close(self, made: Made[E], exc_info: ExcInfo) -> list[BaseException]:
+        pool = self._pool
+        if (
+            pool is not None
+            and exc_info[1] is None
+            and not self._closed
+            and pool.has_room(made.user_id)
+        ):
+            failed = None
+            try:
+                failed = await self._reset_engine(made)
+            except BaseException:
+                # Cancelled while resetting (the reset ran to its end):
+                # closed rather than parked half-known, then raised.
+                report(await self._close_made(made, _NO_ERROR), None, made.user_id)
+                raise
+            if failed is None:
+                for old in pool.park(made):
+                    await self._close_idle(old)
+                return []
+            logger.warning("Resetting an engine for reuse failed, closing it: %s", describe(failed))
+        return await self._close_made(made, exc_info)
+
+    async def _reset_engine(self, made: Made[E]) -> Exception | None:
+        """
+        Run the *reset* hook on *made*, shielded and bounded; return its error.
+        """
+        if self._reset is None:
             return None
-        made = stack.pop()
-        if not stack:
-            del self._idle[user_id]
-        del self._idle_lru[id(made)]
-        return made
-
-    async def _park_or_close(
-        self,
-        made: _Made[E],
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> list[BaseException]:
-        if exc is None and self._pool_idle and not self._closed:
-            stack = self._idle.get(made.user_id)
-            if stack is None or len(stack) < self._pool_idle:
-                try:
-                    failed = self._reset is not None and await run_steps(
-                        [(self._reset, (made.engine,))],
-                        self._close_timeout,
-                        "the reset of an engine of user %r",
-                        made.user_id,
-                    )
-                except BaseException:
-                    # Cancelled while resetting (the reset ran to its end):
-                    # closed rather than parked half-known, then raised.
-                    _report(await self._close_made(made, None, None, None), None, made.user_id)
-                    raise
-                if failed:
-                    logger.warning(
-                        "Resetting an engine for reuse failed, closing it: %s",
-                        "; ".join(map(describe, failed)),
-                    )
-                else:
-                    made.parked_at = time.monotonic()
-                    self._idle.setdefault(made.user_id, []).append(made)
-                    self._idle_lru[id(made)] = made
-                    while len(self._idle_lru) > self._pool_max:
-                        _, old = self._idle_lru.popitem(last=False)
-                        self._forget_idle(old)
-                        await self._close_idle(old)
-                    return []
-        return await self._close_made(made, exc_type, exc, tb)
-
-    def _forget_idle(self, made: _Made[E]) -> None:
-        stack = self._idle[made.user_id]
-        stack.remove(made)
-        if not stack:
-            del self._idle[made.user_id]
+        try:
+            result = self._reset(made.engine)
+            if result is not None and kind_of(type(result)) is AWAITABLE:
+                await drive(
+                    result,  # type: ignore[arg-type]
+                    self._close_timeout,
+                    "the reset of an engine of user %r",
+                    made.user_id,
+                )
+        except Exception as e:  # noqa: BLE001  # the engine is closed instead
+            return e
+        return None
 
     async def _sweep(self) -> None:
         """
         Close the idle engines older than the idle TTL.
         """
-        stale = time.monotonic() - self._idle_ttl
-        while self._idle_lru:
-            made = next(iter(self._idle_lru.values()))
-            if made.parked_at > stale:
-                break
-            del self._idle_lru[id(made)]
-            self._forget_idle(made)
+        assert self._pool is not None  # noqa: S101  # called only with a pool
+        for made in self._pool.take_stale():
             await self._close_idle(made)
 
-    async def _close_idle(self, made: _Made[E]) -> None:
+    async def _close_idle(self, made: Made[E]) -> None:
         # An idle engine is closed on the way of some other request, maybe of
         # another user: its errors are logged, never handed to that request.
-        for error in await self._close_made(made, None, None, None):
+        for error in await self._close_made(made, _NO_ERROR):
             logger.error(
                 "Closing an idle engine of user %r failed: %s", made.user_id, describe(error)
             )
 
-    async def _close_made(
-        self,
-        made: _Made[E],
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> list[BaseException]:
+    async def _close_made(self, made: Made[E], exc_info: ExcInfo) -> list[BaseException]:
         """
         Close *made*, shielded and bounded by the close timeout; return the errors.
         """
         c = self._counters
         c.closed += 1
         close = self._close
-        if made.exit is None and close is not None:
-            # The common case, a plain engine and a sync close, needs no scope.
+        if made.entered[0] is PLAIN and close is not None:
+            # The twin of aleave for a plain engine, inline: the usual case,
+            # and with a sync close it needs no coroutine nor list.
             try:
-                result = close(made.engine)
+                result: Any = close(made.engine)
+                if result is not None and kind_of(type(result)) is AWAITABLE:
+                    await drive(result, self._close_timeout, "an engine of user %r", made.user_id)
             except Exception as e:  # noqa: BLE001  # reported by the caller
                 c.close_errors += 1
                 return [e]
-            if result is None or kind_of(type(result)) is not AWAITABLE:
-                return []
-            steps: list[tuple[Callable[..., object], tuple[Any, ...]]] = [(_await, (result,))]
-        else:
-            steps = []
-            if made.exit is not None:
-                steps.append((made.exit, (exc_type, exc, tb)))
-            if close is not None:
-                steps.append((close, (made.engine,)))
-        errors = await run_steps(steps, self._close_timeout, "an engine of user %r", made.user_id)
-        c.close_errors += len(errors)
-        return errors
-
-
-def _await(awaitable: Awaitable[object]) -> Awaitable[object]:
-    return awaitable
-
-
-def _report(errors: list[BaseException], body_error: BaseException | None, user_id: str) -> None:
-    """
-    Never lose a close error: log each, and attach it to the body's error.
-    """
-    for error in errors:
-        logger.error("Closing an engine of user %r failed: %s", user_id, describe(error))
-        # Cancellations are BaseExceptions, not Exceptions: they carry no notes.
-        if isinstance(body_error, Exception):
-            add_note(body_error, f"While closing its engine: {describe(error)}")
-    if body_error is not None:
-        body_error.close_errors = [*getattr(body_error, "close_errors", ()), *errors]  # type: ignore[attr-defined]
-
-
-class _EngineUse(Generic[E]):
-    __slots__ = (
-        "_aborted",
-        "_bind",
-        "_cancelling",
-        "_ctx",
-        "_factory",
-        "_lease",
-        "_made",
-        "_scope",
-        "_task",
-        "_why",
-    )
-    _scope: anyio.CancelScope | None
-    _task: Any  # the asyncio or trio task that entered
-
-    def __init__(self, factory: EngineFactory[E], ctx: UserContext | None) -> None:
-        self._factory = factory
-        self._ctx = ctx
-        self._aborted = False
-        self._why = ""
-
-    def abort(self, why: str) -> None:
-        """
-        Cut the body short because the factory is closing: *why* completes
-        "the body was cancelled because ..." in the error the body sees.
-        """
-        self._aborted = True
-        self._why = why
-        scope = self._scope
-        if scope is not None:
-            scope.cancel()  # a no-op once the body has ended
-        elif self._task is not None:  # None once the body has ended
-            self._task.cancel("The EngineFactory was closed.")
-
-    async def __aenter__(self) -> E:
-        f = self._factory
-        f._check_open()
-        ctx = self._ctx = self._ctx if self._ctx is not None else current()
-        b = self._bind = bind(ctx)
-        b.__enter__()
-        c = f._counters
-        try:
-            try:
-                lease = await f._quota.acquire(ctx.user_id, timeout=f._timeout)
-            except QuotaTimeoutError:
-                c.timed_out += 1
-                raise
-            except QuotaExceededError:
-                c.rejected += 1
-                raise
-            try:
-                f._check_open()
-                f._creating += 1
-                try:
-                    made = await f._obtain(ctx)
-                finally:
-                    f._creating -= 1
-                if f._closed:
-                    await f._close_idle(made)
-                    f._check_open()
-            except BaseException:
-                await f._quota.arelease(lease)
-                f._settle()
-                raise
-        except BaseException:
-            b.__exit__(None, None, None)
-            raise
-        self._lease = lease
-        self._made = made
-        c.start(ctx.user_id)
-        f._uses.add(self)
-        deadline = f._deadline
-        try:
-            task = current_task()
-        except RuntimeError:  # no asyncio loop: trio
-            task = None
-        if task is not None and deadline is None:
-            # No cancel scope held open over the body: it costs more than the
-            # rest, and one left in the task that entered it (by an async
-            # generator another task finishes) breaks that task's scopes.
-            # aclose() cuts the body with a native cancellation instead.
-            self._scope = None
-            self._task = task
-            self._cancelling = task.cancelling() if _CANCELLING else 0
-            return made.engine
-        scope = self._scope = anyio.CancelScope(
-            deadline=math.inf if deadline is None else anyio.current_time() + deadline
-        )
-        scope.__enter__()
-        self._task = running_task()
-        return made.engine
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        f = self._factory
-        ctx = self._ctx
-        assert ctx is not None  # noqa: S101  # set by __aenter__
-        scope = self._scope
-        if scope is None:
-            # Cut by aclose() (natively) if it cancelled the task, and nothing
-            # else did: asyncio.timeout's rule, by Task.cancelling().
-            caught = (
-                self._aborted
-                and (not _CANCELLING or self._task.uncancel() <= self._cancelling)
-                and isinstance(exc, CancelledError)
-            )
-            self._task = None  # the body has ended: aclose() must not cancel the close
-        elif running_task() is self._task:
-            # trio's scopes return True from __exit__ even without an exception.
-            caught = bool(scope.__exit__(exc_type, exc, tb)) and exc is not None
-        else:
-            # Left in another task than the one that entered it (an async
-            # generator finished by another task, as streaming responses do):
-            # its cancel scope cannot be exited here, and its body has ended,
-            # so the deadline is dropped; the engine is closed as usual.
-            scope.deadline = math.inf
-            caught = False
-        body_error = None if caught else exc
-        c = f._counters
-        hit = caught and not self._aborted
-        if hit:
-            c.deadline_hits += 1
-        try:
-            errors = await f._park_or_close(
-                self._made, None if caught else exc_type, body_error, None if caught else tb
-            )
-            if f._idle_lru:
-                await f._sweep()
-        finally:
-            # Counted out before the slot is given back, so that the next
-            # holder is never counted beside this one.
-            c.stop(ctx.user_id)
-            await f._quota.arelease(self._lease)
-            f._uses.discard(self)
-            f._settle()
-            self._bind.__exit__(None, None, None)
-        if hit:
-            error: BaseException = EngineDeadlineError(
-                f"The body using an engine of user {ctx.user_id!r} ran past its deadline of "
-                f"{f._deadline} s and was cancelled. Make it finish sooner or raise the "
-                "factory's deadline."
-            )
-        elif caught:
-            error = FactoryClosedError(
-                f"The EngineFactory was closed while user {ctx.user_id!r} used an engine; "
-                f"the body was cancelled because {self._why}."
-            )
-        elif errors and body_error is None:
-            error = errors[0]
-            errors = errors[1:]
-        else:
-            _report(errors, body_error, ctx.user_id)
-            return
-        _report(errors, error, ctx.user_id)
-        raise error
-
-
-_ASYNC_KINDS = (AWAITABLE, ASYNC_CM, ASYNC_GEN)
-
-
-def _refuse_async(result: object, hook: str) -> str:
-    """
-    Return the kind of *result*, or raise `TypeError` if it needs an event loop.
-    """
-    kind = PLAIN if result is None else kind_of(type(result))
-    if kind in _ASYNC_KINDS:
-        close = getattr(result, "close", None)
-        if kind is AWAITABLE and close is not None:
-            close()  # no "never awaited" warning on top of the error
-        msg = (
-            f"engine_sync() needs a sync {hook}, but it returned an {kind}; "
-            "use `async with factory.engine()` instead."
-        )
-        raise TypeError(msg)
-    return kind
-
-
-class _SyncEngineUse(Generic[E]):
-    __slots__ = ("_bind", "_ctx", "_factory", "_lease", "_made")
-
-    def __init__(self, factory: EngineFactory[E], ctx: UserContext | None) -> None:
-        self._factory = factory
-        self._ctx = ctx
-
-    def __enter__(self) -> E:
-        f = self._factory
-        f._check_open()
-        ctx = self._ctx = self._ctx if self._ctx is not None else current()
-        b = self._bind = bind(ctx)
-        b.__enter__()
-        c = f._sync_counters
-        try:
-            quota = f._thread_quota
-            if quota is None:
-                with f._sync_lock:
-                    if f._thread_quota is None:
-                        f._thread_quota = ThreadQuota(per_key=f._per_user, total=f._total)
-                    quota = f._thread_quota
-            try:
-                lease = quota.acquire(ctx.user_id, timeout=f._timeout)
-            except (QuotaTimeoutError, QuotaExceededError) as e:
-                with f._sync_lock:
-                    if isinstance(e, QuotaTimeoutError):
-                        c.timed_out += 1
-                    else:
-                        c.rejected += 1
-                raise
-            try:
-                made = self._create(ctx)
-            except BaseException:
-                lease.release()
-                raise
-        except BaseException:
-            b.__exit__(None, None, None)
-            raise
-        self._lease = lease
-        self._made = made
-        with f._sync_lock:
-            c.created += 1
-            c.start(ctx.user_id)
-        return made.engine
-
-    def _create(self, ctx: UserContext) -> _Made[E]:
-        f = self._factory
-        try:
-            result: Any = f._create(ctx)
-            kind = _refuse_async(result, "create")
-            if kind is SYNC_CM:
-                return _Made(ctx.user_id, result.__enter__(), result.__exit__)
-            if kind is GEN:
-                return _Made(ctx.user_id, first_value(result, "create"), gen_exit(result))
-            return _Made(ctx.user_id, result, None)
-        except Exception:
-            with f._sync_lock:
-                f._sync_counters.create_errors += 1
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        f = self._factory
-        ctx = self._ctx
-        assert ctx is not None  # noqa: S101  # set by __enter__
-        made = self._made
+            return []
         errors: list[BaseException] = []
-        try:
-            if made.exit is not None:
-                try:
-                    made.exit(exc_type, exc, tb)
-                except Exception as e:  # noqa: BLE001  # collected and reported
-                    errors.append(e)
-            if f._close is not None:
-                try:
-                    _refuse_async(f._close(made.engine), "close")
-                except Exception as e:  # noqa: BLE001  # collected and reported
-                    errors.append(e)
-        finally:
-            c = f._sync_counters
-            with f._sync_lock:
-                c.closed += 1
-                c.close_errors += len(errors)
-                c.stop(ctx.user_id)
-            # Given back only once counted out: another thread takes the slot
-            # at once, and must never be counted beside this one.
-            self._lease.release()
-            self._bind.__exit__(None, None, None)
-        if errors and exc is None:
-            _report(errors[1:], errors[0], ctx.user_id)
-            raise errors[0]
-        _report(errors, exc, ctx.user_id)
+        fatal = await aleave(
+            made.entered,
+            self._close,
+            exc_info,
+            errors,
+            timeout=self._close_timeout,
+            what="an engine of user %r",
+            what_args=(made.user_id,),
+        )
+        c.close_errors += len(errors)
+        if fatal is not None:
+            report(errors, fatal, made.user_id)
+            raise fatal
+        return errors

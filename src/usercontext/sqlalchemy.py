@@ -181,7 +181,7 @@ def session_provider(
     and when the scope ends it is committed if the scope's body succeeded (with
     *commit* ``"on_success"``), rolled back if the body raised or was
     cancelled, and closed in every case. The cleanup runs shielded from
-    cancellation, within the registry's *cleanup_timeout*.
+    cancellation, within the registry's *close_timeout*.
 
     An ``async_sessionmaker`` gives ``AsyncSession``
     sessions, for ``async with`` scopes and `usercontext.Scope.aget`; a

@@ -103,7 +103,7 @@ class TestConcurrency:
         assert len({r.request_id for r in records}) == users * per_user
         assert len({id(s) for s in sessions}) == users * per_user
         stats = registry.stats()
-        assert (stats.scopes_open, stats.scopes_opened, stats.resources_open) == (
+        assert (stats.scopes, stats.opened, stats.top) == (
             0,
             users * per_user,
             (),

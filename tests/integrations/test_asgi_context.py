@@ -124,7 +124,7 @@ class TestFreshContext:
         assert log[0] == "open u-42 depth=0"
         assert log[1].startswith("rollback ")
         assert log[1] != "rollback _DisconnectedError"
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().scopes == 0
         assert client.sent == []
 
 

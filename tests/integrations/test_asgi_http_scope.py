@@ -50,7 +50,7 @@ class TestHTTPScope:
         ]
         assert client.headers()[b"content-length"] == b"%d" % len(body)
         stats = registry.stats()
-        assert (stats.scopes_open, stats.scopes_opened, stats.cleanup_errors) == (0, 1, 0)
+        assert (stats.scopes, stats.opened, stats.close_errors) == (0, 1, 0)
 
     async def test_failed_cleanup_turns_it_into_500(self, caplog):
         """
@@ -85,8 +85,8 @@ class TestHTTPScope:
         }
         assert b"secret" not in client.body()
         assert log[:3] == ["open u-42 depth=0", "app sends", "commit depth=0"]
-        assert registry.stats().cleanup_errors == 1
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().close_errors == 1
+        assert registry.stats().scopes == 0
         messages = [r.getMessage() for r in caplog.records if r.name == "usercontext.asgi"]
         assert len(messages) == 1
         assert messages[0].startswith("The resources of request req-fail were not all cleaned up")
@@ -191,7 +191,7 @@ class TestHTTPScope:
         messages = [r.getMessage() for r in caplog.records if r.name == "usercontext.asgi"]
         assert len(messages) == 1
         assert "req-s" in messages[0]
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().scopes == 0
 
     async def test_application_catching_the_cut(self):
         """
@@ -398,7 +398,7 @@ class TestHTTPFailures:
         assert isinstance(error, ConnectionError)
         assert str(error) == DISCONNECTED
         assert client.sent[-1]["more_body"] is True
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().scopes == 0
 
     async def test_send_raising_oserror(self):
         """
@@ -424,7 +424,7 @@ class TestHTTPFailures:
 
         assert log == ["open u-42 depth=0", "rollback OSError"]
         assert len(client.sent) == 2
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().scopes == 0
 
     async def test_send_cancelled_rolls_back(self):
         """
@@ -458,7 +458,7 @@ class TestHTTPFailures:
         assert log[0] == "open u-42 depth=0"
         assert log[1].startswith("rollback ")
         assert log[1] != "rollback _DisconnectedError"
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().scopes == 0
 
     async def test_disconnect_after_the_last_chunk_is_not_a_failure(self):
         """
@@ -560,7 +560,7 @@ class TestHTTPFailures:
         assert client.headers()[b"content-type"] == b"application/problem+json"
         assert client.json()["request_id"] == "req-f"
         assert "ValueError" not in client.body().decode()  # nothing of the error itself
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().scopes == 0
 
     async def test_app_raising_after_its_response(self):
         """
@@ -582,7 +582,7 @@ class TestHTTPFailures:
 
         assert log[:2] == ["open u-42 depth=0", "commit depth=0"]
         assert client.status() == 200
-        assert registry.stats().scopes_opened == 1
+        assert registry.stats().opened == 1
 
     async def test_app_returning_without_a_response(self):
         """

@@ -39,7 +39,7 @@ class TestInChildScope:
             ctx = uc.current()
             assert [s.ctx for s in scope] == ([ctx] if with_registry else [])
             log.append(
-                (label, ctx.user_id, ctx.depth, ctx.parent_request_id, registry.stats().scopes_open)
+                (label, ctx.user_id, ctx.depth, ctx.parent_request_id, registry.stats().scopes)
             )
             return ctx
 
@@ -72,7 +72,7 @@ class TestInChildScope:
             True,  # the request's context is bound again afterwards
         ]
         stats = registry.stats()
-        assert (stats.scopes_open, stats.scopes_opened) == (0, 2 if with_registry else 1)
+        assert (stats.scopes, stats.opened) == (0, 2 if with_registry else 1)
 
     @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
     async def test_work_opens_resources_of_its_own(self, is_async):
@@ -136,9 +136,7 @@ class TestInChildScope:
         def work(*scope):
             ctx = uc.current()
             assert [s.ctx for s in scope] == ([ctx] if with_registry else [])
-            done.append(
-                (ctx.user_id, ctx.depth, ctx.parent_request_id, registry.stats().scopes_open)
-            )
+            done.append((ctx.user_id, ctx.depth, ctx.parent_request_id, registry.stats().scopes))
 
         async def awork(*scope):
             await anyio.lowlevel.checkpoint()
@@ -170,7 +168,7 @@ class TestInChildScope:
 
         assert done == [("u-42", 1, "req-t", 1 if with_registry else 0)]
         stats = registry.stats()
-        assert (stats.scopes_open, stats.scopes_opened) == (0, 2 if with_registry else 1)
+        assert (stats.scopes, stats.opened) == (0, 2 if with_registry else 1)
 
     def test_each_call_is_a_new_child(self, ctx):
         """
@@ -224,7 +222,7 @@ class TestInChildScope:
                 *scope, n = args
                 assert len(scope) == (1 if with_registry else 0)
                 await anyio.lowlevel.checkpoint()
-                return n, uc.current().depth, registry.stats().scopes_open
+                return n, uc.current().depth, registry.stats().scopes
 
         with uc.bind(ctx):
             later = in_child_scope(Job(), registry=registry if with_registry else None)

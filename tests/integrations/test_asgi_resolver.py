@@ -346,7 +346,7 @@ class TestAnonymous:
         )
         assert client.status() == 200
         assert client.header_values(b"x-request-id") == [b"req-anon"]
-        assert registry.stats().scopes_opened == 0
+        assert registry.stats().opened == 0
 
     async def test_async_resolver_returning_none(self):
         """

@@ -33,7 +33,7 @@ def starlette_app(log, registry):
         ctx = uc.current()
         log.append(
             f"{label} user={ctx.user_id} depth={ctx.depth} parent={ctx.parent_request_id} "
-            f"scopes_open={registry.stats().scopes_open}"
+            f"scopes={registry.stats().scopes}"
         )
 
     async def async_task(label):
@@ -113,14 +113,14 @@ class TestStarlette:
         assert log == [
             "open u-42 depth=0",
             "commit depth=0",
-            "async task user=u-42 depth=1 parent=req-n scopes_open=0",
+            "async task user=u-42 depth=1 parent=req-n scopes=0",
             "open u-42 depth=1",
             "commit depth=1",
-            "sync task user=u-42 depth=1 parent=req-n scopes_open=1",
+            "sync task user=u-42 depth=1 parent=req-n scopes=1",
             "open u-42 depth=1",  # the session of the scope in_child_scope passed it
             "commit depth=1",
         ]
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().scopes == 0
 
     async def test_streaming_response_commits_after_the_last_chunk(self):
         """
@@ -144,7 +144,7 @@ class TestStarlette:
             "chunk 2 user=u-7 session=u-7",
             "commit depth=0",
         ]
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().scopes == 0
 
     async def test_refusal_and_failed_commit_behind_204(self):
         """
@@ -198,7 +198,7 @@ class TestStarlette:
         assert [line for line in log if line.startswith(("commit", "rollback"))] == 31 * [
             "commit depth=0"
         ]
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().scopes == 0
 
     @pytest.mark.parametrize("backend", ["asyncio", "trio"])
     def test_crash_behind_server_error_middleware(self, backend):

@@ -130,4 +130,4 @@ class TestWebSocket:
         messages = [r.getMessage() for r in caplog.records]
         assert "A cleanup of a scope of user 'u-42' failed: OSError: the commit failed" in messages
         assert any(m.startswith("The resources of request req-ws were not all") for m in messages)
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().scopes == 0

@@ -194,7 +194,7 @@ def build(  # noqa: C901, PLR0915  # one route per case, in one place
         return {"users": [ctx.user_id, engine.user_id], "same": again is engine}
 
     @app.get("/engine/sync")
-    def engine_sync(ctx: CurrentContext, engine: TheEngine):
+    def engine(ctx: CurrentContext, engine: TheEngine):
         log.append(("endpoint", engine.closed))
         return {"users": [ctx.user_id, engine.user_id], "bound": uc.current() is ctx}
 
@@ -274,14 +274,14 @@ def assert_settled(app):
     """
     factory = app.state.factory
     stats = factory.stats()
-    assert stats.active == 0
-    assert stats.waiting == 0
+    assert stats.in_use == 0
+    assert stats.quota.waiting == 0
     assert stats.created == stats.closed
     assert factory.quota.stats().in_use == 0
     assert factory.quota.stats().waiting == 0
     registry = app.state.registry
-    assert registry.stats().scopes_open == 0
-    assert registry.stats().resources_open == ()
+    assert registry.stats().scopes == 0
+    assert registry.stats().top == ()
 
 
 def assert_refused(response, error, retry_after):
@@ -469,7 +469,7 @@ class TestResource:
 
         assert len(bodies) == 30
         assert all(users == [user] * 3 for user, users in bodies)
-        assert app.state.registry.stats().scopes_opened == 30
+        assert app.state.registry.stats().opened == 30
         assert_settled(app)
 
     def test_websocket_route(self, anyio_backend):
@@ -483,7 +483,7 @@ class TestResource:
             client.websocket_connect("/ws", headers=as_user("u-2")) as ws,
         ):
             assert ws.receive_json() == {"users": ["u-2"] * 3, "bound": True}
-            assert app.state.registry.stats().scopes_open == 1
+            assert app.state.registry.stats().scopes == 1
             ws.send_text("bye")
             with pytest.raises(WebSocketDisconnect):
                 ws.receive_text()
@@ -554,7 +554,7 @@ class TestResource:
             async with client_of(outer) as client:
                 with pytest.raises(uc.IsolationError, match="belongs to a scope of user 'u-other'"):
                     await client.get("/", headers=as_user("u-1"))
-        assert registry.stats().scopes_open == 0
+        assert registry.stats().scopes == 0
 
 
 class TestEngineDep:
@@ -622,7 +622,7 @@ class TestEngineDep:
             client.websocket_connect("/ws", headers=as_user("u-2")) as ws,
         ):
             assert ws.receive_json() == {"users": ["u-2"] * 3, "bound": True}
-            assert app.state.factory.stats().active == 1
+            assert app.state.factory.stats().in_use == 1
             ws.send_text("bye")
             with pytest.raises(WebSocketDisconnect):
                 ws.receive_text()
@@ -651,7 +651,7 @@ class TestEngineDep:
                 await gate.all_in.wait()
             third = await client.get("/engine/async", headers=as_user("u-1"))
             sync_third = await client.get("/engine/sync", headers=as_user("u-1"))
-            assert app.state.factory.stats().active == 3
+            assert app.state.factory.stats().in_use == 3
             app.state.gate = None
             other = await client.get("/engine/sync", headers=as_user("u-3"))
             gate.open.set()
@@ -661,7 +661,7 @@ class TestEngineDep:
         assert_refused(sync_third, "quota_exceeded", 1)
         assert other.status_code == 200
         assert [r.status_code for r in held] == [200, 200, 200]
-        assert app.state.factory.stats().rejected == 2
+        assert app.state.factory.stats().quota.rejected == 2
         assert_settled(app)
 
     async def test_timeout_gives_429(self):
@@ -685,7 +685,7 @@ class TestEngineDep:
 
         assert_refused(late, "quota_timeout", 1)
         assert first[0].status_code == 200
-        assert app.state.factory.stats().timed_out == 1
+        assert app.state.factory.stats().quota.timed_out == 1
         assert_settled(app)
 
     @pytest.mark.parametrize(
@@ -814,7 +814,7 @@ class TestEngineDep:
         async with client_of(app) as client:
             with anyio.fail_after(5), pytest.raises(uc.EngineDeadlineError):
                 await client.get("/engine/slow", headers=as_user("u-1"))
-        assert app.state.factory.stats().deadline_hits == 1
+        assert app.state.factory.stats().deadline_errors == 1
         assert_settled(app)
 
     async def test_dependency_overrides(self):
@@ -934,8 +934,8 @@ class TestUnderLoad:
         assert set(outcomes) == {200, 429, 500}
         assert wrong == []
         stats = app.state.factory.stats()
-        assert stats.rejected == outcomes[429]
-        assert stats.peak_active <= 12
+        assert stats.quota.rejected == outcomes[429]
+        assert stats.peak <= 12
         assert_settled(app)
 
 
@@ -975,7 +975,7 @@ class TestDependencyOverrides:
         assert engine.json()["users"] == ["u-fake", "u-fake"]
         assert emit.json() == {"user": "u-fake", "seq": 99}
         assert app.state.factory.stats().created == 0
-        assert app.state.registry.stats().resources_created == 0
+        assert app.state.registry.stats().created == 0
 
     def test_one_callable_per_resource_key(self):
         """

@@ -284,7 +284,7 @@ class TestAsyncSessionSQLite:
 
             watch.assert_no_leaks()
         assert e.value is boom
-        assert not hasattr(boom, "cleanup_errors")
+        assert not hasattr(boom, "close_errors")
         assert _sqlite_rows(sqlite_engine) == set()
         assert not session.in_transaction()
 
@@ -310,7 +310,7 @@ class TestAsyncSessionSQLite:
             watch.assert_no_leaks()
         assert cs.cancelled_caught
         assert _sqlite_rows(sqlite_engine) == set()
-        assert registry.stats().resources_open == ()
+        assert registry.stats().top == ()
 
     @pytest.mark.xfail(
         condition=_aiosqlite_stops(),
@@ -589,7 +589,7 @@ class TestUserChecks:
             with pytest.raises(NoContextError, match="'u-42'"):
                 await without_context()
 
-        assert registry.stats().resources_created == 0
+        assert registry.stats().created == 0
 
     async def test_refuses_another_users_context(self, sqlite_engine, ctx, other_ctx):
         """
@@ -618,7 +618,7 @@ class TestUserChecks:
                 await as_other_user()
 
         assert session.info["user_id"] == "u-42"
-        assert registry.stats().resources_created == 1
+        assert registry.stats().created == 1
 
     def test_async_session_needs_an_async_scope(self, sqlite_path, ctx):
         """
@@ -633,7 +633,7 @@ class TestUserChecks:
         with pytest.raises(TypeError, match="aget"), registry.scope(ctx) as scope:
             scope.get(AsyncSession)
 
-        assert registry.stats().resources_created == 0
+        assert registry.stats().created == 0
 
     def test_provider_takes_a_context(self, sqlite_engine):
         """
@@ -793,9 +793,9 @@ class TestPostgres:
         assert not any(state.startswith("idle in transaction") for state in backends)
         assert _pg_rows(pg_admin, pg_table) == outcomes["ok"]
         stats = registry.stats()
-        assert stats.resources_created == 1000
-        assert stats.resources_open == ()
-        assert stats.cleanup_errors == 0
+        assert stats.created == 1000
+        assert stats.top == ()
+        assert stats.close_errors == 0
 
     def test_sync_psycopg_in_threads(self, pg_url, pg_admin, pg_table):
         """

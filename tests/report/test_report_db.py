@@ -93,7 +93,7 @@ def _check_backend(result, name, n):
     assert requests["checked_out_at_end"] == 0
     assert requests["held_at_end"] == []
     assert requests["resources_open"] == []
-    assert requests["cleanup_errors"] == 0
+    assert requests["close_errors"] == 0
     connections = result.figures[f"{key}_connections"]
     assert connections["opened"] == connections["closed"] > 0
     assert connections["checkouts"] == connections["checkins"] > n

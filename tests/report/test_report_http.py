@@ -174,11 +174,11 @@ class TestSection:
         for, fails the row and is named in it.
         """
         idle = http.Service().state()
-        left = http.Run("in-process", state={**idle, "scopes_open": 1, "hub_users": 2})
+        left = http.Run("in-process", state={**idle, "scopes": 1, "hub_users": 2})
         unbalanced = http.Run("in-process", state={**idle, "sessions_opened": 1})
         scale = attrs.evolve(QUICK, memory_contexts=100)
 
-        for run, text in ((left, "; scopes_open 1; hub_users 2"), (unbalanced, "not every")):
+        for run, text in ((left, "; scopes 1; hub_users 2"), (unbalanced, "not every")):
             out = Table("http")
             http._memory_rows(out, scale, [run])
 
@@ -292,7 +292,7 @@ class TestUvicorn:
         assert scenario["server"] == "uvicorn"
         (ours,) = scenario["ours"]
         assert (ours["requests"], ours["succeeded"], ours["cross_user"]) == (100, 100, 0)
-        assert ours["state"]["hub_users"] == ours["state"]["scopes_open"] == 0
+        assert ours["state"]["hub_users"] == ours["state"]["scopes"] == 0
         assert "under uvicorn on 127.0.0.1, over 400 keep-alive connections" in result.notes[0]
         assert "from a request's write" in result.notes[1]
 

@@ -139,7 +139,7 @@ class WriteTurn:
     response is ready. Without turns, every other writer waits on that lock
     in SQLite's busy handler, which polls (it is not first come, first served)
     for up to 5 s, and a write first flushed by the commit waits there too,
-    against the registry's *cleanup_timeout*: under load, a commit can be cut
+    against the registry's *close_timeout*: under load, a commit can be cut
     and a request fail. With turns, a request takes its turn in the endpoint,
     before its first write, in order of arrival, and gives it back when its
     scope has committed or rolled back; so no commit ever waits for another

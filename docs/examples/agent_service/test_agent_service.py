@@ -77,7 +77,7 @@ SUCCEEDED = [
 FAILED = ["agent_started", "agent_thinking", "tool_executing", "agent_error"]
 # What a settled server holds: nothing.
 SETTLED = {
-    "scopes_open": 0,
+    "scopes": 0,
     "resources_open": 0,
     "engines_active": 0,
     "quota_in_use": 0,
@@ -162,9 +162,9 @@ class LiveServer:
         def snapshot():
             registry, quota = s.registry.stats(), s.factory.quota.stats()
             return {
-                "scopes_open": registry.scopes_open,
-                "resources_open": sum(n for _, n in registry.resources_open),
-                "engines_active": s.factory.stats().active,
+                "scopes": registry.scopes,
+                "resources_open": registry.in_use,
+                "engines_active": s.factory.stats().in_use,
                 "quota_in_use": quota.in_use,
                 "quota_waiting": quota.waiting,
                 "connections_held": s.pool.checked_out,
@@ -512,11 +512,11 @@ class TestErrors:
         factory = server.service.factory
 
         def running():
-            return dict(factory.stats().active_per_user).get(user_id, 0)
+            return dict(factory.stats().top).get(user_id, 0)
 
         def counters():
             stats = factory.stats()
-            return stats.created, stats.rejected, factory.quota.stats().granted
+            return stats.created, stats.quota.rejected, factory.quota.stats().granted
 
         async def run(results):
             response = await http.post("/runs", json={"step_delay": 0.5}, headers=auth(user_id))
@@ -668,7 +668,7 @@ class TestNoLeaks:
         kinds = list(KINDS)
 
         def rejected():
-            return server.service.factory.stats().rejected
+            return server.service.factory.stats().quota.rejected
 
         rejected_before = server.call(rejected)
         async with anyio.create_task_group() as tg:

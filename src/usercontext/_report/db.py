@@ -544,8 +544,8 @@ class _Measurement:
             "checked_out_at_end": r.checked_out,
             "held_at_end": r.held,
             "idle_in_transaction": r.idle_in_transaction,
-            "resources_open": [list(item) for item in stats.resources_open],
-            "cleanup_errors": stats.cleanup_errors,
+            "resources_open": [list(item) for item in stats.top],
+            "close_errors": stats.close_errors,
         }
         counted = len(r.ok) + len(r.failed) + len(r.cancelled) == n
         idle = (
@@ -553,10 +553,10 @@ class _Measurement:
             if r.idle_in_transaction is None
             else f", {r.idle_in_transaction} idle in transaction"
         )
-        clean = r.checked_out == 0 and not r.idle_in_transaction and stats.resources_open == ()
+        clean = r.checked_out == 0 and not r.idle_in_transaction and stats.top == ()
         connections = {
-            "cleanup_errors": Quantity(stats.cleanup_errors, "errors"),
-            "resources_open": Quantity(sum(k for _, k in stats.resources_open), "resources"),
+            "close_errors": Quantity(stats.close_errors, "errors"),
+            "resources_open": Quantity(sum(k for _, k in stats.top), "resources"),
         }
         if r.idle_in_transaction is not None:
             connections["idle_in_transaction"] = Quantity(r.idle_in_transaction, "connections")
@@ -587,8 +587,8 @@ class _Measurement:
                 kind="correctness",
                 metric=f"{name}: connections checked out at the end (`PoolWatch`)",
                 target="0",
-                achieved=f"**{r.checked_out}**{idle}, {stats.cleanup_errors} cleanup errors",
-                ok=clean and stats.cleanup_errors == 0,
+                achieved=f"**{r.checked_out}**{idle}, {stats.close_errors} cleanup errors",
+                ok=clean and stats.close_errors == 0,
                 value=Quantity(r.checked_out, "connections"),
                 goal=Goal("==", 0, "connections"),
                 details=connections,

@@ -495,7 +495,7 @@ async def _reject_and_timeout() -> dict[str, Any]:
     return {
         "requests": USERS * 5,
         "rejected": rejected,
-        "stats_rejected": stats.rejected,
+        "stats_rejected": stats.quota.rejected,
         "created": stats.created,
         "closed": stats.closed,
         "peak_per_user": peak,

@@ -492,7 +492,7 @@ def _legacy_rows(out: Table, scale: Scale, server: Server) -> list[Run]:
 
 # What a service may hold once every request has ended: nothing.
 _LEFT = (
-    "scopes_open",
+    "scopes",
     "resources_open",
     "engines_active",
     "quota_in_use",

@@ -240,12 +240,12 @@ class Service:
         quota = self.factory.quota.stats()
         return {
             **attrs.asdict(self.tally),
-            "scopes_open": registry.scopes_open,
-            "scopes_opened": registry.scopes_opened,
-            "resources_open": sum(n for _, n in registry.resources_open),
+            "scopes": registry.scopes,
+            "opened": registry.opened,
+            "resources_open": registry.in_use,
             "engines_created": factory.created,
-            "engines_active": factory.active,
-            "peak_engines": factory.peak_active,
+            "engines_active": factory.in_use,
+            "peak_engines": factory.peak,
             "quota_in_use": quota.in_use,
             "quota_waiting": quota.waiting,
             "quota_keys": quota.keys,

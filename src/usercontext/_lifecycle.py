@@ -1,5 +1,13 @@
 """
-Small helpers shared by the modules that close things.
+The lifecycle of what a provider returns: its kinds (a value, an awaitable, a
+sync or async context manager, a sync or async generator), entering it, and
+leaving it again, in sync and async code, with async cleanups shielded from
+cancellation and cut after a timeout.
+
+The engine factory and the registry's scopes both go through here. A scope's
+hot paths keep their own copy of `enter`, `aenter`, `leave` and `aleave`
+inline for speed; each names its twin here, and a test runs both on the same
+cases.
 """
 
 from __future__ import annotations
@@ -20,11 +28,12 @@ from .exceptions import CloseTimeoutError
 
 if TYPE_CHECKING:
     from asyncio import Future
-    from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
+    from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
     from types import CodeType, TracebackType
+    from typing import TypeAlias
 
-    ExitFn = Callable[
-        [type[BaseException] | None, BaseException | None, TracebackType | None], object
+    ExcInfo: TypeAlias = tuple[
+        type[BaseException] | None, BaseException | None, TracebackType | None
     ]
 
 
@@ -206,36 +215,6 @@ def _waker(proxy: Future[Any]) -> Callable[[object], None]:
     return wake
 
 
-async def run_steps(
-    steps: Iterable[tuple[Callable[..., object], tuple[Any, ...]]],
-    timeout: float,
-    what: str,
-    *what_args: object,
-) -> list[BaseException]:
-    """
-    Call each cleanup step in order; return the errors they raised.
-
-    Every step runs, whatever the others did. A step returning an awaitable is
-    awaited with `drive`, so each is shielded and cut after *timeout*. An
-    exception that is not an `Exception` (a KeyboardInterrupt) is re-raised once
-    every step has run.
-    """
-    errors: list[BaseException] = []
-    fatal: BaseException | None = None
-    for fn, args in steps:
-        try:
-            result = fn(*args)
-            if result is not None and kind_of(type(result)) is AWAITABLE:
-                await drive(result, timeout, what, *what_args)  # type: ignore[arg-type]
-        except Exception as e:  # noqa: BLE001, PERF203  # collected; each step must run
-            errors.append(e)
-        except BaseException as e:  # noqa: BLE001  # re-raised below, after the other steps
-            fatal = fatal or e
-    if fatal is not None:
-        raise fatal
-    return errors
-
-
 # What a provider or factory returned, by type; see kind_of.
 PLAIN, AWAITABLE, ASYNC_CM, SYNC_CM, GEN, ASYNC_GEN = (
     "plain",
@@ -245,6 +224,10 @@ PLAIN, AWAITABLE, ASYNC_CM, SYNC_CM, GEN, ASYNC_GEN = (
     "generator",
     "async generator",
 )
+# An entered async generator whose code has no await: its cleanup runs to the
+# end without suspending, so a cancel scope around it could neither see a
+# cancellation nor reach a deadline, and it is left out.
+ASYNC_GEN_NO_AWAIT = "async generator without await"
 _kinds: dict[type, str] = {}
 _KINDS_MAX = 1024
 
@@ -415,15 +398,169 @@ def can_suspend(code: CodeType) -> bool:
     return suspends
 
 
-def gen_exit(gen: Generator[Any, None, Any]) -> ExitFn:
+def refuse(result: Any, kind: str, what: str, fix: str) -> TypeError:
     """
-    Return an exit function (as ``__exit__``) that runs `finish_gen`.
+    Return the error for *result*, of *kind*, made by *what*, which sync code
+    cannot enter; *fix* says what to use instead.
     """
-    return lambda _type, exc, _tb: finish_gen(gen, exc)
+    if kind is AWAITABLE and hasattr(result, "close"):
+        result.close()  # no "never awaited" warning on top of the error
+    return TypeError(f"{what} is asynchronous (it returned an {kind}); {fix}.")
 
 
-def async_gen_exit(agen: AsyncGenerator[Any, None]) -> ExitFn:
+def left_async(kind: str, what: str, fix: str) -> TypeError:
     """
-    Return an exit function (as ``__aexit__``) that returns `finish_agen`.
+    Return the error for *what*, an entered *kind*, left by sync code although
+    its cleanup needs an event loop; *fix* says what to use instead.
     """
-    return lambda _type, exc, _tb: finish_agen(agen, exc)
+    return TypeError(
+        f"{what} ({kind}) was entered by async code but left by sync code, so its async "
+        f"cleanup cannot run; {fix}."
+    )
+
+
+def enter(result: Any, kind: str, what: str, fix: str) -> tuple[str, Any, Any]:
+    """
+    Enter *result*, of *kind* (`kind_of` its type), made by *what*, the sync
+    way: return what `leave` needs, ``(kind, to_exit, value)``.
+
+    An object that is both an async and a sync context manager is entered the
+    sync way. Scope.get is its inline twin.
+
+    Raises:
+        TypeError: If *result* needs an event loop (`refuse`, with *fix*).
+        RuntimeError: If a generator returned without yielding.
+    """
+    if kind is GEN:
+        return GEN, result, first_value(result, what)
+    if kind is SYNC_CM or (kind is ASYNC_CM and hasattr(result, "__enter__")):
+        return SYNC_CM, result, result.__enter__()
+    if kind is PLAIN:
+        return PLAIN, None, result
+    raise refuse(result, kind, f"The {what}", fix)
+
+
+async def aenter(result: Any, kind: str, what: str) -> tuple[str, Any, Any]:
+    """
+    Enter *result*, of *kind*, made by *what*, in async code: any kind works.
+    Return what `aleave` needs, ``(kind, to_exit, value)``.
+
+    An awaitable is awaited and what it gives entered in turn. An async
+    generator that cannot await gets the kind `ASYNC_GEN_NO_AWAIT`.
+    Scope.aget is its inline twin.
+
+    Raises:
+        RuntimeError: If a generator returned without yielding.
+    """
+    if kind is AWAITABLE:
+        result = await result
+        kind = kind_of(type(result))
+    if kind is ASYNC_GEN:
+        value = await first_value_async(result, what)
+        return (ASYNC_GEN if can_suspend(result.ag_code) else ASYNC_GEN_NO_AWAIT), result, value
+    if kind is ASYNC_CM:
+        return ASYNC_CM, result, await result.__aenter__()
+    if kind is GEN:
+        return GEN, result, first_value(result, what)
+    if kind is SYNC_CM:
+        return SYNC_CM, result, result.__enter__()
+    return PLAIN, None, result
+
+
+def leave(  # noqa: PLR0913  # what one resource needs; a bundle would cost an allocation
+    entered: tuple[str, Any, Any],
+    close: Callable[[Any], object] | None,
+    exc_info: ExcInfo,
+    errors: list[BaseException],
+    *,
+    fix: str,
+    what: str,
+    what_args: tuple[object, ...] = (),
+) -> BaseException | None:
+    """
+    Undo what `enter` entered, the sync way, then call *close* with the value;
+    both steps run whatever the other did.
+
+    The body's exception (*exc_info*, as `sys.exc_info` gives it) is thrown
+    into a generator and handed to a context manager's exit. Errors are
+    appended to *errors*. A fatal error (a `BaseException` that is no
+    `Exception`, such as KeyboardInterrupt) is returned, for the caller to
+    raise once its other cleanups ran.
+    Scope.__exit__ is its inline twin.
+
+    *fix* says what to use instead when a cleanup needs an event loop; *what*
+    ``%`` *what_args* names what is left in the error.
+    """
+    kind, obj, value = entered
+    exc_type, exc, tb = exc_info
+    fatal: BaseException | None = None
+    try:
+        if kind is GEN:
+            finish_gen(obj, exc)
+        elif kind is SYNC_CM:
+            obj.__exit__(exc_type, exc, tb)
+        elif kind is not PLAIN:
+            raise left_async(kind, what % what_args, fix)  # noqa: TRY301  # collected
+    except Exception as e:  # noqa: BLE001  # collected; the close hook runs too
+        errors.append(e)
+    except BaseException as e:  # noqa: BLE001  # returned, raised by the caller
+        fatal = e
+    if close is not None:
+        try:
+            result = close(value)
+            if result is not None and kind_of(type(result)) is AWAITABLE:
+                what = f"The close hook of {what % what_args}"
+                raise refuse(result, AWAITABLE, what, fix)  # noqa: TRY301  # collected
+        except Exception as e:  # noqa: BLE001  # collected
+            errors.append(e)
+        except BaseException as e:  # noqa: BLE001  # returned, raised by the caller
+            fatal = fatal or e
+    return fatal
+
+
+async def aleave(  # noqa: C901, PLR0913  # a branch per kind; as leave
+    entered: tuple[str, Any, Any],
+    close: Callable[[Any], object] | None,
+    exc_info: ExcInfo,
+    errors: list[BaseException],
+    *,
+    timeout: float,
+    what: str,
+    what_args: tuple[object, ...] = (),
+) -> BaseException | None:
+    """
+    Undo what `aenter` (or `enter`) entered, in async code, then call *close*
+    with the value, as `leave` does.
+
+    Each async step is shielded from cancellation and cut after *timeout*
+    seconds (`drive`; *what* ``%`` *what_args* names what is closed in the
+    error). Scope.__aexit__ is its inline twin.
+    """
+    kind, obj, value = entered
+    exc_type, exc, tb = exc_info
+    fatal: BaseException | None = None
+    try:
+        if kind is ASYNC_GEN_NO_AWAIT:
+            await finish_agen(obj, exc)
+        elif kind is GEN:
+            finish_gen(obj, exc)
+        elif kind is SYNC_CM:
+            obj.__exit__(exc_type, exc, tb)
+        elif kind is ASYNC_GEN:
+            await drive(finish_agen(obj, exc), timeout, what, *what_args)
+        elif kind is ASYNC_CM:
+            await drive(obj.__aexit__(exc_type, exc, tb), timeout, what, *what_args)
+    except Exception as e:  # noqa: BLE001  # collected; the close hook runs too
+        errors.append(e)
+    except BaseException as e:  # noqa: BLE001  # returned, raised by the caller
+        fatal = e
+    if close is not None:
+        try:
+            result = close(value)
+            if result is not None and kind_of(type(result)) is AWAITABLE:
+                await drive(result, timeout, what, *what_args)  # type: ignore[arg-type]
+        except Exception as e:  # noqa: BLE001  # collected
+            errors.append(e)
+        except BaseException as e:  # noqa: BLE001  # returned, raised by the caller
+            fatal = fatal or e
+    return fatal
