@@ -37,6 +37,7 @@ from usercontext.asgi import (
     in_child_scope,
     request_state,
 )
+from usercontext.testing import RecordingSink
 
 
 try:
@@ -2680,7 +2681,7 @@ class TestRequestState:
         `RequestState.emitter` is the hub's emitter for the request's context:
         its events go to the request's user, with the request's ids.
         """
-        sink = uc.RecordingSink()
+        sink = RecordingSink()
         async with uc.EmitterHub() as hub:
             hub.attach("u-42", sink)
 
