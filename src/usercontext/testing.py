@@ -1,7 +1,7 @@
 """
 Helpers for testing code that uses usercontext.
 
-`import usercontext` does not import this module, and it imports no test
+``import usercontext`` does not import this module, and it imports no test
 framework: use it from pytest, unittest or a plain script alike.
 
 .. versionadded:: 0.1.0

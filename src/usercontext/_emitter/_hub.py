@@ -148,11 +148,11 @@ class EmitterHub:
         _checks.seconds("drain_timeout", drain_timeout, allow_none=False, zero_ok=True)
         _checks.count("max_event_size", max_event_size, minimum=2)
         _checks.function("on_dead_letter", on_dead_letter, allow_none=True)
-        # Read by every emit: plain attributes of the hub.
+        # Read by emits: plain attributes of the hub, one lookup away.
         self._maxsize = maxsize
         self._max_event_size = max_event_size
         self._timeout = timeout
-        self._drain_timeout = drain_timeout
+        self._drain_timeout = drain_timeout  # the default of aclose()
         self._counters = counters = _Counters()
         self._table = table = _Streams(replay, idle_ttl)
         # A notice of missed events is never dropped either: the client would
