@@ -95,11 +95,11 @@ class TestTestingModule:
             "assert 'usercontext.testing' not in sys.modules\n"
             "import usercontext.testing\n"
             "assert not {'pytest', 'unittest'} & set(sys.modules), sorted(sys.modules)\n"
-            "print(usercontext.testing.__all__)\n"
+            "print(usercontext.testing.RecordingSink.__module__)\n"
         )
         result = subprocess.run(  # noqa: S603  # our own interpreter on our own code
             [sys.executable, "-c", code], capture_output=True, text=True, check=False
         )
 
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == "['RecordingSink']"
+        assert result.stdout.strip() == "usercontext.testing"
