@@ -739,7 +739,7 @@ class TestHub:
         assert took < 1.0
         assert hub.closed
         s = hub.stats()
-        assert s.delivered + sum(n for _, n in s.dropped) + s.dead_lettered == 20
+        assert s.delivered + sum(s.dropped.values()) + s.dead_lettered == 20
         assert s.dead_lettered == sum(len(d.events) for d in letters)
 
     async def test_dead_letter_hook_completes(self, ctx, anyio_backend):

@@ -13,6 +13,7 @@ import pytest
 import usercontext as uc
 
 from usercontext.asgi import RequestState, UserContextMiddleware, request_state
+from usercontext.testing import RecordingSink
 
 from asgi_helpers import Client, http_scope, json_app, resolve
 
@@ -23,7 +24,7 @@ class TestRequestState:
         `RequestState.emitter` is the hub's emitter for the request's context:
         its events go to the request's user, with the request's ids.
         """
-        sink = uc.RecordingSink()
+        sink = RecordingSink()
         async with uc.EmitterHub() as hub:
             hub.attach("u-42", sink)
 

@@ -56,6 +56,7 @@ from usercontext.fastapi import (
     current_emitter,
     document_auth,
 )
+from usercontext.testing import RecordingSink
 
 
 class Engine:
@@ -386,7 +387,7 @@ class TestCurrentEmitter:
         Sync and async endpoints get the emitter of the request's user, and
         its events reach that user's sinks only.
         """
-        mine, theirs = uc.RecordingSink(), uc.RecordingSink()
+        mine, theirs = RecordingSink(), RecordingSink()
         async with uc.EmitterHub() as hub:
             hub.attach("u-1", mine)
             hub.attach("u-2", theirs)

@@ -304,7 +304,7 @@ async def _stalled(n: int) -> dict[str, Any]:
             else:
                 emitter.emit_nowait(TYPE, DATA)
             if i % 97 == 0:
-                peak_seen = max(peak_seen, hub.stats(1).sinks[0].pending)
+                peak_seen = max(peak_seen, hub.stats(1).top[0].pending)
                 await asyncio.sleep(0)
         stalled = hub.stats(1)
         gate.set()
@@ -339,8 +339,8 @@ async def _stalled(n: int) -> dict[str, Any]:
     return {
         "events": n,
         "bound": BOUND,
-        "peak_seen": max(peak_seen, stalled.sinks[0].pending),
-        "depth_peak": stats.depth_peak,
+        "peak_seen": max(peak_seen, stalled.top[0].pending),
+        "depth_peak": stats.peak_pending,
         "emitted": stats.emitted,
         "delivered": stats.delivered,
         "dropped": dict(stats.dropped),
@@ -351,7 +351,7 @@ async def _stalled(n: int) -> dict[str, Any]:
         "block_waited_at": waited_at,
         "block_delivered": len(block_got),
         "block_in_order": block_got == list(range(1, block_n + 1)),
-        "block_depth_peak": block_stats.depth_peak,
+        "block_depth_peak": block_stats.peak_pending,
     }
 
 

@@ -1,0 +1,231 @@
+"""
+A sink's delivery task: it sends the sink's buffer in batches, one at a time,
+retries a failing send, and gives the sink up to the dead-letter hook.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from typing import TYPE_CHECKING
+
+import anyio
+
+from usercontext._lifecycle import describe, logger, shielded
+from usercontext.exceptions import SinkClosedError
+
+from ._event import EVENTS_MISSED
+from ._policies import DeadLetter
+from ._state import _Signal
+
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from collections.abc import Callable
+
+    from ._event import Event
+    from ._policies import Retry
+    from ._state import _Attached
+    from ._stats import _Counters
+    from ._streams import _Streams
+
+
+# Errors that mean the sink can never accept events again: retrying is useless.
+_CLOSED = (SinkClosedError, anyio.ClosedResourceError, anyio.BrokenResourceError)
+
+
+class _Delivery:
+    """
+    The delivery tasks of one hub's sinks, and what they share: the retry
+    policy, the batch size, the dead-letter hook and the hub's counters.
+    """
+
+    def __init__(
+        self,
+        streams: _Streams,
+        counters: _Counters,
+        retry: Retry,
+        max_batch: int,
+        on_dead_letter: Callable[[DeadLetter], object] | None,
+    ) -> None:
+        self.streams = streams
+        self.counters = counters
+        self.retry = retry
+        self.max_batch = max_batch
+        self.on_dead_letter = on_dead_letter
+        # The running loop on asyncio, where an idle task waits on a plain
+        # future; None on trio.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._all_ended: anyio.Event | None = None
+
+    async def run(self, a: _Attached) -> None:
+        """
+        Deliver to the sink of *a* until it is detached, given up, or drained.
+        """
+        error: BaseException | None = None
+        try:
+            with a.scope:
+                await self._deliver(a)
+        except Exception as e:  # noqa: BLE001  # a bug here must not take the service down
+            logger.exception("usercontext: the delivery task of %r failed", a.sink)
+            error = e
+        finally:
+            await self._end(a, error)
+
+    async def drain(self, deadline: float) -> None:
+        """
+        Let every attached sink get what is buffered for it until *deadline*,
+        and wait until every delivery task ended.
+        """
+        self._all_ended = anyio.Event()
+        for a in list(self.streams.attached.values()):
+            a.draining = True
+            a.scope.deadline = deadline
+            a.wake()
+        await self._all_ended.wait()
+
+    async def _deliver(self, a: _Attached) -> None:
+        q = a.queue
+        max_batch = self.max_batch
+        counters = self.counters
+        while True:
+            if not q:
+                if a.draining:
+                    return
+                await self._sleep(a)
+                continue
+            if len(q) <= max_batch:
+                batch = tuple(q)
+                q.clear()
+            else:
+                batch = tuple([q.popleft() for _ in range(max_batch)])
+            a.batch = batch
+            a.inflight = n = len(batch)
+            if not await self._send(a, batch):
+                return
+            depth = len(q) + n
+            a.peak = max(a.peak, depth)
+            a.inflight = 0
+            a.batch = ()
+            if batch[0].type is EVENTS_MISSED:
+                n -= 1  # a notice, not an event of the stream
+            a.delivered += n
+            counters.delivered += n
+            s = a.stream
+            if s.waiters:
+                s.waiters[0].wake()
+
+    async def _sleep(self, a: _Attached) -> None:
+        loop = self.loop
+        waiter = a.waiter = _Signal() if loop is None else loop.create_future()
+        try:
+            await waiter
+        finally:
+            a.waiter = None
+
+    async def _send(self, a: _Attached, batch: tuple[Event, ...]) -> bool:
+        retry = self.retry
+        counters = self.counters
+        attempt = 1
+        while True:
+            if a.reason == "detached":
+                return False
+            try:
+                if retry.timeout is None:
+                    await a.sink.send(batch)
+                else:
+                    with anyio.fail_after(retry.timeout):
+                        await a.sink.send(batch)
+            except _CLOSED as e:
+                a.send_errors += 1
+                counters.send_errors += 1
+                await self._dead_letter(a, "sink_closed", e)
+                return False
+            except Exception as e:  # noqa: BLE001  # any failure of a sink is retried
+                a.send_errors += 1
+                counters.send_errors += 1
+                if attempt >= retry.attempts:
+                    await self._dead_letter(a, "failed", e)
+                    return False
+                counters.retried += 1
+                logger.debug("usercontext: retrying a send to %r after %s", a.sink, describe(e))
+                await anyio.sleep(retry.delay(attempt))
+                attempt += 1
+            else:
+                return True
+
+    def _take_undelivered(self, a: _Attached) -> list[Event]:
+        """
+        Empty the buffer of *a*, and return the events of the stream it held.
+        """
+        events = [*a.batch, *a.queue]
+        a.peak = max(a.peak, len(events))
+        a.batch = ()
+        a.queue.clear()
+        a.inflight = 0
+        if events and events[0].type is EVENTS_MISSED:
+            del events[0]  # a notice, not an event of the stream
+        return events
+
+    async def _dead_letter(self, a: _Attached, reason: str, error: BaseException | None) -> None:
+        a.reason = a.reason or reason
+        self.streams.unlink(a)
+        events = self._take_undelivered(a)
+        if not events:
+            return  # only a notice was pending: nothing of the stream is lost
+        self.counters.dead_lettered += len(events)
+        letter = DeadLetter(a.stream.user_id, a.sink, tuple(events), reason, error)  # type: ignore[arg-type]
+        hook = self.on_dead_letter
+        if hook is None:
+            logger.warning(
+                "usercontext: %d event(s) of user %r could not be delivered to %r (%s%s); "
+                "pass on_dead_letter to EmitterHub to handle them",
+                len(events),
+                a.stream.user_id,
+                a.sink,
+                reason,
+                f": {describe(error)}" if error is not None else "",
+            )
+            return
+        try:
+            result = hook(letter)
+            if inspect.isawaitable(result):
+                limit = self.retry.timeout or 10.0
+                with anyio.CancelScope(shield=True), anyio.move_on_after(limit) as scope:
+                    await shielded(result)
+                if scope.cancelled_caught:
+                    logger.warning(
+                        "usercontext: the on_dead_letter hook took longer than %g s for %d "
+                        "event(s) of user %r and was cancelled; make it faster, or hand the "
+                        "events to a task of your own",
+                        limit,
+                        len(events),
+                        a.stream.user_id,
+                    )
+        except Exception:  # noqa: BLE001  # logged: the hook must not stop delivery
+            logger.exception(
+                "usercontext: the on_dead_letter hook failed for user %r", a.stream.user_id
+            )
+
+    async def _end(self, a: _Attached, error: BaseException | None) -> None:
+        """
+        Account for what *a* did not get once its delivery task ends, after
+        *error* if it failed.
+        """
+        counters = self.counters
+        if a.reason == "detached":
+            counters.drop(a, "detached", len(self._take_undelivered(a)))
+        elif a.batch or a.queue:
+            # Cut by the close deadline, or by a bug in the delivery task.
+            with anyio.CancelScope(shield=True):
+                await self._dead_letter(a, "hub_closed" if error is None else "failed", error)
+        elif error is not None:
+            a.reason = a.reason or "failed"
+        self.streams.unlink(a)
+        a.ended = True
+        counters.peak_pending = max(counters.peak_pending, a.peak)
+        if a.done is not None:
+            a.done.set()
+        if self._all_ended is not None and not self.streams.attached:
+            self._all_ended.set()

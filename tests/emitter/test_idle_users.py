@@ -1,0 +1,118 @@
+"""
+Tests of the table of users' streams: idle users are dropped, and a flood of
+users leaves no memory behind. Every async test runs on asyncio and on trio.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import anyio
+import anyio.lowlevel
+
+from emitter_helpers import TYPE, until
+
+import usercontext as uc
+
+from usercontext._emitter import _streams
+from usercontext.testing import RecordingSink
+
+
+class TestIdleUsers:
+    async def test_idle_users_are_dropped(self, ctx):
+        """
+        A user without sinks who emitted nothing for the TTL leaves no state;
+        their next emit starts a new stream.
+        """
+        async with uc.EmitterHub(idle_ttl=0.02) as hub:
+            emitter = hub.emitter(ctx)
+            first = emitter.emit_nowait(TYPE)
+            await until(lambda: hub.stats().users == 0)
+            again = emitter.emit_nowait(TYPE)
+
+        assert (first.seq, again.seq) == (1, 1)
+        assert first.event_id.rpartition("-")[0] != again.event_id.rpartition("-")[0]
+
+    async def test_active_and_attached_users_are_kept(self, ctx, other_ctx):
+        """
+        Users with a sink are never dropped, users who keep emitting are kept,
+        and a user whose last sink left is dropped once idle.
+        """
+        sink = RecordingSink()
+        async with uc.EmitterHub(idle_ttl=0.05) as hub:
+            attachment = hub.attach("u-42", sink)
+            busy = hub.emitter(other_ctx)
+            for _ in range(10):
+                busy.emit_nowait(TYPE)
+                await anyio.sleep(0.015)
+            assert set(hub._table.streams) == {"u-42", "u-99"}
+            attachment.detach()
+            await until(lambda: hub.stats().users == 0)
+
+    async def test_many_distinct_users_leave_nothing(self):
+        """
+        10,000 distinct users who emitted once leave no state after the TTL.
+        """
+        async with uc.EmitterHub(idle_ttl=0.05) as hub:
+            for i in range(10_000):
+                ctx = uc.UserContext(user_id=f"user-{i}", thread_id="t", run_id="r")
+                hub.emitter(ctx).emit_nowait(TYPE, {"i": i})
+            assert hub.stats().users == 10_000
+            await until(lambda: hub.stats().users == 0)
+            assert hub._table.idle == {}
+
+    async def test_sweep_is_one_pass_and_frees_the_tables(self, ctx, monkeypatch):
+        """
+        A sweep reads the idle table once, however many users it drops
+        (restarting from the front after each deletion rescans the deleted
+        slots: quadratic, minutes for a million users), and a sweep that drops
+        most users gives their tables' memory back.
+        """
+
+        class Counting(dict):
+            scans = 0
+
+            def items(self):
+                Counting.scans += 1
+                return super().items()
+
+        n = 3_000  # more than _COMPACT_AFTER
+        async with uc.EmitterHub(idle_ttl=3600) as hub:
+            hub.attach("u-42", RecordingSink())
+            for i in range(n):
+                user = uc.UserContext(user_id=f"user-{i}", thread_id="t", run_id="r")
+                hub.emitter(user).emit_nowait(TYPE)
+            hub.emitter(ctx).emit_nowait(TYPE)
+            full = sys.getsizeof(hub._table.streams)
+            hub._table.idle = Counting(hub._table.idle)
+            later = _streams._time() + 7200
+            monkeypatch.setattr(_streams, "_time", lambda: later)
+            await hub._table.sweep()
+            assert Counting.scans == 1
+            assert list(hub._table.streams) == ["u-42"]
+            assert hub._table.idle == {}
+            assert sys.getsizeof(hub._table.streams) < full / 50
+            assert sys.getsizeof(hub._table.idle) < full / 50
+
+    async def test_sweep_skips_users_that_attached_meanwhile(self, monkeypatch):
+        """
+        A long sweep lets other tasks run, and does not drop a user who
+        attached a sink meanwhile.
+        """
+        n = 10_001
+        async with uc.EmitterHub(idle_ttl=3600) as hub:
+            for i in range(n):
+                user = uc.UserContext(user_id=f"user-{i}", thread_id="t", run_id="r")
+                hub.emitter(user).emit_nowait(TYPE)
+            later = _streams._time() + 7200
+            monkeypatch.setattr(_streams, "_time", lambda: later)
+
+            async def attach_while_sweeping():
+                while len(hub._table.streams) == n:
+                    await anyio.lowlevel.checkpoint()
+                hub.attach("user-10000", RecordingSink())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(attach_while_sweeping)
+                tg.start_soon(hub._table.sweep)
+            assert list(hub._table.streams) == ["user-10000"]
