@@ -556,7 +556,7 @@ class _Measurement:
         clean = r.checked_out == 0 and not r.idle_in_transaction and stats.top == ()
         connections = {
             "close_errors": Quantity(stats.close_errors, "errors"),
-            "resources_open": Quantity(sum(k for _, k in stats.top), "resources"),
+            "resources_open": Quantity(stats.in_use, "resources"),
         }
         if r.idle_in_transaction is not None:
             connections["idle_in_transaction"] = Quantity(r.idle_in_transaction, "connections")
