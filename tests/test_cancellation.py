@@ -26,6 +26,8 @@ from usercontext import EmitterHub, EngineFactory, Registry, ThreadQuota
 from usercontext.asgi import UserContextMiddleware, request_state
 from usercontext.exceptions import FactoryClosedError, SinkClosedError
 
+from helpers import BoomError
+
 
 WAYS = ["cancel", "cancel_twice", "timeout", "wait_for"]
 
@@ -108,10 +110,6 @@ async def _trio_cancel_during(body, way, at, again):
                 await anyio.sleep(again)
                 scope.cancel()
         assert scope.cancelled_caught
-
-
-class BoomError(Exception):
-    pass
 
 
 def _resources(registry, kind, n, log, pause):

@@ -9,6 +9,8 @@ import anyio
 
 from usercontext.testing import RecordingSink
 
+from helpers import until  # noqa: F401  # re-exported: the tests of this folder import it from here
+
 
 TYPE = "tool_executing"
 
@@ -48,15 +50,6 @@ class FlakySink(RecordingSink):
         if self.attempts <= self.failures:
             raise self.error
         await super().send(events)
-
-
-async def until(predicate, timeout=5.0):
-    """
-    Wait until *predicate* holds, polling, for at most *timeout* seconds.
-    """
-    with anyio.fail_after(timeout):
-        while not predicate():  # noqa: ASYNC110  # polls the state of the code under test
-            await anyio.sleep(0.001)
 
 
 def pending_events(hub):

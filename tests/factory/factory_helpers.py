@@ -19,6 +19,8 @@ from usercontext.exceptions import (
     QuotaTimeoutError,
 )
 
+from helpers import BoomError, Fatal, until  # noqa: F401  # re-exported: the tests of this folder import them from here
+
 
 ids = itertools.count(1)
 
@@ -39,18 +41,6 @@ class Engine:
         return f"<Engine #{self.id} of {self.user_id}>"
 
 
-class BoomError(Exception):
-    """
-    An error raised on purpose by a hook or a body.
-    """
-
-
-class Fatal(BaseException):
-    """
-    Stands for a KeyboardInterrupt or SystemExit raised by a hook.
-    """
-
-
 def user(user_id):
     return UserContext(user_id=user_id, thread_id="t-1", run_id="r-1")
 
@@ -61,15 +51,6 @@ def make_engine(ctx):
 
 def close_engine(engine):
     engine.closed += 1
-
-
-async def until(predicate, *, timeout=5.0):
-    """
-    Let other tasks run until *predicate* holds; fail after *timeout*.
-    """
-    with anyio.fail_after(timeout):
-        while not predicate():  # noqa: ASYNC110  # polls state that has no event
-            await anyio.sleep(0.001)
 
 
 def settled(factory):

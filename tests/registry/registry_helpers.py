@@ -13,6 +13,8 @@ import pytest
 
 from anyio.lowlevel import checkpoint
 
+from helpers import BoomError, Fatal, until  # noqa: F401  # re-exported: the tests of this folder import them from here
+
 
 # What a provider may return, and which of those a sync scope accepts. An
 # "async_gen_no_await" has no await at all, so its cleanup cannot suspend.
@@ -28,18 +30,6 @@ ASYNC_KINDS = ("awaitable", "async_cm", "async_gen")
 
 # Kinds whose cleanup is handed the body's exception (a value's close gets the value only).
 EXIT_KINDS = ("sync_cm", "async_cm", "gen", "async_gen", "async_gen_no_await")
-
-
-class BoomError(Exception):
-    """
-    An error raised on purpose by a body or a cleanup.
-    """
-
-
-class Fatal(BaseException):
-    """
-    Stands for a KeyboardInterrupt or SystemExit raised by a cleanup.
-    """
 
 
 class Resource:
@@ -213,15 +203,6 @@ class Tracker:
         }
         provider, close = providers[kind]
         self.registry.register(key, provider, close=close)
-
-
-async def until(predicate, *, timeout=5.0):
-    """
-    Let other tasks run until *predicate* holds; fail after *timeout*.
-    """
-    with anyio.fail_after(timeout):
-        while not predicate():  # noqa: ASYNC110  # polls state that has no event
-            await anyio.sleep(0.001)
 
 
 def settled(registry):
