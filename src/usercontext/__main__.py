@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("\nusercontext report: interrupted.\n")
         interrupt = e
         code = 130
-    except Exception as e:  # noqa: BLE001  # any crash exits with 2, described
+    except Exception as e:  # any crash exits with 2, described
         sys.stderr.write(
             f"usercontext report: crashed ({type(e).__name__}: {e}); the traceback follows.\n"
             + "".join(traceback.format_exception(type(e), e, e.__traceback__))

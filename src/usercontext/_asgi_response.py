@@ -114,7 +114,7 @@ def _in_context(
         except GeneratorExit:
             run(coro.close)
             raise
-        except BaseException as e:  # noqa: BLE001  # thrown into the call, as a task would
+        except BaseException as e:  # thrown into the call, as a task would
             step, value = coro.throw, e
         else:
             step = send
@@ -191,7 +191,7 @@ async def _close(resources: Scope, error: BaseException | None) -> Exception | N
             await resources.__aexit__(None, None, None)
         else:  # the scope adds its cleanup errors to *error* as notes
             await resources.__aexit__(type(error), error, error.__traceback__)
-    except Exception as e:  # noqa: BLE001  # each error was logged by the scope
+    except Exception as e:  # each error was logged by the scope
         logger.error(  # noqa: TRY400  # the scope logged each traceback already
             "The resources of request %s were not all cleaned up: %s",
             resources.ctx.request_id,

@@ -400,7 +400,7 @@ class _InContext:
             except GeneratorExit:
                 run(coro.close)
                 raise
-            except BaseException as e:  # noqa: BLE001  # thrown into the coroutine, as a task would
+            except BaseException as e:  # thrown into the coroutine, as a task would
                 error = e
 
 

@@ -395,7 +395,7 @@ class EngineFactory(Generic[E]):
             try:
                 with anyio.move_on_after(timeout):
                     await drained.wait()
-            except BaseException as e:  # noqa: BLE001  # raised once everything is closed
+            except BaseException as e:  # raised once everything is closed
                 cancelled = e
             why = (
                 "aclose() was cancelled"
@@ -407,14 +407,14 @@ class EngineFactory(Generic[E]):
             with anyio.CancelScope(shield=True):
                 try:
                     await shielded(drained.wait())
-                except BaseException as e:  # noqa: BLE001  # raised once everything is closed
+                except BaseException as e:  # raised once everything is closed
                     cancelled = cancelled or e
         if self._pool is not None:
             with anyio.CancelScope(shield=True):
                 for made in self._pool.drain():
                     try:
                         await self._close_idle(made)
-                    except BaseException as e:  # noqa: BLE001, PERF203  # raised after the others
+                    except BaseException as e:  # noqa: PERF203  # raised after the others
                         cancelled = cancelled or e
         if cancelled is not None:
             raise cancelled
@@ -518,7 +518,7 @@ class EngineFactory(Generic[E]):
                     "the reset of an engine of user %r",
                     made.user_id,
                 )
-        except Exception as e:  # noqa: BLE001  # the engine is closed instead
+        except Exception as e:  # the engine is closed instead
             return e
         return None
 
@@ -552,7 +552,7 @@ class EngineFactory(Generic[E]):
                 result: Any = close(made.engine)
                 if result is not None and kind_of(type(result)) is AWAITABLE:
                     await drive(result, self._close_timeout, "an engine of user %r", made.user_id)
-            except Exception as e:  # noqa: BLE001  # reported by the caller
+            except Exception as e:  # reported by the caller
                 c.close_errors += 1
                 return [e]
             return []

@@ -184,9 +184,9 @@ def _guard(awaitable: Awaitable[Any], task: Any) -> Generator[Any, Any, Any]:  #
                     thrown = e
                 else:
                     held.append(e)
-            except BaseException as e:  # noqa: BLE001  # handed to the awaitable, as a task does
+            except BaseException as e:  # handed to the awaitable, as a task does
                 thrown = e
-    except BaseException as e:  # noqa: BLE001  # raised below
+    except BaseException as e:  # raised below
         error: BaseException | None = e
     else:
         error = None
@@ -501,9 +501,9 @@ def leave(  # noqa: PLR0913  # what one resource needs; a bundle would cost an a
             obj.__exit__(exc_type, exc, tb)
         elif kind is not PLAIN:
             raise left_async(kind, what % what_args, fix)  # noqa: TRY301  # collected
-    except Exception as e:  # noqa: BLE001  # collected; the close hook runs too
+    except Exception as e:  # collected; the close hook runs too
         errors.append(e)
-    except BaseException as e:  # noqa: BLE001  # returned, raised by the caller
+    except BaseException as e:  # returned, raised by the caller
         fatal = e
     if close is not None:
         try:
@@ -511,9 +511,9 @@ def leave(  # noqa: PLR0913  # what one resource needs; a bundle would cost an a
             if result is not None and kind_of(type(result)) is AWAITABLE:
                 what = f"The close hook of {what % what_args}"
                 raise refuse(result, AWAITABLE, what, fix)  # noqa: TRY301  # collected
-        except Exception as e:  # noqa: BLE001  # collected
+        except Exception as e:  # collected
             errors.append(e)
-        except BaseException as e:  # noqa: BLE001  # returned, raised by the caller
+        except BaseException as e:  # returned, raised by the caller
             fatal = fatal or e
     return fatal
 
@@ -550,17 +550,17 @@ async def aleave(  # noqa: C901, PLR0913  # a branch per kind; as leave
             await drive(finish_agen(obj, exc), timeout, what, *what_args)
         elif kind is ASYNC_CM:
             await drive(obj.__aexit__(exc_type, exc, tb), timeout, what, *what_args)
-    except Exception as e:  # noqa: BLE001  # collected; the close hook runs too
+    except Exception as e:  # collected; the close hook runs too
         errors.append(e)
-    except BaseException as e:  # noqa: BLE001  # returned, raised by the caller
+    except BaseException as e:  # returned, raised by the caller
         fatal = e
     if close is not None:
         try:
             result = close(value)
             if result is not None and kind_of(type(result)) is AWAITABLE:
                 await drive(result, timeout, what, *what_args)  # type: ignore[arg-type]
-        except Exception as e:  # noqa: BLE001  # collected
+        except Exception as e:  # collected
             errors.append(e)
-        except BaseException as e:  # noqa: BLE001  # returned, raised by the caller
+        except BaseException as e:  # returned, raised by the caller
             fatal = fatal or e
     return fatal

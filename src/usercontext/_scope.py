@@ -335,9 +335,9 @@ class Scope:
                     elif kind is not PLAIN:
                         what = key_name(counts.key)
                         raise left_async(kind, what, _SYNC_FIX)  # noqa: TRY301  # collected
-                except Exception as e:  # noqa: BLE001  # collected; every cleanup runs
+                except Exception as e:  # collected; every cleanup runs
                     errors = _collect(errors, e)
-                except BaseException as e:  # noqa: BLE001  # raised below, after the others
+                except BaseException as e:  # raised below, after the others
                     fatal = fatal or e
                 if close is not None:
                     try:
@@ -345,9 +345,9 @@ class Scope:
                         if result is not None and kind_of(type(result)) is AWAITABLE:
                             what = f"The close hook of {key_name(counts.key)}"
                             raise refuse(result, AWAITABLE, what, _SYNC_FIX)  # noqa: TRY301
-                    except Exception as e:  # noqa: BLE001  # collected; every cleanup runs
+                    except Exception as e:  # collected; every cleanup runs
                         errors = _collect(errors, e)
-                    except BaseException as e:  # noqa: BLE001  # raised below
+                    except BaseException as e:  # raised below
                         fatal = fatal or e
         finally:
             self._state = _CLOSED
@@ -406,9 +406,9 @@ class Scope:
                             "resource %r",
                             counts.key,
                         )
-                except Exception as e:  # noqa: BLE001  # collected; every cleanup runs
+                except Exception as e:  # collected; every cleanup runs
                     errors = _collect(errors, e)
-                except BaseException as e:  # noqa: BLE001  # raised below, after the others
+                except BaseException as e:  # raised below, after the others
                     fatal = fatal or e
                 if close is not None:
                     try:
@@ -420,9 +420,9 @@ class Scope:
                                 "resource %r",
                                 counts.key,
                             )
-                    except Exception as e:  # noqa: BLE001  # collected; every cleanup runs
+                    except Exception as e:  # collected; every cleanup runs
                         errors = _collect(errors, e)
-                    except BaseException as e:  # noqa: BLE001  # raised below
+                    except BaseException as e:  # raised below
                         fatal = fatal or e
         finally:
             self._state = _CLOSED

@@ -55,7 +55,7 @@ def _portable(value: object) -> object:
 
     try:
         pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-    except Exception:  # noqa: BLE001  # pickling fails with many types, all meaning "cannot"
+    except Exception:  # pickling fails with many types, all meaning "cannot"
         return f"<a {type(value).__name__} that cannot be pickled>"
     return value
 

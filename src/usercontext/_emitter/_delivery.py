@@ -67,7 +67,7 @@ class _Delivery:
         try:
             with a.scope:
                 await self._deliver(a)
-        except Exception as e:  # noqa: BLE001  # a bug here must not take the service down
+        except Exception as e:  # a bug here must not take the service down
             logger.exception("usercontext: the delivery task of %r failed", a.sink)
             error = e
         finally:
@@ -142,7 +142,7 @@ class _Delivery:
                 counters.send_errors += 1
                 await self._dead_letter(a, "sink_closed", e)
                 return False
-            except Exception as e:  # noqa: BLE001  # any failure of a sink is retried
+            except Exception as e:  # any failure of a sink is retried
                 a.send_errors += 1
                 counters.send_errors += 1
                 if attempt >= retry.attempts:
@@ -203,7 +203,7 @@ class _Delivery:
                         len(events),
                         a.stream.user_id,
                     )
-        except Exception:  # noqa: BLE001  # logged: the hook must not stop delivery
+        except Exception:  # logged: the hook must not stop delivery
             logger.exception(
                 "usercontext: the on_dead_letter hook failed for user %r", a.stream.user_id
             )

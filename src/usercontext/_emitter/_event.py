@@ -117,7 +117,7 @@ def _make_encoder() -> Callable[[object], str]:
         )
         c_encode = c_make_encoder(*options)
         c_encode({"probe": [1, 2.5, None]}, 0)
-    except Exception:  # noqa: BLE001  # no C accelerator (PyPy, a future CPython): the stdlib way
+    except Exception:  # no C accelerator (PyPy, a future CPython): the stdlib way
         return json.JSONEncoder(
             separators=(",", ":"), allow_nan=False, default=_json_default
         ).encode

@@ -250,7 +250,7 @@ class EmitterHub:
                     # Also against a native asyncio cancellation: the
                     # deliveries end by the drain deadline at the latest.
                     await shielded(self._delivery.drain(deadline))
-                except BaseException as e:  # noqa: BLE001  # raised once the hub is closed
+                except BaseException as e:  # raised once the hub is closed
                     cancelled = e
         assert self._sweeper_scope is not None  # noqa: S101  # made by __aenter__
         self._sweeper_scope.cancel()

@@ -74,7 +74,7 @@ def _sizes(scale: Scale) -> _Sizes:
     Size the work from *scale*: the full report (100 repeats) times 12 pairs of
     batches and sends 200 requests; quicker runs do less.
     """
-    if scale.repeats >= 50:  # noqa: PLR2004  # between QUICK's 15 and DEFAULT's 60
+    if scale.repeats >= 50:  # between QUICK's 15 and DEFAULT's 60
         return _Sizes(pairs=12, txns=20, requests=200)
     return _Sizes(pairs=6, txns=10, requests=60)
 

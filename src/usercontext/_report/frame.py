@@ -372,7 +372,7 @@ def run_report(  # noqa: PLR0913  # keyword-only options of one command
     for section in sections:
         try:
             results.append((section, section.run(scale, progress)))
-        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001, PERF203  # reported below, with its traceback
+        except (Exception, KeyboardInterrupt) as e:  # noqa: PERF203  # reported below, with its traceback
             if isinstance(e, KeyboardInterrupt):
                 interrupt = e  # forgotten once its handling ended (see below)
                 stop = _Stop(section, EXIT_INTERRUPTED)
@@ -446,7 +446,7 @@ def in_thread(fn: Callable[[], T]) -> T:
     def call() -> None:
         try:
             outcome["value"] = in_empty_context(fn)
-        except BaseException as e:  # noqa: BLE001  # raised again in the caller's thread
+        except BaseException as e:  # raised again in the caller's thread
             outcome["error"] = e
         finally:
             gc.collect()  # finalise what the scenario left, on its own thread

@@ -109,7 +109,7 @@ class Run:
         failure unless it is a 200, a cross-user response if any id in it is
         not the request's. Return whether it succeeded.
         """
-        if status != 200:  # noqa: PLR2004
+        if status != 200:
             self.failed += 1
             return False
         data = json.loads(body)

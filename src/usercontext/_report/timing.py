@@ -282,11 +282,11 @@ def fmt_ns(ns: float) -> str:
     """
     Format a time of *ns* nanoseconds in ns, µs or ms, with three significant digits.
     """
-    if ns < 100:  # noqa: PLR2004
+    if ns < 100:
         return f"{ns:.1f} ns"
-    if ns < 1_000:  # noqa: PLR2004
+    if ns < 1_000:
         return f"{ns:.0f} ns"
-    if ns < 1_000_000:  # noqa: PLR2004
+    if ns < 1_000_000:
         return f"{ns / 1e3:.2f} µs"
     return f"{ns / 1e6:.2f} ms"
 
