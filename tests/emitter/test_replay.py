@@ -13,7 +13,7 @@ from emitter_helpers import TYPE, FlakySink, GateSink, emit_history, pending_eve
 
 import usercontext as uc
 
-from usercontext._emitter._state import _parse_last_seq
+from usercontext._emitter._state import parse_last_seq
 from usercontext.testing import RecordingSink
 
 
@@ -213,12 +213,12 @@ class TestReplay:
         last_seq must be a non-negative int or an event id.
         """
         with pytest.raises(error, match="last_seq must be a non-negative int or an event id"):
-            _parse_last_seq(last_seq)
+            parse_last_seq(last_seq)
 
     def test_parse_last_seq(self):
         """
         Plain numbers, in int or str form, and event ids are understood.
         """
-        assert _parse_last_seq(7) == (None, 7)
-        assert _parse_last_seq("7") == (None, 7)
-        assert _parse_last_seq("0123456789abcdef-7") == ("0123456789abcdef", 7)
+        assert parse_last_seq(7) == (None, 7)
+        assert parse_last_seq("7") == (None, 7)
+        assert parse_last_seq("0123456789abcdef-7") == ("0123456789abcdef", 7)

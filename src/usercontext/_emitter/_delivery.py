@@ -16,7 +16,7 @@ from usercontext.exceptions import SinkClosedError
 
 from ._event import EVENTS_MISSED
 from ._policies import DeadLetter
-from ._state import _Signal
+from ._state import Signal
 
 
 if TYPE_CHECKING:
@@ -27,15 +27,15 @@ if TYPE_CHECKING:
     from ._event import Event
     from ._policies import Retry
     from ._state import _Attached
-    from ._stats import _Counters
-    from ._streams import _Streams
+    from ._stats import Counters
+    from ._streams import Streams
 
 
 # Errors that mean the sink can never accept events again: retrying is useless.
 _CLOSED = (SinkClosedError, anyio.ClosedResourceError, anyio.BrokenResourceError)
 
 
-class _Delivery:
+class Delivery:
     """
     The delivery tasks of one hub's sinks, and what they share: the retry
     policy, the batch size, the dead-letter hook and the hub's counters.
@@ -43,8 +43,8 @@ class _Delivery:
 
     def __init__(
         self,
-        streams: _Streams,
-        counters: _Counters,
+        streams: Streams,
+        counters: Counters,
         retry: Retry,
         max_batch: int,
         on_dead_letter: Callable[[DeadLetter], object] | None,
@@ -118,7 +118,7 @@ class _Delivery:
 
     async def _sleep(self, a: _Attached) -> None:
         loop = self.loop
-        waiter = a.waiter = _Signal() if loop is None else loop.create_future()
+        waiter = a.waiter = Signal() if loop is None else loop.create_future()
         try:
             await waiter
         finally:

@@ -28,9 +28,9 @@ from ._event import (
     _freeze,
     _ids_json,
     _new_draft,
-    _new_event,
-    _size_error,
     _time,
+    new_event,
+    size_error,
 )
 from ._state import _Waiter
 
@@ -61,6 +61,8 @@ class Emitter:
     """
 
     __slots__ = ("_counters", "_ctx", "_hub", "_ids", "_stream", "user_id")
+
+    user_id: str
 
     def __init__(self, hub: EmitterHub, ctx: UserContext, stream: _Stream) -> None:
         self._hub = hub
@@ -170,7 +172,7 @@ class Emitter:
             else:
                 frozen, data_json = _freeze(data)
                 if len(data_json) > hub._max_event_size:
-                    raise _size_error(len(data_json), hub._max_event_size)
+                    raise size_error(len(data_json), hub._max_event_size)
         else:
             kind, frozen, data_json = me.kind, me.frozen, me.data_json
         maxsize = hub._maxsize
@@ -183,7 +185,7 @@ class Emitter:
         ctx = self._ctx
         seq = s.seq = s.seq + 1
         ts = s.last = _time()
-        # _new_event, written out: this is the hot path of every event.
+        # new_event, written out: this is the hot path of every event.
         ev: Any = _new_draft(_Draft)
         ev.type = kind
         ev.data = frozen
@@ -279,7 +281,7 @@ class Emitter:
         ctx = self._ctx
         seq = s.seq = s.seq + 1
         ts = s.last = _time()
-        return _new_event(
+        return new_event(
             kind,
             frozen,
             seq,

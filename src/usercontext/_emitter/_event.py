@@ -18,6 +18,13 @@ import attrs
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import TypeAlias
+
+    # The values event data is made of. Callers pass values of any type; what
+    # is not one of these is refused at run time, with an error that names it.
+    _JsonValue: TypeAlias = (
+        Mapping[Any, Any] | list[Any] | tuple[Any, ...] | str | int | float | None
+    )
 
 
 AGENT_STARTED = "agent_started"
@@ -81,7 +88,7 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
-def _json_default(value: object) -> object:
+def _json_default(value: _JsonValue) -> object:
     if isinstance(value, Mapping):
         return dict(value)
     msg = f"Object of type {type(value).__name__} is not JSON serializable"
@@ -97,10 +104,8 @@ def _make_encoder() -> Callable[[object], str]:
     surrogates escaped, so every event can be written as UTF-8.
     """
     try:
-        from json.encoder import (  # type: ignore[attr-defined]  # the C accelerator
-            c_make_encoder,
-            encode_basestring_ascii,
-        )
+        from _json import make_encoder as c_make_encoder  # the C accelerator
+        from json.encoder import encode_basestring_ascii
 
         # (markers, default, encoder, indent, key_separator, item_separator,
         # sort_keys, skipkeys, allow_nan): it takes no keywords.
@@ -139,7 +144,7 @@ def _data_error(path: str, reason: str) -> TypeError:
     )
 
 
-def _freeze_slow(value: object, path: str, nesting: int) -> object:
+def _freeze_slow(value: _JsonValue, path: str, nesting: int) -> object:
     if value.__class__ in _SCALARS or isinstance(value, (str, int, float)):
         return value
     if nesting >= _MAX_NESTING:
@@ -175,10 +180,12 @@ def _freeze_slow(value: object, path: str, nesting: int) -> object:
     raise _data_error(path, f"holds a {type(value).__name__}, which is not JSON")
 
 
-def _freeze(data: object) -> tuple[object, str]:
+def _freeze(data: Any) -> tuple[object, str]:
     """
     Return a read-only copy of *data* and its JSON, or raise a clear error.
     """
+    # *data* is Any: the fast path tests its exact class, which type checkers
+    # do not narrow on.
     frozen: object
     source: object
     if data.__class__ is dict:
@@ -391,7 +398,7 @@ _new_draft = _Draft.__new__
 _time = time.time
 
 
-def _new_event(  # noqa: PLR0913, PLR0917  # every field of an event, on the hot path
+def new_event(  # noqa: PLR0913, PLR0917  # every field of an event, on the hot path
     type: str,  # noqa: A002  # the field's name
     data: object,
     seq: int,
@@ -421,7 +428,7 @@ def _new_event(  # noqa: PLR0913, PLR0917  # every field of an event, on the hot
     return ev  # type: ignore[return-value]
 
 
-def _size_error(size: int, limit: int) -> ValueError:
+def size_error(size: int, limit: int) -> ValueError:
     return ValueError(
         f"Event.data is {size:,} characters of JSON, over the hub's max_event_size of "
         f"{limit:,}. Send a reference (an id or a URL) to the large content instead, or "

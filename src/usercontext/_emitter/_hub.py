@@ -21,14 +21,14 @@ from usercontext._current import current
 from usercontext._lifecycle import shielded
 from usercontext.exceptions import EmitterClosedError, IsolationError
 
-from ._delivery import _Delivery
+from ._delivery import Delivery
 from ._emit import Emitter
 from ._event import AGENT_COMPLETED, AGENT_ERROR, EVENTS_MISSED, _time
-from ._overflow import _OverflowPolicy
+from ._overflow import OverflowPolicy
 from ._policies import _OVERFLOWS, Retry
-from ._state import Attachment, _Attached, _parse_last_seq
-from ._stats import _Counters
-from ._streams import _Streams
+from ._state import Attachment, _Attached, parse_last_seq
+from ._stats import Counters
+from ._streams import Streams
 
 
 if TYPE_CHECKING:
@@ -153,13 +153,13 @@ class EmitterHub:
         self._max_event_size = max_event_size
         self._timeout = timeout
         self._drain_timeout = drain_timeout  # the default of aclose()
-        self._counters = counters = _Counters()
-        self._table = table = _Streams(replay, idle_ttl)
+        self._counters = counters = Counters()
+        self._table = table = Streams(replay, idle_ttl)
         # A notice of missed events is never dropped either: the client would
         # not know what it missed. No emitted event has its (reserved) type.
         critical_types = frozenset((*types, EVENTS_MISSED))
-        self._overflow = _OverflowPolicy(overflow, maxsize, critical_types, counters)
-        self._delivery = _Delivery(
+        self._overflow = OverflowPolicy(overflow, maxsize, critical_types, counters)
+        self._delivery = Delivery(
             table,
             counters,
             Retry() if retry is None else retry,
@@ -332,7 +332,7 @@ class EmitterHub:
                 "`async def send(self, events)`, or wrap a function in usercontext.CallbackSink."
             )
             raise TypeError(msg)
-        parsed = None if last_seq is None else _parse_last_seq(last_seq)
+        parsed = None if last_seq is None else parse_last_seq(last_seq)
         bound = _current_or_none(None)
         if bound is not None and bound.user_id != user_id:
             msg = (

@@ -14,10 +14,10 @@ if TYPE_CHECKING:
     from ._event import Event
     from ._policies import Overflow
     from ._state import _Attached, _Stream, _Waiter
-    from ._stats import _Counters
+    from ._stats import Counters
 
 
-class _OverflowPolicy:
+class OverflowPolicy:
     """
     A hub's overflow policy, its bound and its critical types, applied to the
     emits that find a buffer full.
@@ -26,7 +26,7 @@ class _OverflowPolicy:
     __slots__ = ("counters", "critical", "maxsize", "policy")
 
     def __init__(
-        self, policy: Overflow, maxsize: int, critical: frozenset[str], counters: _Counters
+        self, policy: Overflow, maxsize: int, critical: frozenset[str], counters: Counters
     ) -> None:
         self.policy: Overflow = policy
         self.maxsize = maxsize

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._event import EVENTS_MISSED, _encode, _ids_json, _new_event, _time
+from ._event import EVENTS_MISSED, _encode, _ids_json, _time, new_event
 
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 _EVENT_ID = re.compile(r"(?:([0-9a-f]{16})-)?([0-9]{1,19})")
 
 
-class _Signal:
+class Signal:
     """
     The waiter of an idle delivery task on trio, shaped like an asyncio future.
     """
@@ -84,13 +84,23 @@ class _Stream:
         "waiters",
     )
 
+    user_id: str
+    stream_id: str
+    seq: int
+    sinks: tuple[_Attached, ...]
+    history: deque[Event] | None
+    waiters: deque[_Waiter]
+    last: float
+    idle_since: float
+    dead: bool
+
     def __init__(self, user_id: str, replay: int, now: float) -> None:
         self.user_id = user_id
         self.stream_id = os.urandom(8).hex()
         self.seq = 0
-        self.sinks: tuple[_Attached, ...] = ()
-        self.history: deque[Event] | None = deque(maxlen=replay) if replay else None
-        self.waiters: deque[_Waiter] = deque()
+        self.sinks = ()
+        self.history = deque(maxlen=replay) if replay else None
+        self.waiters = deque()
         self.last = now
         self.idle_since = now
         self.dead = False
@@ -131,7 +141,7 @@ class _Stream:
         Return an `EVENTS_MISSED` notice of this stream, numbered *seq*.
         """
         data = {"missed": missed, "after_seq": after, "stream_id": self.stream_id}
-        return _new_event(
+        return new_event(
             EVENTS_MISSED,
             MappingProxyType(data),
             seq,
@@ -171,22 +181,39 @@ class _Attached:
         "waiter",
     )
 
+    stream: _Stream
+    sink: Sink
+    queue: deque[Event]
+    inflight: int
+    batch: tuple[Event, ...]
+    waiter: Any
+    scope: anyio.CancelScope
+    draining: bool
+    unlinked: bool
+    ended: bool
+    reason: str | None
+    delivered: int
+    dropped: int
+    send_errors: int
+    peak: int
+    done: anyio.Event | None
+    attachment: Attachment
+
     def __init__(self, stream: _Stream, sink: Sink) -> None:
         self.stream = stream
         self.sink = sink
-        self.queue: deque[Event] = deque()
+        self.queue = deque()
         self.inflight = 0
         # A tuple: a sink cannot change the batch that is retried or dead-lettered.
-        self.batch: tuple[Event, ...] = ()
-        self.waiter: Any = None
+        self.batch = ()
+        self.waiter = None
         self.scope = anyio.CancelScope(shield=True)
         self.draining = False  # the hub closes: stop once the queue is empty
         self.unlinked = False  # no longer routed to
         self.ended = False  # the delivery task finished
-        self.reason: str | None = None
+        self.reason = None
         self.delivered = self.dropped = self.send_errors = self.peak = 0
-        self.done: anyio.Event | None = None
-        self.attachment: Attachment
+        self.done = None
 
     def wake(self) -> None:
         w = self.waiter
@@ -215,6 +242,11 @@ class Attachment:
     """
 
     __slots__ = ("_attached", "_detach", "missed", "replayed", "sink", "user_id")
+
+    user_id: str
+    sink: Sink
+    replayed: int
+    missed: int | None
 
     def __init__(
         self,
@@ -291,7 +323,7 @@ class Attachment:
         return f"<usercontext.Attachment(user_id={self.user_id!r}, sink={self.sink!r}, {state})>"
 
 
-def _parse_last_seq(last_seq: int | str) -> tuple[str | None, int]:
+def parse_last_seq(last_seq: int | str) -> tuple[str | None, int]:
     if last_seq.__class__ is int:
         assert isinstance(last_seq, int)  # noqa: S101  # for mypy
         if last_seq >= 0:

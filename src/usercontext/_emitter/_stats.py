@@ -103,7 +103,7 @@ class EmitterStats:
     top: tuple[SinkStats, ...]
 
 
-class _Counters:
+class Counters:
     """
     What a hub counts since it was made, shared by the parts that count it.
     """

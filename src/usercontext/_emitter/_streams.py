@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 _COMPACT_AFTER = 1024
 
 
-class _Streams:
+class Streams:
     """
     Users' streams by user id, the idle ones among them, and the attached
     sinks by sink.
