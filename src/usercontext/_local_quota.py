@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import _checks
-from ._quota import Lease, QuotaStats, _grant_lease, _new_lease
+from ._quota import Lease, QuotaStats, _new_lease, grant_lease
 from .exceptions import LeaseReleasedError, QuotaError, QuotaExceededError, QuotaTimeoutError
 
 
@@ -142,9 +142,11 @@ class _Core:
         else:
             self._dispatch()
 
-    # Lease.release comes here: ThreadQuota returns the slot under its lock.
-    # LocalQuota's leases release themselves.
-    _give_back: Callable[[Lease], None]
+    if TYPE_CHECKING:
+        # Lease.release comes here: ThreadQuota returns the slot under its lock.
+        # LocalQuota's leases release themselves and never call it.
+        def _give_back(self, lease: Lease) -> None: ...
+
     _lease_type: type[Lease] = Lease
 
     def release(self, lease: Lease) -> None:
@@ -283,12 +285,15 @@ class _LocalLease(Lease):
 
     __slots__ = ()
 
-    _quota: _Core | None  # only a LocalQuota grants it
+    # Only a LocalQuota grants it, so its quota is always one (or None): a
+    # narrower type than the base's, which pyright reports as an override of
+    # a mutable attribute (where the release below assigns it).
+    _quota: _Core | None
 
     def release(self) -> None:
         quota = self._quota
         if quota is not None:
-            self._quota = None
+            self._quota = None  # pyright: ignore[reportIncompatibleVariableOverride]
             # _Core._return, written out: releasing is half of every engine's hot path.
             key = self._key
             in_use = quota._in_use
@@ -425,7 +430,7 @@ class LocalQuota(_Core):
         return not (isinstance(signal, asyncio.Future) and signal.done())
 
     def _wake(self, waiter: _Waiter) -> None:
-        signal = waiter.signal
+        signal: asyncio.Future[None] | anyio.Event = waiter.signal
         if isinstance(signal, asyncio.Future):
             signal.set_result(None)
         else:
@@ -453,7 +458,7 @@ class LocalQuota(_Core):
                 self._cancelled += 1
             raise
         if w.granted:
-            return _grant_lease(_LocalLease, self, key)
+            return grant_lease(_LocalLease, self, key)
         self._forget(w)
         self._timed_out += 1
         raise self._full_error(QuotaTimeoutError, key, anyio.current_time() - start, timeout)
@@ -516,10 +521,10 @@ class ThreadQuota(_Core):
                     self._cancelled += 1
             raise
         if got:
-            return _grant_lease(Lease, self, key)
+            return grant_lease(Lease, self, key)
         with self._lock:
             if w.granted:  # granted between the timeout and taking the lock
-                return _grant_lease(Lease, self, key)
+                return grant_lease(Lease, self, key)
             self._forget(w)
             self._timed_out += 1
             raise self._full_error(QuotaTimeoutError, key, time.monotonic() - start, timeout)

@@ -168,7 +168,7 @@ class Lease:
 _new_lease = Lease.__new__
 
 
-def _grant_lease(cls: type[Lease], quota: _Granter, key: str) -> Lease:
+def grant_lease(cls: type[Lease], quota: _Granter, key: str) -> Lease:
     """
     Make the lease of a slot *quota* just granted to *key*, bypassing the
     refusing ``__init__`` (the grant paths of ``acquire`` inline this).
