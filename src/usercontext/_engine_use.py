@@ -84,6 +84,7 @@ class EngineUse(Generic[E]):
     )
     _scope: anyio.CancelScope | None
     _task: Any  # the asyncio or trio task that entered
+    _cancelling: int  # its Task.cancelling() then, on asyncio
 
     def __init__(self, factory: EngineFactory[E], ctx: UserContext | None) -> None:
         self._factory = factory
@@ -147,7 +148,8 @@ class EngineUse(Generic[E]):
             # aclose() cuts the body with a native cancellation instead.
             self._scope = None
             self._task = task
-            self._cancelling = task.cancelling() if _CANCELLING else 0
+            # Task.cancelling() is new in Python 3.11, which _CANCELLING checks.
+            self._cancelling = task.cancelling() if _CANCELLING else 0  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType]
             return made.engine
         scope = self._scope = anyio.CancelScope(
             deadline=math.inf if deadline is None else anyio.current_time() + deadline
@@ -261,7 +263,7 @@ class EngineUse(Generic[E]):
     def _create(self, ctx: UserContext) -> Made[E]:
         f = self._factory
         try:
-            result: Any = f._create(ctx)
+            result: object = f._create(ctx)
             return Made(
                 ctx.user_id, enter(result, kind_of(type(result)), "create function", _SYNC_FIX)
             )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import heapq
 import threading
 
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Generic, TypeVar, overload
 
 import anyio
 import attrs
@@ -466,7 +466,7 @@ class EngineFactory(Generic[E]):
                 return made
         c = self._counters
         try:
-            result: Any = self._create(ctx)
+            result: object = self._create(ctx)
             kind = kind_of(type(result))
             # A plain engine: aenter's last case, without a coroutine.
             entered = (
@@ -549,9 +549,14 @@ class EngineFactory(Generic[E]):
             # The twin of aleave for a plain engine, inline: the usual case,
             # and with a sync close it needs no coroutine nor list.
             try:
-                result: Any = close(made.engine)
+                result = close(made.engine)
                 if result is not None and kind_of(type(result)) is AWAITABLE:
-                    await drive(result, self._close_timeout, "an engine of user %r", made.user_id)
+                    await drive(
+                        result,  # type: ignore[arg-type]  # an awaitable, by its kind
+                        self._close_timeout,
+                        "an engine of user %r",
+                        made.user_id,
+                    )
             except Exception as e:  # reported by the caller
                 c.close_errors += 1
                 return [e]

@@ -60,7 +60,7 @@ class IdlePool(Generic[M]):
         made.parked_at = time.monotonic()
         self._by_user.setdefault(made.user_id, []).append(made)
         self._lru[id(made)] = made
-        evicted = []
+        evicted: list[M] = []
         while len(self._lru) > self.most:
             _, old = self._lru.popitem(last=False)
             self._forget(old)
@@ -85,7 +85,7 @@ class IdlePool(Generic[M]):
         Take the engines parked longer than the TTL ago.
         """
         stale = time.monotonic() - self.ttl
-        taken = []
+        taken: list[M] = []
         lru = self._lru
         while lru:
             made = next(iter(lru.values()))

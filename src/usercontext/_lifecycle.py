@@ -40,13 +40,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("usercontext")
 
 
-def _requests(task: Any) -> int:
-    return task.cancelling()  # type: ignore[no-any-return]
-
-
 # How many cancellations of a task are pending: Task.cancelling(), new in
 # Python 3.11. Before, nothing counts them: every one held is raised again.
-_cancelling: Callable[[Any], int] = _requests if sys.version_info >= (3, 11) else lambda _task: 0
+_cancelling: Callable[[Any], int] = (
+    (lambda task: task.cancelling()) if sys.version_info >= (3, 11) else (lambda _task: 0)
+)
 _counted = sys.version_info >= (3, 11)
 
 
@@ -54,10 +52,11 @@ def add_note(exc: BaseException, note: str) -> None:
     """
     Add *note* to *exc*, as `BaseException.add_note` does on Python 3.11+.
     """
-    notes: Any = getattr(exc, "__notes__", None)
+    notes: list[str] | None = getattr(exc, "__notes__", None)
     if not isinstance(notes, list):
         notes = []
-        exc.__notes__ = notes
+        # Declared from Python 3.11 on, set the same way before.
+        exc.__notes__ = notes  # pyright: ignore[reportAttributeAccessIssue]
     notes.append(note)
 
 
@@ -79,8 +78,9 @@ async def drive(awaitable: Awaitable[Any], timeout: float, what: str, *what_args
         usercontext.exceptions.CloseTimeoutError: If it was cut; the message
             names ``what % what_args``.
     """
+    scope = anyio.move_on_after(timeout, shield=True)
     try:
-        with anyio.move_on_after(timeout, shield=True) as scope:
+        with scope:
             return await shielded(awaitable)
     except CancelledError:
         if scope.cancel_called:
@@ -146,6 +146,7 @@ def _guard(awaitable: Awaitable[Any], task: Any) -> Generator[Any, Any, Any]:  #
     pending = _cancelling(task)
     held: list[CancelledError] = []  # native cancellations, raised again at the end
     value: Any = None
+    result: Any = None
     thrown: BaseException | None = None
     try:
         while True:
@@ -228,11 +229,11 @@ PLAIN, AWAITABLE, ASYNC_CM, SYNC_CM, GEN, ASYNC_GEN = (
 # end without suspending, so a cancel scope around it could neither see a
 # cancellation nor reach a deadline, and it is left out.
 ASYNC_GEN_NO_AWAIT = "async generator without await"
-_kinds: dict[type, str] = {}
+_kinds: dict[type[object], str] = {}
 _KINDS_MAX = 1024
 
 
-def kind_of(cls: type) -> str:
+def kind_of(cls: type[object]) -> str:
     """
     Say what an object of type *cls*, returned by a provider, is to be treated as.
 
@@ -454,7 +455,8 @@ async def aenter(result: Any, kind: str, what: str) -> tuple[str, Any, Any]:
     """
     if kind is AWAITABLE:
         result = await result
-        kind = kind_of(type(result))
+        # pyright takes the type of an Any value for type[Unknown].
+        kind = kind_of(type(result))  # pyright: ignore[reportUnknownArgumentType]
     if kind is ASYNC_GEN:
         value = await first_value_async(result, what)
         return (ASYNC_GEN if can_suspend(result.ag_code) else ASYNC_GEN_NO_AWAIT), result, value

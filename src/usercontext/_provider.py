@@ -64,7 +64,7 @@ class Provider:
     def __init__(
         self,
         make: Callable[[UserContext], Any] | None,
-        close: Any,
+        close: Callable[[Any], object] | None,
         counts: Counts,
         value: object = None,
     ) -> None:

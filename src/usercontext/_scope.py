@@ -43,7 +43,7 @@ from .exceptions import IsolationError, ScopeClosedError
 
 
 if TYPE_CHECKING:
-    from collections.abc import Hashable, Mapping
+    from collections.abc import Callable, Hashable, Mapping
     from types import TracebackType
 
     from typing_extensions import Self
@@ -121,7 +121,7 @@ class Scope:
         self._ctx = ctx
         self._resources: Mapping[object, object] = {}
         # (counts, kind, what to exit, close hook, value), in order of creation.
-        self._opened: list[tuple[Counts, str, Any, Any, object]] = []
+        self._opened: list[tuple[Counts, str, Any, Callable[[Any], object] | None, object]] = []
         self._state = _NEW
 
     @property
@@ -235,7 +235,8 @@ class Scope:
         # provider).
         if kind is AWAITABLE:
             result = await result
-            kind = kind_of(type(result))
+            # pyright takes the type of an Any value for type[Unknown].
+            kind = kind_of(type(result))  # pyright: ignore[reportUnknownArgumentType]
         if kind is ASYNC_GEN:
             try:
                 value = await result.__anext__()
@@ -415,7 +416,7 @@ class Scope:
                         result = close(value)
                         if result is not None and kind_of(type(result)) is AWAITABLE:
                             await drive(
-                                result,
+                                result,  # type: ignore[arg-type]  # an awaitable, by its kind
                                 self._registry._close_timeout,
                                 "resource %r",
                                 counts.key,
