@@ -304,7 +304,7 @@ def _legacy_rows(out: Table, creation: Comparison) -> None:
         "median_rate_factor": 1e9 / median / LEGACY_CONTEXTS_PER_S,
     }
     # "Higher is better" here: miss only when both estimates fall short.
-    ok = {}
+    ok: dict[str, bool] = {}
     for kind in ("speedup", "rate_factor"):
         ok[kind] = not (
             figures[kind] < SPEEDUP_TARGET and figures[f"median_{kind}"] < SPEEDUP_TARGET

@@ -101,7 +101,7 @@ class _Backend:
     pool_size: int
     tasks: int
     slow_query: str | None
-    connect_args: dict[str, Any] = attrs.Factory(dict)
+    connect_args: dict[str, Any] = attrs.Factory(dict[str, Any])
     pragmas: tuple[str, ...] = ()
 
     @property
@@ -114,7 +114,7 @@ class _Backend:
 
 
 def _missing(*modules: str) -> list[str]:
-    missing = []
+    missing: list[str] = []
     for name in modules:
         try:
             importlib.import_module(name)
@@ -248,6 +248,7 @@ def _measure(out: Table, backend: _Backend, sizes: _Sizes, announce: Callable[[s
     """
     import sqlalchemy as sa
 
+    from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.ext.asyncio import create_async_engine
 
     from usercontext.sqlalchemy import PoolWatch
@@ -276,7 +277,7 @@ def _measure(out: Table, backend: _Backend, sizes: _Sizes, announce: Callable[[s
                     await conn.exec_driver_sql(pragma)
                 await conn.run_sync(table.create)
                 await conn.commit()
-        except (OSError, sa.exc.SQLAlchemyError) as e:
+        except (OSError, SQLAlchemyError) as e:
             await engine.dispose()
             raise _UnreachableError(f"{type(e).__name__}: {e}") from e
 
@@ -644,10 +645,10 @@ class _Failures:
     """
 
     registry: Registry
-    ok: set[str] = attrs.Factory(set)
-    failed: set[str] = attrs.Factory(set)
-    cancelled: set[str] = attrs.Factory(set)
-    rows: set[str] = attrs.Factory(set)
+    ok: set[str] = attrs.Factory(set[str])
+    failed: set[str] = attrs.Factory(set[str])
+    cancelled: set[str] = attrs.Factory(set[str])
+    rows: set[str] = attrs.Factory(set[str])
     checked_out: int = 0
-    held: list[str] = attrs.Factory(list)
+    held: list[str] = attrs.Factory(list[str])
     idle_in_transaction: int | None = None

@@ -82,11 +82,11 @@ class _Run:
     One run of the legacy scenario.
     """
 
-    latencies_ms: list[float] = attrs.Factory(list)
+    latencies_ms: list[float] = attrs.Factory(list[float])
     failed: int = 0
     wall_s: float = 0.0
     peak_per_user: int = 0
-    in_flight: dict[int, int] = attrs.Factory(dict)
+    in_flight: dict[int, int] = attrs.Factory(dict[int, int])
 
     def percentile(self, p: float) -> float:
         """

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import socket
 import time
 
@@ -181,9 +182,11 @@ def _floor_encoder() -> Callable[[object], str]:
     The fastest standard-library encoder, the one `Event` uses: a C encoder
     built once and reused (`json.dumps` builds one per call).
     """
-    from json.encoder import c_make_encoder  # type: ignore[attr-defined]
+    from _json import make_encoder as c_make_encoder
 
-    options = (None, None, encode_basestring_ascii, None, ":", ",", False, False, False)
+    # json.dumps's own refusal of what JSON cannot carry.
+    default = json.JSONEncoder().default
+    options = (None, default, encode_basestring_ascii, None, ":", ",", False, False, False)
     encoder = c_make_encoder(*options)
     return lambda value: "".join(encoder(value, 0))
 

@@ -360,10 +360,11 @@ def run_report(  # noqa: PLR0913  # keyword-only options of one command
         row met its target), 1 if not, 2 if a section crashed, 130 if the run
         was interrupted.
     """
-    out = out or sys.stdout
-    err = err or sys.stderr
+    # New names, declared TextIO: reassigned, the parameters would keep their None.
+    report: TextIO = out or sys.stdout
+    progress_to: TextIO = err or sys.stderr
     env = _environment()
-    progress = Progress(sum(len(s.steps) for s in sections), err)
+    progress = Progress(sum(len(s.steps) for s in sections), progress_to)
 
     started = time.perf_counter()
     results: list[tuple[Section, SectionResult]] = []
@@ -376,10 +377,12 @@ def run_report(  # noqa: PLR0913  # keyword-only options of one command
             if isinstance(e, KeyboardInterrupt):
                 interrupt = e  # forgotten once its handling ended (see below)
                 stop = _Stop(section, EXIT_INTERRUPTED)
-                err.write(f"\nusercontext report: interrupted in the {section.title} section.\n")
+                progress_to.write(
+                    f"\nusercontext report: interrupted in the {section.title} section.\n"
+                )
             else:
                 stop = _Stop(section, EXIT_ERROR, f"{type(e).__name__}: {e}")
-                err.write(
+                progress_to.write(
                     f"usercontext report: the {section.title} section crashed "
                     f"({type(e).__name__}: {e}); the traceback follows.\n"
                     + "".join(traceback.format_exception(type(e), e, e.__traceback__))
@@ -396,11 +399,11 @@ def run_report(  # noqa: PLR0913  # keyword-only options of one command
     rows = [row for _, result in results for row in result.rows]
     code = exit_code(rows, strict=strict) if stop is None else stop.code
     outcome = _Outcome(env, scale, wall_s, results, code, stop, strict)
-    out.write(outcome.markdown())
-    out.flush()
+    report.write(outcome.markdown())
+    report.flush()
     if json_path is not None:
         Path(json_path).write_text(json.dumps(outcome.json(), indent=2) + "\n", encoding="utf-8")
-    err.write(f"done in {wall_s:.1f} s, exit code {code}\n")
+    progress_to.write(f"done in {wall_s:.1f} s, exit code {code}\n")
     return code
 
 

@@ -44,7 +44,7 @@ from .timing import in_empty_context, paired_ratios, percentile
 
 if TYPE_CHECKING:
     from collections.abc import (
-        AsyncIterator,
+        AsyncGenerator,
         Awaitable,
         Callable,
         MutableMapping,
@@ -84,11 +84,11 @@ class Run:
     """
 
     server: str
-    latencies_ms: list[float] = attrs.Factory(list)
+    latencies_ms: list[float] = attrs.Factory(list[float])
     failed: int = 0
     cross_user: int = 0
     wall_s: float = 0.0
-    state: dict[str, Any] = attrs.Factory(dict)
+    state: dict[str, Any] = attrs.Factory(dict[str, Any])
 
     @property
     def requests(self) -> int:
@@ -159,7 +159,7 @@ _DISCONNECT = {"type": "http.disconnect"}
 
 
 @contextlib.asynccontextmanager
-async def _lifespan_of(app: ASGIApp) -> AsyncIterator[None]:
+async def _lifespan_of(app: ASGIApp) -> AsyncGenerator[None]:
     """
     Start *app* as a server would (ASGI lifespan), and shut it down after.
     """
@@ -233,24 +233,27 @@ async def _serve_in_process(
     of every user; return the last run and, with *memory*, what tracemalloc
     saw of it (the rounds before warm the service up).
     """
-    mem: dict[str, Any] = {}
+
+    async def one_round() -> Run:
+        service.connect()
+        run = await _in_process_round(service.asgi, per_user)
+        run.state = await service.settle()
+        return run
+
     async with _lifespan_of(service.asgi):
-        for i in range(rounds):
-            last = i == rounds - 1
-            if memory and last:
-                gc.collect()
-                tracemalloc.start()
-                before, _ = tracemalloc.get_traced_memory()
-                tracemalloc.reset_peak()
-            service.connect()
-            run = await _in_process_round(service.asgi, per_user)
-            run.state = await service.settle()
-            if memory and last:
-                gc.collect()
-                after, peak = tracemalloc.get_traced_memory()
-                tracemalloc.stop()
-                mem = {"retained_bytes": after - before, "peak_growth_bytes": peak - before}
-    return run, mem
+        for _ in range(rounds - 1):
+            await one_round()
+        if not memory:
+            return await one_round(), {}
+        gc.collect()
+        tracemalloc.start()
+        before, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        run = await one_round()
+        gc.collect()
+        after, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return run, {"retained_bytes": after - before, "peak_growth_bytes": peak - before}
 
 
 async def _keep_alive_client(port: int) -> Run:

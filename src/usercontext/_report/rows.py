@@ -141,7 +141,7 @@ class Row:
     ok: bool | None = None
     value: Quantity | None = None
     goal: Goal | None = None
-    details: Mapping[str, Quantity] = attrs.field(factory=dict)
+    details: Mapping[str, Quantity] = attrs.field(factory=dict[str, Quantity])
     note: str = ""
 
     def __attrs_post_init__(self) -> None:
