@@ -287,6 +287,8 @@ class EngineFactory(Generic[E]):
         self._quota: Quota = (
             quota if quota is not None else LocalQuota(per_key=per_user, total=total)
         )
+        # A LocalQuota's release never waits: the hot path calls it directly.
+        self._local_quota = type(self._quota) is LocalQuota
         self._per_user = per_user
         self._total = total
         self._thread_quota = thread_quota
