@@ -785,3 +785,51 @@ class TestEngine:
         async with factory.engine(ctx) as engine:
             pass
         assert engine.user_id == "u-42"
+
+
+class ProtocolQuota:
+    """
+    A quota that is only the `Quota` protocol, over a `LocalQuota`, and counts
+    the calls the factory makes into it.
+    """
+
+    def __init__(self):
+        self.inner = uc.LocalQuota(per_key=1)
+        self.calls = Counter()
+
+    async def acquire(self, key, *, timeout=None):
+        self.calls["acquire"] += 1
+        return await self.inner.acquire(key, timeout=timeout)
+
+    async def arelease(self, lease):
+        self.calls["arelease"] += 1
+        await checkpoint()  # a round trip would suspend here
+        await self.inner.arelease(lease)
+
+    def stats(self, *, top=10):
+        return self.inner.stats(top=top)
+
+
+class TestAnyQuota:
+    async def test_through_the_protocol(self, ctx):
+        """
+        A quota that is only the protocol is acquired and released through it,
+        once per engine use, whether the body returns or raises; a release that
+        suspends still gives the slot back before the block is left.
+        """
+        quota = ProtocolQuota()
+        assert isinstance(quota, uc.Quota)
+        factory = EngineFactory(make_engine, quota=quota)
+
+        for _ in range(3):
+            async with factory.engine(ctx):
+                assert quota.inner.stats().in_use == 1
+        with pytest.raises(BoomError):
+            async with factory.engine(ctx):
+                raise BoomError
+
+        assert quota.calls == {"acquire": 4, "arelease": 4}
+        stats = factory.stats()
+        assert (stats.in_use, stats.created, stats.closed) == (0, 4, 4)
+        assert stats.quota.in_use == 0
+        assert stats.quota.granted == 4
