@@ -66,6 +66,31 @@ class TestExamples:
         assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
 
+class TestConformanceRecipe:
+    def test_recipe_runs_the_suite(self, tmp_path):
+        """
+        The API reference's recipe for a quota backend, run by pytest as a
+        user would, runs every conformance test on asyncio and trio against
+        `LocalQuota`, and they pass.
+        """
+        (recipe,) = [b for b in python_blocks(DOCS / "api.md") if "QuotaConformance" in b]
+        module = tmp_path / "test_my_quota.py"
+        module.write_text(recipe, encoding="utf-8")
+        cases = [name for name in dir(usercontext.testing.QuotaConformance) if name[:5] == "test_"]
+
+        result = subprocess.run(  # noqa: S603  # our own interpreter on our own docs
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(module)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"{2 * len(cases)} passed" in result.stdout
+
+
 class TestAPIReference:
     def test_every_public_name_is_documented(self):
         """

@@ -78,8 +78,8 @@ FAILED = ["agent_started", "agent_thinking", "tool_executing", "agent_error"]
 # What a settled server holds: nothing.
 SETTLED = {
     "scopes": 0,
-    "resources_open": 0,
-    "engines_active": 0,
+    "resources_in_use": 0,
+    "engines_in_use": 0,
     "quota_in_use": 0,
     "quota_waiting": 0,
     "connections_held": 0,
@@ -163,8 +163,8 @@ class LiveServer:
             registry, quota = s.registry.stats(), s.factory.quota.stats()
             return {
                 "scopes": registry.scopes,
-                "resources_open": registry.in_use,
-                "engines_active": s.factory.stats().in_use,
+                "resources_in_use": registry.in_use,
+                "engines_in_use": s.factory.stats().in_use,
                 "quota_in_use": quota.in_use,
                 "quota_waiting": quota.waiting,
                 "connections_held": s.pool.checked_out,
