@@ -8,14 +8,17 @@ what it measured. The report's code is imported only when it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import traceback
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
 
 # The keys of the report's sections, in order; a test checks them against
@@ -153,12 +156,40 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         sections = with_server(sections, "uvicorn")
     if args.section:
         sections = tuple(s for s in sections if s.key in args.section)
-    return run_report(
-        scale=QUICK if args.quick else DEFAULT,
-        json_path=args.json,
-        sections=sections,
-        strict=args.strict,
-    )
+    with _ctrl_c_raises():
+        return run_report(
+            scale=QUICK if args.quick else DEFAULT,
+            json_path=args.json,
+            sections=sections,
+            strict=args.strict,
+        )
+
+
+@contextlib.contextmanager
+def _ctrl_c_raises() -> Iterator[None]:
+    """
+    Make Ctrl-C raise `KeyboardInterrupt` wherever it lands, for the block.
+
+    ``asyncio.run`` replaces Python's default SIGINT handler with its own, and
+    resets that handler's count of interrupts after installing it: a Ctrl-C
+    that lands while it starts is lost, and the run ends in a bare
+    `asyncio.CancelledError` (exit 1 and a traceback instead of 130). A
+    handler of our own is not the default, so ``asyncio.run`` leaves it alone.
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _raise_interrupt(signum: int, frame: object) -> NoReturn:  # noqa: ARG001  # a signal handler's arguments
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

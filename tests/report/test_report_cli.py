@@ -8,18 +8,21 @@ that every figure is sane, not the figures themselves.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import runpy
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from report_helpers import METRICS, unwritable
 
 import usercontext
+import usercontext.__main__
 
 from usercontext.__main__ import SECTION_KEYS, main
 from usercontext._report import frame
@@ -565,3 +568,60 @@ def _until(proc: subprocess.Popen, text: str) -> str:
         if text in line:
             return "".join(seen)
     pytest.fail(f"{text!r} never appeared on standard error: {''.join(seen)}")
+
+
+class TestCtrlC:
+    """
+    While the report runs, Ctrl-C raises `KeyboardInterrupt` wherever it
+    lands, even while ``asyncio.run`` starts, which would otherwise lose it.
+    """
+
+    def test_asyncio_run_keeps_the_handler(self):
+        """
+        Inside the block, ``asyncio.run`` keeps the report's handler, and a
+        SIGINT in a coroutine leaves ``asyncio.run`` as `KeyboardInterrupt`;
+        after the block, the default handler is back.
+        """
+        seen = []
+
+        async def interrupted():
+            seen.append(signal.getsignal(signal.SIGINT))
+            signal.raise_signal(signal.SIGINT)
+            await asyncio.sleep(10)
+
+        with pytest.raises(KeyboardInterrupt), usercontext.__main__._ctrl_c_raises():
+            asyncio.run(interrupted())
+
+        assert seen == [usercontext.__main__._raise_interrupt]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def test_another_handler_is_left_alone(self):
+        """
+        A handler the caller installed stays in place, and is still there after.
+        """
+        calls = []
+        previous = signal.signal(signal.SIGINT, lambda *_: calls.append(1))
+        try:
+            with usercontext.__main__._ctrl_c_raises():
+                signal.raise_signal(signal.SIGINT)
+                mine = signal.getsignal(signal.SIGINT)
+            assert calls == [1]
+            assert signal.getsignal(signal.SIGINT) is mine
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def test_not_in_the_main_thread(self):
+        """
+        Off the main thread (where handlers cannot be set), nothing changes.
+        """
+        seen = []
+
+        def run():
+            with usercontext.__main__._ctrl_c_raises():
+                seen.append(signal.getsignal(signal.SIGINT))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+
+        assert seen == [signal.default_int_handler]
