@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Generator, Sequence
 
 
 # The keys of the report's sections, in order; a test checks them against
@@ -166,7 +166,7 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _ctrl_c_raises() -> Iterator[None]:
+def _ctrl_c_raises() -> Generator[None]:
     """
     Make Ctrl-C raise `KeyboardInterrupt` wherever it lands, for the block.
 
