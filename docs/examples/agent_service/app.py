@@ -10,6 +10,13 @@ WebSocket connections.
 Run it from this folder with ``uvicorn app:app`` or ``python app.py``. It
 keeps its data in a SQLite file in a temporary directory, or in the database
 of ``AGENT_SERVICE_DATABASE_URL`` (``postgresql+asyncpg://...``) when set.
+
+With ``AGENT_SERVICE_REDIS_URL`` (``redis://host:6379/0``) set, the quota of
+runs and the users' event streams live in Redis, shared by every worker and
+host that names the same Redis: ``uvicorn app:app --workers 4`` then admits
+at most 2 runs at once per user across all workers, and a user's WebSocket on
+one worker gets the events of runs served by another. This needs the
+``redis`` extra (``pip install usercontext[redis]``).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints'
@@ -25,7 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 
@@ -49,6 +56,10 @@ from usercontext.asgi import UserContextMiddleware
 from usercontext.fastapi import CurrentContext, CurrentEmitter, EngineDep, Resource, document_auth
 from usercontext.sqlalchemy import PoolWatch, session_provider
 from usercontext.starlette import close_on_signal, serve_websocket
+
+
+if TYPE_CHECKING:
+    from usercontext.redis import RedisBus, RedisQuota
 
 
 #: The header naming the conversation thread of a request, and its default.
@@ -352,13 +363,14 @@ class NoteOut(BaseModel):
     text: str
 
 
-def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they use
+def create_app(  # noqa: C901, PLR0913, PLR0915  # the endpoints sit next to what they use
     database_url: str | None = None,
     *,
     db_schema: str | None = None,
     per_user: int = 2,
     total: int = 100,
     run_timeout: float = 0.0,
+    redis_url: str | None = None,
 ) -> FastAPI:
     """
     Create the service.
@@ -373,12 +385,28 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
         total: Agent runs at once overall.
         run_timeout: How long a run waits for a free slot before the client
             gets 429; 0 refuses at once.
+        redis_url: A Redis to share the quota of runs and the event streams
+            with the service's other workers and hosts; by default both are
+            this process's own.
     """
     registry = uc.Registry()
+    quota: RedisQuota | None = None
+    bus: RedisBus | None = None
+    if redis_url is not None:
+        # Imported only when asked for: it needs the redis extra.
+        from usercontext import redis as shared
+
+        quota = shared.RedisQuota(redis_url, per_key=per_user, total=total)
+        bus = shared.RedisBus(redis_url)
     factory = uc.EngineFactory(
-        Agent, close=Agent.aclose, per_user=per_user, total=total, timeout=run_timeout
+        Agent,
+        close=Agent.aclose,
+        per_user=per_user,
+        total=total,
+        timeout=run_timeout,
+        quota=quota,
     )
-    hub = uc.EmitterHub()
+    hub = uc.EmitterHub(bus=bus)
     # Bound to the database engine at startup, when the engine is created.
     sessions = async_sessionmaker(expire_on_commit=False)
     request_logs = RequestLogs()
@@ -410,6 +438,8 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
             async with hub, close_on_signal(hub):
                 yield
                 await factory.aclose()
+                if quota is not None:
+                    await quota.aclose()
         finally:
             service.pool.close()
             await engine.dispose()
@@ -561,7 +591,10 @@ def create_app(  # noqa: C901, PLR0915  # the endpoints sit next to what they us
     return app
 
 
-app = create_app(os.environ.get("AGENT_SERVICE_DATABASE_URL"))
+app = create_app(
+    os.environ.get("AGENT_SERVICE_DATABASE_URL"),
+    redis_url=os.environ.get("AGENT_SERVICE_REDIS_URL"),
+)
 
 
 if __name__ == "__main__":
