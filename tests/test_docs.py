@@ -5,6 +5,7 @@ and the API reference documents every public name.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -45,18 +46,23 @@ class TestExamples:
         assert EXAMPLES
 
     @pytest.mark.parametrize("page", EXAMPLES, ids=[page.name for page in EXAMPLES])
-    def test_page_examples_run(self, page, tmp_path):
+    def test_page_examples_run(self, page, tmp_path, request):
         """
         A page's python blocks, concatenated in order, run as one script in a
-        fresh interpreter and exit with 0, with warnings as errors.
+        fresh interpreter and exit with 0, with warnings as errors. A page
+        that uses Redis gets a database of the test Redis as ``REDIS_URL``.
         """
         blocks = python_blocks(page)
         script = tmp_path / f"{page.stem}_examples.py"
         script.write_text("\n".join(blocks), encoding="utf-8")
+        env = dict(os.environ)
+        if any("usercontext.redis" in block for block in blocks):
+            env["REDIS_URL"] = request.getfixturevalue("redis_db")
 
         result = subprocess.run(  # noqa: S603  # our own interpreter on our own docs
             [sys.executable, "-W", "error", str(script)],
             cwd=tmp_path,
+            env=env,
             capture_output=True,
             text=True,
             timeout=120,
