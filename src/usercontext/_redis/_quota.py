@@ -427,8 +427,8 @@ class RedisQuota:
             del keeper.waiters[lease_id]
             if not isinstance(e, Down):
                 # Cancelled mid-flight: the script may have run, so leave.
-                await _finish(self._leave_quietly(key, lease_id))
                 self._cancelled += 1
+                await _finish(self._leave_quietly(key, lease_id))
             raise
         status = reply[0]
         if status == 1:
@@ -452,15 +452,15 @@ class RedisQuota:
         except BaseException as e:
             self._unwait(key, lease_id)
             if not isinstance(e, Down):
-                await _finish(self._leave_quietly(key, lease_id))
                 self._cancelled += 1
+                await _finish(self._leave_quietly(key, lease_id))
             raise
         self._unwait(key, lease_id)
         if fence is not None:
             return self._grant(key, lease_id, fence)
         # Timed out: leave, giving back a slot granted in the race.
-        reply = await _finish(self._leave_quietly(key, lease_id))
         self._timed_out += 1
+        reply = await _finish(self._leave_quietly(key, lease_id))
         waited = asyncio.get_running_loop().time() - start
         if reply is None or reply[0] != 0:
             n = all_n = self._per_key
