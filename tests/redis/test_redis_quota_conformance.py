@@ -15,7 +15,9 @@ from usercontext.redis import RedisQuota
 from usercontext.testing import QuotaConformance
 
 
-pytestmark = pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.fixture(name="anyio_backend")
+def _anyio_backend():
+    return "asyncio"
 
 _prefixes = itertools.count()
 

@@ -95,6 +95,9 @@ class Keeper:
         self._ready = asyncio.Event()
         self._idle = False
         self._poll_now = False
+        # Checked by every loop: redis-py may turn a cancellation into an
+        # error of its own, which a loop would otherwise survive.
+        self.closed = False
 
     # -- called by the quota --------------------------------------------------
 
@@ -179,6 +182,8 @@ class Keeper:
         """
         if self._spawned:
             await asyncio.wait(set(self._spawned), timeout=timeout)
+        self.closed = True
+        self._nudged.set()
         tasks = [t for t in (self._renewer, self._listener, self._prober, *self._spawned) if t]
         for task in tasks:
             task.cancel()
@@ -193,7 +198,7 @@ class Keeper:
         loop = asyncio.get_running_loop()
         q = self.quota
         last = loop.time()
-        while True:
+        while not self.closed:
             if not self.held and not q._n_waiting:
                 self._idle = True
                 self._nudged.clear()
@@ -308,7 +313,7 @@ class Keeper:
     async def _listen(self) -> None:
         q = self.quota
         channel = q._channel_prefix + q._proc
-        while True:
+        while not self.closed:
             pubsub = q._client.pubsub()
             try:
                 await pubsub.subscribe(channel)
@@ -341,7 +346,7 @@ class Keeper:
 
     async def _probe(self) -> None:
         q = self.quota
-        while True:
+        while not self.closed:
             await asyncio.sleep(_PROBE)
             try:
                 async with asyncio.timeout(q._timeout):
