@@ -18,7 +18,7 @@ import secrets
 from typing import TYPE_CHECKING, Any, Literal
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import MaxConnectionsError, NoScriptError
 
 from .. import _checks
 from .._local_quota import LocalQuota
@@ -409,6 +409,8 @@ class RedisQuota:
                     return await client.execute_command(
                         "EVALSHA", script.sha, len(keys), *keys, *self._argv, *args
                     )
+        except MaxConnectionsError:
+            raise  # the client's pool is too small for the load: not an outage
         except DOWN as e:
             raise Down(e) from e
 
@@ -425,8 +427,11 @@ class RedisQuota:
             reply = await self._eval("ACQUIRE", self._keys(key), key, lease_id, "1" if wait else "0")
         except BaseException as e:
             del keeper.waiters[lease_id]
-            if not isinstance(e, Down):
-                # Cancelled mid-flight: the script may have run, so leave.
+            # Cut mid-flight: the script may have run (or run later, if the
+            # server was only paused), so leave.
+            if isinstance(e, Down):
+                keeper.spawn(self._leave_later(key, lease_id))
+            else:
                 self._cancelled += 1
                 await _finish(self._leave_quietly(key, lease_id))
             raise
@@ -451,7 +456,10 @@ class RedisQuota:
             fence = await self._wait_for_grant(key, lease_id, waiter, timeout, start)
         except BaseException as e:
             self._unwait(key, lease_id)
-            if not isinstance(e, Down):
+            if isinstance(e, Down):
+                # Leave once Redis answers, lest a release hand it a slot.
+                self._keeper.spawn(self._leave_later(key, lease_id))
+            else:
                 self._cancelled += 1
                 await _finish(self._leave_quietly(key, lease_id))
             raise
@@ -516,6 +524,16 @@ class RedisQuota:
             return await self._eval("LEAVE", self._keys(key), key, lease_id, "give")
         except Down:
             return None
+
+    async def _leave_later(self, key: str, lease_id: str) -> None:
+        """
+        Leave the queue of *key* once Redis answers again, for up to the time
+        to live (the waiter expires by then).
+        """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self._ttl
+        while await self._leave_quietly(key, lease_id) is None and loop.time() < end:
+            await asyncio.sleep(0.1)
 
     def _grant(self, key: str, lease_id: str, fence: int) -> RedisLease:
         lease = new_lease(self, key, lease_id, fence)

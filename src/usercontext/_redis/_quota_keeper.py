@@ -189,8 +189,10 @@ class Keeper:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
+        closed = Down()
+        closed.__cause__ = ConnectionError("the quota was closed")
         for waiter in self.waiters.values():
-            waiter.settle(Down(ConnectionError("The quota was closed.")))
+            waiter.settle(closed)
 
     # -- the renewal task -----------------------------------------------------
 

@@ -215,7 +215,8 @@ ACQUIRE = (
     _COMMON
     + r"""
 local user, id = ARGV[6], ARGV[7]
-if purge(user) > 0 then dispatch(user) end
+-- A slot may also have been freed by the expiry of a whole key.
+if purge(user) > 0 or redis.call('EXISTS', key('q', user)) == 1 then dispatch(user) end
 local n = redis.call('ZCARD', key('h', user))
 local all_n = n
 if SHARED then all_n = total_held() end
@@ -316,11 +317,10 @@ for i = 0, nleases - 1 do
     dropped = dropped + 1
   end
 end
-if dropped > 0 then
-  for _, user in ipairs(order) do
-    dispatch(user)
-    tidy(user)
-  end
+-- Slots may have been freed by expiry (of a lease, or of a whole key).
+for _, user in ipairs(order) do
+  dispatch(user)
+  if dropped > 0 then tidy(user) end
 end
 local granted = {}
 local gone = {}
