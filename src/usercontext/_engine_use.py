@@ -169,7 +169,7 @@ class EngineUse(Generic[E]):
         self._task = running_task()
         return made.engine
 
-    async def __aexit__(  # noqa: PLR0912  # one exit, in order, written out for speed
+    async def __aexit__(  # noqa: C901, PLR0912, PLR0915  # one exit, in order, written out for speed
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,

@@ -7,11 +7,11 @@ The in-process quotas, `LocalQuota` and `ThreadQuota`, are in `_local_quota`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, SupportsIndex, runtime_checkable
-
 import asyncio
 import logging
 import sys
+
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, SupportsIndex, runtime_checkable
 
 import attrs
 
@@ -254,7 +254,7 @@ class LosableLease(Lease):
         for callback in callbacks:
             try:
                 callback()
-            except Exception:
+            except Exception:  # noqa: PERF203  # each callback runs, whatever the others do
                 _logger.exception("A lost-lease callback of %r failed", self)
         task = self._task
         if task is not None:

@@ -325,9 +325,10 @@ def EngineDep(  # noqa: N802  # used like Depends, and named like it
     least 1 second. After the factory was closed, the client gets ``503`` with
     ``"error": "unavailable"``; when a shared quota's backend does not answer
     (`usercontext.exceptions.BackendUnavailableError`), ``503`` with
-    ``"error": "backend_unavailable"``, and Retry-After *retry_after* or 1 s. A WebSocket handshake is refused with the same
-    response where the server supports denial responses, and else closed with
-    code 1013 (try again later).
+    ``"error": "backend_unavailable"``, and Retry-After *retry_after* or 1 s.
+    A WebSocket handshake is refused with the same response where the server
+    supports denial responses, and else closed with code 1013 (try again
+    later).
 
     Every ``EngineDep(factory)`` of one request with the same *retry_after* is
     one dependency to FastAPI: the request gets one engine however many times

@@ -17,13 +17,15 @@ import redis.asyncio
 
 import usercontext as uc
 
-from helpers import until
 from usercontext.redis import RedisLease, RedisQuota, RedisQuotaStats
+
+from helpers import until
 
 
 @pytest.fixture(name="anyio_backend")
 def _anyio_backend():
     return "asyncio"
+
 
 _prefixes = itertools.count()
 
@@ -145,7 +147,7 @@ class TestKeys:
         assert await client.dbsize() > 0
         loop = asyncio.get_running_loop()
         start = loop.time()
-        while await client.dbsize():
+        while await client.dbsize():  # noqa: ASYNC110  # polls Redis
             await asyncio.sleep(0.02)
         assert loop.time() - start < 0.5
 
@@ -320,7 +322,8 @@ class TestStats:
             assert (refused.value.scope, refused.value.limit) == ("key", 1)
             stats = q.stats()
             assert (stats.in_use, stats.granted, stats.rejected, stats.total) == (1, 1, 1, 10)
-            assert isinstance(lease, RedisLease) and lease.fence > 0
+            assert isinstance(lease, RedisLease)
+            assert lease.fence > 0
             assert "RedisQuota(per_key=1, total=10" in repr(q)
             await lease.arelease()
             assert q.redis_stats() == RedisQuotaStats(
@@ -374,8 +377,8 @@ class TestFastAPI:
         """
         fastapi = pytest.importorskip("fastapi")
         httpx = pytest.importorskip("httpx2")
-        from usercontext.asgi import UserContextMiddleware  # noqa: PLC0415
-        from usercontext.fastapi import EngineDep  # noqa: PLC0415
+        from usercontext.asgi import UserContextMiddleware
+        from usercontext.fastapi import EngineDep
 
         quota = RedisQuota("redis://127.0.0.1:1/0")
         factory = uc.EngineFactory(lambda ctx: object(), quota=quota)

@@ -19,6 +19,7 @@ from usercontext.testing import QuotaConformance
 def _anyio_backend():
     return "asyncio"
 
+
 _prefixes = itertools.count()
 
 

@@ -22,8 +22,9 @@ import redis.asyncio
 
 import usercontext as uc
 
-from helpers import KeepRecords, until
 from usercontext.redis import RedisQuota
+
+from helpers import KeepRecords, until
 
 
 @pytest.fixture(name="anyio_backend")
@@ -86,7 +87,7 @@ class TestProcesses:
             _, err = w.communicate()
             assert w.returncode == 0, err
         peak = int(await client.get("mp-peak"))
-        print(f"observed peak {peak}, sampled max {max(samples)} over {len(samples)} samples")
+        print(f"observed peak {peak}, sampled max {max(samples)} over {len(samples)} samples")  # noqa: T201  # the figure, shown with -s
         assert 1 <= peak <= 5
         assert max(samples) <= 5
         assert len(samples) > 10
@@ -106,7 +107,7 @@ class TestProcesses:
             async def main():
                 q = RedisQuota(sys.argv[1], per_key=1, ttl=1, prefix="k")
                 await q.acquire("u")
-                print("held", flush=True)
+                print("held", flush=True)  # noqa: T201  # the figure, shown with -s
                 await asyncio.sleep(60)
             asyncio.run(main())
             """,
@@ -121,7 +122,7 @@ class TestProcesses:
             start = time.monotonic()
             lease = await q.acquire("u", timeout=3)
             took = time.monotonic() - start
-            print(f"slot back {took:.3f} s after SIGKILL (ttl 1 s)")
+            print(f"slot back {took:.3f} s after SIGKILL (ttl 1 s)")  # noqa: T201  # the figure, shown with -s
             assert took <= 1.5
             await lease.arelease()
 
@@ -156,7 +157,7 @@ class TestProcesses:
                 tasks = [asyncio.create_task(engine()), asyncio.create_task(lease())]
                 while q.stats().in_use < 2:
                     await asyncio.sleep(0.01)
-                print("held", flush=True)
+                print("held", flush=True)  # noqa: T201  # the figure, shown with -s
                 # Resumed: the first tick after a gap of the ticks.
                 last = time.monotonic()
                 while True:
@@ -178,14 +179,14 @@ class TestProcesses:
             async with RedisQuota(redis_db, per_key=2, ttl=0.6, prefix="s") as q:
                 start = time.monotonic()
                 taken = [await q.acquire("u", timeout=3), await q.acquire("u", timeout=3)]
-                print(f"slots taken over {time.monotonic() - start:.3f} s after SIGSTOP")
+                print(f"slots taken over {time.monotonic() - start:.3f} s after SIGSTOP")  # noqa: T201  # the figure, shown with -s
         finally:
             holder.send_signal(signal.SIGCONT)
         del taken
         out, err = holder.communicate(timeout=10)
         assert holder.returncode == 0, err
         delays = [float(x) for x in out.split()]
-        print(f"LeaseLostError {delays} s after SIGCONT (renewal interval 0.2 s)")
+        print(f"LeaseLostError {delays} s after SIGCONT (renewal interval 0.2 s)")  # noqa: T201  # the figure, shown with -s
         assert all(d <= 0.2 + 0.1 for d in delays), delays
 
 
@@ -221,7 +222,7 @@ class TestUnavailable:
                 except uc.BackendUnavailableError:
                     await asyncio.sleep(0.02)
             back = time.monotonic() - start
-            print(f"refused in {took:.3f} s; back {back:.3f} s after restart")
+            print(f"refused in {took:.3f} s; back {back:.3f} s after restart")  # noqa: T201  # the figure, shown with -s
             assert back <= 1.0
             await lease.arelease()
             assert q.redis_stats().acquire_errors >= 1
@@ -246,7 +247,7 @@ class TestUnavailable:
             with pytest.raises(uc.BackendUnavailableError):
                 await waiter
             waited = time.monotonic() - start
-            print(f"{how}: refused in {took:.3f} s, the waiter in {waited:.3f} s")
+            print(f"{how}: refused in {took:.3f} s, the waiter in {waited:.3f} s")  # noqa: T201  # the figure, shown with -s
             assert waited <= 0.2 + 0.25 + 0.1
             if how == "SIGSTOP":
                 redis_server.signal(signal.SIGCONT)
@@ -295,7 +296,7 @@ class TestUnavailable:
                 lease = await q.acquire("u", timeout=0)
                 assert lease.fence is not None
                 await lease.arelease()
-                print(f"fell back in {took:.3f} s; back on Redis {back:.3f} s after restart")
+                print(f"fell back in {took:.3f} s; back on Redis {back:.3f} s after restart")  # noqa: T201  # the figure, shown with -s
                 assert back <= 1.0
                 assert q.stats().in_use == 0
         finally:
@@ -386,7 +387,7 @@ class TestCancelledMidFlight:
             took = time.monotonic() - start
             assert await direct.zcard("{p:u}:h") == 0
             assert q.stats().in_use == 0
-            print(f"cancelled mid-flight: the slot was given back {took:.3f} s later")
+            print(f"cancelled mid-flight: the slot was given back {took:.3f} s later")  # noqa: T201  # the figure, shown with -s
         await slow.aclose()
         await client.aclose()
         await direct.aclose()

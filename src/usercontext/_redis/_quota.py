@@ -20,18 +20,19 @@ from typing import TYPE_CHECKING, Any, Literal
 from redis.asyncio import Redis
 from redis.exceptions import MaxConnectionsError, NoScriptError
 
-from .. import _checks
-from .._local_quota import LocalQuota
-from .._quota import QuotaStats
-from ..exceptions import (
+from usercontext import _checks
+from usercontext._local_quota import LocalQuota
+from usercontext._quota import QuotaStats
+from usercontext.exceptions import (
     BackendUnavailableError,
     LeaseReleasedError,
     QuotaError,
     QuotaExceededError,
     QuotaTimeoutError,
 )
+
 from . import _quota_scripts
-from ._quota_keeper import DOWN, Down, Keeper, Waiter
+from ._quota_keeper import DOWN, Down, Keeper, Waiter, within
 from ._quota_lease import RedisLease, RedisQuotaStats, new_lease
 
 
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
     from typing_extensions import Self
 
-    from .._quota import Lease
+    from usercontext._quota import Lease
 
 
 __all__ = ["RedisQuota"]
@@ -133,7 +134,7 @@ class RedisQuota:
     .. versionadded:: 0.1.0
     """
 
-    def __init__(  # noqa: PLR0913  # keyword-only settings, each documented
+    def __init__(  # noqa: PLR0913, PLR0915  # keyword-only settings, each checked and documented
         self,
         redis: Redis | str,
         *,
@@ -179,7 +180,7 @@ class RedisQuota:
             client = redis
             self._owned = False
         else:
-            msg = (
+            msg = (  # type: ignore[unreachable]  # checked for untyped callers
                 "redis must be a redis.asyncio.Redis client or a URL such as "
                 f"'redis://localhost:6379/0', got {redis!r}."
             )
@@ -264,7 +265,9 @@ class RedisQuota:
                 self._acquire_errors += 1
                 raise self._unavailable(e) from e.__cause__
             self._keeper.outage(e)
-            left = None if timeout is None else timeout - (asyncio.get_running_loop().time() - start)
+            left = (
+                None if timeout is None else timeout - (asyncio.get_running_loop().time() - start)
+            )
             return await self._acquire_local(key, left if left is None or left > 0 else 0)
 
     async def arelease(self, lease: Lease) -> None:
@@ -398,15 +401,15 @@ class RedisQuota:
         script = self._scripts[name]
         client = self._client
         try:
-            async with asyncio.timeout(self._timeout):
+            async with within(self._timeout):
                 try:
-                    return await client.execute_command(
+                    return await client.execute_command(  # type: ignore[no-untyped-call]
                         "EVALSHA", script.sha, len(keys), *keys, *self._argv, *args
                     )
                 except NoScriptError:
                     self._script_loads += 1
                     await client.script_load(script.script)
-                    return await client.execute_command(
+                    return await client.execute_command(  # type: ignore[no-untyped-call]
                         "EVALSHA", script.sha, len(keys), *keys, *self._argv, *args
                     )
         except MaxConnectionsError:
@@ -424,7 +427,9 @@ class RedisQuota:
         waiter = Waiter(key)
         keeper.waiters[lease_id] = waiter
         try:
-            reply = await self._eval("ACQUIRE", self._keys(key), key, lease_id, "1" if wait else "0")
+            reply = await self._eval(
+                "ACQUIRE", self._keys(key), key, lease_id, "1" if wait else "0"
+            )
         except BaseException as e:
             del keeper.waiters[lease_id]
             # Cut mid-flight: the script may have run (or run later, if the
@@ -490,9 +495,9 @@ class RedisQuota:
         while True:
             left = None if timeout is None else start + timeout - loop.time()
             try:
-                async with asyncio.timeout(left):
+                async with within(left):
                     outcome = await waiter.future
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 return None
             if isinstance(outcome, int):
                 return outcome
@@ -532,7 +537,7 @@ class RedisQuota:
         """
         loop = asyncio.get_running_loop()
         end = loop.time() + self._ttl
-        while await self._leave_quietly(key, lease_id) is None and loop.time() < end:
+        while await self._leave_quietly(key, lease_id) is None and loop.time() < end:  # noqa: ASYNC110  # retries a round trip
             await asyncio.sleep(0.1)
 
     def _grant(self, key: str, lease_id: str, fence: int) -> RedisLease:
@@ -584,8 +589,14 @@ class RedisQuota:
 
     # -- failures -------------------------------------------------------------
 
-    def _full(
-        self, cls: type[QuotaError], key: str, n: int, all_n: int, waited: float, timeout: float | None
+    def _full(  # noqa: PLR0913, PLR0917  # the six fields of a QuotaError
+        self,
+        cls: type[QuotaError],
+        key: str,
+        n: int,
+        all_n: int,
+        waited: float,
+        timeout: float | None,
     ) -> QuotaError:
         if n >= self._per_key or self._total is None:
             return cls(key, self._per_key, "key", n, waited, timeout)
@@ -593,7 +604,11 @@ class RedisQuota:
 
     def _unavailable(self, e: Down) -> BackendUnavailableError:
         cause = e.__cause__
-        what = "no answer" if isinstance(cause, TimeoutError) else f"{type(cause).__name__}: {cause}"
+        what = (
+            "no answer"
+            if isinstance(cause, asyncio.TimeoutError)
+            else f"{type(cause).__name__}: {cause}"
+        )
         return BackendUnavailableError(
             f"Redis did not answer the quota within {self._timeout} s ({what}), and "
             "on_unavailable is 'fail_closed': the request was refused. Retry shortly, check "

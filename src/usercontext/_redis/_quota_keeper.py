@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +26,19 @@ if TYPE_CHECKING:
     from ._quota_lease import RedisLease
 
 
-__all__ = ["DOWN", "REQUEUE", "Down", "Keeper", "Waiter"]
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as within
+    from asyncio import timeout_at as within_at
+else:  # pragma: no cover  # Python 3.10
+    from async_timeout import timeout as within
+    from async_timeout import timeout_at as within_at
+
+__all__ = ["DOWN", "REQUEUE", "Down", "Keeper", "Waiter", "within"]
 
 logger = logging.getLogger("usercontext")
 
 #: What a command that did not reach Redis raises.
-DOWN = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
+DOWN = (RedisConnectionError, RedisTimeoutError, asyncio.TimeoutError, OSError)
 
 
 class Down(Exception):  # noqa: N818  # internal: a marker, never seen by users
@@ -129,9 +137,9 @@ class Keeper:
         if self._listener is None:
             self._listener = asyncio.get_running_loop().create_task(self._listen())
         try:
-            async with asyncio.timeout(self.quota._timeout):
+            async with within(self.quota._timeout):
                 await self._ready.wait()
-        except TimeoutError as e:
+        except asyncio.TimeoutError as e:
             raise Down(e) from e
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -216,12 +224,12 @@ class Keeper:
                 continue
             self._nudged.clear()
             try:
-                async with asyncio.timeout_at(due):
+                async with within_at(due):
                     await self._nudged.wait()
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 pass
 
-    async def _round(self) -> None:
+    async def _round(self) -> None:  # noqa: C901, PLR0912  # one round, in order
         """
         Renew every lease and waiter of the process, one script call per
         hash tag, in one pipeline; act on what Redis says was lost or granted.
@@ -254,31 +262,31 @@ class Keeper:
         self.renewals += 1
         for lost, granted, gone in results:
             for lease_id in lost:
-                lease = self.held.pop(_text(lease_id), None)
-                if lease is not None:
+                lost_lease = self.held.pop(_text(lease_id), None)
+                if lost_lease is not None:
                     q._lost += 1
                     logger.warning(
                         "%r expired while it was held (the process was paused or cut off past "
                         "its time to live of %s s): its body is cancelled.",
-                        lease,
+                        lost_lease,
                         q._ttl,
                     )
-                    lease._lose()
+                    lost_lease._lose()
             for i in range(0, len(granted), 2):
-                waiter = self.waiters.get(_text(granted[i]))
-                if waiter is not None:
-                    waiter.settle(int(granted[i + 1]))
+                found = self.waiters.get(_text(granted[i]))
+                if found is not None:
+                    found.settle(int(granted[i + 1]))
             for waiter_id in gone:
-                waiter = self.waiters.get(_text(waiter_id))
-                if waiter is not None and waiter.queued:
-                    waiter.settle(REQUEUE)
+                found = self.waiters.get(_text(waiter_id))
+                if found is not None and found.queued:
+                    found.settle(REQUEUE)
 
     async def _pipeline(self, calls: list[tuple[list[str], tuple[str, ...]]]) -> list[Any]:
         q = self.quota
         script = q._scripts["RENEW"]
         results: list[Any] = []
         try:
-            async with asyncio.timeout(q._timeout):
+            async with within(q._timeout):
                 for _ in range(2):
                     pipe = q._client.pipeline(transaction=False)
                     for keys, args in calls:
@@ -351,7 +359,7 @@ class Keeper:
         while not self.closed:
             await asyncio.sleep(_PROBE)
             try:
-                async with asyncio.timeout(q._timeout):
+                async with within(q._timeout):
                     await q._client.ping()
             except DOWN:
                 continue
@@ -363,6 +371,6 @@ class Keeper:
 
 def _describe(error: BaseException) -> str:
     cause = error.__cause__ if isinstance(error, Down) else error
-    if cause is None or isinstance(cause, TimeoutError) and not str(cause):
+    if cause is None or (isinstance(cause, asyncio.TimeoutError) and not str(cause)):
         return "no answer"
     return f"{type(cause).__name__}: {cause}"

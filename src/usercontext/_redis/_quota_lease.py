@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from .._quota import Lease, LosableLease, _new_lease
+from usercontext._quota import Lease, LosableLease, _new_lease
 
 
 if TYPE_CHECKING:
