@@ -16,7 +16,7 @@ import anyio
 
 from ._current import bind, current
 from ._lifecycle import add_note, describe, enter, kind_of, leave, logger, running_task
-from .exceptions import EngineDeadlineError, FactoryClosedError
+from .exceptions import EngineDeadlineError, FactoryClosedError, LeaseLostError
 
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ __all__ = ["EngineUse"]
 # own is told apart from others' (Python 3.11+).
 _CANCELLING = sys.version_info >= (3, 11)
 _SYNC_FIX = "use `async with factory.engine()` instead of `with`"
+# The reason given to abort() when the quota lost the lease.
+_LOST = "the quota lease was lost"
 
 
 class Made(Generic[E]):
@@ -105,6 +107,12 @@ class EngineUse(Generic[E]):
         elif self._task is not None:  # None once the body has ended
             self._task.cancel("The EngineFactory was closed.")
 
+    def _lose(self) -> None:
+        """
+        The quota lost the lease (it expired while held): cut the body short.
+        """
+        self.abort(_LOST)
+
     async def __aenter__(self) -> E:
         f = self._factory
         f._check_open()
@@ -136,6 +144,9 @@ class EngineUse(Generic[E]):
         self._made = made
         f._counters.start(ctx.user_id)
         f._uses.add(self)
+        if not f._local_quota:
+            # A network quota's lease can be lost: the body is cut then.
+            lease.add_lost_callback(self._lose)
         deadline = f._deadline
         try:
             task = current_task()
@@ -158,7 +169,7 @@ class EngineUse(Generic[E]):
         self._task = running_task()
         return made.engine
 
-    async def __aexit__(  # noqa: PLR0912  # one exit, in order, written out for speed
+    async def __aexit__(  # noqa: C901, PLR0912, PLR0915  # one exit, in order, written out for speed
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
@@ -221,6 +232,13 @@ class EngineUse(Generic[E]):
                 f"The body using an engine of user {ctx.user_id!r} ran past its deadline of "
                 f"{f._deadline} s and was cancelled. Make it finish sooner or raise the "
                 "factory's deadline."
+            )
+        elif caught and self._why is _LOST:
+            error = LeaseLostError(
+                f"The quota lease of user {ctx.user_id!r} expired while the body used an "
+                "engine (the process was paused or cut off past the lease's time to live), "
+                "so its slot may have gone to someone else: the body was cancelled. Retry "
+                "the work under a new lease."
             )
         elif caught:
             error = FactoryClosedError(

@@ -7,18 +7,30 @@ The in-process quotas, `LocalQuota` and `ThreadQuota`, are in `_local_quota`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NoReturn, Protocol, SupportsIndex, runtime_checkable
+import asyncio
+import logging
+import sys
+
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, SupportsIndex, runtime_checkable
 
 import attrs
 
+from .exceptions import LeaseLostError
+
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import TracebackType
 
     from typing_extensions import Self
 
 
-__all__ = ["Lease", "Quota", "QuotaStats"]
+__all__ = ["Lease", "LosableLease", "Quota", "QuotaStats"]
+
+_logger = logging.getLogger("usercontext")
+# Task.cancelling() and uncancel(), by which a cancellation of one's own is
+# told apart from others' (Python 3.11+).
+_CANCELLING = sys.version_info >= (3, 11)
 
 
 class _Granter(Protocol):
@@ -129,6 +141,29 @@ class Lease:
         """
         self.release()
 
+    @property
+    def lost(self) -> bool:
+        """
+        Whether the quota found that this lease had expired while it was held
+        (its holder paused or cut off past the lease's time to live), so its
+        slot may have gone to someone else. The leases of `LocalQuota` are
+        never lost.
+        """
+        return False
+
+    def add_lost_callback(self, callback: Callable[[], object]) -> None:
+        """
+        Have *callback* called, once and without arguments, if the quota finds
+        this lease lost while it is held; `EngineFactory` cancels the body
+        using the engine with it. A lease that cannot be lost (those of
+        `LocalQuota`) never calls it.
+
+        A backend whose leases can be lost grants a subclass that calls the
+        callbacks; ``async with`` such a lease cancels its body when the loss
+        is noticed and raises `usercontext.exceptions.LeaseLostError` in its
+        place.
+        """
+
     def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         # copy.copy and pickle both come here: a copy would be a second
         # handle on one slot, released twice.
@@ -163,6 +198,100 @@ class Lease:
     def __repr__(self) -> str:
         state = "released" if self._quota is None else "held"
         return f"<usercontext.Lease(key={self._key!r}, {state})>"
+
+
+class LosableLease(Lease):
+    """
+    The base of the leases of a backend that can lose them (a lease that
+    expired while its holder was paused): it keeps the callbacks of
+    `Lease.add_lost_callback`, and ``async with`` it cancels its body (on
+    asyncio) when the loss is noticed, raising
+    `usercontext.exceptions.LeaseLostError` in its place.
+
+    The backend calls `_lose` from its own task when it finds the lease lost.
+    """
+
+    __slots__ = ("_callbacks", "_cancelling", "_lost", "_task")
+
+    _callbacks: list[Callable[[], object]] | None
+    _lost: bool
+    _task: Any  # the asyncio task in ``async with`` the lease, else None
+    _cancelling: int
+
+    def _init_losable(self) -> None:
+        self._callbacks = None
+        self._lost = False
+        self._task = None
+        self._cancelling = 0
+
+    @property
+    def lost(self) -> bool:
+        """
+        Whether the quota found that this lease had expired while it was held
+        (its holder paused or cut off past the lease's time to live), so its
+        slot may have gone to someone else.
+        """
+        return self._lost
+
+    def add_lost_callback(self, callback: Callable[[], object]) -> None:
+        """
+        Have *callback* called, once and without arguments, if the quota finds
+        this lease lost while it is held.
+        """
+        if self._callbacks is None:
+            self._callbacks = []
+        self._callbacks.append(callback)
+
+    def _lose(self) -> None:
+        """
+        Mark the lease lost, call its callbacks (logging their errors), and
+        cancel the body of ``async with`` it, if any.
+        """
+        if self._lost:
+            return
+        self._lost = True
+        callbacks, self._callbacks = self._callbacks or [], None
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # noqa: PERF203  # each callback runs, whatever the others do
+                _logger.exception("A lost-lease callback of %r failed", self)
+        task = self._task
+        if task is not None:
+            task.cancel(f"The quota lease of key {self._key!r} was lost.")
+
+    async def __aenter__(self) -> Self:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # not asyncio: trio
+            return self
+        if task is not None:  # pragma: no branch  # a coroutine on asyncio runs in a task
+            self._task = task
+            # Task.cancelling() is new in Python 3.11.
+            self._cancelling = task.cancelling() if _CANCELLING else 0  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        task, self._task = self._task, None
+        await self.arelease()
+        if (
+            self._lost
+            and task is not None
+            and isinstance(exc, asyncio.CancelledError)
+            and (not _CANCELLING or task.uncancel() <= self._cancelling)
+        ):
+            msg = (
+                f"The quota lease of key {self._key!r} expired while it was held (its "
+                "holder was paused or cut off past the lease's time to live), so its slot "
+                "may have gone to someone else: the body was cancelled. Retry the work "
+                "under a new lease."
+            )
+            raise LeaseLostError(msg) from None
 
 
 _new_lease = Lease.__new__

@@ -43,6 +43,7 @@ from fastapi.routing import APIRoute
 from fastapi.security.base import SecurityBase
 
 from usercontext import (
+    BackendUnavailableError,
     Emitter,
     EngineFactory,
     FactoryClosedError,
@@ -322,9 +323,12 @@ def EngineDep(  # noqa: N802  # used like Depends, and named like it
     Retry-After is *retry_after* rounded up, or, by default, the factory's
     *timeout* rounded up (the client already waited that long in vain), and at
     least 1 second. After the factory was closed, the client gets ``503`` with
-    ``"error": "unavailable"``. A WebSocket handshake is refused with the same
-    response where the server supports denial responses, and else closed with
-    code 1013 (try again later).
+    ``"error": "unavailable"``; when a shared quota's backend does not answer
+    (`usercontext.exceptions.BackendUnavailableError`), ``503`` with
+    ``"error": "backend_unavailable"``, and Retry-After *retry_after* or 1 s.
+    A WebSocket handshake is refused with the same response where the server
+    supports denial responses, and else closed with code 1013 (try again
+    later).
 
     Every ``EngineDep(factory)`` of one request with the same *retry_after* is
     one dependency to FastAPI: the request gets one engine however many times
@@ -372,6 +376,14 @@ def _engine_dependency(
                 value = await stack.enter_async_context(factory.engine(ctx))
             except QuotaError as e:
                 raise _quota_refusal(conn, ctx, e, fixed) from None
+            except BackendUnavailableError:
+                body = {
+                    "title": "Service Unavailable",
+                    "detail": "The service cannot check its limits right now. Retry shortly.",
+                    "error": "backend_unavailable",
+                    "retry_after": 1 if fixed is None else fixed,
+                }
+                raise _refusal(conn, ctx, 503, body) from None
             except FactoryClosedError:
                 body = {
                     "title": "Service Unavailable",
@@ -409,7 +421,7 @@ _REFUSALS = {
 }
 _ENGINE_REFUSALS = {
     "429": "Too many requests at once: retry after the Retry-After header's seconds.",
-    "503": "The service is shutting down: retry shortly.",
+    "503": "The service is shutting down, or cannot check its limits: retry shortly.",
 }
 
 
