@@ -12,6 +12,11 @@ redis-py comes with the ``redis`` extra. Without it, or without a Redis to
 use, the section reports one info row that says so.
 """
 
+# redis-py's API is typed with untyped **kwargs, which strict pyright reports
+# at every call.
+# pyright: reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false
+
 from __future__ import annotations
 
 import asyncio
@@ -167,10 +172,14 @@ def _forget(url: str, prefix: str) -> None:
 
 
 def _left(url: str, prefix: str) -> int:
+    """
+    Count the keys under *prefix*, once the run's own counter is deleted.
+    """
     import redis
 
     client = redis.Redis.from_url(url)
     try:
+        client.delete(f"{prefix}:observed")
         return sum(1 for _ in client.scan_iter(match=f"*{prefix}*", count=1_000))
     finally:
         client.close()

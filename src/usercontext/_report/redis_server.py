@@ -118,12 +118,14 @@ class RedisServer:
         binary = redis_server_binary()
         if binary is None:
             raise NoRedisServerError(NO_REDIS_SERVER)
+        tail = ""
         for _ in range(1 if port is not None else 3):  # another process may take a free port
             server = cls(binary, port if port is not None else free_port())
             if server.launch():
                 return server
+            tail = server.log_tail()
             server.stop()
-        raise NoRedisServerError(f"redis-server did not start: {server.log_tail()}")
+        raise NoRedisServerError(f"redis-server did not start: {tail}")
 
     @property
     def pid(self) -> int | None:
