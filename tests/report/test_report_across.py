@@ -71,7 +71,9 @@ class TestNotMeasured:
 
         (row,) = result.rows
         assert row.kind == "info"
-        assert row.achieved == f"not measured: set {REDIS_URL_VAR}, or put redis-server on PATH (none)"
+        assert row.achieved == (
+            f"not measured: set {REDIS_URL_VAR}, or put redis-server on PATH (none)"
+        )
         assert len(progress) == len(STEPS)
 
 

@@ -59,6 +59,8 @@ KILL_SLACK_S = 0.5
 UNAVAILABLE_TARGET_S = 0.5
 RECOVERY_TARGET_S = 1.0
 EVENT_USERS = 10
+LEGACY_EVENTS_PER_S = 2_000.0  # the legacy report: "~2,000 events/s"
+EVENTS_P99_TARGET_MS = 10.0
 
 
 def _spawn() -> Any:
@@ -136,8 +138,10 @@ def across_section(scale: Scale, progress: Progress) -> SectionResult:
         ),
         (
             f"Events: two hubs on two connections (two instances); one emits to "
-            f"{EVENT_USERS} users, the other delivers to a sink per user. Latency is from "
-            "the emit's start to the sink, on one clock."
+            f"{EVENT_USERS} users, one emit awaited at a time; the other delivers to a sink "
+            "per user. Both run in the report's process, on one event loop: the rate is that "
+            "of one core doing both sides. Latency is from the emit's start to the sink, on "
+            "one clock."
         ),
     )
     return SectionResult(tuple(out.rows), out.figures, notes)
@@ -347,7 +351,7 @@ async def _through_a_restart(server: RedisServer) -> tuple[float, float]:
         while True:
             try:
                 lease = await quota.acquire("u-restart", timeout=0)
-            except BackendUnavailableError:
+            except BackendUnavailableError:  # noqa: PERF203  # polling until it answers
                 await asyncio.sleep(0.01)
             else:
                 recovered = time.monotonic() - restarted
@@ -434,6 +438,7 @@ async def _deliver(url: str, prefix: str, n: int) -> dict[str, Any]:
             emitting.emitter(UserContext(user_id=u, thread_id="t", run_id="r")) for u in users
         ]
         start = time.perf_counter()
+        # One emit at a time, so that a latency is the path's, not a queue's.
         for i in range(total // EVENT_USERS):
             for emitter in emitters:
                 await emitter.emit("report_event", {"i": i, "at": time.time()})
@@ -469,19 +474,23 @@ def _events(out: Table, url: str, prefix: str, sizes: _Sizes) -> None:
         ),
         Row(
             id="across.events_latency",
-            kind="info",
+            kind="performance",
             metric="Delivery latency across instances, P50 / P99",
-            target="none (info)",
-            achieved=f"{p50 * 1e3:.2f} / {p99 * 1e3:.2f} ms",
+            target=f"P99 ≤ {EVENTS_P99_TARGET_MS:g} ms",
+            achieved=f"{p50 * 1e3:.2f} / **{p99 * 1e3:.2f} ms**",
+            ok=p99 * 1e3 <= EVENTS_P99_TARGET_MS,
             value=Quantity(p99 * 1e3, "ms"),
+            goal=Goal("<=", EVENTS_P99_TARGET_MS, "ms"),
             details={"p50": Quantity(p50 * 1e3, "ms")},
         ),
         Row(
             id="across.events_rate",
-            kind="info",
+            kind="performance",
             metric="Events emitted and delivered across instances",
-            target="none (info)",
-            achieved=f"{rate:,.0f}/s",
+            target=f"≥ {LEGACY_EVENTS_PER_S:,.0f}/s (legacy ~2,000/s, in one process)",
+            achieved=f"**{rate:,.0f}/s**",
+            ok=rate >= LEGACY_EVENTS_PER_S,
             value=Quantity(rate, "1/s"),
+            goal=Goal(">=", LEGACY_EVENTS_PER_S, "1/s"),
         ),
     ]
