@@ -113,7 +113,6 @@ class Keeper:
         self._spawned: set[asyncio.Task[Any]] = set()
         self._nudged = asyncio.Event()
         self._ready = asyncio.Event()
-        self._idle = False
         self._poll_now = False
         # Checked by every loop: redis-py may turn a cancellation into an
         # error of its own, which a loop would otherwise survive.
@@ -128,8 +127,6 @@ class Keeper:
         self.held[lease._id] = lease
         if self._renewer is None:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
-        elif self._idle:
-            self._nudged.set()
 
     def nudge(self) -> None:
         """
@@ -220,14 +217,10 @@ class Keeper:
         loop = asyncio.get_running_loop()
         q = self.quota
         last = loop.time()
+        # A lease is renewed at the first round after its grant, at most
+        # *every* later: `hold` need not wake this task (that would cost a
+        # task switch per grant), and a round with nothing to renew is free.
         while not self.closed:
-            if not self.held and not q._n_waiting:
-                self._idle = True
-                self._nudged.clear()
-                await self._nudged.wait()
-                self._idle = False
-                last = loop.time()
-                continue
             due = last + (self.poll if q._n_waiting else self.every)
             if self._poll_now or loop.time() >= due:
                 self._poll_now = False
