@@ -125,6 +125,32 @@ def test_scenario_local_quota_floor(benchmark, loop):
 
 
 @pytest.mark.benchmark(group="redis quota: 1,000 requests, 100 users, limit 2")
+def test_scenario_redis_floor(benchmark, loop, client):
+    """
+    The physical floor of the scenario on Redis: each request runs two raw
+    ``EVALSHA`` of trivial scripts (stand-ins for acquire and release) on
+    the same pool, with no quota logic and no waiting; P50 and P99 in the
+    extra info.
+    """
+    sha = loop.run_until_complete(client.script_load("return 1"))
+
+    async def acquire(key: str) -> str:
+        await client.evalsha(sha, 1, key)
+        return key
+
+    async def release(key: str) -> None:
+        await client.evalsha(sha, 1, key)
+
+    result: list[list[float]] = []
+    benchmark.pedantic(
+        lambda: result.append(loop.run_until_complete(_scenario(acquire, release))),
+        rounds=3,
+        iterations=1,
+    )
+    _record(benchmark, min(result, key=lambda lat: lat[499]))
+
+
+@pytest.mark.benchmark(group="redis quota: 1,000 requests, 100 users, limit 2")
 def test_scenario_redis_quota(benchmark, loop, client):
     """
     The scenario under `RedisQuota(per_key=2)` in one process. Target: P50

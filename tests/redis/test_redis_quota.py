@@ -398,3 +398,41 @@ class TestFastAPI:
         assert response.headers["content-type"] == "application/problem+json"
         assert response.json()["error"] == "backend_unavailable"
         await quota.aclose()
+
+
+class TestRoundTrips:
+    """
+    A release cut mid-flight still finishes, and a pool too small for the
+    load is the caller's error, not an outage.
+    """
+
+    async def test_release_cancelled_mid_flight(self, client):
+        async with RedisQuota(client, per_key=1, prefix=_prefix()) as q:
+            lease = await q.acquire("u")
+            task = asyncio.create_task(q.arelease(lease))
+            await asyncio.sleep(0)  # the release's round trip is in flight
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert q.stats().in_use == 0
+            # The slot is free in Redis: taken again at once.
+            again = await q.acquire("u", timeout=0)
+            await again.arelease()
+            assert q.redis_stats().release_errors == 0
+
+    async def test_pool_too_small_is_not_an_outage(self, redis_db):
+        pool = redis.asyncio.ConnectionPool.from_url(redis_db, max_connections=1)
+        client = redis.asyncio.Redis(connection_pool=pool)
+        try:
+            async with RedisQuota(client, per_key=1, prefix=_prefix()) as q:
+                # The only connection is busy with a blocking command.
+                busy = asyncio.create_task(client.blpop(["nothing"], timeout=0.3))
+                await asyncio.sleep(0.05)
+                with pytest.raises(redis.exceptions.MaxConnectionsError):
+                    await q.acquire("u", timeout=0)
+                await busy
+                assert q.redis_stats().acquire_errors == 0
+                assert q.redis_stats().available
+        finally:
+            await client.aclose()
+            await pool.aclose()

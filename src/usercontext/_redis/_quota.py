@@ -7,6 +7,9 @@ The scripts are in `_quota_scripts`, the lease and the stats in
 poll, wake-ups, probing Redis after an outage) in `_quota_keeper`.
 """
 
+# redis-py's asyncio client types Redis.from_url with untyped **kwargs.
+# pyright: reportUnknownMemberType=false
+
 from __future__ import annotations
 
 import asyncio

@@ -6,13 +6,17 @@ receives the wake-ups of the process's waiters, and the probe that brings
 the quota back to Redis after an outage.
 """
 
+# redis-py's asyncio client types many methods with untyped **kwargs
+# (pubsub, ping, from_url) and its pipeline's execute_command as `...`.
+# pyright: reportUnknownMemberType=false
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import sys
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
@@ -20,16 +24,24 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    from collections.abc import AsyncIterator, Coroutine
 
     from ._quota import RedisQuota
     from ._quota_lease import RedisLease
 
 
-if sys.version_info >= (3, 11):
+if TYPE_CHECKING:
+    # The type checkers run for Python 3.10, whose asyncio has no timeout:
+    # the signature both implementations below share.
+    from contextlib import AbstractAsyncContextManager
+
+    def within(delay: float | None, /) -> AbstractAsyncContextManager[object]: ...
+    def within_at(when: float | None, /) -> AbstractAsyncContextManager[object]: ...
+
+elif sys.version_info >= (3, 11):
     from asyncio import timeout as within
     from asyncio import timeout_at as within_at
-else:  # pragma: no cover  # Python 3.10
+else:  # pragma: no cover  # Python 3.10 only (run there by CI, not by coverage)
     from async_timeout import timeout as within
     from async_timeout import timeout_at as within_at
 
@@ -101,7 +113,6 @@ class Keeper:
         self._spawned: set[asyncio.Task[Any]] = set()
         self._nudged = asyncio.Event()
         self._ready = asyncio.Event()
-        self._idle = False
         self._poll_now = False
         # Checked by every loop: redis-py may turn a cancellation into an
         # error of its own, which a loop would otherwise survive.
@@ -116,8 +127,6 @@ class Keeper:
         self.held[lease._id] = lease
         if self._renewer is None:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
-        elif self._idle:
-            self._nudged.set()
 
     def nudge(self) -> None:
         """
@@ -208,14 +217,10 @@ class Keeper:
         loop = asyncio.get_running_loop()
         q = self.quota
         last = loop.time()
+        # A lease is renewed at the first round after its grant, at most
+        # *every* later: `hold` need not wake this task (that would cost a
+        # task switch per grant), and a round with nothing to renew is free.
         while not self.closed:
-            if not self.held and not q._n_waiting:
-                self._idle = True
-                self._nudged.clear()
-                await self._nudged.wait()
-                self._idle = False
-                last = loop.time()
-                continue
             due = last + (self.poll if q._n_waiting else self.every)
             if self._poll_now or loop.time() >= due:
                 self._poll_now = False
@@ -246,7 +251,7 @@ class Keeper:
                 group[1].extend((waiter.key, waiter_id))
         if not groups:
             return
-        calls = []
+        calls: list[tuple[list[str], tuple[str, ...]]] = []
         for leases, waiters in groups.values():
             user = leases[0] if leases else waiters[0]
             calls.append((q._keys(user), (str(len(leases) // 2), *leases, *waiters)))
@@ -327,7 +332,8 @@ class Keeper:
             pubsub = q._client.pubsub()
             try:
                 await pubsub.subscribe(channel)
-                async for message in pubsub.listen():
+                messages = cast("AsyncIterator[dict[str, Any]]", pubsub.listen())
+                async for message in messages:
                     kind = _text(message["type"])
                     if kind == "message":
                         self._wake(_text(message["data"]))

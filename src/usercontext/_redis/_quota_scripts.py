@@ -64,12 +64,9 @@ end
 local function next_seq(user)
   local k
   if SHARED then k = SHARED .. ':seq' else k = key('seq', user) end
-  local n = redis.call('INCR', k)
-  if n < NOWUS then
-    n = NOWUS
-    redis.call('SET', k, s(n))
-  end
-  redis.call('PEXPIRE', k, TTL)
+  local n = tonumber(redis.call('GET', k) or '0') + 1
+  if n < NOWUS then n = NOWUS end
+  redis.call('SET', k, s(n), 'PX', TTL)
   return n
 end
 
@@ -79,7 +76,9 @@ end
 
 -- Drop the expired leases and waiters of user (of every user under a total
 -- limit, whose leases are all in one set); return how many were dropped.
-local function purge(user)
+-- Waiters are looked at only if user has a queue (queued true): the queue
+-- and the waiters' expiries are written and expire together.
+local function purge(user, queued)
   local dropped = 0
   if SHARED then
     local all = SHARED .. ':all'
@@ -104,6 +103,7 @@ local function purge(user)
       end
     end
   end
+  if not queued then return dropped end
   local w = key('w', user)
   local late = redis.call('ZRANGEBYSCORE', w, '-inf', s(NOW))
   if #late > 0 then
@@ -215,12 +215,16 @@ ACQUIRE = (
     _COMMON
     + r"""
 local user, id = ARGV[6], ARGV[7]
+local queued = redis.call('EXISTS', key('q', user)) == 1
 -- A slot may also have been freed by the expiry of a whole key.
-if purge(user) > 0 or redis.call('EXISTS', key('q', user)) == 1 then dispatch(user) end
+if purge(user, queued) > 0 or queued then
+  dispatch(user)
+  queued = redis.call('EXISTS', key('q', user)) == 1
+end
 local n = redis.call('ZCARD', key('h', user))
 local all_n = n
 if SHARED then all_n = total_held() end
-if n < LIMIT and (not SHARED or all_n < TOTAL) and redis.call('EXISTS', key('q', user)) == 0 then
+if n < LIMIT and (not SHARED or all_n < TOTAL) and not queued then
   return {1, grant(user, id)}
 end
 if ARGV[8] ~= '1' then return {0, n, all_n} end
@@ -246,8 +250,10 @@ RELEASE = (
     + r"""
 local user = ARGV[6]
 local removed = drop(user, ARGV[7])
-purge(user)
-dispatch(user)
+local queued = redis.call('EXISTS', key('q', user)) == 1
+purge(user, queued)
+-- Under a total limit, the slot may go to another user's waiter.
+if queued or SHARED then dispatch(user) end
 tidy(user)
 return removed
 """
@@ -266,7 +272,7 @@ redis.call('ZREM', key('w', user), id)
 local expiry = redis.call('ZSCORE', key('h', user), id)
 if queued == 0 and expiry then
   drop(user, id)
-  purge(user)
+  purge(user, true)
   dispatch(user)
   tidy(user)
   return {2}
@@ -296,7 +302,7 @@ local function touch(user)
 end
 for i = 7, #ARGV, 2 do touch(ARGV[i]) end
 local dropped = 0
-for _, user in ipairs(order) do dropped = dropped + purge(user) end
+for _, user in ipairs(order) do dropped = dropped + purge(user, true) end
 local lost = {}
 local later = s(NOW + TTL)
 for i = 0, nleases - 1 do
