@@ -497,11 +497,12 @@ class RedisQuota:
         loop = asyncio.get_running_loop()
         while True:
             left = None if timeout is None else start + timeout - loop.time()
-            try:
-                async with within(left):
-                    outcome = await waiter.future
-            except asyncio.TimeoutError:
+            # asyncio.wait returns at the timeout rather than throwing into
+            # this frame, and leaves the future alone.
+            done, _ = await asyncio.wait((waiter.future,), timeout=left)
+            if not done:
                 return None
+            outcome = waiter.future.result()
             if isinstance(outcome, int):
                 return outcome
             if isinstance(outcome, Down):
@@ -540,7 +541,12 @@ class RedisQuota:
         """
         loop = asyncio.get_running_loop()
         end = loop.time() + self._ttl
-        while await self._leave_quietly(key, lease_id) is None and loop.time() < end:  # noqa: ASYNC110  # retries a round trip
+        # The body runs (test_leaves_its_queue_once_redis_answers), but coverage
+        # on Python 3.11 does not record the arc into it after a timeout was
+        # thrown through this frame.
+        while (  # pragma: no branch
+            await self._leave_quietly(key, lease_id) is None and loop.time() < end
+        ):
             await asyncio.sleep(0.1)
 
     def _grant(self, key: str, lease_id: str, fence: int) -> RedisLease:
@@ -578,17 +584,16 @@ class RedisQuota:
 
     def _give_back(self, lease: Lease) -> None:
         """
-        `Lease.release` of a `RedisLease`, in sync code: the round trip runs
-        in a task of its own (the slot comes back with its lease's expiry
-        if it cannot).
+        `Lease.release` of a `RedisLease` still held, in sync code: the round
+        trip runs in a task of its own (the slot comes back with its lease's
+        expiry if it cannot).
         """
         assert isinstance(lease, RedisLease)  # noqa: S101  # only RedisQuota grants them
-        if lease._quota is self:
-            self._forget(lease)
-            if lease._local is not None:
-                lease._local.release()
-            else:
-                self._keeper.spawn(self._release(lease))
+        self._forget(lease)
+        if lease._local is not None:
+            lease._local.release()
+        else:
+            self._keeper.spawn(self._release(lease))
 
     # -- failures -------------------------------------------------------------
 
@@ -664,5 +669,8 @@ async def _finish(coro: Coroutine[Any, Any, Any]) -> Any:
             cancelled = True
             continue
         if cancelled:
-            raise asyncio.CancelledError
+            # Run by test_cancelled_while_redis_is_paused; coverage on Python
+            # 3.11 stops tracing a frame once a cancellation was thrown into it
+            # and caught there.
+            raise asyncio.CancelledError  # pragma: no cover
         return result
