@@ -12,7 +12,6 @@ keys, so one user with a hundred queued requests cannot starve another.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import threading
 import time
 
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import _checks
-from ._quota import Lease, QuotaStats, _new_lease, grant_lease
+from ._quota import Lease, QuotaStats, _new_lease, grant_lease, snapshot
 from .exceptions import LeaseReleasedError, QuotaError, QuotaExceededError, QuotaTimeoutError
 
 
@@ -248,18 +247,7 @@ class _Core:
         return cls(key, self._total, "total", self._total_in_use, waited, timeout)
 
     def _stats(self, top: int) -> QuotaStats:
-        return QuotaStats(
-            in_use=self._total_in_use,
-            waiting=self._n_waiting,
-            granted=self._granted,
-            rejected=self._rejected,
-            timed_out=self._timed_out,
-            cancelled=self._cancelled,
-            peak=self._peak,
-            keys=len(self._in_use.keys() | self._waiters.keys()),
-            total=self._total,
-            top=tuple(heapq.nlargest(top, self._in_use.items(), key=lambda kv: kv[1])),
-        )
+        return snapshot(self, self._total_in_use, self._in_use, self._waiters, top)
 
     def _set_limits(self, per_key: PerKey | None, total: int | None, *, set_total: bool) -> None:
         # Check both before changing either: a bad call changes nothing.

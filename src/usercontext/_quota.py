@@ -8,6 +8,7 @@ The in-process quotas, `LocalQuota` and `ThreadQuota`, are in `_local_quota`.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import sys
 
@@ -19,7 +20,7 @@ from .exceptions import LeaseLostError
 
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Collection, Mapping
     from types import TracebackType
 
     from typing_extensions import Self
@@ -77,6 +78,41 @@ class QuotaStats:
     keys: int
     total: int | None
     top: tuple[tuple[str, int], ...]
+
+
+class _Counts(Protocol):
+    """
+    The counters every quota keeps for `QuotaStats`, under the same names.
+    """
+
+    _n_waiting: int
+    _granted: int
+    _rejected: int
+    _timed_out: int
+    _cancelled: int
+    _peak: int
+    _total: int | None
+
+
+def snapshot(
+    q: _Counts, in_use: int, held: Mapping[str, int], waiting: Collection[str], top: int
+) -> QuotaStats:
+    """
+    Return the `QuotaStats` of *q*: *in_use* slots held, *held* per key, the
+    keys with requests *waiting*, and the *top* keys holding the most.
+    """
+    return QuotaStats(
+        in_use=in_use,
+        waiting=q._n_waiting,
+        granted=q._granted,
+        rejected=q._rejected,
+        timed_out=q._timed_out,
+        cancelled=q._cancelled,
+        peak=q._peak,
+        keys=len(held.keys() | set(waiting)),
+        total=q._total,
+        top=tuple(heapq.nlargest(top, held.items(), key=lambda kv: kv[1])),
+    )
 
 
 class Lease:

@@ -13,7 +13,6 @@ poll, wake-ups, probing Redis after an outage) in `_quota_keeper`.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import math
 import secrets
@@ -25,7 +24,7 @@ from redis.exceptions import MaxConnectionsError, NoScriptError
 
 from usercontext import _checks
 from usercontext._local_quota import LocalQuota
-from usercontext._quota import QuotaStats
+from usercontext._quota import QuotaStats, snapshot
 from usercontext.exceptions import (
     BackendUnavailableError,
     LeaseReleasedError,
@@ -310,18 +309,7 @@ class RedisQuota:
         object (in this process), with the *top* keys holding the most of its
         slots. It never waits.
         """
-        return QuotaStats(
-            in_use=self._n_in_use,
-            waiting=self._n_waiting,
-            granted=self._granted,
-            rejected=self._rejected,
-            timed_out=self._timed_out,
-            cancelled=self._cancelled,
-            peak=self._peak,
-            keys=len(self._in_use.keys() | self._waiting.keys()),
-            total=self._total,
-            top=tuple(heapq.nlargest(top, self._in_use.items(), key=lambda kv: kv[1])),
-        )
+        return snapshot(self, self._n_in_use, self._in_use, self._waiting, top)
 
     def redis_stats(self) -> RedisQuotaStats:
         """
