@@ -19,12 +19,12 @@ import anyio
 import pytest
 import redis.asyncio as aredis
 
-from helpers import switches, until
-
 import usercontext as uc
 
 from usercontext.redis import RedisBus
 from usercontext.testing import RecordingSink
+
+from helpers import switches, until
 
 
 @pytest.fixture(name="anyio_backend")
@@ -191,7 +191,10 @@ class TestOverflow:
         A slow sink with maxsize=4 under drop_oldest loses ordinary events,
         never one of the 10 critical ones, and gets the rest in order.
         """
-        async with hub_on(redis_db, maxsize=4, max_batch=2) as a, hub_on(redis_db, maxsize=4, max_batch=2) as b:
+        async with (
+            hub_on(redis_db, maxsize=4, max_batch=2) as a,
+            hub_on(redis_db, maxsize=4, max_batch=2) as b,
+        ):
             sink = SlowSink(0.01)
             await b.aattach("u-1", sink)
             emitter = a.emitter(ctx_of("u-1"))
@@ -214,7 +217,10 @@ class TestOverflow:
         Under block with maxsize=2, a slow sink gets all 60 events in order:
         the stream waits in Redis, not in memory.
         """
-        async with hub_on(redis_db) as a, hub_on(redis_db, maxsize=2, max_batch=1, overflow="block") as b:
+        async with (
+            hub_on(redis_db) as a,
+            hub_on(redis_db, maxsize=2, max_batch=1, overflow="block") as b,
+        ):
             sink = SlowSink(0.002)
             await b.aattach("u-1", sink)
             emitter = a.emitter(ctx_of("u-1"))
@@ -242,7 +248,9 @@ class TestApi:
                 a.attach("u-1", RecordingSink(), last_seq=3)
             sink = RecordingSink()
             a.attach("u-1", sink)
-            await until(lambda: "u-1" in a._follower.users and a._follower.users["u-1"].ready.is_set())  # type: ignore[union-attr]
+            await until(
+                lambda: "u-1" in a._follower.users and a._follower.users["u-1"].ready.is_set()
+            )  # type: ignore[union-attr]
             await emitter.emit("tick", timeout=1.0)
             await until(lambda: len(sink.events) == 1)
 
@@ -312,7 +320,7 @@ class TestFaults:
             while len(acked) < 20:
                 try:
                     acked.append((await emitter.emit("tick")).event_id)
-                except uc.BackendUnavailableError:
+                except uc.BackendUnavailableError:  # noqa: PERF203  # until Redis is back
                     await anyio.sleep(0.01)
             await until(lambda: [e.event_id for e in sink.events[-20:]] == acked, timeout=3)
             caught_up_after = time.monotonic() - back
@@ -353,7 +361,7 @@ class TestFaults:
         async with hub_on(redis_db) as b:
             sink = RecordingSink()
             await b.aattach("u-1", sink)
-            process = subprocess.Popen(  # noqa: S603  # this Python
+            process = subprocess.Popen(  # noqa: S603, ASYNC220  # this Python; returns at once
                 [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
             )
             acked = []

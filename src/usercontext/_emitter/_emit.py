@@ -316,7 +316,7 @@ class Emitter:
         )
 
 
-class _BusEmitter(Emitter):
+class BusEmitter(Emitter):
     """
     The emitter of a hub with a bus: an event goes to the bus first, and
     reaches the sinks (on every instance) from there.
@@ -324,7 +324,7 @@ class _BusEmitter(Emitter):
 
     __slots__ = ()
 
-    def emit_nowait(self, type: str, data: object = None) -> Event:  # noqa: A002  # the field's name
+    def emit_nowait(self, type: str, data: object = None) -> Event:  # noqa: A002, ARG002  # the signature of Emitter's
         msg = (
             "emit_nowait() cannot be used with an EmitterHub that has a bus: an event is "
             "emitted once the bus stored it, which takes a round trip. Use "

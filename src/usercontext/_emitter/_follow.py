@@ -42,7 +42,9 @@ RETRY_S = 0.1
 _FOLLOWING, _LIVE, _CATCHING, _PAUSED = range(4)
 
 
-def encode(kind: str, ts: float, ctx_ids: tuple[str | None, str | None, str | None], data_json: str) -> str:
+def encode(
+    kind: str, ts: float, ctx_ids: tuple[str | None, str | None, str | None], data_json: str
+) -> str:
     """
     The payload of an event on the bus: its type, time and ids as a JSON array,
     a newline (which compact JSON never holds), then its data's JSON.
@@ -107,9 +109,9 @@ class _Resume:
         self.follow = follow
 
     def wake(self) -> None:
-        waiters = self.follow.stream.waiters
+        waiters: Any = self.follow.stream.waiters  # it stands among producers' waiters
         if not self.follower.closed and self in waiters:
-            waiters.remove(self)  # type: ignore[arg-type]
+            waiters.remove(self)
             self.follower.resume(self.follow)
 
 
@@ -245,7 +247,9 @@ class Follower:
                 try:
                     ev = decode(user_id, stream_id, seq, payload)
                 except Exception:  # logged: one bad entry must not stop the stream
-                    logger.exception("usercontext: entry %d of user %r is not an event", seq, user_id)
+                    logger.exception(
+                        "usercontext: entry %d of user %r is not an event", seq, user_id
+                    )
                     s.seq = seq
                     return
                 if self.route(s, ev):
@@ -274,7 +278,7 @@ class Follower:
         f.seen = max(f.seen, f.stream.seq + 1)
         f.stream.waiters.append(_Resume(self, f))  # type: ignore[arg-type]
 
-    async def _catch_up(self, f: _Follow) -> None:
+    async def _catch_up(self, f: _Follow) -> None:  # noqa: C901  # one loop, written out
         s = f.stream
         user_id = s.user_id
         while self._current(f):
@@ -306,7 +310,9 @@ class Follower:
                 try:
                     ev = decode(user_id, stream_id, seq, payload)
                 except Exception:  # logged: one bad entry must not stop the stream
-                    logger.exception("usercontext: entry %d of user %r is not an event", seq, user_id)
+                    logger.exception(
+                        "usercontext: entry %d of user %r is not an event", seq, user_id
+                    )
                     s.seq = seq
                     continue
                 if not self.route(s, ev):

@@ -23,7 +23,7 @@ from usercontext.exceptions import EmitterClosedError, IsolationError
 
 from ._bus import EventBus
 from ._delivery import Delivery
-from ._emit import Emitter, _BusEmitter
+from ._emit import BusEmitter, Emitter
 from ._event import AGENT_COMPLETED, AGENT_ERROR, EVENTS_MISSED, _time
 from ._follow import Follower
 from ._overflow import OverflowPolicy
@@ -253,7 +253,7 @@ class EmitterHub:
         """
         return self._state in ("closing", "closed")
 
-    async def aclose(self, timeout: float | None = None) -> None:
+    async def aclose(self, timeout: float | None = None) -> None:  # noqa: C901  # the close, in order
         """
         Stop accepting events, deliver what is buffered, then stop.
 
@@ -342,7 +342,7 @@ class EmitterHub:
         elif not isinstance(ctx, UserContext):
             msg = f"emitter() takes a usercontext.UserContext, got {type(ctx).__name__}."  # type: ignore[unreachable]
             raise TypeError(msg)
-        kind = Emitter if self._bus is None else _BusEmitter
+        kind = Emitter if self._bus is None else BusEmitter
         return kind(self, ctx, self._stream_of(ctx.user_id))
 
     def attach(self, user_id: str, sink: Sink, *, last_seq: int | str | None = None) -> Attachment:

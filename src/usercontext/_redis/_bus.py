@@ -11,8 +11,7 @@ import contextlib
 import os
 import sys
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
 
@@ -28,7 +27,7 @@ from usercontext.exceptions import BackendUnavailableError
 
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import AsyncIterator, Callable, Sequence
 
     from redis.asyncio.client import PubSub
 
@@ -77,15 +76,19 @@ _POLL_CHUNK = 1000
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 
 
-async def _fail_after(seconds: float) -> Any:  # pragma: no cover  # Python 3.10 only
+async def _fail_after(seconds: float) -> AsyncIterator[None]:  # pragma: no cover  # Python 3.10 only
     with anyio.fail_after(seconds):
         yield
 
 
 # asyncio.timeout costs a tenth of anyio.fail_after, on every command.
-_timeout: Callable[[float], contextlib.AbstractAsyncContextManager[Any]] = (
-    asyncio.timeout if sys.version_info >= (3, 11) else contextlib.asynccontextmanager(_fail_after)  # type: ignore[attr-defined,unused-ignore]
+_timeout: Any = cast(
+    "Any",
+    asyncio.timeout if sys.version_info >= (3, 11) else contextlib.asynccontextmanager(_fail_after),
 )
+
+
+_from_url: Any = cast("Any", Redis).from_url
 
 
 def _str(value: Any) -> str:
@@ -172,10 +175,15 @@ class RedisBus:
                 f"'redis://localhost:6379/0', got {type(redis).__name__}."
             )
             raise TypeError(msg)
-        given = prefix
-        if not isinstance(given, str) or not prefix or "{" in prefix or "}" in prefix:
+        given_prefix: object = prefix
+        if (
+            not isinstance(given_prefix, str)
+            or not given_prefix
+            or "{" in given_prefix
+            or "}" in given_prefix
+        ):
             msg = f"prefix must be a non-empty str without braces, got {prefix!r}."
-            raise (TypeError if not isinstance(given, str) else ValueError)(msg)
+            raise (TypeError if not isinstance(given_prefix, str) else ValueError)(msg)
         _checks.count("maxlen", maxlen, minimum=1)
         _checks.seconds("idle_ttl", idle_ttl, allow_none=False, zero_ok=False)
         _checks.seconds("poll_interval", poll_interval, allow_none=False, zero_ok=False)
@@ -188,7 +196,7 @@ class RedisBus:
             )
             raise ValueError(msg)
         self._owned = isinstance(redis, str)
-        self._client: Redis = Redis.from_url(redis) if isinstance(redis, str) else redis
+        self._client: Redis = _from_url(redis) if isinstance(redis, str) else redis
         self._prefix = prefix
         self._maxlen = maxlen
         self._ttl_ms = max(1, round(idle_ttl * 1000))
@@ -234,7 +242,8 @@ class RedisBus:
         kwargs["retry"] = Retry(NoBackoff(), 0)
         kwargs["socket_connect_timeout"] = self._timeout
         self._sub_pool = ConnectionPool(connection_class=pool.connection_class, **kwargs)
-        self._pubsub = Redis(connection_pool=self._sub_pool).pubsub()
+        sub: Any = Redis(connection_pool=self._sub_pool)
+        self._pubsub = sub.pubsub()
         self._commands = asyncio.Queue()
         self._poke = asyncio.Event()
         self._subscribed = asyncio.Event()
@@ -299,7 +308,7 @@ class RedisBus:
                 answer within *backend_timeout* seconds.
         """
         meta, stream, channel = self._keys(user_id)
-        args = [payload, self._maxlen, self._ttl_ms, os.urandom(8).hex(), channel]
+        args: list[str | int] = [payload, self._maxlen, self._ttl_ms, os.urandom(8).hex(), channel]
         result = await self._call(
             "storing an event", lambda: self._publish(keys=[meta, stream], args=args)
         )
@@ -317,11 +326,14 @@ class RedisBus:
                 answer within *backend_timeout* seconds.
         """
         meta, stream, _ = self._keys(user_id)
-        args = [os.urandom(8).hex(), self._ttl_ms, after, limit]
+        args: list[str | int] = [os.urandom(8).hex(), self._ttl_ms, after, limit]
         result = await self._call(
             "reading events", lambda: self._read(keys=[meta, stream], args=args)
         )
-        entries = [(int(_str(entry_id).partition("-")[0]), _str(fields[1])) for entry_id, fields in result[2]]
+        entries = [
+            (int(_str(entry_id).partition("-")[0]), _str(fields[1]))
+            for entry_id, fields in result[2]
+        ]
         return _str(result[0]), int(result[1]), entries
 
     async def follow(self, user_id: str) -> tuple[str, int]:
@@ -375,7 +387,8 @@ class RedisBus:
                     if command == "subscribe":
                         await self._pubsub.subscribe(channel)
                     else:
-                        await self._pubsub.unsubscribe(channel)
+                        pubsub: Any = self._pubsub
+                        await pubsub.unsubscribe(channel)
             except _UNAVAILABLE as e:
                 # follow() raises once its time is up, and the hub tries again.
                 logger.debug("usercontext: %s %s failed: %s", command, channel, describe(e))
@@ -389,7 +402,7 @@ class RedisBus:
         pubsub = self._pubsub
         while True:
             try:
-                message = await pubsub.get_message(timeout=self._poll_interval)
+                message: Any = await cast("Any", pubsub).get_message(timeout=self._poll_interval)
             except _UNAVAILABLE as e:
                 if self._connected:
                     self._connected = False
@@ -457,9 +470,9 @@ class RedisBus:
             async with self._client.pipeline(transaction=False) as pipe:
                 for user_id in followed:
                     meta, stream, _ = self._keys(user_id)
-                    args = [os.urandom(8).hex(), self._ttl_ms, 0, 0]
+                    args: list[str | int] = [os.urandom(8).hex(), self._ttl_ms, 0, 0]
                     await self._read(keys=[meta, stream], args=args, client=pipe)
-                return await pipe.execute()  # type: ignore[no-any-return]
+                return await pipe.execute()
 
         try:
             results = await self._call("reading positions", positions)
