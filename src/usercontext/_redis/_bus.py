@@ -27,7 +27,7 @@ from usercontext.exceptions import BackendUnavailableError
 
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Sequence
+    from collections.abc import AsyncGenerator, Callable, Sequence
 
     from redis.asyncio.client import PubSub
 
@@ -76,7 +76,8 @@ _POLL_CHUNK = 1000
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 
 
-async def _fail_after(seconds: float) -> AsyncIterator[None]:  # pragma: no cover  # Python 3.10 only
+# Python 3.10 only, where asyncio has no timeout().
+async def _fail_after(seconds: float) -> AsyncGenerator[None, None]:  # pragma: no cover
     with anyio.fail_after(seconds):
         yield
 
