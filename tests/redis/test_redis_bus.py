@@ -293,7 +293,77 @@ class TestApi:
             uc.EmitterHub(bus=object())  # type: ignore[arg-type]
 
 
+class TestLifecycle:
+    async def test_a_bus_serves_one_hub(self, redis_db):
+        """
+        A bus started twice, or used before it starts or after it closed,
+        says so; closing twice is fine; the repr counts followed users.
+        """
+        client = aredis.from_url(redis_db)
+        bus = RedisBus(client, prefix="p")
+        with pytest.raises(RuntimeError, match="not running"):
+            await bus.follow("u-1")
+        bus.unfollow("u-1")  # nothing to stop
+        async with uc.EmitterHub(bus=bus) as hub:
+            with pytest.raises(RuntimeError, match="serves one"):
+                await bus.start(lambda *_: None)
+            await hub.aattach("u-1", RecordingSink())
+            assert repr(bus) == "<usercontext.redis.RedisBus(prefix='p', maxlen=1000, followed=1)>"
+        await bus.aclose()
+        with pytest.raises(RuntimeError, match="serves one"):
+            await bus.start(lambda *_: None)
+        assert await client.ping()  # the user's client is the user's to close
+        await client.aclose()
+
+    async def test_a_bus_never_started(self, redis_db):
+        """
+        A bus that publishes without a hub, and closes.
+        """
+        bus = RedisBus(redis_db)
+        published = await bus.publish("u-1", "x")
+        stream_id, last, entries = await bus.read("u-1", 0, 10)
+        assert published == (stream_id, 1)
+        assert (last, list(entries)) == (1, [(1, "x")])
+        await bus.aclose()
+
+    async def test_channels_of_users_no_longer_followed_are_left(self, redis_db):
+        """
+        A channel checked after its user was unfollowed is unsubscribed.
+        """
+        async with hub_on(redis_db) as a:
+            bus = a._bus
+            (await a.aattach("u-1", RecordingSink())).detach()
+            bus._recheck.add("{usercontext:u-1}:c")  # as after a reconnect
+            bus._poke.set()
+            await anyio.sleep(0.05)
+            assert bus._pubsub.channels == {}
+
+
 class TestFaults:
+    async def test_aattach_while_redis_is_down(self, redis_server):
+        """
+        aattach raises BackendUnavailableError within 0.5 s while Redis is
+        down, and attaches once it is back.
+        """
+        async with hub_on(redis_server.url) as a:
+            await a.aattach("u-0", RecordingSink())
+            redis_server.kill()
+            start = time.monotonic()
+            with pytest.raises(uc.BackendUnavailableError):
+                await a.aattach("u-1", RecordingSink())
+            refused_after = time.monotonic() - start
+            assert redis_server.launch()
+            sink = RecordingSink()
+            for _ in range(100):
+                try:
+                    await a.aattach("u-1", sink)
+                    break
+                except uc.BackendUnavailableError:  # until the reconnect
+                    await anyio.sleep(0.02)
+            await a.emitter(ctx_of("u-1")).emit("tick")
+            await until(lambda: len(sink.events) == 1)
+        assert refused_after < 0.5
+
     async def test_redis_killed_and_back(self, redis_server):
         """
         Redis killed: emit raises BackendUnavailableError within 0.5 s.
@@ -302,7 +372,7 @@ class TestFaults:
         the stream started anew.
         """
         url = redis_server.url
-        async with hub_on(url) as a, hub_on(url) as b:
+        async with hub_on(url) as a, hub_on(url, poll_interval=0.05) as b:
             sink = RecordingSink()
             await b.aattach("u-1", sink)
             emitter = a.emitter(ctx_of("u-1"))

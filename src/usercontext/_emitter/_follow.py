@@ -75,6 +75,18 @@ def decode(user_id: str, stream_id: str, seq: int, payload: str) -> Event:
     )
 
 
+def _decode(user_id: str, stream_id: str, seq: int, payload: str) -> Event | None:
+    """
+    Make the event *seq* from its payload, or log why it is not one and
+    return `None`: one bad entry must not stop the stream.
+    """
+    try:
+        return decode(user_id, stream_id, seq, payload)
+    except Exception:  # logged, and skipped
+        logger.exception("usercontext: entry %d of user %r is not an event", seq, user_id)
+        return None
+
+
 class _Follow:
     """
     A user the hub follows: its stream, how many sinks (attached or attaching)
@@ -109,10 +121,11 @@ class _Resume:
         self.follow = follow
 
     def wake(self) -> None:
+        if self.follower.closed:
+            return  # the hub closes: nothing to resume
         waiters: Any = self.follow.stream.waiters  # it stands among producers' waiters
-        if not self.follower.closed and self in waiters:
-            waiters.remove(self)
-            self.follower.resume(self.follow)
+        waiters.remove(self)
+        self.follower.resume(self.follow)
 
 
 class Follower:
@@ -145,7 +158,7 @@ class Follower:
         (in a task) if it is the first.
         """
         f = self.users.get(s.user_id)
-        if f is None or f.stream is not s:
+        if f is None:
             f = self.users[s.user_id] = _Follow(s)
             self._start(self._follow, f)
         f.refs += 1
@@ -171,8 +184,7 @@ class Follower:
         f.refs -= 1
         if f.refs <= 0:
             del self.users[user_id]
-            if not self.closed:
-                self.bus.unfollow(user_id)
+            self.bus.unfollow(user_id)
 
     def close(self) -> None:
         """
@@ -230,7 +242,7 @@ class Follower:
         *payload* is `None`) from the bus.
         """
         f = self.users.get(user_id)
-        if f is None or self.closed:
+        if f is None:
             return
         s = f.stream
         same = stream_id == s.stream_id
@@ -244,15 +256,8 @@ class Follower:
             if seq <= s.seq:
                 return  # a repeat, or a position already reached
             if seq == s.seq + 1 and payload is not None:
-                try:
-                    ev = decode(user_id, stream_id, seq, payload)
-                except Exception:  # logged: one bad entry must not stop the stream
-                    logger.exception(
-                        "usercontext: entry %d of user %r is not an event", seq, user_id
-                    )
-                    s.seq = seq
-                    return
-                if self.route(s, ev):
+                ev = _decode(user_id, stream_id, seq, payload)
+                if ev is None or self.route(s, ev):
                     s.seq = seq
                     return
                 self._pause(f)
@@ -278,7 +283,7 @@ class Follower:
         f.seen = max(f.seen, f.stream.seq + 1)
         f.stream.waiters.append(_Resume(self, f))  # type: ignore[arg-type]
 
-    async def _catch_up(self, f: _Follow) -> None:  # noqa: C901  # one loop, written out
+    async def _catch_up(self, f: _Follow) -> None:
         s = f.stream
         user_id = s.user_id
         while self._current(f):
@@ -305,17 +310,8 @@ class Follower:
                 self._notice(s, first - 1, missed)
                 s.seq = first - 1
             for seq, payload in entries:
-                if seq <= s.seq:
-                    continue
-                try:
-                    ev = decode(user_id, stream_id, seq, payload)
-                except Exception:  # logged: one bad entry must not stop the stream
-                    logger.exception(
-                        "usercontext: entry %d of user %r is not an event", seq, user_id
-                    )
-                    s.seq = seq
-                    continue
-                if not self.route(s, ev):
+                ev = _decode(user_id, stream_id, seq, payload)
+                if ev is not None and not self.route(s, ev):
                     self._pause(f)
                     return
                 s.seq = seq
@@ -389,24 +385,20 @@ class Follower:
             missed, after = None, 0
         events: list[Event] = []
         cursor = after
-        first_read = True
-        while cursor < s.seq and s.stream_id == current:
+        while cursor < s.seq:
             read_id, _, entries = await self.bus.read(user_id, cursor, READ_BATCH)
             if read_id != current or s.stream_id != current:
+                # Started anew meanwhile: the sink learns it as the others do.
+                return [s.notice(s.seq, after, None)], None
+            if cursor == after and missed is not None:
+                missed = (entries[0][0] if entries else s.seq + 1) - 1 - after
+            held = [(seq, payload) for seq, payload in entries if seq <= s.seq]
+            events.extend(
+                ev for seq, payload in held if (ev := _decode(user_id, current, seq, payload))
+            )
+            if not held or len(held) < len(entries):
                 break
-            if first_read and missed is not None:
-                first = entries[0][0] if entries else s.seq + 1
-                missed = max(0, first - 1 - after)
-                first_read = False
-            if not entries:
-                break
-            for seq, payload in entries:
-                if seq > s.seq:
-                    break
-                events.append(decode(user_id, current, seq, payload))
-            cursor = entries[-1][0]
-        if s.stream_id != current:
-            return [], None
+            cursor = held[-1][0]
         if missed != 0:
             before = events[0].seq - 1 if events else s.seq
             events.insert(0, s.notice(before, after, missed))

@@ -11,6 +11,7 @@ import contextlib
 import os
 import sys
 
+from collections import deque
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
@@ -90,6 +91,11 @@ _timeout: Any = cast(
 
 
 _from_url: Any = cast("Any", Redis).from_url
+
+
+def _ignore(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a wake-up that failed is harmless
 
 
 def _str(value: Any) -> str:
@@ -209,10 +215,13 @@ class RedisBus:
         # Followed users by channel, and the subscriptions waiting for Redis's word.
         self._users: dict[str, str] = {}
         self._confirm: dict[str, list[asyncio.Future[None]]] = {}
-        self._commands: asyncio.Queue[tuple[str, str]] | None = None
+        # (Un)subscriptions to send, in order, by the one task that owns the
+        # pub/sub connection: redis-py's PubSub is not safe for two tasks at
+        # once while it reconnects.
+        self._commands: deque[tuple[str, str]] = deque()
+        self._wakeup: asyncio.Event | None = None
         self._recheck: set[str] = set()
         self._poke: asyncio.Event | None = None
-        self._subscribed: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._sub_pool: ConnectionPool | None = None
         self._pubsub: PubSub | None = None
@@ -245,14 +254,9 @@ class RedisBus:
         self._sub_pool = ConnectionPool(connection_class=pool.connection_class, **kwargs)
         sub: Any = Redis(connection_pool=self._sub_pool)
         self._pubsub = sub.pubsub()
-        self._commands = asyncio.Queue()
+        self._wakeup = asyncio.Event()
         self._poke = asyncio.Event()
-        self._subscribed = asyncio.Event()
-        self._tasks = [
-            asyncio.ensure_future(self._send_commands()),
-            asyncio.ensure_future(self._listen()),
-            asyncio.ensure_future(self._poll()),
-        ]
+        self._tasks = [asyncio.ensure_future(self._listen()), asyncio.ensure_future(self._poll())]
 
     async def aclose(self) -> None:
         """
@@ -268,9 +272,6 @@ class RedisBus:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for futures in self._confirm.values():
-            for future in futures:
-                future.cancel()
         self._confirm.clear()
         self._users.clear()
         if self._pubsub is not None:
@@ -347,14 +348,14 @@ class RedisBus:
                 answer within *backend_timeout* seconds.
             RuntimeError: If the bus was not started.
         """
-        if self._commands is None or self._closed:
+        if self._wakeup is None or self._closed:
             msg = "This RedisBus is not running: pass it to an EmitterHub, which starts it."
             raise RuntimeError(msg)
         _, _, channel = self._keys(user_id)
         self._users[channel] = user_id
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._confirm.setdefault(channel, []).append(future)
-        self._commands.put_nowait(("subscribe", channel))
+        self._command("subscribe", channel)
         try:
             await self._call("subscribing", lambda: asyncio.shield(future))
         finally:
@@ -372,39 +373,52 @@ class RedisBus:
         """
         _, _, channel = self._keys(user_id)
         self._users.pop(channel, None)
-        if self._commands is not None:
-            self._commands.put_nowait(("unsubscribe", channel))
+        if self._wakeup is not None:
+            self._command("unsubscribe", channel)
 
     # -- the tasks
 
-    async def _send_commands(self) -> None:
-        assert self._commands is not None  # noqa: S101  # made by start
-        assert self._pubsub is not None  # noqa: S101  # made by start
-        assert self._subscribed is not None  # noqa: S101  # made by start
-        while True:
-            command, channel = await self._commands.get()
-            try:
-                async with _timeout(self._timeout):
-                    if command == "subscribe":
-                        await self._pubsub.subscribe(channel)
-                    else:
-                        pubsub: Any = self._pubsub
-                        await pubsub.unsubscribe(channel)
-            except _UNAVAILABLE as e:
-                # follow() raises once its time is up, and the hub tries again.
-                logger.debug("usercontext: %s %s failed: %s", command, channel, describe(e))
-                continue
-            self._subscribed.set()
+    def _command(self, command: str, channel: str) -> None:
+        """
+        Queue *command* for the pub/sub task, and wake it: it may be waiting
+        for a message, and a PING makes Redis send one.
+        """
+        self._commands.append((command, channel))
+        assert self._wakeup is not None  # noqa: S101  # made by start
+        self._wakeup.set()
+        connection: Any = None if self._pubsub is None else self._pubsub.connection
+        if connection is not None and connection.is_connected:
+            # A whole command written while the task reads: never interleaved.
+            ping = asyncio.ensure_future(connection.send_command("PING", check_health=False))
+            ping.add_done_callback(_ignore)
 
     async def _listen(self) -> None:
+        """
+        Own the pub/sub connection: send the (un)subscriptions in order,
+        take the messages, and reconnect when Redis went away.
+        """
         assert self._pubsub is not None  # noqa: S101  # made by start
-        assert self._subscribed is not None  # noqa: S101  # made by start
-        await self._subscribed.wait()
-        pubsub = self._pubsub
+        assert self._wakeup is not None  # noqa: S101  # made by start
+        pubsub: Any = self._pubsub
+        commands = self._commands
         while True:
             try:
-                message: Any = await cast("Any", pubsub).get_message(timeout=self._poll_interval)
+                while commands:
+                    command, channel = commands.popleft()
+                    async with _timeout(self._timeout):
+                        if command == "subscribe":
+                            await pubsub.subscribe(channel)
+                        else:
+                            await pubsub.unsubscribe(channel)
+                if pubsub.connection is None:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()  # nothing subscribed yet
+                    continue
+                message = await pubsub.get_message(timeout=self._poll_interval)
             except _UNAVAILABLE as e:
+                # A subscription that failed is tried again by the hub; an
+                # unsubscription stays in redis-py's channels, is subscribed
+                # again on reconnect, and left then (see _positions).
                 if self._connected:
                     self._connected = False
                     logger.warning(
@@ -461,8 +475,7 @@ class RedisBus:
         users = [(channel, self._users.get(channel)) for channel in channels]
         for channel, user_id in users:
             if user_id is None:
-                assert self._commands is not None  # noqa: S101  # made by start
-                self._commands.put_nowait(("unsubscribe", channel))
+                self._command("unsubscribe", channel)
         followed = [user_id for _, user_id in users if user_id is not None]
         if not followed:
             return
