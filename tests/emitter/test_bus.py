@@ -223,6 +223,46 @@ class TestRouting:
             await until(lambda: len(sink.events) == 2)
         assert [e.seq for e in sink.events] == [1, 2]
 
+    async def test_notifications_of_users_not_followed_are_ignored(self, bus):
+        """
+        A notification of a user the hub does not follow changes nothing.
+        """
+        async with uc.EmitterHub(bus=bus) as hub:
+            bus.notify("u-9", "0" * 16, 1, None)
+            assert hub.stats().users == 0
+
+    async def test_a_gap_read_in_several_reads(self, bus, monkeypatch):
+        """
+        A gap longer than one read is read in several.
+        """
+        monkeypatch.setattr("usercontext._emitter._follow.READ_BATCH", 2)
+        sink = RecordingSink()
+        async with uc.EmitterHub(bus=bus) as hub:
+            await hub.aattach("u-1", sink)
+            bus.drop = 5
+            for _ in range(6):
+                await hub.emitter(ctx_of()).emit("x")
+            await until(lambda: len(sink.events) == 6)
+        assert [e.seq for e in sink.events] == [1, 2, 3, 4, 5, 6]
+
+    async def test_a_catch_up_after_the_last_sink_left(self, bus, log):
+        """
+        A catch-up that starts after its user's last sink left, or whose
+        read returns after it, does nothing.
+        """
+        async with uc.EmitterHub(bus=bus) as hub:
+            attachment = await hub.aattach("u-1", RecordingSink())
+            log.streams["u-1"].seq = 3
+            bus.position("u-1")
+            attachment.detach()
+            await anyio.sleep(0.01)
+            attachment = await hub.aattach("u-1", RecordingSink())
+            log.streams["u-1"].seq = 4
+            bus.on_read = attachment.detach
+            bus.position("u-1")
+            await anyio.sleep(0.01)
+            assert hub._follower.users == {}
+
     async def test_entries_that_are_not_events_are_skipped_and_logged(self, bus):
         """
         A payload that is not an event is logged and skipped, both live and
@@ -448,6 +488,16 @@ class TestFollow:
             await anyio.lowlevel.checkpoint()
             attachment.detach()
             await anyio.sleep(0.2)
+            assert hub._follower.users == {}
+
+    async def test_a_sink_detached_while_the_follow_succeeds(self, bus):
+        """
+        The follow succeeds after the only sink left: the user is not routed.
+        """
+        async with uc.EmitterHub(bus=bus) as hub:
+            attachment = hub.attach("u-1", RecordingSink())
+            bus.on_follow = attachment.detach
+            await anyio.sleep(0.01)
             assert hub._follower.users == {}
 
     async def test_two_sinks_then_one(self, bus):

@@ -427,26 +427,22 @@ class EmitterHub:
         s = self._stream_of(user_id)
         self._table.idle.pop(user_id, None)  # not swept while this waits
         f = follower.acquire(s)
-        linked = False
+        events: list[Event] = []
+        missed: int | None = 0
         try:
             await follower.ready(f)
-            events: list[Event] = []
-            missed: int | None = 0
             if parsed is not None:
                 events, missed = await follower.replay(f, *parsed)
             self._check_running("attach a sink")
             self._check_attach(user_id, sink, None)  # attached meanwhile?
-            a = _Attached(s, sink)
-            a.queue.extend(events)
-            replayed = len(events) - (missed != 0)
-            attachment = self._link(a, replayed, missed)
-            linked = True
-        finally:
-            if not linked:
-                follower.release(user_id)
-                if not s.sinks and not s.dead:
-                    self._table.idle[user_id] = s
-        return attachment
+        except BaseException:
+            follower.release(user_id)
+            if not s.sinks and not s.dead:
+                self._table.idle[user_id] = s
+            raise
+        a = _Attached(s, sink)
+        a.queue.extend(events)
+        return self._link(a, len(events) - (missed != 0), missed)
 
     def _check_attach(
         self, user_id: str, sink: Sink, last_seq: int | str | None

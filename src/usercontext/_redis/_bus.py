@@ -94,8 +94,8 @@ _from_url: Any = cast("Any", Redis).from_url
 
 
 def _ignore(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # retrieved: a wake-up that failed is harmless
+    # Retrieved: a wake-up that failed is harmless.
+    _ = task.cancelled() or task.exception()
 
 
 def _str(value: Any) -> str:
@@ -267,11 +267,16 @@ class RedisBus:
         if self._closed:
             return
         self._closed = True
+        # Cancelled until done: on Python 3.11, a cancel that comes as
+        # redis-py's own read timeout expires can be swallowed by it.
+        pending = list(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=0.05)
+            pending = [task for task in pending if not task.done()]
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            _ignore(task)
         self._confirm.clear()
         self._users.clear()
         if self._pubsub is not None:
@@ -359,11 +364,11 @@ class RedisBus:
         try:
             await self._call("subscribing", lambda: asyncio.shield(future))
         finally:
-            waiting = self._confirm.get(channel)
-            if waiting is not None and future in waiting:
-                waiting.remove(future)
-                if not waiting:
-                    del self._confirm[channel]
+            waiting = self._confirm.get(channel, [])
+            if future in waiting:
+                waiting.remove(future)  # not confirmed in time
+            if not waiting:
+                self._confirm.pop(channel, None)
         stream_id, seq, _ = await self.read(user_id, 0, 0)
         return stream_id, seq
 
@@ -429,24 +434,25 @@ class RedisBus:
             if not self._connected:
                 self._connected = True
                 logger.warning("usercontext: the event bus reached Redis again")
-            if message is not None:
-                self._take(message)
+            if message is None:
+                continue  # nothing within a poll interval
+            self._take(message)
 
     def _take(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         channel = _str(message["channel"])
         if kind == "message":
-            user_id = self._users.get(channel)
-            if user_id is not None:
-                stream_id, seq, payload = _str(message["data"]).split(" ", 2)
-                assert self._notify is not None  # noqa: S101  # set by start
-                self._notify(user_id, stream_id, int(seq), payload)
+            # The user is in the channel's name: "{<prefix>:<user>}:c". The hub
+            # ignores users it no longer follows.
+            user_id = channel[len(self._prefix) + 2 : -3]
+            stream_id, seq, payload = _str(message["data"]).split(" ", 2)
+            assert self._notify is not None  # noqa: S101  # set by start
+            self._notify(user_id, stream_id, int(seq), payload)
         elif kind == "subscribe":
             waiting = self._confirm.get(channel)
             if waiting:
-                future = waiting.pop(0)
-                if not future.done():
-                    future.set_result(None)
+                # follow() removes its future once done: every one here waits.
+                waiting.pop(0).set_result(None)
                 return
             # Subscribed again after a reconnect: read where the stream stands.
             self._recheck.add(channel)
