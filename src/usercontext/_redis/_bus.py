@@ -434,11 +434,11 @@ class RedisBus:
             if not self._connected:
                 self._connected = True
                 logger.warning("usercontext: the event bus reached Redis again")
-            if message is None:
-                continue  # nothing within a poll interval
             self._take(message)
 
-    def _take(self, message: dict[str, Any]) -> None:
+    def _take(self, message: dict[str, Any] | None) -> None:
+        if message is None:
+            return  # nothing within a poll interval
         kind = message["type"]
         channel = _str(message["channel"])
         if kind == "message":
