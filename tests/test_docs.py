@@ -5,6 +5,8 @@ and the API reference documents every public name.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
 import subprocess
 import sys
@@ -102,6 +104,8 @@ class TestAPIReference:
         documented = {name.rpartition(".")[2] for name in _DOCUMENTED.findall(text)}
         public = set(usercontext.__all__) | set(usercontext.exceptions.__all__)
         public |= set(usercontext.testing.__all__)
+        if importlib.util.find_spec("redis") is not None:
+            public |= set(importlib.import_module("usercontext.redis").__all__)
 
         assert public - documented == set(), "public names missing from docs/api.md"
         assert documented - public == set(), "docs/api.md documents non-public names"

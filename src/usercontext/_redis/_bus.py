@@ -363,12 +363,13 @@ class RedisBus:
         self._command("subscribe", channel)
         try:
             await self._call("subscribing", lambda: asyncio.shield(future))
-        finally:
+        except BaseException:
             waiting = self._confirm.get(channel, [])
-            if future in waiting:
+            with contextlib.suppress(ValueError):
                 waiting.remove(future)  # not confirmed in time
             if not waiting:
                 self._confirm.pop(channel, None)
+            raise
         stream_id, seq, _ = await self.read(user_id, 0, 0)
         return stream_id, seq
 
@@ -448,16 +449,20 @@ class RedisBus:
             stream_id, seq, payload = _str(message["data"]).split(" ", 2)
             assert self._notify is not None  # noqa: S101  # set by start
             self._notify(user_id, stream_id, int(seq), payload)
-        elif kind == "subscribe":
-            waiting = self._confirm.get(channel)
-            if waiting:
-                # follow() removes its future once done: every one here waits.
-                waiting.pop(0).set_result(None)
-                return
-            # Subscribed again after a reconnect: read where the stream stands.
-            self._recheck.add(channel)
-            assert self._poke is not None  # noqa: S101  # made by start
-            self._poke.set()
+            return
+        if kind != "subscribe":
+            return  # the word of an unsubscription, or a PING's answer
+        waiting = self._confirm.get(channel)
+        if waiting:
+            # follow() removes its future when it gives up: every one here waits.
+            waiting.pop(0).set_result(None)
+            if not waiting:
+                del self._confirm[channel]
+            return
+        # Subscribed again after a reconnect: read where the stream stands.
+        self._recheck.add(channel)
+        assert self._poke is not None  # noqa: S101  # made by start
+        self._poke.set()
 
     async def _poll(self) -> None:
         assert self._poke is not None  # noqa: S101  # made by start
