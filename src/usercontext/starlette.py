@@ -177,7 +177,7 @@ async def serve_websocket(
         hub: The running hub.
         user_id: Whose events to send; the user of `usercontext.current` by
             default.
-        last_seq: Where to resume (see `usercontext.EmitterHub.attach`); by
+        last_seq: Where to resume (see `usercontext.EmitterHub.aattach`); by
             default the ``last_seq`` query parameter, if any. A bad value
             closes the socket with code 1008.
 
@@ -192,7 +192,7 @@ async def serve_websocket(
     with _running(hub):
         attachment: Attachment | None
         try:
-            attachment = hub.attach(user_id, WebSocketSink(websocket), last_seq=last_seq)
+            attachment = await hub.aattach(user_id, WebSocketSink(websocket), last_seq=last_seq)
         except ValueError as e:
             await websocket.close(code=_POLICY_VIOLATION, reason=str(e)[:120])
             return
@@ -287,7 +287,7 @@ class EventSourceResponse(Response):
         hub: The running hub.
         user_id: Whose events to send; the user of `usercontext.current` by
             default, read when the response starts.
-        last_seq: Where to resume (see `usercontext.EmitterHub.attach`); by
+        last_seq: Where to resume (see `usercontext.EmitterHub.aattach`); by
             default the ``Last-Event-ID`` header, else the ``last_seq`` query
             parameter. A bad value gets a 400 response.
         ping: Seconds between keep-alive comments, or `None` for none.
@@ -335,7 +335,7 @@ class EventSourceResponse(Response):
             attachment: Attachment | None
             async with lock:  # the headers go first
                 try:
-                    attachment = self.hub.attach(user_id, sink, last_seq=last_seq)
+                    attachment = await self.hub.aattach(user_id, sink, last_seq=last_seq)
                 except ValueError as e:
                     await PlainTextResponse(str(e), status_code=400)(scope, receive, send)
                     return

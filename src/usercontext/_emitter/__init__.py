@@ -15,6 +15,7 @@ delivery task) and ``_hub``.
 
 from __future__ import annotations
 
+from ._bus import EventBus
 from ._emit import Emitter
 from ._event import (
     AGENT_COMPLETED,
@@ -48,6 +49,7 @@ __all__ = [
     "EmitterHub",
     "EmitterStats",
     "Event",
+    "EventBus",
     "Retry",
     "Sink",
     "SinkStats",

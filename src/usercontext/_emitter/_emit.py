@@ -32,6 +32,7 @@ from ._event import (
     new_event,
     size_error,
 )
+from ._follow import encode
 from ._state import _Waiter
 
 
@@ -312,4 +313,71 @@ class Emitter:
     def __repr__(self) -> str:
         return (
             f"<usercontext.Emitter(user_id={self.user_id!r}, request_id={self._ctx.request_id!r})>"
+        )
+
+
+class BusEmitter(Emitter):
+    """
+    The emitter of a hub with a bus: an event goes to the bus first, and
+    reaches the sinks (on every instance) from there.
+    """
+
+    __slots__ = ()
+
+    def emit_nowait(self, type: str, data: object = None) -> Event:  # noqa: A002, ARG002  # the signature of Emitter's
+        msg = (
+            "emit_nowait() cannot be used with an EmitterHub that has a bus: an event is "
+            "emitted once the bus stored it, which takes a round trip. Use "
+            "`await emitter.emit(type, data)` instead (from a worker thread: "
+            "`anyio.from_thread.run(emitter.emit, type, data)`)."
+        )
+        raise RuntimeError(msg)
+
+    async def emit(
+        self,
+        type: str,  # noqa: A002  # the field's name
+        data: object = None,
+        *,
+        timeout: float | None = _UNSET,
+    ) -> Event:
+        if timeout is not _UNSET:
+            _checks.seconds("timeout", timeout, allow_none=True, zero_ok=True)
+        s = self._stream
+        if s.dead:
+            self._revive()
+        bound = _current_or_none(None)
+        if bound is not None and bound is not self._ctx and bound.user_id != self.user_id:
+            raise self._isolation_error(bound.user_id)
+        hub = self._hub
+        kind = _check_type(type)
+        if data is None:
+            frozen: object = _EMPTY
+            data_json = "{}"
+        else:
+            frozen, data_json = _freeze(data)
+            if len(data_json) > hub._max_event_size:
+                raise size_error(len(data_json), hub._max_event_size)
+        ctx = self._ctx
+        ts = _time()
+        payload = encode(kind, ts, (ctx.thread_id, ctx.run_id, ctx.request_id), data_json)
+        bus = hub._bus
+        assert bus is not None  # noqa: S101  # this class serves hubs with a bus
+        try:
+            stream_id, seq = await bus.publish(self.user_id, payload)
+        except Exception:
+            self._counters.publish_errors += 1
+            raise
+        self._counters.emitted += 1
+        return new_event(
+            kind,
+            frozen,
+            seq,
+            stream_id,
+            ts,
+            self.user_id,
+            ctx.thread_id,
+            ctx.run_id,
+            ctx.request_id,
+            data_json,
+            self._ids,
         )

@@ -18,12 +18,14 @@ from usercontext import _checks
 from usercontext._context import UserContext
 from usercontext._current import _get as _current_or_none
 from usercontext._current import current
-from usercontext._lifecycle import shielded
+from usercontext._lifecycle import logger, shielded
 from usercontext.exceptions import EmitterClosedError, IsolationError
 
+from ._bus import EventBus
 from ._delivery import Delivery
-from ._emit import Emitter
+from ._emit import BusEmitter, Emitter
 from ._event import AGENT_COMPLETED, AGENT_ERROR, EVENTS_MISSED, _time
+from ._follow import Follower
 from ._overflow import OverflowPolicy
 from ._policies import _OVERFLOWS, Retry
 from ._state import Attachment, _Attached, parse_last_seq
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import Self
 
+    from ._event import Event
     from ._policies import DeadLetter, Overflow
     from ._sinks import Sink
     from ._state import _Stream
@@ -73,6 +76,21 @@ class EmitterHub:
     resume (see `attach`). A user's state is dropped once it has no sink and
     has emitted nothing for *idle_ttl* seconds.
 
+    With a *bus* (an `EventBus`, such as `usercontext.redis.RedisBus`), the
+    hubs of several processes and hosts share each user's stream: an event
+    emitted on any of them reaches every sink of its user on all of them, in
+    the order of the stream, once, with a ``seq`` and ``event_id`` that mean
+    the same everywhere; a connection resumes on any instance with
+    `aattach`. `Emitter.emit` returns once the bus stored the event, and raises
+    `usercontext.exceptions.BackendUnavailableError` when the bus does not
+    answer in time; `Emitter.emit_nowait` is refused. Each event reaches the
+    local sinks through the bus, emitted here or not; when a sink's buffer is
+    full and the event may not be dropped (``block`` and ``error``, which
+    cannot wait for or raise to an emitter on another instance, and a critical
+    event that finds only critical events buffered), the user's stream waits
+    in the bus until the sink made room, and no event is lost while the bus
+    still holds it. The replay history is the bus's (*replay* is not used).
+
     Every setting is a keyword argument.
 
     Args:
@@ -92,6 +110,9 @@ class EmitterHub:
         on_dead_letter: Called (sync or async) with a `DeadLetter` for events
             that could not be delivered; without it, they are logged as a
             warning on the ``usercontext`` logger.
+        bus: The shared log of each user's events, when several instances
+            serve one user's connections; `None` (the default) keeps every
+            stream in this process. The hub starts and closes it.
 
     >>> import anyio, usercontext as uc
     >>> from usercontext.testing import RecordingSink
@@ -122,6 +143,7 @@ class EmitterHub:
         drain_timeout: float = 5.0,
         max_event_size: int = 1 << 20,
         on_dead_letter: Callable[[DeadLetter], object] | None = None,
+        bus: EventBus | None = None,
     ) -> None:
         _checks.count("maxsize", maxsize, minimum=1)
         if overflow not in _OVERFLOWS:
@@ -148,13 +170,20 @@ class EmitterHub:
         _checks.seconds("drain_timeout", drain_timeout, allow_none=False, zero_ok=True)
         _checks.count("max_event_size", max_event_size, minimum=2)
         _checks.function("on_dead_letter", on_dead_letter, allow_none=True)
+        given_bus: object = bus
+        if given_bus is not None and not isinstance(given_bus, EventBus):
+            msg = (
+                f"bus must be an event bus such as usercontext.redis.RedisBus (an object with "
+                f"the methods of usercontext.EventBus), got {type(bus).__name__}."
+            )
+            raise TypeError(msg)
         # Read by emits: plain attributes of the hub, one lookup away.
         self._maxsize = maxsize
         self._max_event_size = max_event_size
         self._timeout = timeout
         self._drain_timeout = drain_timeout  # the default of aclose()
         self._counters = counters = Counters()
-        self._table = table = Streams(replay, idle_ttl)
+        self._table = table = Streams(replay if bus is None else 0, idle_ttl)
         # A notice of missed events is never dropped either: the client would
         # not know what it missed. No emitted event has its (reserved) type.
         critical_types = frozenset((*types, EVENTS_MISSED))
@@ -166,6 +195,11 @@ class EmitterHub:
             max(1, min(max_batch, maxsize // 2)),
             on_dead_letter,
         )
+        self._bus = bus
+        self._follower: Follower | None = None
+        if bus is not None:
+            self._follower = Follower(bus, table, counters, self._overflow)
+            table.released = self._follower.release
 
         self._state: Literal["new", "running", "closing", "closed"] = "new"
         self._tg: Any = None
@@ -185,9 +219,14 @@ class EmitterHub:
             self._delivery.loop = asyncio.get_running_loop()
         except RuntimeError:
             self._delivery.loop = None
+        if self._bus is not None:
+            assert self._follower is not None  # noqa: S101  # made with the bus
+            await self._bus.start(self._follower.notify)
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
+        if self._follower is not None:
+            self._follower.spawn = tg.start_soon
         self._state = "running"
         self._sweeper_scope = anyio.CancelScope()
         tg.start_soon(self._table.sweep_every, self._sweeper_scope)
@@ -214,7 +253,7 @@ class EmitterHub:
         """
         return self._state in ("closing", "closed")
 
-    async def aclose(self, timeout: float | None = None) -> None:
+    async def aclose(self, timeout: float | None = None) -> None:  # noqa: C901  # the close, in order
         """
         Stop accepting events, deliver what is buffered, then stop.
 
@@ -242,6 +281,8 @@ class EmitterHub:
         self._closed_event = anyio.Event()
         deadline = anyio.current_time() + (self._drain_timeout if timeout is None else timeout)
         table = self._table
+        if self._follower is not None:
+            self._follower.close()
         table.close()
         cancelled: BaseException | None = None
         if table.attached:
@@ -255,6 +296,12 @@ class EmitterHub:
         assert self._sweeper_scope is not None  # noqa: S101  # made by __aenter__
         self._sweeper_scope.cancel()
         table.clear()
+        if self._bus is not None:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await shielded(self._bus.aclose())
+                except Exception:  # logged: the hub is closed all the same
+                    logger.exception("usercontext: closing the hub's bus failed")
         self._state = "closed"
         self._closed_event.set()
         if cancelled is not None:
@@ -295,7 +342,8 @@ class EmitterHub:
         elif not isinstance(ctx, UserContext):
             msg = f"emitter() takes a usercontext.UserContext, got {type(ctx).__name__}."  # type: ignore[unreachable]
             raise TypeError(msg)
-        return Emitter(self, ctx, self._stream_of(ctx.user_id))
+        kind = Emitter if self._bus is None else BusEmitter
+        return kind(self, ctx, self._stream_of(ctx.user_id))
 
     def attach(self, user_id: str, sink: Sink, *, last_seq: int | str | None = None) -> Attachment:
         """
@@ -312,15 +360,96 @@ class EmitterHub:
         under that bound, emits find its buffer full and the overflow policy
         applies.
 
+        With a bus, the history is the bus's, which takes a round trip to read:
+        resume with `aattach`. Without *last_seq*, the sink gets the events
+        that reach this instance from now on; when it is the first sink of its
+        user here, that is once the hub follows the user on the bus, a round
+        trip later (`aattach` returns only then).
+
         Raises:
             usercontext.exceptions.IsolationError: If *sink* is attached to
                 another user, or a context of another user is bound.
             usercontext.exceptions.EmitterClosedError: If the hub is closed.
-            RuntimeError: If the hub is not running yet.
+            RuntimeError: If the hub is not running yet, or has a bus and is
+                given *last_seq*.
             TypeError: If *sink* has no ``send`` method, or *user_id* is not
                 a str.
             ValueError: If *sink* is attached already, *user_id* is empty, or
                 *last_seq* is not a seq or an event id.
+        """
+        parsed = self._check_attach(user_id, sink, last_seq)
+        s = self._stream_of(user_id)
+        if self._follower is None:
+            replayed: int = 0
+            missed: int | None = 0
+            a = _Attached(s, sink)
+            if parsed is not None:
+                replayed, missed = s.replay_into(a, *parsed)
+            return self._link(a, replayed, missed)
+        if parsed is not None:
+            msg = (
+                "attach() cannot resume from last_seq on an EmitterHub with a bus: the "
+                "history is read from the bus. Use `await hub.aattach(user_id, sink, "
+                "last_seq=...)` instead."
+            )
+            raise RuntimeError(msg)
+        self._follower.acquire(s)
+        return self._link(_Attached(s, sink), 0, 0)
+
+    async def aattach(
+        self, user_id: str, sink: Sink, *, last_seq: int | str | None = None
+    ) -> Attachment:
+        """
+        Attach *sink* to the stream of *user_id*, as `attach` does, on a hub
+        with or without a bus.
+
+        With a bus, it returns once the hub follows the user and, with
+        *last_seq*, once the events to replay were read from the bus: a sink
+        resumes on any instance, from the ``seq`` or ``event_id`` of the last
+        event it got on any other. The replay window is what the bus holds
+        (for `usercontext.redis.RedisBus`, the last *maxlen* events of the
+        user, for *idle_ttl* seconds after the user's last event).
+
+        Raises:
+            usercontext.exceptions.BackendUnavailableError: If the bus did not
+                answer in time; nothing is attached.
+            usercontext.exceptions.IsolationError: See `attach`.
+            usercontext.exceptions.EmitterClosedError: If the hub is closed,
+                or closes while this waits for the bus.
+            RuntimeError: If the hub is not running yet.
+            TypeError: See `attach`.
+            ValueError: See `attach`.
+        """
+        follower = self._follower
+        if follower is None:
+            return self.attach(user_id, sink, last_seq=last_seq)
+        parsed = self._check_attach(user_id, sink, last_seq)
+        s = self._stream_of(user_id)
+        self._table.idle.pop(user_id, None)  # not swept while this waits
+        f = follower.acquire(s)
+        events: list[Event] = []
+        missed: int | None = 0
+        try:
+            await follower.ready(f)
+            if parsed is not None:
+                events, missed = await follower.replay(f, *parsed)
+            self._check_running("attach a sink")
+            self._check_attach(user_id, sink, None)  # attached meanwhile?
+        except BaseException:
+            follower.release(user_id)
+            if not s.sinks and not s.dead:
+                self._table.idle[user_id] = s
+            raise
+        a = _Attached(s, sink)
+        a.queue.extend(events)
+        return self._link(a, len(events) - (missed != 0), missed)
+
+    def _check_attach(
+        self, user_id: str, sink: Sink, last_seq: int | str | None
+    ) -> tuple[str | None, int] | None:
+        """
+        Refuse an attach that cannot be, before anything changes; return
+        *last_seq* parsed.
         """
         self._check_running("attach a sink")
         if user_id.__class__ is not str or not user_id:
@@ -340,8 +469,7 @@ class EmitterHub:
                 f"user {bound.user_id!r} is bound: it would receive another user's events."
             )
             raise IsolationError(msg)
-        table = self._table
-        other = table.attached.get(id(sink))
+        other = self._table.attached.get(id(sink))
         if other is not None:
             if other.stream.user_id != user_id:
                 msg = (
@@ -351,16 +479,16 @@ class EmitterHub:
                 raise IsolationError(msg)
             msg = f"{sink!r} is attached to user {user_id!r} already; detach it first."
             raise ValueError(msg)
-        s = self._stream_of(user_id)
-        a = _Attached(s, sink)
-        replayed: int = 0
-        missed: int | None = 0
-        if parsed is not None:
-            replayed, missed = s.replay_into(a, *parsed)
-            self._counters.replayed += replayed
-            self._counters.missed += missed or 0
-        a.attachment = Attachment(table.detach, a, replayed, missed)
-        table.link(a)
+        return parsed
+
+    def _link(self, a: _Attached, replayed: int, missed: int | None) -> Attachment:
+        """
+        Route the events of its stream to *a*, and start its delivery.
+        """
+        self._counters.replayed += replayed
+        self._counters.missed += missed or 0
+        a.attachment = Attachment(self._table.detach, a, replayed, missed)
+        self._table.link(a)
         self._tg.start_soon(self._delivery.run, a)
         return a.attachment
 

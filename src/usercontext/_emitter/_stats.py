@@ -80,6 +80,8 @@ class EmitterStats:
         replayed: Events queued again, from the history, for sinks that resumed.
         missed: Events that resuming sinks were told they missed.
         send_errors: Sends that raised or timed out.
+        publish_errors: Calls of `Emitter.emit` that the hub's bus failed
+            (`usercontext.exceptions.BackendUnavailableError`); 0 without a bus.
         top: The sinks with the most events pending, most first.
 
     .. versionadded:: 0.1.0
@@ -100,6 +102,7 @@ class EmitterStats:
     replayed: int
     missed: int
     send_errors: int
+    publish_errors: int
     top: tuple[SinkStats, ...]
 
 
@@ -115,6 +118,7 @@ class Counters:
         "emitted",
         "missed",
         "peak_pending",
+        "publish_errors",
         "rejected",
         "replayed",
         "retried",
@@ -127,7 +131,7 @@ class Counters:
     def __init__(self) -> None:
         self.emitted = self.delivered = self.rejected = self.timed_out = 0
         self.retried = self.send_errors = self.dead_lettered = self.unrouted = 0
-        self.replayed = self.missed = self.waiting = 0
+        self.replayed = self.missed = self.waiting = self.publish_errors = 0
         # The most pending for one sink, among the sinks that ended.
         self.peak_pending = 0
         self.dropped: dict[str, int] = {}
@@ -165,6 +169,7 @@ class Counters:
             replayed=self.replayed,
             missed=self.missed,
             send_errors=self.send_errors,
+            publish_errors=self.publish_errors,
             top=tuple(_sink_stats(a, now) for a in lagging),
         )
 

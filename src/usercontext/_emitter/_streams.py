@@ -15,6 +15,8 @@ from ._state import _Stream
 
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._state import _Attached
 
 
@@ -28,7 +30,7 @@ class Streams:
     sinks by sink.
     """
 
-    __slots__ = ("attached", "idle", "idle_ttl", "replay", "streams")
+    __slots__ = ("attached", "idle", "idle_ttl", "released", "replay", "streams")
 
     def __init__(self, replay: int, idle_ttl: float) -> None:
         self.replay = replay
@@ -37,6 +39,8 @@ class Streams:
         # Users without sinks, oldest first by the time they became idle.
         self.idle: dict[str, _Stream] = {}
         self.attached: dict[int, _Attached] = {}
+        # Called with the user of each sink unlinked, when the hub has a bus.
+        self.released: Callable[[str], None] | None = None
 
     def get(self, user_id: str) -> _Stream:
         """
@@ -85,6 +89,8 @@ class Streams:
         if not s.sinks and not s.dead:
             s.idle_since = s.last = _time()
             self.idle[s.user_id] = s
+        if self.released is not None:
+            self.released(s.user_id)
         s.wake_waiter()
 
     def close(self) -> None:
