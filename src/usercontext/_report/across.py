@@ -308,7 +308,7 @@ def _killed_holder(out: Table, url: str, prefix: str) -> None:
             msg = "the holding process did not acquire its slot within 30 s"
             raise RuntimeError(msg)
         killed = time.monotonic()
-        os.kill(holder.pid, signal.SIGKILL)  # type: ignore[arg-type]  # started above
+        os.kill(holder.pid, signal.SIGKILL)
         back = _run(_wait_for_slot, url, prefix, lambda: killed)
     finally:
         holder.kill()
@@ -450,7 +450,9 @@ async def _deliver(url: str, prefix: str, n: int) -> dict[str, Any]:
 def _events(out: Table, url: str, prefix: str, sizes: _Sizes) -> None:
     result = _run(_deliver, url, prefix, sizes.events)
     per_user = result["sent"] // EVENT_USERS
-    in_order = all(seqs == list(range(1, per_user + 1)) for seqs in result["received"].values())
+    exact = list(range(1, per_user + 1))
+    # The events of the users whose sink got exactly 1..n, in order, once.
+    in_order = sum(len(seqs) for seqs in result["received"].values() if seqs == exact)
     latencies = sorted(result["latencies"])
     p50 = statistics.median(latencies)
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
@@ -468,9 +470,10 @@ def _events(out: Table, url: str, prefix: str, sizes: _Sizes) -> None:
             kind="correctness",
             metric=f"Events delivered on another instance, {EVENT_USERS} users",
             target="all, in order, once",
-            achieved=f"**{'yes' if in_order else 'no'}**, {result['sent']:,} events",
-            ok=in_order,
-            value=Quantity(result["sent"], "events"),
+            achieved=f"**{in_order:,} of {result['sent']:,}**",
+            ok=in_order == result["sent"],
+            value=Quantity(in_order, "events"),
+            goal=Goal("==", result["sent"], "events"),
         ),
         Row(
             id="across.events_latency",
