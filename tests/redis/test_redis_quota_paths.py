@@ -239,3 +239,47 @@ class TestCancelledRelease:
                 await task
             again = await q.acquire("u", timeout=0)
             await again.arelease()
+
+
+class TestKeeper:
+    async def test_a_renewal_refused_by_redis(self, client):
+        """
+        A renewal round that Redis refuses (a key of the wrong type) is
+        counted and logged, and the quota goes on: the lease is released as
+        usual.
+        """
+        records = []
+        logger = logging.getLogger("usercontext")
+        handler = KeepRecords(records)
+        logger.addHandler(handler)
+        try:
+            async with RedisQuota(client, ttl=0.3, prefix="wrong") as q:
+                lease = await q.acquire("u")
+                await client.delete("{wrong:u}:h")
+                await client.set("{wrong:u}:h", "not a sorted set")
+                await until(lambda: q.redis_stats().renew_errors >= 1, timeout=2)
+                await client.delete("{wrong:u}:h")
+                await lease.arelease()
+        finally:
+            logger.removeHandler(handler)
+
+        assert any(r.getMessage().startswith("Renewing the leases of the quota") for r in records)
+        assert not lease.lost
+
+    async def test_waiters_when_closed(self, client):
+        """
+        Requests still waiting when the quota closes fail with
+        BackendUnavailableError; two that start waiting at once on a new
+        quota share one subscription.
+        """
+        q = RedisQuota(client, per_key=1, prefix="closing")
+        held = await q.acquire("u")
+        waiters = [asyncio.create_task(q.acquire("u")) for _ in range(2)]
+        await until(lambda: q.stats().waiting == 2)
+        await held.arelease()
+        first = await asyncio.wait_for(asyncio.shield(waiters[0]), 2)
+        await q.aclose()
+
+        with pytest.raises(uc.BackendUnavailableError):
+            await waiters[1]
+        assert first.released or first.fence is not None

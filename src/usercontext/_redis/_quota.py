@@ -529,9 +529,10 @@ class RedisQuota:
         """
         loop = asyncio.get_running_loop()
         end = loop.time() + self._ttl
-        # The body runs (test_leaves_its_queue_once_redis_answers), but coverage
-        # on Python 3.11 does not record the arc into it after a timeout was
-        # thrown through this frame.
+        # The body runs (test_leaves_its_queue_once_redis_answers), but on
+        # Python 3.11 a coroutine resumed by a cancellation sends no "call"
+        # event, and coverage misses the arc into it
+        # (https://github.com/python/cpython/issues/106749).
         while (  # pragma: no branch  # noqa: ASYNC110  # retries a round trip
             await self._leave_quietly(key, lease_id) is None and loop.time() < end
         ):
@@ -657,8 +658,8 @@ async def _finish(coro: Coroutine[Any, Any, Any]) -> Any:
             cancelled = True
             continue
         if cancelled:
-            # Run by test_cancelled_while_redis_is_paused; coverage on Python
-            # 3.11 stops tracing a frame once a cancellation was thrown into it
-            # and caught there.
+            # Run by test_cancelled_while_redis_is_paused; on Python 3.11 a
+            # coroutine resumed by a cancellation sends no "call" event, and
+            # coverage misses it (https://github.com/python/cpython/issues/106749).
             raise asyncio.CancelledError  # pragma: no cover
         return result
