@@ -26,6 +26,7 @@ import redis.asyncio
 import usercontext as uc
 
 from usercontext._quota import LosableLease, grant_lease
+from usercontext._redis._quota_keeper import Down, _describe
 from usercontext.redis import RedisQuota
 
 from helpers import KeepRecords, until
@@ -283,3 +284,19 @@ class TestKeeper:
         with pytest.raises(uc.BackendUnavailableError):
             await waiters[1]
         assert first.released or first.fence is not None
+
+
+class TestDescribe:
+    def test_what_the_log_says(self):
+        """
+        A failure is logged by its cause, and a bare timeout as "no answer".
+        """
+        down = Down()
+        down.__cause__ = asyncio.TimeoutError()
+        refused = Down()
+        refused.__cause__ = ConnectionRefusedError("refused")
+
+        assert _describe(down) == "no answer"
+        assert _describe(Down()) == "no answer"
+        assert _describe(refused) == "ConnectionRefusedError: refused"
+        assert _describe(OSError("gone")) == "OSError: gone"
