@@ -274,7 +274,7 @@ class TestKeeper:
         quota share one subscription.
         """
         q = RedisQuota(client, per_key=1, prefix="closing")
-        held = await q.acquire("u")
+        held = await q.acquire("u", timeout=0)  # never waits: subscribes to nothing
         waiters = [asyncio.create_task(q.acquire("u")) for _ in range(2)]
         await until(lambda: q.stats().waiting == 2)
         await held.arelease()

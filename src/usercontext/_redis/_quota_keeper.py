@@ -81,7 +81,8 @@ class Waiter:
         self.future = asyncio.get_running_loop().create_future()
 
     def settle(self, outcome: object) -> None:
-        if not self.future.done():
+        # A grant may come twice: by its wake-up and by a renewal round.
+        if not self.future.done():  # pragma: no branch
             self.future.set_result(outcome)
 
 
