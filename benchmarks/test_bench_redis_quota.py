@@ -12,14 +12,15 @@ LocalQuota's P50.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-import time
 
 import pytest
 import redis.asyncio
 
 import usercontext as uc
 
+from test_quota import _legacy_scenario, _record
 from usercontext.redis import RedisQuota
 
 
@@ -78,37 +79,23 @@ def test_redis_quota(benchmark, loop, client):
     loop.run_until_complete(quota.aclose())
 
 
-async def _scenario(acquire, release):
+def _scenario(acquire, release):
     """
-    1,000 requests from 100 users (10 each), 10 ms of work each, all released
-    at once; return the sorted latencies in ms.
+    The legacy scenario of ``test_quota.py`` (1,000 requests from 100 users,
+    10 ms of work each), through *acquire* and *release*.
     """
-    latencies: list[float] = []
-    start = asyncio.Event()
 
-    async def request(i: int) -> None:
-        await start.wait()
-        t0 = time.perf_counter()
-        lease = await acquire(f"user-{i % 100}")
+    @contextlib.asynccontextmanager
+    async def acquire_for(key):
+        lease = await acquire(key)
         try:
-            await asyncio.sleep(0.01)
+            yield
         finally:
             await release(lease)
-        latencies.append((time.perf_counter() - t0) * 1e3)
 
-    tasks = [asyncio.create_task(request(i)) for i in range(1_000)]
-    await asyncio.sleep(0)
-    start.set()
-    await asyncio.gather(*tasks)
-    return sorted(latencies)
+    return _legacy_scenario(acquire_for)
 
 
-def _record(benchmark, latencies):
-    benchmark.extra_info["p50_ms"] = latencies[499]
-    benchmark.extra_info["p99_ms"] = latencies[989]
-
-
-@pytest.mark.benchmark(group="redis quota: 1,000 requests, 100 users, limit 2")
 def test_scenario_local_quota_floor(benchmark, loop):
     """
     Floor: the scenario under `LocalQuota(per_key=2)`; P50 and P99 in the
