@@ -51,6 +51,9 @@ nitpick_ignore = [
     ("py:obj", "True"),
     ("py:obj", "contextlib.contextmanager"),
     ("py:obj", "contextlib.asynccontextmanager"),
+    ("py:obj", "False"),
+    # redis-py, the redis extra's client: ditto.
+    ("py:class", "redis.asyncio.client.Redis"),
     # anyio, a dependency: ditto.
     ("py:class", "anyio.CapacityLimiter"),
     ("py:obj", "anyio.to_thread.run_sync"),

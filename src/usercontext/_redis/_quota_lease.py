@@ -43,8 +43,8 @@ class RedisLease(LosableLease):
     @property
     def fence(self) -> int | None:
         """
-        The fencing token of this grant: a number that grows with every
-        grant of the key's hash tag (per user without a total limit, for the
+        This grant's fencing token, a number that grows with every grant of
+        the key's hash tag (per user without a total limit, for the
         whole quota with one), so a resource that remembers the highest
         token it saw can refuse a holder whose lease was lost and granted
         again since. `None` for a lease granted by the process-local
