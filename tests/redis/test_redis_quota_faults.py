@@ -371,7 +371,10 @@ class TestCancelledMidFlight:
         assert await client.get("b") == b"B"
 
         slow = redis.asyncio.Redis.from_url(via)
-        async with RedisQuota(slow, per_key=1, ttl=1, backend_timeout=1, prefix="p") as q:
+        # Each round trip takes 0.2 s, and a first connection makes three
+        # (SELECT and redis-py's CLIENT SETINFO) before a script that Redis
+        # may have to load (two more): allow them all.
+        async with RedisQuota(slow, per_key=1, ttl=1, backend_timeout=3, prefix="p") as q:
             await (await q.acquire("u", timeout=0)).arelease()  # scripts loaded
             task = asyncio.create_task(q.acquire("u", timeout=0))
             # The script ran; its reply is on the way.
