@@ -169,6 +169,7 @@ class TestProcesses:
                     last = now
                 lost = await asyncio.gather(*tasks)
                 print(*(round(t - resumed, 3) for t in lost), flush=True)
+                await q.aclose()
             asyncio.run(main())
             """,
             redis_db,
