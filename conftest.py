@@ -41,6 +41,8 @@ import subprocess
 import tempfile
 import time
 import types
+import urllib.parse
+import uuid
 import warnings
 
 from pathlib import Path
@@ -499,26 +501,70 @@ def _redis_url(pytestconfig: pytest.Config) -> str:
 
 
 _REDIS_DBS = range(1, 16)  # db 0 is left to whatever else uses the server
+# Two test runs may share one server (two checkouts, or the suite beside the
+# report): each test claims its database with a key in db 0 that expires on
+# its own, so a crashed run frees its databases after this long.
+_REDIS_DB_CLAIM_MS = 300_000
+_REDIS_DB_CLAIM_WAIT_S = 60.0
 
 
 @pytest.fixture(name="redis_db")
 def _redis_db(redis_url: str, request: pytest.FixtureRequest) -> Generator[str, None, None]:
     """
     The URL of a database of the test Redis for this test alone: one of the
-    databases 1 to 15 in turn, emptied before and after the test.
+    databases 1 to 15, claimed in db 0 so that another test run on the same
+    server never gets it at the same time, emptied before and after the test.
     """
     import redis
 
     counter = request.config.stash.get(_REDIS_DB_TURN, 0)
     request.config.stash[_REDIS_DB_TURN] = counter + 1
-    url = f"{redis_url.rsplit('/', 1)[0]}/{_REDIS_DBS[counter % len(_REDIS_DBS)]}"
-    client = redis.Redis.from_url(url)
+    # The server's URL with the database left out, whether or not it named one.
+    base = urllib.parse.urlsplit(redis_url)._replace(path="").geturl()
+    claims = redis.Redis.from_url(f"{base}/0")
+    token = f"{os.getpid()}-{uuid.uuid4().hex}"
     try:
-        client.flushdb()
-        yield url
-        client.flushdb()
+        db = _claim_redis_db(claims, counter, token)
+        url = f"{base}/{db}"
+        client = redis.Redis.from_url(url)
+        try:
+            client.flushdb()
+            yield url
+            client.flushdb()
+        finally:
+            client.close()
+            # Free the claim only if it is still ours (it may have expired).
+            claims.eval(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end",
+                1,
+                _redis_db_claim_key(db),
+                token,
+            )
     finally:
-        client.close()
+        claims.close()
+
+
+def _redis_db_claim_key(db: int) -> str:
+    return f"usercontext-tests:db-claim:{db}"
+
+
+def _claim_redis_db(claims: Any, first: int, token: str) -> int:
+    """
+    Claim one of `_REDIS_DBS`, trying them in turn from *first*; wait while
+    another run holds all of them.
+    """
+    deadline = time.monotonic() + _REDIS_DB_CLAIM_WAIT_S
+    while True:
+        for step in range(len(_REDIS_DBS)):
+            db = _REDIS_DBS[(first + step) % len(_REDIS_DBS)]
+            if claims.set(_redis_db_claim_key(db), token, nx=True, px=_REDIS_DB_CLAIM_MS):
+                return db
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                "Every Redis test database (1 to 15) is claimed by other test runs; "
+                "wait for them or set USERCONTEXT_TEST_REDIS_URL to another server."
+            )
+        time.sleep(0.1)
 
 
 _REDIS_DB_TURN = pytest.StashKey[int]()
