@@ -92,7 +92,9 @@ OPERATIONS = (
         "Service",
         "FloorService",
         1.6,
-        batch=100,
+        batch=1_000,
+        n1=0,
+        n2=1,
     ),
     Operation(
         "http-lean",
@@ -101,7 +103,9 @@ OPERATIONS = (
         "LeanService",
         "FloorService",
         None,
-        batch=100,
+        batch=1_000,
+        n1=0,
+        n2=1,
     ),
     Operation(
         "engine",
