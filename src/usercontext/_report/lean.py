@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import json
 import os
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
 __all__ = ["LeanContext", "LeanQuota", "LeanService", "LeanStream", "in_context"]
 
 MAXSIZE = 1_000  # events buffered per user, as the hub's default
-SETTLE_S = 5.0
 
 _JSON = (b"content-type", b"application/json")
 _VALID_ID = re.compile(rb"[\x21-\x7e]{1,128}").fullmatch
@@ -139,11 +139,12 @@ class LeanQuota:
         try:
             await waiter
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self.release(key)  # granted as it was cancelled: pass the slot on
-            else:
-                entry[1].remove(waiter)
+            if waiter.cancelled() or not waiter.done():
+                with contextlib.suppress(ValueError):  # release may have dropped it
+                    entry[1].remove(waiter)
                 self._forget(key, entry)
+            else:
+                self.release(key)  # granted as it was cancelled: pass the slot on
             raise
 
     def release(self, key: str) -> None:
@@ -161,7 +162,7 @@ class LeanQuota:
         self._forget(key, entry)
 
     def _forget(self, key: str, entry: list[Any]) -> None:
-        if not entry[0] and not entry[1]:
+        if not entry[0] and not entry[1] and self._keys.get(key) is entry:
             del self._keys[key]
 
     def keys(self) -> int:
@@ -218,10 +219,11 @@ class LeanStream:
             try:
                 await room
             except BaseException:
-                if room.done() and not room.cancelled():
+                if room.cancelled() or not room.done():
+                    with contextlib.suppress(ValueError):  # the consumer may have dropped it
+                        self._room.remove(room)
+                else:
                     self._reserved -= 1  # granted as it was cancelled: the place is free
-                elif room in self._room:
-                    self._room.remove(room)
                 raise
             self._reserved -= 1
         self.seq += 1
@@ -373,13 +375,10 @@ class LeanService:
         Deliver what is buffered, disconnect every user, and return what is
         left.
         """
-        deadline = time.monotonic() + SETTLE_S
         streams = list(self.streams.values())
         self.streams.clear()
         for stream in streams:
             await stream.aclose()
-        while self.quota.keys() and time.monotonic() < deadline:  # noqa: ASYNC110  # no event to wait on
-            await asyncio.sleep(0.002)
         emitted = sum(s.seq for s in streams)
         counts = self.counts
         return {
