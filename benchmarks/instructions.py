@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -393,13 +394,13 @@ def mark() -> None:
     os.getppid()
 
 
-def worker(name: str) -> None:
+def worker(op: Operation) -> None:
     """
-    Run both sides of operation *name* in this process: set each up, run a
-    warm-up batch of each, then for each side *n1* batches and *n2* batches,
-    each run between two marks.
+    Run both sides of *op* in this process: set each up, run a warm-up batch
+    of each, then for each side *n1* batches and *n2* batches, each run
+    between two marks.
     """
-    op = BY_NAME[name]
+    name = op.name
 
     async def main() -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -472,7 +473,8 @@ def count(argv: list[str], marks: bool, *, valgrind: str = "valgrind") -> list[i
 def _argv(op: Operation, side: str) -> list[str]:
     if op.fresh:
         return [sys.executable, "-c", op.ours if side == "ours" else op.floor]
-    return [sys.executable, str(Path(__file__).resolve()), "--worker", op.name]
+    sizes = [str(n) for n in (op.batch, op.n1, op.n2)]
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", op.name, *sizes]
 
 
 def per_op(op: Operation, parts: list[int]) -> tuple[float, float]:
@@ -612,10 +614,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON to PATH")
     parser.add_argument("--check", action="store_true", help="exit 1 on a clear miss")
     parser.add_argument("--margin", type=float, default=MARGIN, help="the guard's margin")
-    parser.add_argument("--worker", metavar="NAME", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)  # NAME BATCH N1 N2
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker)
+        name, batch, n1, n2 = args.worker
+        worker(dataclasses.replace(BY_NAME[name], batch=int(batch), n1=int(n1), n2=int(n2)))
         return 0
     operations = _selected(args.only)
     valgrind = shutil.which("valgrind")
