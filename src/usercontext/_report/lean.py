@@ -89,7 +89,9 @@ class LeanContext:
 
 
 @types.coroutine
-def in_context(context: contextvars.Context, coro: Coroutine[Any, Any, Any]) -> Generator[Any]:
+def in_context(
+    context: contextvars.Context, coro: Coroutine[Any, Any, Any]
+) -> Generator[Any, Any, Any]:
     """
     Await *coro* with each of its steps run in *context*: the request's code
     sees only its own context variables, as in a task of its own, at the
