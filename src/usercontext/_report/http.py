@@ -701,10 +701,11 @@ def http_section(scale: Scale, progress: Progress, server: Server = "in-process"
             if server == "in-process"
             else "Latency counts from a request's write to the last byte of its response"
         )
-        + f"; ours and the floor ran {scale.scenario_rounds} time(s) each, interleaved, each "
-        "on a new service, and the rows show the best run. With two engines per user, a "
-        "user's ten requests run in five waves of 10 ms: the floor's latency is the "
-        "scenario's own, and ours adds the time the library takes for all 1,000 requests. "
+        + f"; ours, the lean reference and the floor ran {scale.scenario_rounds} time(s) "
+        "each, interleaved, each on a new service, and the rows show the best run. With two "
+        "engines per user, a user's ten requests run in five waves of 10 ms: the floor's "
+        "latency is the scenario's own, and ours adds the time the library takes for all "
+        "1,000 requests. "
         "A response is cross-user if its user id, the session's, the engine's or its "
         "request id is not the request's.",
         (
