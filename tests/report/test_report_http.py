@@ -142,8 +142,8 @@ class TestSection:
         for key in ("p50", "p99"):
             assert scenario[key]["ratio"] > 0
             assert len(scenario[key]["ours_ms"]) == len(scenario[key]["floor_ms"]) == 1
-            # The lean reference does at least the floor's work.
-            assert scenario["lean_ratios"][key]["ratio"] > 0.5
+            assert scenario["lean_ratios"][key]["ratio"] > 0
+            assert len(scenario["lean_ratios"][key]["ours_ms"]) == 1
         _check_lean_and_unsaturated(result)
 
         memory = result.figures["memory"]
