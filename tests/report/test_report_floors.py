@@ -73,3 +73,48 @@ class TestHelpers:
             "request_id",
             "data",
         }
+
+
+class TestFloorScope:
+    def test_sync(self):
+        """
+        The floor scope binds its context, makes a resource once per scope from
+        its generator, and finishes the generators in reverse order on exit.
+        """
+        log = []
+
+        def provider(name):
+            def make(ctx):
+                log.append(("open", name, ctx))
+                yield name
+                log.append(("close", name))
+
+            return make
+
+        providers = {"a": provider("a"), "b": provider("b")}
+        with floors.FloorScope(providers, "ctx") as scope:
+            assert floors.floor_var.get() == "ctx"
+            assert [scope.get("a"), scope.get("a"), scope.get("b")] == ["a", "a", "b"]
+
+        assert floors.floor_var.get(None) is None
+        assert log == [("open", "a", "ctx"), ("open", "b", "ctx"), ("close", "b"), ("close", "a")]
+
+    def test_async(self):
+        """
+        The same with async generators, and async with.
+        """
+        log = []
+
+        async def make(ctx):
+            log.append(("open", ctx))
+            yield "s"
+            log.append("close")
+
+        async def main():
+            async with floors.FloorScope({"s": make}, "ctx") as scope:
+                values = [await scope.aget("s"), await scope.aget("s")]
+                bound = floors.floor_var.get()
+            return values, bound
+
+        assert asyncio.run(main()) == (["s", "s"], "ctx")
+        assert log == [("open", "ctx"), "close"]

@@ -34,15 +34,31 @@ if TYPE_CHECKING:
 METRICS = (
     "Success rate (every run)",
     "Latency P50 / P95 / P99, best run",
-    "P50 / P99 vs the same service without the library",
+    "P50 / P99 vs the same service written by hand without the library",
+    "Physical limit: the lean reference",
     "Cross-user responses",
+    "Unsaturated: 100 requests at once, P50 vs the floor's",
     "Memory over ",
     "Per-request state left after every run",
 )
-# The latency row depends on the machine (and on a tracer slowing it down):
-# its status is not checked, only that it has one.
-STATUS = dict.fromkeys(METRICS, "PASS") | {METRICS[1]: "PASS or MISS", METRICS[2]: "INFO"}
-KINDS = ("correctness", "performance", "info", "correctness", "correctness", "correctness")
+# The latency rows depend on the machine (and on a tracer slowing it down):
+# their status is not checked, only that they have one.
+STATUS = dict.fromkeys(METRICS, "PASS") | {
+    METRICS[1]: "PASS or MISS",
+    METRICS[2]: "PASS or MISS",
+    METRICS[3]: "INFO",
+    METRICS[5]: "PASS or MISS",
+}
+KINDS = (
+    "correctness",
+    "performance",
+    "performance",
+    "info",
+    "correctness",
+    "performance",
+    "correctness",
+    "correctness",
+)
 
 
 @pytest.fixture(name="few_requests")
@@ -66,6 +82,25 @@ def _check_rows(result: SectionResult) -> dict[str, Row]:
     return rows
 
 
+def _check_lean_and_unsaturated(result: SectionResult) -> None:
+    """
+    Check the lean reference's run and the unsaturated scenario's figures.
+    """
+    scenario = result.figures["legacy_scenario"]
+    (lean,) = scenario["lean"]
+    assert lean["state"]["sessions_closed"] == lean["state"]["engines_closed"] == 1000
+    assert lean["state"]["events_received"] == 2000
+    assert lean["state"]["streams"] == lean["state"]["quota_keys"] == 0
+
+    unsaturated = result.figures["unsaturated"]
+    assert (unsaturated["requests"], unsaturated["runs"]) == (100, 3)
+    assert unsaturated["failed_or_cross_user"] == 0
+    for side in ("ours", "floor", "lean"):
+        assert [r["succeeded"] for r in unsaturated[side]] == [100, 100, 100]
+        assert all(r["p50_ms"] >= 10.0 for r in unsaturated[side])
+    assert unsaturated["p50"]["ratio"] > 0
+
+
 class TestSection:
     def test_quick(self):
         """
@@ -80,9 +115,11 @@ class TestSection:
 
         assert re.findall(r"http: (.+) \.\.\.", err.getvalue()) == list(http.STEPS)
         rows = _check_rows(result)
-        assert rows[METRICS[3]].achieved.startswith("**0** in 1,000 responses, 0 in 2,000 events")
-        assert rows[METRICS[5]].achieved == "**0** after 1,200 requests in 2 runs"
-        assert "Memory over 200 requests" in rows[METRICS[4]].metric
+        assert rows[METRICS[4]].achieved.startswith("**0** in 1,000 responses, 0 in 2,000 events")
+        assert rows[METRICS[7]].achieved == "**0** after 1,500 requests in 5 runs"
+        assert "Memory over 200 requests" in rows[METRICS[6]].metric
+        assert rows[METRICS[2]].goal.value == http.TARGET == 1.3
+        assert rows[METRICS[5]].goal.value == http.UNSATURATED_TARGET == 1.1
 
         scenario = result.figures["legacy_scenario"]
         assert scenario["server"] == "in-process"
@@ -91,7 +128,7 @@ class TestSection:
         assert scenario["cross_user_responses"] == scenario["cross_user_events"] == 0
         assert scenario["events_received"] == 2000
         assert scenario["legacy"]["p99_ms"] == 250.0
-        for side in ("ours", "floor"):
+        for side in ("ours", "floor", "lean"):
             (run,) = scenario[side]
             assert (run["requests"], run["succeeded"], run["failed"]) == (1000, 1000, 0)
             assert run["cross_user"] == 0
@@ -105,6 +142,9 @@ class TestSection:
         for key in ("p50", "p99"):
             assert scenario[key]["ratio"] > 0
             assert len(scenario[key]["ours_ms"]) == len(scenario[key]["floor_ms"]) == 1
+            assert scenario["lean_ratios"][key]["ratio"] > 0
+            assert len(scenario["lean_ratios"][key]["ours_ms"]) == 1
+        _check_lean_and_unsaturated(result)
 
         memory = result.figures["memory"]
         assert memory["requests"] == 200
@@ -112,10 +152,13 @@ class TestSection:
         assert 0 < memory["retained_bytes"] < http.RETAINED_LIMIT
         assert memory["peak_growth_bytes"] >= memory["retained_bytes"]
         left = result.figures["state_left"]
-        assert (left["runs"], left["requests"]) == (2, 1200)
+        assert (left["runs"], left["requests"]) == (5, 1500)
         assert all(left[key] == 0 for key in http._LEFT)
         assert "in-process" in result.notes[0]
         assert "1 time(s) each" in result.notes[1]
+        assert "Ours is held to 1.3x its P50 and P99" in result.notes[2]
+        assert "Lean reference (the physical limit)" in result.notes[3]
+        assert "3 run(s) of each service" in result.notes[4]
         json.dumps(result.figures)  # all of it goes to --json
 
     def test_registered(self):
@@ -163,10 +206,38 @@ class TestSection:
         scenario = out.figures["legacy_scenario"]
         assert scenario["cross_user_responses"] > 0
         assert scenario["success_rate"] == 0.9
-        success, _, _, cross = out.rows
+        success, _, _, _, cross = out.rows
         assert success.status == cross.status == "FAIL"
         assert success.achieved == "90 of 100: **90.0%**"
         assert cross.achieved.startswith(f"**{scenario['cross_user_responses']}** in 100 ")
+
+    def test_slower_than_the_floor_misses(self, monkeypatch, few_requests):
+        """
+        A service three times slower than the floor misses the ratio rows of
+        both scenarios, with the ratios in the rows; the lean reference stays
+        information.
+        """
+
+        class Slow(http.Service):
+            def __init__(self):
+                super().__init__(work_s=3 * service.WORK_S)
+
+        monkeypatch.setattr(http, "Service", Slow)
+        monkeypatch.setattr(http, "UNSATURATED_ROUNDS", 1)
+        out = Table("http")
+
+        http._legacy_rows(out, QUICK, "in-process")
+        http._unsaturated_rows(out, QUICK, "in-process")
+
+        _, _, vs_floor, lean, _, unsaturated = out.rows
+        scenario = out.figures["legacy_scenario"]
+        assert scenario["p50"]["ratio"] > 2
+        assert vs_floor.status == unsaturated.status == "MISS"
+        assert lean.status == "INFO"
+        assert f"**{scenario['p50']['ratio']:.2f}x / " in vs_floor.achieved
+        ratio = out.figures["unsaturated"]["p50"]["ratio"]
+        assert ratio > 2
+        assert f"**{ratio:.2f}x**" in unsaturated.achieved
 
     def test_state_left_fails(self):
         """
@@ -284,10 +355,10 @@ class TestUvicorn:
         others = [s for s in sections if s.key != "http"]
         assert all(s in SECTIONS for s in others)
 
-        result = section.run(QUICK, Progress(2, io.StringIO()))
+        result = section.run(QUICK, Progress(len(http.STEPS), io.StringIO()))
 
         rows = _check_rows(result)
-        assert rows[METRICS[3]].achieved.startswith("**0** in 100 responses, 0 in 200 events")
+        assert rows[METRICS[4]].achieved.startswith("**0** in 100 responses, 0 in 200 events")
         scenario = result.figures["legacy_scenario"]
         assert scenario["server"] == "uvicorn"
         (ours,) = scenario["ours"]

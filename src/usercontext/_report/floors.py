@@ -32,6 +32,8 @@ from usercontext import Emitter, EmitterHub, Event, UserContext
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from typing_extensions import Self
+
 
 __all__ = [
     "BOUND",
@@ -45,6 +47,7 @@ __all__ = [
     "FloorBind",
     "FloorEvent",
     "FloorEvents",
+    "FloorScope",
     "RejectedError",
     "RunningHub",
     "floor_var",
@@ -97,6 +100,71 @@ class FloorBind:
         return self._value
 
     def __exit__(self, *exc_info: object) -> None:
+        floor_var.reset(self._token)
+
+
+# -- Registry scopes ---------------------------------------------------------
+
+
+class FloorScope:
+    """
+    The floor of a registry scope: the least a scope can do for a request. It
+    binds the context with a bare `ContextVar` set and reset, calls the
+    generator provider of a key, takes its first value, caches it in a dict,
+    and on exit finishes the generators in reverse order. No isolation checks,
+    no counters, no error collection, no warning for a scope never closed, and
+    no shield or timeout around async cleanups.
+    """
+
+    __slots__ = ("_ctx", "_gens", "_providers", "_resources", "_token")
+
+    def __init__(self, providers: dict[Any, Callable[[Any], Any]], ctx: object) -> None:
+        self._providers = providers
+        self._ctx = ctx
+        self._resources: dict[Any, Any] = {}
+        self._gens: list[Any] = []
+
+    def __enter__(self) -> Self:
+        self._token = floor_var.set(self._ctx)
+        return self
+
+    def get(self, key: Any) -> Any:
+        """
+        Return the value of *key*, made by its generator provider once.
+        """
+        resources = self._resources
+        if key in resources:
+            return resources[key]
+        gen = self._providers[key](self._ctx)
+        value = resources[key] = next(gen)
+        self._gens.append(gen)
+        return value
+
+    def __exit__(self, *exc_info: object) -> None:
+        gens = self._gens
+        while gens:
+            next(gens.pop(), None)
+        floor_var.reset(self._token)
+
+    async def __aenter__(self) -> Self:
+        return self.__enter__()
+
+    async def aget(self, key: Any) -> Any:
+        """
+        Return the value of *key*, made by its async generator provider once.
+        """
+        resources = self._resources
+        if key in resources:
+            return resources[key]
+        agen = self._providers[key](self._ctx)
+        value = resources[key] = await anext(agen)
+        self._gens.append(agen)
+        return value
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        gens = self._gens
+        while gens:
+            await anext(gens.pop(), None)
         floor_var.reset(self._token)
 
 

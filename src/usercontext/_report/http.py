@@ -14,7 +14,9 @@ request ran under; the client checks every one of them.
 
 It measures the success rate, latency percentiles, memory growth and the
 per-request state left behind, beside the same service written without the
-library (a plain `asyncio.Semaphore` per user) as a floor. It needs nothing
+library (a plain `asyncio.Semaphore` per user) as a floor, and the lean
+reference (`usercontext._report.lean`) as the physical limit; then an
+unsaturated scenario of 100 requests at once. It needs nothing
 beyond the core: the requests are driven in-process through hand-made ASGI
 messages, or, with ``usercontext report --http-server uvicorn`` and uvicorn
 installed, sent over keep-alive connections to a real uvicorn on 127.0.0.1.
@@ -37,9 +39,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 
 from .frame import Progress, Section, SectionResult, Table, in_thread
+from .lean import LeanService
 from .rows import LEGACY_SUCCESS, Goal, Quantity, Row, success_rate_row
 from .service import IDLE_TTL, PER_USER, SETTLE_S, TOKENS, USERS, WORK_S, FloorService, Service
-from .timing import in_empty_context, paired_ratios, percentile
+from .timing import in_empty_context, paired_ratios, percentile, ratio_ok
 
 
 if TYPE_CHECKING:
@@ -70,8 +73,14 @@ LEGACY_GROWTH_MB = 35.0
 REQUESTS_PER_USER = 10
 CONNECTIONS_PER_USER = 4  # under uvicorn: 400 keep-alive connections in all
 RETAINED_LIMIT = 1 << 20
+# Ours against the service written by hand without the library: P50 and P99
+# of the legacy scenario, and P50 of the unsaturated one.
+TARGET = 1.3
+UNSATURATED_TARGET = 1.1
+UNSATURATED_ROUNDS = 3  # runs of each side per scale round: 100 requests are few
 
-STEPS = ("legacy scenario", "memory and state left")
+STEPS = ("legacy scenario", "unsaturated scenario", "memory and state left")
+AnyService = Service | FloorService | LeanService
 
 
 # -- Clients ----------------------------------------------------------------------
@@ -222,7 +231,7 @@ async def _in_process_round(app: ASGIApp, per_user: int) -> Run:
 
 
 async def _serve_in_process(
-    service: Service | FloorService,
+    service: AnyService,
     *,
     per_user: int,
     rounds: int = 1,
@@ -256,15 +265,16 @@ async def _serve_in_process(
     return run, {"retained_bytes": after - before, "peak_growth_bytes": peak - before}
 
 
-async def _keep_alive_client(port: int) -> Run:
+async def _keep_alive_client(port: int, per_user: int | None = None) -> Run:
     """
-    Send the scenario's requests to 127.0.0.1:*port* over keep-alive
-    connections, several per user, all opened before the release; time each
-    request from its write to the last byte of its response.
+    Send the scenario's requests (*per_user* of every user, by default
+    `REQUESTS_PER_USER`) to 127.0.0.1:*port* over keep-alive connections,
+    several per user, all opened before the release; time each request from
+    its write to the last byte of its response.
     """
     run = Run("uvicorn")
     by_connection: dict[tuple[str, int], list[tuple[str, bytes, str]]] = {}
-    for n, r in enumerate(_requests(REQUESTS_PER_USER)):
+    for n, r in enumerate(_requests(per_user or REQUESTS_PER_USER)):
         by_connection.setdefault((r[0], n // USERS % CONNECTIONS_PER_USER), []).append(r)
     streams = [await asyncio.open_connection("127.0.0.1", port) for _ in by_connection]
     gate = asyncio.Event()
@@ -309,7 +319,7 @@ async def _call(fn: Callable[[], None]) -> None:
     fn()
 
 
-def _serve_uvicorn(service: Service | FloorService) -> Run:
+def _serve_uvicorn(service: AnyService, per_user: int | None = None) -> Run:
     """
     Serve *service* with uvicorn on 127.0.0.1 in a thread of its own, and run
     the scenario against it over real connections.
@@ -346,7 +356,7 @@ def _serve_uvicorn(service: Service | FloorService) -> Run:
         loop = service.loop
         assert loop is not None  # noqa: S101  # set by the app's lifespan startup
         asyncio.run_coroutine_threadsafe(_call(service.connect), loop).result()
-        run = asyncio.run(_keep_alive_client(port))
+        run = asyncio.run(_keep_alive_client(port, per_user))
         run.state = asyncio.run_coroutine_threadsafe(service.settle(), loop).result()
     finally:
         server.should_exit = True
@@ -355,24 +365,28 @@ def _serve_uvicorn(service: Service | FloorService) -> Run:
     return run
 
 
-def _run(service: Service | FloorService, server: Server) -> Run:
+def _run(service: AnyService, server: Server, per_user: int | None = None) -> Run:
     if server == "uvicorn":
-        return in_empty_context(lambda: _serve_uvicorn(service))
-    return in_thread(lambda: asyncio.run(_serve_in_process(service, per_user=REQUESTS_PER_USER)))[0]
+        return in_empty_context(lambda: _serve_uvicorn(service, per_user))
+    n = per_user or REQUESTS_PER_USER
+    return in_thread(lambda: asyncio.run(_serve_in_process(service, per_user=n)))[0]
 
 
 # -- The section --------------------------------------------------------------------
 
 
-def _legacy(scale: Scale, server: Server) -> dict[str, list[Run]]:
+def _legacy(
+    scale: Scale, server: Server, per_user: int | None = None, rounds: int = 1
+) -> dict[str, list[Run]]:
     """
-    Run ours and the floor *scale.scenario_rounds* times each, interleaved,
-    each run on a new service.
+    Run the floor, the lean reference and ours *scale.scenario_rounds* times
+    *rounds* each, interleaved, each run on a new service.
     """
-    runs: dict[str, list[Run]] = {"floor": [], "ours": []}
-    for _ in range(scale.scenario_rounds):
-        runs["floor"].append(_run(FloorService(), server))
-        runs["ours"].append(_run(Service(), server))
+    runs: dict[str, list[Run]] = {"floor": [], "lean": [], "ours": []}
+    for _ in range(scale.scenario_rounds * rounds):
+        runs["floor"].append(_run(FloorService(), server, per_user))
+        runs["lean"].append(_run(LeanService(), server, per_user))
+        runs["ours"].append(_run(Service(), server, per_user))
     return runs
 
 
@@ -390,10 +404,14 @@ def _figures(run: Run) -> dict[str, Any]:
     }
 
 
-def _pair(runs: dict[str, list[Run]], p: int) -> dict[str, Any]:
+def _pair(runs: dict[str, list[Run]], p: int, side: str = "ours") -> dict[str, Any]:
     return paired_ratios(
-        [r.percentile(p) for r in runs["ours"]], [r.percentile(p) for r in runs["floor"]]
+        [r.percentile(p) for r in runs[side]], [r.percentile(p) for r in runs["floor"]]
     )
+
+
+def _ok(pair: dict[str, Any], target: float) -> bool:
+    return ratio_ok(pair["ratio"], pair["median_pair_ratio"], target)
 
 
 def _legacy_rows(out: Table, scale: Scale, server: Server) -> list[Run]:
@@ -407,7 +425,9 @@ def _legacy_rows(out: Table, scale: Scale, server: Server) -> list[Run]:
     received = sum(r.state["events_received"] for r in ours)
     p50, p95, p99 = best.percentile(50), best.percentile(95), best.percentile(99)
     ratios = {"p50": _pair(runs, 50), "p99": _pair(runs, 99)}
+    limit = {"p50": _pair(runs, 50, "lean"), "p99": _pair(runs, 99, "lean")}
     floor = min(runs["floor"], key=lambda r: r.percentile(99))
+    lean = min(runs["lean"], key=lambda r: r.percentile(99))
     out.figures["legacy_scenario"] = {
         "server": server,
         "users": USERS,
@@ -416,6 +436,9 @@ def _legacy_rows(out: Table, scale: Scale, server: Server) -> list[Run]:
         "work_ms": WORK_S * 1e3,
         "ours": [_figures(r) for r in ours],
         "floor": [_figures(r) for r in runs["floor"]],
+        "lean": [_figures(r) for r in runs["lean"]],
+        "lean_ratios": limit,
+        "target": TARGET,
         "success_rate": succeeded / total,
         "cross_user_responses": cross,
         "cross_user_events": wrong_events,
@@ -457,21 +480,44 @@ def _legacy_rows(out: Table, scale: Scale, server: Server) -> list[Run]:
         ),
         Row(
             id="http.latency_vs_floor",
+            kind="performance",
+            metric=(
+                "P50 / P99 vs the same service written by hand without the library "
+                "(per-user `asyncio.Semaphore`)"
+            ),
+            target=f"P50 and P99 ≤ {TARGET:g}x",
+            achieved=(
+                f"{p50:.1f} / {p99:.1f} ms vs {floor.percentile(50):.1f} / "
+                f"{floor.percentile(99):.1f} ms: **{ratios['p50']['ratio']:.2f}x / "
+                f"{ratios['p99']['ratio']:.2f}x** (best runs)"
+            ),
+            ok=_ok(ratios["p50"], TARGET) and _ok(ratios["p99"], TARGET),
+            value=Quantity(max(ratios["p50"]["ratio"], ratios["p99"]["ratio"]), "x"),
+            goal=Goal("<=", TARGET, "x"),
+            details={
+                "p50_ratio": Quantity(ratios["p50"]["ratio"], "x"),
+                "p99_ratio": Quantity(ratios["p99"]["ratio"], "x"),
+                "floor_p50": Quantity(floor.percentile(50), "ms"),
+                "floor_p99": Quantity(floor.percentile(99), "ms"),
+            },
+        ),
+        Row(
+            id="http.lean_vs_floor",
             kind="info",
             metric=(
-                "P50 / P99 vs the same service without the library (per-user `asyncio.Semaphore`)"
+                "Physical limit: the lean reference (written by hand with every guarantee "
+                "the library gives) vs the same floor"
             ),
             target="none (info)",
             achieved=(
-                f"{p50:.1f} / {p99:.1f} ms vs {floor.percentile(50):.1f} / "
-                f"{floor.percentile(99):.1f} ms: {ratios['p50']['ratio']:.2f}x / "
-                f"{ratios['p99']['ratio']:.2f}x (best runs)"
+                f"{lean.percentile(50):.1f} / {lean.percentile(99):.1f} ms: "
+                f"{limit['p50']['ratio']:.2f}x / {limit['p99']['ratio']:.2f}x (best runs)"
             ),
-            value=Quantity(ratios["p99"]["ratio"], "x"),
+            value=Quantity(limit["p99"]["ratio"], "x"),
             details={
-                "p50_ratio": Quantity(ratios["p50"]["ratio"], "x"),
-                "floor_p50": Quantity(floor.percentile(50), "ms"),
-                "floor_p99": Quantity(floor.percentile(99), "ms"),
+                "p50_ratio": Quantity(limit["p50"]["ratio"], "x"),
+                "p50": Quantity(lean.percentile(50), "ms"),
+                "p99": Quantity(lean.percentile(99), "ms"),
             },
         ),
         Row(
@@ -491,6 +537,50 @@ def _legacy_rows(out: Table, scale: Scale, server: Server) -> list[Run]:
         ),
     ]
     return ours
+
+
+def _unsaturated_rows(out: Table, scale: Scale, server: Server) -> list[Run]:
+    """
+    One request of every user, 100 at once: the loop is idle most of the
+    time, and a request's latency is its own cost plus the 10 ms of work.
+    """
+    runs = _legacy(scale, server, per_user=1, rounds=UNSATURATED_ROUNDS)
+    pair, limit = _pair(runs, 50), _pair(runs, 50, "lean")
+    best = {side: min(r.percentile(50) for r in rs) for side, rs in runs.items()}
+    failed = sum(r.failed + r.cross_user for rs in runs.values() for r in rs)
+    out.figures["unsaturated"] = {
+        "requests": USERS,
+        "runs": len(runs["ours"]),
+        "p50": pair,
+        "lean_p50": limit,
+        "target": UNSATURATED_TARGET,
+        "failed_or_cross_user": failed,
+        **{side: [_figures(r) for r in rs] for side, rs in runs.items()},
+    }
+    out.rows.append(
+        Row(
+            id="http.unsaturated_p50",
+            kind="performance",
+            metric=f"Unsaturated: {USERS} requests at once, P50 vs the floor's",
+            target=f"≤ {UNSATURATED_TARGET:g}x",
+            achieved=(
+                f"{best['ours']:.2f} vs {best['floor']:.2f} ms: **{pair['ratio']:.2f}x** "
+                f"(lean reference {best['lean']:.2f} ms, {limit['ratio']:.2f}x; best of "
+                f"{len(runs['ours'])} runs)"
+                + (f"; {failed} failed or cross-user responses" if failed else "")
+            ),
+            ok=_ok(pair, UNSATURATED_TARGET) and not failed,
+            value=Quantity(pair["ratio"], "x"),
+            goal=Goal("<=", UNSATURATED_TARGET, "x"),
+            details={
+                "ours_p50": Quantity(best["ours"], "ms"),
+                "floor_p50": Quantity(best["floor"], "ms"),
+                "lean_p50": Quantity(best["lean"], "ms"),
+                "lean_ratio": Quantity(limit["ratio"], "x"),
+            },
+        )
+    )
+    return runs["ours"]
 
 
 # What a service may hold once every request has ended: nothing.
@@ -586,6 +676,8 @@ def http_section(scale: Scale, progress: Progress, server: Server = "in-process"
     progress("http", STEPS[0])
     ours = _legacy_rows(out, scale, server)
     progress("http", STEPS[1])
+    ours += _unsaturated_rows(out, scale, server)
+    progress("http", STEPS[2])
     _memory_rows(out, scale, ours)
     how = (
         "in-process, through hand-made ASGI messages (no sockets)"
@@ -609,16 +701,29 @@ def http_section(scale: Scale, progress: Progress, server: Server = "in-process"
             if server == "in-process"
             else "Latency counts from a request's write to the last byte of its response"
         )
-        + f"; ours and the floor ran {scale.scenario_rounds} time(s) each, interleaved, each "
-        "on a new service, and the rows show the best run. With two engines per user, a "
-        "user's ten requests run in five waves of 10 ms: the floor's latency is the "
-        "scenario's own, and ours adds the time the library takes for all 1,000 requests. "
+        + f"; ours, the lean reference and the floor ran {scale.scenario_rounds} time(s) "
+        "each, interleaved, each on a new service, and the rows show the best run. With two "
+        "engines per user, a user's ten requests run in five waves of 10 ms: the floor's "
+        "latency is the scenario's own, and ours adds the time the library takes for all "
+        "1,000 requests. "
         "A response is cross-user if its user id, the session's, the engine's or its "
         "request id is not the request's.",
         (
             "Floor: the same service without the library: the user from a dict of tokens, one "
             "`asyncio.Semaphore` per user, the session and engine made and closed by hand, the "
-            "events appended to a list per user, the same JSON response."
+            "events appended to a list per user, the same JSON response. Ours is held to "
+            f"{TARGET:g}x its P50 and P99."
+        ),
+        (
+            "Lean reference (the physical limit): the service written by hand with every "
+            "guarantee the library gives (`usercontext._report.lean` lists them); what it costs "
+            "above the floor, no library can save. `python benchmarks/instructions.py` counts "
+            "the instructions per request of all three."
+        ),
+        (
+            f"Unsaturated scenario: one request of every user ({USERS} at once), "
+            f"{UNSATURATED_ROUNDS * scale.scenario_rounds} run(s) of each service, interleaved; "
+            f"ours is held to {UNSATURATED_TARGET:g}x the floor's P50."
         ),
         (
             "Memory is measured in-process on one service"
