@@ -157,6 +157,46 @@ class TestScripts:
     The scripts run by SHA and are loaded again when Redis forgot them.
     """
 
+    @pytest.mark.parametrize("total", [None, 3])
+    async def test_settings_written_into_the_scripts(self, client, total):
+        """
+        The prefix is written into the scripts' text as a Lua literal: quotes,
+        backslashes, a digit after an escaped byte and non-ASCII text in it (and
+        in the user's name, read back from the key) change nothing; the limit
+        holds and the keys are the documented ones.
+        """
+        prefix = f'{_prefix()}"\\:1]]é'
+        async with RedisQuota(client, per_key=1, total=total, prefix=prefix) as q:
+            lease = await q.acquire("ü:9}x")
+            assert lease.fence is not None
+            with pytest.raises(uc.QuotaExceededError):
+                await q.acquire("ü:9}x", timeout=0)
+            tag = f"{{{prefix}:ü:9}}x}}:h" if total is None else f"{{{prefix}}}:h:ü:9}}x"
+            assert await client.zcard(tag) == 1
+            other = await q.acquire("v")
+            await other.arelease()
+            await lease.arelease()
+            assert await client.dbsize() == 0, await client.keys()
+
+    async def test_two_quotas_with_other_settings(self, client):
+        """
+        Two quotas with the same prefix but other limits run their own
+        scripts: each applies its own limit.
+        """
+        prefix = _prefix()
+        async with (
+            RedisQuota(client, per_key=1, prefix=prefix) as one,
+            RedisQuota(client, per_key=3, prefix=prefix) as three,
+        ):
+            held = [await three.acquire("u"), await three.acquire("u")]
+            with pytest.raises(uc.QuotaExceededError):
+                await one.acquire("u", timeout=0)
+            held.append(await three.acquire("u", timeout=0))
+            with pytest.raises(uc.QuotaExceededError):
+                await three.acquire("u", timeout=0)
+            for lease in held:
+                await lease.arelease()
+
     async def test_reloaded_after_script_flush(self, client):
         """
         After SCRIPT FLUSH, acquire, release and the renewal load their

@@ -251,10 +251,10 @@ class Keeper:
                 group[1].extend((waiter.key, waiter_id))
         if not groups:
             return
-        calls: list[tuple[list[str], tuple[str, ...]]] = []
+        calls: list[tuple[str, tuple[str, ...]]] = []
         for leases, waiters in groups.values():
             user = leases[0] if leases else waiters[0]
-            calls.append((q._keys(user), (str(len(leases) // 2), *leases, *waiters)))
+            calls.append((q._lease_key(user), (str(len(leases) // 2), *leases, *waiters)))
         try:
             results = await self._pipeline(calls)
         except Down as e:
@@ -287,7 +287,7 @@ class Keeper:
                 if found is not None and found.queued:  # pragma: no branch  # as above
                     found.settle(REQUEUE)
 
-    async def _pipeline(self, calls: list[tuple[list[str], tuple[str, ...]]]) -> list[Any]:
+    async def _pipeline(self, calls: list[tuple[str, tuple[str, ...]]]) -> list[Any]:
         q = self.quota
         script = q._scripts["RENEW"]
         results: list[Any] = []
@@ -295,10 +295,8 @@ class Keeper:
             async with within(q._timeout):
                 for _ in range(2):  # pragma: no branch  # the second run finds the script
                     pipe = q._client.pipeline(transaction=False)
-                    for keys, args in calls:
-                        pipe.execute_command(
-                            "EVALSHA", script.sha, len(keys), *keys, *q._argv, *args
-                        )
+                    for key, args in calls:
+                        pipe.execute_command("EVALSHA", script.sha, 1, key, *args)
                     results = await pipe.execute(raise_on_error=False)
                     if not any(isinstance(r, NoScriptError) for r in results):
                         break
