@@ -67,23 +67,40 @@ _RESUBSCRIBE = 0.1
 class Waiter:
     """
     A request of this process waiting in a Redis queue: its future gets the
-    fencing token of its grant, `REQUEUE`, or a `Down`.
+    fencing token of its grant, `REQUEUE`, or a `Down`. The future is made
+    once the request is queued: most requests are granted at once, and a
+    grant that comes before (its wake-up may overtake the reply) waits in
+    *early*.
     """
 
-    __slots__ = ("future", "key", "queued")
+    __slots__ = ("early", "future", "key", "queued")
 
     def __init__(self, key: str) -> None:
         self.key = key
-        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.future: asyncio.Future[Any] | None = None
+        self.early: object = None
         self.queued = False
+
+    def queue(self) -> None:
+        """
+        The request was queued: wait from now on.
+        """
+        self.queued = True
+        self.future = asyncio.get_running_loop().create_future()
+        if self.early is not None:
+            self.future.set_result(self.early)
 
     def reset(self) -> None:
         self.future = asyncio.get_running_loop().create_future()
 
     def settle(self, outcome: object) -> None:
+        future = self.future
+        if future is None:
+            if self.early is None:  # pragma: no branch  # a second grant is the same
+                self.early = outcome
         # A grant may come twice: by its wake-up and by a renewal round.
-        if not self.future.done():  # pragma: no branch
-            self.future.set_result(outcome)
+        elif not future.done():  # pragma: no branch
+            future.set_result(outcome)
 
 
 def _text(value: bytes | str) -> str:

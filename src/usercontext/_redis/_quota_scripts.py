@@ -229,8 +229,8 @@ local function dispatch(user)
 end
 """
 
-#: KEYS[1]: the lease key of the user. ARGV[1] lease id, [2] "1" to wait.
-#: Returns {1, fence} when granted, {0, held by user, held in all} when full
+#: KEYS[1]: the lease key of the user. ARGV[1] lease id, [2] "0" not to wait.
+#: Returns the fence (a number) when granted, {0, held by user, held in all} when full
 #: and not waiting, {2, held by user, held in all} when queued.
 _ACQUIRE_SHORT = r"""
 if not SHARED then
@@ -242,7 +242,7 @@ if not SHARED then
     redis.call('SET', k, s(fence), 'PX', TTL)
     redis.call('ZADD', KEYS[1], s(NOW + TTL), ARGV[1])
     redis.call('PEXPIRE', KEYS[1], TTL)
-    return {1, fence}
+    return fence
   end
 end
 """
@@ -259,9 +259,9 @@ local n = redis.call('ZCARD', key('h', user))
 local all_n = n
 if SHARED then all_n = total_held() end
 if n < LIMIT and (not SHARED or all_n < TOTAL) and not queued then
-  return {1, grant(user, id)}
+  return grant(user, id)
 end
-if ARGV[2] ~= '1' then return {0, n, all_n} end
+if ARGV[2] == '0' then return {0, n, all_n} end
 local q, w = key('q', user), key('w', user)
 local ticket = next_seq(user)
 redis.call('ZADD', q, s(ticket), id)
