@@ -42,6 +42,25 @@ elif sys.version_info >= (3, 11):
 else:  # pragma: no cover  # Python 3.10 only (run there by CI, not by coverage)
     from async_timeout import timeout as within
 
+if sys.version_info >= (3, 11):
+
+    def _cancelled() -> bool:
+        """
+        Whether the running task was asked to stop, even if the cancellation
+        never reached the loop: redis-py may turn it into an error of its own,
+        which a loop survives, and ``asyncio.run`` would then wait for the loop
+        forever at shutdown (of a quota never closed).
+        """
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
+
+else:  # pragma: no cover  # Python 3.10 only (run there by CI, not by coverage)
+
+    def _cancelled() -> bool:
+        # No Task.cancelling: a cancellation ends a loop where it reaches it.
+        return False
+
+
 __all__ = ["DOWN", "REQUEUE", "Down", "Keeper", "Waiter", "within"]
 
 logger = logging.getLogger("usercontext")
@@ -129,8 +148,9 @@ class Keeper:
         self._nudged = asyncio.Event()
         self._ready = asyncio.Event()
         self._poll_now = False
-        # Checked by every loop: redis-py may turn a cancellation into an
-        # error of its own, which a loop would otherwise survive.
+        # Checked by every loop, with the cancellation of its task: redis-py
+        # may turn a cancellation into an error of its own, which a loop would
+        # otherwise survive.
         self.closed = False
 
     # -- called by the quota --------------------------------------------------
@@ -235,7 +255,7 @@ class Keeper:
         # A lease is renewed at the first round after its grant, at most
         # *every* later: `hold` need not wake this task (that would cost a
         # task switch per grant), and a round with nothing to renew is free.
-        while not self.closed:
+        while not (self.closed or _cancelled()):
             due = last + (self.poll if q._n_waiting else self.every)
             if self._poll_now or loop.time() >= due:
                 self._poll_now = False
@@ -347,7 +367,7 @@ class Keeper:
         # These loops end by cancellation (aclose), rarely by their test; and
         # on Python 3.11 coverage misses arcs of a coroutine resumed by a
         # cancellation (https://github.com/python/cpython/issues/106749).
-        while not self.closed:  # pragma: no branch
+        while not (self.closed or _cancelled()):  # pragma: no branch
             pubsub = q._client.pubsub()
             try:
                 await pubsub.subscribe(channel)
@@ -381,7 +401,7 @@ class Keeper:
 
     async def _probe(self) -> None:
         q = self.quota
-        while not self.closed:  # pragma: no branch  # see _listen
+        while not (self.closed or _cancelled()):  # pragma: no branch  # see _listen
             await asyncio.sleep(_PROBE)
             try:
                 async with within(q._timeout):
