@@ -15,6 +15,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
+import attrs
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -91,6 +92,42 @@ _timeout: Any = cast(
 
 
 _from_url: Any = cast("Any", Redis).from_url
+
+
+@attrs.frozen
+class RedisBusStats:
+    """
+    What a `usercontext.redis.RedisBus` did with Redis, beside the
+    `usercontext.EmitterStats` of its hub: a snapshot of `RedisBus.stats`.
+
+    Attributes:
+        connected: Whether the pub/sub connection is up right now (`False`
+            from the moment it was lost until it is back).
+        followed: Users whose channels this instance follows right now (the
+            users it has connections of).
+        published: Events stored in Redis by this instance's emits.
+        publish_errors: Emits refused because Redis did not answer
+            (`usercontext.exceptions.BackendUnavailableError`).
+        received: Events of other instances (and its own) received as
+            notifications.
+        reads: Reads of a user's stream: replays, and catching up on a gap.
+        polls: Rounds reading where the streams of followed users stand (every
+            *poll_interval*, and after a reconnect).
+        poll_errors: Such rounds that did not reach Redis.
+        disconnects: Times the pub/sub connection was lost.
+
+    .. versionadded:: 0.1.0
+    """
+
+    connected: bool
+    followed: int
+    published: int
+    publish_errors: int
+    received: int
+    reads: int
+    polls: int
+    poll_errors: int
+    disconnects: int
 
 
 def _ignore(task: asyncio.Future[Any]) -> None:
@@ -227,6 +264,13 @@ class RedisBus:
         self._pubsub: PubSub | None = None
         self._connected = True
         self._closed = False
+        self._published = 0
+        self._publish_errors = 0
+        self._received = 0
+        self._reads = 0
+        self._polls = 0
+        self._poll_errors = 0
+        self._disconnects = 0
 
     # -- lifecycle
 
@@ -316,9 +360,14 @@ class RedisBus:
         """
         meta, stream, channel = self._keys(user_id)
         args: list[str | int] = [payload, self._maxlen, self._ttl_ms, os.urandom(8).hex(), channel]
-        result = await self._call(
-            "storing an event", lambda: self._publish(keys=[meta, stream], args=args)
-        )
+        try:
+            result = await self._call(
+                "storing an event", lambda: self._publish(keys=[meta, stream], args=args)
+            )
+        except BackendUnavailableError:
+            self._publish_errors += 1
+            raise
+        self._published += 1
         return _str(result[0]), int(result[1])
 
     async def read(
@@ -341,6 +390,8 @@ class RedisBus:
             (int(_str(entry_id).partition("-")[0]), _str(fields[1]))
             for entry_id, fields in result[2]
         ]
+        if limit:
+            self._reads += 1
         return _str(result[0]), int(result[1]), entries
 
     async def follow(self, user_id: str) -> tuple[str, int]:
@@ -427,6 +478,7 @@ class RedisBus:
                 # again on reconnect, and left then (see _positions).
                 if self._connected:
                     self._connected = False
+                    self._disconnects += 1
                     logger.warning(
                         "usercontext: the event bus lost Redis (%s); reconnecting", describe(e)
                     )
@@ -447,6 +499,7 @@ class RedisBus:
             # ignores users it no longer follows.
             user_id = channel[len(self._prefix) + 2 : -3]
             stream_id, seq, payload = _str(message["data"]).split(" ", 2)
+            self._received += 1
             assert self._notify is not None  # noqa: S101  # set by start
             self._notify(user_id, stream_id, int(seq), payload)
             return
@@ -502,11 +555,30 @@ class RedisBus:
         try:
             results = await self._call("reading positions", positions)
         except BackendUnavailableError as e:
+            self._poll_errors += 1
             logger.debug("usercontext: reading positions failed: %s", describe(e))
             return
+        self._polls += 1
         assert self._notify is not None  # noqa: S101  # set by start
         for user_id, result in zip(followed, results, strict=True):
             self._notify(user_id, _str(result[0]), int(result[1]), None)
+
+    def stats(self) -> RedisBusStats:
+        """
+        Return a snapshot of what this bus did with Redis: events stored and
+        received, reads, polls and errors. It never waits.
+        """
+        return RedisBusStats(
+            connected=self._connected,
+            followed=len(self._users),
+            published=self._published,
+            publish_errors=self._publish_errors,
+            received=self._received,
+            reads=self._reads,
+            polls=self._polls,
+            poll_errors=self._poll_errors,
+            disconnects=self._disconnects,
+        )
 
     def __repr__(self) -> str:
         return (
