@@ -15,6 +15,9 @@ import itertools
 import pytest
 import redis.asyncio
 
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
 import usercontext as uc
 
 from usercontext.redis import RedisLease, RedisQuota, RedisQuotaStats
@@ -150,6 +153,44 @@ class TestKeys:
         while await client.dbsize():  # noqa: ASYNC110  # polls Redis
             await asyncio.sleep(0.02)
         assert loop.time() - start < 0.5
+
+
+class TestClient:
+    """
+    The quota times each command itself unless its client bounds the command
+    as tightly: read and connect timeouts of at most backend_timeout, no
+    retries, no blocking pool. A quota made from a URL makes such a client.
+    """
+
+    async def test_which_clients_bound_their_commands(self, redis_db):
+        tight = {
+            "socket_timeout": 0.2,
+            "socket_connect_timeout": 0.2,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        cases = [
+            ({}, False),  # redis-py's default timeouts and retries
+            (tight, True),
+            ({**tight, "retry": Retry(NoBackoff(), 1)}, False),
+            ({**tight, "socket_timeout": 0.3}, False),
+            ({**tight, "socket_connect_timeout": None}, True),  # the read timeout applies
+            ({**tight, "socket_timeout": None, "socket_connect_timeout": None}, False),
+        ]
+        for kwargs, bounded in cases:
+            client = redis.asyncio.Redis.from_url(redis_db, **kwargs)
+            async with RedisQuota(client, backend_timeout=0.25, prefix=_prefix()) as q:
+                assert q._bounded is bounded, kwargs
+                await (await q.acquire("u")).arelease()
+            await client.aclose()
+        pool = redis.asyncio.BlockingConnectionPool.from_url(redis_db, **tight)
+        client = redis.asyncio.Redis(connection_pool=pool)
+        async with RedisQuota(client, backend_timeout=0.25, prefix=_prefix()) as q:
+            assert not q._bounded
+        await client.aclose()
+        await pool.aclose()
+        async with RedisQuota(redis_db, backend_timeout=0.25, prefix=_prefix()) as q:
+            assert q._bounded
+            await (await q.acquire("u")).arelease()
 
 
 class TestScripts:

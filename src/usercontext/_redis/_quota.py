@@ -440,30 +440,19 @@ class RedisQuota:
         client = self._client
         command = (*self._heads[name], self._key_head + key + self._key_tail, *args)
         try:
-            if self._bounded:
-                return await client.execute_command(*command)  # type: ignore[no-untyped-call]
-            async with within(self._timeout):
-                return await client.execute_command(*command)  # type: ignore[no-untyped-call]
-        except NoScriptError:
-            return await self._reload(self._scripts[name], command)
+            try:
+                if self._bounded:
+                    return await client.execute_command(*command)  # type: ignore[no-untyped-call]
+                async with within(self._timeout):
+                    return await client.execute_command(*command)  # type: ignore[no-untyped-call]
+            except NoScriptError:
+                # Redis restarted, or its scripts were flushed: load it again.
+                self._script_loads += 1
+                async with within(self._timeout):
+                    await client.script_load(self._scripts[name].script)
+                    return await client.execute_command(*command)  # type: ignore[no-untyped-call]
         except MaxConnectionsError:
             raise  # the client's pool is too small for the load: not an outage
-        except DOWN as e:
-            raise Down(e) from e
-
-    async def _reload(self, script: AsyncScript, command: tuple[Any, ...]) -> Any:
-        """
-        Load *script* again (Redis answered ``NOSCRIPT``: it restarted, or its
-        scripts were flushed) and run *command* once more.
-        """
-        self._script_loads += 1
-        client = self._client
-        try:
-            async with within(self._timeout):
-                await client.script_load(script.script)
-                return await client.execute_command(*command)  # type: ignore[no-untyped-call]
-        except MaxConnectionsError:
-            raise
         except DOWN as e:
             raise Down(e) from e
 
