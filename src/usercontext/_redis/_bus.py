@@ -21,17 +21,21 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from usercontext import _checks
 from usercontext._lifecycle import describe, logger
 from usercontext.exceptions import BackendUnavailableError
 
+from . import _client
+
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Callable, Sequence
 
     from redis.asyncio.client import PubSub
+    from redis.commands.core import AsyncScript
 
 
 # KEYS: the hash, the stream. ARGV: payload, maxlen, ttl (ms), a new stream id, channel.
@@ -89,9 +93,6 @@ _timeout: Any = cast(
     "Any",
     asyncio.timeout if sys.version_info >= (3, 11) else contextlib.asynccontextmanager(_fail_after),
 )
-
-
-_from_url: Any = cast("Any", Redis).from_url
 
 
 @attrs.frozen
@@ -240,7 +241,11 @@ class RedisBus:
             )
             raise ValueError(msg)
         self._owned = isinstance(redis, str)
-        self._client: Redis = _from_url(redis) if isinstance(redis, str) else redis
+        # From a URL: a client that bounds each command itself (_client.bounded).
+        self._client: Redis = (
+            _client.from_url(redis, backend_timeout) if isinstance(redis, str) else redis
+        )
+        self._bounded = _client.bounded(self._client, backend_timeout)
         self._prefix = prefix
         self._maxlen = maxlen
         self._ttl_ms = max(1, round(idle_ttl * 1000))
@@ -342,12 +347,38 @@ class RedisBus:
             async with _timeout(self._timeout):
                 return await call()
         except _UNAVAILABLE as e:
-            msg = (
-                f"Redis did not answer within {self._timeout:g} s when {what} "
-                f"({describe(e)}). Retry later; check that Redis runs and is reachable, "
-                "or raise backend_timeout."
-            )
-            raise BackendUnavailableError(msg) from e
+            raise self._unavailable(what, e) from e
+
+    async def _eval(
+        self, what: str, script: AsyncScript, meta: str, stream: str, args: tuple[object, ...]
+    ) -> Any:
+        """
+        Run *script* on the keys of one user by its SHA (loading it on
+        ``NOSCRIPT``), within *backend_timeout*: timed by the client itself
+        if it bounds its commands, else by a timer of the bus.
+        """
+        client: Any = self._client
+        command = ("EVALSHA", script.sha, 2, meta, stream, *args)
+        try:
+            try:
+                if self._bounded:
+                    return await client.execute_command(*command)
+                async with _timeout(self._timeout):
+                    return await client.execute_command(*command)
+            except NoScriptError:
+                # Redis restarted, or its scripts were flushed: load it again.
+                async with _timeout(self._timeout):
+                    await client.script_load(script.script)
+                    return await client.execute_command(*command)
+        except _UNAVAILABLE as e:
+            raise self._unavailable(what, e) from e
+
+    def _unavailable(self, what: str, e: BaseException) -> BackendUnavailableError:
+        return BackendUnavailableError(
+            f"Redis did not answer within {self._timeout:g} s when {what} "
+            f"({describe(e)}). Retry later; check that Redis runs and is reachable, "
+            "or raise backend_timeout."
+        )
 
     async def publish(self, user_id: str, payload: str) -> tuple[str, int]:
         """
@@ -359,11 +390,9 @@ class RedisBus:
                 answer within *backend_timeout* seconds.
         """
         meta, stream, channel = self._keys(user_id)
-        args: list[str | int] = [payload, self._maxlen, self._ttl_ms, os.urandom(8).hex(), channel]
+        args = (payload, self._maxlen, self._ttl_ms, os.urandom(8).hex(), channel)
         try:
-            result = await self._call(
-                "storing an event", lambda: self._publish(keys=[meta, stream], args=args)
-            )
+            result = await self._eval("storing an event", self._publish, meta, stream, args)
         except BackendUnavailableError:
             self._publish_errors += 1
             raise
@@ -382,10 +411,8 @@ class RedisBus:
                 answer within *backend_timeout* seconds.
         """
         meta, stream, _ = self._keys(user_id)
-        args: list[str | int] = [os.urandom(8).hex(), self._ttl_ms, after, limit]
-        result = await self._call(
-            "reading events", lambda: self._read(keys=[meta, stream], args=args)
-        )
+        args = (os.urandom(8).hex(), self._ttl_ms, after, limit)
+        result = await self._eval("reading events", self._read, meta, stream, args)
         entries = [
             (int(_str(entry_id).partition("-")[0]), _str(fields[1]))
             for entry_id, fields in result[2]

@@ -19,9 +19,7 @@ import secrets
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
 from redis.exceptions import MaxConnectionsError, NoScriptError
 
 from usercontext import _checks
@@ -35,7 +33,7 @@ from usercontext.exceptions import (
     QuotaTimeoutError,
 )
 
-from . import _quota_scripts
+from . import _client, _quota_scripts
 from ._quota_keeper import DOWN, Down, Keeper, Waiter, within
 from ._quota_lease import RedisLease, RedisQuotaStats, new_lease
 
@@ -178,13 +176,8 @@ class RedisQuota:
             msg = f"on_unavailable must be 'fail_closed' or 'fail_open', got {on_unavailable!r}."
             raise ValueError(msg)
         if isinstance(redis, str):
-            # Each command bounded by the client itself (see _bounded).
-            client: Redis = Redis.from_url(
-                redis,
-                socket_timeout=backend_timeout,
-                socket_connect_timeout=backend_timeout,
-                retry=Retry(NoBackoff(), 0),
-            )
+            # Each command bounded by the client itself (see _client.bounded).
+            client: Redis = _client.from_url(redis, backend_timeout)
             self._owned = True
         elif isinstance(redis, Redis):
             client = redis
@@ -196,7 +189,7 @@ class RedisQuota:
             )
             raise TypeError(msg)
         self._client = client
-        self._bounded = _bounded(client, backend_timeout)
+        self._bounded = _client.bounded(client, backend_timeout)
         self._per_key = per_key
         self._total = total
         self._ttl = ttl
@@ -657,29 +650,6 @@ class RedisQuota:
         self._take(key)
         self._fallbacks += 1
         return lease
-
-
-def _bounded(client: Redis, timeout: float) -> bool:
-    """
-    Whether *client* gives up on every command within about *timeout* by
-    itself: read and connect timeouts of at most *timeout*, no retries, and
-    no wait for a free connection of a blocking pool. The quota then adds no
-    timer of its own per command (a tenth of an uncontended acquire).
-    """
-    pool = client.connection_pool
-    if isinstance(pool, BlockingConnectionPool):
-        return False
-    options = pool.connection_kwargs
-    read = options.get("socket_timeout")
-    connect = options.get("socket_connect_timeout") or read
-    retry = options.get("retry")
-    return (
-        isinstance(read, (int, float))
-        and isinstance(connect, (int, float))
-        and 0 < read <= timeout
-        and 0 < connect <= timeout
-        and (retry is None or retry.get_retries() == 0)
-    )
 
 
 async def _finish(coro: Coroutine[Any, Any, Any]) -> Any:
