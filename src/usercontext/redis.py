@@ -10,7 +10,9 @@ run on trio.
   `usercontext.EngineFactory` as its *quota*.
 - `RedisBus` is the event bus of `usercontext.EmitterHub` instances, so that a
   user's events reach all of that user's connections, wherever they are, in
-  order and once, and a client resumes on any instance.
+  order and once, and a client resumes on any instance. `RedisBus.stats`
+  (`RedisBusStats`) and `RedisQuota.redis_stats` (`RedisQuotaStats`) count
+  what each did with Redis.
 
 .. code-block:: python
 
@@ -29,9 +31,9 @@ run on trio.
 
 from __future__ import annotations
 
-from ._redis._bus import RedisBus
+from ._redis._bus import RedisBus, RedisBusStats
 from ._redis._quota import RedisQuota
 from ._redis._quota_lease import RedisLease, RedisQuotaStats
 
 
-__all__ = ["RedisBus", "RedisLease", "RedisQuota", "RedisQuotaStats"]
+__all__ = ["RedisBus", "RedisBusStats", "RedisLease", "RedisQuota", "RedisQuotaStats"]

@@ -22,7 +22,7 @@ import redis.asyncio as aredis
 
 import usercontext as uc
 
-from usercontext.redis import RedisBus
+from usercontext.redis import RedisBus, RedisBusStats
 from usercontext.testing import RecordingSink
 
 from helpers import switches, until
@@ -125,6 +125,45 @@ class TestAcrossInstances:
         assert [e.seq for e in again.events] == [7, 8, 9, 10, 11]
         assert (resumed.replayed, resumed.missed) == (4, 0)
         assert [e.seq for e in by_seq.events] == [10, 11]
+
+    async def test_stats(self, redis_db):
+        """
+        Each bus counts what it did: A stored 10 events and follows nobody;
+        B follows the user, received the 10 notifications, read the stream
+        once for a resume, and polled positions; no errors, no disconnect.
+        """
+        bus_a, bus_b = RedisBus(redis_db), RedisBus(redis_db, poll_interval=0.02)
+        assert bus_a.stats() == RedisBusStats(
+            connected=True,
+            followed=0,
+            published=0,
+            publish_errors=0,
+            received=0,
+            reads=0,
+            polls=0,
+            poll_errors=0,
+            disconnects=0,
+        )
+        async with uc.EmitterHub(bus=bus_a) as a, uc.EmitterHub(bus=bus_b) as b:
+            sink = RecordingSink()
+            await b.aattach("u-1", sink)
+            emitter = a.emitter(ctx_of("u-1"))
+            for i in range(10):
+                await emitter.emit("tick", {"i": i})
+            await until(lambda: len(sink.events) == 10)
+            again = RecordingSink()
+            await b.aattach("u-1", again, last_seq=5)
+            await until(lambda: len(again.events) == 5)
+            await until(lambda: bus_b.stats().polls >= 2)
+            stats_a, stats_b = bus_a.stats(), bus_b.stats()
+
+        assert (stats_a.published, stats_a.followed, stats_a.received) == (10, 0, 0)
+        assert (stats_b.published, stats_b.followed, stats_b.received) == (0, 1, 10)
+        assert (stats_a.reads, stats_b.reads) == (0, 1)
+        assert stats_b.polls >= 2
+        for stats in (stats_a, stats_b):
+            assert stats.connected
+            assert (stats.publish_errors, stats.poll_errors, stats.disconnects) == (0, 0, 0)
 
     async def test_a_stream_started_anew(self, redis_db):
         """
@@ -454,6 +493,9 @@ class TestFaults:
             await until(lambda: [e.event_id for e in sink.events[-20:]] == acked, timeout=3)
             caught_up_after = time.monotonic() - back
             stats = a.stats()
+            # B lost its pub/sub connection, and gets it back.
+            await until(lambda: b._bus.stats().connected, timeout=3)  # type: ignore[union-attr]
+            bus_a, bus_b = a._bus.stats(), b._bus.stats()  # type: ignore[union-attr]
 
         assert refused_after < 0.5
         assert caught_up_after < 1.0
@@ -463,6 +505,9 @@ class TestFaults:
         assert len(sink.events) == 5 + 1 + 20
         assert [e.seq for e in sink.events[6:]] == list(range(1, 21))
         assert stats.publish_errors >= 1
+        assert bus_a.publish_errors == stats.publish_errors
+        assert bus_a.published == 5 + 20
+        assert bus_b.disconnects >= 1
 
     async def test_an_emitting_process_killed_loses_nothing_acknowledged(self, redis_db):
         """
@@ -474,7 +519,7 @@ class TestFaults:
             f"""
             import asyncio, sys
             import usercontext as uc
-            from usercontext.redis import RedisBus
+            from usercontext.redis import RedisBus, RedisBusStats
 
             async def main():
                 async with uc.EmitterHub(bus=RedisBus({redis_db!r})) as hub:

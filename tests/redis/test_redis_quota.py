@@ -15,6 +15,9 @@ import itertools
 import pytest
 import redis.asyncio
 
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
 import usercontext as uc
 
 from usercontext.redis import RedisLease, RedisQuota, RedisQuotaStats
@@ -152,10 +155,88 @@ class TestKeys:
         assert loop.time() - start < 0.5
 
 
+class TestClient:
+    """
+    The quota times each command itself unless its client bounds the command
+    as tightly: read and connect timeouts of at most backend_timeout, no
+    retries, no blocking pool. A quota made from a URL makes such a client.
+    """
+
+    async def test_which_clients_bound_their_commands(self, redis_db):
+        tight = {
+            "socket_timeout": 0.2,
+            "socket_connect_timeout": 0.2,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        cases = [
+            ({}, False),  # redis-py's default timeouts and retries
+            (tight, True),
+            ({**tight, "retry": Retry(NoBackoff(), 1)}, False),
+            ({**tight, "socket_timeout": 0.3}, False),
+            ({**tight, "socket_connect_timeout": None}, True),  # the read timeout applies
+            ({**tight, "socket_timeout": None, "socket_connect_timeout": None}, False),
+        ]
+        for kwargs, bounded in cases:
+            client = redis.asyncio.Redis.from_url(redis_db, **kwargs)
+            async with RedisQuota(client, backend_timeout=0.25, prefix=_prefix()) as q:
+                assert q._bounded is bounded, kwargs
+                await (await q.acquire("u")).arelease()
+            await client.aclose()
+        pool = redis.asyncio.BlockingConnectionPool.from_url(redis_db, **tight)
+        client = redis.asyncio.Redis(connection_pool=pool)
+        async with RedisQuota(client, backend_timeout=0.25, prefix=_prefix()) as q:
+            assert not q._bounded
+        await client.aclose()
+        await pool.aclose()
+        async with RedisQuota(redis_db, backend_timeout=0.25, prefix=_prefix()) as q:
+            assert q._bounded
+            await (await q.acquire("u")).arelease()
+
+
 class TestScripts:
     """
     The scripts run by SHA and are loaded again when Redis forgot them.
     """
+
+    @pytest.mark.parametrize("total", [None, 3])
+    async def test_settings_written_into_the_scripts(self, client, total):
+        """
+        The prefix is written into the scripts' text as a Lua literal: quotes,
+        backslashes, a digit after an escaped byte and non-ASCII text in it (and
+        in the user's name, read back from the key) change nothing; the limit
+        holds and the keys are the documented ones.
+        """
+        prefix = f'{_prefix()}"\\:1]]é'
+        async with RedisQuota(client, per_key=1, total=total, prefix=prefix) as q:
+            lease = await q.acquire("ü:9}x")
+            assert lease.fence is not None
+            with pytest.raises(uc.QuotaExceededError):
+                await q.acquire("ü:9}x", timeout=0)
+            tag = f"{{{prefix}:ü:9}}x}}:h" if total is None else f"{{{prefix}}}:h:ü:9}}x"
+            assert await client.zcard(tag) == 1
+            other = await q.acquire("v")
+            await other.arelease()
+            await lease.arelease()
+            assert await client.dbsize() == 0, await client.keys()
+
+    async def test_two_quotas_with_other_settings(self, client):
+        """
+        Two quotas with the same prefix but other limits run their own
+        scripts: each applies its own limit.
+        """
+        prefix = _prefix()
+        async with (
+            RedisQuota(client, per_key=1, prefix=prefix) as one,
+            RedisQuota(client, per_key=3, prefix=prefix) as three,
+        ):
+            held = [await three.acquire("u"), await three.acquire("u")]
+            with pytest.raises(uc.QuotaExceededError):
+                await one.acquire("u", timeout=0)
+            held.append(await three.acquire("u", timeout=0))
+            with pytest.raises(uc.QuotaExceededError):
+                await three.acquire("u", timeout=0)
+            for lease in held:
+                await lease.arelease()
 
     async def test_reloaded_after_script_flush(self, client):
         """

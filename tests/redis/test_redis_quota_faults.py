@@ -159,9 +159,10 @@ class TestProcesses:
                 tasks = [asyncio.create_task(engine()), asyncio.create_task(lease())]
                 while q.stats().in_use < 2:
                     await asyncio.sleep(0.01)
-                print("held", flush=True)  # noqa: T201  # the figure, shown with -s
-                # Resumed: the first tick after a gap of the ticks.
+                # Resumed: the first tick after a gap of the ticks. The clock is
+                # read before "held": the SIGSTOP may come at once after it.
                 last = time.monotonic()
+                print("held", flush=True)  # noqa: T201  # the figure, shown with -s
                 while True:
                     await asyncio.sleep(0.005)
                     now = time.monotonic()

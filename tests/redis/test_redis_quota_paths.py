@@ -16,12 +16,15 @@ import asyncio
 import itertools
 import logging
 import signal
+import sys
 import time
 
 import anyio
 import anyio.lowlevel
 import pytest
 import redis.asyncio
+import redis.asyncio.client
+import redis.exceptions
 
 import usercontext as uc
 
@@ -286,6 +289,84 @@ class TestKeeper:
         with pytest.raises(uc.BackendUnavailableError):
             await pending.pop()
         assert done.pop().result().fence is not None
+
+
+class TestNeverClosed:
+    """
+    The background loops of a quota end once their task is cancelled, even if
+    redis-py turns the cancellation into an error of its own (the loops would
+    otherwise survive it): ``asyncio.run`` cancels them at shutdown, and a
+    quota never closed must not hold it up. Python 3.11 and later
+    (``Task.cancelling``); on 3.10 a cancellation ends a loop where it reaches
+    it.
+    """
+
+    @staticmethod
+    def _swallowing(entered: asyncio.Event, error: Exception):
+        """
+        A coroutine function that waits forever and turns its cancellation
+        into *error*, as redis-py may.
+        """
+
+        async def swallow(*args, **kwargs):
+            entered.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise error from None
+
+        return swallow
+
+    @pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling is new in 3.11")
+    @pytest.mark.parametrize("loop", ["renewal", "listener", "probe"])
+    async def test_loop_ends_when_cancelled(self, client, monkeypatch, loop):
+        q = RedisQuota(client, per_key=2, ttl=30, prefix=_prefix())
+        keeper = q._keeper
+        lease = await q.acquire("u")  # starts the renewal task and the listener
+        entered = asyncio.Event()
+        if loop == "renewal":
+            monkeypatch.setattr(keeper, "_pipeline", self._swallowing(entered, _down()))
+            keeper._poll_now = True
+            keeper._nudged.set()
+            task = keeper._renewer
+        elif loop == "listener":
+            swallow = self._swallowing(entered, redis.exceptions.ConnectionError("cut"))
+            monkeypatch.setattr(redis.asyncio.client.PubSub, "subscribe", swallow)
+            await client.client_kill_filter(_type="pubsub")
+            task = keeper._listener
+        else:
+            monkeypatch.setattr(client, "ping", self._swallowing(entered, _down()))
+            keeper.outage(_down())
+            task = keeper._prober
+        assert task is not None
+        await asyncio.wait_for(entered.wait(), 5)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=2)
+        assert done == {task}
+        monkeypatch.undo()
+        await lease.arelease()
+        await q.aclose()
+
+    def test_asyncio_run_ends(self, redis_db):
+        """
+        A quota holding a lease and never closed: ``asyncio.run`` returns.
+        """
+
+        async def main():
+            q = RedisQuota(redis_db, per_key=2, prefix=_prefix())
+            await q.acquire("u")
+            return q
+
+        start = time.monotonic()
+        q = asyncio.run(main())
+        assert time.monotonic() - start < 5
+        assert q.stats().in_use == 1
+
+
+def _down():
+    error = Down()
+    error.__cause__ = ConnectionError("swallowed")
+    return error
 
 
 class TestDescribe:

@@ -15,22 +15,27 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
+import attrs
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from usercontext import _checks
 from usercontext._lifecycle import describe, logger
 from usercontext.exceptions import BackendUnavailableError
 
+from . import _client
+
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Callable, Sequence
 
     from redis.asyncio.client import PubSub
+    from redis.commands.core import AsyncScript
 
 
 # KEYS: the hash, the stream. ARGV: payload, maxlen, ttl (ms), a new stream id, channel.
@@ -90,7 +95,40 @@ _timeout: Any = cast(
 )
 
 
-_from_url: Any = cast("Any", Redis).from_url
+@attrs.frozen
+class RedisBusStats:
+    """
+    What a `usercontext.redis.RedisBus` did with Redis, beside the
+    `usercontext.EmitterStats` of its hub: a snapshot of `RedisBus.stats`.
+
+    Attributes:
+        connected: Whether the pub/sub connection is up right now (`False`
+            from the moment it was lost until it is back).
+        followed: Users whose channels this instance follows right now (the
+            users it has connections of).
+        published: Events stored in Redis by this instance's emits.
+        publish_errors: Emits refused because Redis did not answer
+            (`usercontext.exceptions.BackendUnavailableError`).
+        received: Events of other instances (and its own) received as
+            notifications.
+        reads: Reads of a user's stream: replays, and catching up on a gap.
+        polls: Rounds reading where the streams of followed users stand (every
+            *poll_interval*, and after a reconnect).
+        poll_errors: Such rounds that did not reach Redis.
+        disconnects: Times the pub/sub connection was lost.
+
+    .. versionadded:: 0.1.0
+    """
+
+    connected: bool
+    followed: int
+    published: int
+    publish_errors: int
+    received: int
+    reads: int
+    polls: int
+    poll_errors: int
+    disconnects: int
 
 
 def _ignore(task: asyncio.Future[Any]) -> None:
@@ -203,7 +241,11 @@ class RedisBus:
             )
             raise ValueError(msg)
         self._owned = isinstance(redis, str)
-        self._client: Redis = _from_url(redis) if isinstance(redis, str) else redis
+        # From a URL: a client that bounds each command itself (_client.bounded).
+        self._client: Redis = (
+            _client.from_url(redis, backend_timeout) if isinstance(redis, str) else redis
+        )
+        self._bounded = _client.bounded(self._client, backend_timeout)
         self._prefix = prefix
         self._maxlen = maxlen
         self._ttl_ms = max(1, round(idle_ttl * 1000))
@@ -227,6 +269,13 @@ class RedisBus:
         self._pubsub: PubSub | None = None
         self._connected = True
         self._closed = False
+        self._published = 0
+        self._publish_errors = 0
+        self._received = 0
+        self._reads = 0
+        self._polls = 0
+        self._poll_errors = 0
+        self._disconnects = 0
 
     # -- lifecycle
 
@@ -298,12 +347,38 @@ class RedisBus:
             async with _timeout(self._timeout):
                 return await call()
         except _UNAVAILABLE as e:
-            msg = (
-                f"Redis did not answer within {self._timeout:g} s when {what} "
-                f"({describe(e)}). Retry later; check that Redis runs and is reachable, "
-                "or raise backend_timeout."
-            )
-            raise BackendUnavailableError(msg) from e
+            raise self._unavailable(what, e) from e
+
+    async def _eval(
+        self, what: str, script: AsyncScript, meta: str, stream: str, args: tuple[object, ...]
+    ) -> Any:
+        """
+        Run *script* on the keys of one user by its SHA (loading it on
+        ``NOSCRIPT``), within *backend_timeout*: timed by the client itself
+        if it bounds its commands, else by a timer of the bus.
+        """
+        client: Any = self._client
+        command = ("EVALSHA", script.sha, 2, meta, stream, *args)
+        try:
+            try:
+                if self._bounded:
+                    return await client.execute_command(*command)
+                async with _timeout(self._timeout):
+                    return await client.execute_command(*command)
+            except NoScriptError:
+                # Redis restarted, or its scripts were flushed: load it again.
+                async with _timeout(self._timeout):
+                    await client.script_load(script.script)
+                    return await client.execute_command(*command)
+        except _UNAVAILABLE as e:
+            raise self._unavailable(what, e) from e
+
+    def _unavailable(self, what: str, e: BaseException) -> BackendUnavailableError:
+        return BackendUnavailableError(
+            f"Redis did not answer within {self._timeout:g} s when {what} "
+            f"({describe(e)}). Retry later; check that Redis runs and is reachable, "
+            "or raise backend_timeout."
+        )
 
     async def publish(self, user_id: str, payload: str) -> tuple[str, int]:
         """
@@ -315,10 +390,13 @@ class RedisBus:
                 answer within *backend_timeout* seconds.
         """
         meta, stream, channel = self._keys(user_id)
-        args: list[str | int] = [payload, self._maxlen, self._ttl_ms, os.urandom(8).hex(), channel]
-        result = await self._call(
-            "storing an event", lambda: self._publish(keys=[meta, stream], args=args)
-        )
+        args = (payload, self._maxlen, self._ttl_ms, os.urandom(8).hex(), channel)
+        try:
+            result = await self._eval("storing an event", self._publish, meta, stream, args)
+        except BackendUnavailableError:
+            self._publish_errors += 1
+            raise
+        self._published += 1
         return _str(result[0]), int(result[1])
 
     async def read(
@@ -333,14 +411,14 @@ class RedisBus:
                 answer within *backend_timeout* seconds.
         """
         meta, stream, _ = self._keys(user_id)
-        args: list[str | int] = [os.urandom(8).hex(), self._ttl_ms, after, limit]
-        result = await self._call(
-            "reading events", lambda: self._read(keys=[meta, stream], args=args)
-        )
+        args = (os.urandom(8).hex(), self._ttl_ms, after, limit)
+        result = await self._eval("reading events", self._read, meta, stream, args)
         entries = [
             (int(_str(entry_id).partition("-")[0]), _str(fields[1]))
             for entry_id, fields in result[2]
         ]
+        if limit:
+            self._reads += 1
         return _str(result[0]), int(result[1]), entries
 
     async def follow(self, user_id: str) -> tuple[str, int]:
@@ -427,6 +505,7 @@ class RedisBus:
                 # again on reconnect, and left then (see _positions).
                 if self._connected:
                     self._connected = False
+                    self._disconnects += 1
                     logger.warning(
                         "usercontext: the event bus lost Redis (%s); reconnecting", describe(e)
                     )
@@ -447,6 +526,7 @@ class RedisBus:
             # ignores users it no longer follows.
             user_id = channel[len(self._prefix) + 2 : -3]
             stream_id, seq, payload = _str(message["data"]).split(" ", 2)
+            self._received += 1
             assert self._notify is not None  # noqa: S101  # set by start
             self._notify(user_id, stream_id, int(seq), payload)
             return
@@ -502,11 +582,30 @@ class RedisBus:
         try:
             results = await self._call("reading positions", positions)
         except BackendUnavailableError as e:
+            self._poll_errors += 1
             logger.debug("usercontext: reading positions failed: %s", describe(e))
             return
+        self._polls += 1
         assert self._notify is not None  # noqa: S101  # set by start
         for user_id, result in zip(followed, results, strict=True):
             self._notify(user_id, _str(result[0]), int(result[1]), None)
+
+    def stats(self) -> RedisBusStats:
+        """
+        Return a snapshot of what this bus did with Redis: events stored and
+        received, reads, polls and errors. It never waits.
+        """
+        return RedisBusStats(
+            connected=self._connected,
+            followed=len(self._users),
+            published=self._published,
+            publish_errors=self._publish_errors,
+            received=self._received,
+            reads=self._reads,
+            polls=self._polls,
+            poll_errors=self._poll_errors,
+            disconnects=self._disconnects,
+        )
 
     def __repr__(self) -> str:
         return (

@@ -33,13 +33,13 @@ from usercontext.exceptions import (
     QuotaTimeoutError,
 )
 
-from . import _quota_scripts
+from . import _client, _quota_scripts
 from ._quota_keeper import DOWN, Down, Keeper, Waiter, within
 from ._quota_lease import RedisLease, RedisQuotaStats, new_lease
 
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine, Sequence
+    from collections.abc import Coroutine
     from types import TracebackType
 
     from redis.commands.core import AsyncScript
@@ -176,7 +176,8 @@ class RedisQuota:
             msg = f"on_unavailable must be 'fail_closed' or 'fail_open', got {on_unavailable!r}."
             raise ValueError(msg)
         if isinstance(redis, str):
-            client: Redis = Redis.from_url(redis)
+            # Each command bounded by the client itself (see _client.bounded).
+            client: Redis = _client.from_url(redis, backend_timeout)
             self._owned = True
         elif isinstance(redis, Redis):
             client = redis
@@ -188,6 +189,7 @@ class RedisQuota:
             )
             raise TypeError(msg)
         self._client = client
+        self._bounded = _client.bounded(client, backend_timeout)
         self._per_key = per_key
         self._total = total
         self._ttl = ttl
@@ -198,17 +200,23 @@ class RedisQuota:
         self._timeout = backend_timeout
         self._proc = secrets.token_hex(6)
         self._channel_prefix = f"{prefix}:wake:"
-        self._argv: tuple[str, ...] = (
-            prefix,
-            str(-1 if total is None else total),
-            str(per_key),
-            str(self._ttl_ms),
-            self._channel_prefix,
+        texts = _quota_scripts.build(
+            prefix=prefix,
+            per_key=per_key,
+            total=total,
+            ttl_ms=self._ttl_ms,
+            channel=self._channel_prefix,
         )
         self._scripts: dict[str, AsyncScript] = {
-            name: client.register_script(getattr(_quota_scripts, name))
-            for name in ("ACQUIRE", "RELEASE", "LEAVE", "RENEW")
+            name: client.register_script(text) for name, text in texts.items()
         }
+        # The start of each script's command, encoded once.
+        self._heads: dict[str, tuple[bytes, ...]] = {
+            name: (b"EVALSHA", script.sha.encode(), b"1") for name, script in self._scripts.items()
+        }
+        # The start of every lease key: the user's name completes it.
+        self._key_head = f"{{{prefix}:" if total is None else f"{{{prefix}}}:h:"
+        self._key_tail = "}:h" if total is None else ""
         self._ids = itertools.count(1)
         # Local bookkeeping: what this object holds and waits for.
         self._in_use: dict[str, int] = {}
@@ -233,7 +241,7 @@ class RedisQuota:
 
     # -- the protocol ---------------------------------------------------------
 
-    async def acquire(self, key: str, *, timeout: float | None = None) -> Lease:
+    async def acquire(self, key: str, *, timeout: float | None = None) -> Lease:  # noqa: C901  # one frame on the hot path
         """
         Wait for a slot of *key* and return its `RedisLease`, which is also an
         async context manager: ``async with await quota.acquire(key):``.
@@ -259,9 +267,44 @@ class RedisQuota:
             self._refuse_closed()
         if not self._available:
             return await self._acquire_local(key, timeout)
-        start = asyncio.get_running_loop().time()
+        # The clock is read only for a timeout; one coroutine less: the
+        # uncontended acquire is a round trip and little else.
+        start = 0.0 if timeout is None else asyncio.get_running_loop().time()
+        lease_id = f"{self._proc}:{next(self._ids)}"
+        keeper = self._keeper
+        wait = timeout is None or timeout > 0
         try:
-            return await self._acquire(key, timeout, start)
+            if wait and not keeper.subscribed:
+                await keeper.listening()
+            # Known before the round trip: the wake-up may come before its reply.
+            waiter = Waiter(key)
+            keeper.waiters[lease_id] = waiter
+            try:
+                if wait:
+                    reply = await self._eval("ACQUIRE", key, lease_id)
+                else:
+                    reply = await self._eval("ACQUIRE", key, lease_id, "0")
+            except BaseException as e:
+                del keeper.waiters[lease_id]
+                # Cut mid-flight: the script may have run (or run later, if the
+                # server was only paused), so leave.
+                if isinstance(e, Down):
+                    keeper.spawn(self._leave_later(key, lease_id))
+                else:
+                    self._cancelled += 1
+                    await _finish(self._leave_quietly(key, lease_id))
+                raise
+            # A grant is its fencing token alone, the cheapest reply to read.
+            if type(reply) is int:
+                del keeper.waiters[lease_id]
+                return self._grant(key, lease_id, reply)
+            if reply[0] == 0:
+                del keeper.waiters[lease_id]
+                self._rejected += 1
+                raise self._full(
+                    QuotaExceededError, key, int(reply[1]), int(reply[2]), 0.0, timeout
+                )
+            return await self._wait(key, lease_id, waiter, timeout, start)
         except Down as e:
             if not self._fail_open:
                 self._acquire_errors += 1
@@ -297,7 +340,10 @@ class RedisQuota:
             lease._local.release()
             return
         try:
-            await self._release(lease)
+            await self._eval("RELEASE", lease._key, lease._id)
+        except Down as e:
+            self._release_errors += 1
+            self._keeper.log_release_error(lease, e)
         except asyncio.CancelledError:
             # Cut mid-flight: run it again (it is idempotent) to its end.
             await _finish(self._release(lease))
@@ -369,84 +415,46 @@ class RedisQuota:
 
     # -- Redis ----------------------------------------------------------------
 
-    def _keys(self, key: str) -> list[str]:
+    def _lease_key(self, key: str) -> str:
         """
-        The keys a script for *key* declares: held, queue, waiters, fences,
-        (all, ring).
+        The Redis key of the leases of *key*, which every script declares:
+        a cluster routes the call by its hash tag.
         """
-        if self._total is None:
-            tag = f"{{{self._prefix}:{key}}}:"
-            return [tag + "h", tag + "q", tag + "w", tag + "g"]
-        tag = f"{{{self._prefix}}}:"
-        return [tag + "h:" + key, tag + "q:" + key, tag + "w:" + key, tag + "g:" + key,
-                tag + "all", tag + "ring"]  # fmt: skip
+        return self._key_head + key + self._key_tail
 
-    async def _eval(self, name: str, keys: Sequence[str], *args: str) -> Any:
+    async def _eval(self, name: str, key: str, *args: str) -> Any:
         """
-        Run script *name* by its SHA (loading it on ``NOSCRIPT``) within
-        *backend_timeout*.
+        Run script *name* for *key* by its SHA (loading it on ``NOSCRIPT``)
+        within *backend_timeout*.
 
         Raises:
             Down: If Redis did not answer in time.
         """
-        script = self._scripts[name]
         client = self._client
+        command = (*self._heads[name], self._key_head + key + self._key_tail, *args)
         try:
-            async with within(self._timeout):
-                try:
-                    return await client.execute_command(  # type: ignore[no-untyped-call]
-                        "EVALSHA", script.sha, len(keys), *keys, *self._argv, *args
-                    )
-                except NoScriptError:
-                    self._script_loads += 1
-                    await client.script_load(script.script)
-                    return await client.execute_command(  # type: ignore[no-untyped-call]
-                        "EVALSHA", script.sha, len(keys), *keys, *self._argv, *args
-                    )
+            try:
+                if self._bounded:
+                    return await client.execute_command(*command)  # type: ignore[no-untyped-call]
+                async with within(self._timeout):
+                    return await client.execute_command(*command)  # type: ignore[no-untyped-call]
+            except NoScriptError:
+                # Redis restarted, or its scripts were flushed: load it again.
+                self._script_loads += 1
+                async with within(self._timeout):
+                    await client.script_load(self._scripts[name].script)
+                    return await client.execute_command(*command)  # type: ignore[no-untyped-call]
         except MaxConnectionsError:
             raise  # the client's pool is too small for the load: not an outage
         except DOWN as e:
             raise Down(e) from e
-
-    async def _acquire(self, key: str, timeout: float | None, start: float) -> Lease:
-        lease_id = f"{self._proc}:{next(self._ids)}"
-        keeper = self._keeper
-        wait = timeout is None or timeout > 0
-        if wait and not keeper.subscribed:
-            await keeper.listening()
-        # Known before the round trip: the wake-up may come before its reply.
-        waiter = Waiter(key)
-        keeper.waiters[lease_id] = waiter
-        try:
-            reply = await self._eval(
-                "ACQUIRE", self._keys(key), key, lease_id, "1" if wait else "0"
-            )
-        except BaseException as e:
-            del keeper.waiters[lease_id]
-            # Cut mid-flight: the script may have run (or run later, if the
-            # server was only paused), so leave.
-            if isinstance(e, Down):
-                keeper.spawn(self._leave_later(key, lease_id))
-            else:
-                self._cancelled += 1
-                await _finish(self._leave_quietly(key, lease_id))
-            raise
-        status = reply[0]
-        if status == 1:
-            del keeper.waiters[lease_id]
-            return self._grant(key, lease_id, int(reply[1]))
-        if status == 0:
-            del keeper.waiters[lease_id]
-            self._rejected += 1
-            raise self._full(QuotaExceededError, key, int(reply[1]), int(reply[2]), 0.0, timeout)
-        return await self._wait(key, lease_id, waiter, timeout, start)
 
     async def _wait(
         self, key: str, lease_id: str, waiter: Waiter, timeout: float | None, start: float
     ) -> Lease:
         self._waiting[key] = self._waiting.get(key, 0) + 1
         self._n_waiting += 1
-        waiter.queued = True
+        waiter.queue()
         self._keeper.nudge()
         try:
             fence = await self._wait_for_grant(key, lease_id, waiter, timeout, start)
@@ -487,10 +495,12 @@ class RedisQuota:
             left = None if timeout is None else start + timeout - loop.time()
             # asyncio.wait returns at the timeout rather than throwing into
             # this frame, and leaves the future alone.
-            done, _ = await asyncio.wait((waiter.future,), timeout=left)
+            future = waiter.future
+            assert future is not None  # noqa: S101  # queued by _wait
+            done, _ = await asyncio.wait((future,), timeout=left)
             if not done:
                 return None
-            outcome = waiter.future.result()
+            outcome = future.result()
             if isinstance(outcome, int):
                 return outcome
             if isinstance(outcome, Down):
@@ -498,9 +508,9 @@ class RedisQuota:
             # Redis forgot the waiter (restarted, or this process stalled past
             # the time to live): queue again, at the end.
             waiter.reset()
-            reply = await self._eval("ACQUIRE", self._keys(key), key, lease_id, "1")
-            if reply[0] == 1:
-                return int(reply[1])
+            reply = await self._eval("ACQUIRE", key, lease_id)
+            if type(reply) is int:
+                return reply
 
     def _unwait(self, key: str, lease_id: str) -> None:
         self._keeper.waiters.pop(lease_id, None)
@@ -518,7 +528,7 @@ class RedisQuota:
         waiter and a slot granted to it then expire with the time to live).
         """
         try:
-            return await self._eval("LEAVE", self._keys(key), key, lease_id, "give")
+            return await self._eval("LEAVE", key, lease_id)
         except Down:
             return None
 
@@ -566,7 +576,7 @@ class RedisQuota:
 
     async def _release(self, lease: RedisLease) -> None:
         try:
-            await self._eval("RELEASE", self._keys(lease._key), lease._key, lease._id)
+            await self._eval("RELEASE", lease._key, lease._id)
         except Down as e:
             self._release_errors += 1
             self._keeper.log_release_error(lease, e)

@@ -42,6 +42,25 @@ elif sys.version_info >= (3, 11):
 else:  # pragma: no cover  # Python 3.10 only (run there by CI, not by coverage)
     from async_timeout import timeout as within
 
+if sys.version_info >= (3, 11):
+
+    def _cancelled() -> bool:
+        """
+        Whether the running task was asked to stop, even if the cancellation
+        never reached the loop: redis-py may turn it into an error of its own,
+        which a loop survives, and ``asyncio.run`` would then wait for the loop
+        forever at shutdown (of a quota never closed).
+        """
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
+
+else:  # pragma: no cover  # Python 3.10 only (run there by CI, not by coverage)
+
+    def _cancelled() -> bool:
+        # No Task.cancelling: a cancellation ends a loop where it reaches it.
+        return False
+
+
 __all__ = ["DOWN", "REQUEUE", "Down", "Keeper", "Waiter", "within"]
 
 logger = logging.getLogger("usercontext")
@@ -67,23 +86,40 @@ _RESUBSCRIBE = 0.1
 class Waiter:
     """
     A request of this process waiting in a Redis queue: its future gets the
-    fencing token of its grant, `REQUEUE`, or a `Down`.
+    fencing token of its grant, `REQUEUE`, or a `Down`. The future is made
+    once the request is queued: most requests are granted at once, and a
+    grant that comes before (its wake-up may overtake the reply) waits in
+    *early*.
     """
 
-    __slots__ = ("future", "key", "queued")
+    __slots__ = ("early", "future", "key", "queued")
 
     def __init__(self, key: str) -> None:
         self.key = key
-        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.future: asyncio.Future[Any] | None = None
+        self.early: object = None
         self.queued = False
+
+    def queue(self) -> None:
+        """
+        The request was queued: wait from now on.
+        """
+        self.queued = True
+        self.future = asyncio.get_running_loop().create_future()
+        if self.early is not None:
+            self.future.set_result(self.early)
 
     def reset(self) -> None:
         self.future = asyncio.get_running_loop().create_future()
 
     def settle(self, outcome: object) -> None:
+        future = self.future
+        if future is None:
+            if self.early is None:  # pragma: no branch  # a second grant is the same
+                self.early = outcome
         # A grant may come twice: by its wake-up and by a renewal round.
-        if not self.future.done():  # pragma: no branch
-            self.future.set_result(outcome)
+        elif not future.done():  # pragma: no branch
+            future.set_result(outcome)
 
 
 def _text(value: bytes | str) -> str:
@@ -112,8 +148,9 @@ class Keeper:
         self._nudged = asyncio.Event()
         self._ready = asyncio.Event()
         self._poll_now = False
-        # Checked by every loop: redis-py may turn a cancellation into an
-        # error of its own, which a loop would otherwise survive.
+        # Checked by every loop, with the cancellation of its task: redis-py
+        # may turn a cancellation into an error of its own, which a loop would
+        # otherwise survive.
         self.closed = False
 
     # -- called by the quota --------------------------------------------------
@@ -218,7 +255,7 @@ class Keeper:
         # A lease is renewed at the first round after its grant, at most
         # *every* later: `hold` need not wake this task (that would cost a
         # task switch per grant), and a round with nothing to renew is free.
-        while not self.closed:
+        while not (self.closed or _cancelled()):
             due = last + (self.poll if q._n_waiting else self.every)
             if self._poll_now or loop.time() >= due:
                 self._poll_now = False
@@ -251,10 +288,10 @@ class Keeper:
                 group[1].extend((waiter.key, waiter_id))
         if not groups:
             return
-        calls: list[tuple[list[str], tuple[str, ...]]] = []
+        calls: list[tuple[str, tuple[str, ...]]] = []
         for leases, waiters in groups.values():
             user = leases[0] if leases else waiters[0]
-            calls.append((q._keys(user), (str(len(leases) // 2), *leases, *waiters)))
+            calls.append((q._lease_key(user), (str(len(leases) // 2), *leases, *waiters)))
         try:
             results = await self._pipeline(calls)
         except Down as e:
@@ -287,7 +324,7 @@ class Keeper:
                 if found is not None and found.queued:  # pragma: no branch  # as above
                     found.settle(REQUEUE)
 
-    async def _pipeline(self, calls: list[tuple[list[str], tuple[str, ...]]]) -> list[Any]:
+    async def _pipeline(self, calls: list[tuple[str, tuple[str, ...]]]) -> list[Any]:
         q = self.quota
         script = q._scripts["RENEW"]
         results: list[Any] = []
@@ -295,10 +332,8 @@ class Keeper:
             async with within(q._timeout):
                 for _ in range(2):  # pragma: no branch  # the second run finds the script
                     pipe = q._client.pipeline(transaction=False)
-                    for keys, args in calls:
-                        pipe.execute_command(
-                            "EVALSHA", script.sha, len(keys), *keys, *q._argv, *args
-                        )
+                    for key, args in calls:
+                        pipe.execute_command("EVALSHA", script.sha, 1, key, *args)
                     results = await pipe.execute(raise_on_error=False)
                     if not any(isinstance(r, NoScriptError) for r in results):
                         break
@@ -332,7 +367,7 @@ class Keeper:
         # These loops end by cancellation (aclose), rarely by their test; and
         # on Python 3.11 coverage misses arcs of a coroutine resumed by a
         # cancellation (https://github.com/python/cpython/issues/106749).
-        while not self.closed:  # pragma: no branch
+        while not (self.closed or _cancelled()):  # pragma: no branch
             pubsub = q._client.pubsub()
             try:
                 await pubsub.subscribe(channel)
@@ -366,7 +401,7 @@ class Keeper:
 
     async def _probe(self) -> None:
         q = self.quota
-        while not self.closed:  # pragma: no branch  # see _listen
+        while not (self.closed or _cancelled()):  # pragma: no branch  # see _listen
             await asyncio.sleep(_PROBE)
             try:
                 async with within(q._timeout):

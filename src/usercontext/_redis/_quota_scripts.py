@@ -27,34 +27,55 @@ The counter ``seq`` never goes back, even after it expired: each value is at
 least the server's time in microseconds, so tickets and fencing tokens grow
 as long as the Redis server's clock does not step back.
 
-The arguments common to every script: ``ARGV[1]`` the prefix, ``[2]`` the
-total limit (-1 for none), ``[3]`` the per-key limit, ``[4]`` the time to live
-in ms, ``[5]`` the wake-up channel prefix. The keys a script touches are
-passed in ``KEYS`` for the user it is called for (the cluster routes by
-them); under a total limit, a release may hand a slot to another user's
-waiter, whose keys have the same hash tag (and so the same cluster slot) but
-are built in the script.
+The quota's fixed settings (prefix, limits, time to live, wake-up channel)
+are written into the text of its scripts by `build`, so a call sends only
+what changes: the lease key of the user it is called for, in ``KEYS[1]``
+(the key by which a cluster routes the call; the user's name is read back
+from it), and the lease or waiter id. Every other key a script touches
+shares that key's hash tag, and so its cluster slot: under a total limit, a
+release may hand a slot to another user's waiter, whose keys are built in the
+script. Processes with the same settings share the same scripts.
+
+The common case takes a short path before any helper is defined: an acquire
+of a user with no queue and room left (counting expired leases, which only
+makes it take the long path sooner), and a release with no queue, run the
+few commands they need; under a total limit every call takes the long path.
 """
 
 from __future__ import annotations
 
 
-__all__ = ["ACQUIRE", "LEAVE", "RELEASE", "RENEW"]
+__all__ = ["build"]
 
-_COMMON = r"""
-local PREFIX = ARGV[1]
-local TOTAL = tonumber(ARGV[2])
-local LIMIT = tonumber(ARGV[3])
-local TTL = tonumber(ARGV[4])
-local CHAN = ARGV[5]
-local SHARED = nil
-if TOTAL >= 0 then SHARED = '{' .. PREFIX .. '}' end
+# The settings, written in by `build`.
+_SETTINGS = r"""
+local PREFIX = %(prefix)s
+local TOTAL = %(total)d
+local LIMIT = %(limit)d
+local TTL = %(ttl)d
+local CHAN = %(channel)s
+local SHARED = %(shared)s
+"""
+
+# The time, on the server's clock, read by every script but the short path
+# of a release.
+_CLOCK = r"""
 local clock = redis.call('TIME')
 local NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local NOWUS = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-
 -- Numbers formatted as integers: Redis would print big ones as 1.7e+15.
 local function s(n) return string.format('%d', n) end
+"""
+
+# The helpers of the long paths, and the user a call is for.
+_COMMON = r"""
+-- The lease key is {PREFIX}:h:<user> under a total limit, else {PREFIX:<user>}:h.
+local user
+if SHARED then
+  user = string.sub(KEYS[1], #PREFIX + 6)
+else
+  user = string.sub(KEYS[1], #PREFIX + 3, -4)
+end
 
 local function key(kind, user)
   if SHARED then return SHARED .. ':' .. kind .. ':' .. user end
@@ -208,13 +229,26 @@ local function dispatch(user)
 end
 """
 
-#: KEYS: h, q, (all, ring). ARGV[6] user, [7] lease id, [8] "1" to wait.
-#: Returns {1, fence} when granted, {0, held by user, held in all} when full
+#: KEYS[1]: the lease key of the user. ARGV[1] lease id, [2] "0" not to wait.
+#: Returns the fence (a number) when granted, {0, held by user, held in all} when full
 #: and not waiting, {2, held by user, held in all} when queued.
-ACQUIRE = (
-    _COMMON
-    + r"""
-local user, id = ARGV[6], ARGV[7]
+_ACQUIRE_SHORT = r"""
+if not SHARED then
+  local base = string.sub(KEYS[1], 1, -2)
+  if redis.call('EXISTS', base .. 'q') == 0 and redis.call('ZCARD', KEYS[1]) < LIMIT then
+    local k = base .. 'seq'
+    local fence = tonumber(redis.call('GET', k) or '0') + 1
+    if fence < NOWUS then fence = NOWUS end
+    redis.call('SET', k, s(fence), 'PX', TTL)
+    redis.call('ZADD', KEYS[1], s(NOW + TTL), ARGV[1])
+    redis.call('PEXPIRE', KEYS[1], TTL)
+    return fence
+  end
+end
+"""
+
+_ACQUIRE = r"""
+local id = ARGV[1]
 local queued = redis.call('EXISTS', key('q', user)) == 1
 -- A slot may also have been freed by the expiry of a whole key.
 if purge(user, queued) > 0 or queued then
@@ -225,9 +259,9 @@ local n = redis.call('ZCARD', key('h', user))
 local all_n = n
 if SHARED then all_n = total_held() end
 if n < LIMIT and (not SHARED or all_n < TOTAL) and not queued then
-  return {1, grant(user, id)}
+  return grant(user, id)
 end
-if ARGV[8] ~= '1' then return {0, n, all_n} end
+if ARGV[2] == '0' then return {0, n, all_n} end
 local q, w = key('q', user), key('w', user)
 local ticket = next_seq(user)
 redis.call('ZADD', q, s(ticket), id)
@@ -241,15 +275,23 @@ if SHARED then
 end
 return {2, n, all_n}
 """
-)
 
-#: KEYS: h, q, g, (all, ring). ARGV[6] user, [7] lease id.
+#: KEYS[1]: the lease key of the user. ARGV[1] lease id.
 #: Returns 1 if the lease was held, 0 if it had expired and was gone.
-RELEASE = (
-    _COMMON
-    + r"""
-local user = ARGV[6]
-local removed = drop(user, ARGV[7])
+_RELEASE_SHORT = r"""
+if not SHARED then
+  local base = string.sub(KEYS[1], 1, -2)
+  local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+  if redis.call('EXISTS', base .. 'q') == 0 then
+    redis.call('HDEL', base .. 'g', ARGV[1])
+    if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('DEL', base .. 'seq') end
+    return removed
+  end
+end
+"""
+
+_RELEASE = r"""
+local removed = drop(user, ARGV[1])
 local queued = redis.call('EXISTS', key('q', user)) == 1
 purge(user, queued)
 -- Under a total limit, the slot may go to another user's waiter.
@@ -257,15 +299,12 @@ if queued or SHARED then dispatch(user) end
 tidy(user)
 return removed
 """
-)
 
-#: KEYS: h, q, w, g, (all, ring). ARGV[6] user, [7] waiter id.
+#: KEYS[1]: the lease key of the user. ARGV[1] waiter id.
 #: Returns {0, held by user, held in all} if it was still waiting (now
 #: removed) or gone, {2} if a slot granted to it was given back.
-LEAVE = (
-    _COMMON
-    + r"""
-local user, id = ARGV[6], ARGV[7]
+_LEAVE = r"""
+local id = ARGV[1]
 local q = key('q', user)
 local queued = redis.call('ZREM', q, id)
 redis.call('ZREM', key('w', user), id)
@@ -283,64 +322,62 @@ local n = redis.call('ZCARD', key('h', user))
 if SHARED then return {0, n, total_held()} end
 return {0, n, n}
 """
-)
 
-#: KEYS: the keys of the users renewed, with their tag. ARGV[6] the number of
-#: leases L, then L pairs user, lease id, then pairs user, waiter id.
+#: KEYS[1]: the lease key of the first user renewed (every user renewed in
+#: one call shares its hash tag). ARGV[1] the number of leases L, then L
+#: pairs user, lease id, then pairs user, waiter id.
 #: Returns {lost lease ids, {waiter id, fence} pairs flattened, gone waiter ids}.
-RENEW = (
-    _COMMON
-    + r"""
-local nleases = tonumber(ARGV[6])
+_RENEW = r"""
+local nleases = tonumber(ARGV[1])
 local touched = {}
 local order = {}
-local function touch(user)
-  if not touched[user] then
-    touched[user] = true
-    order[#order + 1] = user
+local function touch(u)
+  if not touched[u] then
+    touched[u] = true
+    order[#order + 1] = u
   end
 end
-for i = 7, #ARGV, 2 do touch(ARGV[i]) end
+for i = 2, #ARGV, 2 do touch(ARGV[i]) end
 local dropped = 0
-for _, user in ipairs(order) do dropped = dropped + purge(user, true) end
+for _, u in ipairs(order) do dropped = dropped + purge(u, true) end
 local lost = {}
 local later = s(NOW + TTL)
 for i = 0, nleases - 1 do
-  local user, id = ARGV[7 + 2 * i], ARGV[8 + 2 * i]
-  local h = key('h', user)
+  local u, id = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  local h = key('h', u)
   local expiry = redis.call('ZSCORE', h, id)
   if expiry and tonumber(expiry) > NOW then
     redis.call('ZADD', h, 'XX', later, id)
     redis.call('PEXPIRE', h, TTL)
     if SHARED then
-      redis.call('ZADD', SHARED .. ':all', 'XX', later, id .. '|' .. user)
+      redis.call('ZADD', SHARED .. ':all', 'XX', later, id .. '|' .. u)
       redis.call('PEXPIRE', SHARED .. ':all', TTL)
     end
-    if redis.call('EXISTS', key('g', user)) == 1 then redis.call('PEXPIRE', key('g', user), TTL) end
+    if redis.call('EXISTS', key('g', u)) == 1 then redis.call('PEXPIRE', key('g', u), TTL) end
   else
-    drop(user, id)
+    drop(u, id)
     lost[#lost + 1] = id
     dropped = dropped + 1
   end
 end
 -- Slots may have been freed by expiry (of a lease, or of a whole key).
-for _, user in ipairs(order) do
-  dispatch(user)
-  if dropped > 0 then tidy(user) end
+for _, u in ipairs(order) do
+  dispatch(u)
+  if dropped > 0 then tidy(u) end
 end
 local granted = {}
 local gone = {}
-for i = 7 + 2 * nleases, #ARGV, 2 do
-  local user, id = ARGV[i], ARGV[i + 1]
-  local w = key('w', user)
+for i = 2 + 2 * nleases, #ARGV, 2 do
+  local u, id = ARGV[i], ARGV[i + 1]
+  local w = key('w', u)
   if redis.call('ZSCORE', w, id) then
     redis.call('ZADD', w, 'XX', later, id)
     redis.call('PEXPIRE', w, TTL)
-    redis.call('PEXPIRE', key('q', user), TTL)
+    redis.call('PEXPIRE', key('q', u), TTL)
     if SHARED then redis.call('PEXPIRE', SHARED .. ':ring', TTL) end
   else
-    local fence = redis.call('HGET', key('g', user), id)
-    if fence and redis.call('ZSCORE', key('h', user), id) then
+    local fence = redis.call('HGET', key('g', u), id)
+    if fence and redis.call('ZSCORE', key('h', u), id) then
       granted[#granted + 1] = id
       granted[#granted + 1] = fence
     else
@@ -350,4 +387,42 @@ for i = 7 + 2 * nleases, #ARGV, 2 do
 end
 return {lost, granted, gone}
 """
-)
+
+
+def _lua_string(text: str) -> str:
+    """
+    *text* as a Lua string literal: every byte but ASCII letters and digits
+    as a three-digit decimal escape, so no prefix can end the literal or
+    change the script.
+    """
+    return (
+        '"'
+        + "".join(
+            chr(b) if chr(b).isascii() and chr(b).isalnum() else f"\\{b:03d}" for b in text.encode()
+        )
+        + '"'
+    )
+
+
+def build(
+    *, prefix: str, per_key: int, total: int | None, ttl_ms: int, channel: str
+) -> dict[str, str]:
+    """
+    Return the texts of the scripts ``ACQUIRE``, ``RELEASE``, ``LEAVE`` and
+    ``RENEW`` of a quota with these settings (*channel* is the prefix of the
+    wake-up channels of its processes).
+    """
+    head = _SETTINGS % {
+        "prefix": _lua_string(prefix),
+        "total": -1 if total is None else total,
+        "limit": per_key,
+        "ttl": ttl_ms,
+        "channel": _lua_string(channel),
+        "shared": "nil" if total is None else _lua_string("{" + prefix + "}"),
+    }
+    return {
+        "ACQUIRE": head + _CLOCK + _ACQUIRE_SHORT + _COMMON + _ACQUIRE,
+        "RELEASE": head + _RELEASE_SHORT + _CLOCK + _COMMON + _RELEASE,
+        "LEAVE": head + _CLOCK + _COMMON + _LEAVE,
+        "RENEW": head + _CLOCK + _COMMON + _RENEW,
+    }
