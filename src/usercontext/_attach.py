@@ -113,7 +113,7 @@ def detach(token: AttachToken) -> None:
     .. versionadded:: 0.1.0
     """
     if type(token) is not AttachToken:
-        msg = (
+        msg = (  # type: ignore[unreachable]
             f"detach() takes the AttachToken that usercontext.attach() returned, "
             f"got {type(token).__name__}."
         )

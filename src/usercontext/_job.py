@@ -65,7 +65,8 @@ def child_from_job(payload: object) -> UserContext:
             f"got {type(payload).__name__}."
         )
         raise TypeError(msg)
-    for key in cast("Mapping[object, object]", payload):
+    payload = cast("Mapping[object, object]", payload)
+    for key in payload:
         if not (isinstance(key, str) and key.startswith(HEADER_PREFIX)):
             msg = (
                 f"Cannot decode a job's context: key {short_repr(key)} is not one "

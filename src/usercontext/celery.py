@@ -38,8 +38,11 @@ from .exceptions import InvalidContextError
 
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from celery.app.task import Context as Request
 
+    from ._context import UserContext
     from ._scope import Scope
 
 
@@ -55,6 +58,7 @@ _installed: weakref.WeakKeyDictionary[celery.Celery, Registry | None] = weakref.
 # What the worker keeps on a task's request between its prerun and postrun.
 _RUN = "_usercontext_run"
 _REFUSED = "_usercontext_refused"
+_UID = "usercontext.celery"
 
 
 def install(app: celery.Celery, *, registry: Registry | None = None) -> None:
@@ -84,14 +88,14 @@ def install(app: celery.Celery, *, registry: Registry | None = None) -> None:
         raise TypeError(msg)
     _installed[app] = registry
     # Weak references would let the handlers go; the uid makes connecting twice a no-op.
-    celery.signals.before_task_publish.connect(_publish, weak=False, dispatch_uid=_publish)
-    celery.signals.task_prerun.connect(_prerun, weak=False, dispatch_uid=_prerun)
-    celery.signals.task_postrun.connect(_postrun, weak=False, dispatch_uid=_postrun)
+    celery.signals.before_task_publish.connect(_publish, weak=False, dispatch_uid=_UID)
+    celery.signals.task_prerun.connect(_prerun, weak=False, dispatch_uid=_UID)
+    celery.signals.task_postrun.connect(_postrun, weak=False, dispatch_uid=_UID)
     # A signal handler's exception is logged and dropped by Celery; the
     # loader's hook runs next, outside the signal, and fails the task instead.
     loader = app.loader
     if getattr(loader.on_task_init, "__self__", None) is loader:
-        loader.on_task_init = _refusing(loader.on_task_init)  # type: ignore[method-assign]
+        loader.on_task_init = _refusing(loader.on_task_init)
 
 
 def scope() -> Scope:
@@ -104,8 +108,8 @@ def scope() -> Scope:
 
     .. versionadded:: 0.1.0
     """
-    task = celery.current_task  # a proxy: false when no task runs
-    run = getattr(task.request, _RUN, None) if task else None
+    task = _running_task()
+    run = None if task is None else getattr(task.request, _RUN, None)
     if run is None or run[1] is None:
         msg = (
             "No usercontext scope is open here: usercontext.celery.scope() works in the body "
@@ -117,15 +121,19 @@ def scope() -> Scope:
     return found
 
 
-def _publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
+def _running_task() -> Any:
+    task: Any = celery.current_task  # a proxy, false when no task runs here
+    return task or None
+
+
+def _publish(headers: dict[str, Any], **_: Any) -> None:
     """
     Put the bound context in the headers of a task being published.
     """
-    if headers is None:
-        return
-    task = celery.current_task  # a proxy: false when no task runs
-    if task and task.request.id == headers.get("id"):
-        # A retry (it keeps the task's id): carry what the first attempt got.
+    task = _running_task()
+    if task is not None and task.request.id == headers.get("id"):
+        # A retry (it keeps the task's id): carry what the first attempt got,
+        # so that every attempt is a child of the publisher's context.
         original = getattr(task.request, HEADER, None)
         if original is not None:
             headers[HEADER] = original
@@ -136,16 +144,17 @@ def _publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
     try:
         headers[HEADER] = to_job(ctx)
     except InvalidContextError as e:
-        # Celery drops a publisher's exception here: send the reason, so that
-        # the task fails with it instead of running with no context.
+        # Celery logs and drops a handler's exception here: send the reason
+        # instead, so that the task fails with it rather than run with no context.
         headers[HEADER] = str(e)
 
 
-def _prerun(task: Any = None, **_: Any) -> None:
+def _prerun(task: Any, **_: Any) -> None:
     """
     Bind the task's context (a child of the publisher's) for its run.
     """
-    if task is None or task.app not in _installed:
+    app = task.app
+    if app not in _installed:
         return
     request: Request = task.request
     payload = getattr(request, HEADER, None)
@@ -156,11 +165,11 @@ def _prerun(task: Any = None, **_: Any) -> None:
             ctx = parent.child()
         else:
             return
-    except Exception as e:
+        token = attach(ctx)
+    except Exception as e:  # raised by the loader's hook, which fails the task
         setattr(request, _REFUSED, e)
         return
-    token = attach(ctx)
-    registry = _installed[task.app]
+    registry = _installed[app]
     opened: Scope | None = None
     if registry is not None:
         opened = registry.scope(ctx)
@@ -168,19 +177,17 @@ def _prerun(task: Any = None, **_: Any) -> None:
     setattr(request, _RUN, (token, opened))
 
 
-def _decode(payload: object) -> Any:
+def _decode(payload: object) -> UserContext:
     if isinstance(payload, str):
         msg = f"The publisher of this task could not send its context: {payload}"
         raise InvalidContextError(msg, field="headers", value=payload, reason="not sent")
     return child_from_job(payload)
 
 
-def _postrun(task: Any = None, retval: object = None, **_: Any) -> None:
+def _postrun(task: Any, retval: object = None, **_: Any) -> None:
     """
     Close the task's scope and unbind its context.
     """
-    if task is None:
-        return
     request = task.request
     run: tuple[AttachToken, Scope | None] | None = getattr(request, _RUN, None)
     if run is None:
@@ -189,18 +196,23 @@ def _postrun(task: Any = None, retval: object = None, **_: Any) -> None:
     token, opened = run
     try:
         if opened is not None:
+            # A failed task's resources see its error (a session rolls back).
             error = retval if isinstance(retval, BaseException) else None
-            opened.__exit__(type(error) if error else None, error, None)
+            opened.__exit__(None if error is None else type(error), error, None)
     finally:
         detach(token)
 
 
-def _refusing(on_task_init: Any) -> Any:
-    def on_task_init_or_refuse(task_id: str, task: Any) -> Any:
-        refused = getattr(task.request, _REFUSED, None)
+def _refusing(on_task_init: Callable[[str, Any], None]) -> Any:
+    """
+    Wrap a loader's ``on_task_init`` to fail a task whose context was refused.
+    """
+
+    def on_task_init_or_refuse(task_id: str, task: Any) -> None:
+        refused: Exception | None = getattr(task.request, _REFUSED, None)
         if refused is not None:
             setattr(task.request, _REFUSED, None)
             raise refused
-        return on_task_init(task_id, task)
+        on_task_init(task_id, task)
 
     return on_task_init_or_refuse
