@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import weakref
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import celery
@@ -181,6 +182,12 @@ def _decode(payload: object) -> UserContext:
     if isinstance(payload, str):
         msg = f"The publisher of this task could not send its context: {payload}"
         raise InvalidContextError(msg, field="headers", value=payload, reason="not sent")
+    if not isinstance(payload, Mapping):
+        msg = (
+            f"The {HEADER!r} header of this task is not the dict usercontext.to_job() makes, "
+            f"but a {type(payload).__name__}: the message was altered after it was published."
+        )
+        raise InvalidContextError(msg, field="headers", value=payload, reason="not a mapping")
     return child_from_job(payload)
 
 
