@@ -26,16 +26,12 @@ from __future__ import annotations
 import weakref
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import celery
 import celery.signals
 
-from ._attach import AttachToken, attach, detach
-from ._current import current_or_none
-from ._job import child_from_job, to_job
-from ._registry import Registry
-from .exceptions import InvalidContextError
+import usercontext
 
 
 if TYPE_CHECKING:
@@ -43,8 +39,7 @@ if TYPE_CHECKING:
 
     from celery.app.task import Context as Request
 
-    from ._context import UserContext
-    from ._scope import Scope
+    from usercontext import AttachToken, Scope, UserContext
 
 
 __all__ = ["HEADER", "install", "scope"]
@@ -55,14 +50,16 @@ The name of the message header that carries the context.
 """
 
 # The registry (or None) of each app `install` was called for.
-_installed: weakref.WeakKeyDictionary[celery.Celery, Registry | None] = weakref.WeakKeyDictionary()
+_installed: weakref.WeakKeyDictionary[celery.Celery, usercontext.Registry | None] = (
+    weakref.WeakKeyDictionary()
+)
 # What the worker keeps on a task's request between its prerun and postrun.
 _RUN = "_usercontext_run"
 _REFUSED = "_usercontext_refused"
 _UID = "usercontext.celery"
 
 
-def install(app: celery.Celery, *, registry: Registry | None = None) -> None:
+def install(app: celery.Celery, *, registry: usercontext.Registry | None = None) -> None:
     """
     Carry the bound context from publishers into the tasks of *app*.
 
@@ -83,7 +80,7 @@ def install(app: celery.Celery, *, registry: Registry | None = None) -> None:
     if not isinstance(app, celery.Celery):
         msg = f"install() takes a celery.Celery application, got {type(app).__name__}."  # type: ignore[unreachable]
         raise TypeError(msg)
-    if registry is not None and not isinstance(registry, Registry):
+    if registry is not None and not isinstance(registry, usercontext.Registry):
         kind = type(registry).__name__  # type: ignore[unreachable]
         msg = f"registry must be a usercontext.Registry or None, got {kind}."
         raise TypeError(msg)
@@ -139,12 +136,12 @@ def _publish(headers: dict[str, Any], **_: Any) -> None:
         if original is not None:
             headers[HEADER] = original
             return
-    ctx = current_or_none()
+    ctx = usercontext.current_or_none()
     if ctx is None:
         return
     try:
-        headers[HEADER] = to_job(ctx)
-    except InvalidContextError as e:
+        headers[HEADER] = usercontext.to_job(ctx)
+    except usercontext.InvalidContextError as e:
         # Celery logs and drops a handler's exception here: send the reason
         # instead, so that the task fails with it rather than run with no context.
         headers[HEADER] = str(e)
@@ -162,11 +159,11 @@ def _prerun(task: Any, **_: Any) -> None:
     try:
         if payload is not None:
             ctx = _decode(payload)
-        elif request.is_eager and (parent := current_or_none()) is not None:
+        elif request.is_eager and (parent := usercontext.current_or_none()) is not None:
             ctx = parent.child()
         else:
             return
-        token = attach(ctx)
+        token = usercontext.attach(ctx)
     except Exception as e:  # raised by the loader's hook, which fails the task
         setattr(request, _REFUSED, e)
         return
@@ -181,14 +178,18 @@ def _prerun(task: Any, **_: Any) -> None:
 def _decode(payload: object) -> UserContext:
     if isinstance(payload, str):
         msg = f"The publisher of this task could not send its context: {payload}"
-        raise InvalidContextError(msg, field="headers", value=payload, reason="not sent")
+        raise usercontext.InvalidContextError(
+            msg, field="headers", value=payload, reason="not sent"
+        )
     if not isinstance(payload, Mapping):
         msg = (
             f"The {HEADER!r} header of this task is not the dict usercontext.to_job() makes, "
             f"but a {type(payload).__name__}: the message was altered after it was published."
         )
-        raise InvalidContextError(msg, field="headers", value=payload, reason="not a mapping")
-    return child_from_job(payload)
+        raise usercontext.InvalidContextError(
+            msg, field="headers", value=payload, reason="not a mapping"
+        )
+    return usercontext.child_from_job(cast("Mapping[object, object]", payload))
 
 
 def _postrun(task: Any, retval: object = None, **_: Any) -> None:
@@ -207,7 +208,7 @@ def _postrun(task: Any, retval: object = None, **_: Any) -> None:
             error = retval if isinstance(retval, BaseException) else None
             opened.__exit__(None if error is None else type(error), error, None)
     finally:
-        detach(token)
+        usercontext.detach(token)
 
 
 def _refusing(on_task_init: Callable[[str, Any], None]) -> Any:
