@@ -58,7 +58,7 @@ def attach(ctx: UserContext) -> AttachToken:
     forget to detach.
 
     Detach each token once, in the same Context (thread, task) as the attach,
-    most recent first, as `contextvars.ContextVar.reset` requires.
+    most recent first, as ``ContextVar.reset`` requires.
 
     Args:
         ctx: The context to bind.
