@@ -1,6 +1,6 @@
 """
 `usercontext.celery` with a real Celery worker process (threads pool,
-concurrency 4) on the test Redis as broker and result backend.
+concurrency 4; and prefork for the main test) on the test Redis as broker and result backend.
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ RESULT_TIMEOUT_S = 30.0
 
 
 @pytest.fixture(name="worker")
-def _worker(redis_db, tmp_path):
+def _worker(redis_db, tmp_path, request):
     """
     A worker process serving `celery_tasks` on this test's Redis database,
-    and the app to publish with; the worker's log is shown if a test fails.
+    with the pool the test asks for (threads by default), and the app to
+    publish with; the worker's log is shown if a test fails.
     """
+    pool = getattr(request, "param", "threads")
     log = tmp_path / "worker.log"
     env = {**os.environ, celery_tasks.URL_VAR: redis_db}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
@@ -46,7 +48,7 @@ def _worker(redis_db, tmp_path):
                 "-A",
                 "celery_tasks",
                 "worker",
-                "--pool=threads",
+                f"--pool={pool}",
                 "--concurrency=4",
                 "--loglevel=warning",
                 "--without-gossip",
@@ -82,6 +84,7 @@ def _ctx(user):
 
 @pytest.mark.server("redis")
 class TestWorker:
+    @pytest.mark.parametrize("worker", ["threads", "prefork"], indirect=True)
     def test_200_tasks_from_20_users(self, worker):
         """
         200 tasks published by 20 users, run 4 at a time with pauses: each
