@@ -92,8 +92,8 @@ def install(app: celery.Celery, *, registry: usercontext.Registry | None = None)
     # A signal handler's exception is logged and dropped by Celery; the
     # loader's hook runs next, outside the signal, and fails the task instead.
     loader = app.loader
-    if getattr(loader.on_task_init, "__self__", None) is loader:
-        loader.on_task_init = _refusing(loader.on_task_init)
+    if not getattr(loader.on_task_init, _REFUSED, False):
+        loader.on_task_init = _refusing(loader.on_task_init)  # type: ignore[method-assign]
 
 
 def scope() -> Scope:
@@ -223,4 +223,5 @@ def _refusing(on_task_init: Callable[[str, Any], None]) -> Any:
             raise refused
         on_task_init(task_id, task)
 
+    setattr(on_task_init_or_refuse, _REFUSED, True)  # wrapped once, however often installed
     return on_task_init_or_refuse

@@ -40,7 +40,7 @@ def _worker(redis_db, tmp_path, request):
     env = {**os.environ, celery_tasks.URL_VAR: redis_db}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
     with log.open("w") as out:
-        process = subprocess.Popen(  # our own interpreter and app
+        process = subprocess.Popen(  # noqa: S603  # our own interpreter and app
             [
                 sys.executable,
                 "-m",
