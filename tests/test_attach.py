@@ -86,6 +86,21 @@ class TestAttach:
         uc.detach(outer)
         assert uc.current_or_none() is None
 
+    def test_out_of_order_inside_a_bind(self, ctx):
+        """
+        Detaching inside a bind entered after the attach raises and changes
+        nothing; after the bind, the token detaches.
+        """
+        token = uc.attach(ctx)
+        sub = ctx.child()
+        with uc.bind(sub):
+            with pytest.raises(RuntimeError, match="most recent first"):
+                uc.detach(token)
+            assert uc.current() is sub
+        assert uc.current() is ctx
+        uc.detach(token)
+        assert uc.current_or_none() is None
+
     def test_out_of_order_after_a_bind_left_out_of_order(self, ctx):
         """
         When a bind that began before the attach has left already, nothing
