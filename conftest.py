@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 
 
 ADAPTERS = {
+    "celery": ("src/usercontext/celery.py",),
     "fastapi": ("src/usercontext/fastapi.py",),
     "redis": ("src/usercontext/redis.py", "src/usercontext/_redis"),
     "sqlalchemy": ("src/usercontext/sqlalchemy.py",),

@@ -86,6 +86,8 @@ nitpick_ignore = [
     ("py:class", "fastapi.params.Depends"),
     ("py:class", "usercontext.fastapi._current_context"),
     ("py:class", "usercontext.fastapi._current_emitter"),
+    # Celery, an optional dependency: no intersphinx.
+    ("py:class", "celery.app.base.Celery"),
 ]
 
 myst_heading_anchors = 3

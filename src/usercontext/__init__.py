@@ -6,6 +6,7 @@ Everything public is importable from here; the ``_``-modules may change.
 
 from __future__ import annotations
 
+from ._attach import AttachToken, attach, detach
 from ._context import DEFAULT_PLACEHOLDERS, IdRules, UserContext, configure
 from ._current import (
     ContextExecutor,
@@ -38,6 +39,7 @@ from ._emitter import (
 )
 from ._engine_use import EngineUse
 from ._factory import EngineFactory, FactoryStats
+from ._job import bound_from_job, child_from_job, to_job
 from ._local_quota import LocalQuota, ThreadQuota
 from ._quota import Lease, Quota, QuotaStats
 from ._registry import Registry, RegistryStats
@@ -79,6 +81,7 @@ __all__ = [
     "EVENTS_MISSED",
     "TOOL_COMPLETED",
     "TOOL_EXECUTING",
+    "AttachToken",
     "Attachment",
     "BackendUnavailableError",
     "CallbackSink",
@@ -128,11 +131,16 @@ __all__ = [
     "UnauthenticatedError",
     "UserContext",
     "UserContextError",
+    "attach",
     "bind",
+    "bound_from_job",
+    "child_from_job",
     "configure",
     "current",
     "current_or_none",
+    "detach",
     "isolated",
+    "to_job",
     "to_thread",
     "wrap",
 ]
