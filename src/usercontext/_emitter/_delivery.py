@@ -5,7 +5,9 @@ retries a failing send, and gives the sink up to the dead-letter hook.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import sys
 
 from typing import TYPE_CHECKING
 
@@ -20,8 +22,6 @@ from ._state import Signal
 
 
 if TYPE_CHECKING:
-    import asyncio
-
     from collections.abc import Callable
 
     from ._event import Event
@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 
 # Errors that mean the sink can never accept events again: retrying is useless.
 _CLOSED = (SinkClosedError, anyio.ClosedResourceError, anyio.BrokenResourceError)
+
+# On asyncio from Python 3.11, a send is bounded by a watchdog timer per sink
+# instead of a cancel scope per send (an anyio `fail_after` costs more than
+# delivering a small batch): Task.uncancel() lets the delivery task take back
+# the cancellation its watchdog sent. On trio and Python 3.10, `fail_after`.
+_WATCHDOG = sys.version_info >= (3, 11)
 
 
 class Delivery:
@@ -55,15 +61,26 @@ class Delivery:
         self.max_batch = max_batch
         self.on_dead_letter = on_dead_letter
         # The running loop on asyncio, where an idle task waits on a plain
-        # future; None on trio.
+        # future; None on trio. Set by `start`.
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Whether sends are bounded by a watchdog rather than by fail_after.
+        self.watch = False
         self._all_ended: anyio.Event | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """
+        Deliver on *loop*, the running asyncio loop, or on trio if `None`.
+        """
+        self.loop = loop
+        self.watch = loop is not None and _WATCHDOG and self.retry.timeout is not None
 
     async def run(self, a: _Attached) -> None:
         """
         Deliver to the sink of *a* until it is detached, given up, or drained.
         """
         error: BaseException | None = None
+        if self.watch:
+            a.task = asyncio.current_task()
         try:
             with a.scope:
                 await self._deliver(a)
@@ -131,8 +148,11 @@ class Delivery:
         while True:
             if a.reason == "detached":
                 return False
+            error: Exception
             try:
-                if retry.timeout is None:
+                if self.watch:
+                    await self._watched_send(a, batch)
+                elif retry.timeout is None:
                     await a.sink.send(batch)
                 else:
                     with anyio.fail_after(retry.timeout):
@@ -143,17 +163,71 @@ class Delivery:
                 await self._dead_letter(a, "sink_closed", e)
                 return False
             except Exception as e:  # any failure of a sink is retried
-                a.send_errors += 1
-                counters.send_errors += 1
-                if attempt >= retry.attempts:
-                    await self._dead_letter(a, "failed", e)
-                    return False
-                counters.retried += 1
-                logger.debug("usercontext: retrying a send to %r after %s", a.sink, describe(e))
-                await anyio.sleep(retry.delay(attempt))
-                attempt += 1
+                error = e
+            except asyncio.CancelledError:
+                if not self._cut(a):
+                    raise
+                error = TimeoutError(f"the send took longer than {retry.timeout:g} s")
             else:
                 return True
+            a.send_errors += 1
+            counters.send_errors += 1
+            if attempt >= retry.attempts:
+                await self._dead_letter(a, "failed", error)
+                return False
+            counters.retried += 1
+            logger.debug("usercontext: retrying a send to %r after %s", a.sink, describe(error))
+            await anyio.sleep(retry.delay(attempt))
+            attempt += 1
+
+    async def _watched_send(self, a: _Attached, batch: tuple[Event, ...]) -> None:
+        """
+        Send *batch*, under the sink's watchdog: one timer per sink, armed by
+        the first send and re-armed only when it fires, so that a send costs
+        a clock read.
+        """
+        loop = self.loop
+        assert loop is not None  # noqa: S101  # watched on asyncio only
+        a.sending = now = loop.time()
+        if a.timer is None:
+            a.timer = loop.call_at(now + self.retry.timeout, self._watch, a)  # type: ignore[operator]
+        try:
+            await a.sink.send(batch)
+        finally:
+            a.sending = None
+        if a.timed_out:
+            # The sink swallowed the watchdog's cancellation and finished:
+            # delivered, and the task's count of cancellations is set right.
+            self._cut(a)
+
+    def _watch(self, a: _Attached) -> None:
+        """
+        The watchdog of *a*: cancel a send that has run past the timeout, or
+        wait for the deadline of the send in progress.
+        """
+        a.timer = None
+        started = a.sending
+        if started is None:
+            return  # idle: the next send arms it again
+        loop, task = self.loop, a.task
+        assert loop is not None and task is not None  # noqa: S101  # watched on asyncio only
+        due = started + self.retry.timeout  # type: ignore[operator]
+        if loop.time() < due:
+            a.timer = loop.call_at(due, self._watch, a)
+            return
+        a.timed_out = True
+        task.cancel()
+
+    @staticmethod
+    def _cut(a: _Attached) -> bool:
+        """
+        Take back the watchdog's cancellation of *a*'s task, if it sent one;
+        return whether no other cancellation is pending.
+        """
+        if not a.timed_out:
+            return False
+        a.timed_out = False
+        return a.task.uncancel() == 0  # type: ignore[union-attr]
 
     def _take_undelivered(self, a: _Attached) -> list[Event]:
         """
@@ -214,6 +288,9 @@ class Delivery:
         *error* if it failed.
         """
         counters = self.counters
+        if a.timer is not None:
+            a.timer.cancel()
+            a.timer = None
         if a.reason == "detached":
             counters.drop(a, "detached", len(self._take_undelivered(a)))
         elif a.batch or a.queue:

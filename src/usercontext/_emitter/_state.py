@@ -18,6 +18,8 @@ from ._event import EVENTS_MISSED, _encode, _ids_json, _time, new_event
 
 
 if TYPE_CHECKING:
+    import asyncio
+
     from collections.abc import Callable
     from types import TracebackType
 
@@ -175,8 +177,12 @@ class _Attached:
         "reason",
         "scope",
         "send_errors",
+        "sending",
         "sink",
         "stream",
+        "task",
+        "timed_out",
+        "timer",
         "unlinked",
         "waiter",
     )
@@ -198,6 +204,10 @@ class _Attached:
     peak: int
     done: anyio.Event | None
     attachment: Attachment
+    task: asyncio.Task[Any] | None
+    sending: float | None
+    timer: asyncio.TimerHandle | None
+    timed_out: bool
 
     def __init__(self, stream: _Stream, sink: Sink) -> None:
         self.stream = stream
@@ -214,6 +224,12 @@ class _Attached:
         self.reason = None
         self.delivered = self.dropped = self.send_errors = self.peak = 0
         self.done = None
+        # The send watchdog (asyncio 3.11+): the delivery task, when the send
+        # in progress started (loop time), the timer, and whether it fired.
+        self.task = None
+        self.sending = None
+        self.timer = None
+        self.timed_out = False
 
     def wake(self) -> None:
         w = self.waiter
