@@ -6,6 +6,7 @@ retries a failing send, and gives the sink up to the dead-letter hook.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import sys
 
@@ -18,11 +19,13 @@ from usercontext.exceptions import SinkClosedError
 
 from ._event import EVENTS_MISSED
 from ._policies import DeadLetter
+from ._sinks import CallbackSink
 from ._state import Signal
 
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections import deque
+    from collections.abc import Awaitable, Callable
 
     from ._event import Event
     from ._policies import Retry
@@ -66,12 +69,18 @@ class Delivery:
         # Whether sends are bounded by a watchdog rather than by fail_after.
         self.watch = False
         self._all_ended: anyio.Event | None = None
+        # Direct sinks kicked since the last flush, and whether one is due;
+        # the flush runs in the hub's context, set by `start`.
+        self._dirty: list[_Attached] = []
+        self._flushing = False
+        self.context: contextvars.Context | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
         """
         Deliver on *loop*, the running asyncio loop, or on trio if `None`.
         """
         self.loop = loop
+        self.context = contextvars.copy_context()
         self.watch = loop is not None and _WATCHDOG and self.retry.timeout is not None
 
     async def run(self, a: _Attached) -> None:
@@ -81,6 +90,7 @@ class Delivery:
         error: BaseException | None = None
         if self.watch:
             a.task = asyncio.current_task()
+        self.direct(a)
         try:
             with a.scope:
                 await self._deliver(a)
@@ -99,49 +109,124 @@ class Delivery:
         for a in list(self.streams.attached.values()):
             a.draining = True
             a.scope.deadline = deadline
-            a.wake()
+            _wake_task(a)
         await self._all_ended.wait()
 
     async def _deliver(self, a: _Attached) -> None:
         q = a.queue
         max_batch = self.max_batch
-        counters = self.counters
         while True:
-            if not q:
+            first = a.handover
+            if first is not None:
+                # The loop turn's flush could not finish this batch itself.
+                a.handover = None
+                batch = a.batch
+            elif not q:
                 if a.draining:
                     return
                 await self._sleep(a)
                 continue
-            if len(q) <= max_batch:
-                batch = tuple(q)
-                q.clear()
             else:
-                batch = tuple([q.popleft() for _ in range(max_batch)])
-            a.batch = batch
-            a.inflight = n = len(batch)
-            if not await self._send(a, batch):
+                batch = _take(a, q, max_batch)
+            if not await self._send(a, batch, first):
                 return
-            depth = len(q) + n
-            a.peak = max(a.peak, depth)
-            a.inflight = 0
-            a.batch = ()
-            if batch[0].type is EVENTS_MISSED:
-                n -= 1  # a notice, not an event of the stream
-            a.delivered += n
-            counters.delivered += n
-            s = a.stream
-            if s.waiters:
-                s.waiters[0].wake()
+            self._sent(a, batch)
+
+    def _sent(self, a: _Attached, batch: tuple[Event, ...]) -> None:
+        """
+        Account for *batch*, delivered to *a*, and let a waiting producer in.
+        """
+        n = len(batch)
+        depth = len(a.queue) + n
+        if depth > a.peak:
+            a.peak = depth
+        a.inflight = 0
+        a.batch = ()
+        if batch[0].type is EVENTS_MISSED:
+            n -= 1  # a notice, not an event of the stream
+        a.delivered += n
+        self.counters.delivered += n
+        s = a.stream
+        if s.waiters:
+            s.waiters[0].wake()
 
     async def _sleep(self, a: _Attached) -> None:
         loop = self.loop
-        waiter = a.waiter = Signal() if loop is None else loop.create_future()
+        future = a.future = Signal() if loop is None else loop.create_future()
+        # A direct sink is delivered to by the loop turn's flush while this
+        # sleeps: an emit kicks the flush, not this task.
+        a.waiter = future if a.kick is None else a.kick
         try:
-            await waiter
+            await future
         finally:
-            a.waiter = None
+            a.waiter = a.future = None
 
-    async def _send(self, a: _Attached, batch: tuple[Event, ...]) -> bool:
+    # -- sinks that cannot block, flushed once per loop turn
+
+    def direct(self, a: _Attached) -> None:
+        """
+        Deliver to *a* by the loop turn's flush if its sink cannot block: a
+        `CallbackSink` of a plain function, on asyncio. Its task then only
+        retries, drains and ends.
+        """
+        sink = a.sink
+        if (
+            self.loop is not None
+            and type(sink).send is CallbackSink.send
+            and not inspect.iscoroutinefunction(sink.callback)  # type: ignore[attr-defined]
+        ):
+            a.kick = _Kick(self, a)
+
+    def kick(self, a: _Attached) -> None:
+        """
+        Have the flush of this loop turn deliver what *a* holds.
+        """
+        self._dirty.append(a)
+        if not self._flushing:
+            self._flushing = True
+            loop = self.loop
+            assert loop is not None  # noqa: S101  # direct sinks are on asyncio only
+            loop.call_soon(self._flush, context=self.context)
+
+    def _flush(self) -> None:
+        """
+        Deliver to every direct sink kicked since the last flush, in the
+        order they were kicked: the sink's callback is called here, with the
+        same batches its task would send.
+        """
+        self._flushing = False
+        dirty, self._dirty = self._dirty, []
+        max_batch = self.max_batch
+        for a in dirty:
+            future = a.future
+            if future is None or future.done() or a.unlinked or a.draining:
+                continue  # its task is awake: it delivers
+            q = a.queue
+            callback = a.sink.callback  # type: ignore[attr-defined]
+            while q:
+                batch = _take(a, q, max_batch)
+                try:
+                    result = callback(batch)
+                except Exception as e:  # retried by its task, which backs off  # noqa: BLE001
+                    a.handover = e
+                else:
+                    if not inspect.isawaitable(result):
+                        self._sent(a, batch)
+                        continue
+                    a.handover = result  # awaited by its task, under the timeout
+                future.set_result(None)
+                break
+            else:
+                a.waiter = a.kick
+
+    async def _send(
+        self, a: _Attached, batch: tuple[Event, ...], first: Awaitable[object] | Exception | None
+    ) -> bool:
+        """
+        Send *batch* to *a*, retried; return whether it was delivered. The
+        first try is *first* when the flush made it: its error, or what the
+        callback returned to await.
+        """
         retry = self.retry
         counters = self.counters
         attempt = 1
@@ -150,13 +235,17 @@ class Delivery:
                 return False
             error: Exception
             try:
+                if isinstance(first, Exception):
+                    raise first
+                sent = a.sink.send(batch) if first is None else first
+                first = None
                 if self.watch:
-                    await self._watched_send(a, batch)
+                    await self._watched_send(a, sent)
                 elif retry.timeout is None:
-                    await a.sink.send(batch)
+                    await sent
                 else:
                     with anyio.fail_after(retry.timeout):
-                        await a.sink.send(batch)
+                        await sent
             except _CLOSED as e:
                 a.send_errors += 1
                 counters.send_errors += 1
@@ -180,7 +269,7 @@ class Delivery:
             await anyio.sleep(retry.delay(attempt))
             attempt += 1
 
-    async def _watched_send(self, a: _Attached, batch: tuple[Event, ...]) -> None:
+    async def _watched_send(self, a: _Attached, sent: Awaitable[object]) -> None:
         """
         Send *batch*, under the sink's watchdog: one timer per sink, armed by
         the first send and re-armed only when it fires, so that a send costs
@@ -192,7 +281,7 @@ class Delivery:
         if a.timer is None:
             a.timer = loop.call_at(now + self.retry.timeout, self._watch, a)  # type: ignore[operator]
         try:
-            await a.sink.send(batch)
+            await sent
         finally:
             a.sending = None
         if a.timed_out:
@@ -306,3 +395,46 @@ class Delivery:
             a.done.set()
         if self._all_ended is not None and not self.streams.attached:
             self._all_ended.set()
+
+
+def _take(a: _Attached, q: deque[Event], max_batch: int) -> tuple[Event, ...]:
+    """
+    Take the next batch of *a* from its queue *q*, as in flight.
+    """
+    if len(q) <= max_batch:
+        batch = tuple(q)
+        q.clear()
+    else:
+        batch = tuple([q.popleft() for _ in range(max_batch)])
+    a.batch = batch
+    a.inflight = len(batch)
+    return batch
+
+
+def _wake_task(a: _Attached) -> None:
+    """
+    Wake the delivery task of *a* if it sleeps, a direct sink's included.
+    """
+    a.waiter = None
+    future = a.future
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+class _Kick:
+    """
+    The waiter an emit wakes for a direct sink, shaped like a future: it
+    kicks the loop turn's flush instead of a task.
+    """
+
+    __slots__ = ("_a", "_delivery")
+
+    def __init__(self, delivery: Delivery, a: _Attached) -> None:
+        self._delivery = delivery
+        self._a = a
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, _: None) -> None:
+        self._delivery.kick(self._a)

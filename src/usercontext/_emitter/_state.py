@@ -171,7 +171,10 @@ class _Attached:
         "draining",
         "dropped",
         "ended",
+        "future",
+        "handover",
         "inflight",
+        "kick",
         "peak",
         "queue",
         "reason",
@@ -205,6 +208,9 @@ class _Attached:
     done: anyio.Event | None
     attachment: Attachment
     task: asyncio.Task[Any] | None
+    future: Any
+    kick: Any
+    handover: Any
     sending: float | None
     timer: asyncio.TimerHandle | None
     timed_out: bool
@@ -227,6 +233,12 @@ class _Attached:
         # The send watchdog (asyncio 3.11+): the delivery task, when the send
         # in progress started (loop time), the timer, and whether it fired.
         self.task = None
+        # The delivery task's own waiter while it sleeps; for a direct sink
+        # (flushed once per loop turn), the kick an emit wakes instead, and
+        # the first try of a batch the flush handed over to the task.
+        self.future = None
+        self.kick = None
+        self.handover = None
         self.sending = None
         self.timer = None
         self.timed_out = False
