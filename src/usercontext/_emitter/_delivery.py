@@ -25,7 +25,7 @@ from ._state import Signal
 
 if TYPE_CHECKING:
     from collections import deque
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
     from ._event import Event
     from ._policies import Retry
@@ -138,8 +138,7 @@ class Delivery:
         """
         n = len(batch)
         depth = len(a.queue) + n
-        if depth > a.peak:
-            a.peak = depth
+        a.peak = max(a.peak, depth)
         a.inflight = 0
         a.batch = ()
         if batch[0].type is EVENTS_MISSED:
@@ -172,10 +171,11 @@ class Delivery:
         sink = a.sink
         if (
             self.loop is not None
+            and isinstance(sink, CallbackSink)
             and type(sink).send is CallbackSink.send
-            and not inspect.iscoroutinefunction(sink.callback)  # type: ignore[attr-defined]
+            and not inspect.iscoroutinefunction(sink.callback)
         ):
-            a.kick = _Kick(self, a)
+            a.kick = _Kick(self, a, sink.callback)
 
     def kick(self, a: _Attached) -> None:
         """
@@ -202,12 +202,13 @@ class Delivery:
             if future is None or future.done() or a.unlinked or a.draining:
                 continue  # its task is awake: it delivers
             q = a.queue
-            callback = a.sink.callback  # type: ignore[attr-defined]
+            kick: _Kick = a.kick
+            callback = kick.callback
             while q:
                 batch = _take(a, q, max_batch)
                 try:
                     result = callback(batch)
-                except Exception as e:  # retried by its task, which backs off  # noqa: BLE001
+                except Exception as e:  # retried by its task, which backs off
                     a.handover = e
                 else:
                     if not inspect.isawaitable(result):
@@ -219,7 +220,7 @@ class Delivery:
             else:
                 a.waiter = a.kick
 
-    async def _send(
+    async def _send(  # noqa: C901  # every outcome of a try, in one loop
         self, a: _Attached, batch: tuple[Event, ...], first: Awaitable[object] | Exception | None
     ) -> bool:
         """
@@ -235,10 +236,9 @@ class Delivery:
                 return False
             error: Exception
             try:
-                if isinstance(first, Exception):
-                    raise first
-                sent = a.sink.send(batch) if first is None else first
-                first = None
+                sent, first = (a.sink.send(batch) if first is None else first), None
+                if isinstance(sent, Exception):
+                    raise sent  # noqa: TRY301  # the flush's failed try, handled as any
                 if self.watch:
                     await self._watched_send(a, sent)
                 elif retry.timeout is None:
@@ -299,8 +299,11 @@ class Delivery:
         if started is None:
             return  # idle: the next send arms it again
         loop, task = self.loop, a.task
-        assert loop is not None and task is not None  # noqa: S101  # watched on asyncio only
-        due = started + self.retry.timeout  # type: ignore[operator]
+        assert loop is not None  # noqa: S101  # watched on asyncio only
+        assert task is not None  # noqa: S101  # set by run() when watched
+        timeout = self.retry.timeout
+        assert timeout is not None  # noqa: S101  # watched only with a timeout
+        due = started + timeout
         if loop.time() < due:
             a.timer = loop.call_at(due, self._watch, a)
             return
@@ -427,11 +430,14 @@ class _Kick:
     kicks the loop turn's flush instead of a task.
     """
 
-    __slots__ = ("_a", "_delivery")
+    __slots__ = ("_a", "_delivery", "callback")
 
-    def __init__(self, delivery: Delivery, a: _Attached) -> None:
+    def __init__(
+        self, delivery: Delivery, a: _Attached, callback: Callable[[Sequence[Event]], object]
+    ) -> None:
         self._delivery = delivery
         self._a = a
+        self.callback = callback
 
     def done(self) -> bool:
         return False

@@ -26,9 +26,9 @@ from ._event import (
     _check_type,
     _Draft,
     _freeze,
-    _ids_json,
     _new_draft,
     _time,
+    freeze_lazy,
     new_event,
     size_error,
 )
@@ -61,7 +61,7 @@ class Emitter:
     .. versionadded:: 0.1.0
     """
 
-    __slots__ = ("_counters", "_ctx", "_hub", "_ids", "_stream", "user_id")
+    __slots__ = ("_counters", "_ctx", "_hub", "_stream", "user_id")
 
     user_id: str
 
@@ -72,7 +72,6 @@ class Emitter:
         # The hub's counters, one lookup away on the hot path.
         self._counters = hub._counters
         self.user_id = ctx.user_id
-        self._ids = _ids_json(ctx.user_id, ctx.thread_id, ctx.run_id, ctx.request_id)
 
     @property
     def ctx(self) -> UserContext:
@@ -164,6 +163,7 @@ class Emitter:
         hub = self._hub
         # Validate first: a bad event is refused as such, whatever the buffers hold.
         frozen: object
+        data_json: str | None
         if me is None:
             if kind.__class__ is not str or kind not in _TYPES:
                 kind = _check_type(kind)
@@ -171,9 +171,7 @@ class Emitter:
                 frozen = _EMPTY
                 data_json = "{}"
             else:
-                frozen, data_json = _freeze(data)
-                if len(data_json) > hub._max_event_size:
-                    raise size_error(len(data_json), hub._max_event_size)
+                frozen, data_json = freeze_lazy(data, hub._max_event_size)
         else:
             kind, frozen, data_json = me.kind, me.frozen, me.data_json
         maxsize = hub._maxsize
@@ -198,7 +196,7 @@ class Emitter:
         ev.run_id = ctx.run_id
         ev.request_id = ctx.request_id
         ev._data_json = data_json
-        ev._ids_json = self._ids
+        ev._ids_json = None
         ev._json = None
         ev.__class__ = Event
         event: Event = ev
@@ -215,7 +213,7 @@ class Emitter:
         return event
 
     def _emit_full(
-        self, s: _Stream, kind: str, frozen: object, data_json: str, me: _Waiter | None
+        self, s: _Stream, kind: str, frozen: object, data_json: str | None, me: _Waiter | None
     ) -> Event | None:
         """
         Emit when a buffer is full or producers wait ahead, as the hub's
@@ -270,12 +268,12 @@ class Emitter:
         kind = _check_type(kind)
         if data is None:
             frozen: object = _EMPTY
-            data_json = "{}"
+            data_json: str | None = "{}"
         else:
-            frozen, data_json = _freeze(data)
+            frozen, data_json = freeze_lazy(data, self._hub._max_event_size)
         return _Waiter(kind, frozen, data_json)
 
-    def _build(self, s: _Stream, kind: str, frozen: object, data_json: str) -> Event:
+    def _build(self, s: _Stream, kind: str, frozen: object, data_json: str | None) -> Event:
         """
         Make the next event of *s* from a validated type and data.
         """
@@ -293,7 +291,7 @@ class Emitter:
             ctx.run_id,
             ctx.request_id,
             data_json,
-            self._ids,
+            None,
         )
 
     def _revive(self) -> _Stream:
@@ -379,5 +377,5 @@ class BusEmitter(Emitter):
             ctx.run_id,
             ctx.request_id,
             data_json,
-            self._ids,
+            None,
         )

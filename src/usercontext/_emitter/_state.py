@@ -59,7 +59,7 @@ class _Waiter:
 
     __slots__ = ("data_json", "event", "frozen", "kind")
 
-    def __init__(self, kind: str, frozen: object, data_json: str) -> None:
+    def __init__(self, kind: str, frozen: object, data_json: str | None) -> None:
         self.event = anyio.Event()
         self.kind = kind
         self.frozen = frozen
