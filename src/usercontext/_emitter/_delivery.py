@@ -177,17 +177,6 @@ class Delivery:
         ):
             a.kick = _Kick(self, a, sink.callback)
 
-    def kick(self, a: _Attached) -> None:
-        """
-        Have the flush of this loop turn deliver what *a* holds.
-        """
-        self._dirty.append(a)
-        if not self._flushing:
-            self._flushing = True
-            loop = self.loop
-            assert loop is not None  # noqa: S101  # direct sinks are on asyncio only
-            loop.call_soon(self._flush, context=self.context)
-
     def _flush(self) -> None:
         """
         Deliver to every direct sink kicked since the last flush, in the
@@ -432,6 +421,10 @@ class _Kick:
 
     __slots__ = ("_a", "_delivery", "callback")
 
+    # Never done: `bool()` is False, called in C (a type is not bound as a
+    # method), on the path of every event.
+    done = bool
+
     def __init__(
         self, delivery: Delivery, a: _Attached, callback: Callable[[Sequence[Event]], object]
     ) -> None:
@@ -439,8 +432,9 @@ class _Kick:
         self._a = a
         self.callback = callback
 
-    def done(self) -> bool:
-        return False
-
     def set_result(self, _: None) -> None:
-        self._delivery.kick(self._a)
+        d = self._delivery
+        d._dirty.append(self._a)  # Delivery.kick, written out
+        if not d._flushing:
+            d._flushing = True
+            d.loop.call_soon(d._flush, context=d.context)  # type: ignore[union-attr]

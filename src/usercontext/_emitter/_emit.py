@@ -203,8 +203,11 @@ class Emitter:
         if sinks:
             for a in sinks:
                 a.queue.append(event)
-                if a.waiter is not None:
-                    a.wake()
+                w = a.waiter
+                if w is not None:  # _Attached.wake, written out
+                    a.waiter = None
+                    if not w.done():
+                        w.set_result(None)
         else:
             self._counters.unrouted += 1
         if s.history is not None:
