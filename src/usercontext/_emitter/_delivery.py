@@ -6,6 +6,7 @@ retries a failing send, and gives the sink up to the dead-letter hook.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import inspect
 import sys
@@ -24,7 +25,6 @@ from ._state import Signal
 
 
 if TYPE_CHECKING:
-    from collections import deque
     from collections.abc import Awaitable, Callable, Sequence
 
     from ._event import Event
@@ -74,13 +74,24 @@ class Delivery:
         self._dirty: list[_Attached] = []
         self._flushing = False
         self.context: contextvars.Context | None = None
+        # The flush's handle, made once, and the loop's queue of ready
+        # handles to put it on; None where the loop keeps no such deque
+        # (uvloop): then each flush is scheduled by call_soon.
+        self._handle: asyncio.Handle | None = None
+        self._ready: collections.deque[asyncio.Handle] | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
         """
         Deliver on *loop*, the running asyncio loop, or on trio if `None`.
         """
         self.loop = loop
-        self.context = contextvars.copy_context()
+        self.context = context = contextvars.copy_context()
+        if loop is not None:
+            self._handle = asyncio.Handle(self._flush, (), loop, context)
+            # asyncio's own loops run what this deque holds, in order, on
+            # their next turn: what call_soon does, without a handle per turn.
+            ready = getattr(loop, "_ready", None)
+            self._ready = ready if ready.__class__ is collections.deque else None
         self.watch = loop is not None and _WATCHDOG and self.retry.timeout is not None
 
     async def run(self, a: _Attached) -> None:
@@ -186,6 +197,7 @@ class Delivery:
         self._flushing = False
         dirty, self._dirty = self._dirty, []
         max_batch = self.max_batch
+        counters = self.counters
         for a in dirty:
             future = a.future
             if future is None or future.done() or a.unlinked or a.draining:
@@ -194,20 +206,38 @@ class Delivery:
             kick: _Kick = a.kick
             callback = kick.callback
             while q:
-                batch = _take(a, q, max_batch)
+                if len(q) <= max_batch:  # _take, written out
+                    batch = tuple(q)
+                    q.clear()
+                else:
+                    batch = tuple([q.popleft() for _ in range(max_batch)])
+                a.batch = batch
+                a.inflight = len(batch)
                 try:
                     result = callback(batch)
                 except Exception as e:  # retried by its task, which backs off
                     a.handover = e
                 else:
-                    if not inspect.isawaitable(result):
-                        self._sent(a, batch)
+                    if result is None or not inspect.isawaitable(result):
+                        # _sent, written out: this runs for every event.
+                        n = len(batch)
+                        depth = len(q) + n
+                        a.peak = max(a.peak, depth)
+                        a.inflight = 0
+                        a.batch = ()
+                        if batch[0].type is EVENTS_MISSED:
+                            n -= 1  # a notice, not an event of the stream
+                        a.delivered += n
+                        counters.delivered += n
+                        s = a.stream
+                        if s.waiters:
+                            s.waiters[0].wake()
                         continue
                     a.handover = result  # awaited by its task, under the timeout
                 future.set_result(None)
                 break
             else:
-                a.waiter = a.kick
+                a.waiter = kick
 
     async def _send(  # noqa: C901  # every outcome of a try, in one loop
         self, a: _Attached, batch: tuple[Event, ...], first: Awaitable[object] | Exception | None
@@ -389,7 +419,7 @@ class Delivery:
             self._all_ended.set()
 
 
-def _take(a: _Attached, q: deque[Event], max_batch: int) -> tuple[Event, ...]:
+def _take(a: _Attached, q: collections.deque[Event], max_batch: int) -> tuple[Event, ...]:
     """
     Take the next batch of *a* from its queue *q*, as in flight.
     """
@@ -434,7 +464,10 @@ class _Kick:
 
     def set_result(self, _: None) -> None:
         d = self._delivery
-        d._dirty.append(self._a)  # Delivery.kick, written out
+        d._dirty.append(self._a)
         if not d._flushing:
             d._flushing = True
-            d.loop.call_soon(d._flush, context=d.context)  # type: ignore[union-attr]
+            if d._ready is not None:
+                d._ready.append(d._handle)  # type: ignore[arg-type]  # made with the loop
+            else:
+                d.loop.call_soon(d._flush, context=d.context)  # type: ignore[union-attr]

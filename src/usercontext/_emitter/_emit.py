@@ -136,14 +136,14 @@ class Emitter:
             TypeError: See `emit_nowait`.
             ValueError: See `emit_nowait`, or if *timeout* is negative.
         """
-        if timeout is _UNSET:
-            timeout = self._hub._timeout
-        else:
+        if timeout is not _UNSET:
             _checks.seconds("timeout", timeout, allow_none=True, zero_ok=True)
         ev = self._emit(type, data, None)
         if ev is not None:
             return ev
-        return await self._wait_and_emit(type, data, timeout)
+        return await self._wait_and_emit(
+            type, data, self._hub._timeout if timeout is _UNSET else timeout
+        )
 
     def _emit(  # noqa: C901, PLR0912, PLR0915  # the hot path, written out
         self, kind: str, data: object, me: _Waiter | None
