@@ -270,3 +270,35 @@ class TestDirectSinks:
 
         assert [e.seq for e in seen] == [1, 2, 3]
         assert hub.stats().delivered == 3
+
+
+def test_direct_sinks_on_a_loop_without_a_ready_queue(ctx):
+    """
+    On uvloop, which keeps no deque of ready handles, each flush is
+    scheduled by call_soon: the same batches, in order, and a sink that
+    fails still gets its retry.
+    """
+    uvloop = pytest.importorskip("uvloop")
+    batches = []
+
+    def record(events):
+        batches.append([e.seq for e in events])
+        if len(batches) == 2:
+            raise OSError("connection reset")
+
+    async def main():
+        async with uc.EmitterHub(retry=uc.Retry(backoff=0)) as hub:
+            assert hub._delivery._ready is None
+            hub.attach("u-42", uc.CallbackSink(record))
+            await asyncio.sleep(0.01)
+            emitter = hub.emitter(ctx)
+            for turn in range(3):
+                for _ in range(turn + 1):
+                    emitter.emit_nowait(TYPE)
+                await asyncio.sleep(0.01)
+            return hub.stats()
+
+    stats = uvloop.run(main())
+
+    assert batches == [[1], [2, 3], [2, 3], [4, 5, 6]]
+    assert (stats.delivered, stats.retried) == (6, 1)
