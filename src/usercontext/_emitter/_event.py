@@ -316,8 +316,9 @@ class Event:
 
     Emitters create events; you read them in sinks. *data* is copied into
     read-only form (dicts become read-only mappings, lists become tuples) and
-    encoded to JSON once, at creation: a value that JSON cannot carry (bytes,
-    a set, NaN, a non-str key) is refused there, with an error that names it.
+    checked at creation: a value that JSON cannot carry (bytes, a set, NaN, a
+    non-str key) is refused there, with an error that names it. The JSON
+    (`json`) is encoded once; for an emitted event, when first read.
 
     Args:
         type: What happened, 1 to 64 printable characters, such as
