@@ -75,6 +75,7 @@ class TestWatchdog:
         with anyio.fail_after(4):
             async with uc.EmitterHub(retry=retry) as hub:
                 hub.attach("u-42", uc.CallbackSink(send))
+                await anyio.sleep(0.01)  # its task sleeps
                 emitter = hub.emitter(ctx)
                 emitter.emit_nowait(TYPE)
                 await until(lambda: hub.stats().delivered == 1)
@@ -302,3 +303,44 @@ def test_direct_sinks_on_a_loop_without_a_ready_queue(ctx):
 
     assert batches == [[1], [2, 3], [2, 3], [4, 5, 6]]
     assert (stats.delivered, stats.retried) == (6, 1)
+
+
+class TestDirectSinksUnderLoad:
+    async def test_a_flush_sends_batches_of_max_batch(self, ctx):
+        """
+        What a turn emitted reaches a direct sink in batches of at most
+        *max_batch* events, in order.
+        """
+        batches = []
+        async with uc.EmitterHub(maxsize=10, max_batch=2) as hub:
+            hub.attach(
+                "u-42", uc.CallbackSink(lambda events: batches.append([e.seq for e in events]))
+            )
+            await anyio.sleep(0.01)
+            emitter = hub.emitter(ctx)
+            for _ in range(5):
+                emitter.emit_nowait(TYPE)
+            await until(lambda: hub.stats().delivered == 5)
+            stats = hub.stats()
+
+        assert batches == [[1, 2], [3, 4], [5]]
+        assert stats.peak_pending == 5
+
+    async def test_a_blocked_producer_is_let_in_by_the_flush(self, ctx):
+        """
+        Under "block", a producer waiting for room in a direct sink's buffer
+        gets it once the flush delivered: every event arrives, in order.
+        """
+        seen = []
+        async with uc.EmitterHub(maxsize=2, overflow="block", timeout=5) as hub:
+            hub.attach("u-42", uc.CallbackSink(lambda events: seen.extend(e.seq for e in events)))
+            await anyio.sleep(0.01)
+            emitter = hub.emitter(ctx)
+            with anyio.fail_after(5):
+                for _ in range(7):
+                    await emitter.emit(TYPE)
+            await until(lambda: len(seen) == 7)
+            stats = hub.stats()
+
+        assert seen == list(range(1, 8))
+        assert (stats.delivered, stats.timed_out, stats.dropped) == (7, 0, {})

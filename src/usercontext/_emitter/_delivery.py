@@ -147,6 +147,10 @@ class Delivery:
         """
         Account for *batch*, delivered to *a*, and let a waiting producer in.
         """
+        if a.timed_out:
+            # The sink swallowed the watchdog's cancellation and finished:
+            # delivered; the task's count of cancellations is set right.
+            self._cut(a)
         n = len(batch)
         depth = len(a.queue) + n
         a.peak = max(a.peak, depth)
@@ -220,13 +224,11 @@ class Delivery:
                 else:
                     if result is None or not inspect.isawaitable(result):
                         # _sent, written out: this runs for every event.
-                        n = len(batch)
-                        depth = len(q) + n
-                        a.peak = max(a.peak, depth)
+                        a.peak = max(a.peak, len(q) + len(batch))
                         a.inflight = 0
                         a.batch = ()
-                        if batch[0].type is EVENTS_MISSED:
-                            n -= 1  # a notice, not an event of the stream
+                        # A notice is not an event of the stream.
+                        n = len(batch) - (batch[0].type is EVENTS_MISSED)
                         a.delivered += n
                         counters.delivered += n
                         s = a.stream
@@ -303,10 +305,6 @@ class Delivery:
             await sent
         finally:
             a.sending = None
-        if a.timed_out:
-            # The sink swallowed the watchdog's cancellation and finished:
-            # delivered, and the task's count of cancellations is set right.
-            self._cut(a)
 
     def _watch(self, a: _Attached) -> None:
         """

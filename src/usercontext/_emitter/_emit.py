@@ -204,10 +204,11 @@ class Emitter:
             for a in sinks:
                 a.queue.append(event)
                 w = a.waiter
-                if w is not None:  # _Attached.wake, written out
+                # _Attached.wake, written out. A task's future is done only if
+                # the task was cancelled: its own cleanup then clears it.
+                if w is not None and not w.done():
                     a.waiter = None
-                    if not w.done():
-                        w.set_result(None)
+                    w.set_result(None)
         else:
             self._counters.unrouted += 1
         if s.history is not None:
