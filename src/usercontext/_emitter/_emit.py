@@ -37,6 +37,8 @@ from ._state import _Waiter
 
 
 if TYPE_CHECKING:
+    import asyncio
+
     from usercontext._context import UserContext
 
     from ._hub import EmitterHub
@@ -248,13 +250,14 @@ class Emitter:
         counters.waiting += 1
         start = anyio.current_time()
         try:
-            with anyio.move_on_after(timeout):
-                while True:
-                    await me.event.wait()
-                    me.event = anyio.Event()
-                    ev = self._emit(kind, None, me)
-                    if ev is not None:
-                        return ev
+            if me.loop is not None:
+                ev = await self._wait_on_loop(me, me.loop, timeout)
+            else:
+                ev = None
+                with anyio.move_on_after(timeout):
+                    ev = await self._wait(me)
+            if ev is not None:
+                return ev
         finally:
             counters.waiting -= 1
             first = bool(s.waiters) and s.waiters[0] is me
@@ -264,6 +267,39 @@ class Emitter:
         raise hub._overflow.full_error(
             self.user_id, kind, max(anyio.current_time() - start, 1e-9), timeout
         )
+
+    async def _wait(self, me: _Waiter) -> Event:
+        """
+        Wait for room until the event of *me* is emitted (trio).
+        """
+        while True:
+            await me.signal
+            me.rearm()
+            ev = self._emit(me.kind, None, me)
+            if ev is not None:
+                return ev
+
+    async def _wait_on_loop(
+        self, me: _Waiter, loop: asyncio.AbstractEventLoop, timeout: float | None
+    ) -> Event | None:
+        """
+        Wait as `_wait` does, on asyncio, with a timer for *timeout* rather
+        than a cancel scope (which costs more than the wait itself); return
+        `None` once it passed.
+        """
+        timer = None if timeout is None else loop.call_later(timeout, me.expire)
+        try:
+            while True:
+                await me.signal
+                if me.expired:
+                    return None
+                me.rearm()
+                ev = self._emit(me.kind, None, me)
+                if ev is not None:
+                    return ev
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _prepare(self, kind: str, data: object) -> _Waiter:
         """
@@ -275,7 +311,7 @@ class Emitter:
             data_json: str | None = "{}"
         else:
             frozen, data_json = freeze_lazy(data, self._hub._max_event_size)
-        return _Waiter(kind, frozen, data_json)
+        return _Waiter(kind, frozen, data_json, self._hub._delivery.loop)
 
     def _build(self, s: _Stream, kind: str, frozen: object, data_json: str | None) -> Event:
         """

@@ -55,18 +55,45 @@ class Signal:
 class _Waiter:
     """
     A producer waiting for room in a full buffer, with its validated event.
+
+    It waits on a future of the running asyncio loop (*loop*), made anew
+    after each wake-up, or on a `Signal` on trio: no anyio call (each looks
+    the backend up) per wake-up.
     """
 
-    __slots__ = ("data_json", "event", "frozen", "kind")
+    __slots__ = ("data_json", "expired", "frozen", "kind", "loop", "signal")
 
-    def __init__(self, kind: str, frozen: object, data_json: str | None) -> None:
-        self.event = anyio.Event()
+    signal: Any
+
+    def __init__(
+        self,
+        kind: str,
+        frozen: object,
+        data_json: str | None,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
         self.kind = kind
         self.frozen = frozen
         self.data_json = data_json
+        self.loop = loop
+        self.signal = Signal() if loop is None else loop.create_future()
+        self.expired = False  # its timeout passed (asyncio)
+
+    def rearm(self) -> None:
+        """
+        Wait anew, after a wake-up.
+        """
+        loop = self.loop
+        self.signal = Signal() if loop is None else loop.create_future()
 
     def wake(self) -> None:
-        self.event.set()
+        signal = self.signal
+        if not signal.done():
+            signal.set_result(None)
+
+    def expire(self) -> None:
+        self.expired = True
+        self.wake()
 
 
 class _Stream:
