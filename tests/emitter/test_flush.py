@@ -344,3 +344,31 @@ class TestDirectSinksUnderLoad:
 
         assert seen == list(range(1, 8))
         assert (stats.delivered, stats.timed_out, stats.dropped) == (7, 0, {})
+
+    async def test_a_callback_that_detaches_its_sink_gets_no_more(self, ctx):
+        """
+        A callback that detaches its own sink, then fails, gets nothing
+        more: the rest of the turn's events are dropped for it, counted, and
+        the hub goes on.
+        """
+        calls = []
+        attachments = []
+
+        def detach_and_fail(events):
+            calls.append([e.seq for e in events])
+            attachments[0].detach()
+            raise OSError("gone")
+
+        async with uc.EmitterHub(maxsize=10, max_batch=2) as hub:
+            attachments.append(hub.attach("u-42", uc.CallbackSink(detach_and_fail)))
+            await anyio.sleep(0.01)
+            emitter = hub.emitter(ctx)
+            for _ in range(5):
+                emitter.emit_nowait(TYPE)
+            with anyio.fail_after(5):
+                await attachments[0].wait()
+            stats = hub.stats()
+
+        assert calls == [[1, 2]]
+        assert attachments[0].reason == "detached"
+        assert (stats.delivered, stats.dead_lettered, stats.dropped) == (0, 0, {"detached": 5})

@@ -209,7 +209,8 @@ class Delivery:
             q = a.queue
             kick: _Kick = a.kick
             callback = kick.callback
-            while q:
+            # Stop at a detach: by the callback, say, of its own sink.
+            while q and not a.unlinked:
                 if len(q) <= max_batch:  # _take, written out
                     batch = tuple(q)
                     q.clear()
@@ -219,7 +220,7 @@ class Delivery:
                 a.inflight = len(batch)
                 try:
                     result = callback(batch)
-                except Exception as e:  # retried by its task, which backs off
+                except BaseException as e:  # raised in its task: retried, or ending it
                     a.handover = e
                 else:
                     if result is None or not inspect.isawaitable(result):
@@ -236,13 +237,17 @@ class Delivery:
                             s.waiters[0].wake()
                         continue
                     a.handover = result  # awaited by its task, under the timeout
-                future.set_result(None)
+                if not future.done():  # not cancelled meanwhile
+                    future.set_result(None)
                 break
             else:
                 a.waiter = kick
 
     async def _send(  # noqa: C901  # every outcome of a try, in one loop
-        self, a: _Attached, batch: tuple[Event, ...], first: Awaitable[object] | Exception | None
+        self,
+        a: _Attached,
+        batch: tuple[Event, ...],
+        first: Awaitable[object] | BaseException | None,
     ) -> bool:
         """
         Send *batch* to *a*, retried; return whether it was delivered. The
@@ -258,7 +263,7 @@ class Delivery:
             error: Exception
             try:
                 sent, first = (a.sink.send(batch) if first is None else first), None
-                if isinstance(sent, Exception):
+                if isinstance(sent, BaseException):
                     raise sent  # noqa: TRY301  # the flush's failed try, handled as any
                 if self.watch:
                     await self._watched_send(a, sent)
@@ -292,9 +297,9 @@ class Delivery:
 
     async def _watched_send(self, a: _Attached, sent: Awaitable[object]) -> None:
         """
-        Send *batch*, under the sink's watchdog: one timer per sink, armed by
-        the first send and re-armed only when it fires, so that a send costs
-        a clock read.
+        Await *sent*, a send to *a*, under the sink's watchdog: one timer per
+        sink, armed by the first send and re-armed only when it fires, so
+        that a send costs a clock read.
         """
         loop = self.loop
         assert loop is not None  # noqa: S101  # watched on asyncio only
