@@ -6,6 +6,8 @@ of the emitter. Every async test runs on asyncio and on trio.
 from __future__ import annotations
 
 import inspect
+import json
+import math
 
 import anyio
 import anyio.lowlevel
@@ -122,3 +124,53 @@ class TestEmitting:
             stats = hub.stats()
 
         assert stats.emitted == 1
+
+
+class TestLazyJson:
+    @pytest.mark.parametrize(
+        ("data", "error", "match"),
+        [
+            ({"b": b"raw"}, TypeError, r"Event.data\['b'\] holds a bytes"),
+            ({1: "a"}, TypeError, "key 1 is a int, not a str"),
+            ({"x": math.nan}, ValueError, "not valid JSON.*Replace NaN"),
+            ({"x": -math.inf}, ValueError, "not valid JSON"),
+            ({"n": 10**5000}, ValueError, "not valid JSON"),
+            ({"s": "x" * 200}, ValueError, "over the hub's max_event_size of 100"),
+        ],
+    )
+    async def test_bad_data_is_refused_at_emit(self, ctx, data, error, match):
+        """
+        The JSON of an emitted event is encoded when a sink first reads it,
+        but data it could not carry is still refused by the emit, with the
+        same errors, before anything is queued.
+        """
+        async with uc.EmitterHub(max_event_size=100) as hub:
+            emitter = hub.emitter(ctx)
+            with pytest.raises(error, match=match):
+                emitter.emit_nowait(TYPE, data)
+            with pytest.raises(error, match=match):
+                await emitter.emit(TYPE, data)
+            assert hub.stats().emitted == 0
+
+    @pytest.mark.parametrize(
+        "data",
+        [
+            {"s": "é" * 5, "i": -(2**62), "f": 2.5, "b": True, "n": None},
+            {"s": "\U0001f600" * 8},  # near the limit: its size is measured, not bounded
+            {"l": [1, {"a": "b"}]},
+            "text",
+        ],
+    )
+    async def test_json_read_later_is_the_constructors(self, ctx, data):
+        """
+        An emitted event's JSON, built on first use, is what `Event` builds
+        at construction for the same fields.
+        """
+        async with uc.EmitterHub(max_event_size=120) as hub:
+            ev = hub.emitter(ctx).emit_nowait(TYPE, data)
+        made = uc.Event(TYPE, data, ev.seq, ev.event_id, ev.ts, "u-42", "t-7", "r-1", ev.request_id)
+
+        assert repr(ev) == repr(made)
+        assert ev.json == made.json
+        assert ev.json is ev.json  # built once
+        assert json.loads(ev.json)["data"] == json.loads(made.json)["data"]

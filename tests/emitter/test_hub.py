@@ -239,7 +239,7 @@ class TestLifecycle:
         the hub (or the service around it) down.
         """
 
-        async def broken(_a, _batch):
+        async def broken(_a, _batch, _first):
             raise RuntimeError("bug")
 
         letters = []

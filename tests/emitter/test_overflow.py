@@ -243,6 +243,40 @@ class TestStalledSink:
 
         assert order == ["a gave up", ("b", 3), ("c", 4), ("d", 5)]
 
+    async def test_a_waiter_behind_the_head_gives_up_alone(self, ctx):
+        """
+        A producer that gives up behind the head of the line leaves it
+        without waking anyone: the head keeps waiting, and gets the room.
+        """
+        sink = GateSink()
+        order = []
+        async with uc.EmitterHub(maxsize=2, overflow="block", timeout=None) as hub:
+            hub.attach("u-42", sink)
+            emitter = hub.emitter(ctx)
+            emitter.emit_nowait(TYPE)
+            await sink.started.wait()
+            emitter.emit_nowait(TYPE)
+
+            async def produce(name, timeout=None):
+                try:
+                    event = await emitter.emit(TYPE, {"name": name}, timeout=timeout)
+                except uc.EmitterTimeoutError:
+                    order.append(f"{name} gave up")
+                else:
+                    order.append((name, event.seq))
+
+            with anyio.fail_after(5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(produce, "head")
+                    await anyio.sleep(0.005)
+                    tg.start_soon(produce, "behind", 0.01)
+                    await anyio.sleep(0.05)
+                    assert order == ["behind gave up"]
+                    assert hub.stats().waiting == 1
+                    sink.gate.set()
+
+        assert order == ["behind gave up", ("head", 3)]
+
     async def test_cancelled_waiter_passes_its_turn(self, ctx):
         """
         A waiter cancelled at the head of the line wakes the next one, even

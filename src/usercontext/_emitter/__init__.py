@@ -3,7 +3,9 @@ Per-user event streams: `Event`, `Emitter`, `EmitterHub` and the sinks.
 
 Each user has one stream: a sequence counter, a bounded replay history and the
 sinks attached to it (one per open connection). Every sink has its own bounded
-queue and its own delivery task, so a slow connection delays nobody else.
+queue and its own delivery task, so a slow connection delays nobody else; on
+asyncio, sinks that cannot block (a `CallbackSink` of a plain function) are
+called once per loop turn instead, their task only retrying and draining.
 
 The modules, in the order they build on each other: ``_event`` (an event and
 its JSON), ``_sinks``, ``_policies`` (overflow, retry, dead letters),

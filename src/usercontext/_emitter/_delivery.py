@@ -5,7 +5,11 @@ retries a failing send, and gives the sink up to the dead-letter hook.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextvars
 import inspect
+import sys
 
 from typing import TYPE_CHECKING
 
@@ -16,13 +20,12 @@ from usercontext.exceptions import SinkClosedError
 
 from ._event import EVENTS_MISSED
 from ._policies import DeadLetter
+from ._sinks import CallbackSink
 from ._state import Signal
 
 
 if TYPE_CHECKING:
-    import asyncio
-
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
     from ._event import Event
     from ._policies import Retry
@@ -33,6 +36,12 @@ if TYPE_CHECKING:
 
 # Errors that mean the sink can never accept events again: retrying is useless.
 _CLOSED = (SinkClosedError, anyio.ClosedResourceError, anyio.BrokenResourceError)
+
+# On asyncio from Python 3.11, a send is bounded by a watchdog timer per sink
+# instead of a cancel scope per send (an anyio `fail_after` costs more than
+# delivering a small batch): Task.uncancel() lets the delivery task take back
+# the cancellation its watchdog sent. On trio and Python 3.10, `fail_after`.
+_WATCHDOG = sys.version_info >= (3, 11)
 
 
 class Delivery:
@@ -55,15 +64,44 @@ class Delivery:
         self.max_batch = max_batch
         self.on_dead_letter = on_dead_letter
         # The running loop on asyncio, where an idle task waits on a plain
-        # future; None on trio.
+        # future; None on trio. Set by `start`.
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Whether sends are bounded by a watchdog rather than by fail_after.
+        self.watch = False
         self._all_ended: anyio.Event | None = None
+        # Direct sinks kicked since the last flush, and whether one is due;
+        # the flush runs in the hub's context, set by `start`.
+        self._dirty: list[_Attached] = []
+        self._flushing = False
+        self.context: contextvars.Context | None = None
+        # The flush's handle, made once, and the loop's queue of ready
+        # handles to put it on; None where the loop keeps no such deque
+        # (uvloop): then each flush is scheduled by call_soon.
+        self._handle: asyncio.Handle | None = None
+        self._ready: collections.deque[asyncio.Handle] | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """
+        Deliver on *loop*, the running asyncio loop, or on trio if `None`.
+        """
+        self.loop = loop
+        self.context = context = contextvars.copy_context()
+        if loop is not None:
+            self._handle = asyncio.Handle(self._flush, (), loop, context)
+            # asyncio's own loops run what this deque holds, in order, on
+            # their next turn: what call_soon does, without a handle per turn.
+            ready = getattr(loop, "_ready", None)
+            self._ready = ready if ready.__class__ is collections.deque else None
+        self.watch = loop is not None and _WATCHDOG and self.retry.timeout is not None
 
     async def run(self, a: _Attached) -> None:
         """
         Deliver to the sink of *a* until it is detached, given up, or drained.
         """
         error: BaseException | None = None
+        if self.watch:
+            a.task = asyncio.current_task()
+        self.direct(a)
         try:
             with a.scope:
                 await self._deliver(a)
@@ -82,78 +120,228 @@ class Delivery:
         for a in list(self.streams.attached.values()):
             a.draining = True
             a.scope.deadline = deadline
-            a.wake()
+            _wake_task(a)
         await self._all_ended.wait()
 
     async def _deliver(self, a: _Attached) -> None:
         q = a.queue
         max_batch = self.max_batch
-        counters = self.counters
         while True:
-            if not q:
+            first = a.handover
+            if first is not None:
+                # The loop turn's flush could not finish this batch itself.
+                a.handover = None
+                batch = a.batch
+            elif not q:
                 if a.draining:
                     return
                 await self._sleep(a)
                 continue
-            if len(q) <= max_batch:
-                batch = tuple(q)
-                q.clear()
             else:
-                batch = tuple([q.popleft() for _ in range(max_batch)])
-            a.batch = batch
-            a.inflight = n = len(batch)
-            if not await self._send(a, batch):
+                batch = _take(a, q, max_batch)
+            if not await self._send(a, batch, first):
                 return
-            depth = len(q) + n
-            a.peak = max(a.peak, depth)
-            a.inflight = 0
-            a.batch = ()
-            if batch[0].type is EVENTS_MISSED:
-                n -= 1  # a notice, not an event of the stream
-            a.delivered += n
-            counters.delivered += n
-            s = a.stream
-            if s.waiters:
-                s.waiters[0].wake()
+            self._sent(a, batch)
+
+    def _sent(self, a: _Attached, batch: tuple[Event, ...]) -> None:
+        """
+        Account for *batch*, delivered to *a*, and let a waiting producer in.
+        """
+        if a.timed_out:
+            # The sink swallowed the watchdog's cancellation and finished:
+            # delivered; the task's count of cancellations is set right.
+            self._cut(a)
+        n = len(batch)
+        depth = len(a.queue) + n
+        a.peak = max(a.peak, depth)
+        a.inflight = 0
+        a.batch = ()
+        if batch[0].type is EVENTS_MISSED:
+            n -= 1  # a notice, not an event of the stream
+        a.delivered += n
+        self.counters.delivered += n
+        s = a.stream
+        if s.waiters:
+            s.waiters[0].wake()
 
     async def _sleep(self, a: _Attached) -> None:
         loop = self.loop
-        waiter = a.waiter = Signal() if loop is None else loop.create_future()
+        future = a.future = Signal() if loop is None else loop.create_future()
+        # A direct sink is delivered to by the loop turn's flush while this
+        # sleeps: an emit kicks the flush, not this task.
+        a.waiter = future if a.kick is None else a.kick
         try:
-            await waiter
+            await future
         finally:
-            a.waiter = None
+            a.waiter = a.future = None
 
-    async def _send(self, a: _Attached, batch: tuple[Event, ...]) -> bool:
+    # -- sinks that cannot block, flushed once per loop turn
+
+    def direct(self, a: _Attached) -> None:
+        """
+        Deliver to *a* by the loop turn's flush if its sink cannot block: a
+        `CallbackSink` of a plain function, on asyncio. Its task then only
+        retries, drains and ends.
+        """
+        sink = a.sink
+        if (
+            self.loop is not None
+            and isinstance(sink, CallbackSink)
+            and type(sink).send is CallbackSink.send
+            and not inspect.iscoroutinefunction(sink.callback)
+        ):
+            a.kick = _Kick(self, a, sink.callback)
+
+    def _flush(self) -> None:
+        """
+        Deliver to every direct sink kicked since the last flush, in the
+        order they were kicked: the sink's callback is called here, with the
+        same batches its task would send.
+        """
+        self._flushing = False
+        dirty, self._dirty = self._dirty, []
+        max_batch = self.max_batch
+        counters = self.counters
+        for a in dirty:
+            future = a.future
+            if future is None or future.done() or a.unlinked or a.draining:
+                continue  # its task is awake: it delivers
+            q = a.queue
+            kick: _Kick = a.kick
+            callback = kick.callback
+            # Stop at a detach: by the callback, say, of its own sink.
+            while q and not a.unlinked:
+                if len(q) <= max_batch:  # _take, written out
+                    batch = tuple(q)
+                    q.clear()
+                else:
+                    batch = tuple([q.popleft() for _ in range(max_batch)])
+                a.batch = batch
+                a.inflight = len(batch)
+                try:
+                    result = callback(batch)
+                except BaseException as e:  # raised in its task: retried, or ending it
+                    a.handover = e
+                else:
+                    if result is None or not inspect.isawaitable(result):
+                        # _sent, written out: this runs for every event.
+                        a.peak = max(a.peak, len(q) + len(batch))
+                        a.inflight = 0
+                        a.batch = ()
+                        # A notice is not an event of the stream.
+                        n = len(batch) - (batch[0].type is EVENTS_MISSED)
+                        a.delivered += n
+                        counters.delivered += n
+                        s = a.stream
+                        if s.waiters:
+                            s.waiters[0].wake()
+                        continue
+                    a.handover = result  # awaited by its task, under the timeout
+                if not future.done():  # not cancelled meanwhile
+                    future.set_result(None)
+                break
+            else:
+                a.waiter = kick
+
+    async def _send(  # noqa: C901  # every outcome of a try, in one loop
+        self,
+        a: _Attached,
+        batch: tuple[Event, ...],
+        first: Awaitable[object] | BaseException | None,
+    ) -> bool:
+        """
+        Send *batch* to *a*, retried; return whether it was delivered. The
+        first try is *first* when the flush made it: its error, or what the
+        callback returned to await.
+        """
         retry = self.retry
         counters = self.counters
         attempt = 1
         while True:
             if a.reason == "detached":
                 return False
+            error: Exception
             try:
-                if retry.timeout is None:
-                    await a.sink.send(batch)
+                sent, first = (a.sink.send(batch) if first is None else first), None
+                if isinstance(sent, BaseException):
+                    raise sent  # noqa: TRY301  # the flush's failed try, handled as any
+                if self.watch:
+                    await self._watched_send(a, sent)
+                elif retry.timeout is None:
+                    await sent
                 else:
                     with anyio.fail_after(retry.timeout):
-                        await a.sink.send(batch)
+                        await sent
             except _CLOSED as e:
                 a.send_errors += 1
                 counters.send_errors += 1
                 await self._dead_letter(a, "sink_closed", e)
                 return False
             except Exception as e:  # any failure of a sink is retried
-                a.send_errors += 1
-                counters.send_errors += 1
-                if attempt >= retry.attempts:
-                    await self._dead_letter(a, "failed", e)
-                    return False
-                counters.retried += 1
-                logger.debug("usercontext: retrying a send to %r after %s", a.sink, describe(e))
-                await anyio.sleep(retry.delay(attempt))
-                attempt += 1
+                error = e
+            except asyncio.CancelledError:
+                if not self._cut(a):
+                    raise
+                error = TimeoutError(f"the send took longer than {retry.timeout:g} s")
             else:
                 return True
+            a.send_errors += 1
+            counters.send_errors += 1
+            if attempt >= retry.attempts:
+                await self._dead_letter(a, "failed", error)
+                return False
+            counters.retried += 1
+            logger.debug("usercontext: retrying a send to %r after %s", a.sink, describe(error))
+            await anyio.sleep(retry.delay(attempt))
+            attempt += 1
+
+    async def _watched_send(self, a: _Attached, sent: Awaitable[object]) -> None:
+        """
+        Await *sent*, a send to *a*, under the sink's watchdog: one timer per
+        sink, armed by the first send and re-armed only when it fires, so
+        that a send costs a clock read.
+        """
+        loop = self.loop
+        assert loop is not None  # noqa: S101  # watched on asyncio only
+        a.sending = now = loop.time()
+        if a.timer is None:
+            a.timer = loop.call_at(now + self.retry.timeout, self._watch, a)  # type: ignore[operator]
+        try:
+            await sent
+        finally:
+            a.sending = None
+
+    def _watch(self, a: _Attached) -> None:
+        """
+        The watchdog of *a*: cancel a send that has run past the timeout, or
+        wait for the deadline of the send in progress.
+        """
+        a.timer = None
+        started = a.sending
+        if started is None:
+            return  # idle: the next send arms it again
+        loop, task = self.loop, a.task
+        assert loop is not None  # noqa: S101  # watched on asyncio only
+        assert task is not None  # noqa: S101  # set by run() when watched
+        timeout = self.retry.timeout
+        assert timeout is not None  # noqa: S101  # watched only with a timeout
+        due = started + timeout
+        if loop.time() < due:
+            a.timer = loop.call_at(due, self._watch, a)
+            return
+        a.timed_out = True
+        task.cancel()
+
+    @staticmethod
+    def _cut(a: _Attached) -> bool:
+        """
+        Take back the watchdog's cancellation of *a*'s task, if it sent one;
+        return whether no other cancellation is pending.
+        """
+        if not a.timed_out:
+            return False
+        a.timed_out = False
+        return a.task.uncancel() == 0  # type: ignore[union-attr]
 
     def _take_undelivered(self, a: _Attached) -> list[Event]:
         """
@@ -214,6 +402,9 @@ class Delivery:
         *error* if it failed.
         """
         counters = self.counters
+        if a.timer is not None:
+            a.timer.cancel()
+            a.timer = None
         if a.reason == "detached":
             counters.drop(a, "detached", len(self._take_undelivered(a)))
         elif a.batch or a.queue:
@@ -229,3 +420,57 @@ class Delivery:
             a.done.set()
         if self._all_ended is not None and not self.streams.attached:
             self._all_ended.set()
+
+
+def _take(a: _Attached, q: collections.deque[Event], max_batch: int) -> tuple[Event, ...]:
+    """
+    Take the next batch of *a* from its queue *q*, as in flight.
+    """
+    if len(q) <= max_batch:
+        batch = tuple(q)
+        q.clear()
+    else:
+        batch = tuple([q.popleft() for _ in range(max_batch)])
+    a.batch = batch
+    a.inflight = len(batch)
+    return batch
+
+
+def _wake_task(a: _Attached) -> None:
+    """
+    Wake the delivery task of *a* if it sleeps, a direct sink's included.
+    """
+    a.waiter = None
+    future = a.future
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+class _Kick:
+    """
+    The waiter an emit wakes for a direct sink, shaped like a future: it
+    kicks the loop turn's flush instead of a task.
+    """
+
+    __slots__ = ("_a", "_delivery", "callback")
+
+    # Never done: `bool()` is False, called in C (a type is not bound as a
+    # method), on the path of every event.
+    done = bool
+
+    def __init__(
+        self, delivery: Delivery, a: _Attached, callback: Callable[[Sequence[Event]], object]
+    ) -> None:
+        self._delivery = delivery
+        self._a = a
+        self.callback = callback
+
+    def set_result(self, _: None) -> None:
+        d = self._delivery
+        d._dirty.append(self._a)
+        if not d._flushing:
+            d._flushing = True
+            if d._ready is not None:
+                d._ready.append(d._handle)  # type: ignore[arg-type]  # made with the loop
+            else:
+                d.loop.call_soon(d._flush, context=d.context)  # type: ignore[union-attr]

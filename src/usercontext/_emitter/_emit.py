@@ -26,9 +26,9 @@ from ._event import (
     _check_type,
     _Draft,
     _freeze,
-    _ids_json,
     _new_draft,
     _time,
+    freeze_lazy,
     new_event,
     size_error,
 )
@@ -37,6 +37,8 @@ from ._state import _Waiter
 
 
 if TYPE_CHECKING:
+    import asyncio
+
     from usercontext._context import UserContext
 
     from ._hub import EmitterHub
@@ -61,7 +63,7 @@ class Emitter:
     .. versionadded:: 0.1.0
     """
 
-    __slots__ = ("_counters", "_ctx", "_hub", "_ids", "_stream", "user_id")
+    __slots__ = ("_counters", "_ctx", "_hub", "_stream", "user_id")
 
     user_id: str
 
@@ -72,7 +74,6 @@ class Emitter:
         # The hub's counters, one lookup away on the hot path.
         self._counters = hub._counters
         self.user_id = ctx.user_id
-        self._ids = _ids_json(ctx.user_id, ctx.thread_id, ctx.run_id, ctx.request_id)
 
     @property
     def ctx(self) -> UserContext:
@@ -137,14 +138,14 @@ class Emitter:
             TypeError: See `emit_nowait`.
             ValueError: See `emit_nowait`, or if *timeout* is negative.
         """
-        if timeout is _UNSET:
-            timeout = self._hub._timeout
-        else:
+        if timeout is not _UNSET:
             _checks.seconds("timeout", timeout, allow_none=True, zero_ok=True)
         ev = self._emit(type, data, None)
         if ev is not None:
             return ev
-        return await self._wait_and_emit(type, data, timeout)
+        return await self._wait_and_emit(
+            type, data, self._hub._timeout if timeout is _UNSET else timeout
+        )
 
     def _emit(  # noqa: C901, PLR0912, PLR0915  # the hot path, written out
         self, kind: str, data: object, me: _Waiter | None
@@ -164,6 +165,7 @@ class Emitter:
         hub = self._hub
         # Validate first: a bad event is refused as such, whatever the buffers hold.
         frozen: object
+        data_json: str | None
         if me is None:
             if kind.__class__ is not str or kind not in _TYPES:
                 kind = _check_type(kind)
@@ -171,9 +173,7 @@ class Emitter:
                 frozen = _EMPTY
                 data_json = "{}"
             else:
-                frozen, data_json = _freeze(data)
-                if len(data_json) > hub._max_event_size:
-                    raise size_error(len(data_json), hub._max_event_size)
+                frozen, data_json = freeze_lazy(data, hub._max_event_size)
         else:
             kind, frozen, data_json = me.kind, me.frozen, me.data_json
         maxsize = hub._maxsize
@@ -198,15 +198,19 @@ class Emitter:
         ev.run_id = ctx.run_id
         ev.request_id = ctx.request_id
         ev._data_json = data_json
-        ev._ids_json = self._ids
+        ev._ids_json = None
         ev._json = None
         ev.__class__ = Event
         event: Event = ev
         if sinks:
             for a in sinks:
                 a.queue.append(event)
-                if a.waiter is not None:
-                    a.wake()
+                w = a.waiter
+                # _Attached.wake, written out. A task's future is done only if
+                # the task was cancelled: its own cleanup then clears it.
+                if w is not None and not w.done():
+                    a.waiter = None
+                    w.set_result(None)
         else:
             self._counters.unrouted += 1
         if s.history is not None:
@@ -215,7 +219,7 @@ class Emitter:
         return event
 
     def _emit_full(
-        self, s: _Stream, kind: str, frozen: object, data_json: str, me: _Waiter | None
+        self, s: _Stream, kind: str, frozen: object, data_json: str | None, me: _Waiter | None
     ) -> Event | None:
         """
         Emit when a buffer is full or producers wait ahead, as the hub's
@@ -246,13 +250,14 @@ class Emitter:
         counters.waiting += 1
         start = anyio.current_time()
         try:
-            with anyio.move_on_after(timeout):
-                while True:
-                    await me.event.wait()
-                    me.event = anyio.Event()
-                    ev = self._emit(kind, None, me)
-                    if ev is not None:
-                        return ev
+            if me.loop is not None:
+                ev = await self._wait_on_loop(me, me.loop, timeout)
+            else:
+                ev = None
+                with anyio.move_on_after(timeout):
+                    ev = await self._wait(me)
+            if ev is not None:
+                return ev
         finally:
             counters.waiting -= 1
             first = bool(s.waiters) and s.waiters[0] is me
@@ -263,6 +268,39 @@ class Emitter:
             self.user_id, kind, max(anyio.current_time() - start, 1e-9), timeout
         )
 
+    async def _wait(self, me: _Waiter) -> Event:
+        """
+        Wait for room until the event of *me* is emitted (trio).
+        """
+        while True:
+            await me.signal
+            me.rearm()
+            ev = self._emit(me.kind, None, me)
+            if ev is not None:
+                return ev
+
+    async def _wait_on_loop(
+        self, me: _Waiter, loop: asyncio.AbstractEventLoop, timeout: float | None
+    ) -> Event | None:
+        """
+        Wait as `_wait` does, on asyncio, with a timer for *timeout* rather
+        than a cancel scope (which costs more than the wait itself); return
+        `None` once it passed.
+        """
+        timer = None if timeout is None else loop.call_later(timeout, me.expire)
+        try:
+            while True:
+                await me.signal
+                if me.expired:
+                    return None
+                me.rearm()
+                ev = self._emit(me.kind, None, me)
+                if ev is not None:
+                    return ev
+        finally:
+            if timer is not None:
+                timer.cancel()
+
     def _prepare(self, kind: str, data: object) -> _Waiter:
         """
         Validate an event that must wait, and return its waiter.
@@ -270,12 +308,12 @@ class Emitter:
         kind = _check_type(kind)
         if data is None:
             frozen: object = _EMPTY
-            data_json = "{}"
+            data_json: str | None = "{}"
         else:
-            frozen, data_json = _freeze(data)
-        return _Waiter(kind, frozen, data_json)
+            frozen, data_json = freeze_lazy(data, self._hub._max_event_size)
+        return _Waiter(kind, frozen, data_json, self._hub._delivery.loop)
 
-    def _build(self, s: _Stream, kind: str, frozen: object, data_json: str) -> Event:
+    def _build(self, s: _Stream, kind: str, frozen: object, data_json: str | None) -> Event:
         """
         Make the next event of *s* from a validated type and data.
         """
@@ -293,7 +331,7 @@ class Emitter:
             ctx.run_id,
             ctx.request_id,
             data_json,
-            self._ids,
+            None,
         )
 
     def _revive(self) -> _Stream:
@@ -379,5 +417,5 @@ class BusEmitter(Emitter):
             ctx.run_id,
             ctx.request_id,
             data_json,
-            self._ids,
+            None,
         )

@@ -10,6 +10,7 @@ import math
 import time
 
 from collections.abc import Mapping
+from json.encoder import encode_basestring_ascii
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +135,7 @@ def _make_encoder() -> Callable[[object], str]:
 
 
 _encode = _make_encoder()
+_encode_str: Callable[[str], str] = encode_basestring_ascii
 
 
 def _data_error(path: str, reason: str) -> TypeError:
@@ -178,6 +180,49 @@ def _freeze_slow(value: _JsonValue, path: str, nesting: int) -> object:
             ]
         )
     raise _data_error(path, f"holds a {type(value).__name__}, which is not JSON")
+
+
+# A flat dict's JSON is at most this many characters per character of its
+# keys and str values (an astral character, escaped as a surrogate pair), plus
+# this many per item (quotes, separators, and any number, bool or null).
+_PER_CHAR = 12
+_PER_ITEM = 32
+_INT_BOUND = 1 << 63
+
+
+def freeze_lazy(data: Any, limit: int) -> tuple[object, str | None]:  # noqa: C901  # the hot path, written out
+    """
+    Return a read-only copy of *data* and its JSON, or `None` for the JSON
+    when it is sure to be valid and within *limit* characters: it is then
+    encoded on first use. Raise as `_freeze` does, or if the JSON is over
+    *limit*.
+    """
+    if data.__class__ is dict:
+        # A flat dict of str keys and plain values, its size bounded without
+        # encoding it: the common case, encoded only if a sink reads it.
+        chars = 0
+        for key, item in data.items():
+            cls = item.__class__
+            if key.__class__ is not str:
+                break
+            if cls is str:
+                chars += len(item)
+            elif cls is float:
+                if item - item != 0.0:  # NaN or an infinity: refused by the encoder
+                    break
+            elif cls is int:
+                if not -_INT_BOUND < item < _INT_BOUND:  # long ints: the encoder checks
+                    break
+            elif cls is not bool and item is not None:
+                break
+            chars += len(key)
+        else:
+            if chars * _PER_CHAR + len(data) * _PER_ITEM + 2 <= limit:
+                return MappingProxyType(data.copy()), None
+    frozen, data_json = _freeze(data)
+    if len(data_json) > limit:
+        raise size_error(len(data_json), limit)
+    return frozen, data_json
 
 
 def _freeze(data: Any) -> tuple[object, str]:
@@ -254,9 +299,13 @@ def _check_type(value: object) -> str:
 def _ids_json(
     user_id: str, thread_id: str | None, run_id: str | None, request_id: str | None
 ) -> str:
+    # The string encoder alone: ids are str or None, and the encoder's list
+    # and join would cost more than the escaping.
     return (
-        f'"user_id":{_encode(user_id)},"thread_id":{_encode(thread_id)},'
-        f'"run_id":{_encode(run_id)},"request_id":{_encode(request_id)}'
+        f'"user_id":{_encode_str(user_id)},'
+        f'"thread_id":{"null" if thread_id is None else _encode_str(thread_id)},'
+        f'"run_id":{"null" if run_id is None else _encode_str(run_id)},'
+        f'"request_id":{"null" if request_id is None else _encode_str(request_id)}'
     )
 
 
@@ -267,8 +316,9 @@ class Event:
 
     Emitters create events; you read them in sinks. *data* is copied into
     read-only form (dicts become read-only mappings, lists become tuples) and
-    encoded to JSON once, at creation: a value that JSON cannot carry (bytes,
-    a set, NaN, a non-str key) is refused there, with an error that names it.
+    checked at creation: a value that JSON cannot carry (bytes, a set, NaN, a
+    non-str key) is refused there, with an error that names it. The JSON
+    (`json`) is encoded once; for an emitted event, when first read.
 
     Args:
         type: What happened, 1 to 64 printable characters, such as
@@ -302,8 +352,8 @@ class Event:
     thread_id: str | None = None
     run_id: str | None = None
     request_id: str | None = None
-    _data_json: str = attrs.field(init=False, eq=False)
-    _ids_json: str = attrs.field(init=False, eq=False)
+    _data_json: str | None = attrs.field(init=False, eq=False)
+    _ids_json: str | None = attrs.field(init=False, eq=False)
     _json: str | None = attrs.field(init=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
@@ -353,10 +403,28 @@ class Event:
             # rules and whose id is hex and digits: nothing to escape.
             text = (
                 f'{{"type":{_TYPES.get(self.type) or _encode(self.type)},"seq":{self.seq},'
-                f'"event_id":"{self.event_id}","ts":{self.ts!r},{self._ids_json},'
-                f'"data":{self._data_json}}}'
+                f'"event_id":"{self.event_id}","ts":{self.ts!r},{self._ids()},'
+                f'"data":{self._data()}}}'
             )
             object.__setattr__(self, "_json", text)
+        return text
+
+    def _data(self) -> str:
+        """
+        The JSON of the data, encoded on first use: emits validate the data
+        and bound its size, and most sinks never read it.
+        """
+        text = self._data_json
+        if text is None:
+            text = _encode(self.data)
+            object.__setattr__(self, "_data_json", text)
+        return text
+
+    def _ids(self) -> str:
+        text = self._ids_json
+        if text is None:
+            text = _ids_json(self.user_id, self.thread_id, self.run_id, self.request_id)
+            object.__setattr__(self, "_ids_json", text)
         return text
 
     def __hash__(self) -> int:
@@ -367,7 +435,7 @@ class Event:
         # Data may hold personal data: show its size only.
         return (
             f"Event(type={self.type!r}, seq={self.seq}, event_id={self.event_id!r}, "
-            f"user_id={self.user_id!r}, data_bytes={len(self._data_json)})"
+            f"user_id={self.user_id!r}, data_bytes={len(self._data())})"
         )
 
 
@@ -389,8 +457,8 @@ class _Draft:
     thread_id: str | None
     run_id: str | None
     request_id: str | None
-    _data_json: str
-    _ids_json: str
+    _data_json: str | None
+    _ids_json: str | None
     _json: str | None
 
 
@@ -408,8 +476,8 @@ def new_event(  # noqa: PLR0913, PLR0917  # every field of an event, on the hot 
     thread_id: str | None,
     run_id: str | None,
     request_id: str | None,
-    data_json: str,
-    ids_json: str,
+    data_json: str | None,
+    ids_json: str | None,
 ) -> Event:
     ev = _new_draft(_Draft)
     ev.type = type

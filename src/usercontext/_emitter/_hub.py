@@ -216,9 +216,10 @@ class EmitterHub:
             )
             raise RuntimeError(msg)
         try:
-            self._delivery.loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._delivery.loop = None
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # trio
+            loop = None
+        self._delivery.start(loop)
         if self._bus is not None:
             assert self._follower is not None  # noqa: S101  # made with the bus
             await self._bus.start(self._follower.notify)

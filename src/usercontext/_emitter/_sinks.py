@@ -49,6 +49,12 @@ class CallbackSink:
     *callback* may be a plain function or a coroutine function; what it
     returns is ignored, and what it raises is retried as for any sink.
 
+    On asyncio, a plain function cannot block, so the hub calls it without
+    waking a task: once per turn of the event loop, for every user with new
+    events, in the context the hub was entered in, with what was emitted
+    since. If it returns an awaitable, the sink's task awaits it, bounded by
+    `Retry`'s *timeout*, before the next batch.
+
     >>> import usercontext as uc
     >>> seen = []
     >>> sink = uc.CallbackSink(lambda events: seen.extend(e.seq for e in events))

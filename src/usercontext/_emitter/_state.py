@@ -18,6 +18,8 @@ from ._event import EVENTS_MISSED, _encode, _ids_json, _time, new_event
 
 
 if TYPE_CHECKING:
+    import asyncio
+
     from collections.abc import Callable
     from types import TracebackType
 
@@ -53,18 +55,45 @@ class Signal:
 class _Waiter:
     """
     A producer waiting for room in a full buffer, with its validated event.
+
+    It waits on a future of the running asyncio loop (*loop*), made anew
+    after each wake-up, or on a `Signal` on trio: no anyio call (each looks
+    the backend up) per wake-up.
     """
 
-    __slots__ = ("data_json", "event", "frozen", "kind")
+    __slots__ = ("data_json", "expired", "frozen", "kind", "loop", "signal")
 
-    def __init__(self, kind: str, frozen: object, data_json: str) -> None:
-        self.event = anyio.Event()
+    signal: Any
+
+    def __init__(
+        self,
+        kind: str,
+        frozen: object,
+        data_json: str | None,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
         self.kind = kind
         self.frozen = frozen
         self.data_json = data_json
+        self.loop = loop
+        self.signal = Signal() if loop is None else loop.create_future()
+        self.expired = False  # its timeout passed (asyncio)
+
+    def rearm(self) -> None:
+        """
+        Wait anew, after a wake-up.
+        """
+        loop = self.loop
+        self.signal = Signal() if loop is None else loop.create_future()
 
     def wake(self) -> None:
-        self.event.set()
+        signal = self.signal
+        if not signal.done():
+            signal.set_result(None)
+
+    def expire(self) -> None:
+        self.expired = True
+        self.wake()
 
 
 class _Stream:
@@ -169,14 +198,21 @@ class _Attached:
         "draining",
         "dropped",
         "ended",
+        "future",
+        "handover",
         "inflight",
+        "kick",
         "peak",
         "queue",
         "reason",
         "scope",
         "send_errors",
+        "sending",
         "sink",
         "stream",
+        "task",
+        "timed_out",
+        "timer",
         "unlinked",
         "waiter",
     )
@@ -198,6 +234,13 @@ class _Attached:
     peak: int
     done: anyio.Event | None
     attachment: Attachment
+    task: asyncio.Task[Any] | None
+    future: Any
+    kick: Any
+    handover: Any
+    sending: float | None
+    timer: asyncio.TimerHandle | None
+    timed_out: bool
 
     def __init__(self, stream: _Stream, sink: Sink) -> None:
         self.stream = stream
@@ -214,6 +257,18 @@ class _Attached:
         self.reason = None
         self.delivered = self.dropped = self.send_errors = self.peak = 0
         self.done = None
+        # The send watchdog (asyncio 3.11+): the delivery task, when the send
+        # in progress started (loop time), the timer, and whether it fired.
+        self.task = None
+        # The delivery task's own waiter while it sleeps; for a direct sink
+        # (flushed once per loop turn), the kick an emit wakes instead, and
+        # the first try of a batch the flush handed over to the task.
+        self.future = None
+        self.kick = None
+        self.handover = None
+        self.sending = None
+        self.timer = None
+        self.timed_out = False
 
     def wake(self) -> None:
         w = self.waiter
