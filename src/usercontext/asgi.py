@@ -210,9 +210,9 @@ class UserContextMiddleware:
        ``503``). Any other error propagates. If it returns `None`, or the path
        is exempt, the request goes on with no user bound and no scope.
     3. runs the rest of the request in a fresh copy of the Context (unless
-       *isolate* is false), with the context bound (its request id is the one of step 1), and with a scope of
-       *registry* open (`RequestState`); the response carries the request id
-       in *request_id_header*.
+       *isolate* is false), with the context bound (its request id is the one
+       of step 1), and with a scope of *registry* open (`RequestState`); the
+       response carries the request id in *request_id_header*.
 
     The scope stays open while the application produces the response, and
     is closed before the client can see the response complete, so that a
