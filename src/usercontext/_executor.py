@@ -11,15 +11,13 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable  # noqa: TC003  # the docs evaluate the annotations
+from typing import Any, TypeVar
 
 from ._context import UserContext, described_rules
 from ._current import _fresh_context, _get, bind
 from .exceptions import ConfigurationError
 
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 T = TypeVar("T")
 
