@@ -12,14 +12,12 @@ import concurrent.futures
 import contextvars
 
 from collections.abc import Callable  # noqa: TC003  # the docs evaluate the annotations
-from typing import Any, TypeVar
+from typing import Any
 
 from ._context import UserContext, described_rules
-from ._current import _fresh_context, _get, bind
+from ._current import T, _fresh_context, _get, bind  # T: the one the docs know
 from .exceptions import ConfigurationError
 
-
-T = TypeVar("T")
 
 __all__ = ["ContextExecutor"]
 
