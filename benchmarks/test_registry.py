@@ -479,7 +479,8 @@ def test_floor_async_cleanup_awaits(benchmark, loop, ctx):
 def test_registry_async_cleanup_awaits(benchmark, loop, ctx):
     """
     Ours, the generator awaiting in its cleanup: that cleanup is shielded and
-    bounded by the registry's close timeout (an anyio cancel scope), which the
-    hand-rolled scope leaves out. Target: <= 3x the hand-rolled scope.
+    bounded by the registry's close timeout (here, on asyncio outside any
+    cancel scope, a timer of the loop), which the hand-rolled scope leaves
+    out. Target: <= 3x the hand-rolled scope.
     """
     _ours_async(benchmark, loop, ctx, cleanup_awaits=True)
