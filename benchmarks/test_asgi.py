@@ -17,6 +17,8 @@ a registry scope for every request, is at most 1.0x starlette-context's.
   has one provider, and each request opens and closes a scope of it without
   asking for the resource (the bare app asks for nothing, and starlette-context
   has no scopes: what a resource costs is the registry's own benchmark).
+  A variant passes ``isolate=False`` (no Context copy per request), as for a
+  server that runs every request in a task of its own.
 - starlette-context: ``RawContextMiddleware`` (its pure ASGI middleware) with
   ``RequestIdPlugin()`` and a plugin reading ``x-user-id``: the same work
   without the scope. Both take the request id from ``x-request-id`` or make
@@ -158,13 +160,14 @@ class Session:
     """
 
 
-def _ours(app=bare_app):
+def _ours(app=bare_app, *, isolate=True):
     def session(_ctx):
         yield Session()
 
     registry = uc.Registry()
     registry.register(Session, session)
-    return UserContextMiddleware(app, resolver=_resolve, registry=registry), registry
+    middleware = UserContextMiddleware(app, resolver=_resolve, registry=registry, isolate=isolate)
+    return middleware, registry
 
 
 def _theirs(app=bare_app):
@@ -195,7 +198,7 @@ def _run(benchmark, loop, client: _Client, kind: str, *, sent_id: bool) -> None:
         if kind != "bare" and bare is not None:
             benchmark.extra_info["overhead_ns"] = overhead = per_request - bare
             theirs = _BEST.get(("starlette_context", sent_id))
-            if kind == "usercontext" and theirs is not None:
+            if kind.startswith("usercontext") and theirs is not None:
                 benchmark.extra_info["starlette_context_overhead_ns"] = theirs - bare
                 benchmark.extra_info["overhead_ratio"] = overhead / (theirs - bare)
 
@@ -212,10 +215,11 @@ def _starlette_context(benchmark, loop, *, sent_id: bool) -> None:
     client.check(request_id=REQUEST_ID if sent_id else "")
 
 
-def _usercontext(benchmark, loop, *, sent_id: bool) -> None:
-    middleware, registry = _ours()
+def _usercontext(benchmark, loop, *, sent_id: bool, isolate: bool = True) -> None:
+    middleware, registry = _ours(isolate=isolate)
     client = _Client(middleware, sent_id=sent_id)
-    _run(benchmark, loop, client, "usercontext", sent_id=sent_id)
+    kind = "usercontext" if isolate else "usercontext_isolate_off"
+    _run(benchmark, loop, client, kind, sent_id=sent_id)
     client.check(request_id=REQUEST_ID if sent_id else "")
     stats = registry.stats()
     assert (stats.scopes, stats.opened) == (0, client.served)
@@ -282,6 +286,16 @@ def test_usercontext_middleware(benchmark, loop):
     _usercontext(benchmark, loop, sent_id=False)
 
 
+@pytest.mark.benchmark(group=NO_ID)
+def test_usercontext_middleware_isolate_off(benchmark, loop):
+    """
+    The same with ``isolate=False``, for a server that runs each request in a
+    task of its own: no copy of the Context per request. Target: overhead
+    <= 1.0x starlette-context's (``extra_info``).
+    """
+    _usercontext(benchmark, loop, sent_id=False, isolate=False)
+
+
 @pytest.mark.benchmark(group=WITH_ID)
 def test_bare_app_request_id_sent(benchmark, loop):
     """
@@ -305,6 +319,15 @@ def test_usercontext_middleware_request_id_sent(benchmark, loop):
     Target: overhead <= 1.0x starlette-context's (``extra_info``).
     """
     _usercontext(benchmark, loop, sent_id=True)
+
+
+@pytest.mark.benchmark(group=WITH_ID)
+def test_usercontext_middleware_isolate_off_request_id_sent(benchmark, loop):
+    """
+    ``isolate=False``, as above, the client sending a request id. Target:
+    overhead <= 1.0x starlette-context's (``extra_info``).
+    """
+    _usercontext(benchmark, loop, sent_id=True, isolate=False)
 
 
 def _interleaved(benchmark, loop, *, sent_id: bool) -> None:

@@ -22,7 +22,7 @@ from usercontext import (
     NoContextError,
     UserContext,
     _context,
-    _current,
+    _executor,
     bind,
     current,
     current_or_none,
@@ -885,7 +885,7 @@ class TestContextExecutorProcesses:
         other = _context._describe_rules(usercontext.IdRules(max_length=10), 32)
 
         with pytest.raises(usercontext.ConfigurationError, match="max_length=10"):
-            _current._run_in_process(ctx.to_dict(), other, ran.append, (1,), {})
+            _executor._run_in_process(ctx.to_dict(), other, ran.append, (1,), {})
         assert ran == []
 
     def test_processes_flag(self, ctx):
@@ -917,7 +917,7 @@ class TestContextExecutorProcesses:
         _run_in_process binds the decoded context for the call only, and runs
         unbound without one; it validates what it decodes.
         """
-        run = functools.partial(_current._run_in_process, rules=_context.described_rules())
+        run = functools.partial(_executor._run_in_process, rules=_context.described_rules())
 
         assert run(None, fn=user_of_current, args=(), kwargs={}) is None
         assert run(ctx.to_dict(), fn=remote_current, args=(), kwargs={}) == ctx
@@ -937,8 +937,8 @@ class TestContextExecutorProcesses:
             probe.set("dirty")
 
         rules = _context.described_rules()
-        _current._run_in_process(None, rules, dirty, (), {})
-        _current._run_in_process(ctx.to_dict(), rules, dirty, (), {})
+        _executor._run_in_process(None, rules, dirty, (), {})
+        _executor._run_in_process(ctx.to_dict(), rules, dirty, (), {})
 
         assert probe.get() == "unset"
 

@@ -15,6 +15,7 @@ the imports inside functions, for the layering of the modules.
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.metadata
 import json
 import re
@@ -24,6 +25,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import usercontext
 
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -60,6 +63,28 @@ FORBIDDEN = (
     "starlette",
     "structlog",
     "trio",
+)
+#: What `import usercontext` leaves to first use: the private modules behind
+#: the names `usercontext.__getattr__` loads (PEP 562), and the heavy standard
+#: modules only they, or a call, need.
+LAZY = (
+    "anyio",
+    "asyncio",
+    "concurrent.futures",
+    "json",
+    "logging",
+    "ssl",
+    "subprocess",
+    "urllib.parse",
+    "usercontext._emitter",
+    "usercontext._engine_use",
+    "usercontext._executor",
+    "usercontext._factory",
+    "usercontext._lifecycle",
+    "usercontext._local_quota",
+    "usercontext._quota",
+    "usercontext._registry",
+    "usercontext._scope",
 )
 
 
@@ -335,7 +360,8 @@ class TestImportIsLight:
         """
         `import usercontext`, in a fresh interpreter, imports only the
         standard library, attrs, typing-extensions, anyio and anyio's own
-        requirements: no framework, and nothing of the report.
+        requirements (anyio itself on first use only: see `LAZY`): no
+        framework, and nothing of the report.
         """
         code = (
             "import json, sys\n"
@@ -357,11 +383,53 @@ class TestImportIsLight:
         )
 
         assert "usercontext" in new_top_level
-        assert "anyio" in new_top_level
         assert new_top_level - allowed == set()
         assert [
             m for m in modules["all"] if any(m == f or m.startswith(f"{f}.") for f in FORBIDDEN)
         ] == []
+
+    def test_heavy_modules_left_to_first_use(self):
+        """
+        `import usercontext` imports none of `LAZY`: not anyio or asyncio,
+        not the emitter, the factory, the quotas or the registry. The first read of a
+        name they define imports its module, once, and later reads find the
+        same object in the package's namespace.
+        """
+        code = (
+            "import json, sys\n"
+            "before = set(sys.modules)\n"
+            "import usercontext\n"
+            "after_import = set(sys.modules) - before\n"
+            "registry = usercontext.Registry\n"
+            "print(json.dumps({'after_import': sorted(after_import),"
+            " 'after_read': sorted(set(sys.modules) - before),"
+            " 'cached': 'Registry' in vars(usercontext),"
+            " 'same': usercontext.Registry is registry"
+            " is sys.modules['usercontext._registry'].Registry}))\n"
+        )
+        out = subprocess.run(  # noqa: S603  # our own interpreter and code
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+        found = json.loads(out)
+
+        assert [m for m in LAZY if m in found["after_import"]] == []
+        assert "usercontext._context" in found["after_import"]
+        assert "usercontext._registry" in found["after_read"]
+        assert (found["cached"], found["same"]) == (True, True)
+
+    def test_lazy_names_listed(self):
+        """
+        The names loaded on first use are in ``dir(usercontext)`` and
+        ``__all__``, and each is defined by the module the package names for
+        it.
+        """
+        lazy = vars(usercontext)["_LAZY"]
+
+        assert set(lazy) <= set(dir(usercontext))
+        assert set(lazy) <= set(usercontext.__all__)
+        for name, module in lazy.items():
+            defined = importlib.import_module(f"usercontext.{module}")
+            assert getattr(usercontext, name) is getattr(defined, name)
 
     def test_anyio_requirements_parsed(self):
         """

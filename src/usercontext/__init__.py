@@ -6,10 +6,12 @@ Everything public is importable from here; the ``_``-modules may change.
 
 from __future__ import annotations
 
+import importlib
+import typing
+
 from ._attach import AttachToken, attach, detach
 from ._context import DEFAULT_PLACEHOLDERS, IdRules, UserContext, configure
 from ._current import (
-    ContextExecutor,
     bind,
     current,
     current_or_none,
@@ -17,33 +19,7 @@ from ._current import (
     to_thread,
     wrap,
 )
-from ._emitter import (
-    AGENT_COMPLETED,
-    AGENT_ERROR,
-    AGENT_STARTED,
-    AGENT_THINKING,
-    EVENTS_MISSED,
-    TOOL_COMPLETED,
-    TOOL_EXECUTING,
-    Attachment,
-    CallbackSink,
-    DeadLetter,
-    Emitter,
-    EmitterHub,
-    EmitterStats,
-    Event,
-    EventBus,
-    Retry,
-    Sink,
-    SinkStats,
-)
-from ._engine_use import EngineUse
-from ._factory import EngineFactory, FactoryStats
 from ._job import bound_from_job, child_from_job, to_job
-from ._local_quota import LocalQuota, ThreadQuota
-from ._quota import Lease, Quota, QuotaStats
-from ._registry import Registry, RegistryStats
-from ._scope import Scope
 from .exceptions import (
     BackendUnavailableError,
     CloseTimeoutError,
@@ -70,6 +46,74 @@ from .exceptions import (
     UnauthenticatedError,
     UserContextError,
 )
+
+
+if typing.TYPE_CHECKING:  # what the type checkers and documentation tools read
+    from ._emitter import (
+        AGENT_COMPLETED,
+        AGENT_ERROR,
+        AGENT_STARTED,
+        AGENT_THINKING,
+        EVENTS_MISSED,
+        TOOL_COMPLETED,
+        TOOL_EXECUTING,
+        Attachment,
+        CallbackSink,
+        DeadLetter,
+        Emitter,
+        EmitterHub,
+        EmitterStats,
+        Event,
+        EventBus,
+        Retry,
+        Sink,
+        SinkStats,
+    )
+    from ._engine_use import EngineUse
+    from ._executor import ContextExecutor
+    from ._factory import EngineFactory, FactoryStats
+    from ._local_quota import LocalQuota, ThreadQuota
+    from ._quota import Lease, Quota, QuotaStats
+    from ._registry import Registry, RegistryStats
+    from ._scope import Scope
+
+
+#: The public names loaded on first use, each with the private module that
+#: defines it: the emitter, the factory, the quotas and the registry import
+#: asyncio and more, which `import usercontext` need not pay for when a
+#: service uses only `UserContext` and `bind` (PEP 562).
+_LAZY: dict[str, str] = {
+    "AGENT_COMPLETED": "_emitter",
+    "AGENT_ERROR": "_emitter",
+    "AGENT_STARTED": "_emitter",
+    "AGENT_THINKING": "_emitter",
+    "Attachment": "_emitter",
+    "CallbackSink": "_emitter",
+    "DeadLetter": "_emitter",
+    "EVENTS_MISSED": "_emitter",
+    "Emitter": "_emitter",
+    "EmitterHub": "_emitter",
+    "EmitterStats": "_emitter",
+    "Event": "_emitter",
+    "EventBus": "_emitter",
+    "Retry": "_emitter",
+    "Sink": "_emitter",
+    "SinkStats": "_emitter",
+    "TOOL_COMPLETED": "_emitter",
+    "TOOL_EXECUTING": "_emitter",
+    "EngineUse": "_engine_use",
+    "ContextExecutor": "_executor",
+    "EngineFactory": "_factory",
+    "FactoryStats": "_factory",
+    "LocalQuota": "_local_quota",
+    "ThreadQuota": "_local_quota",
+    "Lease": "_quota",
+    "Quota": "_quota",
+    "QuotaStats": "_quota",
+    "Registry": "_registry",
+    "RegistryStats": "_registry",
+    "Scope": "_scope",
+}
 
 
 __all__ = [
@@ -146,7 +190,12 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> str:
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value  # later reads find it without this call
+        return value
     if name == "__version__":
         from importlib.metadata import version
 
@@ -154,3 +203,7 @@ def __getattr__(name: str) -> str:
 
     msg = f"module {__name__!r} has no attribute {name!r}"
     raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

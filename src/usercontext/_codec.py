@@ -9,11 +9,8 @@ can import it without a circle.
 
 from __future__ import annotations
 
-import json
-
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
-from urllib.parse import quote, unquote
 
 from ._messages import short_repr
 from .exceptions import InvalidContextError
@@ -148,6 +145,11 @@ def to_headers(ctx: Context) -> dict[str, str]:
     """
     Return *ctx* as ``x-usercontext-*`` headers of at most `MAX_HEADER_BYTES`.
     """
+    # Imported on the first call, as in _decode: `import usercontext` need not load them.
+    import json
+
+    from urllib.parse import quote
+
     headers = {
         _HEADER_OF[f]: quote(v, safe=_SAFE) for f in ID_FIELDS if (v := getattr(ctx, f)) is not None
     }
@@ -240,6 +242,10 @@ def _collect(headers: Any) -> dict[str, str]:
 
 
 def _decode(field: str, value: str) -> Any:
+    import json
+
+    from urllib.parse import unquote
+
     if field in _DECODED_AS_ID:
         try:
             return unquote(value, errors="strict")

@@ -615,6 +615,30 @@ class UserContext:
         return f"UserContext({', '.join(parts)})"
 
 
+def with_request_id(ctx: UserContext, request_id: str) -> UserContext:
+    """
+    Return *ctx* with *request_id*, as ``ctx.evolve(request_id=request_id)``
+    does, without reading the changes of a call that may change any field:
+    the middleware gives every request its incoming id this way.
+
+    Raises:
+        InvalidContextError: If *request_id* breaks a rule, as `evolve` raises.
+    """
+    _check_request_id("request_id", request_id)
+    new = _draft()
+    new.user_id = ctx.user_id
+    new.thread_id = ctx.thread_id
+    new.run_id = ctx.run_id
+    new.request_id = request_id
+    new.connection_id = ctx.connection_id
+    new.parent_request_id = ctx.parent_request_id
+    new.depth = ctx.depth
+    new.created_at = ctx.created_at
+    new.metadata = ctx.metadata
+    new.__class__ = type(ctx)  # type: ignore[assignment]
+    return new  # type: ignore[return-value]
+
+
 def _from_dict(cls: type[UserContext], data: dict[str, Any]) -> UserContext:
     return cls.from_dict(data)
 

@@ -73,11 +73,26 @@ async def drive(awaitable: Awaitable[Any], timeout: float, what: str, *what_args
 
     The scope is entered before the cleanup's first step: a cleanup may open
     cancel scopes of its own, and those must nest inside ours on both loops.
+    On asyncio, a task that no anyio cancel scope encloses needs no shield
+    from one: the cleanup is only guarded against native cancellation, and
+    cut by a timer of the loop.
 
     Raises:
         usercontext.exceptions.CloseTimeoutError: If it was cut; the message
             names ``what % what_args``.
     """
+    task = _unscoped_task()
+    if task is not None:
+        # No anyio cancel scope around the task: none can cancel it, so none
+        # need be shielded from, and the cut is a timer of the loop (see
+        # _Cut) instead of anyio's scope and deadline, which cost a cleanup
+        # several times its own work.
+        cut = _Cut(timeout, what, what_args)
+        timer = task.get_loop().call_later(timeout, cut.fire)
+        try:
+            return await _guard(awaitable, task, cut)
+        finally:
+            timer.cancel()
     scope = anyio.move_on_after(timeout, shield=True)
     try:
         with scope:
@@ -96,6 +111,62 @@ def _cut(timeout: float, what: str, *what_args: object) -> str:
         f"Closing {what % what_args} took longer than its timeout of {timeout} s and was "
         "cut. Make the cleanup faster or raise the timeout."
     )
+
+
+_modules = sys.modules  # where _unscoped_task looks for anyio's asyncio backend
+
+
+class _Cut:
+    """
+    The deadline of a cleanup `drive` runs without a cancel scope: when it
+    fires, the future the cleanup waits on is cancelled, and so is each one
+    it waits on after (a bare yield gets a `CancelledError` thrown in), as a
+    cancel scope's deadline would; `_guard` then raises `CloseTimeoutError`
+    for the `CancelledError` that comes out of the cleanup, with the message
+    `drive` gives (made only then).
+    """
+
+    __slots__ = ("fired", "fut", "timeout", "what", "what_args")
+
+    def __init__(self, timeout: float, what: str, what_args: tuple[object, ...]) -> None:
+        self.timeout = timeout
+        self.what = what
+        self.what_args = what_args
+        self.fired = False
+        self.fut: Future[Any] | None = None
+
+    @property
+    def message(self) -> str:
+        return _cut(self.timeout, self.what, *self.what_args)
+
+    def fire(self) -> None:
+        self.fired = True
+        fut = self.fut
+        if fut is not None:
+            fut.cancel()
+
+
+def _unscoped_task() -> Any:
+    """
+    Return the running asyncio task if no anyio cancel scope encloses it (then
+    no cancel scope can cancel it), else `None`; `None` on trio too.
+    """
+    try:
+        task = current_task()
+    except RuntimeError:  # no asyncio loop: trio
+        return None
+    backend = _modules.get("anyio._backends._asyncio")
+    if backend is None:
+        return task  # anyio never ran on this loop: no scope of its exists
+    # anyio's own record of each task's innermost cancel scope; if a release
+    # of anyio names it otherwise, every cleanup takes the scoped way.
+    states = getattr(backend, "_task_states", None)
+    if states is None:  # pragma: no cover  # the anyio the tests run has it
+        return None
+    state = states.get(task)
+    if state is None or getattr(state, "cancel_scope", True) is None:
+        return task
+    return None
 
 
 def shielded(awaitable: Awaitable[Any]) -> Awaitable[Any]:
@@ -141,7 +212,9 @@ def _meant_for_it() -> bool:
 
 
 @types.coroutine
-def _guard(awaitable: Awaitable[Any], task: Any) -> Generator[Any, Any, Any]:  # noqa: C901, PLR0912  # the task protocol, step by step
+def _guard(  # noqa: C901, PLR0912, PLR0915  # the task protocol, step by step
+    awaitable: Awaitable[Any], task: Any, cut: _Cut | None = None
+) -> Generator[Any, Any, Any]:
     steps = awaitable.__await__()
     pending = _cancelling(task)
     held: list[CancelledError] = []  # native cancellations, raised again at the end
@@ -163,6 +236,11 @@ def _guard(awaitable: Awaitable[Any], task: Any) -> Generator[Any, Any, Any]:  #
                 # throw, so coverage would miss what follows.)
                 fut: Future[Any] = yielded
                 fut._asyncio_future_blocking = False
+                if cut is not None:
+                    if cut.fired:
+                        fut.cancel()  # past the deadline: each wait is cut
+                    else:
+                        cut.fut = fut
                 while not fut.done():
                     proxy = fut.get_loop().create_future()
                     wake = _waker(proxy)
@@ -187,6 +265,8 @@ def _guard(awaitable: Awaitable[Any], task: Any) -> Generator[Any, Any, Any]:  #
                     held.append(e)
             except BaseException as e:  # handed to the awaitable, as a task does
                 thrown = e
+            if thrown is None and cut is not None and cut.fired:
+                thrown = CancelledError()  # past the deadline: a step of the loop is cut too
     except BaseException as e:  # raised below
         error: BaseException | None = e
     else:
@@ -200,10 +280,16 @@ def _guard(awaitable: Awaitable[Any], task: Any) -> Generator[Any, Any, Any]:  #
                 "A shielded cleanup step failed while its task was being cancelled: %s",
                 describe(error),
             )
+        if cut is not None and cut.fired:
+            # Cut, and the task was cancelled natively meanwhile: that
+            # cancellation wins, and the cut is logged (as `drive` does).
+            logger.error(cut.message)
         # Raised outside the handler: chained to a cut by a cancel scope, it
         # would pass for that scope's own and be swallowed by it.
         raise held[0]
     if error is not None:
+        if cut is not None and cut.fired and isinstance(error, CancelledError):
+            raise CloseTimeoutError(cut.message) from None
         raise error
     return result
 

@@ -45,6 +45,7 @@ from usercontext._asgi_response import (
     _send_json,
     logger,
 )
+from usercontext._context import with_request_id
 from usercontext._pending import Pending, pending, readers
 from usercontext.exceptions import _check_header, _phrase
 
@@ -185,7 +186,7 @@ class UserContextMiddleware:
     """
     UserContextMiddleware(app, *, resolver, registry=None, hub=None, \
     request_id_header="x-request-id", exempt=(), resolver_in_thread=False, \
-    trust_request_id=True, request_id_factory=None)
+    trust_request_id=True, request_id_factory=None, isolate=True)
 
     Bind a `usercontext.UserContext` to every ``http`` and ``websocket``
     request of *app*; pass ``lifespan`` and other scopes through untouched.
@@ -208,10 +209,10 @@ class UserContextMiddleware:
        responses, and else closed with code 1008 (1013 for ``429`` and
        ``503``). Any other error propagates. If it returns `None`, or the path
        is exempt, the request goes on with no user bound and no scope.
-    3. runs the rest of the request in a fresh copy of the Context, with the
-       context bound (its request id is the one of step 1), and with a scope of
-       *registry* open (`RequestState`); the response carries the request id
-       in *request_id_header*.
+    3. runs the rest of the request in a fresh copy of the Context (unless
+       *isolate* is false), with the context bound (its request id is the one
+       of step 1), and with a scope of *registry* open (`RequestState`); the
+       response carries the request id in *request_id_header*.
 
     The scope stays open while the application produces the response, and
     is closed before the client can see the response complete, so that a
@@ -264,6 +265,14 @@ class UserContextMiddleware:
         request_id_factory: Makes the request id of each request whose client
             sent none (or one not taken), instead of the context's own; each
             id must be 1 to 128 visible ASCII characters.
+        isolate: Run each request in a fresh copy of the Context, so that
+            what the application sets in a context variable and leaves set
+            never reaches the next request. ``False`` saves that copy where
+            the server runs each request in a task of its own, started from a
+            copy of the server's Context, as uvicorn, hypercorn and daphne
+            do: the task's Context ends with the request. Keep it ``True``
+            when an outer middleware or a server serves several requests from
+            one task. The request's user is unbound at its end either way.
 
     Raises:
         TypeError: If an argument has the wrong type, or *resolver_in_thread*
@@ -286,6 +295,7 @@ class UserContextMiddleware:
         resolver_in_thread: bool = False,
         trust_request_id: bool | Callable[[str], bool] = True,
         request_id_factory: Callable[[], str] | None = None,
+        isolate: bool = True,
     ) -> None:
         if not callable(resolver):
             msg = (  # type: ignore[unreachable]
@@ -321,6 +331,9 @@ class UserContextMiddleware:
                 "loop: leave resolver_in_thread out."
             )
             raise TypeError(msg)
+        if type(isolate) is not bool:
+            msg = f"isolate must be True or False, got {isolate!r}."  # type: ignore[unreachable]
+            raise TypeError(msg)
         if type(trust_request_id) is not bool and not callable(trust_request_id):
             msg = (  # type: ignore[unreachable]
                 "trust_request_id must be True, False, or a function taking a request id and "
@@ -345,7 +358,8 @@ class UserContextMiddleware:
         self._exempt = _exempt_matcher(self.exempt)
         self._make_id = None if request_id_factory is None else _checked_factory(request_id_factory)
         self._header = request_id_header.lower().encode("ascii")
-        self._serve_isolated = isolated(self._serve)
+        self.isolate = isolate
+        self._serve_isolated = isolated(self._serve) if isolate else self._serve
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         """
@@ -449,7 +463,7 @@ class UserContextMiddleware:
             chosen = _id_of(request, incoming, make_id)
         if chosen is not None and chosen != ctx.request_id:
             try:  # noqa: SIM105  # contextlib.suppress costs an object per request
-                ctx = ctx.evolve(request_id=chosen)
+                ctx = with_request_id(ctx, chosen)
             except InvalidContextError:
                 # The client's id breaks the library's rules (a placeholder
                 # such as "null"). Nothing used it yet (`Pending.get` would

@@ -68,6 +68,72 @@ class TestFreshContext:
             ("req-1", "unset", "set by the server"),
         ]
 
+    async def test_isolate_off_on_a_task_per_request(self):
+        """
+        With ``isolate=False`` on a server that runs each request in a task
+        of its own, nothing leaks either: what one request sets or binds (even
+        a bind it never leaves) ends with its task, and the next request and
+        the server's task see none of it; the server's variables reach both.
+        """
+        seen = []
+
+        async def app(scope, receive, send):
+            ctx = uc.current()
+            seen.append((ctx.request_id, request_var.get(), outer_var.get()))
+            await json_app()(scope, receive, send)
+            request_var.set(f"set by {ctx.request_id}")
+            uc.bind(ctx.child(run_id="r-leaked")).__enter__()  # never left
+
+        mw = UserContextMiddleware(app, resolver=resolve, isolate=False)
+        token = outer_var.set("set by the server")
+        try:
+            clients = [Client() for _ in range(3)]
+            for i, client in enumerate(clients):
+                async with anyio.create_task_group() as tg:  # one task per request, in turn
+                    tg.start_soon(
+                        mw, http_scope(("x-request-id", f"req-{i}")), client.receive, client.send
+                    )
+                assert uc.current_or_none() is None
+                assert request_var.get() == "unset"
+        finally:
+            outer_var.reset(token)
+
+        assert [c.json()["request_id"] for c in clients] == ["req-0", "req-1", "req-2"]
+        assert seen == [(f"req-{i}", "unset", "set by the server") for i in range(3)]
+
+    async def test_isolate_off_runs_in_the_servers_context(self):
+        """
+        ``isolate=False`` makes no copy of the Context: a variable the
+        application leaves set is seen by the server's task after the request
+        (why a server that serves several requests from one task needs the
+        default), while the request's user is unbound at its end all the same.
+        """
+
+        async def app(scope, receive, send):
+            request_var.set("set by the request")
+            await json_app()(scope, receive, send)
+
+        client = Client()
+        token = request_var.set("unset")
+        try:
+            await UserContextMiddleware(app, resolver=resolve, isolate=False)(
+                http_scope(), client.receive, client.send
+            )
+            left = request_var.get()
+        finally:
+            request_var.reset(token)
+
+        assert left == "set by the request"
+        assert uc.current_or_none() is None
+        assert client.json()["user_id"] == "u-42"
+
+    def test_isolate_must_be_a_bool(self):
+        """
+        *isolate* is True or False.
+        """
+        with pytest.raises(TypeError, match=r"^isolate must be True or False, got 0\.$"):
+            UserContextMiddleware(json_app(), resolver=resolve, isolate=0)
+
     async def test_a_server_task_with_a_bound_context(self, ctx):
         """
         A request served from code where a context is bound (of another user,

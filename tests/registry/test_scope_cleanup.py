@@ -663,10 +663,14 @@ class TestCleanupWithoutAwait:
 
         registry.register("awaiting", awaiting)
         registry.register("no_await", no_await)
-        async with registry.scope(ctx) as scope:
-            await scope.aget("awaiting")
-            await scope.aget("no_await")
-            start = anyio.current_time()
+        # Inside a cancel scope (as in any task group): there the cleanup
+        # timeout is a scope's deadline. Outside any, on asyncio, it is a timer
+        # of the loop (test_scope_cut.py).
+        with anyio.CancelScope():
+            async with registry.scope(ctx) as scope:
+                await scope.aget("awaiting")
+                await scope.aget("no_await")
+                start = anyio.current_time()
 
         [(first, unbounded, ctx1), (second, deadline, ctx2)] = seen
         assert (first, second) == ("no_await", "awaiting")
@@ -724,9 +728,10 @@ class TestCleanupWithoutAwait:
             return next(made)(c)
 
         registry.register("db", provider)
-        for expected in ("awaiting", "no_await", "awaiting", "no_await"):
-            async with registry.scope(ctx) as scope:
-                assert await scope.aget("db") == expected
+        with anyio.CancelScope():  # see test_only_awaiting_cleanups_get_a_cancel_scope
+            for expected in ("awaiting", "no_await", "awaiting", "no_await"):
+                async with registry.scope(ctx) as scope:
+                    assert await scope.aget("db") == expected
 
         assert [d == math.inf for d in deadlines] == [False, True, False, True]
         settled(registry)
