@@ -404,15 +404,6 @@ class LocalQuota(_Core):
         """
         self._set_limits(per_key, total, set_total=total is not _MISSING)
 
-    def _new_signal(self) -> Any:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio: trio
-            return anyio.Event()
-        # A bare future is the cheapest waiter on asyncio, and it shows in the
-        # tail latency of a busy quota.
-        return loop.create_future()
-
     def _alive(self, waiter: _Waiter) -> bool:
         signal = waiter.signal
         return not (isinstance(signal, asyncio.Future) and signal.done())
@@ -425,25 +416,71 @@ class LocalQuota(_Core):
             signal.set()
 
     async def _wait(self, key: str, timeout: float | None) -> Lease:
-        w = _Waiter(key, self._new_signal())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio: trio
+            return await self._wait_anyio(key, timeout)
+        # A bare future is the cheapest waiter on asyncio, and it shows in the
+        # tail latency of a busy quota. No cancel scope around the wait: a
+        # cancellation cancels the future, and a timeout is a timer of the
+        # loop that resolves it without a grant.
+        fut = loop.create_future()
+        w = _Waiter(key, fut)
+        self._enqueue(w)
+        start = loop.time()
+        timer = None if timeout is None else loop.call_at(start + timeout, self._expire, w)
+        try:
+            await fut
+        except BaseException:
+            # Cancelled from outside: never keep or lose a slot on the way out.
+            if timer is not None:
+                timer.cancel()
+            self._abandon(w)
+            raise
+        if w.granted:
+            if timer is not None:
+                timer.cancel()
+            return grant_lease(_LocalLease, self, key)
+        # Resolved by the timer, which took it off the queue.
+        self._timed_out += 1
+        raise self._full_error(QuotaTimeoutError, key, loop.time() - start, timeout)
+
+    def _expire(self, w: _Waiter) -> None:
+        """
+        The timer of an asyncio wait: give up on *w* unless it was granted
+        (or cancelled) first.
+        """
+        fut: asyncio.Future[None] = w.signal
+        if not fut.done():
+            self._forget(w)
+            fut.set_result(None)
+
+    def _abandon(self, w: _Waiter) -> None:
+        """
+        Undo the wait of *w*, cancelled from outside, even right after its grant.
+        """
+        if w.granted:
+            self._return(w.key)
+        else:
+            self._forget(w)
+            self._cancelled += 1
+
+    async def _wait_anyio(self, key: str, timeout: float | None) -> Lease:
+        # trio: an anyio.Event, and a cancel scope only when there is a timeout.
+        signal = anyio.Event()
+        w = _Waiter(key, signal)
         self._enqueue(w)
         # The loop's clock, which the timeout runs on: under a mock clock (trio's
         # autojump in tests) the wall clock would report no wait at all.
         start = anyio.current_time()
         try:
-            with anyio.move_on_after(timeout):
-                signal = w.signal
-                if isinstance(signal, asyncio.Future):
-                    await signal
-                else:
+            if timeout is None:
+                await signal.wait()
+            else:
+                with anyio.move_on_after(timeout):
                     await signal.wait()
         except BaseException:
-            # Cancelled from outside: never keep or lose a slot on the way out.
-            if w.granted:
-                self._return(key)
-            else:
-                self._forget(w)
-                self._cancelled += 1
+            self._abandon(w)
             raise
         if w.granted:
             return grant_lease(_LocalLease, self, key)
