@@ -78,10 +78,12 @@ class _Core:
             raise TypeError(msg)
         return limit
 
-    def _take_now(self, key: str) -> Lease | None:
+    def _take_now(self, key: str) -> bool:
         """
-        Return a `Lease` of *key* if a slot is free right now and nobody waits
-        ahead, else `None`. Never waits and counts no rejection.
+        Take a slot of *key* if one is free right now and nobody waits ahead,
+        and say whether it did; the caller makes the lease, if it needs one
+        (`EngineFactory` holds the slot of a `LocalQuota` without one). Never
+        waits and counts no rejection.
         """
         in_use = self._in_use
         n = in_use.get(key, 0)
@@ -91,16 +93,13 @@ class _Core:
             or (self._total is not None and self._total_in_use >= self._total)
             or (self._waiters and key in self._waiters)
         ):
-            return None
+            return False
         in_use[key] = n + 1
         total = self._total_in_use = self._total_in_use + 1
         self._granted += 1
         if total > self._peak:  # noqa: PLR1730  # max() is a call, slower on the hot path
             self._peak = total
-        lease = _new_lease(self._lease_type)
-        lease._quota = self
-        lease._key = key
-        return lease
+        return True
 
     def acquire_nowait(self, key: str) -> Lease:
         """
@@ -110,11 +109,10 @@ class _Core:
         Raises:
             usercontext.exceptions.QuotaExceededError: If no slot is free.
         """
-        lease = self._take_now(key)
-        if lease is None:
+        if not self._take_now(key):
             self._rejected += 1
             raise self._full_error(QuotaExceededError, key, 0.0, 0.0)
-        return lease
+        return grant_lease(self._lease_type, self, key)
 
     def _take(self, key: str) -> None:
         self._in_use[key] = self._in_use.get(key, 0) + 1
@@ -352,7 +350,7 @@ class LocalQuota(_Core):
         cancelled while it waits, even right after being granted, leaves no slot
         taken.
         """
-        # _take_now, written out: this is the hot path of every engine.
+        # _take_now, written out: this is the hot path of a quota used alone.
         in_use = self._in_use
         n = in_use.get(key, 0)
         if (
@@ -524,9 +522,8 @@ class ThreadQuota(_Core):
         and ``0`` raises `usercontext.exceptions.QuotaExceededError` at once.
         """
         with self._lock:
-            lease = self._take_now(key)
-            if lease is not None:
-                return lease
+            if self._take_now(key):
+                return grant_lease(Lease, self, key)
             if timeout is not None and timeout <= 0:
                 self._rejected += 1
                 raise self._full_error(QuotaExceededError, key, 0.0, timeout)
