@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 
-from asyncio import CancelledError, current_task
+from asyncio import CancelledError
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
@@ -21,6 +21,7 @@ from ._lifecycle import (
     PLAIN,
     add_note,
     aenter,
+    asyncio_task,
     describe,
     enter,
     kind_of,
@@ -64,6 +65,20 @@ class Made(Generic[E]):
         self.entered = entered
         self.engine: E = entered[2]
         self.parked_at = 0.0
+
+
+_new_use = object.__new__
+
+
+def use(factory: EngineFactory[E], ctx: UserContext | None) -> EngineUse[E]:
+    """
+    Return ``EngineUse(factory, ctx)``, without the call of ``__init__``: one
+    is made per request.
+    """
+    u: EngineUse[E] = _new_use(EngineUse)  # pyright: ignore[reportUnknownVariableType]
+    u._factory = factory
+    u._ctx = ctx
+    return u
 
 
 def _bind(ctx: UserContext) -> Token[UserContext] | None:
@@ -136,10 +151,9 @@ class EngineUse(Generic[E]):
     _cancelling: int  # its Task.cancelling() then, on asyncio
 
     def __init__(self, factory: EngineFactory[E], ctx: UserContext | None) -> None:
+        # EngineFactory.engine makes it without this call (use): keep both alike.
         self._factory = factory
         self._ctx = ctx
-        self._aborted = False
-        self._why = ""
 
     def abort(self, why: str) -> None:
         """
@@ -221,6 +235,7 @@ class EngineUse(Generic[E]):
         self._lease = lease
         self._entered = entered
         self._made = made
+        self._aborted = False  # read once the body has begun: abort() is only for those
         uses = f._uses
         uses.add(self)
         n = len(uses)
@@ -231,7 +246,7 @@ class EngineUse(Generic[E]):
             lease.add_lost_callback(self._lose)
         deadline = f._deadline
         try:
-            task = current_task()
+            task = asyncio_task()
         except RuntimeError:  # no asyncio loop: trio
             task = None
         if task is not None and deadline is None:

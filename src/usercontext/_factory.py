@@ -14,7 +14,7 @@ import anyio
 import attrs
 
 from . import _checks
-from ._engine_use import EngineUse, Made, report
+from ._engine_use import EngineUse, Made, report, use
 from ._idle_pool import IdlePool
 from ._lifecycle import (
     AWAITABLE,
@@ -339,7 +339,7 @@ class EngineFactory(Generic[E]):
             usercontext.exceptions.EngineDeadlineError: If the body ran past
                 the *deadline*.
         """
-        return EngineUse(self, ctx)
+        return use(self, ctx)
 
     def stats(self, top: int = 10) -> FactoryStats:
         """
