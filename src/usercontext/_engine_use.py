@@ -90,7 +90,7 @@ def _bind(ctx: UserContext) -> Token[UserContext] | None:
     prev = _get(None)
     if prev is ctx:
         return None
-    if (prev is None or prev.user_id == ctx.user_id) and isinstance(ctx, UserContext):
+    if isinstance(ctx, UserContext) and (prev is None or prev.user_id == ctx.user_id):
         return _var.set(ctx)
     bind(ctx).__enter__()  # raises the error that fits: another user's, or no context
     raise AssertionError  # pragma: no cover  # unreachable
