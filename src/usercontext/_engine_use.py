@@ -90,7 +90,8 @@ def _bind(ctx: UserContext) -> Token[UserContext] | None:
     prev = _get(None)
     if prev is ctx:
         return None
-    if isinstance(ctx, UserContext) and (prev is None or prev.user_id == ctx.user_id):
+    # Not a UserContext (a caller without type checks): bind() says so.
+    if isinstance(ctx, UserContext) and (prev is None or prev.user_id == ctx.user_id):  # type: ignore[redundant-expr]
         return _var.set(ctx)
     bind(ctx).__enter__()  # raises the error that fits: another user's, or no context
     raise AssertionError  # pragma: no cover  # unreachable
@@ -185,10 +186,12 @@ class EngineUse(Generic[E]):
         key = ctx.user_id
         try:
             quota = f._quota
-            if f._local_quota and quota._take_now(key):  # type: ignore[attr-defined]  # a LocalQuota
-                # A free slot of a LocalQuota, held without a Lease: the slot
-                # is handed back by key.
+            if f._local_quota:
+                # A slot of a LocalQuota is held without a Lease, and handed
+                # back by key.
                 lease = None
+                if not quota._take_now(key):  # type: ignore[attr-defined]  # a LocalQuota
+                    await quota._wait(key, f._timeout)  # type: ignore[attr-defined]
             else:
                 lease = await quota.acquire(key, timeout=f._timeout)
             try:

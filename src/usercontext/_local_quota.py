@@ -367,10 +367,8 @@ class LocalQuota(_Core):
             lease._quota = self
             lease._key = key
             return lease
-        if timeout is not None and timeout <= 0:
-            self._rejected += 1
-            raise self._full_error(QuotaExceededError, key, 0.0, timeout)
-        return await self._wait(key, timeout)
+        await self._wait(key, timeout)
+        return grant_lease(_LocalLease, self, key)
 
     async def arelease(self, lease: Lease) -> None:
         """
@@ -413,11 +411,20 @@ class LocalQuota(_Core):
         else:
             signal.set()
 
-    async def _wait(self, key: str, timeout: float | None) -> Lease:
+    async def _wait(self, key: str, timeout: float | None) -> None:
+        """
+        Wait for a slot of *key*, which `_take_now` found taken, and take it;
+        the caller holds it (with a lease, or by key). A *timeout* of 0 or less
+        refuses at once.
+        """
+        if timeout is not None and timeout <= 0:
+            self._rejected += 1
+            raise self._full_error(QuotaExceededError, key, 0.0, timeout)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not asyncio: trio
-            return await self._wait_anyio(key, timeout)
+            await self._wait_anyio(key, timeout)
+            return
         # A bare future is the cheapest waiter on asyncio, and it shows in the
         # tail latency of a busy quota. No cancel scope around the wait: a
         # cancellation cancels the future, and a timeout is a timer of the
@@ -438,7 +445,7 @@ class LocalQuota(_Core):
         if w.granted:
             if timer is not None:
                 timer.cancel()
-            return grant_lease(_LocalLease, self, key)
+            return
         # Resolved by the timer, which took it off the queue.
         self._timed_out += 1
         raise self._full_error(QuotaTimeoutError, key, loop.time() - start, timeout)
@@ -463,7 +470,7 @@ class LocalQuota(_Core):
             self._forget(w)
             self._cancelled += 1
 
-    async def _wait_anyio(self, key: str, timeout: float | None) -> Lease:
+    async def _wait_anyio(self, key: str, timeout: float | None) -> None:
         # trio: an anyio.Event, and a cancel scope only when there is a timeout.
         signal = anyio.Event()
         w = _Waiter(key, signal)
@@ -481,7 +488,7 @@ class LocalQuota(_Core):
             self._abandon(w)
             raise
         if w.granted:
-            return grant_lease(_LocalLease, self, key)
+            return
         self._forget(w)
         self._timed_out += 1
         raise self._full_error(QuotaTimeoutError, key, anyio.current_time() - start, timeout)
