@@ -67,20 +67,6 @@ class Made(Generic[E]):
         self.parked_at = 0.0
 
 
-_new_use = object.__new__
-
-
-def use(factory: EngineFactory[E], ctx: UserContext | None) -> EngineUse[E]:
-    """
-    Return ``EngineUse(factory, ctx)``, without the call of ``__init__``: one
-    is made per request.
-    """
-    u: EngineUse[E] = _new_use(EngineUse)  # pyright: ignore[reportUnknownVariableType]
-    u._factory = factory
-    u._ctx = ctx
-    return u
-
-
 def _bind(ctx: UserContext) -> Token[UserContext] | None:
     """
     Bind *ctx* for a body, as `usercontext.bind` does, and return the token
@@ -182,7 +168,15 @@ class EngineUse(Generic[E]):
         ctx = self._ctx
         if ctx is None:
             ctx = self._ctx = current()
-        token = self._token = _bind(ctx)
+        # _bind, written out.
+        prev = _get(None)
+        if prev is ctx:
+            token = None
+        elif isinstance(ctx, UserContext) and (prev is None or prev.user_id == ctx.user_id):  # type: ignore[redundant-expr]  # see _bind
+            token = _var.set(ctx)
+        else:
+            token = _bind(ctx)  # raises
+        self._token = token
         key = ctx.user_id
         try:
             quota = f._quota
@@ -197,31 +191,38 @@ class EngineUse(Generic[E]):
             try:
                 if f._closed:
                     f._check_open()
-                f._creating += 1
-                try:
-                    made: Made[E] | None = None if f._pool is None else await f._reuse(key)
-                    entered: tuple[str, Any, Any]
-                    if made is None:
-                        c = f._counters
-                        try:
-                            result: Any = f._create(ctx)
-                            kind = kind_of(type(result))  # pyright: ignore[reportUnknownArgumentType]
-                            # A plain engine: aenter's last case, without a coroutine.
-                            entered = (
-                                (PLAIN, None, result)
-                                if kind is PLAIN
-                                else await aenter(result, kind, "create function")
-                            )
-                        except Exception:
-                            c.create_errors += 1
-                            raise
-                        c.created += 1
-                        if f._pool is not None:
-                            made = Made(key, entered)
-                    else:
-                        entered = made.entered
-                finally:
-                    f._creating -= 1
+                # _creating counts the creations aclose() must wait for: those
+                # that await (a plain engine from a sync create never does).
+                made: Made[E] | None = None
+                entered: tuple[str, Any, Any]
+                if f._pool is not None:
+                    f._creating += 1
+                    try:
+                        made = await f._reuse(key)
+                    finally:
+                        f._creating -= 1
+                if made is None:
+                    c = f._counters
+                    try:
+                        result: Any = f._create(ctx)
+                        kind = kind_of(type(result))  # pyright: ignore[reportUnknownArgumentType]
+                        if kind is PLAIN:
+                            # aenter's last case, without a coroutine.
+                            entered = (PLAIN, None, result)
+                        else:
+                            f._creating += 1
+                            try:
+                                entered = await aenter(result, kind, "create function")
+                            finally:
+                                f._creating -= 1
+                    except Exception:
+                        c.create_errors += 1
+                        raise
+                    c.created += 1
+                    if f._pool is not None:
+                        made = Made(key, entered)
+                else:
+                    entered = made.entered
                 if f._closed:
                     await f._close_idle(entered, key)
                     f._check_open()
@@ -341,7 +342,11 @@ class EngineUse(Generic[E]):
                     f._settle()
                 token = self._token
                 if token is not None:
-                    _unbind(token)
+                    # _unbind, written out.
+                    try:  # noqa: SIM105  # contextlib.suppress costs more than the reset
+                        _var.reset(token)
+                    except ValueError:
+                        pass
         if caught:
             hit = not self._aborted
             error = self._cut_error(hit, key)

@@ -14,7 +14,7 @@ import anyio
 import attrs
 
 from . import _checks
-from ._engine_use import EngineUse, Made, report, use
+from ._engine_use import EngineUse, Made, report
 from ._idle_pool import IdlePool
 from ._lifecycle import (
     AWAITABLE,
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = ["EngineFactory", "FactoryStats"]
 
 _NO_ERROR: ExcInfo = (None, None, None)
+_new_use = object.__new__
 
 
 @attrs.frozen
@@ -339,7 +340,12 @@ class EngineFactory(Generic[E]):
             usercontext.exceptions.EngineDeadlineError: If the body ran past
                 the *deadline*.
         """
-        return use(self, ctx)
+        # EngineUse(self, ctx), without the call of its __init__: one is
+        # made per request.
+        u: EngineUse[E] = _new_use(EngineUse)  # pyright: ignore[reportUnknownVariableType]
+        u._factory = self
+        u._ctx = ctx
+        return u
 
     def stats(self, top: int = 10) -> FactoryStats:
         """
