@@ -83,18 +83,6 @@ def _bind(ctx: UserContext) -> Token[UserContext] | None:
     raise AssertionError  # pragma: no cover  # unreachable
 
 
-def _unbind(token: Token[UserContext]) -> None:
-    """
-    Undo `_bind`. A body may end in another Context than it began in (an
-    async generator finalised by another task): the token is no good there,
-    and that Context is left as it is, as `usercontext.bind` leaves it.
-    """
-    try:  # noqa: SIM105  # contextlib.suppress costs more than the reset
-        _var.reset(token)
-    except ValueError:
-        pass
-
-
 def report(errors: list[BaseException], body_error: BaseException | None, user_id: str) -> None:
     """
     Never lose a close error: log each, and attach it to the body's error.
@@ -234,7 +222,7 @@ class EngineUse(Generic[E]):
                 raise
         except BaseException:
             if token is not None:
-                _unbind(token)
+                _var.reset(token)  # in the Context it was set in
             raise
         self._lease = lease
         self._entered = entered
@@ -342,7 +330,10 @@ class EngineUse(Generic[E]):
                     f._settle()
                 token = self._token
                 if token is not None:
-                    # _unbind, written out.
+                    # The body may end in another Context than it began in (an
+                    # async generator finalised by another task): the token is
+                    # no good there, and that Context is left as it is, as
+                    # usercontext.bind leaves it.
                     try:  # noqa: SIM105  # contextlib.suppress costs more than the reset
                         _var.reset(token)
                     except ValueError:
@@ -400,7 +391,7 @@ class EngineUse(Generic[E]):
                 raise
         except BaseException:
             if token is not None:
-                _unbind(token)
+                _var.reset(token)  # in the Context it was set in
             raise
         self._lease = lease
         self._entered = entered
@@ -451,7 +442,7 @@ class EngineUse(Generic[E]):
             self._lease.release()  # type: ignore[union-attr]  # a ThreadQuota's, set on entry
             token = self._token
             if token is not None:
-                _unbind(token)
+                _var.reset(token)  # a thread's with ends in the Context it began in
         if fatal is not None:
             report(errors, fatal, ctx.user_id)
             raise fatal

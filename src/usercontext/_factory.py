@@ -483,13 +483,10 @@ class EngineFactory(Generic[E]):
     async def _give_back(self, lease: Lease | None, user_id: str) -> None:
         """
         Hand back the slot of *lease*, or of *user_id* held without a lease
-        (`LocalQuota`'s).
+        (a `LocalQuota`'s, which are all held so).
         """
         if lease is None:
             self._quota._return(user_id)  # type: ignore[attr-defined]  # a LocalQuota
-        elif self._local_quota:
-            # Never waits: no coroutine of the protocol's arelease() on the way.
-            lease.release()
         else:
             # A network quota's release is a round trip.
             await self._quota.arelease(lease)

@@ -12,19 +12,20 @@ import asyncio
 import os
 import sys
 import threading
+import time
 import warnings
 
 import anyio
 import pytest
 
 from anyio.lowlevel import checkpoint
-from factory_helpers import Engine, close_engine, make_engine, settled, user
+from factory_helpers import BoomError, Engine, close_engine, make_engine, settled, user
 
 import usercontext._engine_use as engine_use_module
 import usercontext._lifecycle as lifecycle
 import usercontext._local_quota as quota_module
 
-from usercontext import EngineFactory, LocalQuota, bind, current
+from usercontext import EngineFactory, EngineUse, LocalQuota, bind, current
 from usercontext.exceptions import FactoryClosedError, IsolationError, QuotaTimeoutError
 
 
@@ -321,6 +322,24 @@ class TestQuotaTimer:
         holder.release()
         assert q._in_use == {}
 
+    async def test_granted_in_the_turn_its_timer_fires(self):
+        """
+        A waiter granted in the loop turn its timer fires in, just before the
+        timer runs, keeps its grant: the timer finds it resolved and does
+        nothing.
+        """
+        q = LocalQuota(per_key=1)
+        holder = q.acquire_nowait("a")
+        loop = asyncio.get_running_loop()
+        task = asyncio.create_task(q.acquire("a", timeout=0.02))
+        await asyncio.sleep(0)
+        loop.call_at(loop.time() + 0.01, holder.release)  # due before the waiter's timer
+        time.sleep(0.05)  # noqa: ASYNC251  # block the loop: both are due in one turn
+        lease = await task
+        s = q.stats()
+        assert (s.in_use, s.timed_out, s.granted, s.waiting) == (1, 0, 2, 0)
+        lease.release()
+
     async def test_cancelled_right_after_the_timer_fired(self):
         """
         A waiter cancelled after its timer fired but before it ran again
@@ -385,6 +404,41 @@ class TestBinding:
             async with factory.engine(child):
                 assert current() is child
             assert current() is ctx
+
+
+class TestUseObject:
+    """
+    An `EngineUse` made by hand works as the one `EngineFactory.engine` gives.
+    """
+
+    async def test_made_by_hand(self, ctx):
+        """
+        ``EngineUse(factory, ctx)`` gives an engine of *ctx*'s user, binds
+        *ctx* for the body, and closes the engine after it.
+        """
+        factory = EngineFactory(make_engine, close=close_engine)
+        async with EngineUse(factory, ctx) as engine:
+            assert current() is ctx
+            assert factory.stats().in_use == 1
+        assert (engine.user_id, engine.closed) == ("u-42", 1)
+        settled(factory)
+
+    def test_sync_create_fails_under_a_bind(self, ctx):
+        """
+        In ``with``, under a bind of the same context, a create that fails
+        leaves the context bound as it was and takes no slot.
+        """
+
+        def fail(_ctx):
+            raise BoomError
+
+        factory = EngineFactory(fail)
+        with bind(ctx):
+            with pytest.raises(BoomError), factory.engine():
+                pass  # pragma: no cover
+            assert current() is ctx
+        s = factory.stats()
+        assert (s.create_errors, s.thread_quota.in_use) == (1, 0)
 
 
 class TestNativeAbort:
