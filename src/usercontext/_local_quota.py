@@ -114,12 +114,6 @@ class _Core:
             raise self._full_error(QuotaExceededError, key, 0.0, 0.0)
         return grant_lease(self._lease_type, self, key)
 
-    def _take(self, key: str) -> None:
-        self._in_use[key] = self._in_use.get(key, 0) + 1
-        self._total_in_use += 1
-        self._granted += 1
-        self._peak = max(self._peak, self._total_in_use)
-
     def _return(self, key: str) -> None:
         n = self._in_use[key] - 1
         if n:
@@ -184,17 +178,36 @@ class _Core:
         return None
 
     def _grant(self, w: _Waiter) -> None:
-        self._take(w.key)
+        """
+        Give *w* a slot of its key, and wake it.
+        """
+        key = w.key
+        in_use = self._in_use
+        in_use[key] = in_use.get(key, 0) + 1
+        total = self._total_in_use = self._total_in_use + 1
+        self._granted += 1
+        if total > self._peak:  # noqa: PLR1730  # max() is a call, slower on the hot path
+            self._peak = total
         w.granted = True
         self._wake(w)
 
     def _dispatch_key(self, key: str) -> None:
+        """
+        Grant the waiters of *key* that fit (with no total limit, only its
+        own slots matter).
+        """
         queue = self._waiters.get(key)
-        while queue and self._in_use.get(key, 0) < self._limit(key):
-            w = self._pop_alive(queue)
-            if w is not None:
+        if queue is None:
+            return
+        # A fixed limit of 0 is falsy and takes the slow _limit: still right.
+        limit = self._fixed or self._limit(key)
+        in_use = self._in_use
+        while queue and in_use.get(key, 0) < limit:
+            w = queue.popleft()
+            self._n_waiting -= 1
+            if self._alive(w):
                 self._grant(w)
-        if queue is not None and not queue:
+        if not queue:
             del self._waiters[key]
 
     def _dispatch(self) -> None:
