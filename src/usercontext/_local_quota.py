@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import _checks
+from ._lifecycle import asyncio_task
 from ._quota import Lease, QuotaStats, _new_lease, grant_lease, snapshot
 from .exceptions import LeaseReleasedError, QuotaError, QuotaExceededError, QuotaTimeoutError
 
@@ -434,10 +435,14 @@ class LocalQuota(_Core):
             self._rejected += 1
             raise self._full_error(QuotaExceededError, key, 0.0, timeout)
         try:
-            loop = asyncio.get_running_loop()
+            # The loop of the running task: asyncio_task() finds it without
+            # the getpid() call of get_running_loop() before Python 3.12.
+            task = asyncio_task()
         except RuntimeError:  # not asyncio: trio
             await self._wait_anyio(key, timeout)
             return
+        assert task is not None  # noqa: S101  # an awaiting coroutine on asyncio runs in a task
+        loop = task.get_loop()
         # A bare future is the cheapest waiter on asyncio, and it shows in the
         # tail latency of a busy quota. No cancel scope around the wait: a
         # cancellation cancels the future, and a timeout is a timer of the
@@ -445,7 +450,8 @@ class LocalQuota(_Core):
         fut = loop.create_future()
         w = _Waiter(key, fut)
         self._enqueue(w)
-        start = loop.time()
+        # The clock is read only for a timeout, which it starts.
+        start = 0.0 if timeout is None else loop.time()
         timer = None if timeout is None else loop.call_at(start + timeout, self._expire, w)
         try:
             await fut
