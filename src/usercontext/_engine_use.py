@@ -126,7 +126,7 @@ class EngineUse(Generic[E]):
     _cancelling: int  # its Task.cancelling() then, on asyncio
 
     def __init__(self, factory: EngineFactory[E], ctx: UserContext | None) -> None:
-        # EngineFactory.engine makes it without this call (use): keep both alike.
+        # EngineFactory.engine makes it without this call: keep both alike.
         self._factory = factory
         self._ctx = ctx
 
@@ -291,10 +291,13 @@ class EngineUse(Generic[E]):
         c = f._counters
         errors: list[BaseException] | None = None
         try:
-            if f._pool is not None:
+            pool = f._pool
+            if pool is not None:
                 made = self._made
                 assert made is not None  # noqa: S101  # set when pooling
                 errors = await f._park_or_close(made, _NO_ERROR if caught else (exc_type, exc, tb))
+                if len(pool):
+                    await f._sweep()  # the stale engines of every user go on the way out too
             else:
                 entered = self._entered
                 close = f._close
