@@ -240,10 +240,10 @@ def test_legacy_scenario_local_quota(benchmark, loop):
     assert quota.stats().peak <= 200
 
 
-@pytest.mark.benchmark(group="factory: engine per request, uncontended")
-def test_engine_floor(benchmark, loop):
+def _engine_floor_batch():
     """
-    Floor: a per-user semaphore, a trivial engine created and closed by hand.
+    The floor's batch: a per-user semaphore, a trivial engine created and
+    closed by hand.
     """
     sems = {"u-42": asyncio.Semaphore(2)}
     closed: list[object] = []
@@ -256,14 +256,13 @@ def test_engine_floor(benchmark, loop):
                 closed.append(engine)
         closed.clear()
 
-    benchmark(lambda: loop.run_until_complete(batch()))
+    return batch
 
 
-@pytest.mark.benchmark(group="factory: engine per request, uncontended")
-def test_engine_factory(benchmark, loop):
+def _engine_factory_batch():
     """
-    `async with factory.engine(ctx)` with a trivial sync create and close:
-    the quota, the bind, the body's cancel scope and the close together.
+    Our batch, and the factory it uses: `async with factory.engine(ctx)` with
+    a trivial sync create and close, *ctx* not bound before.
     """
     closed: list[object] = []
     factory = uc.EngineFactory(lambda _ctx: object(), close=closed.append, per_user=2)
@@ -275,7 +274,54 @@ def test_engine_factory(benchmark, loop):
                 pass
         closed.clear()
 
+    return batch, factory
+
+
+@pytest.mark.benchmark(group="factory: engine per request, uncontended")
+def test_engine_floor(benchmark, loop):
+    """
+    Floor: a per-user semaphore, a trivial engine created and closed by hand.
+    """
+    batch = _engine_floor_batch()
+    benchmark(lambda: loop.run_until_complete(batch()))
+
+
+@pytest.mark.benchmark(group="factory: engine per request, uncontended")
+def test_engine_factory(benchmark, loop):
+    """
+    `async with factory.engine(ctx)` with a trivial sync create and close:
+    the quota, the bind and the close together. Target: <= 2.5x the floor.
+    """
+    batch, factory = _engine_factory_batch()
     benchmark(lambda: loop.run_until_complete(batch()))
     stats = factory.stats()
     assert stats.created == stats.closed
     assert stats.in_use == 0
+
+
+@pytest.mark.benchmark(group="factory: engine per request, uncontended")
+def test_engine_interleaved(benchmark, loop):
+    """
+    The floor and `test_engine_factory` timed in turn within every call: the
+    ratio of their best times is in ``extra_info["ratio"]``, the one to read
+    on a busy machine. Target: <= 2.5x.
+    """
+    floor = _engine_floor_batch()
+    ours, factory = _engine_factory_batch()
+    times: dict[str, list[float]] = {"floor": [], "factory": []}
+    order = [("floor", floor), ("factory", ours)]
+
+    def call():
+        order.reverse()  # each goes first in turn
+        for name, batch in order:
+            started = time.perf_counter_ns()
+            loop.run_until_complete(batch())
+            times[name].append((time.perf_counter_ns() - started) / BATCH)
+
+    benchmark(call)
+    best = {name: min(ts) for name, ts in times.items()}
+    benchmark.extra_info.update(
+        {"floor_ns": best["floor"], "factory_ns": best["factory"]}
+        | {"ratio": best["factory"] / best["floor"]}
+    )
+    assert factory.stats().created == factory.stats().closed == len(times["factory"]) * BATCH

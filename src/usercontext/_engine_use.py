@@ -9,21 +9,36 @@ from __future__ import annotations
 import math
 import sys
 
-from asyncio import CancelledError, current_task
+from asyncio import CancelledError
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 
-from ._current import bind, current
-from ._lifecycle import add_note, describe, enter, kind_of, leave, logger, running_task
+from ._context import UserContext
+from ._current import _get, _var, bind, current
+from ._lifecycle import (
+    AWAITABLE,
+    PLAIN,
+    add_note,
+    aenter,
+    asyncio_task,
+    describe,
+    enter,
+    kind_of,
+    leave,
+    logger,
+    running_task,
+)
 from .exceptions import EngineDeadlineError, FactoryClosedError, LeaseLostError
 
 
 if TYPE_CHECKING:
+    from contextvars import Token
     from types import TracebackType
 
-    from ._context import UserContext
     from ._factory import EngineFactory
+    from ._lifecycle import ExcInfo
+    from ._quota import Lease
 
 E = TypeVar("E")
 
@@ -35,6 +50,7 @@ _CANCELLING = sys.version_info >= (3, 11)
 _SYNC_FIX = "use `async with factory.engine()` instead of `with`"
 # The reason given to abort() when the quota lost the lease.
 _LOST = "the quota lease was lost"
+_NO_ERROR: ExcInfo = (None, None, None)
 
 
 class Made(Generic[E]):
@@ -49,6 +65,22 @@ class Made(Generic[E]):
         self.entered = entered
         self.engine: E = entered[2]
         self.parked_at = 0.0
+
+
+def _bind(ctx: UserContext) -> Token[UserContext] | None:
+    """
+    Bind *ctx* for a body, as `usercontext.bind` does, and return the token
+    that undoes it, or `None` if *ctx* was bound already (the usual case: the
+    request's scope bound it, and `EngineFactory.engine` took it from there).
+    """
+    prev = _get(None)
+    if prev is ctx:
+        return None
+    # Not a UserContext (a caller without type checks): bind() says so.
+    if isinstance(ctx, UserContext) and (prev is None or prev.user_id == ctx.user_id):  # type: ignore[redundant-expr]
+        return _var.set(ctx)
+    bind(ctx).__enter__()  # raises the error that fits: another user's, or no context
+    raise AssertionError  # pragma: no cover  # unreachable
 
 
 def report(errors: list[BaseException], body_error: BaseException | None, user_id: str) -> None:
@@ -74,25 +106,29 @@ class EngineUse(Generic[E]):
 
     __slots__ = (
         "_aborted",
-        "_bind",
         "_cancelling",
         "_ctx",
+        "_entered",
         "_factory",
         "_lease",
         "_made",
         "_scope",
         "_task",
+        "_token",
         "_why",
     )
+    _token: Token[UserContext] | None  # None when the context was bound already
+    _lease: Lease | None  # None for a slot of a LocalQuota, held by key
+    _entered: tuple[str, Any, Any]  # what the factory's close needs
+    _made: Made[E] | None  # the engine as the idle pool keeps it, when pooling
     _scope: anyio.CancelScope | None
     _task: Any  # the asyncio or trio task that entered
     _cancelling: int  # its Task.cancelling() then, on asyncio
 
     def __init__(self, factory: EngineFactory[E], ctx: UserContext | None) -> None:
+        # EngineFactory.engine makes it without this call: keep both alike.
         self._factory = factory
         self._ctx = ctx
-        self._aborted = False
-        self._why = ""
 
     def abort(self, why: str) -> None:
         """
@@ -113,43 +149,96 @@ class EngineUse(Generic[E]):
         """
         self.abort(_LOST)
 
-    async def __aenter__(self) -> E:
+    async def __aenter__(self) -> E:  # noqa: C901, PLR0912, PLR0915  # the lifecycle in one place
         f = self._factory
-        f._check_open()
-        ctx = self._ctx = self._ctx if self._ctx is not None else current()
-        b = self._bind = bind(ctx)
-        b.__enter__()
+        if f._closed:
+            f._check_open()
+        ctx = self._ctx
+        if ctx is None:
+            ctx = self._ctx = current()
+        # _bind, written out.
+        prev = _get(None)
+        if prev is ctx:
+            token = None
+        elif isinstance(ctx, UserContext) and (prev is None or prev.user_id == ctx.user_id):  # type: ignore[redundant-expr]  # see _bind
+            token = _var.set(ctx)
+        else:
+            token = _bind(ctx)  # raises
+        self._token = token
+        key = ctx.user_id
         try:
-            lease = await f._quota.acquire(ctx.user_id, timeout=f._timeout)
+            quota = f._quota
+            if f._local_quota:
+                # A slot of a LocalQuota is held without a Lease, and handed
+                # back by key.
+                lease = None
+                if not quota._take_now(key):  # type: ignore[attr-defined]  # a LocalQuota
+                    await quota._wait(key, f._timeout)  # type: ignore[attr-defined]
+            else:
+                lease = await quota.acquire(key, timeout=f._timeout)
             try:
-                f._check_open()
-                f._creating += 1
-                try:
-                    made = await f._obtain(ctx)
-                finally:
-                    f._creating -= 1
                 if f._closed:
-                    await f._close_idle(made)
+                    f._check_open()
+                # _creating counts the creations aclose() must wait for: those
+                # that await (a plain engine from a sync create never does).
+                made: Made[E] | None = None
+                entered: tuple[str, Any, Any]
+                if f._pool is not None:
+                    f._creating += 1
+                    try:
+                        made = await f._reuse(key)
+                    finally:
+                        f._creating -= 1
+                if made is None:
+                    c = f._counters
+                    try:
+                        result: Any = f._create(ctx)
+                        kind = kind_of(type(result))  # pyright: ignore[reportUnknownArgumentType]
+                        if kind is PLAIN:
+                            # aenter's last case, without a coroutine.
+                            entered = (PLAIN, None, result)
+                        else:
+                            f._creating += 1
+                            try:
+                                entered = await aenter(result, kind, "create function")
+                            finally:
+                                f._creating -= 1
+                    except Exception:
+                        c.create_errors += 1
+                        raise
+                    c.created += 1
+                    if f._pool is not None:
+                        made = Made(key, entered)
+                else:
+                    entered = made.entered
+                if f._closed:
+                    await f._close_idle(entered, key)
                     f._check_open()
             except BaseException:
                 try:
-                    await f._quota.arelease(lease)
+                    await f._give_back(lease, key)
                 finally:
                     f._settle()
                 raise
         except BaseException:
-            b.__exit__(None, None, None)
+            if token is not None:
+                _var.reset(token)  # in the Context it was set in
             raise
         self._lease = lease
+        self._entered = entered
         self._made = made
-        f._counters.start(ctx.user_id)
-        f._uses.add(self)
-        if not f._local_quota:
+        self._aborted = False  # read once the body has begun: abort() is only for those
+        uses = f._uses
+        uses.add(self)
+        n = len(uses)
+        if n > f._peak:  # noqa: PLR1730  # max() is a call, slower on the hot path
+            f._peak = n
+        if lease is not None and not f._local_quota:
             # A network quota's lease can be lost: the body is cut then.
             lease.add_lost_callback(self._lose)
         deadline = f._deadline
         try:
-            task = current_task()
+            task = asyncio_task()
         except RuntimeError:  # no asyncio loop: trio
             task = None
         if task is not None and deadline is None:
@@ -161,13 +250,13 @@ class EngineUse(Generic[E]):
             self._task = task
             # Task.cancelling() is new in Python 3.11, which _CANCELLING checks.
             self._cancelling = task.cancelling() if _CANCELLING else 0  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType]
-            return made.engine
+            return entered[2]  # type: ignore[no-any-return]
         scope = self._scope = anyio.CancelScope(
             deadline=math.inf if deadline is None else anyio.current_time() + deadline
         )
         scope.__enter__()
         self._task = running_task()
-        return made.engine
+        return entered[2]  # type: ignore[no-any-return]
 
     async def __aexit__(  # noqa: C901, PLR0912, PLR0915  # one exit, in order, written out for speed
         self,
@@ -178,6 +267,7 @@ class EngineUse(Generic[E]):
         f = self._factory
         ctx = self._ctx
         assert ctx is not None  # noqa: S101  # set by __aenter__
+        key = ctx.user_id
         scope = self._scope
         if scope is None:
             # Cut by aclose() (natively) if it cancelled the task, and nothing
@@ -198,93 +288,127 @@ class EngineUse(Generic[E]):
             # so the deadline is dropped; the engine is closed as usual.
             scope.deadline = math.inf
             caught = False
-        body_error = None if caught else exc
         c = f._counters
-        hit = caught and not self._aborted
-        if hit:
-            c.deadline_errors += 1
-        exc_info = (None, None, None) if caught else (exc_type, exc, tb)
+        errors: list[BaseException] | None = None
         try:
             pool = f._pool
-            if pool is None:
-                errors = await f._close_made(self._made, exc_info)
-            else:
-                errors = await f._park_or_close(self._made, exc_info)
+            if pool is not None:
+                made = self._made
+                assert made is not None  # noqa: S101  # set when pooling
+                errors = await f._park_or_close(made, _NO_ERROR if caught else (exc_type, exc, tb))
                 if len(pool):
-                    await f._sweep()
+                    await f._sweep()  # the stale engines of every user go on the way out too
+            else:
+                entered = self._entered
+                close = f._close
+                if entered[0] is PLAIN:
+                    # _close_entered's plain case, inline: the usual case,
+                    # and with a sync close it needs no coroutine nor list.
+                    c.closed += 1
+                    if close is not None:
+                        try:
+                            result = close(entered[2])
+                            if result is not None and kind_of(type(result)) is AWAITABLE:
+                                await f._drive_close(result, key)  # type: ignore[arg-type]  # by its kind
+                        except Exception as e:  # reported below
+                            c.close_errors += 1
+                            errors = [e]
+                else:
+                    errors = await f._close_entered(
+                        entered, key, _NO_ERROR if caught else (exc_type, exc, tb)
+                    )
         finally:
             # Counted out before the slot is given back, so that the next
             # holder is never counted beside this one.
-            c.stop(ctx.user_id)
+            f._uses.discard(self)
             try:
-                if f._local_quota:
-                    # Never waits: no coroutine of the protocol's arelease() on the hot path.
-                    self._lease.release()
+                lease = self._lease
+                if lease is None:
+                    # A LocalQuota's slot held without a lease: handed back at once.
+                    f._quota._return(key)  # type: ignore[attr-defined]
                 else:
-                    # A network quota's release is a round trip.
-                    await f._quota.arelease(self._lease)
+                    await f._give_back(lease, key)
             finally:
-                f._uses.discard(self)
-                f._settle()
-                self._bind.__exit__(None, None, None)
-        if hit:
-            error: BaseException = EngineDeadlineError(
-                f"The body using an engine of user {ctx.user_id!r} ran past its deadline of "
-                f"{f._deadline} s and was cancelled. Make it finish sooner or raise the "
-                "factory's deadline."
+                if f._drained is not None:
+                    f._settle()
+                token = self._token
+                if token is not None:
+                    # The body may end in another Context than it began in (an
+                    # async generator finalised by another task): the token is
+                    # no good there, and that Context is left as it is, as
+                    # usercontext.bind leaves it.
+                    try:  # noqa: SIM105  # contextlib.suppress costs more than the reset
+                        _var.reset(token)
+                    except ValueError:
+                        pass
+        if caught:
+            hit = not self._aborted
+            error = self._cut_error(hit, key)
+            if hit:
+                c.deadline_errors += 1
+        elif errors and exc is None:
+            error = errors[0]
+            errors = errors[1:]
+        elif exc is None:
+            return
+        else:
+            report(errors or [], exc, key)
+            return
+        report(errors or [], error, key)
+        raise error
+
+    def _cut_error(self, deadline: bool, key: str) -> BaseException:  # noqa: FBT001  # private
+        """
+        Return the error of a body cut short: by the *deadline*, a lost lease,
+        or `EngineFactory.aclose`.
+        """
+        if deadline:
+            return EngineDeadlineError(
+                f"The body using an engine of user {key!r} ran past its deadline of "
+                f"{self._factory._deadline} s and was cancelled. Make it finish sooner or "
+                "raise the factory's deadline."
             )
-        elif caught and self._why is _LOST:
-            error = LeaseLostError(
-                f"The quota lease of user {ctx.user_id!r} expired while the body used an "
+        if self._why is _LOST:
+            return LeaseLostError(
+                f"The quota lease of user {key!r} expired while the body used an "
                 "engine (the process was paused or cut off past the lease's time to live), "
                 "so its slot may have gone to someone else: the body was cancelled. Retry "
                 "the work under a new lease."
             )
-        elif caught:
-            error = FactoryClosedError(
-                f"The EngineFactory was closed while user {ctx.user_id!r} used an engine; "
-                f"the body was cancelled because {self._why}."
-            )
-        elif errors and body_error is None:
-            error = errors[0]
-            errors = errors[1:]
-        else:
-            report(errors, body_error, ctx.user_id)
-            return
-        report(errors, error, ctx.user_id)
-        raise error
+        return FactoryClosedError(
+            f"The EngineFactory was closed while user {key!r} used an engine; "
+            f"the body was cancelled because {self._why}."
+        )
 
     def __enter__(self) -> E:
         f = self._factory
         f._check_open()
         ctx = self._ctx = self._ctx if self._ctx is not None else current()
-        b = self._bind = bind(ctx)
-        b.__enter__()
+        token = self._token = _bind(ctx)
         try:
             lease = f._threads().acquire(ctx.user_id, timeout=f._timeout)
             try:
-                made = self._create(ctx)
+                entered = self._create(ctx)
             except BaseException:
                 lease.release()
                 raise
         except BaseException:
-            b.__exit__(None, None, None)
+            if token is not None:
+                _var.reset(token)  # in the Context it was set in
             raise
         self._lease = lease
-        self._made = made
+        self._entered = entered
         c = f._sync_counters
         with f._sync_lock:
             c.created += 1
             c.start(ctx.user_id)
-        return made.engine
+        return entered[2]  # type: ignore[no-any-return]
 
-    def _create(self, ctx: UserContext) -> Made[E]:
+    def _create(self, ctx: UserContext) -> tuple[str, Any, Any]:
         f = self._factory
         try:
             result: object = f._create(ctx)
-            return Made(
-                ctx.user_id, enter(result, kind_of(type(result)), "create function", _SYNC_FIX)
-            )
+            return enter(result, kind_of(type(result)), "create function", _SYNC_FIX)
         except Exception:
             with f._sync_lock:
                 f._sync_counters.create_errors += 1
@@ -302,7 +426,7 @@ class EngineUse(Generic[E]):
         errors: list[BaseException] = []
         try:
             fatal = leave(
-                self._made.entered,
+                self._entered,
                 f._close,
                 (exc_type, exc, tb),
                 errors,
@@ -318,8 +442,10 @@ class EngineUse(Generic[E]):
                 c.stop(ctx.user_id)
             # Given back only once counted out: another thread takes the slot
             # at once, and must never be counted beside this one.
-            self._lease.release()
-            self._bind.__exit__(None, None, None)
+            self._lease.release()  # type: ignore[union-attr]  # a ThreadQuota's, set on entry
+            token = self._token
+            if token is not None:
+                _var.reset(token)  # a thread's with ends in the Context it began in
         if fatal is not None:
             report(errors, fatal, ctx.user_id)
             raise fatal

@@ -8,7 +8,7 @@ from __future__ import annotations
 import heapq
 import threading
 
-from typing import TYPE_CHECKING, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import anyio
 import attrs
@@ -19,7 +19,6 @@ from ._idle_pool import IdlePool
 from ._lifecycle import (
     AWAITABLE,
     PLAIN,
-    aenter,
     aleave,
     describe,
     drive,
@@ -43,7 +42,9 @@ if TYPE_CHECKING:
     from ._context import UserContext
     from ._lifecycle import ExcInfo
     from ._local_quota import PerKey
-    from ._quota import Quota
+    from ._quota import Lease, Quota
+
+    Entered: TypeAlias = tuple[str, Any, Any]
 
 E = TypeVar("E")
 
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = ["EngineFactory", "FactoryStats"]
 
 _NO_ERROR: ExcInfo = (None, None, None)
+_new_use = object.__new__
 
 
 @attrs.frozen
@@ -303,7 +305,10 @@ class EngineFactory(Generic[E]):
         self._counters = _Counters()
         self._sync_counters = _Counters()
         self._sync_lock = threading.Lock()
+        # The uses in async with, from the engine's creation to its slot's
+        # return: how many are in use, and what aclose() waits for and cuts.
         self._uses: set[EngineUse[E]] = set()
+        self._peak = 0  # the most uses at once
         self._creating = 0
         self._closed = False
         self._drained: anyio.Event | None = None
@@ -335,22 +340,30 @@ class EngineFactory(Generic[E]):
             usercontext.exceptions.EngineDeadlineError: If the body ran past
                 the *deadline*.
         """
-        return EngineUse(self, ctx)
+        # EngineUse(self, ctx), without the call of its __init__: one is
+        # made per request.
+        u: EngineUse[E] = _new_use(EngineUse)  # pyright: ignore[reportUnknownVariableType]
+        u._factory = self
+        u._ctx = ctx
+        return u
 
     def stats(self, top: int = 10) -> FactoryStats:
         """
         Return a snapshot of the counters, with the *top* busiest users.
         """
         a, s = self._counters, self._sync_counters
+        # The engines in use in async with are counted from the uses
+        # themselves, here rather than on every request.
+        uses = [use._ctx.user_id for use in self._uses]  # type: ignore[union-attr]  # set on entry
         with self._sync_lock:
-            by_user = dict(a.by_user)
-            for user_id, n in s.by_user.items():
-                by_user[user_id] = by_user.get(user_id, 0) + n
+            by_user = dict(s.by_user)
+            for user_id in uses:
+                by_user[user_id] = by_user.get(user_id, 0) + 1
             threads = self._thread_quota
             return FactoryStats(
-                in_use=a.in_use + s.in_use,
+                in_use=len(uses) + s.in_use,
                 idle=0 if self._pool is None else len(self._pool),
-                peak=max(a.peak, s.peak),
+                peak=max(self._peak, s.peak),
                 top=tuple(heapq.nlargest(top, by_user.items(), key=lambda kv: kv[1])),
                 created=a.created + s.created,
                 closed=a.closed + s.closed,
@@ -415,7 +428,7 @@ class EngineFactory(Generic[E]):
             with anyio.CancelScope(shield=True):
                 for made in self._pool.drain():
                     try:
-                        await self._close_idle(made)
+                        await self._close_idle(made.entered, made.user_id)
                     except BaseException as e:  # noqa: PERF203  # raised after the others
                         cancelled = cancelled or e
         if cancelled is not None:
@@ -424,12 +437,9 @@ class EngineFactory(Generic[E]):
     def __repr__(self) -> str:
         create = getattr(self._create, "__qualname__", None) or repr(self._create)
         state = "closed" if self._closed else "open"
-        a, s = self._counters, self._sync_counters
+        in_use = len(self._uses) + self._sync_counters.in_use
         idle = 0 if self._pool is None else len(self._pool)
-        return (
-            f"<usercontext.EngineFactory({create}, {state}, in_use={a.in_use + s.in_use}, "
-            f"idle={idle})>"
-        )
+        return f"<usercontext.EngineFactory({create}, {state}, in_use={in_use}, idle={idle})>"
 
     # -- internals, called by EngineUse --
 
@@ -457,30 +467,29 @@ class EngineFactory(Generic[E]):
                 quota = self._thread_quota
         return quota
 
-    async def _obtain(self, ctx: UserContext) -> Made[E]:
+    async def _reuse(self, user_id: str) -> Made[E] | None:
+        """
+        Return an idle engine of *user_id* from the pool, if there is one.
+        """
         pool = self._pool
-        if pool is not None:
-            if len(pool):
-                await self._sweep()  # never hand out a stale engine
-            made = pool.take(ctx.user_id)
-            if made is not None:
-                self._counters.reused += 1
-                return made
-        c = self._counters
-        try:
-            result: object = self._create(ctx)
-            kind = kind_of(type(result))
-            # A plain engine: aenter's last case, without a coroutine.
-            entered = (
-                (PLAIN, None, result)
-                if kind is PLAIN
-                else await aenter(result, kind, "create function")
-            )
-        except Exception:
-            c.create_errors += 1
-            raise
-        c.created += 1
-        return Made(ctx.user_id, entered)
+        assert pool is not None  # noqa: S101  # called only with a pool
+        if len(pool):
+            await self._sweep()  # never hand out a stale engine
+        made = pool.take(user_id)
+        if made is not None:
+            self._counters.reused += 1
+        return made
+
+    async def _give_back(self, lease: Lease | None, user_id: str) -> None:
+        """
+        Hand back the slot of *lease*, or of *user_id* held without a lease
+        (a `LocalQuota`'s, which are all held so).
+        """
+        if lease is None:
+            self._quota._return(user_id)  # type: ignore[attr-defined]  # a LocalQuota
+        else:
+            # A network quota's release is a round trip.
+            await self._quota.arelease(lease)
 
     async def _park_or_close(self, made: Made[E], exc_info: ExcInfo) -> list[BaseException]:
         pool = self._pool
@@ -496,14 +505,18 @@ class EngineFactory(Generic[E]):
             except BaseException:
                 # Cancelled while resetting (the reset ran to its end):
                 # closed rather than parked half-known, then raised.
-                report(await self._close_made(made, _NO_ERROR), None, made.user_id)
+                report(
+                    await self._close_entered(made.entered, made.user_id, _NO_ERROR),
+                    None,
+                    made.user_id,
+                )
                 raise
             if failed is None:
                 for old in pool.park(made):
-                    await self._close_idle(old)
+                    await self._close_idle(old.entered, old.user_id)
                 return []
             logger.warning("Resetting an engine for reuse failed, closing it: %s", describe(failed))
-        return await self._close_made(made, exc_info)
+        return await self._close_entered(made.entered, made.user_id, exc_info)
 
     async def _reset_engine(self, made: Made[E]) -> Exception | None:
         """
@@ -530,51 +543,54 @@ class EngineFactory(Generic[E]):
         """
         assert self._pool is not None  # noqa: S101  # called only with a pool
         for made in self._pool.take_stale():
-            await self._close_idle(made)
+            await self._close_idle(made.entered, made.user_id)
 
-    async def _close_idle(self, made: Made[E]) -> None:
+    async def _close_idle(self, entered: Entered, user_id: str) -> None:
         # An idle engine is closed on the way of some other request, maybe of
         # another user: its errors are logged, never handed to that request.
-        for error in await self._close_made(made, _NO_ERROR):
-            logger.error(
-                "Closing an idle engine of user %r failed: %s", made.user_id, describe(error)
-            )
+        for error in await self._close_entered(entered, user_id, _NO_ERROR):
+            logger.error("Closing an idle engine of user %r failed: %s", user_id, describe(error))
 
-    async def _close_made(self, made: Made[E], exc_info: ExcInfo) -> list[BaseException]:
+    async def _drive_close(self, result: Awaitable[object], user_id: str) -> None:
         """
-        Close *made*, shielded and bounded by the close timeout; return the errors.
+        Await what the close hook returned, shielded and cut after the close timeout.
+        """
+        await drive(result, self._close_timeout, "an engine of user %r", user_id)
+
+    async def _close_entered(
+        self, entered: Entered, user_id: str, exc_info: ExcInfo
+    ) -> list[BaseException]:
+        """
+        Close the engine *entered* of *user_id*, shielded and bounded by the
+        close timeout; return the errors. `EngineUse.__aexit__` has the plain
+        case inline.
         """
         c = self._counters
         c.closed += 1
         close = self._close
-        if made.entered[0] is PLAIN and close is not None:
-            # The twin of aleave for a plain engine, inline: the usual case,
-            # and with a sync close it needs no coroutine nor list.
+        if entered[0] is PLAIN and close is not None:
+            # The twin of aleave for a plain engine: with a sync close it
+            # needs no coroutine nor list.
             try:
-                result = close(made.engine)
+                result = close(entered[2])
                 if result is not None and kind_of(type(result)) is AWAITABLE:
-                    await drive(
-                        result,  # type: ignore[arg-type]  # an awaitable, by its kind
-                        self._close_timeout,
-                        "an engine of user %r",
-                        made.user_id,
-                    )
+                    await self._drive_close(result, user_id)  # type: ignore[arg-type]  # by its kind
             except Exception as e:  # reported by the caller
                 c.close_errors += 1
                 return [e]
             return []
         errors: list[BaseException] = []
         fatal = await aleave(
-            made.entered,
+            entered,
             self._close,
             exc_info,
             errors,
             timeout=self._close_timeout,
             what="an engine of user %r",
-            what_args=(made.user_id,),
+            what_args=(user_id,),
         )
         c.close_errors += len(errors)
         if fatal is not None:
-            report(errors, fatal, made.user_id)
+            report(errors, fatal, user_id)
             raise fatal
         return errors

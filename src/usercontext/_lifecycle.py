@@ -12,9 +12,12 @@ cases.
 
 from __future__ import annotations
 
+import asyncio.tasks
 import dis
 import logging
+import os
 import sys
+import threading
 import types
 
 from asyncio import CancelledError, current_task
@@ -190,6 +193,47 @@ def shielded(awaitable: Awaitable[Any]) -> Awaitable[Any]:
     except RuntimeError:  # no asyncio loop: trio
         return awaitable
     return _guard(awaitable, task)
+
+
+class _LoopOfThread(threading.local):
+    loop: object = None
+
+
+if sys.version_info >= (3, 12):
+    asyncio_task = current_task  # pragma: no cover  # run there by CI, not by coverage
+else:
+    # Before Python 3.12, asyncio.current_task() asks get_running_loop(), which
+    # makes a getpid() system call on every call (to tell a forked child):
+    # more than the rest of an uncontended engine use. The loop last seen
+    # running in this thread is kept instead, and the task it runs now read
+    # from asyncio's own table; a loop that runs no task (stopped, or not
+    # this thread's any more) has no entry there, and the slow way is taken.
+    _loop_of_thread = _LoopOfThread()
+    _current_tasks: dict[object, asyncio.Task[Any]] = getattr(asyncio.tasks, "_current_tasks")  # noqa: B009  # private, undeclared
+
+    def asyncio_task() -> asyncio.Task[Any] | None:
+        """
+        Return the running asyncio task, as `asyncio.current_task` does.
+
+        Raises:
+            RuntimeError: If no asyncio loop runs in this thread (trio).
+        """
+        loop = _loop_of_thread.loop
+        if loop is not None:
+            task = _current_tasks.get(loop)
+            if task is not None:
+                return task
+        task = current_task()
+        if task is not None:  # pragma: no branch  # a coroutine on asyncio runs in a task
+            _loop_of_thread.loop = task.get_loop()
+        return task
+
+    def _forget_loop() -> None:
+        # A child forked inside a task inherits asyncio's table as it was:
+        # its entry would name the parent's task.
+        _loop_of_thread.loop = None
+
+    os.register_at_fork(after_in_child=_forget_loop)
 
 
 def running_task() -> object:

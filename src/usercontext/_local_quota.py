@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import _checks
+from ._lifecycle import asyncio_task
 from ._quota import Lease, QuotaStats, _new_lease, grant_lease, snapshot
 from .exceptions import LeaseReleasedError, QuotaError, QuotaExceededError, QuotaTimeoutError
 
@@ -78,10 +79,12 @@ class _Core:
             raise TypeError(msg)
         return limit
 
-    def _take_now(self, key: str) -> Lease | None:
+    def _take_now(self, key: str) -> bool:
         """
-        Return a `Lease` of *key* if a slot is free right now and nobody waits
-        ahead, else `None`. Never waits and counts no rejection.
+        Take a slot of *key* if one is free right now and nobody waits ahead,
+        and say whether it did; the caller makes the lease, if it needs one
+        (`EngineFactory` holds the slot of a `LocalQuota` without one). Never
+        waits and counts no rejection.
         """
         in_use = self._in_use
         n = in_use.get(key, 0)
@@ -91,16 +94,13 @@ class _Core:
             or (self._total is not None and self._total_in_use >= self._total)
             or (self._waiters and key in self._waiters)
         ):
-            return None
+            return False
         in_use[key] = n + 1
         total = self._total_in_use = self._total_in_use + 1
         self._granted += 1
         if total > self._peak:  # noqa: PLR1730  # max() is a call, slower on the hot path
             self._peak = total
-        lease = _new_lease(self._lease_type)
-        lease._quota = self
-        lease._key = key
-        return lease
+        return True
 
     def acquire_nowait(self, key: str) -> Lease:
         """
@@ -110,17 +110,10 @@ class _Core:
         Raises:
             usercontext.exceptions.QuotaExceededError: If no slot is free.
         """
-        lease = self._take_now(key)
-        if lease is None:
+        if not self._take_now(key):
             self._rejected += 1
             raise self._full_error(QuotaExceededError, key, 0.0, 0.0)
-        return lease
-
-    def _take(self, key: str) -> None:
-        self._in_use[key] = self._in_use.get(key, 0) + 1
-        self._total_in_use += 1
-        self._granted += 1
-        self._peak = max(self._peak, self._total_in_use)
+        return grant_lease(self._lease_type, self, key)
 
     def _return(self, key: str) -> None:
         n = self._in_use[key] - 1
@@ -186,17 +179,36 @@ class _Core:
         return None
 
     def _grant(self, w: _Waiter) -> None:
-        self._take(w.key)
+        """
+        Give *w* a slot of its key, and wake it.
+        """
+        key = w.key
+        in_use = self._in_use
+        in_use[key] = in_use.get(key, 0) + 1
+        total = self._total_in_use = self._total_in_use + 1
+        self._granted += 1
+        if total > self._peak:  # noqa: PLR1730  # max() is a call, slower on the hot path
+            self._peak = total
         w.granted = True
         self._wake(w)
 
     def _dispatch_key(self, key: str) -> None:
+        """
+        Grant the waiters of *key* that fit (with no total limit, only its
+        own slots matter).
+        """
         queue = self._waiters.get(key)
-        while queue and self._in_use.get(key, 0) < self._limit(key):
-            w = self._pop_alive(queue)
-            if w is not None:
+        if queue is None:
+            return
+        # A fixed limit of 0 is falsy and takes the slow _limit: still right.
+        limit = self._fixed or self._limit(key)
+        in_use = self._in_use
+        while queue and in_use.get(key, 0) < limit:
+            w = queue.popleft()
+            self._n_waiting -= 1
+            if self._alive(w):
                 self._grant(w)
-        if queue is not None and not queue:
+        if not queue:
             del self._waiters[key]
 
     def _dispatch(self) -> None:
@@ -352,7 +364,7 @@ class LocalQuota(_Core):
         cancelled while it waits, even right after being granted, leaves no slot
         taken.
         """
-        # _take_now, written out: this is the hot path of every engine.
+        # _take_now, written out: this is the hot path of a quota used alone.
         in_use = self._in_use
         n = in_use.get(key, 0)
         if (
@@ -369,10 +381,8 @@ class LocalQuota(_Core):
             lease._quota = self
             lease._key = key
             return lease
-        if timeout is not None and timeout <= 0:
-            self._rejected += 1
-            raise self._full_error(QuotaExceededError, key, 0.0, timeout)
-        return await self._wait(key, timeout)
+        await self._wait(key, timeout)
+        return grant_lease(_LocalLease, self, key)
 
     async def arelease(self, lease: Lease) -> None:
         """
@@ -404,15 +414,6 @@ class LocalQuota(_Core):
         """
         self._set_limits(per_key, total, set_total=total is not _MISSING)
 
-    def _new_signal(self) -> Any:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio: trio
-            return anyio.Event()
-        # A bare future is the cheapest waiter on asyncio, and it shows in the
-        # tail latency of a busy quota.
-        return loop.create_future()
-
     def _alive(self, waiter: _Waiter) -> bool:
         signal = waiter.signal
         return not (isinstance(signal, asyncio.Future) and signal.done())
@@ -424,29 +425,89 @@ class LocalQuota(_Core):
         else:
             signal.set()
 
-    async def _wait(self, key: str, timeout: float | None) -> Lease:
-        w = _Waiter(key, self._new_signal())
+    async def _wait(self, key: str, timeout: float | None) -> None:
+        """
+        Wait for a slot of *key*, which `_take_now` found taken, and take it;
+        the caller holds it (with a lease, or by key). A *timeout* of 0 or less
+        refuses at once.
+        """
+        if timeout is not None and timeout <= 0:
+            self._rejected += 1
+            raise self._full_error(QuotaExceededError, key, 0.0, timeout)
+        try:
+            # The loop of the running task: asyncio_task() finds it without
+            # the getpid() call of get_running_loop() before Python 3.12.
+            task = asyncio_task()
+        except RuntimeError:  # not asyncio: trio
+            await self._wait_anyio(key, timeout)
+            return
+        assert task is not None  # noqa: S101  # an awaiting coroutine on asyncio runs in a task
+        loop = task.get_loop()
+        # A bare future is the cheapest waiter on asyncio, and it shows in the
+        # tail latency of a busy quota. No cancel scope around the wait: a
+        # cancellation cancels the future, and a timeout is a timer of the
+        # loop that resolves it without a grant.
+        fut = loop.create_future()
+        w = _Waiter(key, fut)
+        self._enqueue(w)
+        # The clock is read only for a timeout, which it starts.
+        start = 0.0 if timeout is None else loop.time()
+        timer = None if timeout is None else loop.call_at(start + timeout, self._expire, w)
+        try:
+            await fut
+        except BaseException:
+            # Cancelled from outside: never keep or lose a slot on the way out.
+            if timer is not None:
+                timer.cancel()
+            self._abandon(w)
+            raise
+        if w.granted:
+            if timer is not None:
+                timer.cancel()
+            return
+        # Resolved by the timer, which took it off the queue.
+        self._timed_out += 1
+        raise self._full_error(QuotaTimeoutError, key, loop.time() - start, timeout)
+
+    def _expire(self, w: _Waiter) -> None:
+        """
+        The timer of an asyncio wait: give up on *w* unless it was granted
+        (or cancelled) first.
+        """
+        fut: asyncio.Future[None] = w.signal
+        if not fut.done():
+            self._forget(w)
+            fut.set_result(None)
+
+    def _abandon(self, w: _Waiter) -> None:
+        """
+        Undo the wait of *w*, cancelled from outside, even right after its grant.
+        """
+        if w.granted:
+            self._return(w.key)
+        else:
+            self._forget(w)
+            self._cancelled += 1
+
+    async def _wait_anyio(self, key: str, timeout: float | None) -> None:
+        # trio: an anyio.Event, and a cancel scope only when there is a timeout.
+        signal = anyio.Event()
+        w = _Waiter(key, signal)
         self._enqueue(w)
         # The loop's clock, which the timeout runs on: under a mock clock (trio's
         # autojump in tests) the wall clock would report no wait at all.
         start = anyio.current_time()
         try:
-            with anyio.move_on_after(timeout):
-                signal = w.signal
-                if isinstance(signal, asyncio.Future):
-                    await signal
-                else:
+            if timeout is None:
+                await signal.wait()
+            else:
+                with anyio.move_on_after(timeout):
                     await signal.wait()
         except BaseException:
-            # Cancelled from outside: never keep or lose a slot on the way out.
-            if w.granted:
-                self._return(key)
-            else:
-                self._forget(w)
-                self._cancelled += 1
+            self._abandon(w)
             raise
         if w.granted:
-            return grant_lease(_LocalLease, self, key)
+            return
         self._forget(w)
         self._timed_out += 1
         raise self._full_error(QuotaTimeoutError, key, anyio.current_time() - start, timeout)
@@ -487,9 +548,8 @@ class ThreadQuota(_Core):
         and ``0`` raises `usercontext.exceptions.QuotaExceededError` at once.
         """
         with self._lock:
-            lease = self._take_now(key)
-            if lease is not None:
-                return lease
+            if self._take_now(key):
+                return grant_lease(Lease, self, key)
             if timeout is not None and timeout <= 0:
                 self._rejected += 1
                 raise self._full_error(QuotaExceededError, key, 0.0, timeout)

@@ -152,6 +152,23 @@ class TestPool:
         settled(factory)
         await factory.aclose()
 
+    async def test_stale_idle_engines_closed_on_the_way_out(self, ctx, other_ctx):
+        """
+        An idle engine that turns stale while another user's body runs is
+        closed when that body's engine is given back.
+        """
+        factory = EngineFactory(make_engine, close=close_engine, pool_idle=1, idle_ttl=0.2)
+        async with factory.engine(ctx) as old:
+            pass
+        async with factory.engine(other_ctx):
+            assert old.closed == 0  # fresh when this engine was taken
+            await anyio.sleep(0.25)
+        assert old.closed == 1
+        s = factory.stats()
+        assert (s.created, s.closed, s.idle) == (2, 1, 1)
+        await factory.aclose()
+        settled(factory)
+
     async def test_stale_idle_engine_never_handed_out(self, ctx):
         """
         An idle engine older than idle_ttl is not handed out again: the user gets
