@@ -29,7 +29,7 @@ import redis.exceptions
 import usercontext as uc
 
 from usercontext._quota import LosableLease, grant_lease
-from usercontext._redis._quota_keeper import Down, _describe
+from usercontext._redis._quota_keeper import Down, Waiter, _describe
 from usercontext.redis import RedisQuota
 
 from helpers import KeepRecords, until
@@ -383,3 +383,30 @@ class TestDescribe:
         assert _describe(Down()) == "no answer"
         assert _describe(refused) == "ConnectionRefusedError: refused"
         assert _describe(OSError("gone")) == "OSError: gone"
+
+
+class TestWaiter:
+    """
+    A grant's wake-up may overtake the script's reply that queued the request.
+    """
+
+    def test_a_grant_before_the_queue_is_kept_for_it(self):
+        async def main():
+            waiter = Waiter("u")
+            waiter.settle(7)
+            waiter.settle(8)  # the same grant again, by a renewal round
+            assert waiter.future is None
+            waiter.queue()
+            return waiter.queued, await waiter.future
+
+        assert asyncio.run(main()) == (True, 7)
+
+    def test_a_grant_after_the_queue_resolves_its_future_once(self):
+        async def main():
+            waiter = Waiter("u")
+            waiter.queue()
+            waiter.settle(3)
+            waiter.settle(4)
+            return waiter.early, await waiter.future
+
+        assert asyncio.run(main()) == (None, 3)
