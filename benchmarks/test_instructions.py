@@ -76,6 +76,20 @@ class TestArithmetic:
         assert (info.status, info.fails_guard) == ("INFO", False)
         assert info.as_dict()["ratio"] == 9.0
 
+    def test_a_missed_target_is_guarded_at_its_measured_figure(self):
+        """
+        A row with a guard still shows MISS against its target, but the guard
+        fails only past its own figure by more than the margin, and the table
+        says so.
+        """
+        held = dataclasses.replace(_result(ours=60.0, target=0.45), guard=0.6)
+        regressed = dataclasses.replace(_result(ours=67.0, target=0.45), guard=0.6)
+
+        assert (held.status, held.fails_guard) == ("MISS", False)
+        assert (regressed.status, regressed.fails_guard) == ("MISS", True)
+        assert "| MISS | ok (held to today's 0.6x) |" in ins.table([held])
+        assert ins.BY_NAME["registry-sync"].guard == 0.6
+
     def test_measure_with_a_counter(self):
         """
         `measure` asks the counter for one marked run of the worker, or for
