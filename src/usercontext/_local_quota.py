@@ -381,6 +381,11 @@ class LocalQuota(_Core):
             lease._quota = self
             lease._key = key
             return lease
+        if timeout is not None and timeout <= 0:
+            # _wait refuses too; refusing here saves its coroutine on the
+            # path of a caller that asked not to wait.
+            self._rejected += 1
+            raise self._full_error(QuotaExceededError, key, 0.0, timeout)
         await self._wait(key, timeout)
         return grant_lease(_LocalLease, self, key)
 
