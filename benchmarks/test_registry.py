@@ -20,15 +20,15 @@ are skipped.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import warnings
 
 from collections.abc import Iterator  # noqa: TC003  # dishka reads annotations at runtime
-from typing import Any
 
 import pytest
 
 import usercontext as uc
+
+from usercontext._report.floors import FloorScope
 
 
 with warnings.catch_warnings():
@@ -51,70 +51,6 @@ class Session:
 
     def __init__(self) -> None:
         self.closed = False
-
-
-class FloorScope:
-    """
-    The floor: the least a scope can do for the same job. It binds the
-    context with a bare `ContextVar` set and reset, calls the generator
-    provider, takes its first value, caches it in a dict, and on exit finishes
-    the generators in reverse order. No isolation checks, no counters, no
-    error collection, no warning for a scope never closed, and no shield or
-    timeout around async cleanups.
-    """
-
-    __slots__ = ("_ctx", "_gens", "_providers", "_resources", "_token")
-
-    var: contextvars.ContextVar[Any] = contextvars.ContextVar("floor")
-
-    def __init__(self, providers, ctx) -> None:
-        self._providers = providers
-        self._ctx = ctx
-        self._resources: dict[Any, Any] = {}
-        self._gens: list[Any] = []
-
-    def __enter__(self):
-        self._token = self.var.set(self._ctx)
-        return self
-
-    def get(self, key):
-        resources = self._resources
-        if key in resources:
-            return resources[key]
-        gen = self._providers[key](self._ctx)
-        value = resources[key] = next(gen)
-        self._gens.append(gen)
-        return value
-
-    def __exit__(self, *exc_info):
-        gens = self._gens
-        while gens:
-            try:
-                next(gens.pop())
-            except StopIteration:
-                pass
-        self.var.reset(self._token)
-
-    async def __aenter__(self):
-        return self.__enter__()
-
-    async def aget(self, key):
-        resources = self._resources
-        if key in resources:
-            return resources[key]
-        agen = self._providers[key](self._ctx)
-        value = resources[key] = await anext(agen)
-        self._gens.append(agen)
-        return value
-
-    async def __aexit__(self, *exc_info):
-        gens = self._gens
-        while gens:
-            try:
-                await anext(gens.pop())
-            except StopAsyncIteration:
-                pass
-        self.var.reset(self._token)
 
 
 @pytest.fixture(name="loop", scope="module")
