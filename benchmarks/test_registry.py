@@ -317,10 +317,13 @@ async def _noop() -> None:
     """
 
 
-def _ours_async(benchmark, loop, ctx, *, cleanup_awaits: bool = False):
-    made: list[Session] = []
+def _async_provider(made: list[Session], *, cleanup_awaits: bool):
+    """
+    An async generator provider of `Session` that records what it made, and
+    whose cleanup awaits or not: two functions, because whether a cleanup can
+    await is read from its code.
+    """
 
-    # Two functions: whether a cleanup can await is read from its code.
     async def session(_ctx):
         s = Session()
         made.append(s)
@@ -334,8 +337,14 @@ def _ours_async(benchmark, loop, ctx, *, cleanup_awaits: bool = False):
         await _noop()
         s.closed = True
 
+    return awaiting_session if cleanup_awaits else session
+
+
+def _ours_async(benchmark, loop, ctx, *, cleanup_awaits: bool = False):
+    made: list[Session] = []
+
     registry = uc.Registry()
-    registry.register(Session, awaiting_session if cleanup_awaits else session)
+    registry.register(Session, _async_provider(made, cleanup_awaits=cleanup_awaits))
 
     async def batch():
         made.clear()
@@ -353,21 +362,7 @@ def _ours_async(benchmark, loop, ctx, *, cleanup_awaits: bool = False):
 def _floor_async(benchmark, loop, ctx, *, cleanup_awaits: bool = False):
     made: list[Session] = []
 
-    # Two functions: whether a cleanup can await is read from its code.
-    async def session(_ctx):
-        s = Session()
-        made.append(s)
-        yield s
-        s.closed = True
-
-    async def awaiting_session(_ctx):
-        s = Session()
-        made.append(s)
-        yield s
-        await _noop()
-        s.closed = True
-
-    providers = {Session: awaiting_session if cleanup_awaits else session}
+    providers = {Session: _async_provider(made, cleanup_awaits=cleanup_awaits)}
 
     async def batch():
         made.clear()
