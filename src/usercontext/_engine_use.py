@@ -173,7 +173,18 @@ class EngineUse(Generic[E]):
                 # back by key.
                 lease = None
                 if not quota._take_now(key):  # type: ignore[attr-defined]  # a LocalQuota
-                    await quota._wait(key, f._timeout)  # type: ignore[attr-defined]
+                    timeout = f._timeout
+                    # Without a timeout on asyncio, the wait is a bare future
+                    # awaited here: no coroutine of the quota's held per waiter.
+                    w = None if timeout is not None else quota._queue_future(key)  # type: ignore[attr-defined]
+                    if w is None:
+                        await quota._wait(key, timeout)  # type: ignore[attr-defined]
+                    else:
+                        try:
+                            await w.signal
+                        except BaseException:
+                            quota._abandon(w)  # type: ignore[attr-defined]
+                            raise
             else:
                 lease = await quota.acquire(key, timeout=f._timeout)
             try:
