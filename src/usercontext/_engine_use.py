@@ -10,7 +10,7 @@ import math
 import sys
 
 from asyncio import CancelledError
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import anyio
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from ._factory import EngineFactory
     from ._lifecycle import ExcInfo
+    from ._local_quota import LocalQuota
     from ._quota import Lease
 
 E = TypeVar("E")
@@ -176,14 +177,15 @@ class EngineUse(Generic[E]):
                     timeout = f._timeout
                     # Without a timeout on asyncio, the wait is a bare future
                     # awaited here: no coroutine of the quota's held per waiter.
-                    w = None if timeout is not None else quota._queue_future(key)  # type: ignore[attr-defined]
+                    local = cast("LocalQuota", quota)
+                    w = None if timeout is not None else local._queue_future(key)
                     if w is None:
-                        await quota._wait(key, timeout)  # type: ignore[attr-defined]
+                        await local._wait(key, timeout)
                     else:
                         try:
                             await w.signal
                         except BaseException:
-                            quota._abandon(w)  # type: ignore[attr-defined]
+                            local._abandon(w)
                             raise
             else:
                 lease = await quota.acquire(key, timeout=f._timeout)
