@@ -366,13 +366,11 @@ class UserContextMiddleware:
         """
         kind = scope["type"]
         if kind == "http" or kind == "websocket":  # noqa: PLR1714  # faster than `in`
-            # Made before the request binds anything: see RequestLink.
-            link = RequestLink(send)
+            # The link is made before anything is bound (see RequestLink); isolated(), inline.
             if self.isolate:
-                # isolated(self._serve), inline: no wrapper coroutine per request.
-                await _InContext(self._serve(scope, receive, link), _fresh_context())
+                await _InContext(self._serve(scope, receive, RequestLink(send)), _fresh_context())
             else:
-                await self._serve(scope, receive, link)
+                await self._serve(scope, receive, RequestLink(send))
         else:
             await self.app(scope, receive, send)
 
@@ -442,8 +440,6 @@ class UserContextMiddleware:
         server: RequestLink = send  # type: ignore[assignment]  # made by __call__
         if exempt is None or not exempt(scope.get("path", "")):
             try:
-                # One name for the outcome and the context: the resolver's
-                # context is not kept alive beside the one bound below.
                 resolved = await self._resolve(scope, request)
             except Exception as e:
                 # A resolver that crashed (not a refusal): the client still
@@ -455,7 +451,7 @@ class UserContextMiddleware:
                 await self._refuse(scope, send, resolved, _id_of(request, incoming, make_id))
                 return
             ctx = resolved
-            del resolved
+            del resolved  # the resolver's context is not kept alive beside the one bound
         if ctx is None:
             # No user: nothing to bind, no scope to open.
             scope[STATE_KEY] = None
@@ -481,9 +477,8 @@ class UserContextMiddleware:
         scope[STATE_KEY] = RequestState(ctx, resources, self.hub)
         request_id = (self._header, ctx.request_id.encode("ascii", "backslashreplace"))
         if self.isolate:
-            # The request's own fresh Context, dropped after it: no user was
-            # bound in it, and nothing needs resetting (bind() would keep a
-            # bind and its __exit__ alive per request).
+            # The request's own fresh Context, dropped after it: nothing to
+            # reset (a bind, and its __exit__, would stay alive per request).
             _var.set(ctx)
             await self._run(server, scope, receive, resources, request_id)
         else:
