@@ -236,12 +236,14 @@ class RequestLink:
         "_disconnected",
         "_header",
         "_held",
+        "_receive",
         "_resources",
         "_send",
         "_started",
     )
 
     _header: tuple[bytes, bytes]
+    _receive: Receive
     _resources: Scope
 
     def __init__(self, send: Send) -> None:
@@ -286,18 +288,10 @@ class RequestLink:
         """
         self._header = header
         self._resources = resources
-
-        async def watch() -> Message:
-            message = await self.receive(receive)
-            # The scope is closed before the last message of a response is
-            # sent, so a disconnect seen while it is open is a client leaving.
-            if message["type"] == "http.disconnect":
-                self._disconnected = True
-            return message
-
+        self._receive = receive
         await resources.__aenter__()
         try:
-            await app(scope, watch, self.send)
+            await app(scope, self._watch, self.send)
         except BaseException as e:
             if not self._closed:
                 await self._close(e)
@@ -319,6 +313,18 @@ class RequestLink:
                     await self._send_failure()
         elif self._cut is not None:
             raise self._cut  # the application caught it: the server must still drop the connection
+
+    async def _watch(self) -> Message:
+        """
+        The application's ``receive`` under `run`: a method, not a closure
+        per request.
+        """
+        message = await self.receive(self._receive)
+        # The scope is closed before the last message of a response is
+        # sent, so a disconnect seen while it is open is a client leaving.
+        if message["type"] == "http.disconnect":
+            self._disconnected = True
+        return message
 
     async def run_plain(
         self,

@@ -273,31 +273,33 @@ class _InContext:
     caller's cancel scopes, on asyncio and trio alike.
     """
 
-    __slots__ = ("_coro", "_run")
+    __slots__ = ("_context", "_coro")
 
     def __init__(self, coro: Any, context: contextvars.Context) -> None:
         self._coro = coro
-        self._run = context.run
+        self._context = context
 
     def __await__(self) -> Generator[Any, Any, Any]:
+        # The bound methods are made per step, not kept: an awaiting request
+        # holds fewer objects, which the garbage collector visits again and
+        # again while it waits.
         coro = self._coro
-        run = self._run
-        send = coro.send
+        context = self._context
         value: Any = None
         error: BaseException | None = None
         while True:
             try:
                 if error is None:
-                    yielded = run(send, value)
+                    yielded = context.run(coro.send, value)
                 else:
                     thrown, error = error, None
-                    yielded = run(coro.throw, thrown)
+                    yielded = context.run(coro.throw, thrown)
             except StopIteration as e:
                 return e.value
             try:
                 value = yield yielded
             except GeneratorExit:
-                run(coro.close)
+                context.run(coro.close)
                 raise
             except BaseException as e:  # thrown into the coroutine, as a task would
                 error = e

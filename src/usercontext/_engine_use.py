@@ -10,7 +10,7 @@ import math
 import sys
 
 from asyncio import CancelledError
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import anyio
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from ._factory import EngineFactory
     from ._lifecycle import ExcInfo
+    from ._local_quota import LocalQuota
     from ._quota import Lease
 
 E = TypeVar("E")
@@ -173,7 +174,19 @@ class EngineUse(Generic[E]):
                 # back by key.
                 lease = None
                 if not quota._take_now(key):  # type: ignore[attr-defined]  # a LocalQuota
-                    await quota._wait(key, f._timeout)  # type: ignore[attr-defined]
+                    timeout = f._timeout
+                    # Without a timeout on asyncio, the wait is a bare future
+                    # awaited here: no coroutine of the quota's held per waiter.
+                    local = cast("LocalQuota", quota)
+                    w = None if timeout is not None else local._queue_future(key)
+                    if w is None:
+                        await local._wait(key, timeout)
+                    else:
+                        try:
+                            await w.signal
+                        except BaseException:
+                            local._abandon(w)
+                            raise
             else:
                 lease = await quota.acquire(key, timeout=f._timeout)
             try:

@@ -430,6 +430,25 @@ class LocalQuota(_Core):
         else:
             signal.set()
 
+    def _queue_future(self, key: str) -> _Waiter | None:
+        """
+        Queue a waiter for a slot of *key* (which `_take_now` found taken) and
+        return it, for a wait with no timeout on asyncio, or return `None`
+        (trio): then await `_wait`.
+
+        The caller awaits the waiter's future and, if that raises, calls
+        `_abandon` with it; once the future is done the slot is the caller's.
+        No coroutine of the quota's own is kept per waiter.
+        """
+        try:
+            task = asyncio_task()
+        except RuntimeError:  # not asyncio: trio
+            return None
+        assert task is not None  # noqa: S101  # an awaiting coroutine on asyncio runs in a task
+        w = _Waiter(key, task.get_loop().create_future())
+        self._enqueue(w)
+        return w
+
     async def _wait(self, key: str, timeout: float | None) -> None:
         """
         Wait for a slot of *key*, which `_take_now` found taken, and take it;

@@ -33,7 +33,6 @@ from usercontext import (
     UserContext,
     bind,
     current,
-    isolated,
     to_thread,
 )
 from usercontext._asgi_response import (
@@ -46,6 +45,7 @@ from usercontext._asgi_response import (
     logger,
 )
 from usercontext._context import with_request_id
+from usercontext._current import _fresh_context, _InContext, _var
 from usercontext._pending import Pending, pending, readers
 from usercontext.exceptions import _check_header, _phrase
 
@@ -359,7 +359,6 @@ class UserContextMiddleware:
         self._make_id = None if request_id_factory is None else _checked_factory(request_id_factory)
         self._header = request_id_header.lower().encode("ascii")
         self.isolate = isolate
-        self._serve_isolated = isolated(self._serve) if isolate else self._serve
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         """
@@ -367,8 +366,11 @@ class UserContextMiddleware:
         """
         kind = scope["type"]
         if kind == "http" or kind == "websocket":  # noqa: PLR1714  # faster than `in`
-            # Made before the request binds anything: see RequestLink.
-            await self._serve_isolated(scope, receive, RequestLink(send))
+            # The link is made before anything is bound (see RequestLink); isolated(), inline.
+            if self.isolate:
+                await _InContext(self._serve(scope, receive, RequestLink(send)), _fresh_context())
+            else:
+                await self._serve(scope, receive, RequestLink(send))
         else:
             await self.app(scope, receive, send)
 
@@ -438,17 +440,18 @@ class UserContextMiddleware:
         server: RequestLink = send  # type: ignore[assignment]  # made by __call__
         if exempt is None or not exempt(scope.get("path", "")):
             try:
-                outcome = await self._resolve(scope, request)
+                resolved = await self._resolve(scope, request)
             except Exception as e:
                 # A resolver that crashed (not a refusal): the client still
                 # gets a 500 with the id it can quote, and the error goes on.
                 crashed = _id_of(request, incoming, make_id)
                 await _answer_crash(server, scope, e, (self._header, crashed.encode("ascii")))
                 raise
-            if isinstance(outcome, _Refusal):
-                await self._refuse(scope, send, outcome, _id_of(request, incoming, make_id))
+            if isinstance(resolved, _Refusal):
+                await self._refuse(scope, send, resolved, _id_of(request, incoming, make_id))
                 return
-            ctx = outcome
+            ctx = resolved
+            del resolved  # the resolver's context is not kept alive beside the one bound
         if ctx is None:
             # No user: nothing to bind, no scope to open.
             scope[STATE_KEY] = None
@@ -473,11 +476,26 @@ class UserContextMiddleware:
         resources = None if registry is None else registry.scope(ctx)
         scope[STATE_KEY] = RequestState(ctx, resources, self.hub)
         request_id = (self._header, ctx.request_id.encode("ascii", "backslashreplace"))
-        with bind(ctx):
-            if resources is not None and scope["type"] == "http":
-                await server.run(self.app, scope, receive, resources, request_id)
-            else:
-                await server.run_plain(self.app, scope, receive, resources, request_id)
+        if self.isolate:
+            # The request's own fresh Context, dropped after it: nothing to
+            # reset (a bind, and its __exit__, would stay alive per request).
+            _var.set(ctx)
+            await self._run(server, scope, receive, resources, request_id)
+        else:
+            with bind(ctx):
+                await self._run(server, scope, receive, resources, request_id)
+
+    def _run(
+        self,
+        server: RequestLink,
+        scope: MutableMapping[str, Any],
+        receive: Receive,
+        resources: Scope | None,
+        request_id: tuple[bytes, bytes],
+    ) -> Awaitable[None]:
+        if resources is not None and scope["type"] == "http":
+            return server.run(self.app, scope, receive, resources, request_id)
+        return server.run_plain(self.app, scope, receive, resources, request_id)
 
     async def _refuse(
         self, scope: MutableMapping[str, Any], send: Send, refusal: _Refusal, request_id: str

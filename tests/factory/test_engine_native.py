@@ -360,6 +360,83 @@ class TestQuotaTimer:
         holder.release()
 
 
+@asyncio_only
+class TestEngineWaitOnAFuture:
+    """
+    On asyncio, an engine waiting for its user's slot with no timeout awaits
+    the quota's future itself, with no coroutine of the quota's: a grant, a
+    cancellation while queued, and one right after the grant each leave the
+    quota as it should.
+    """
+
+    @pytest.fixture
+    def no_quota_coroutine(self, monkeypatch):
+        async def refused(*_args):  # pragma: no cover  # the test fails if called
+            pytest.fail("the engine's wait went through LocalQuota._wait")
+
+        monkeypatch.setattr(LocalQuota, "_wait", refused)
+
+    async def test_granted(self, no_quota_coroutine, ctx):
+        """
+        The waiter gets the slot its holder hands back, and the engine.
+        """
+        factory = EngineFactory(make_engine, per_user=1)
+        entered = asyncio.Event()
+        release = asyncio.Event()
+
+        async def hold():
+            async with factory.engine(ctx):
+                entered.set()
+                await release.wait()
+
+        async def wait():
+            async with factory.engine(ctx) as engine:
+                return engine.user_id
+
+        holder = asyncio.create_task(hold())
+        await entered.wait()
+        waiter = asyncio.create_task(wait())
+        await asyncio.sleep(0)
+        assert factory.quota.stats().waiting == 1
+        release.set()
+        assert await waiter == "u-42"
+        await holder
+        s = factory.quota.stats()
+        assert (s.granted, s.waiting, s.in_use, s.cancelled) == (2, 0, 0, 0)
+        settled(factory)
+
+    @pytest.mark.parametrize("after_grant", [False, True])
+    async def test_cancelled(self, no_quota_coroutine, ctx, after_grant):
+        """
+        Cancelled while queued, the waiter leaves the queue (counted once);
+        cancelled after its grant, before it ran again, it hands the slot
+        back. Either way nothing is held and no engine is made for it.
+        """
+        factory = EngineFactory(make_engine, per_user=1)
+        holder = factory.engine(ctx)
+        await holder.__aenter__()
+
+        async def wait():
+            async with factory.engine(ctx):
+                pytest.fail("the cancelled waiter got an engine")  # pragma: no cover
+
+        task = asyncio.create_task(wait())
+        await asyncio.sleep(0)
+        assert factory.quota.stats().waiting == 1
+        if after_grant:
+            await holder.__aexit__(None, None, None)  # grants the slot to the waiter
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        if not after_grant:
+            await holder.__aexit__(None, None, None)
+        s = factory.quota.stats()
+        assert (s.waiting, s.in_use, s.cancelled) == (0, 0, 0 if after_grant else 1)
+        assert factory.stats().created == 1
+        assert factory.quota._in_use == {}
+        settled(factory)
+
+
 class TestBinding:
     """
     The body runs with its context bound; bound already, it is not bound again.
