@@ -549,7 +549,7 @@ class RedisBus:
         while True:
             try:
                 await asyncio.wait_for(self._poke.wait(), self._poll_interval)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 channels = list(self._users)
             else:
                 channels = list(self._recheck)
