@@ -279,25 +279,7 @@ def test_floor_async(benchmark, loop, ctx):
     the bare scope (see `FloorScope`), with no shield and no timeout around
     the cleanup.
     """
-    made: list[Session] = []
-
-    async def session(_ctx):
-        s = Session()
-        made.append(s)
-        yield s
-        s.closed = True
-
-    providers = {Session: session}
-
-    async def batch():
-        made.clear()
-        for _ in range(BATCH):
-            async with FloorScope(providers, ctx) as scope:
-                await scope.aget(Session)
-
-    benchmark(lambda: loop.run_until_complete(batch()))
-    assert len(made) == BATCH
-    assert all(s.closed for s in made)
+    _floor_async(benchmark, loop, ctx)
 
 
 @pytest.mark.benchmark(group="registry: async scope, one async generator resource, vs svcs")
