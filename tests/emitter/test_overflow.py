@@ -138,11 +138,7 @@ class TestStalledSink:
         """
         sink = GateSink()
         async with uc.EmitterHub(maxsize=2, overflow=overflow, timeout=5) as hub:
-            hub.attach("u-42", sink)
-            emitter = hub.emitter(ctx)
-            emitter.emit_nowait(TYPE)
-            await sink.started.wait()
-            emitter.emit_nowait(TYPE)
+            emitter = await _fill(hub, ctx, sink)
             with pytest.raises(TypeError, match="must be a str"):
                 emitter.emit_nowait(7)  # type: ignore[arg-type]
             with anyio.fail_after(1), pytest.raises(TypeError, match="holds a bytes"):
@@ -159,11 +155,7 @@ class TestStalledSink:
         """
         sink = GateSink()
         async with uc.EmitterHub(maxsize=2, overflow="block", timeout=None) as hub:
-            hub.attach("u-42", sink)
-            emitter = hub.emitter(ctx)
-            emitter.emit_nowait(TYPE)
-            await sink.started.wait()
-            emitter.emit_nowait(TYPE)
+            emitter = await _fill(hub, ctx, sink)
             data = {"step": 1}
             got = []
 
@@ -186,11 +178,7 @@ class TestStalledSink:
         """
         sink = GateSink()
         async with uc.EmitterHub(maxsize=2, overflow="block", timeout=0.05) as hub:
-            hub.attach("u-42", sink)
-            emitter = hub.emitter(ctx)
-            emitter.emit_nowait(TYPE)
-            await sink.started.wait()
-            emitter.emit_nowait(TYPE)
+            emitter = await _fill(hub, ctx, sink)
             with pytest.raises(uc.EmitterTimeoutError) as ei:
                 await emitter.emit(TYPE)
             with pytest.raises(uc.EmitterFullError) as now:
@@ -217,19 +205,8 @@ class TestStalledSink:
         sink = GateSink()
         order = []
         async with uc.EmitterHub(maxsize=2, overflow="block", timeout=None) as hub:
-            hub.attach("u-42", sink)
-            emitter = hub.emitter(ctx)
-            emitter.emit_nowait(TYPE)
-            await sink.started.wait()
-            emitter.emit_nowait(TYPE)
-
-            async def produce(name, timeout=None):
-                try:
-                    event = await emitter.emit(TYPE, {"name": name}, timeout=timeout)
-                except uc.EmitterTimeoutError:
-                    order.append(f"{name} gave up")
-                else:
-                    order.append((name, event.seq))
+            emitter = await _fill(hub, ctx, sink)
+            produce = _producer(emitter, order)
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(produce, "a", 0.02)
@@ -251,19 +228,8 @@ class TestStalledSink:
         sink = GateSink()
         order = []
         async with uc.EmitterHub(maxsize=2, overflow="block", timeout=None) as hub:
-            hub.attach("u-42", sink)
-            emitter = hub.emitter(ctx)
-            emitter.emit_nowait(TYPE)
-            await sink.started.wait()
-            emitter.emit_nowait(TYPE)
-
-            async def produce(name, timeout=None):
-                try:
-                    event = await emitter.emit(TYPE, {"name": name}, timeout=timeout)
-                except uc.EmitterTimeoutError:
-                    order.append(f"{name} gave up")
-                else:
-                    order.append((name, event.seq))
+            emitter = await _fill(hub, ctx, sink)
+            produce = _producer(emitter, order)
 
             with anyio.fail_after(5):
                 async with anyio.create_task_group() as tg:
@@ -286,11 +252,7 @@ class TestStalledSink:
         sink = GateSink()
         got = []
         async with uc.EmitterHub(maxsize=2, overflow="block", timeout=None) as hub:
-            hub.attach("u-42", sink)
-            emitter = hub.emitter(ctx)
-            emitter.emit_nowait(TYPE)
-            await sink.started.wait()
-            emitter.emit_nowait(TYPE)
+            emitter = await _fill(hub, ctx, sink)
 
             with anyio.fail_after(5):
                 async with anyio.create_task_group() as tg:
@@ -322,11 +284,7 @@ class TestStalledSink:
         """
         sink = GateSink()
         async with uc.EmitterHub(maxsize=2, overflow="block", timeout=None) as hub:
-            hub.attach("u-42", sink)
-            emitter = hub.emitter(ctx)
-            emitter.emit_nowait(TYPE)
-            await sink.started.wait()
-            emitter.emit_nowait(TYPE)
+            emitter = await _fill(hub, ctx, sink)
             got = []
 
             async def produce():
@@ -352,11 +310,7 @@ class TestStalledSink:
         errors = []
         hub = uc.EmitterHub(maxsize=2, overflow="block", timeout=None, drain_timeout=0.01)
         async with hub:
-            hub.attach("u-42", sink)
-            emitter = hub.emitter(ctx)
-            emitter.emit_nowait(TYPE)
-            await sink.started.wait()
-            emitter.emit_nowait(TYPE)
+            emitter = await _fill(hub, ctx, sink)
 
             async def produce():
                 try:
@@ -408,11 +362,7 @@ class TestCritical:
         """
         sink = GateSink()
         async with uc.EmitterHub(maxsize=2, max_event_size=10) as hub:
-            hub.attach("u-42", sink)
-            emitter = hub.emitter(ctx)
-            emitter.emit_nowait(TYPE)
-            await sink.started.wait()
-            emitter.emit_nowait(TYPE)
+            emitter = await _fill(hub, ctx, sink)
             with pytest.raises(TypeError, match="must be a str"):
                 emitter.emit_nowait(7)  # type: ignore[arg-type]
             with pytest.raises(ValueError, match="max_event_size"):
@@ -511,3 +461,34 @@ class TestCriticalWaiters:
 
         assert (passing.seq, got[0].seq) == (3, 4)
         assert stats.unrouted == 2
+
+
+async def _fill(hub, ctx, sink):
+    """
+    Attach *sink* (a `GateSink`) for the user ``u-42`` of *ctx*, and emit two
+    events: the first held by the sink, the second in the buffer. Return the
+    user's emitter.
+    """
+    hub.attach("u-42", sink)
+    emitter = hub.emitter(ctx)
+    emitter.emit_nowait(TYPE)
+    await sink.started.wait()
+    emitter.emit_nowait(TYPE)
+    return emitter
+
+
+def _producer(emitter, order):
+    """
+    A producer that emits one event named *name* and records in *order* its
+    seq, or that it gave up.
+    """
+
+    async def produce(name, timeout=None):
+        try:
+            event = await emitter.emit(TYPE, {"name": name}, timeout=timeout)
+        except uc.EmitterTimeoutError:
+            order.append(f"{name} gave up")
+        else:
+            order.append((name, event.seq))
+
+    return produce
