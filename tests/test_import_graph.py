@@ -363,19 +363,10 @@ class TestImportIsLight:
         requirements (anyio itself on first use only: see `LAZY`): no
         framework, and nothing of the report.
         """
-        code = (
-            "import json, sys\n"
-            # What attrs imports is the floor's, not ours: on Python 3.10 it
-            # imports platform, and with it subprocess.
-            "import attrs\n"
-            "before = set(sys.modules)\n"
-            "import usercontext\n"
+        out = _after_import_usercontext(
             "print(json.dumps({'new': sorted(set(sys.modules) - before),"
             " 'all': sorted(sys.modules)}))\n"
         )
-        out = subprocess.run(  # noqa: S603  # our own interpreter and code
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-        ).stdout
         modules = json.loads(out)
         new_top_level = {name.partition(".")[0] for name in modules["new"]}
         allowed = (
@@ -398,13 +389,7 @@ class TestImportIsLight:
         name they define imports its module, once, and later reads find the
         same object in the package's namespace.
         """
-        code = (
-            "import json, sys\n"
-            # What attrs imports is the floor's, not ours: on Python 3.10 it
-            # imports platform, and with it subprocess.
-            "import attrs\n"
-            "before = set(sys.modules)\n"
-            "import usercontext\n"
+        out = _after_import_usercontext(
             "after_import = set(sys.modules) - before\n"
             "registry = usercontext.Registry\n"
             "print(json.dumps({'after_import': sorted(after_import),"
@@ -413,9 +398,6 @@ class TestImportIsLight:
             " 'same': usercontext.Registry is registry"
             " is sys.modules['usercontext._registry'].Registry}))\n"
         )
-        out = subprocess.run(  # noqa: S603  # our own interpreter and code
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-        ).stdout
         found = json.loads(out)
 
         assert [m for m in LAZY if m in found["after_import"]] == []
@@ -446,3 +428,22 @@ class TestImportIsLight:
         assert "idna" in names
         assert "trio" not in names
         assert all(re.fullmatch(r"[a-z0-9_]+", n) for n in names)
+
+
+def _after_import_usercontext(code: str) -> str:
+    """
+    Run *code* in a fresh interpreter right after ``import usercontext``, with
+    ``json``, ``sys`` and ``before`` (the modules loaded before it) at hand,
+    and return what it printed.
+    """
+    script = (
+        "import json, sys\n"
+        # What attrs imports is the floor's, not ours: on Python 3.10 it
+        # imports platform, and with it subprocess.
+        "import attrs\n"
+        "before = set(sys.modules)\n"
+        "import usercontext\n" + code
+    )
+    return subprocess.run(  # noqa: S603  # our own interpreter and code
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
