@@ -19,6 +19,7 @@ from ._current import (
     to_thread,
     wrap,
 )
+from ._edge import strip_context_headers
 from ._job import bound_from_job, child_from_job, to_job
 from .exceptions import (
     BackendUnavailableError,
@@ -184,6 +185,7 @@ __all__ = [
     "current_or_none",
     "detach",
     "isolated",
+    "strip_context_headers",
     "to_job",
     "to_thread",
     "wrap",
