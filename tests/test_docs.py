@@ -5,6 +5,8 @@ and the API reference documents every public name.
 
 from __future__ import annotations
 
+import ast
+import builtins
 import importlib
 import importlib.util
 import os
@@ -190,3 +192,65 @@ class TestDiagrams:
         ).stdout
 
         assert rendered == svg
+
+
+_CONTINUES = re.compile(r"\A# Continues from the blocks above, which define: (.*)\.\n")
+_BUILTIN_NAMES = frozenset(dir(builtins)) | {"__name__", "__file__"}
+
+
+def _free_names(source: str) -> set[str]:
+    """
+    Return the names that *source* reads but never binds (nor imports), other
+    than builtins: what it needs from the blocks before it.
+    """
+    bound, loaded = _names(source)
+    return loaded - bound - _BUILTIN_NAMES
+
+
+def _names(source: str) -> tuple[set[str], set[str]]:
+    """
+    Return the names that *source* binds (anywhere), and those it reads.
+    """
+    bound: set[str] = set()
+    loaded: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Name):
+            (loaded if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    return bound, loaded
+
+
+class TestBlocksStandAlone:
+    @pytest.mark.parametrize("page", EXAMPLES, ids=[page.name for page in EXAMPLES])
+    def test_each_block_imports_what_it_uses_and_names_what_it_continues(self, page):
+        """
+        A reader can copy any block: it imports every module it uses, and a
+        block that needs objects made by the blocks before it says so in its
+        first line, naming exactly those objects.
+        """
+        wrong = []
+        made: set[str] = set()
+        for number, block in enumerate(python_blocks(page), start=1):
+            needs = sorted(_free_names(block), key=str.lower)
+            wrong += [
+                f"block {number}: no block before it defines {n}" for n in needs if n not in made
+            ]
+            made |= _names(block)[0]
+            said = _CONTINUES.match(block)
+            named = said.group(1).split(", ") if said else []
+            if named != needs:
+                wrong.append(
+                    f"block {number}: start it with '# Continues from the blocks above, which "
+                    f"define: {', '.join(needs)}.'"
+                    if needs
+                    else f"block {number}: it stands alone; drop its 'Continues from' line"
+                )
+
+        assert wrong == []
