@@ -1,0 +1,62 @@
+"""
+OpenTelemetry for multi-user services: the bound context on every span, W3C
+Baggage as a propagation format, and the library's stats as metrics.
+
+- `UserContextSpanProcessor` sets ``enduser.id``, ``usercontext.request_id``
+  and the other ids of the context bound where a span starts (it needs the
+  OpenTelemetry SDK, as every span processor does);
+- `baggage_context`, `inject_baggage` and `extract_baggage` carry a context
+  as ``usercontext.<field>`` members of W3C Baggage, and read it back from
+  trusted peers only, validated like `usercontext.UserContext.from_headers`;
+- `instrument` registers observable instruments that read the stats of
+  quotas, engine factories, registries and hubs.
+
+It needs the ``otel`` extra (``opentelemetry-api``):
+``pip install usercontext[otel]``.
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from usercontext._otel_baggage import (
+    MAX_MEMBER_BYTES,
+    baggage_context,
+    extract_baggage,
+    inject_baggage,
+)
+from usercontext._otel_metrics import instrument
+
+
+if TYPE_CHECKING:
+    from usercontext._otel_spans import UserContextSpanProcessor
+
+
+__all__ = [
+    "MAX_MEMBER_BYTES",
+    "UserContextSpanProcessor",
+    "baggage_context",
+    "extract_baggage",
+    "inject_baggage",
+    "instrument",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The span processor subclasses the SDK's SpanProcessor: it is loaded on
+    # first use, so that baggage and metrics need the API only.
+    if name == "UserContextSpanProcessor":
+        try:
+            from usercontext._otel_spans import UserContextSpanProcessor
+        except ModuleNotFoundError as e:
+            msg = (
+                "usercontext.otel.UserContextSpanProcessor is a span processor of the "
+                "OpenTelemetry SDK, which is not installed. Install it with "
+                "`pip install opentelemetry-sdk`."
+            )
+            raise ImportError(msg, name=name) from e
+        return UserContextSpanProcessor
+    msg = f"module 'usercontext.otel' has no attribute {name!r}"
+    raise AttributeError(msg)
