@@ -257,7 +257,7 @@ def _checked(
 ) -> tuple[tuple[str, Any], ...]:
     if not isinstance(objects, Mapping):
         msg = (
-            f"instrument({argument}=...) takes a mapping from a name to each {what}, such as "
+            f"instrument({argument}=...) takes a mapping from a name to {what}, such as "
             f"{argument}={{'engines': obj}}, got a {type(objects).__name__}. The name becomes "
             f"the usercontext.{argument[:-1] if argument != 'factories' else 'factory'}.name "
             "attribute of its measurements."
@@ -267,13 +267,13 @@ def _checked(
     for name, obj in cast("Mapping[object, object]", objects).items():
         if not isinstance(name, str) or not name:
             msg = (
-                f"instrument({argument}=...) names each {what} with a non-empty str, got "
+                f"instrument({argument}=...) names {what} with a non-empty str, got "
                 f"{name!r}. Name it after its use, such as 'engines'."
             )
             raise ValueError(msg)
         if not isinstance(obj, kinds):
             msg = (
-                f"instrument({argument}=...) takes a {what} under {name!r}, got a "
+                f"instrument({argument}=...) takes {what} under {name!r}, got a "
                 f"{type(obj).__name__}. Pass the object whose stats() to observe."
             )
             raise TypeError(msg)
@@ -344,10 +344,10 @@ def instrument(
     .. versionadded:: 0.1.0
     """
     families = {
-        "quota": _checked("quotas", quotas or {}, (Quota, ThreadQuota), "quota"),
-        "factory": _checked("factories", factories or {}, (EngineFactory,), "EngineFactory"),
-        "registry": _checked("registries", registries or {}, (Registry,), "Registry"),
-        "hub": _checked("hubs", hubs or {}, (EmitterHub,), "EmitterHub"),
+        "quota": _checked("quotas", quotas or {}, (Quota, ThreadQuota), "a quota"),
+        "factory": _checked("factories", factories or {}, (EngineFactory,), "an EngineFactory"),
+        "registry": _checked("registries", registries or {}, (Registry,), "a Registry"),
+        "hub": _checked("hubs", hubs or {}, (EmitterHub,), "an EmitterHub"),
     }
     if not any(families.values()):
         msg = (

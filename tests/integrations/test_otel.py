@@ -14,6 +14,8 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk", reason="usercontext.otel's tests need the SDK")
 
+import anyio.lowlevel
+
 from opentelemetry import baggage, context
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.sdk.trace import TracerProvider
@@ -133,6 +135,20 @@ class TestSpanProcessor:
         ctx = make_ctx(1, metadata={"plan": value})
         assert processor.attributes(ctx)["usercontext.metadata.plan"] == expected
 
+    def test_no_allowlist(self):
+        """
+        Without an allowlist, no metadata reaches a span, whatever the
+        context holds.
+        """
+        attributes = UserContextSpanProcessor().attributes(make_ctx(1, metadata={"plan": "pro"}))
+        assert sorted(attributes) == [
+            "enduser.id",
+            "usercontext.depth",
+            "usercontext.request_id",
+            "usercontext.run_id",
+            "usercontext.thread_id",
+        ]
+
     def test_allowlisted_key_missing(self):
         """
         An allowlisted key the context lacks gives no attribute.
@@ -180,13 +196,13 @@ class TestSpanProcessor:
             ctx = make_ctx(i % 50, request_id=f"req-{i}", metadata={"plan": f"p{i}"})
             async with uc.bind(ctx):
                 with tracer.start_as_current_span(f"{i}/task"):
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
                 async with anyio.create_task_group() as tg:
 
                     async def child():
-                        await anyio.sleep(0)
+                        await anyio.lowlevel.checkpoint()
                         with tracer.start_as_current_span(f"{i}/child"):
-                            await anyio.sleep(0)
+                            await anyio.lowlevel.checkpoint()
 
                     tg.start_soon(child)
                 await uc.to_thread(in_thread, f"{i}/thread")
