@@ -1,7 +1,7 @@
 """
-The span processor of `usercontext.otel`: it needs the OpenTelemetry SDK
-(span processors are an SDK concept), which the rest of the adapter does not,
-so `usercontext.otel` loads this module on first use of its name.
+The span processor of `usercontext.otel`. Span processors are a concept of
+the OpenTelemetry SDK, which the rest of the adapter does not need: without
+the SDK, this module imports and the processor refuses to be made.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 
 from typing import TYPE_CHECKING, cast
-
-from opentelemetry.sdk.trace import SpanProcessor
 
 from usercontext import current_or_none
 from usercontext._codec import _thaw
@@ -28,6 +26,17 @@ if TYPE_CHECKING:
 
 
 __all__ = ["ATTRIBUTES", "METADATA_PREFIX", "UserContextSpanProcessor"]
+
+_sdk_missing: ImportError | None = None
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import SpanProcessor as _Base
+else:
+    try:
+        from opentelemetry.sdk.trace import SpanProcessor as _Base
+    except ImportError as e:
+        # Raised, as the cause, when a processor is made.
+        _sdk_missing = e
+        _Base = object
 
 ATTRIBUTES = {
     "user_id": "enduser.id",
@@ -56,7 +65,7 @@ def _attribute(value: object) -> AttributeValue:
     return json.dumps(_thaw(value), ensure_ascii=False, sort_keys=True, default=repr)
 
 
-class UserContextSpanProcessor(SpanProcessor):
+class UserContextSpanProcessor(_Base):
     """
     UserContextSpanProcessor(*, metadata=())
 
@@ -112,6 +121,8 @@ class UserContextSpanProcessor(SpanProcessor):
             ``usercontext.metadata.<key>`` attributes.
 
     Raises:
+        ImportError: If the OpenTelemetry SDK (``opentelemetry-sdk``) is not
+            installed.
         TypeError: If *metadata* is not an iterable of str (a single str
             included).
         ValueError: If a key in *metadata* is empty, one of the ids or a field
@@ -121,6 +132,13 @@ class UserContextSpanProcessor(SpanProcessor):
     """
 
     def __init__(self, *, metadata: Iterable[str] = ()) -> None:
+        if _sdk_missing is not None:
+            msg = (
+                "usercontext.otel.UserContextSpanProcessor is a span processor of the "
+                "OpenTelemetry SDK, which cannot be imported. Install it with "
+                "`pip install opentelemetry-sdk`."
+            )
+            raise ImportError(msg, name="opentelemetry.sdk") from _sdk_missing
         self._metadata = _metadata_keys(
             metadata,
             owner="UserContextSpanProcessor",

@@ -19,19 +19,9 @@ It needs the ``otel`` extra (``opentelemetry-api``):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-from usercontext._otel_baggage import (
-    MAX_MEMBER_BYTES,
-    baggage_context,
-    extract_baggage,
-    inject_baggage,
-)
-from usercontext._otel_metrics import instrument
-
-
-if TYPE_CHECKING:
-    from usercontext._otel_spans import UserContextSpanProcessor
+from ._otel_baggage import MAX_MEMBER_BYTES, baggage_context, extract_baggage, inject_baggage
+from ._otel_metrics import instrument
+from ._otel_spans import UserContextSpanProcessor
 
 
 __all__ = [
@@ -42,21 +32,3 @@ __all__ = [
     "inject_baggage",
     "instrument",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # The span processor subclasses the SDK's SpanProcessor: it is loaded on
-    # first use, so that baggage and metrics need the API only.
-    if name == "UserContextSpanProcessor":
-        try:
-            from usercontext._otel_spans import UserContextSpanProcessor
-        except ModuleNotFoundError as e:
-            msg = (
-                "usercontext.otel.UserContextSpanProcessor is a span processor of the "
-                "OpenTelemetry SDK, which is not installed. Install it with "
-                "`pip install opentelemetry-sdk`."
-            )
-            raise ImportError(msg, name=name) from e
-        return UserContextSpanProcessor
-    msg = f"module 'usercontext.otel' has no attribute {name!r}"
-    raise AttributeError(msg)

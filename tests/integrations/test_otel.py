@@ -5,6 +5,7 @@ in-memory span exporter.
 
 from __future__ import annotations
 
+import importlib
 import sys
 import threading
 
@@ -18,7 +19,7 @@ import anyio.lowlevel
 
 from opentelemetry import baggage, context
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -249,17 +250,26 @@ class TestSpanProcessor:
 
     def test_without_the_sdk(self, monkeypatch):
         """
-        Without the SDK, the processor's name raises an ImportError that says
-        what to install; baggage and metrics still import. Unknown names
-        raise AttributeError.
+        Without the SDK, usercontext.otel imports, its baggage and metrics
+        work, and making the processor raises an ImportError that says what
+        to install, with the SDK's own import error as its cause.
         """
-        monkeypatch.delitem(sys.modules, "usercontext._otel_spans")
-        monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
-        with pytest.raises(ImportError, match="pip install opentelemetry-sdk"):
-            _ = usercontext.otel.UserContextSpanProcessor
-        assert callable(usercontext.otel.instrument)
-        with pytest.raises(AttributeError, match="has no attribute 'nope'"):
-            _ = usercontext.otel.nope  # type: ignore[attr-defined]
+        import usercontext._otel_spans as spans
+
+        try:
+            monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
+            importlib.reload(spans)
+            module = importlib.reload(usercontext.otel)
+            assert callable(module.instrument)
+            assert module.extract_baggage({}, trusted=True) is None
+            with pytest.raises(ImportError, match="pip install opentelemetry-sdk") as info:
+                module.UserContextSpanProcessor()
+            assert isinstance(info.value.__cause__, ModuleNotFoundError)
+        finally:
+            monkeypatch.undo()
+            importlib.reload(spans)
+            importlib.reload(usercontext.otel)
+        assert isinstance(usercontext.otel.UserContextSpanProcessor(), SpanProcessor)
 
 
 class TestInjectBaggage:
