@@ -42,7 +42,8 @@ __all__ = ["MAX_MEMBER_BYTES", "baggage_context", "extract_baggage", "inject_bag
 
 MAX_MEMBER_BYTES = 4096
 """
-W3C Baggage's limit on one member, name and value encoded.
+W3C Baggage's limit on one member, name and value encoded: propagators drop
+longer members.
 """
 # What travels: the ids that are set, the lineage and the creation time, and
 # the allowlisted metadata as one JSON object (the header format's own).
@@ -148,7 +149,7 @@ def baggage_context(
             context is bound.
         usercontext.exceptions.InvalidContextError: If an allowlisted metadata
             value is not JSON, or a member would pass W3C Baggage's size
-            limits (`MAX_MEMBER_BYTES` per member); the error names the field.
+            limits (4096 bytes per member, 8 KiB in all); the error names the field.
         TypeError: If *ctx* is not a `usercontext.UserContext`, or *metadata*
             not an iterable of str.
         ValueError: If a key in *metadata* is empty, one of the ids or a field

@@ -19,13 +19,12 @@ It needs the ``otel`` extra (``opentelemetry-api``):
 
 from __future__ import annotations
 
-from ._otel_baggage import MAX_MEMBER_BYTES, baggage_context, extract_baggage, inject_baggage
+from ._otel_baggage import baggage_context, extract_baggage, inject_baggage
 from ._otel_metrics import instrument
 from ._otel_spans import UserContextSpanProcessor
 
 
 __all__ = [
-    "MAX_MEMBER_BYTES",
     "UserContextSpanProcessor",
     "baggage_context",
     "extract_baggage",

@@ -26,8 +26,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import usercontext as uc
 import usercontext.otel
 
+from usercontext._otel_baggage import MAX_MEMBER_BYTES
 from usercontext.otel import (
-    MAX_MEMBER_BYTES,
     UserContextSpanProcessor,
     baggage_context,
     extract_baggage,
