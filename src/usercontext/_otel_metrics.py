@@ -24,6 +24,7 @@ __all__ = ["METRICS", "instrument"]
 _Kind = Literal["counter", "updowncounter", "gauge"]
 _Read = Callable[[Any], Iterable[tuple[int, Mapping[str, str]]]]
 _NONE: Mapping[str, str] = {}
+_ATTEMPTS = 100
 
 
 def _one(read: Callable[[Any], int | None]) -> _Read:
@@ -281,13 +282,26 @@ def _checked(
     return tuple(out)
 
 
+def _stats(obj: Any) -> Any:
+    # A metric reader may collect from its own thread (the SDK's periodic
+    # reader does) while the event loop changes the tables stats() walks; a
+    # walk that meets a change raises RuntimeError ("changed size during
+    # iteration") and is tried again. The counters it reads are plain ints.
+    for _ in range(_ATTEMPTS - 1):
+        try:
+            return obj.stats(top=0)
+        except RuntimeError:  # noqa: PERF203  # raised only when a walk met a change
+            continue
+    return obj.stats(top=0)
+
+
 def _callback(
     objects: tuple[tuple[str, Any], ...], attribute: str, read: _Read
 ) -> Callable[[CallbackOptions], Iterable[Observation]]:
     def observe(options: CallbackOptions) -> Iterable[Observation]:  # noqa: ARG001  # the API's signature
         observations: list[Observation] = []
         for name, obj in objects:
-            for value, extra in read(obj.stats(top=0)):
+            for value, extra in read(_stats(obj)):
                 observations.append(Observation(value, {attribute: name, **extra}))
         return observations
 
@@ -319,6 +333,10 @@ def instrument(
     limits, and counters for what only grows (``usercontext.quota.rejected``,
     ``usercontext.factory.close_errors``, ``usercontext.hub.dropped`` with a
     ``usercontext.hub.drop_reason`` attribute, ...).
+
+    A reader may collect from its own thread, as the SDK's periodic reader
+    does, while requests run: a snapshot that meets a table being changed is
+    taken again.
 
     The meter is ``usercontext``, at the library's version. The objects are
     held for the meter provider's life: call it once per object, at startup.

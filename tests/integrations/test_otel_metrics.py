@@ -11,6 +11,8 @@ import sys
 import threading
 
 import anyio
+import anyio.lowlevel
+import anyio.to_thread
 import pytest
 
 
@@ -21,6 +23,7 @@ from opentelemetry.sdk.metrics.export import Gauge, InMemoryMetricReader, Sum
 
 import usercontext as uc
 
+from usercontext._otel_metrics import _stats
 from usercontext.otel import instrument
 
 from helpers import make_ctx, until
@@ -398,3 +401,90 @@ class TestArguments:
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout == "usercontext 1\n"
+
+
+class TestReaderThread:
+    async def test_collecting_from_another_thread(self, reader, caplog):
+        """
+        A reader collecting from its own thread (as the SDK's periodic reader
+        does) while 200 users' requests churn the quota's, factory's,
+        registry's and hub's tables gets every measurement of every
+        collection, and no callback fails.
+        """
+        reader, provider = reader
+        quota = uc.LocalQuota(per_key=1)
+        factory = uc.EngineFactory(lambda ctx: object(), per_user=1)
+        registry = uc.Registry()
+        registry.register("db", lambda ctx: object())
+        hub = uc.EmitterHub(maxsize=4)
+        instrument(
+            meter_provider=provider,
+            quotas={"q": quota},
+            factories={"f": factory},
+            registries={"r": registry},
+            hubs={"h": hub},
+        )
+        stop, collections, incomplete = threading.Event(), [0], []
+
+        def collect_until_stopped():
+            while not stop.is_set():
+                points, _ = collect(reader)
+                collections[0] += 1
+                names = {attrs[-1][1] for _, attrs in points if attrs}
+                incomplete.extend({"q", "f", "r", "h"} - names)
+
+        async def request(i):
+            ctx = make_ctx(i)
+            for _ in range(20):
+                lease = await quota.acquire(ctx.user_id)
+                async with factory.engine(ctx), registry.scope(ctx) as scope:
+                    await scope.aget("db")
+                    hub.emitter(ctx).emit_nowait("x")
+                    await anyio.lowlevel.checkpoint()
+                await quota.arelease(lease)
+
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # switch threads as often as possible
+        try:
+            async with hub:
+                thread = threading.Thread(target=collect_until_stopped)
+                thread.start()
+                try:
+                    async with anyio.create_task_group() as tg:
+                        for i in range(200):
+                            tg.start_soon(request, i)
+                finally:
+                    stop.set()
+                    await anyio.to_thread.run_sync(thread.join)
+        finally:
+            sys.setswitchinterval(switch)
+
+        assert collections[0] > 0
+        assert incomplete == []
+        assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+        points, _ = collect(reader)
+        assert family(points, "quota", **{"usercontext.quota.name": "q"})["granted"] == 4_000
+        assert family(points, "registry", **{"usercontext.registry.name": "r"})["opened"] == 4_000
+
+    def test_a_walk_that_meets_a_change_is_retried(self):
+        """
+        stats() raising RuntimeError (a table changed during the walk) is
+        called again, up to 100 times in all; the 100th error propagates, and
+        the SDK logs it as a failed callback.
+        """
+
+        class Changing:
+            def __init__(self, failures):
+                self.failures, self.calls = failures, 0
+
+            def stats(self, *, top):
+                self.calls += 1
+                if self.calls <= self.failures:
+                    raise RuntimeError("dictionary changed size during iteration")
+                return top
+
+        assert _stats(flaky := Changing(3)) == 0
+        assert flaky.calls == 4
+        with pytest.raises(RuntimeError, match="changed size"):
+            _stats(broken := Changing(1_000))
+        assert broken.calls == 100
