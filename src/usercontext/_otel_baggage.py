@@ -333,8 +333,9 @@ def extract_baggage(
             "from services of your own."
         )
         raise ValueError(msg)
-    values = getter.get(carrier, "baggage")
-    found = _collect(cast("Iterable[str]", values or ()))
+    values: object = getter.get(carrier, "baggage")
+    # Getters return a list of the header's values; a str is one value.
+    found = _collect([values] if isinstance(values, str) else cast("Iterable[str]", values or ()))
     if not found:
         return None
     for field in _REQUIRED:

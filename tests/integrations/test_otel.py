@@ -484,7 +484,8 @@ class TestExtractBaggage:
     def test_custom_getter(self, ctx):
         """
         A getter reads carriers that are not dicts, as in OpenTelemetry's
-        propagators: here ASGI's list of byte pairs.
+        propagators: here ASGI's list of byte pairs; a getter that returns
+        the header as one str, not a list, is read too.
         """
 
         class AsgiGetter:
@@ -494,8 +495,16 @@ class TestExtractBaggage:
             def keys(self, carrier):
                 return [k.decode() for k, _ in carrier]
 
+        class StrGetter:
+            def get(self, carrier, key):
+                return carrier.get(key)
+
+            def keys(self, carrier):
+                return list(carrier)
+
         carrier = {}
         inject_baggage(carrier, ctx)
+        assert extract_baggage(carrier, trusted=True, getter=StrGetter()) == ctx
         asgi = [(b"baggage", carrier["baggage"].encode()), (b"accept", b"*/*")]
         assert extract_baggage(asgi, trusted=True, getter=AsgiGetter()) == ctx
         assert extract_baggage([], trusted=True, getter=AsgiGetter()) is None
