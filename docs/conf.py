@@ -88,6 +88,18 @@ nitpick_ignore = [
     ("py:class", "usercontext.fastapi._current_emitter"),
     # Celery, an optional dependency: no intersphinx.
     ("py:class", "celery.app.base.Celery"),
+    # OpenTelemetry, the otel extra: no intersphinx either. Some of its
+    # annotations are names imported only for type checking.
+    ("py:class", "collections.abc.Mapping"),
+    ("py:class", "opentelemetry.propagators.textmap.CarrierT"),
+    ("py:class", "opentelemetry.propagators.textmap.Getter"),
+    ("py:class", "opentelemetry.metrics.MeterProvider"),
+    ("py:class", "AttributeValue"),
+    ("py:class", "CarrierT"),
+    ("py:class", "Context"),
+    ("py:class", "ReadableSpan"),
+    ("py:class", "Setter"),
+    ("py:class", "Span"),
 ]
 
 myst_heading_anchors = 3
