@@ -39,8 +39,8 @@ CLEANUP_FAILED: Mapping[str, Any] = {
 
 # What a request id taken from a client may look like: visible ASCII, no
 # spaces, short enough for any log line.
-_GOOD_REQUEST_ID = re.compile(r"[!-~]{1,128}")
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-zA-Z-]+")
+GOOD_REQUEST_ID = re.compile(r"[!-~]{1,128}")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-zA-Z-]+")
 # BaseExceptionGroup is a builtin from Python 3.11 on; the backport (a
 # dependency on 3.10) provides it before.
 _Group: type[BaseException] = (
@@ -49,7 +49,7 @@ _Group: type[BaseException] = (
 )
 
 
-def _id_of(request: Pending | None, incoming: str | None, make: Callable[[], str] | None) -> str:
+def id_of(request: Pending | None, incoming: str | None, make: Callable[[], str] | None) -> str:
     """
     Return the id a request answers with: the one its logs carry already
     (*request*), else the client's *incoming* id if valid, else a new one.
@@ -57,19 +57,19 @@ def _id_of(request: Pending | None, incoming: str | None, make: Callable[[], str
     return (request or Pending(incoming, make)).get()
 
 
-def _name(fn: object) -> str:
+def callable_name(fn: object) -> str:
     return repr(getattr(fn, "__qualname__", fn))
 
 
-def _wrong_return(resolver: object, value: object) -> TypeError:
+def wrong_return(resolver: object, value: object) -> TypeError:
     return TypeError(
-        f"The resolver {_name(resolver)} returned {type(value).__name__}; it must return a "
+        f"The resolver {callable_name(resolver)} returned {type(value).__name__}; it must return a "
         "usercontext.UserContext, or None to let the request through without a user (or "
         "raise usercontext.UnauthenticatedError)."
     )
 
 
-def _exempt_paths(exempt: Iterable[str]) -> tuple[str, ...]:
+def exempt_paths(exempt: Iterable[str]) -> tuple[str, ...]:
     """
     Check the exempt paths given to the middleware; return them as a tuple.
     """
@@ -89,7 +89,7 @@ def _exempt_paths(exempt: Iterable[str]) -> tuple[str, ...]:
     return paths
 
 
-def _exempt_matcher(paths: tuple[str, ...]) -> Callable[[str], bool] | None:
+def exempt_matcher(paths: tuple[str, ...]) -> Callable[[str], bool] | None:
     """
     Return a function telling whether a request path is exempt (one of
     *paths*, or below one of them), or `None` when no path is.
@@ -105,7 +105,7 @@ def _exempt_matcher(paths: tuple[str, ...]) -> Callable[[str], bool] | None:
     return is_exempt
 
 
-def _checked_factory(factory: Callable[[], str]) -> Callable[[], str]:
+def checked_factory(factory: Callable[[], str]) -> Callable[[], str]:
     """
     Wrap a request id factory so that every id it makes is checked: it goes
     into a header and the logs.
@@ -113,10 +113,10 @@ def _checked_factory(factory: Callable[[], str]) -> Callable[[], str]:
 
     def make() -> str:
         request_id = factory()
-        if type(request_id) is not str or not _GOOD_REQUEST_ID.fullmatch(request_id):
+        if type(request_id) is not str or not GOOD_REQUEST_ID.fullmatch(request_id):
             msg = (
-                f"The request_id_factory {_name(factory)} returned {request_id!r}; a request id "
-                "must be a str of 1 to 128 visible ASCII characters."
+                f"The request_id_factory {callable_name(factory)} returned {request_id!r}; a "
+                "request id must be a str of 1 to 128 visible ASCII characters."
             )
             raise ValueError(msg)
         return request_id
@@ -124,7 +124,7 @@ def _checked_factory(factory: Callable[[], str]) -> Callable[[], str]:
     return make
 
 
-class _Refusal:
+class Refusal:
     """
     How to answer a refused request: its status, problem document and headers.
     """
@@ -139,7 +139,7 @@ class _Refusal:
         self.headers = headers
 
 
-def _refusal(error: BaseException) -> _Refusal | None:
+def refusal(error: BaseException) -> Refusal | None:
     """
     Return how to answer a request whose resolver raised *error*, or `None`
     when *error* is not a refusal (it then propagates).
@@ -157,14 +157,14 @@ def _refusal(error: BaseException) -> _Refusal | None:
             (name.lower().encode("ascii"), value.encode("latin-1"))
             for name, value in error.headers.items()
         ]
-        return _Refusal(error.status, body, headers)
+        return Refusal(error.status, body, headers)
     if isinstance(error, InvalidContextError):
         body = {"detail": str(error), "error": "invalid_context", "field": error.field}
-        return _Refusal(400, body, [])
+        return Refusal(400, body, [])
     if isinstance(error, _Group):
         # A task group in the resolver: answered as its first refusal, in the
         # order the group lists them, when it holds nothing but refusals.
-        refusals = [_refusal(leaf) for leaf in _leaves(error)]
+        refusals = [refusal(leaf) for leaf in _leaves(error)]
         if None in refusals:
             return None
         return refusals[0]
@@ -181,7 +181,7 @@ def _leaves(group: Any) -> list[BaseException]:
     return leaves
 
 
-def _http_exception(error: BaseException) -> _Refusal | None:
+def _http_exception(error: BaseException) -> Refusal | None:
     """
     Map an ``HTTPException`` of Starlette or FastAPI (anything with an int
     *status_code* from 400 to 599 and a *detail*) to a refusal, without
@@ -202,7 +202,7 @@ def _http_exception(error: BaseException) -> _Refusal | None:
     for name, value in given.items():
         _check_header(f"{type(error).__name__}(headers=...) raised by the resolver", name, value)
         headers.append((name.lower().encode("ascii"), value.encode("latin-1")))
-    return _Refusal(status, body, headers)
+    return Refusal(status, body, headers)
 
 
 def problem_document(status: int, body: Mapping[str, Any], request_id: str) -> bytes:

@@ -43,16 +43,34 @@ from usercontext._asgi_response import (
 from usercontext._context import with_request_id
 from usercontext._current import _fresh_context, _InContext, _var
 from usercontext._http import (
-    _GOOD_REQUEST_ID,
-    _HEADER_NAME,
-    _checked_factory,
-    _exempt_matcher,
-    _exempt_paths,
-    _id_of,
-    _name,
-    _Refusal,
-    _refusal,
-    _wrong_return,
+    GOOD_REQUEST_ID as _GOOD_REQUEST_ID,
+)
+from usercontext._http import (
+    HEADER_NAME as _HEADER_NAME,
+)
+from usercontext._http import (
+    Refusal as _Refusal,
+)
+from usercontext._http import (
+    callable_name as _name,
+)
+from usercontext._http import (
+    checked_factory as _checked_factory,
+)
+from usercontext._http import (
+    exempt_matcher as _exempt_matcher,
+)
+from usercontext._http import (
+    exempt_paths as _exempt_paths,
+)
+from usercontext._http import (
+    id_of as _id_of,
+)
+from usercontext._http import (
+    refusal as _refusal,
+)
+from usercontext._http import (
+    wrong_return as _wrong_return,
 )
 from usercontext._pending import Pending, pending, readers
 
