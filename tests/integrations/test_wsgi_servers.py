@@ -17,7 +17,6 @@ fails the run (see the ``server`` marker in the root conftest.py).
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.metadata
 import re
 import socket
 import struct
@@ -62,8 +61,10 @@ def _gunicorn_command() -> list[str]:
         "--error-logfile",
         "-",
     ]
-    if int(importlib.metadata.version("gunicorn").split(".")[0]) >= 25:
-        # Newer releases open a control socket, one path per user of the
+    from gunicorn.config import KNOWN_SETTINGS
+
+    if any("--no-control-socket" in (setting.cli or ()) for setting in KNOWN_SETTINGS):
+        # Newer releases open a control socket, at one path per user of the
         # machine: none for a test server.
         command.append("--no-control-socket")
     return [*command, "wsgi_apps:application"]
