@@ -70,7 +70,7 @@ Resolver = Callable[[dict[str, Any]], "UserContext | None"]
 STATE_KEY = "usercontext"
 
 # The middleware's logger: what this module logs is about its requests.
-logger = logging.getLogger("usercontext.wsgi")
+_logger = logging.getLogger("usercontext.wsgi")
 
 
 def request_state(environ: Mapping[str, Any]) -> RequestState:
@@ -304,7 +304,7 @@ class UserContextMiddleware:
             refused = refusal(e)
             if refused is None:
                 raise
-            logger.info(
+            _logger.info(
                 "Refused %s %s: %d %s",
                 environ.get("REQUEST_METHOD", ""),
                 environ.get("PATH_INFO", ""),
@@ -336,7 +336,7 @@ class UserContextMiddleware:
                 # A resolver that crashed (not a refusal): the client still
                 # gets a 500 with the id it can quote.
                 crashed = id_of(request, incoming, make_id)
-                logger.exception("The resolver failed on request %s.", crashed)
+                _logger.exception("The resolver failed on request %s.", crashed)
                 status, headers, payload = _problem(500, INTERNAL_ERROR, [], self._header, crashed)
                 start_response(status, headers)
                 return [payload]
@@ -609,7 +609,7 @@ class _Response:
             try:
                 close()
             except Exception as e:
-                logger.exception("Closing the response of request %s failed.", self._request_id)
+                _logger.exception("Closing the response of request %s failed.", self._request_id)
                 failure = e
                 error = error or e
         resources = self._resources
@@ -621,7 +621,7 @@ class _Response:
             else:  # the scope adds its cleanup errors to *error* as notes
                 resources.__exit__(type(error), error, error.__traceback__)
         except Exception as e:  # each error was logged by the scope
-            logger.error(  # noqa: TRY400  # the scope logged each traceback already
+            _logger.error(  # noqa: TRY400  # the scope logged each traceback already
                 "The resources of request %s were not all cleaned up: %s", self._request_id, e
             )
             return failure or e
@@ -633,7 +633,7 @@ class _Response:
         was sent; return the problem document.
         """
         self._finish(error)
-        logger.error(  # not in the handler: the error is given
+        _logger.error(  # not in the handler: the error is given
             "The application failed on request %s.", self._request_id, exc_info=error
         )
         return self._answer(INTERNAL_ERROR)
