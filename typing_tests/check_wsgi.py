@@ -49,7 +49,7 @@ served: WSGIApplication = middleware
 
 # A coroutine function is no resolver of a WSGI request.
 async def resolve_async(environ: dict[str, Any]) -> uc.UserContext | None:
-    return None
+    return resolve(environ)
 
 
 UserContextMiddleware(app, resolver=resolve_async)  # type: ignore[arg-type]
