@@ -38,6 +38,8 @@ import httpx2
 
 from werkzeug.test import Client
 
+from helpers import KeepRecords
+
 
 TIMEOUT = 10.0
 
@@ -313,6 +315,50 @@ class TestRequestIds:
 
         response = httpx2.get(serve(wrap(app)), headers={"x-user": "u-1"})
         assert response.headers.get_list("x-request-id") == ["mine"]
+
+
+class TestLogging:
+    def test_resolver_and_refusal_log_the_request_id(self, serve):
+        """
+        With the logging adapter, what the resolver logs, and the middleware's
+        line for a refusal, carry the id the client gets back, though no
+        context exists yet; lines logged under the request carry its user.
+        """
+        from usercontext.stdlib import ContextFilter
+
+        records = KeepRecords()
+        records.addFilter(ContextFilter())
+        logger = logging.getLogger("usercontext.tests.wsgi")
+        logger.addHandler(records)
+        logger.setLevel(logging.INFO)
+        wsgi_logger = logging.getLogger("usercontext.wsgi")
+        wsgi_logger.addHandler(records)
+        wsgi_logger.setLevel(logging.INFO)
+
+        def resolver(environ):
+            logger.info("resolving")
+            return resolve(environ)
+
+        def app(environ, start_response):
+            logger.info("serving")
+            start_response("200 OK", [])
+            return [b"ok"]
+
+        try:
+            url = serve(UserContextMiddleware(app, resolver=resolver))
+            served = httpx2.get(url, headers={"x-user": "u-1"}, timeout=TIMEOUT)
+            refused = httpx2.get(url, timeout=TIMEOUT)
+        finally:
+            logger.removeHandler(records)
+            wsgi_logger.removeHandler(records)
+            wsgi_logger.setLevel(logging.NOTSET)
+        lines = [(r.getMessage(), r.user_id, r.request_id) for r in records.records]
+        assert lines == [
+            ("resolving", "-", served.headers["x-request-id"]),
+            ("serving", "u-1", served.headers["x-request-id"]),
+            ("resolving", "-", refused.headers["x-request-id"]),
+            ("Refused GET /: 401 Send x-user.", "-", refused.headers["x-request-id"]),
+        ]
 
 
 class TestResolver:
