@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import sys
 
 import pytest
 
@@ -43,6 +44,12 @@ from wsgi_helpers import (  # the fixtures by their functions' names
     whoami,
     wrap,
 )
+
+
+if sys.version_info >= (3, 11):
+    ExceptionGroupType = ExceptionGroup  # noqa: F821  # a builtin from Python 3.11
+else:
+    from exceptiongroup import ExceptionGroup as ExceptionGroupType
 
 
 class TestArguments:
@@ -292,7 +299,7 @@ class TestResolver:
         def resolver(environ):
             errors = [uc.ForbiddenError("No."), uc.UnauthenticatedError("Who?")]
             msg = "checks"
-            raise ExceptionGroup(msg, errors)  # noqa: F821  # a builtin from 3.11, backported
+            raise ExceptionGroupType(msg, errors)
 
         response = httpx2.get(serve(UserContextMiddleware(whoami, resolver=resolver)))
         assert response.status_code == 403
