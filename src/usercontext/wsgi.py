@@ -535,7 +535,14 @@ class _Response:
         self._iterator = iter(body)
         # A list or tuple, or Django's HttpResponse (not streaming): in memory.
         kind = type(body)
-        self._whole = kind is list or kind is tuple or getattr(body, "streaming", None) is False
+        if kind is list or kind is tuple or getattr(body, "streaming", None) is False:
+            # The whole body is ready: finish here, in this step, and give the
+            # server a list (no step of ours left to run in the Context).
+            self._whole = True
+            try:
+                return [self._next()]
+            except StopIteration:
+                return []
         return self
 
     def __iter__(self) -> _Response:
