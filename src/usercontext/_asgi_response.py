@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import json
 import logging
 import types
 
-from collections.abc import Awaitable, Callable, Generator, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from usercontext.exceptions import _phrase
+from usercontext._http import CLEANUP_FAILED, INTERNAL_ERROR, PROBLEM_JSON, problem_document
 
 
 if TYPE_CHECKING:
@@ -36,7 +35,7 @@ ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 # The middleware's logger: what this module logs is about its requests.
 logger = logging.getLogger("usercontext.asgi")
 
-_PROBLEM_JSON = (b"content-type", b"application/problem+json")
+_PROBLEM_JSON = (b"content-type", PROBLEM_JSON.encode("ascii"))
 # Responses that never have a body, and which Starlette sends without a
 # Content-Length: held like any response whose body comes in one message.
 _NO_BODY = frozenset((204, 304))
@@ -50,7 +49,7 @@ class _DisconnectedError(ConnectionError):
 
 
 async def _send_json(
-    send: Send, kind: str, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]
+    send: Send, kind: str, status: int, body: Mapping[str, Any], headers: list[tuple[bytes, bytes]]
 ) -> None:
     """
     Send a problem document (RFC 9457, ``application/problem+json``) of
@@ -62,14 +61,7 @@ async def _send_json(
     default), ``title`` (the status's reason phrase by default) and extension
     members, such as ``error``.
     """
-    problem = {
-        "type": body.get("type", "about:blank"),
-        "title": body.get("title") or _phrase(status)[0],
-        "status": status,
-        **body,
-        "request_id": headers[-1][1].decode("ascii"),
-    }
-    payload = json.dumps(problem).encode()
+    payload = problem_document(status, body, headers[-1][1].decode("ascii"))
     length = (b"content-length", str(len(payload)).encode("ascii"))
     start = [_PROBLEM_JSON, length, *headers]
     await send({"type": f"{kind}.start", "status": status, "headers": start})
@@ -168,13 +160,8 @@ async def _answer_crash(
         kind = "websocket.http.response"
     else:
         return  # the server refuses the handshake on its own
-    body = {
-        "error": "internal_error",
-        "detail": "The server failed to answer the request; its logs give the reason under "
-        "this request id.",
-    }
     try:
-        await _send_json(send, kind, 500, body, [header])
+        await _send_json(send, kind, 500, INTERNAL_ERROR, [header])
     except Exception:  # the client left: the application's error is the one to raise
         request_id = header[1].decode("ascii")
         logger.debug("The 500 for request %s could not be sent.", request_id, exc_info=True)
@@ -444,9 +431,4 @@ class RequestLink:
         raise self._cut from error
 
     async def _send_failure(self) -> None:
-        body = {
-            "error": "cleanup_failed",
-            "detail": "The request's resources could not be cleaned up (a commit may have "
-            "failed); its changes may not have been saved.",
-        }
-        await _send_json(self, "http.response", 500, body, [self._header])
+        await _send_json(self, "http.response", 500, CLEANUP_FAILED, [self._header])

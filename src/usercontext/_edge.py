@@ -12,16 +12,16 @@ to remove.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._codec import HEADER_PREFIX
 
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
 
 
-__all__ = ["BAGGAGE_PREFIX", "strip_baggage", "strip_context_headers"]
+__all__ = ["BAGGAGE_PREFIX", "strip_baggage", "strip_context_headers", "strip_environ"]
 
 BAGGAGE_PREFIX = "usercontext."
 """
@@ -30,6 +30,9 @@ The prefix of the library's members in a W3C ``baggage`` header.
 
 _HEADER_PREFIX = HEADER_PREFIX.encode("ascii")
 _BAGGAGE = b"baggage"
+# The same headers in a WSGI environ (PEP 3333: CGI names, HTTP_ and upper case).
+_ENVIRON_PREFIX = "HTTP_" + HEADER_PREFIX.upper().replace("-", "_")
+_ENVIRON_BAGGAGE = "HTTP_BAGGAGE"
 
 
 def strip_baggage(value: str) -> str:
@@ -81,4 +84,29 @@ def strip_context_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[
                 continue
             value = kept.encode("latin-1")  # noqa: PLW2901  # the member list, rebuilt
         out.append((name, value))
+    return out
+
+
+def strip_environ(environ: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Return a copy of the WSGI *environ* without any ``x-usercontext-*``
+    header (its ``HTTP_X_USERCONTEXT_*`` keys), and with the ``usercontext.*``
+    members removed from its ``baggage`` header (``HTTP_BAGGAGE``, dropped
+    if nothing is left of it). *environ* itself is left as it was.
+
+    >>> strip_environ({
+    ...     "PATH_INFO": "/",
+    ...     "HTTP_X_USERCONTEXT_USER_ID": "u-1",
+    ...     "HTTP_BAGGAGE": "usercontext.user_id=u-1,tenant=acme",
+    ... })
+    {'PATH_INFO': '/', 'HTTP_BAGGAGE': 'tenant=acme'}
+    """
+    out = {key: value for key, value in environ.items() if not key.startswith(_ENVIRON_PREFIX)}
+    baggage = out.get(_ENVIRON_BAGGAGE)
+    if type(baggage) is str:
+        kept = strip_baggage(baggage)
+        if kept:
+            out[_ENVIRON_BAGGAGE] = kept
+        else:
+            del out[_ENVIRON_BAGGAGE]
     return out

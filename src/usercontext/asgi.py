@@ -15,11 +15,8 @@ is bound, so nothing the server starts from them carries the request's user.
 
 from __future__ import annotations
 
-import builtins
 import functools
-import importlib
 import inspect
-import re
 
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -29,7 +26,6 @@ from usercontext import (
     InvalidContextError,
     NoContextError,
     Registry,
-    RequestRefusedError,
     UserContext,
     bind,
     current,
@@ -46,12 +42,40 @@ from usercontext._asgi_response import (
 )
 from usercontext._context import with_request_id
 from usercontext._current import _fresh_context, _InContext, _var
+from usercontext._http import (
+    GOOD_REQUEST_ID as _GOOD_REQUEST_ID,
+)
+from usercontext._http import (
+    HEADER_NAME as _HEADER_NAME,
+)
+from usercontext._http import (
+    Refusal as _Refusal,
+)
+from usercontext._http import (
+    callable_name as _name,
+)
+from usercontext._http import (
+    checked_factory as _checked_factory,
+)
+from usercontext._http import (
+    exempt_matcher as _exempt_matcher,
+)
+from usercontext._http import (
+    exempt_paths as _exempt_paths,
+)
+from usercontext._http import (
+    id_of as _id_of,
+)
+from usercontext._http import (
+    refusal as _refusal,
+)
+from usercontext._http import (
+    wrong_return as _wrong_return,
+)
 from usercontext._pending import Pending, pending, readers
-from usercontext.exceptions import _check_header, _phrase
 
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
     from typing import Concatenate
 
     from typing_extensions import ParamSpec
@@ -80,10 +104,6 @@ Resolver = Callable[
 #: The key of the ASGI scope under which the middleware keeps the `RequestState`.
 STATE_KEY = "usercontext"
 
-# What a request id taken from a client may look like: visible ASCII, no
-# spaces, short enough for any log line.
-_GOOD_REQUEST_ID = re.compile(r"[!-~]{1,128}")
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-zA-Z-]+")
 # WebSocket close codes for a refused handshake (RFC 6455, IANA registry): a
 # client error is a policy violation; 429 and 503 say try again later; any
 # other server error, an internal error.
@@ -92,12 +112,6 @@ _INTERNAL_ERROR = 1011
 _TRY_AGAIN_LATER = 1013
 # The longest reason a close frame may carry, in bytes (RFC 6455).
 _MAX_REASON = 123
-# BaseExceptionGroup is a builtin from Python 3.11 on; the backport (a
-# dependency on 3.10) provides it before.
-_Group: type[BaseException] = (
-    getattr(builtins, "BaseExceptionGroup", None)
-    or importlib.import_module("exceptiongroup").BaseExceptionGroup
-)
 
 
 class RequestState:
@@ -525,162 +539,6 @@ class UserContextMiddleware:
 
 
 _RETRY_LATER = frozenset((429, 503))
-
-
-def _id_of(request: Pending | None, incoming: str | None, make: Callable[[], str] | None) -> str:
-    """
-    Return the id a request answers with: the one its logs carry already
-    (*request*), else the client's *incoming* id if valid, else a new one.
-    """
-    return (request or Pending(incoming, make)).get()
-
-
-def _name(fn: object) -> str:
-    return repr(getattr(fn, "__qualname__", fn))
-
-
-def _wrong_return(resolver: object, value: object) -> TypeError:
-    return TypeError(
-        f"The resolver {_name(resolver)} returned {type(value).__name__}; it must return a "
-        "usercontext.UserContext, or None to let the request through without a user (or "
-        "raise usercontext.UnauthenticatedError)."
-    )
-
-
-def _exempt_paths(exempt: Iterable[str]) -> tuple[str, ...]:
-    """
-    Check the exempt paths given to the middleware; return them as a tuple.
-    """
-    if isinstance(exempt, (str, bytes)) or not isinstance(exempt, Iterable):
-        msg = (
-            "exempt must be an iterable of paths such as ('/health', '/docs'), got a "
-            f"{type(exempt).__name__} ({exempt!r})."
-        )
-        if isinstance(exempt, str):
-            msg += f" Wrap a single path in a tuple: exempt=({exempt!r},)."
-        raise TypeError(msg)
-    paths = tuple(exempt)
-    for path in paths:
-        if type(path) is not str or not path.startswith("/"):
-            msg = f"exempt holds {path!r}, but each exempt path must be a str starting with '/'."
-            raise ValueError(msg)
-    return paths
-
-
-def _exempt_matcher(paths: tuple[str, ...]) -> Callable[[str], bool] | None:
-    """
-    Return a function telling whether a request path is exempt (one of
-    *paths*, or below one of them), or `None` when no path is.
-    """
-    if not paths:
-        return None
-    exact = frozenset(paths)
-    prefixes = tuple(path if path.endswith("/") else f"{path}/" for path in paths)
-
-    def is_exempt(path: str) -> bool:
-        return path in exact or path.startswith(prefixes)
-
-    return is_exempt
-
-
-def _checked_factory(factory: Callable[[], str]) -> Callable[[], str]:
-    """
-    Wrap a request id factory so that every id it makes is checked: it goes
-    into a header and the logs.
-    """
-
-    def make() -> str:
-        request_id = factory()
-        if type(request_id) is not str or not _GOOD_REQUEST_ID.fullmatch(request_id):
-            msg = (
-                f"The request_id_factory {_name(factory)} returned {request_id!r}; a request id "
-                "must be a str of 1 to 128 visible ASCII characters."
-            )
-            raise ValueError(msg)
-        return request_id
-
-    return make
-
-
-class _Refusal:
-    """
-    How to answer a refused request: its status, problem document and headers.
-    """
-
-    __slots__ = ("body", "headers", "status")
-
-    def __init__(
-        self, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]
-    ) -> None:
-        self.status = status
-        self.body = body
-        self.headers = headers
-
-
-def _refusal(error: BaseException) -> _Refusal | None:
-    """
-    Return how to answer a request whose resolver raised *error*, or `None`
-    when *error* is not a refusal (it then propagates).
-    """
-    if isinstance(error, RequestRefusedError):
-        body: dict[str, Any] = {
-            "type": error.type,
-            "title": error.title,
-            "detail": error.detail,
-            "error": error.error,
-        }
-        if error.retry_after is not None:
-            body["retry_after"] = error.retry_after
-        headers = [
-            (name.lower().encode("ascii"), value.encode("latin-1"))
-            for name, value in error.headers.items()
-        ]
-        return _Refusal(error.status, body, headers)
-    if isinstance(error, InvalidContextError):
-        body = {"detail": str(error), "error": "invalid_context", "field": error.field}
-        return _Refusal(400, body, [])
-    if isinstance(error, _Group):
-        # A task group in the resolver: answered as its first refusal, in the
-        # order the group lists them, when it holds nothing but refusals.
-        refusals = [_refusal(leaf) for leaf in _leaves(error)]
-        if None in refusals:
-            return None
-        return refusals[0]
-    return _http_exception(error)
-
-
-def _leaves(group: Any) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for error in group.exceptions:
-        if isinstance(error, _Group):
-            leaves.extend(_leaves(error))
-        else:
-            leaves.append(error)
-    return leaves
-
-
-def _http_exception(error: BaseException) -> _Refusal | None:
-    """
-    Map an ``HTTPException`` of Starlette or FastAPI (anything with an int
-    *status_code* from 400 to 599 and a *detail*) to a refusal, without
-    importing either.
-    """
-    status = getattr(error, "status_code", None)
-    if type(status) is not int or not 400 <= status <= 599 or not hasattr(error, "detail"):  # noqa: PLR2004  # error statuses
-        return None
-    title, code = _phrase(status)
-    detail: object = getattr(error, "detail")  # noqa: B009  # checked above: it has one
-    body: dict[str, Any] = {"title": title, "detail": detail, "error": code}
-    if type(detail) is not str:
-        # FastAPI allows any JSON as detail; a problem's detail is a string.
-        body["detail"] = title
-        body["errors"] = detail
-    headers: list[tuple[bytes, bytes]] = []
-    given: Mapping[Any, Any] = getattr(error, "headers", None) or {}
-    for name, value in given.items():
-        _check_header(f"{type(error).__name__}(headers=...) raised by the resolver", name, value)
-        headers.append((name.lower().encode("ascii"), value.encode("latin-1")))
-    return _Refusal(status, body, headers)
 
 
 @overload

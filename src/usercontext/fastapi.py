@@ -51,7 +51,8 @@ from usercontext import (
     QuotaTimeoutError,
     UserContext,
 )
-from usercontext.asgi import RequestState, _exempt_matcher, _exempt_paths, request_state
+from usercontext._http import exempt_matcher, exempt_paths
+from usercontext.asgi import RequestState, request_state
 
 
 if TYPE_CHECKING:
@@ -463,7 +464,7 @@ def document_auth(
         definition = scheme.model.model_dump(mode="json", by_alias=True, exclude_none=True)
     else:
         definition = dict(scheme)
-    is_exempt: Callable[[str], bool] = _exempt_matcher(_exempt_paths(exempt)) or (lambda _: False)
+    is_exempt: Callable[[str], bool] = exempt_matcher(exempt_paths(exempt)) or (lambda _: False)
     original = app.openapi
     done: list[bool] = []
 
