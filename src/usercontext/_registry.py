@@ -174,7 +174,6 @@ class Registry:
         scope._registry = self
         scope._ctx = ctx
         scope._resources = {}
-        scope._opened = []
         scope._state = _NEW
         return scope
 

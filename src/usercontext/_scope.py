@@ -10,7 +10,7 @@ import importlib
 import sys
 import warnings
 
-from types import GeneratorType, MappingProxyType
+from types import GeneratorType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
@@ -43,7 +43,7 @@ from .exceptions import IsolationError, ScopeClosedError
 
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Hashable, Mapping
+    from collections.abc import Callable, Hashable
     from types import FrameType, TracebackType
 
     from typing_extensions import Self
@@ -63,19 +63,9 @@ T = TypeVar("T")
 
 __all__ = ["Scope"]
 
-_CLEARED: Mapping[object, object] = MappingProxyType({})
+_Entry = tuple["Counts", str, Any, "Callable[[Any], object] | None", Any]
 _SYNC_FIX = "use `async with registry.scope()` and `await scope.aget(key)`"
 _ENTERED_ONCE = "A scope can be entered once; open a new one with registry.scope()."
-
-
-class _Sentinel:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
 
 
 def _collect(errors: list[BaseException] | None, error: BaseException) -> list[BaseException]:
@@ -88,8 +78,8 @@ def _collect(errors: list[BaseException] | None, error: BaseException) -> list[B
 # A scope's _state: _NEW, then its context while open, then _CLOSED. Holding
 # the context there lets get() check "open, and this user's context bound" with
 # one comparison.
-_NEW: Any = _Sentinel("new")
-_CLOSED: Any = _Sentinel("closed")
+_NEW: Any = object()
+_CLOSED: Any = object()
 _getframe = sys._getframe
 _GENERATOR: Any = GeneratorType  # Any: what the provider made stays Any to type checkers
 _set = _var.set
@@ -124,7 +114,6 @@ class Scope:
         "_ctx",
         "_frame",
         "_lasti",
-        "_opened",
         "_registry",
         "_resources",
         "_state",
@@ -137,9 +126,10 @@ class Scope:
     def __init__(self, registry: Registry, ctx: UserContext) -> None:
         self._registry = registry
         self._ctx = ctx
-        self._resources: Mapping[object, object] = {}
+        # Per key, in order of creation (popitem() takes the last first):
+        # (counts, kind, what to exit, close hook, value).
+        self._resources: dict[object, _Entry] = {}
         # (counts, kind, what to exit, close hook, value), in order of creation.
-        self._opened: list[tuple[Counts, str, Any, Callable[[Any], object] | None, object]] = []
         self._state = _NEW
 
     @property
@@ -190,9 +180,9 @@ class Scope:
         ctx = self._state  # the scope's context while it is open
         if _get(None) is not ctx:
             ctx = self._check(key)
-        resources: dict[object, object] = self._resources  # type: ignore[assignment]
+        resources = self._resources
         if key in resources:
-            return resources[key]
+            return resources[key][4]
         provider = self._registry._providers.get(key)
         if provider is None:
             raise unknown(key)
@@ -218,10 +208,9 @@ class Scope:
                 value, result = result, None
             else:
                 raise refuse(result, kind, f"The provider of {key_name(key)}", _SYNC_FIX)
-        resources[key] = value
         counts = provider.counts
         counts.created += 1
-        self._opened.append((counts, kind, result, provider.close, value))
+        resources[key] = (counts, kind, result, provider.close, value)
         return value
 
     @overload
@@ -241,9 +230,9 @@ class Scope:
         ctx = self._state  # as in get
         if _get(None) is not ctx:
             ctx = self._check(key)
-        resources: dict[object, object] = self._resources  # type: ignore[assignment]
+        resources = self._resources
         if key in resources:
-            return resources[key]
+            return resources[key][4]
         provider = self._registry._providers.get(key)
         if provider is None:
             raise unknown(key)
@@ -284,10 +273,9 @@ class Scope:
             value = result.__enter__()
         else:
             value, result = result, None
-        resources[key] = value
         counts = provider.counts
         counts.created += 1
-        self._opened.append((counts, kind, result, provider.close, value))
+        resources[key] = (counts, kind, result, provider.close, value)
         return value
 
     # -- entering and leaving --
@@ -335,10 +323,10 @@ class Scope:
     ) -> None:
         errors: list[BaseException] | None = None  # made on the first failure
         fatal: BaseException | None = None
-        opened = self._opened
+        opened = self._resources
         try:
             while opened:
-                counts, kind, obj, close, value = opened.pop()
+                counts, kind, obj, close, value = opened.popitem()[1]
                 counts.closed += 1
                 # The twin of _lifecycle.leave, inline.
                 try:
@@ -370,7 +358,6 @@ class Scope:
                         fatal = fatal or e
         finally:
             self._state = _CLOSED
-            self._resources = _CLEARED  # drops the resources now, not with the scope
             self._frame = None  # which holds the scope, through its locals
             self._registry._left += 1
             token = self._token
@@ -390,10 +377,10 @@ class Scope:
     ) -> None:
         errors: list[BaseException] | None = None  # made on the first failure
         fatal: BaseException | None = None
-        opened = self._opened
+        opened = self._resources
         try:
             while opened:
-                counts, kind, obj, close, value = opened.pop()
+                counts, kind, obj, close, value = opened.popitem()[1]
                 counts.closed += 1
                 # The twin of _lifecycle.aleave, inline.
                 try:
@@ -446,7 +433,6 @@ class Scope:
                         fatal = fatal or e
         finally:
             self._state = _CLOSED
-            self._resources = _CLEARED  # drops the resources now, not with the scope
             self._frame = None  # which holds the scope, through its locals
             self._registry._left += 1
             token = self._token
@@ -508,5 +494,5 @@ class Scope:
         state = "new" if state is _NEW else "closed" if state is _CLOSED else "open"
         return (
             f"<usercontext.Scope(user_id={self._ctx.user_id!r}, {state}, "
-            f"resources={len(self._opened)})>"
+            f"resources={len(self._resources)})>"
         )
