@@ -175,6 +175,7 @@ class Registry:
         scope._ctx = ctx
         scope._resources = {}
         scope._state = _NEW
+        scope._frame = None
         return scope
 
     def stats(self, top: int = 10) -> RegistryStats:

@@ -129,8 +129,10 @@ class Scope:
         # Per key, in order of creation (popitem() takes the last first):
         # (counts, kind, what to exit, close hook, value).
         self._resources: dict[object, _Entry] = {}
-        # (counts, kind, what to exit, close hook, value), in order of creation.
         self._state = _NEW
+        # The frame that entered the scope, while it is open: what a scope
+        # dropped open is told by, and where it was entered.
+        self._frame = None
 
     @property
     def ctx(self) -> UserContext:
@@ -474,9 +476,9 @@ class Scope:
         exc.close_errors = [*getattr(exc, "close_errors", ()), *errors]  # type: ignore[attr-defined]
 
     def __del__(self) -> None:
-        state = self._state
-        if state is not _NEW and state is not _CLOSED:
-            code = self._frame.f_code  # type: ignore[union-attr]  # pyright: ignore[reportOptionalMemberAccess]  # set while open
+        frame = self._frame
+        if frame is not None:  # open
+            code = frame.f_code
             lineno = next(
                 (line for start, end, line in code.co_lines() if start <= self._lasti < end),
                 None,
