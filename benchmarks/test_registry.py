@@ -20,6 +20,8 @@ are skipped.
 from __future__ import annotations
 
 import asyncio
+import statistics
+import time
 import warnings
 
 from collections.abc import Iterator  # noqa: TC003  # dishka reads annotations at runtime
@@ -132,6 +134,79 @@ def test_registry_sync_vs_svcs(benchmark, ctx):
     target lies below what the job allows (see the floor groups).
     """
     _ours_sync(benchmark, ctx)
+
+
+def _sync_sides(ctx, made):
+    """
+    Return ours, svcs and the bare scope as batches of `BATCH` requests with
+    the same generator provider, which records each `Session` in *made*, and
+    our registry.
+    """
+
+    def session(_ctx=None):
+        s = Session()
+        made.append(s)
+        yield s
+        s.closed = True
+
+    registry = uc.Registry()
+    registry.register(Session, session)
+    rivals = svcs.Registry()
+    rivals.register_factory(Session, session)
+    providers = {Session: session}
+
+    def ours():
+        for _ in range(BATCH):
+            with registry.scope(ctx) as scope:
+                scope.get(Session)
+
+    def rival():
+        for _ in range(BATCH):
+            container = svcs.Container(rivals)
+            container.get(Session)
+            container.close()
+
+    def bare():
+        for _ in range(BATCH):
+            with FloorScope(providers, ctx) as scope:
+                scope.get(Session)
+
+    return [("ours", ours), ("svcs", rival), ("bare", bare)], registry
+
+
+def test_sync_interleaved(benchmark, ctx):
+    """
+    Ours, svcs and the bare scope (`FloorScope`) timed in turn within every
+    call, each going first in turn: the median over the calls of ours / svcs
+    is ``extra_info["ratio"]`` (target: <= 0.45x), of the bare scope / svcs
+    ``extra_info["bare_ratio"]``, the figures to read on a busy machine.
+    """
+    made: list[Session] = []
+    order, registry = _sync_sides(ctx, made)
+    times: dict[str, list[float]] = {name: [] for name, _ in order}
+
+    def call():
+        order.append(order.pop(0))  # each goes first in turn
+        for name, batch in order:
+            made.clear()
+            started = time.perf_counter_ns()
+            batch()
+            times[name].append((time.perf_counter_ns() - started) / BATCH)
+            assert len(made) == BATCH
+            assert all(s.closed for s in made)
+
+    benchmark(call)
+
+    def ratio(name: str) -> float:
+        return statistics.median(t / s for t, s in zip(times[name], times["svcs"], strict=True))
+
+    benchmark.extra_info.update(
+        {f"{name}_ns": statistics.median(ts) for name, ts in times.items()}
+        | {"ratio": ratio("ours"), "bare_ratio": ratio("bare")}
+    )
+    stats = registry.stats()
+    assert (stats.scopes, stats.in_use, stats.close_errors) == (0, 0, 0)
+    assert stats.opened == stats.created == stats.closed == len(times["ours"]) * BATCH
 
 
 def _dishka_sync(benchmark):

@@ -96,8 +96,8 @@ class Registry:
         # Per key ever registered, in order; kept when a provider is replaced.
         self._counts: dict[Hashable, Counts] = {}
         self._close_timeout = float(close_timeout)
-        self._scopes = 0
-        self._opened = 0
+        self._opened = 0  # scopes entered
+        self._left = 0  # scopes left: open = entered - left
         self._close_errors = 0
 
     def register(
@@ -174,8 +174,8 @@ class Registry:
         scope._registry = self
         scope._ctx = ctx
         scope._resources = {}
-        scope._opened = []
         scope._state = _NEW
+        scope._frame = None
         return scope
 
     def stats(self, top: int = 10) -> RegistryStats:
@@ -190,7 +190,7 @@ class Registry:
         return RegistryStats(
             in_use=created - closed,
             top=tuple((key_name(k), n) for k, n in ranked),
-            scopes=self._scopes,
+            scopes=self._opened - self._left,
             opened=self._opened,
             created=created,
             closed=closed,

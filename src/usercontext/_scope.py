@@ -10,7 +10,7 @@ import importlib
 import sys
 import warnings
 
-from types import MappingProxyType
+from types import GeneratorType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
@@ -43,8 +43,8 @@ from .exceptions import IsolationError, ScopeClosedError
 
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Hashable, Mapping
-    from types import TracebackType
+    from collections.abc import Callable, Hashable
+    from types import FrameType, TracebackType
 
     from typing_extensions import Self
 
@@ -63,7 +63,7 @@ T = TypeVar("T")
 
 __all__ = ["Scope"]
 
-_CLEARED: Mapping[object, object] = MappingProxyType({})
+_Entry = tuple["Counts", str, Any, "Callable[[Any], object] | None", Any]
 _SYNC_FIX = "use `async with registry.scope()` and `await scope.aget(key)`"
 _ENTERED_ONCE = "A scope can be entered once; open a new one with registry.scope()."
 
@@ -75,8 +75,13 @@ def _collect(errors: list[BaseException] | None, error: BaseException) -> list[B
     return errors
 
 
-_NEW, _OPEN, _CLOSED = 0, 1, 2
+# A scope's _state: _NEW, then its context while open, then _CLOSED. Holding
+# the context there lets get() check "open, and this user's context bound" with
+# one comparison.
+_NEW: Any = object()
+_CLOSED: Any = object()
 _getframe = sys._getframe
+_GENERATOR: Any = GeneratorType  # Any: what the provider made stays Any to type checkers
 _set = _var.set
 _reset = _var.reset
 
@@ -106,23 +111,28 @@ class Scope:
     # method rather than shared through helpers: a call costs about as much
     # as the rest of a line of bookkeeping.
     __slots__ = (
-        "_code",
         "_ctx",
+        "_frame",
         "_lasti",
-        "_opened",
         "_registry",
         "_resources",
         "_state",
         "_token",
     )
 
+    _frame: FrameType | None
+    _lasti: int
+
     def __init__(self, registry: Registry, ctx: UserContext) -> None:
         self._registry = registry
         self._ctx = ctx
-        self._resources: Mapping[object, object] = {}
-        # (counts, kind, what to exit, close hook, value), in order of creation.
-        self._opened: list[tuple[Counts, str, Any, Callable[[Any], object] | None, object]] = []
+        # Per key, in order of creation (popitem() takes the last first):
+        # (counts, kind, what to exit, close hook, value).
+        self._resources: dict[object, _Entry] = {}
         self._state = _NEW
+        # The frame that entered the scope, while it is open: what a scope
+        # dropped open is told by, and where it was entered.
+        self._frame = None
 
     @property
     def ctx(self) -> UserContext:
@@ -131,13 +141,15 @@ class Scope:
         """
         return self._ctx
 
-    def _check(self, key: object) -> None:
+    def _check(self, key: object) -> UserContext:
         """
-        Raise if *key* cannot be handed out now; called when the scope is not
-        open or the context bound is not the scope's own.
+        Raise if *key* cannot be handed out now, else return the scope's
+        context; called when the scope is not open or the context bound is
+        not the scope's own.
         """
-        if self._state != _OPEN:
-            what = "not entered yet" if self._state == _NEW else "closed"
+        state = self._state
+        if state is _NEW or state is _CLOSED:
+            what = "not entered yet" if state is _NEW else "closed"
             msg = (
                 f"This scope is {what}: resources can be asked for only inside "
                 "`async with registry.scope(ctx) as scope:` (or `with`)."
@@ -145,7 +157,7 @@ class Scope:
             raise ScopeClosedError(msg)
         bound = _get(None)
         if bound is None or bound.user_id == self._ctx.user_id:
-            return  # a thread started without a context, or a child context
+            return self._ctx  # a thread started without a context, or a child context
         msg = (
             f"{key_name(key)} belongs to a scope of user {self._ctx.user_id!r}, but "
             f"user {bound.user_id!r} asked for it. Open a scope for that user instead."
@@ -167,39 +179,40 @@ class Scope:
                 is bound.
             usercontext.exceptions.ScopeClosedError: Outside the scope's block.
         """
-        ctx = self._ctx
-        if _get(None) is not ctx or self._state != _OPEN:
-            self._check(key)
-        resources: dict[object, object] = self._resources  # type: ignore[assignment]
+        ctx = self._state  # the scope's context while it is open
+        if _get(None) is not ctx:
+            ctx = self._check(key)
+        resources = self._resources
         if key in resources:
-            return resources[key]
+            return resources[key][4]
         provider = self._registry._providers.get(key)
         if provider is None:
             raise unknown(key)
         make = provider.make
         if make is None:
             return provider.value  # an override
-        result = make(ctx)
-        last = provider.last
-        kind = last[1] if last[0] is type(result) else provider.kind(result)
-        # The twin of _lifecycle.enter, inline: a call costs about as much as
-        # the rest of a line of bookkeeping here.
-        if kind is GEN:
-            try:
-                value = next(result)
-            except StopIteration:
-                raise no_yield(f"provider of {key_name(key)}") from None
-        elif kind is SYNC_CM or (kind is ASYNC_CM and hasattr(result, "__enter__")):
-            kind = SYNC_CM  # both kinds: a sync scope enters it the sync way
-            value = result.__enter__()
-        elif kind is PLAIN:
-            value, result = result, None
+        result: Any = make(ctx)
+        # The twin of _lifecycle.enter, inline, generators first: a for loop
+        # takes the first value without the call to next() and its try.
+        if type(result) is _GENERATOR:
+            for value in result:  # noqa: B007  # the first value is the resource
+                break
+            else:
+                raise no_yield(f"provider of {key_name(key)}")
+            kind = GEN
         else:
-            raise refuse(result, kind, f"The provider of {key_name(key)}", _SYNC_FIX)
-        resources[key] = value
+            last = provider.last
+            kind = last[1] if last[0] is type(result) else provider.kind(result)
+            if kind is SYNC_CM or (kind is ASYNC_CM and hasattr(result, "__enter__")):
+                kind = SYNC_CM  # both kinds: a sync scope enters it the sync way
+                value = result.__enter__()
+            elif kind is PLAIN:
+                value, result = result, None
+            else:
+                raise refuse(result, kind, f"The provider of {key_name(key)}", _SYNC_FIX)
         counts = provider.counts
         counts.created += 1
-        self._opened.append((counts, kind, result, provider.close, value))
+        resources[key] = (counts, kind, result, provider.close, value)
         return value
 
     @overload
@@ -216,12 +229,12 @@ class Scope:
                 is bound.
             usercontext.exceptions.ScopeClosedError: Outside the scope's block.
         """
-        ctx = self._ctx
-        if _get(None) is not ctx or self._state != _OPEN:
-            self._check(key)
-        resources: dict[object, object] = self._resources  # type: ignore[assignment]
+        ctx = self._state  # as in get
+        if _get(None) is not ctx:
+            ctx = self._check(key)
+        resources = self._resources
         if key in resources:
-            return resources[key]
+            return resources[key][4]
         provider = self._registry._providers.get(key)
         if provider is None:
             raise unknown(key)
@@ -262,51 +275,46 @@ class Scope:
             value = result.__enter__()
         else:
             value, result = result, None
-        resources[key] = value
         counts = provider.counts
         counts.created += 1
-        self._opened.append((counts, kind, result, provider.close, value))
+        resources[key] = (counts, kind, result, provider.close, value)
         return value
 
     # -- entering and leaving --
 
     def __enter__(self) -> Self:
-        if self._state != _NEW:
+        if self._state is not _NEW:
             raise RuntimeError(_ENTERED_ONCE)
-        ctx = self._ctx
+        ctx = self._state = self._ctx
         prev = _get(None)
         if prev is not None and prev is not ctx and prev.user_id != ctx.user_id:
+            self._state = _NEW
             bind(ctx).__enter__()  # raises IsolationError with bind's explanation
-        # Where the scope was entered, for the warning if it is never closed;
-        # the line number is worked out from the instruction offset only then.
-        frame = _getframe(1)
-        self._code = frame.f_code
+        # Where the scope was entered, for the warning if it is never closed:
+        # the caller's frame, whose code is read only then, and the offset of
+        # the instruction that entered, which the frame moves on from.
+        frame = self._frame = _getframe(1)
         self._lasti = frame.f_lasti
         # Already bound (by a middleware, say): nothing to set, nothing to reset.
         self._token = None if prev is ctx else _set(ctx)
-        self._state = _OPEN
-        registry = self._registry
-        registry._scopes += 1
-        registry._opened += 1
+        # Scopes open = entered - left: one counter to move here, not two.
+        self._registry._opened += 1
         return self
 
     async def __aenter__(self) -> Self:
         # As __enter__, written out again.
-        if self._state != _NEW:
+        if self._state is not _NEW:
             raise RuntimeError(_ENTERED_ONCE)
         ctx = self._ctx
         prev = _get(None)
         if prev is not None and prev is not ctx and prev.user_id != ctx.user_id:
             bind(ctx).__enter__()
-        frame = _getframe(1)
-        self._code = frame.f_code
+        frame = self._frame = _getframe(1)
         self._lasti = frame.f_lasti
         # Already bound (by a middleware, say): nothing to set, nothing to reset.
         self._token = None if prev is ctx else _set(ctx)
-        self._state = _OPEN
-        registry = self._registry
-        registry._scopes += 1
-        registry._opened += 1
+        self._state = ctx
+        self._registry._opened += 1
         return self
 
     def __exit__(  # noqa: C901, PLR0912  # a branch per kind, inline for speed
@@ -317,10 +325,10 @@ class Scope:
     ) -> None:
         errors: list[BaseException] | None = None  # made on the first failure
         fatal: BaseException | None = None
-        opened = self._opened
+        opened = self._resources
         try:
             while opened:
-                counts, kind, obj, close, value = opened.pop()
+                counts, kind, obj, close, value = opened.popitem()[1]
                 counts.closed += 1
                 # The twin of _lifecycle.leave, inline.
                 try:
@@ -352,8 +360,8 @@ class Scope:
                         fatal = fatal or e
         finally:
             self._state = _CLOSED
-            self._resources = _CLEARED  # drops the resources now, not with the scope
-            self._registry._scopes -= 1
+            self._frame = None  # which holds the scope, through its locals
+            self._registry._left += 1
             token = self._token
             if token is not None:
                 try:  # noqa: SIM105  # see bind.__exit__: left in another Context, nothing to undo
@@ -371,10 +379,10 @@ class Scope:
     ) -> None:
         errors: list[BaseException] | None = None  # made on the first failure
         fatal: BaseException | None = None
-        opened = self._opened
+        opened = self._resources
         try:
             while opened:
-                counts, kind, obj, close, value = opened.pop()
+                counts, kind, obj, close, value = opened.popitem()[1]
                 counts.closed += 1
                 # The twin of _lifecycle.aleave, inline.
                 try:
@@ -427,8 +435,8 @@ class Scope:
                         fatal = fatal or e
         finally:
             self._state = _CLOSED
-            self._resources = _CLEARED  # drops the resources now, not with the scope
-            self._registry._scopes -= 1
+            self._frame = None  # which holds the scope, through its locals
+            self._registry._left += 1
             token = self._token
             if token is not None:
                 try:  # noqa: SIM105  # see bind.__exit__: left in another Context, nothing to undo
@@ -468,22 +476,25 @@ class Scope:
         exc.close_errors = [*getattr(exc, "close_errors", ()), *errors]  # type: ignore[attr-defined]
 
     def __del__(self) -> None:
-        if self._state == _OPEN:
+        frame = self._frame
+        if frame is not None:  # open
+            code = frame.f_code
             lineno = next(
-                (line for start, end, line in self._code.co_lines() if start <= self._lasti < end),
+                (line for start, end, line in code.co_lines() if start <= self._lasti < end),
                 None,
             )
             warnings.warn(
                 f"A scope of user {self._ctx.user_id!r} opened at "
-                f"{self._code.co_filename}:{lineno} was never closed, so its resources were "
+                f"{code.co_filename}:{lineno} was never closed, so its resources were "
                 "not cleaned up. Use `async with registry.scope(ctx):` (or `with`).",
                 ResourceWarning,
                 stacklevel=1,
             )
 
     def __repr__(self) -> str:
-        state = ("new", "open", "closed")[self._state]
+        state = self._state
+        state = "new" if state is _NEW else "closed" if state is _CLOSED else "open"
         return (
             f"<usercontext.Scope(user_id={self._ctx.user_id!r}, {state}, "
-            f"resources={len(self._opened)})>"
+            f"resources={len(self._resources)})>"
         )

@@ -490,6 +490,36 @@ class TestCleanup:
         assert closed == ["a"]
         settled(registry)
 
+    def test_get_in_a_cleanup_of_a_closed_key_sync(self, registry, ctx):
+        """
+        A cleanup that asks its scope for a key whose resource is closed
+        already gets a new one, which the scope closes in turn: nothing closed
+        is handed out, and nothing is left open.
+        """
+        events = []
+
+        def b(_ctx):
+            events.append("open b")
+            yield "b"
+            events.append("close b")
+
+        def a(_ctx):
+            events.append("open a")
+            yield "a"
+            events.append(f"close a, got {scope.get('b')}")
+
+        registry.register("a", a)
+        registry.register("b", b)
+
+        with registry.scope(ctx) as scope:
+            scope.get("a")
+            scope.get("b")
+
+        assert events == ["open a", "open b", "close b", "open b", "close a, got b", "close b"]
+        stats = registry.stats()
+        assert (stats.created, stats.closed, stats.in_use, stats.scopes) == (3, 3, 0, 0)
+        settled(registry)
+
 
 class TestCleanupUnderPressure:
     """
