@@ -5,7 +5,6 @@ Signed context headers: `HeaderSigner` and `HeaderVerifier` with
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import pickle
@@ -38,7 +37,7 @@ OTHER_KEY = bytes(range(1, 33))
 SIG = "x-usercontext-signature"
 T0 = 1_800_000_000.0  # a fixed "now", in epoch seconds
 SIGNATURE_FORMAT = re.compile(
-    r"v1;kid=([A-Za-z0-9._-]+);iat=([0-9]+);exp=([0-9]+);sig=([A-Za-z0-9_-]{43})"
+    r"v1;kid=([A-Za-z0-9._-]+);iat=([0-9]+);exp=([0-9]+);sig=([0-9a-f]{64})"
 )
 
 
@@ -113,19 +112,16 @@ class TestSignedHeaders:
 
     def test_mac_is_hmac_sha256_of_the_canonical_form(self, ctx, signer):
         """
-        The signature is HMAC-SHA256, base64url without padding, over
-        netstrings of the version, key id, times and each header's name and
-        value sorted by name: a receiver in another language can check it.
+        The signature is HMAC-SHA256 in lower-case hex over lines of the
+        version, key id, times and each header's ``name:value`` sorted by
+        name: a receiver in another language can check it.
         """
         headers = ctx.to_headers(signer=signer)
         kid, iat, exp, sig = SIGNATURE_FORMAT.fullmatch(headers.pop(SIG)).groups()
-        parts = ["v1", kid, iat, exp]
-        for name in sorted(headers):
-            parts += [name, headers[name]]
-        message = b"".join(b"%d:%s," % (len(p), p.encode()) for p in parts)
-        digest = hmac.new(KEY, message, hashlib.sha256).digest()
+        lines = ["v1", kid, iat, exp, *(f"{name}:{headers[name]}" for name in sorted(headers))]
+        message = "".join(f"{line}\n" for line in lines).encode("ascii")
 
-        assert sig == base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        assert sig == hmac.new(KEY, message, hashlib.sha256).hexdigest()
 
     def test_unsigned_unchanged(self, full):
         """
@@ -192,6 +188,17 @@ class TestSignedHeaders:
 
         refusal(headers, verifier, "mismatch")
 
+    @pytest.mark.parametrize("value", ["u-42\u00e9", "u-42\u4e00", b"u-42\xff", "u-42\n"])
+    def test_not_ascii_or_newline(self, ctx, signer, verifier, value):
+        """
+        A header value that is not ASCII or holds a newline (to_headers never
+        makes one) is refused as a mismatch, whether given as str or bytes.
+        """
+        pairs = list(ctx.to_headers(signer=signer).items())
+        pairs[0] = (pairs[0][0], value)
+
+        refusal(pairs, verifier, "mismatch")
+
     def test_signature_of_another_context(self, ctx, other_ctx, signer, verifier):
         """
         A valid signature moved onto another user's headers is refused.
@@ -224,7 +231,8 @@ class TestSignedHeaders:
             lambda s: s.replace("iat=", "iat=0"),
             lambda s: s.replace("exp=", "exp=+"),
             lambda s: s[:-1],
-            lambda s: s + "A",
+            lambda s: s + "a",
+            lambda s: s[:-64] + s[-64:].upper(),
             lambda s: s.replace("kid=k1", "kid=k 1"),
             lambda s: s.replace("iat=1", "iat=\u0661"),  # an Arabic-Indic digit one
         ],
