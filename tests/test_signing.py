@@ -620,22 +620,32 @@ class TestConstruction:
         with pytest.raises(ValueError, match="is empty: give it the key of each trusted peer"):
             HeaderVerifier({})
 
-    @pytest.mark.parametrize("value", [0, -1, float("inf"), float("nan")])
+    @pytest.mark.parametrize("value", [0, -1, 366 * 86400 + 1, float("inf"), float("nan")])
     def test_bad_ttl(self, value):
         """
-        ttl and max_ttl must be finite and > 0.
+        ttl and max_ttl must be > 0 and at most 366 days.
         """
-        with pytest.raises(ValueError, match=r"HeaderSigner\(ttl=...\) must be a finite number"):
+        with pytest.raises(ValueError, match=r"HeaderSigner\(ttl=...\) must be a number of"):
             HeaderSigner(KEY, key_id="k1", ttl=value)
-        with pytest.raises(ValueError, match=r"HeaderVerifier\(max_ttl=...\) must be a finite"):
+        with pytest.raises(ValueError, match=r"seconds > 0 and at most 31622400 \(366 days\)"):
             HeaderVerifier({"k1": KEY}, max_ttl=value)
 
-    @pytest.mark.parametrize("value", [-0.001, float("inf"), float("nan")])
+    def test_longest_ttl(self, ctx, clock):
+        """
+        A signature valid for 366 days, the most allowed, verifies.
+        """
+        signer = HeaderSigner(KEY, key_id="k1", ttl=366 * 86400, clock=clock)
+        verifier = HeaderVerifier({"k1": KEY}, max_ttl=366 * 86400, clock=clock)
+        clock.now += 366 * 86400
+
+        assert UserContext.from_headers(ctx.to_headers(signer=signer), verifier=verifier) == ctx
+
+    @pytest.mark.parametrize("value", [-0.001, 366 * 86400 + 1, float("inf"), float("nan")])
     def test_bad_leeway(self, value):
         """
-        leeway must be finite and >= 0; 0 is allowed.
+        leeway must be >= 0 and at most 366 days; 0 is allowed.
         """
-        with pytest.raises(ValueError, match=r"seconds >= 0"):
+        with pytest.raises(ValueError, match=r"seconds >= 0 and at most"):
             HeaderVerifier({"k1": KEY}, leeway=value)
         assert "leeway=0," in repr(HeaderVerifier({"k1": KEY}, leeway=0))
 

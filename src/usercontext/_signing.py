@@ -51,7 +51,7 @@ _VERSION = "v1"
 _DIGEST = "sha256"
 _KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Digits without sign, spaces or leading zeros, and no more of them than an
-# epoch in milliseconds needs for the next 300 million years: int() of any of
+# epoch in milliseconds needs for the next 300,000 years: int() of any of
 # them is exact and cheap.
 _SIGNATURE = re.compile(
     r"v1;kid=([A-Za-z0-9._-]{1,64});iat=(0|[1-9][0-9]{0,15});exp=(0|[1-9][0-9]{0,15});"
@@ -60,6 +60,9 @@ _SIGNATURE = re.compile(
 _DEFAULT_TTL = 60.0
 _DEFAULT_LEEWAY = 5.0
 _DEFAULT_MAX_TTL = 300.0
+# The longest duration accepted: a signature valid for more than a year is a
+# credential to rotate, not a claim about a request.
+_MAX_SECONDS = 366 * 24 * 3600
 
 
 def _canonical(key_id: str, issued: int, expires: int, headers: Mapping[str, str]) -> str:
@@ -119,9 +122,12 @@ def _check_seconds(owner: str, name: str, value: object, *, zero: bool) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         msg = f"{owner}({name}=...) must be a number of seconds, got {short_repr(value)}."
         raise TypeError(msg)
-    if not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
+    if not ((value >= 0 if zero else value > 0) and value <= _MAX_SECONDS):
         bound = ">= 0" if zero else "> 0"
-        msg = f"{owner}({name}=...) must be a finite number of seconds {bound}, got {value!r}."
+        msg = (
+            f"{owner}({name}=...) must be a number of seconds {bound} and at most "
+            f"{_MAX_SECONDS} (366 days), got {value!r}."
+        )
         raise ValueError(msg)
     return math.ceil(value * 1000)
 
@@ -170,7 +176,7 @@ class HeaderSigner:
         TypeError: If *key* is not bytes, *key_id* not a str, *ttl* not a
             number or *clock* not callable.
         ValueError: If *key* is shorter than 32 bytes, *key_id* holds other
-            characters, or *ttl* is not a finite number > 0.
+            characters, or *ttl* is not > 0 and at most 366 days.
 
     >>> import secrets, usercontext as uc
     >>> signer = uc.HeaderSigner(secrets.token_bytes(32), key_id="2026-12", ttl=30)
@@ -238,8 +244,8 @@ class HeaderVerifier:
         TypeError: If *keys* is not a mapping, a key is not bytes or a key id
             not a str, a number is not a number, or *clock* is not callable.
         ValueError: If *keys* is empty, a key is shorter than 32 bytes, a key
-            id holds other characters, *leeway* is not a finite number >= 0
-            or *max_ttl* not a finite number > 0.
+            id holds other characters, *leeway* is not >= 0 or *max_ttl*
+            not > 0, or either is over 366 days.
 
     .. versionadded:: 0.1.0
     """
