@@ -71,6 +71,8 @@ LAZY = (
     "anyio",
     "asyncio",
     "concurrent.futures",
+    "hashlib",
+    "hmac",
     "json",
     "logging",
     "ssl",
@@ -85,6 +87,7 @@ LAZY = (
     "usercontext._quota",
     "usercontext._registry",
     "usercontext._scope",
+    "usercontext._signing",
 )
 
 

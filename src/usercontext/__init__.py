@@ -32,6 +32,7 @@ from .exceptions import (
     FactoryClosedError,
     ForbiddenError,
     InvalidContextError,
+    InvalidSignatureError,
     IsolationError,
     LeaseLostError,
     LeaseReleasedError,
@@ -77,6 +78,7 @@ if typing.TYPE_CHECKING:  # what the type checkers and documentation tools read
     from ._quota import Lease, Quota, QuotaStats
     from ._registry import Registry, RegistryStats
     from ._scope import Scope
+    from ._signing import HeaderSigner, HeaderVerifier
 
 
 #: The public names loaded on first use, each with the private module that
@@ -114,6 +116,8 @@ _LAZY: dict[str, str] = {
     "Registry": "_registry",
     "RegistryStats": "_registry",
     "Scope": "_scope",
+    "HeaderSigner": "_signing",
+    "HeaderVerifier": "_signing",
 }
 
 
@@ -148,8 +152,11 @@ __all__ = [
     "FactoryClosedError",
     "FactoryStats",
     "ForbiddenError",
+    "HeaderSigner",
+    "HeaderVerifier",
     "IdRules",
     "InvalidContextError",
+    "InvalidSignatureError",
     "IsolationError",
     "Lease",
     "LeaseLostError",

@@ -25,6 +25,7 @@ __all__ = [
     "HEADER_PREFIX",
     "ID_FIELDS",
     "MAX_HEADER_BYTES",
+    "SIGNATURE_HEADER",
     "from_dict",
     "from_headers",
     "to_dict",
@@ -43,6 +44,11 @@ the class.
 """
 HEADER_PREFIX = "x-usercontext-"
 MAX_HEADER_BYTES = 8 * 1024
+SIGNATURE_HEADER = HEADER_PREFIX + "signature"
+"""
+The header that carries the signature of the others (see `_signing`): no field
+of a context, and ignored when decoding without a verifier.
+"""
 _MAX_DEPTH_DIGITS = 4
 _REQUIRED = ("user_id", "thread_id", "run_id")
 _HEADER_OF = {f: HEADER_PREFIX + f.replace("_", "-") for f in FIELDS}
@@ -52,6 +58,22 @@ _DECODED_AS_ID = frozenset(ID_FIELDS)
 _SAFE = "-._~:@!$&'()*+,;=/"
 
 C = TypeVar("C")
+
+
+class Signer(Protocol):
+    """
+    What `to_headers` needs of a signer: `usercontext.HeaderSigner`.
+    """
+
+    def _sign(self, headers: Mapping[str, str]) -> str: ...
+
+
+class Verifier(Protocol):
+    """
+    What `from_headers` needs of a verifier: `usercontext.HeaderVerifier`.
+    """
+
+    def _verify(self, headers: Mapping[str, str], signature: str | None) -> str: ...
 
 
 class Context(Protocol):
@@ -141,9 +163,10 @@ def from_dict(cls: Callable[..., C], data: object) -> C:
     return cls(**cast("Mapping[str, object]", data))
 
 
-def to_headers(ctx: Context) -> dict[str, str]:
+def to_headers(ctx: Context, signer: Signer | None = None) -> dict[str, str]:
     """
-    Return *ctx* as ``x-usercontext-*`` headers of at most `MAX_HEADER_BYTES`.
+    Return *ctx* as ``x-usercontext-*`` headers of at most `MAX_HEADER_BYTES`,
+    signed by *signer* when one is given.
     """
     # Imported on the first call, as in _decode: `import usercontext` need not load them.
     import json
@@ -169,6 +192,8 @@ def to_headers(ctx: Context) -> dict[str, str]:
                 value=_thaw(ctx.metadata),  # plain dicts, which pickle: errors cross processes
                 reason="not JSON-serialisable",
             ) from e
+    if signer is not None:
+        headers[SIGNATURE_HEADER] = _signer(signer)._sign(headers)
     size = sum(len(k) + len(v) for k, v in headers.items())
     if size > MAX_HEADER_BYTES:
         raise InvalidContextError(
@@ -180,6 +205,23 @@ def to_headers(ctx: Context) -> dict[str, str]:
             reason="too large",
         )
     return headers
+
+
+def _signer(signer: object) -> Signer:
+    if not hasattr(signer, "_sign"):
+        msg = f"to_headers(signer=...) takes a usercontext.HeaderSigner, got {short_repr(signer)}."
+        raise TypeError(msg)
+    return cast("Signer", signer)
+
+
+def _verifier(verifier: object) -> Verifier:
+    if not hasattr(verifier, "_verify"):
+        msg = (
+            "from_headers(verifier=...) takes a usercontext.HeaderVerifier, got "
+            f"{short_repr(verifier)}."
+        )
+        raise TypeError(msg)
+    return cast("Verifier", verifier)
 
 
 def _pairs(headers: object) -> Iterable[Any]:
@@ -204,8 +246,13 @@ def _text(field: str, raw: object) -> str:
     )
 
 
-def _collect(headers: Any) -> dict[str, str]:
+def _collect(headers: Any) -> tuple[dict[str, str], str | None]:
+    """
+    Return the values of the ``x-usercontext-*`` *headers* by field, and the
+    signature header's value, if any.
+    """
     found: dict[str, str] = {}
+    signature: str | None = None
     size = 0
     for pair in _pairs(headers):
         try:
@@ -228,17 +275,24 @@ def _collect(headers: Any) -> dict[str, str]:
             )
         field = _FIELD_OF.get(name)
         if field is None:
-            raise _error(
-                name,
-                value,
-                "is not a usercontext header",
-                "Send only the headers UserContext.to_headers() makes: "
-                f"{', '.join(_HEADER_OF.values())}.",
-            )
+            if name != SIGNATURE_HEADER:
+                raise _error(
+                    name,
+                    value,
+                    "is not a usercontext header",
+                    "Send only the headers UserContext.to_headers() makes: "
+                    f"{', '.join(_HEADER_OF.values())}, {SIGNATURE_HEADER}.",
+                )
+            if signature is not None:
+                raise _error(
+                    "signature", value, "appears twice", "Send each x-usercontext-* header once."
+                )
+            signature = value
+            continue
         if field in found:
             raise _error(field, value, "appears twice", "Send each x-usercontext-* header once.")
         found[field] = value
-    return found
+    return found, signature
 
 
 def _decode(field: str, value: str) -> Any:
@@ -275,11 +329,15 @@ def _decode(field: str, value: str) -> Any:
     return cast("dict[str, Any]", metadata)
 
 
-def from_headers(cls: Callable[..., C], headers: Any) -> C:
+def from_headers(cls: Callable[..., C], headers: Any, verifier: Verifier | None = None) -> C:
     """
-    Call *cls* with the fields decoded from the ``x-usercontext-*`` *headers*.
+    Call *cls* with the fields decoded from the ``x-usercontext-*`` *headers*,
+    after *verifier*, when one is given, has checked their signature.
     """
-    found = _collect(headers)
+    found, signature = _collect(headers)
+    if verifier is not None:
+        # Before anything is decoded: unsigned input reaches no decoder.
+        _verifier(verifier)._verify({_HEADER_OF[f]: v for f, v in found.items()}, signature)
     for field in _REQUIRED:
         if field not in found:
             raise _error(

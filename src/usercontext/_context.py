@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
     from typing_extensions import Self
 
+    from ._signing import HeaderSigner, HeaderVerifier
+
 
 __all__ = [
     "DEFAULT_PLACEHOLDERS",
@@ -558,7 +560,7 @@ class UserContext:
         """
         return _codec.from_dict(cls, data)
 
-    def to_headers(self) -> dict[str, str]:
+    def to_headers(self, *, signer: HeaderSigner | None = None) -> dict[str, str]:
         """
         Encode this context as HTTP headers named ``x-usercontext-*``.
 
@@ -566,16 +568,28 @@ class UserContext:
         values must be JSON types (str, int, float, bool, None, tuples and
         mappings of those). The headers are at most 8 KiB in total.
 
+        Args:
+            signer: When given, the headers also carry
+                ``x-usercontext-signature``, an HMAC of all of them that a
+                receiver checks with `usercontext.HeaderVerifier` (see
+                :doc:`how-to-trust`).
+
         Raises:
             InvalidContextError: If the headers would exceed 8 KiB, or metadata
                 holds bytes or frozensets.
+            TypeError: If *signer* is not a `usercontext.HeaderSigner`.
 
         .. versionadded:: 0.1.0
         """
-        return _codec.to_headers(self)
+        return _codec.to_headers(self, signer)
 
     @classmethod
-    def from_headers(cls, headers: Mapping[str, str] | Mapping[bytes, bytes] | Any) -> Self:
+    def from_headers(
+        cls,
+        headers: Mapping[str, str] | Mapping[bytes, bytes] | Any,
+        *,
+        verifier: HeaderVerifier | None = None,
+    ) -> Self:
         """
         Rebuild a context from headers made by `to_headers`.
 
@@ -583,15 +597,28 @@ class UserContext:
         `str` or `bytes` (as in an ASGI scope); names are case-insensitive and
         headers without the ``x-usercontext-`` prefix are ignored. Decoding
         validates like construction and refuses unknown ``x-usercontext-``
-        headers.
+        headers. Without *verifier*, an ``x-usercontext-signature`` header is
+        ignored: anyone who can send the headers can claim any user, so strip
+        them from untrusted requests (`usercontext.strip_context_headers`).
+
+        Args:
+            headers: The request's headers.
+            verifier: When given, the headers are refused unless their
+                signature, made by a `usercontext.HeaderSigner` with one of
+                its keys, is valid now and covers exactly the
+                ``x-usercontext-*`` headers received.
 
         Raises:
             InvalidContextError: If a header is missing, unknown, malformed or
                 breaks a rule, or the headers exceed 8 KiB.
+            usercontext.exceptions.InvalidSignatureError: If *verifier* is
+                given and the signature is missing, malformed, made with an
+                unknown key, expired, not yet valid, or does not match.
+            TypeError: If *verifier* is not a `usercontext.HeaderVerifier`.
 
         .. versionadded:: 0.1.0
         """
-        return _codec.from_headers(cls, headers)
+        return _codec.from_headers(cls, headers, verifier)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Unpickling goes through from_dict, so it is validated like construction.

@@ -10,7 +10,7 @@ validated on the way in exactly like `UserContext.from_headers`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from ._codec import HEADER_PREFIX
 from ._context import UserContext
@@ -19,10 +19,13 @@ from ._messages import short_repr
 from .exceptions import InvalidContextError
 
 
+if TYPE_CHECKING:
+    from ._signing import HeaderSigner, HeaderVerifier
+
 __all__ = ["bound_from_job", "child_from_job", "to_job"]
 
 
-def to_job(ctx: UserContext) -> dict[str, str]:
+def to_job(ctx: UserContext, *, signer: HeaderSigner | None = None) -> dict[str, str]:
     """
     Return *ctx* as a job payload: a small dict of text, for a job's arguments.
 
@@ -30,8 +33,16 @@ def to_job(ctx: UserContext) -> dict[str, str]:
     to `bound_from_job` in the worker. The payload is the ``x-usercontext-*``
     headers of `UserContext.to_headers`: JSON-safe, at most 8 KiB.
 
+    Args:
+        ctx: The context to carry.
+        signer: When given, the payload is signed (see
+            `UserContext.to_headers`), for a worker that checks it with
+            ``bound_from_job(payload, verifier=...)``. Give it a *ttl* longer
+            than a job may wait in the queue and be retried.
+
     Raises:
-        TypeError: If *ctx* is not a `UserContext`.
+        TypeError: If *ctx* is not a `UserContext`, or *signer* not a
+            `usercontext.HeaderSigner`.
         usercontext.exceptions.InvalidContextError: If the payload would exceed
             8 KiB, or metadata holds values JSON cannot carry.
 
@@ -40,10 +51,10 @@ def to_job(ctx: UserContext) -> dict[str, str]:
     if not isinstance(ctx, UserContext):
         msg = f"to_job() takes a usercontext.UserContext, got {type(ctx).__name__}."  # type: ignore[unreachable]
         raise TypeError(msg)
-    return ctx.to_headers()
+    return ctx.to_headers(signer=signer)
 
 
-def child_from_job(payload: object) -> UserContext:
+def child_from_job(payload: object, *, verifier: HeaderVerifier | None = None) -> UserContext:
     """
     Decode a payload of `to_job` and return a child of the context it carries.
 
@@ -51,11 +62,20 @@ def child_from_job(payload: object) -> UserContext:
     as its parent (see `UserContext.child`). The payload is validated like
     `UserContext.from_headers`, and must hold nothing else.
 
+    Args:
+        payload: What `to_job` returned, as the job received it.
+        verifier: When given, the payload is refused unless `to_job` signed
+            it with one of the verifier's keys and the signature is still
+            valid (see `UserContext.from_headers`).
+
     Raises:
-        TypeError: If *payload* is not a mapping.
+        TypeError: If *payload* is not a mapping, or *verifier* not a
+            `usercontext.HeaderVerifier`.
         usercontext.exceptions.InvalidContextError: If the payload is missing
             a field, holds an unknown key, a malformed or rule-breaking value,
             or exceeds 8 KiB.
+        usercontext.exceptions.InvalidSignatureError: If *verifier* is given
+            and the payload's signature does not hold.
 
     .. versionadded:: 0.1.0
     """
@@ -73,10 +93,10 @@ def child_from_job(payload: object) -> UserContext:
                 "usercontext.to_job() makes. Pass its payload unchanged."
             )
             raise InvalidContextError(msg, field="job", value=key, reason="unknown key")
-    return UserContext.from_headers(payload).child()
+    return UserContext.from_headers(payload, verifier=verifier).child()
 
 
-def bound_from_job(payload: object) -> bind:
+def bound_from_job(payload: object, *, verifier: HeaderVerifier | None = None) -> bind:
     """
     Bind a child of the context a `to_job` payload carries, for a job's run.
 
@@ -92,10 +112,16 @@ def bound_from_job(payload: object) -> bind:
     ...     (job_ctx.user_id, job_ctx.parent_request_id == ctx.request_id)
     ('u-42', True)
 
+    Args:
+        payload: What `to_job` returned, as the job received it.
+        verifier: When given, the payload's signature is checked first, as
+            `child_from_job` does.
+
     Raises:
-        TypeError: If *payload* is not a mapping.
+        TypeError: If *payload* is not a mapping, or *verifier* not a
+            `usercontext.HeaderVerifier`.
         usercontext.exceptions.InvalidContextError: As `child_from_job`.
 
     .. versionadded:: 0.1.0
     """
-    return bind(child_from_job(payload))
+    return bind(child_from_job(payload, verifier=verifier))

@@ -28,6 +28,7 @@ __all__ = [
     "FactoryClosedError",
     "ForbiddenError",
     "InvalidContextError",
+    "InvalidSignatureError",
     "IsolationError",
     "LeaseLostError",
     "LeaseReleasedError",
@@ -131,6 +132,23 @@ class InvalidContextError(UserContextError, ValueError):
         self.field = field
         self.value = value
         self.reason = reason
+
+
+class InvalidSignatureError(InvalidContextError):
+    """
+    Signed context headers failed verification: the signature is missing,
+    malformed, made with an unknown key, expired, not yet valid, or does not
+    match the headers (one was changed, added or removed after signing).
+
+    Raised by `usercontext.UserContext.from_headers` and
+    `usercontext.bound_from_job` when given a *verifier*. Its *field* is
+    ``"signature"``, its *reason* one of ``"missing"``, ``"malformed"``,
+    ``"unknown key"``, ``"mismatch"``, ``"expired"``, ``"not yet valid"`` and
+    ``"lifetime too long"``; the message says how to fix it. Answer it as an
+    authentication failure: never fall back to the unsigned headers.
+
+    .. versionadded:: 0.1.0
+    """
 
 
 class ConfigurationError(UserContextError, RuntimeError):
