@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import anyio
 
+from ._admission import admit
 from ._context import UserContext
 from ._current import _get, _var, bind, current
 from ._lifecycle import (
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from contextvars import Token
     from types import TracebackType
 
+    from ._admission import CircuitBreaker
     from ._factory import EngineFactory
     from ._lifecycle import ExcInfo
     from ._local_quota import LocalQuota
@@ -114,6 +116,7 @@ class EngineUse(Generic[E]):
         "_lease",
         "_made",
         "_scope",
+        "_t0",
         "_task",
         "_token",
         "_why",
@@ -125,6 +128,7 @@ class EngineUse(Generic[E]):
     _scope: anyio.CancelScope | None
     _task: Any  # the asyncio or trio task that entered
     _cancelling: int  # its Task.cancelling() then, on asyncio
+    _t0: float  # when the slot was granted, under a Shed policy
 
     def __init__(self, factory: EngineFactory[E], ctx: UserContext | None) -> None:
         # EngineFactory.engine makes it without this call: keep both alike.
@@ -169,7 +173,13 @@ class EngineUse(Generic[E]):
         key = ctx.user_id
         try:
             quota = f._quota
-            if f._local_quota:
+            gate = f._admission
+            if gate is not None:
+                # Checked before anything is queued or created; see _admission.
+                lease = await admit(f, gate, key)
+                if gate.shed is not None:
+                    self._t0 = gate.shed.clock()
+            elif f._local_quota:
                 # A slot of a LocalQuota is held without a Lease, and handed
                 # back by key.
                 lease = None
@@ -204,21 +214,25 @@ class EngineUse(Generic[E]):
                         f._creating -= 1
                 if made is None:
                     c = f._counters
-                    try:
-                        result: Any = f._create(ctx)
-                        kind = kind_of(type(result))  # pyright: ignore[reportUnknownArgumentType]
-                        if kind is PLAIN:
-                            # aenter's last case, without a coroutine.
-                            entered = (PLAIN, None, result)
-                        else:
-                            f._creating += 1
-                            try:
-                                entered = await aenter(result, kind, "create function")
-                            finally:
-                                f._creating -= 1
-                    except Exception:
-                        c.create_errors += 1
-                        raise
+                    if gate is not None and gate.breaker is not None:
+                        entered = await self._create_guarded(gate.breaker, ctx, key)
+                    else:
+                        # _create_async, written out: the usual case.
+                        try:
+                            result: Any = f._create(ctx)
+                            kind = kind_of(type(result))  # pyright: ignore[reportUnknownArgumentType]
+                            if kind is PLAIN:
+                                # aenter's last case, without a coroutine.
+                                entered = (PLAIN, None, result)
+                            else:
+                                f._creating += 1
+                                try:
+                                    entered = await aenter(result, kind, "create function")
+                                finally:
+                                    f._creating -= 1
+                        except Exception:
+                            c.create_errors += 1
+                            raise
                     c.created += 1
                     if f._pool is not None:
                         made = Made(key, entered)
@@ -334,6 +348,9 @@ class EngineUse(Generic[E]):
             # Counted out before the slot is given back, so that the next
             # holder is never counted beside this one.
             f._uses.discard(self)
+            gate = f._admission
+            if gate is not None and gate.shed is not None:
+                gate.shed._held(gate.shed.clock() - self._t0)
             try:
                 lease = self._lease
                 if lease is None:
@@ -369,6 +386,36 @@ class EngineUse(Generic[E]):
             return
         report(errors or [], error, key)
         raise error
+
+    async def _create_guarded(
+        self, breaker: CircuitBreaker, ctx: UserContext, key: str
+    ) -> tuple[str, Any, Any]:
+        """
+        Create an engine for *ctx* under the admission policy's circuit
+        *breaker*, which counts how it ended.
+        """
+        f = self._factory
+        probe = breaker._start(key)
+        try:
+            result: Any = f._create(ctx)
+            kind = kind_of(type(result))  # pyright: ignore[reportUnknownArgumentType]
+            if kind is PLAIN:
+                entered: tuple[str, Any, Any] = (PLAIN, None, result)
+            else:
+                f._creating += 1
+                try:
+                    entered = await aenter(result, kind, "create function")
+                finally:
+                    f._creating -= 1
+        except Exception:
+            f._counters.create_errors += 1
+            breaker._done(key, probe=probe, ok=False)
+            raise
+        except BaseException:
+            breaker._done(key, probe=probe, ok=None)
+            raise
+        breaker._done(key, probe=probe, ok=True)
+        return entered
 
     def _cut_error(self, deadline: bool, key: str) -> BaseException:  # noqa: FBT001  # private
         """
