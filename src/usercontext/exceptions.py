@@ -648,7 +648,6 @@ class ServiceUnavailableError(RequestRefusedError, RuntimeError):
         super().__init__(detail, status=503, retry_after=retry_after, **kwargs)
 
 
-
 class RateLimitedError(TooManyRequestsError):
     """
     A user went over its rate limit (`usercontext.LocalRateLimiter`): ``429``, ``Retry-After``.
