@@ -173,13 +173,7 @@ class EngineUse(Generic[E]):
         key = ctx.user_id
         try:
             quota = f._quota
-            gate = f._admission
-            if gate is not None:
-                # Checked before anything is queued or created; see _admission.
-                lease = await admit(f, gate, key)
-                if gate.shed is not None:
-                    self._t0 = gate.shed.clock()
-            elif f._local_quota:
+            if f._fast:
                 # A slot of a LocalQuota is held without a Lease, and handed
                 # back by key.
                 lease = None
@@ -197,6 +191,11 @@ class EngineUse(Generic[E]):
                         except BaseException:
                             local._abandon(w)
                             raise
+            elif f._admission is not None:
+                # Checked before anything is queued or created; see _admission.
+                lease = await admit(f, f._admission, key)
+                if f._shed is not None:
+                    self._t0 = f._shed.clock()
             else:
                 lease = await quota.acquire(key, timeout=f._timeout)
             try:
@@ -214,8 +213,8 @@ class EngineUse(Generic[E]):
                         f._creating -= 1
                 if made is None:
                     c = f._counters
-                    if gate is not None and gate.breaker is not None:
-                        entered = await self._create_guarded(gate.breaker, ctx, key)
+                    if f._breaker is not None:
+                        entered = await self._create_guarded(f._breaker, ctx, key)
                     else:
                         # _create_async, written out: the usual case.
                         try:
@@ -348,9 +347,9 @@ class EngineUse(Generic[E]):
             # Counted out before the slot is given back, so that the next
             # holder is never counted beside this one.
             f._uses.discard(self)
-            gate = f._admission
-            if gate is not None and gate.shed is not None:
-                gate.shed._held(gate.shed.clock() - self._t0)
+            shed = f._shed
+            if shed is not None:
+                shed._held(shed.clock() - self._t0)
             try:
                 lease = self._lease
                 if lease is None:

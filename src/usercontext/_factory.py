@@ -313,6 +313,10 @@ class EngineFactory(Generic[E]):
         )
         # A LocalQuota's release never waits: the hot path calls it directly.
         self._local_quota = type(self._quota) is LocalQuota
+        # The hot path: a LocalQuota and no admission policy.
+        self._fast = self._local_quota and admission is None
+        self._breaker = None if admission is None else admission.breaker
+        self._shed = None if admission is None else admission.shed
         self._per_user = per_user
         self._total = total
         self._thread_quota = thread_quota

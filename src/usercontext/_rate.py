@@ -35,6 +35,9 @@ __all__ = ["LocalRateLimiter", "RateLimitStats", "RateLimiter", "check_rate"]
 
 # The fewest keys kept before a sweep of those in the past.
 _MIN_SWEEP = 64
+# A nanosecond: the sums of float intervals round, and a request on time to
+# the nanosecond is on time (else a burst could lose its last request).
+_SLACK = 1e-9
 
 
 @attrs.frozen
@@ -191,7 +194,7 @@ class LocalRateLimiter:
         tats = self._tat
         tat = max(tats.get(key, now), now)
         wait = tat - self._tolerance - now
-        if wait > 0:
+        if wait > _SLACK:
             self._limited += 1
             raise RateLimitedError(key, rate=self._rate, burst=self._burst, wait=wait)
         tats[key] = tat + self._interval
