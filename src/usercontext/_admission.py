@@ -419,9 +419,9 @@ class CircuitBreaker:
         self._failed += 1
         now = self.clock()
         if circuit is None:
-            circuit = self._circuits[k] = _Circuit()
             if len(self._circuits) >= self._sweep_at:
-                self._sweep(now)
+                self._sweep(now)  # before the new state, which is idle until it counts
+            circuit = self._circuits[k] = _Circuit()
         if probe:
             self._open(circuit, now)
         elif circuit.opened_at is None:  # else it began before the breaker opened
