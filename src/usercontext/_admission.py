@@ -107,7 +107,7 @@ class Shed:
         max_waiting: The most requests waiting in all, or `None`.
         deadline: Whether to refuse requests that cannot get a slot in time.
         retry_after: The least ``Retry-After`` of a refusal, in seconds.
-        clock: A function giving seconds; `time.monotonic` by default.
+        clock: A function giving seconds; ``time.monotonic`` by default.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -302,7 +302,7 @@ class CircuitBreaker:
         within: The window failures are counted in, in seconds.
         cool_down: Seconds the breaker stays open before a probe.
         per_user: One breaker per user instead of one per factory.
-        clock: A function giving seconds; `time.monotonic` by default.
+        clock: A function giving seconds; ``time.monotonic`` by default.
 
     Raises:
         TypeError: If an argument has the wrong type.

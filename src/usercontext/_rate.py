@@ -133,7 +133,7 @@ class LocalRateLimiter:
     Args:
         rate: Requests per second per key, sustained.
         burst: Requests of one key admitted at once (at least 1).
-        clock: A function giving the time in seconds; `time.monotonic` by
+        clock: A function giving the time in seconds; ``time.monotonic`` by
             default (tests pass a fake clock).
 
     Raises:

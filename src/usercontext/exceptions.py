@@ -657,7 +657,7 @@ class RateLimitedError(TooManyRequestsError):
         rate: The limit's sustained rate, in requests per second.
         burst: How many requests the limit admits at once.
         wait: Seconds until a request of *key* would be admitted (exact;
-            `retry_after` rounds it up to a whole second).
+            *retry_after* rounds it up to a whole second).
 
     Each argument is kept as an attribute of the same name.
 

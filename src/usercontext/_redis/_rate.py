@@ -210,7 +210,7 @@ class RedisRateLimiter:
     def stats(self) -> RateLimitStats:
         """
         Return a snapshot of the counters of this object (its keys live in
-        Redis: `RateLimitStats.keys` is 0).
+        Redis: `usercontext.RateLimitStats.keys` is 0).
         """
         return RateLimitStats(
             admitted=self._admitted,
