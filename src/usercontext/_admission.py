@@ -46,7 +46,7 @@ _MIN_SWEEP = 64
 
 def _clock(clock: Callable[[], float] | None) -> Callable[[], float]:
     if clock is not None and not callable(clock):
-        msg = f"clock must be a function giving seconds, or None, got {clock!r}."
+        msg = f"clock must be a function giving seconds, or None, got {clock!r}."  # type: ignore[unreachable]
         raise TypeError(msg)
     return clock or time.monotonic
 
@@ -132,14 +132,14 @@ class Shed:
             if value is not None:
                 _checks.count(name, value, minimum=0)
         if type(deadline) is not bool:
-            msg = f"deadline must be True or False, got {deadline!r}."
+            msg = f"deadline must be True or False, got {deadline!r}."  # type: ignore[unreachable]
             raise TypeError(msg)
         _checks.seconds("retry_after", retry_after)
         self._max_user = max_waiting_per_user
         self._max = max_waiting
         self._deadline = deadline
         self._retry_after = retry_after
-        self.clock = _clock(clock)
+        self.clock: Callable[[], float] = _clock(clock)
         self._waiting: dict[str, int] = {}
         self._n_waiting = 0
         self._peak = 0
@@ -324,14 +324,14 @@ class CircuitBreaker:
         _checks.seconds("within", within)
         _checks.seconds("cool_down", cool_down)
         if type(per_user) is not bool:
-            msg = f"per_user must be True or False, got {per_user!r}."
+            msg = f"per_user must be True or False, got {per_user!r}."  # type: ignore[unreachable]
             raise TypeError(msg)
         self._failures = failures
         self._within = within
         self._cool_down = cool_down
         self._per_user = per_user
-        self.clock = _clock(clock)
-        self.engine = "these"
+        self.clock: Callable[[], float] = _clock(clock)
+        self.engine: str = "these"  # the factory's create, once attached
         self._circuits: dict[str | None, _Circuit] = {}
         self._sweep_at = _MIN_SWEEP
         self._last = "closed"
@@ -528,20 +528,20 @@ class Admission:
         breaker: CircuitBreaker | None = None,
     ) -> None:
         if rate is not None and not isinstance(rate, RateLimiter):
-            msg = (
+            msg = (  # type: ignore[unreachable]  # checked for untyped callers
                 f"rate must be a rate limiter, such as usercontext.LocalRateLimiter(10, "
                 f"burst=20), or None, got {rate!r}."
             )
             raise TypeError(msg)
         if shed is not None and not isinstance(shed, Shed):
-            msg = f"shed must be a usercontext.Shed(...) or None, got {shed!r}."
+            msg = f"shed must be a usercontext.Shed(...) or None, got {shed!r}."  # type: ignore[unreachable]
             raise TypeError(msg)
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
-            msg = f"breaker must be a usercontext.CircuitBreaker(...) or None, got {breaker!r}."
+            msg = f"breaker must be a usercontext.CircuitBreaker(...) or None, got {breaker!r}."  # type: ignore[unreachable]
             raise TypeError(msg)
-        self.rate = rate
-        self.shed = shed
-        self.breaker = breaker
+        self.rate: RateLimiter | None = rate
+        self.shed: Shed | None = shed
+        self.breaker: CircuitBreaker | None = breaker
         self._owner: object = None
 
     def stats(self) -> AdmissionStats:

@@ -174,8 +174,9 @@ async def _answer_crash(
         kind = "websocket.http.response"
     else:
         return False  # the server refuses the handshake on its own
-    refused = isinstance(error, RequestRefusedError)
-    if refused:
+    refused = False
+    if isinstance(error, RequestRefusedError):
+        refused = True
         status = error.status
         body: dict[str, Any] = {
             "type": error.type,

@@ -298,7 +298,7 @@ class EngineFactory(Generic[E]):
         _checks.limit("total", total, allow_none=True)
         if admission is not None:
             if not isinstance(admission, Admission):
-                msg = (
+                msg = (  # type: ignore[unreachable]  # checked for untyped callers
                     "admission must be a usercontext.Admission(rate=..., shed=..., "
                     f"breaker=...) or None, got {admission!r}."
                 )

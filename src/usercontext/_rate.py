@@ -157,7 +157,7 @@ class LocalRateLimiter:
     ) -> None:
         check_rate(rate, burst)
         if clock is not None and not callable(clock):
-            msg = f"clock must be a function giving seconds, or None, got {clock!r}."
+            msg = f"clock must be a function giving seconds, or None, got {clock!r}."  # type: ignore[unreachable]
             raise TypeError(msg)
         self._rate = float(rate)
         self._burst = burst

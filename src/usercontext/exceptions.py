@@ -650,19 +650,21 @@ class ServiceUnavailableError(RequestRefusedError, RuntimeError):
 
 class RateLimitedError(TooManyRequestsError):
     """
-    A user went over its rate limit (`usercontext.LocalRateLimiter`): ``429``, ``Retry-After``.
+    A user went over its rate limit (`usercontext.LocalRateLimiter`): ``429``. Args are attributes.
 
     Args:
         key: The key (usually a user id) that was limited.
         rate: The limit's sustained rate, in requests per second.
         burst: How many requests the limit admits at once.
-        wait: Seconds until a request of *key* would be admitted (exact;
-            *retry_after* rounds it up to a whole second).
-
-    Each argument is kept as an attribute of the same name.
+        wait: Seconds until a request of *key* would pass (exact; *retry_after* rounds it up).
 
     .. versionadded:: 0.1.0
     """
+
+    key: str
+    rate: float
+    burst: int
+    wait: float
 
     def __init__(self, key: str, *, rate: float, burst: int, wait: float) -> None:
         super().__init__(
@@ -683,24 +685,24 @@ _SHED = {
 
 class LoadShedError(RequestRefusedError, RuntimeError):
     """
-    A request was refused at once instead of queueing for an engine, because
-    waiting was pointless (`usercontext.Shed`): ``429`` when the user's own
-    queue is full (*reason* ``"user_queue"``), ``503`` when the service's
-    queue is full (``"queue"``) or the expected wait exceeds what the caller
-    can wait (``"deadline"``), each with ``Retry-After``.
+    A request was refused at once instead of queueing for an engine (`usercontext.Shed`): ``429``
+    when its user's queue is full (*reason* ``"user_queue"``), else ``503`` (``"queue"``: the
+    service's is; ``"deadline"``: the wait is too long). Arguments are kept as attributes.
 
     Args:
         key: The key (usually a user id) that was refused.
         reason: ``"user_queue"``, ``"queue"`` or ``"deadline"``.
         waiting: Requests waiting ahead (of the user, or in all).
-        expected_wait: The wait the policy expected, in seconds (0 when not
-            estimated).
-        retry_after: Seconds after which the client may retry.
-
-    Each argument but *retry_after* is kept as an attribute of the same name.
+        expected_wait: The wait the policy expected, in seconds (0 when not estimated).
+        retry_after: Seconds after which the client may retry (``Retry-After``).
 
     .. versionadded:: 0.1.0
     """
+
+    key: str
+    reason: str
+    waiting: int
+    expected_wait: float
 
     def __init__(
         self, key: str, *, reason: str, waiting: int, expected_wait: float, retry_after: float
@@ -718,10 +720,8 @@ class LoadShedError(RequestRefusedError, RuntimeError):
 
 class CircuitOpenError(ServiceUnavailableError):
     """
-    Creating an `usercontext.EngineFactory`'s engines failed too often lately
-    (`usercontext.CircuitBreaker`): it refuses at once, without calling
-    *create*, until a cool-down has passed and a probe succeeded. The client
-    gets ``503`` with ``Retry-After``.
+    Creating engines failed too often (`usercontext.CircuitBreaker`): refused at once, without
+    calling *create*, until a probe after a cool-down succeeds (``503``). Args are attributes.
 
     Args:
         engine: The name of the engine type (the factory's *create*).
@@ -730,18 +730,20 @@ class CircuitOpenError(ServiceUnavailableError):
         within: The window, in seconds, they happened in.
         retry_after: Seconds until the breaker lets a probe through.
 
-    Each argument but *retry_after* is kept as an attribute of the same name.
-
     .. versionadded:: 0.1.0
     """
+
+    engine: str
+    key: str | None
+    failures: int
+    within: float
 
     def __init__(
         self, engine: str, *, key: str | None, failures: int, within: float, retry_after: float
     ) -> None:
-        whose = "" if key is None else f" for user {key!r}"
         super().__init__(
-            f"Creating {engine} engines{whose} failed {failures} times within {within:g} s, "
-            f"so the circuit breaker is open. Retry after {retry_after:.3f} s.",
+            f"Creating {engine} engines{'' if key is None else f' for user {key!r}'} failed "
+            f"{failures} times within {within:g} s: the circuit breaker is open, retry later.",
             retry_after=max(retry_after, 1e-6),
             error="circuit_open",
         )

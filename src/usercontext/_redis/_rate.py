@@ -104,9 +104,12 @@ class RedisRateLimiter:
         backend_timeout: float = 0.25,
     ) -> None:
         check_rate(rate, burst)
-        if not isinstance(prefix, str) or not prefix:
+        if not isinstance(prefix, str):
+            msg = f"prefix must be a non-empty str, got {prefix!r}."  # type: ignore[unreachable]  # checked for untyped callers
+            raise TypeError(msg)
+        if not prefix:
             msg = f"prefix must be a non-empty str, got {prefix!r}."
-            raise (TypeError if not isinstance(prefix, str) else ValueError)(msg)
+            raise ValueError(msg)
         if on_unavailable not in ("fail_closed", "fail_open"):
             msg = f"on_unavailable must be 'fail_closed' or 'fail_open', got {on_unavailable!r}."
             raise ValueError(msg)
@@ -201,11 +204,11 @@ class RedisRateLimiter:
         client = self._client
         async with within(self._timeout):
             try:
-                return int(await client.evalsha(script.sha, 1, name))  # type: ignore[misc]
+                return int(await client.evalsha(script.sha, 1, name))
             except NoScriptError:
                 # Redis restarted, or its scripts were flushed: load it again.
                 await client.script_load(script.script)
-                return int(await client.evalsha(script.sha, 1, name))  # type: ignore[misc]
+                return int(await client.evalsha(script.sha, 1, name))
 
     def stats(self) -> RateLimitStats:
         """

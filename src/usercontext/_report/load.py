@@ -255,7 +255,7 @@ def _recovery(run: _Run, after: float, until: float, unloaded_p99: float) -> flo
     (every request served, P99 within target), or infinity if they never
     are before *until*.
     """
-    windows = []
+    windows: list[tuple[float, bool]] = []
     t = after
     while t + WINDOW_S <= until + 1e-9:
         arrived = [i for i, a in enumerate(run.arrivals) if t <= a < t + WINDOW_S]
@@ -433,7 +433,7 @@ def _stress(out: Table, plan: _Plan, unloaded: float) -> None:
     steps: dict[str, list[dict[str, Any]]] = {}
     breaking: dict[bool, float | None] = {}
     for p, run in runs.items():
-        rows = []
+        rows: list[dict[str, Any]] = []
         breaking[p] = None
         for n, share in enumerate(STRESS_STEPS):
             lo, hi = n * plan.step, (n + 1) * plan.step
