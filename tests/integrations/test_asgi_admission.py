@@ -17,12 +17,10 @@ import usercontext as uc
 
 from usercontext.asgi import UserContextMiddleware
 
-from asgi_helpers import json_start, resolve
+from asgi_helpers import Client, http_scope, json_start, resolve, session_registry
 
 
 httpx2 = pytest.importorskip("httpx2", reason="pip install httpx2")
-
-pytestmark = pytest.mark.server("uvicorn")
 
 
 def engine_app():
@@ -55,6 +53,7 @@ def engine_app():
     return UserContextMiddleware(app, resolver=resolve)
 
 
+@pytest.mark.server("uvicorn")
 class TestUnderUvicorn:
     def test_refusals_carry_retry_after(self):
         """
@@ -95,3 +94,51 @@ class TestUnderUvicorn:
             assert refused.headers["retry-after"] == "30"
             assert refused.json()["error"] == "circuit_open"
             assert refused.json()["retry_after"] == 30
+
+
+class TestInProcess:
+    """
+    The same answers, driven in process, on asyncio and trio, for the paths
+    a server rarely shows.
+    """
+
+    pytestmark = pytest.mark.anyio
+
+    @pytest.mark.parametrize("with_scope", [False, True])
+    async def test_refusal_without_retry_after(self, with_scope):
+        """
+        A refusal without retry_after gets its status and no Retry-After;
+        the request's scope (if any) rolls back, and nothing is raised to
+        the server.
+        """
+        log = []
+
+        async def app(scope, receive, send):
+            raise uc.ForbiddenError("Not yours.")
+
+        registry = session_registry(log) if with_scope else None
+        mw = UserContextMiddleware(app, resolver=resolve, registry=registry)
+        client = Client()
+        await mw(http_scope(), client.receive, client.send)
+        assert client.status() == 403
+        assert b"retry-after" not in client.headers()
+        assert client.json()["error"] == "forbidden"
+        assert client.json()["detail"] == "Not yours."
+
+    @pytest.mark.parametrize("with_scope", [False, True])
+    async def test_refusal_that_cannot_be_sent(self, with_scope):
+        """
+        A refusal whose answer cannot be sent (the client left) is raised to
+        the server, as a crash would be.
+        """
+
+        async def app(scope, receive, send):
+            raise uc.TooManyRequestsError(retry_after=2)
+
+        registry = session_registry([]) if with_scope else None
+        mw = UserContextMiddleware(app, resolver=resolve, registry=registry)
+        client = Client()
+        client.fail_after = 0
+        with pytest.raises(uc.TooManyRequestsError):
+            await mw(http_scope(), client.receive, client.send)
+        assert client.sent == []

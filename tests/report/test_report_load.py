@@ -78,6 +78,10 @@ class TestPieces:
         figures = run.figures()
         assert figures["unfinished"] == run.unfinished
         assert figures["requests"] == len(run.arrivals)
+        # A run with no arrivals at all ends at once.
+        empty = load._run([(0.001, 1.0)], policy=True, grace_s=0.01)
+        assert empty.arrivals == []
+        assert empty.unfinished == 0
 
     def test_recovery(self):
         """
@@ -90,6 +94,7 @@ class TestPieces:
             latencies=[0.05, -1.0, 0.05, 0.05],
         )
         assert load._recovery(run, 0.0, 0.4, 50.0) == 0.2
+        assert load._recovery(run, 0.2, 0.4, 50.0) == 0.0  # healthy from the start
         run.latencies[-1] = 1.0
         assert load._recovery(run, 0.0, 0.4, 50.0) == float("inf")
         assert load._ms(float("inf")) == "none served"

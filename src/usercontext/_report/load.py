@@ -207,8 +207,10 @@ async def _drive(
         task.add_done_callback(tasks.discard)
     if tasks:
         await asyncio.wait(set(tasks), timeout=grace_s)
-    run.unfinished = len(tasks)
-    for task in list(tasks):
+    # A task may be done with its callback still to run: not unfinished.
+    left = [task for task in tasks if not task.done()]
+    run.unfinished = len(left)
+    for task in left:
         task.cancel()
     if tasks:
         await asyncio.wait(set(tasks))
@@ -522,9 +524,8 @@ async def _failing_backend() -> dict[str, Any]:
                 failures_before_open = outcomes.count("failed")
             outcomes.append("refused")
         else:
-            outcomes.append("served")
-            if healed_at is not None:
-                recovered_at = time.monotonic() - start
+            outcomes.append("served")  # only once healed
+            recovered_at = time.monotonic() - start
         await asyncio.sleep(0.005)
     return {
         "failures_before_open": failures_before_open,
