@@ -19,7 +19,7 @@ import attrs
 
 from . import _checks
 from ._rate import RateLimiter, RateLimitStats
-from .exceptions import CircuitOpenError, LoadShedError
+from .exceptions import CircuitOpenError, LoadShedError, QuotaTimeoutError
 
 
 if TYPE_CHECKING:
@@ -65,8 +65,9 @@ class ShedStats:
         queue: Refused because the global queue was full.
         deadline: Refused because the expected wait exceeded what the
             request could wait.
-        hold: The running mean of how long a slot is held, in seconds, or
-            `None` before the first release.
+        hold: How long a slot is held, in seconds, as learnt from how long
+            requests waited (a running mean), or `None` before the first
+            request that waited.
 
     .. versionadded:: 0.1.0
     """
@@ -93,9 +94,13 @@ class Shed:
     it can wait (``"deadline"``, a ``503``): the factory's *timeout*, or the
     caller's own deadline (the nearest enclosing ``anyio.fail_after`` or
     ``move_on_after``), whichever is sooner. The expected wait is the
-    requests ahead times the running mean of how long a slot is held,
-    divided by the slots they wait for. Its ``Retry-After`` is that expected
-    wait, and at least *retry_after*.
+    requests ahead (and itself), divided by the slots they wait for, times
+    how long a slot is held, which the policy learns from how long the
+    requests that waited did wait (it sheds by deadline once one has; with a
+    network quota, such as `usercontext.redis.RedisQuota`, once one waited
+    its whole timeout, and a request counts as waiting from the start of its
+    round trip). Its ``Retry-After`` is that expected wait, and at least
+    *retry_after*.
 
     A request that gets a slot at once is never shed, and a shed request
     changes no counter of the quota. Under a spike, the admitted requests
@@ -163,13 +168,21 @@ class Shed:
 
     def _enter(
         self, key: str, timeout: float | None, per_key: int | None, total: int | None
-    ) -> None:
+    ) -> tuple[float, float]:
         """
-        Count a request of *key* that must wait for a slot, or refuse it.
+        Count a request of *key* that must wait for a slot, or refuse it;
+        return its ticket for `_leave`: when it began to wait, and the share
+        of a slot's hold time it expects to wait (0 when unknown).
         """
         mine = self._waiting.get(key, 0)
         n = self._n_waiting
-        expected = self._expected(mine, n, per_key, total)
+        share = 0.0
+        if per_key:
+            share = (mine + 1) / per_key
+        if total:
+            share = max(share, (n + 1) / total)
+        hold = self._hold
+        expected = 0.0 if hold is None else share * hold
         if self._max_user is not None and mine >= self._max_user:
             self._refuse(key, "user_queue", mine, expected)
         if self._max is not None and n >= self._max:
@@ -185,10 +198,14 @@ class Shed:
         n = self._n_waiting = n + 1
         if n > self._peak:  # noqa: PLR1730  # the style of the quota's counters
             self._peak = n
+        return self.clock(), share
 
-    def _leave(self, key: str) -> None:
+    def _leave(self, key: str, ticket: tuple[float, float], *, learn: bool) -> None:
         """
-        Count out a request of *key* that stopped waiting (granted or not).
+        Count out a request of *key* that stopped waiting; with *learn* (it
+        was granted a slot, or waited its whole timeout), learn from how long
+        it waited how long a slot is held: it expected to wait its share of
+        one hold.
         """
         mine = self._waiting[key] - 1
         if mine:
@@ -196,28 +213,11 @@ class Shed:
         else:
             del self._waiting[key]
         self._n_waiting -= 1
-
-    def _held(self, seconds: float) -> None:
-        """
-        Add a slot held for *seconds* to the running mean.
-        """
-        hold = self._hold
-        self._hold = seconds if hold is None else hold + _ALPHA * (seconds - hold)
-
-    def _expected(self, mine: int, n: int, per_key: int | None, total: int | None) -> float:
-        """
-        The wait a request can expect behind *mine* waiters of its user and *n*
-        in all, or 0 when it cannot be told yet.
-        """
-        hold = self._hold
-        if hold is None:
-            return 0.0
-        expected = 0.0
-        if per_key:
-            expected = (mine + 1) * hold / per_key
-        if total:
-            expected = max(expected, (n + 1) * hold / total)
-        return expected
+        began, share = ticket
+        if learn and share:
+            sample = (self.clock() - began) / share
+            hold = self._hold
+            self._hold = sample if hold is None else hold + _ALPHA * (sample - hold)
 
     def _refuse(self, key: str, reason: str, waiting: int, expected: float) -> None:
         self._by_reason[reason] += 1
@@ -617,18 +617,30 @@ async def admit(factory: Any, gate: Admission, key: str) -> Lease | None:
         if shed is None:
             await quota._wait(key, timeout)
             return None
-        shed._enter(key, timeout, *limits(quota, key))
+        ticket = shed._enter(key, timeout, *limits(quota, key))
         try:
             await quota._wait(key, timeout)
-        finally:
-            shed._leave(key)
+        except QuotaTimeoutError:
+            shed._leave(key, ticket, learn=True)
+            raise
+        except BaseException:
+            shed._leave(key, ticket, learn=False)
+            raise
+        shed._leave(key, ticket, learn=True)
         return None
     if shed is None:
         return await quota.acquire(key, timeout=timeout)  # type: ignore[no-any-return]
     # A network quota tells whether a slot is free only after its round
-    # trip: the request counts as waiting from its start.
-    shed._enter(key, timeout, *limits(quota, key))
+    # trip: the request counts as waiting from its start, and only a request
+    # that waited its whole timeout surely waited, to learn from.
+    ticket = shed._enter(key, timeout, *limits(quota, key))
     try:
-        return await quota.acquire(key, timeout=timeout)  # type: ignore[no-any-return]
-    finally:
-        shed._leave(key)
+        lease = await quota.acquire(key, timeout=timeout)
+    except QuotaTimeoutError:
+        shed._leave(key, ticket, learn=True)
+        raise
+    except BaseException:
+        shed._leave(key, ticket, learn=False)
+        raise
+    shed._leave(key, ticket, learn=False)
+    return lease  # type: ignore[no-any-return]

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from contextvars import Token
     from types import TracebackType
 
-    from ._admission import CircuitBreaker
     from ._factory import EngineFactory
     from ._lifecycle import ExcInfo
     from ._local_quota import LocalQuota
@@ -116,7 +115,6 @@ class EngineUse(Generic[E]):
         "_lease",
         "_made",
         "_scope",
-        "_t0",
         "_task",
         "_token",
         "_why",
@@ -128,7 +126,6 @@ class EngineUse(Generic[E]):
     _scope: anyio.CancelScope | None
     _task: Any  # the asyncio or trio task that entered
     _cancelling: int  # its Task.cancelling() then, on asyncio
-    _t0: float  # when the slot was granted, under a Shed policy
 
     def __init__(self, factory: EngineFactory[E], ctx: UserContext | None) -> None:
         # EngineFactory.engine makes it without this call: keep both alike.
@@ -194,8 +191,6 @@ class EngineUse(Generic[E]):
             elif f._admission is not None:
                 # Checked before anything is queued or created; see _admission.
                 lease = await admit(f, f._admission, key)
-                if f._shed is not None:
-                    self._t0 = f._shed.clock()
             else:
                 lease = await quota.acquire(key, timeout=f._timeout)
             try:
@@ -205,38 +200,27 @@ class EngineUse(Generic[E]):
                 # that await (a plain engine from a sync create never does).
                 made: Made[E] | None = None
                 entered: tuple[str, Any, Any]
-                if f._pool is not None:
-                    f._creating += 1
-                    try:
-                        made = await f._reuse(key)
-                    finally:
-                        f._creating -= 1
-                if made is None:
-                    c = f._counters
-                    if f._breaker is not None:
-                        entered = await self._create_guarded(f._breaker, ctx, key)
-                    else:
-                        # _create_async, written out: the usual case.
-                        try:
-                            result: Any = f._create(ctx)
-                            kind = kind_of(type(result))  # pyright: ignore[reportUnknownArgumentType]
-                            if kind is PLAIN:
-                                # aenter's last case, without a coroutine.
-                                entered = (PLAIN, None, result)
-                            else:
-                                f._creating += 1
-                                try:
-                                    entered = await aenter(result, kind, "create function")
-                                finally:
-                                    f._creating -= 1
-                        except Exception:
-                            c.create_errors += 1
-                            raise
-                    c.created += 1
-                    if f._pool is not None:
-                        made = Made(key, entered)
+                if f._slow_make:
+                    made, entered = await self._make(ctx, key)
                 else:
-                    entered = made.entered
+                    # _make's usual case (no pool, no breaker), written out.
+                    c = f._counters
+                    try:
+                        result: Any = f._create(ctx)
+                        kind = kind_of(type(result))  # pyright: ignore[reportUnknownArgumentType]
+                        if kind is PLAIN:
+                            # aenter's last case, without a coroutine.
+                            entered = (PLAIN, None, result)
+                        else:
+                            f._creating += 1
+                            try:
+                                entered = await aenter(result, kind, "create function")
+                            finally:
+                                f._creating -= 1
+                    except Exception:
+                        c.create_errors += 1
+                        raise
+                    c.created += 1
                 if f._closed:
                     await f._close_idle(entered, key)
                     f._check_open()
@@ -347,9 +331,6 @@ class EngineUse(Generic[E]):
             # Counted out before the slot is given back, so that the next
             # holder is never counted beside this one.
             f._uses.discard(self)
-            shed = f._shed
-            if shed is not None:
-                shed._held(shed.clock() - self._t0)
             try:
                 lease = self._lease
                 if lease is None:
@@ -386,15 +367,27 @@ class EngineUse(Generic[E]):
         report(errors or [], error, key)
         raise error
 
-    async def _create_guarded(
-        self, breaker: CircuitBreaker, ctx: UserContext, key: str
-    ) -> tuple[str, Any, Any]:
+    async def _make(
+        self, ctx: UserContext, key: str
+    ) -> tuple[Made[E] | None, tuple[str, Any, Any]]:
         """
-        Create an engine for *ctx* under the admission policy's circuit
-        *breaker*, which counts how it ended.
+        Make the engine of a factory that pools engines or has a circuit
+        breaker: reuse an idle engine of *key*, or create one under the
+        breaker, which counts how it ended. Return it as the pool keeps it
+        (`None` without a pool) and what closing it needs.
         """
         f = self._factory
-        probe = breaker._start(key)
+        pool = f._pool
+        if pool is not None:
+            f._creating += 1
+            try:
+                made = await f._reuse(key)
+            finally:
+                f._creating -= 1
+            if made is not None:
+                return made, made.entered
+        breaker = f._breaker
+        probe = False if breaker is None else breaker._start(key)
         try:
             result: Any = f._create(ctx)
             kind = kind_of(type(result))  # pyright: ignore[reportUnknownArgumentType]
@@ -408,13 +401,17 @@ class EngineUse(Generic[E]):
                     f._creating -= 1
         except Exception:
             f._counters.create_errors += 1
-            breaker._done(key, probe=probe, ok=False)
+            if breaker is not None:
+                breaker._done(key, probe=probe, ok=False)
             raise
         except BaseException:
-            breaker._done(key, probe=probe, ok=None)
+            if breaker is not None:
+                breaker._done(key, probe=probe, ok=None)  # cancelled: no verdict
             raise
-        breaker._done(key, probe=probe, ok=True)
-        return entered
+        if breaker is not None:
+            breaker._done(key, probe=probe, ok=True)
+        f._counters.created += 1
+        return (None if pool is None else Made(key, entered)), entered
 
     def _cut_error(self, deadline: bool, key: str) -> BaseException:  # noqa: FBT001  # private
         """

@@ -316,7 +316,6 @@ class EngineFactory(Generic[E]):
         # The hot path: a LocalQuota and no admission policy.
         self._fast = self._local_quota and admission is None
         self._breaker = None if admission is None else admission.breaker
-        self._shed = None if admission is None else admission.shed
         self._per_user = per_user
         self._total = total
         self._thread_quota = thread_quota
@@ -328,6 +327,9 @@ class EngineFactory(Generic[E]):
             IdlePool(pool_idle, pool_max, idle_ttl) if pool_idle else None
         )
         self._reset = reset
+        # An engine is made on the slow path when it may come from the pool,
+        # or its creation goes through a circuit breaker.
+        self._slow_make = self._pool is not None or self._breaker is not None
         self._counters = _Counters()
         self._sync_counters = _Counters()
         self._sync_lock = threading.Lock()

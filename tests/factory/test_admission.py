@@ -57,6 +57,24 @@ class Holder:
         self.tg.start_soon(run)
 
 
+async def teach(factory, holders, waiter, clock, waited):
+    """
+    Have *waiter* wait *waited* seconds (on *clock*) behind requests of
+    *holders*, which fill the slots it needs, so that the factory's shed
+    policy learns how long a slot is held.
+    """
+    async with anyio.create_task_group() as tg:
+        holder = Holder(factory, tg)
+        for ctx in holders:
+            holder.hold(ctx)
+        await until(lambda: holder.entered == len(holders))
+        holder.hold(waiter)
+        await until(lambda: factory.stats().admission.shed.waiting == 1)
+        clock.now += waited
+        holder.release.set()
+    assert holder.entered == len(holders) + 1
+
+
 class TestArguments:
     @pytest.mark.parametrize(
         ("make", "error", "match"),
@@ -226,8 +244,8 @@ class TestShed:
         )
         a = make_ctx(1)
         for f in (factory, patient):
-            async with f.engine(a):
-                clock.now += 2.0  # learn the hold time
+            # The first in line of one slot expects to wait one hold.
+            await teach(f, [a], a, clock, 2.0)
         assert shed.stats().hold == 2.0
         async with anyio.create_task_group() as tg:
             holder = Holder(factory, tg)
@@ -262,7 +280,7 @@ class TestShed:
                 async with patient.engine(a):
                     pass
         assert patient.stats().admission.shed.deadline == 1
-        assert patient.stats().created == 3
+        assert patient.stats().created == 4
 
     async def test_deadline_behind_the_total_limit(self):
         """
@@ -276,8 +294,9 @@ class TestShed:
         factory = uc.EngineFactory(
             lambda ctx: 1, per_user=5, total=2, timeout=1.0, admission=uc.Admission(shed=shed)
         )
-        async with factory.engine(make_ctx(1)):
-            clock.now += 1.0
+        # The first in line of two slots expects half a hold: it waited 0.5 s.
+        await teach(factory, [make_ctx(1), make_ctx(2)], make_ctx(3), clock, 0.5)
+        assert shed.stats().hold == 1.0
         async with anyio.create_task_group() as tg:
             holder = Holder(factory, tg)
             holder.hold(make_ctx(1))
@@ -294,9 +313,15 @@ class TestShed:
         assert holder.entered == 4
         assert not holder.errors
         assert shed.stats().peak_waiting == 2
-        # Unknown limits give no estimate on their side.
-        assert shed._expected(0, 3, None, None) == 0.0
-        assert shed._expected(0, 3, None, 4) == shed.stats().hold
+        # The two waiters were served at once on the fake clock: two samples
+        # of 0 s in the running mean, weighted 0.2 each.
+        assert shed.stats().hold == pytest.approx(0.64)
+        # A waiter whose limits are unknown expects nothing, and teaches nothing.
+        ticket = shed._enter("u-9", None, None, None)
+        assert ticket[1] == 0.0
+        clock.now += 5
+        shed._leave("u-9", ticket, learn=True)
+        assert shed.stats().hold == pytest.approx(0.64)
 
     async def test_free_slot_and_zero_timeout_never_shed(self):
         """
@@ -582,3 +607,30 @@ class TestCircuitBreaker:
         breaker._done("u-1", probe=False, ok=False)
         assert breaker.stats().opened == 1
         assert breaker.stats().failures == 2
+
+
+class TestSlowMake:
+    async def test_pooled_create_fails_or_is_cancelled(self):
+        """
+        A pooling factory (its engines made on the slow path, with no
+        breaker) counts a failed creation, and a creation cancelled midway
+        creates nothing; the slot is given back either way.
+        """
+        calls = []
+
+        async def create(ctx):
+            calls.append(ctx.user_id)
+            if len(calls) == 1:
+                raise BoomError("no engine")
+            await anyio.sleep_forever()
+
+        factory = uc.EngineFactory(create, pool_idle=1)
+        with pytest.raises(BoomError):
+            async with factory.engine(make_ctx(1)):
+                pass
+        with anyio.move_on_after(0.05):
+            async with factory.engine(make_ctx(1)):
+                pass
+        stats = factory.stats()
+        assert (stats.create_errors, stats.created, stats.quota.in_use) == (1, 0, 0)
+        assert len(calls) == 2

@@ -200,6 +200,29 @@ class TestWithRedisQuota:
         assert stats.admission.rate.admitted == 3
         assert stats.admission.shed.user_queue == 1
 
+    async def test_shed_waiters_time_out_or_are_cancelled(self, redis_db):
+        """
+        Over a shared quota, a waiter that times out, or is cancelled, leaves
+        the shed policy's queue; only the one that timed out (and so surely
+        waited) teaches it how long a slot is held.
+        """
+        quota = RedisQuota(redis_db, per_key=1, prefix=_prefix())
+        shed = uc.Shed(deadline=False)
+        factory = uc.EngineFactory(
+            lambda ctx: 1, quota=quota, timeout=0.2, admission=uc.Admission(shed=shed)
+        )
+        async with quota, factory.engine(make_ctx(1)):
+            with pytest.raises(uc.QuotaTimeoutError):
+                async with factory.engine(make_ctx(1)):
+                    pass
+            assert shed.stats().waiting == 0
+            assert 0.2 <= shed.stats().hold < 0.5  # learnt from the timeout only
+            with anyio.move_on_after(0.05):
+                async with factory.engine(make_ctx(1)):
+                    pass
+            assert shed.stats().waiting == 0
+        assert factory.stats().quota.in_use == 0
+
     async def test_rate_only_over_a_shared_quota(self, redis_db):
         """
         A policy with a rate limit only acquires from the shared quota as a
