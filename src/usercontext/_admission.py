@@ -38,8 +38,9 @@ __all__ = [
     "admit",
 ]
 
-# The weight of a new sample in the running mean of how long a slot is held.
-_ALPHA = 0.2
+# The weight of a new waiter in what the shed policy learnt of how long a
+# slot is held.
+_ALPHA = 0.1
 # The fewest per-user breaker states kept before a sweep of the idle ones.
 _MIN_SWEEP = 64
 
@@ -149,6 +150,7 @@ class Shed:
         self._n_waiting = 0
         self._peak = 0
         self._hold: float | None = None
+        self._waited = self._shares = 0.0  # decayed sums, for _hold
         self._by_reason = {"user_queue": 0, "queue": 0, "deadline": 0}
 
     def stats(self) -> ShedStats:
@@ -215,9 +217,13 @@ class Shed:
         self._n_waiting -= 1
         began, share = ticket
         if learn and share:
-            sample = (self.clock() - began) / share
-            hold = self._hold
-            self._hold = sample if hold is None else hold + _ALPHA * (sample - hold)
+            # The ratio of decayed sums, waited over shares: a waiter first in
+            # line may wait long by chance, and a ratio per waiter would let
+            # it weigh as much as a whole queue's worth of waiting.
+            keep = 1 - _ALPHA
+            self._waited = self._waited * keep + (self.clock() - began)
+            self._shares = self._shares * keep + share
+            self._hold = self._waited / self._shares
 
     def _refuse(self, key: str, reason: str, waiting: int, expected: float) -> None:
         self._by_reason[reason] += 1

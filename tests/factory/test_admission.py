@@ -313,15 +313,15 @@ class TestShed:
         assert holder.entered == 4
         assert not holder.errors
         assert shed.stats().peak_waiting == 2
-        # The two waiters were served at once on the fake clock: two samples
-        # of 0 s in the running mean, weighted 0.2 each.
-        assert shed.stats().hold == pytest.approx(0.64)
+        # The two waiters were served at once on the fake clock, after
+        # waiting 0 s for a half and a whole hold: decayed sums of 0.9 each.
+        assert shed.stats().hold == pytest.approx((0.5 * 0.9 * 0.9) / ((0.5 * 0.9 + 0.5) * 0.9 + 1))
         # A waiter whose limits are unknown expects nothing, and teaches nothing.
         ticket = shed._enter("u-9", None, None, None)
         assert ticket[1] == 0.0
         clock.now += 5
         shed._leave("u-9", ticket, learn=True)
-        assert shed.stats().hold == pytest.approx(0.64)
+        assert shed.stats().hold == pytest.approx(0.405 / 1.855)
 
     async def test_free_slot_and_zero_timeout_never_shed(self):
         """
