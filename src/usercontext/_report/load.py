@@ -347,7 +347,7 @@ def _sustained(out: Table, plan: _Plan, unloaded: float) -> None:
     out.figures["sustained"] = {("on" if p else "off"): r.figures() for p, r in runs.items()}
     on, off = runs[True], runs[False]
     refused = 1 - len(on.served()) / max(1, len(on.arrivals))
-    ok = on.p99() <= P99_TARGET * unloaded and refused <= 0.01  # 1 %
+    ok = on.p99() <= P99_TARGET * unloaded and refused <= SUSTAINED_REFUSED
     out.rows.append(
         Row(
             id="load.sustained",
