@@ -73,6 +73,9 @@ SPIKE_S = 2.0
 # them that may be refused rather than wait past the policy's timeout.
 SUSTAINED_REFUSED = 0.02
 GOODPUT_TARGET = 0.8  # the goodput at the top of the stress run, as a share of capacity
+# The load, as a multiple of capacity, up to which the policy must keep the
+# P99 within target (beyond it, refusing alone takes the CPU).
+BREAKING_TARGET = 10.0
 P99_TARGET = 1.5  # the admitted requests' P99 under load, over the unloaded P99
 RECOVERY_TARGET_S = 1.0
 WINDOW_S = 0.1  # the windows recovery is judged in
@@ -458,10 +461,9 @@ def _stress(out: Table, plan: _Plan, unloaded: float) -> None:
         for side, rows in steps.items()
     }
     top_on = steps["on"][-1]
-    ok = (
-        top_on["p99_ms"] <= P99_TARGET * unloaded
-        and top_on["goodput_per_s"] >= GOODPUT_TARGET * CAPACITY
-    )
+    broke_on = breaking[True]
+    held = broke_on is None or broke_on >= BREAKING_TARGET
+    ok = held and top_on["goodput_per_s"] >= GOODPUT_TARGET * CAPACITY
 
     def broke(share: float | None) -> str:
         return "never" if share is None else f"{share:g}x"
@@ -476,7 +478,10 @@ def _stress(out: Table, plan: _Plan, unloaded: float) -> None:
                 + f" capacity, {plan.step:g} s each, policy off vs on: where P99 first passes "
                 f"{P99_TARGET:g}x unloaded; at {STRESS_STEPS[-1]:g}x, goodput and P99"
             ),
-            target=f"on: at {STRESS_STEPS[-1]:g}x, P99 within target, goodput ≥ 80% of capacity",
+            target=(
+                f"on: P99 within target up to ≥ {BREAKING_TARGET:g}x, goodput at "
+                f"{STRESS_STEPS[-1]:g}x ≥ {GOODPUT_TARGET:.0%} of capacity"
+            ),
             achieved=(
                 f"off breaks at {broke(breaking[False])}, at the top "
                 f"{steps['off'][-1]['goodput_per_s']:.0f}/s, {_ms(steps['off'][-1]['p99_ms'])}; "
