@@ -513,7 +513,9 @@ class Admission:
     (`FactoryStats.admission`).
 
     One policy serves one factory (its breaker and shed counters are that
-    factory's); a rate limiter may be shared by several policies.
+    factory's); a rate limiter may be shared by several policies. The policy
+    applies to ``async with factory.engine()``; the threads' ``with`` does
+    not check it.
 
     Args:
         rate: The per-user rate limit, or `None`.
