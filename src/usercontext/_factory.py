@@ -296,15 +296,12 @@ class EngineFactory(Generic[E]):
         _checks.count("pool_max", pool_max, minimum=0)
         _checks.limit("per_user", per_user, allow_none=False)
         _checks.limit("total", total, allow_none=True)
-        if admission is not None:
-            if not isinstance(admission, Admission):
-                msg = (  # type: ignore[unreachable]  # checked for untyped callers
-                    "admission must be a usercontext.Admission(rate=..., shed=..., "
-                    f"breaker=...) or None, got {admission!r}."
-                )
-                raise TypeError(msg)
-            admission._attach(self, getattr(create, "__qualname__", None) or repr(create))
-        # None without a policy: the hot path then checks this one attribute.
+        if admission is not None and not isinstance(admission, Admission):
+            msg = (  # type: ignore[unreachable]  # checked for untyped callers
+                "admission must be a usercontext.Admission(rate=..., shed=..., "
+                f"breaker=...) or None, got {admission!r}."
+            )
+            raise TypeError(msg)
         self._admission = admission
         self._create = create
         self._close = close
@@ -340,6 +337,9 @@ class EngineFactory(Generic[E]):
         self._creating = 0
         self._closed = False
         self._drained: anyio.Event | None = None
+        if admission is not None:
+            # Last: a factory that failed to be made does not own it.
+            admission._attach(self, getattr(create, "__qualname__", None) or repr(create))
 
     @property
     def admission(self) -> Admission | None:
