@@ -30,6 +30,9 @@ SAMPLES = {
     exceptions.EmitterFullError: ("u-1", 100, "error", True, 0.0, None),
     exceptions.EmitterTimeoutError: ("u-1", 100, "block", False, 2.0, 2.0),
 }
+# What to pass for an argument of __init__ whose name says more than its type:
+# InvalidContextError.value is any object, LoadShedError.reason one of three.
+BY_NAME: dict[str, object] = {"value": {"nested": (1, 2.5, b"x")}, "reason": "deadline"}
 # What to pass for an argument of __init__, by its annotation (its first type).
 BY_ANNOTATION = {
     "str": "sample text",
@@ -56,8 +59,8 @@ def sample(cls: type[BaseException]) -> BaseException:
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         annotation = str(param.annotation).split("|")[0].split("[")[0].strip()
-        if param.name == "value":  # InvalidContextError.value is any object
-            value: object = {"nested": (1, 2.5, b"x")}
+        if param.name in BY_NAME:
+            value: object = BY_NAME[param.name]
         elif annotation in BY_ANNOTATION:
             value = BY_ANNOTATION[annotation]
         elif param.default is not param.empty:

@@ -23,6 +23,7 @@ from ._edge import strip_context_headers
 from ._job import bound_from_job, child_from_job, to_job
 from .exceptions import (
     BackendUnavailableError,
+    CircuitOpenError,
     CloseTimeoutError,
     ConfigurationError,
     EmitterClosedError,
@@ -36,10 +37,12 @@ from .exceptions import (
     IsolationError,
     LeaseLostError,
     LeaseReleasedError,
+    LoadShedError,
     NoContextError,
     QuotaError,
     QuotaExceededError,
     QuotaTimeoutError,
+    RateLimitedError,
     RequestRefusedError,
     ScopeClosedError,
     ServiceUnavailableError,
@@ -51,6 +54,14 @@ from .exceptions import (
 
 
 if typing.TYPE_CHECKING:  # what the type checkers and documentation tools read
+    from ._admission import (
+        Admission,
+        AdmissionStats,
+        BreakerStats,
+        CircuitBreaker,
+        Shed,
+        ShedStats,
+    )
     from ._emitter import (
         AGENT_COMPLETED,
         AGENT_ERROR,
@@ -76,6 +87,7 @@ if typing.TYPE_CHECKING:  # what the type checkers and documentation tools read
     from ._factory import EngineFactory, FactoryStats
     from ._local_quota import LocalQuota, ThreadQuota
     from ._quota import Lease, Quota, QuotaStats
+    from ._rate import LocalRateLimiter, RateLimiter, RateLimitStats
     from ._registry import Registry, RegistryStats
     from ._scope import Scope
     from ._signing import HeaderSigner, HeaderVerifier
@@ -86,6 +98,12 @@ if typing.TYPE_CHECKING:  # what the type checkers and documentation tools read
 #: asyncio and more, which `import usercontext` need not pay for when a
 #: service uses only `UserContext` and `bind` (PEP 562).
 _LAZY: dict[str, str] = {
+    "Admission": "_admission",
+    "AdmissionStats": "_admission",
+    "BreakerStats": "_admission",
+    "CircuitBreaker": "_admission",
+    "Shed": "_admission",
+    "ShedStats": "_admission",
     "AGENT_COMPLETED": "_emitter",
     "AGENT_ERROR": "_emitter",
     "AGENT_STARTED": "_emitter",
@@ -113,6 +131,9 @@ _LAZY: dict[str, str] = {
     "Lease": "_quota",
     "Quota": "_quota",
     "QuotaStats": "_quota",
+    "LocalRateLimiter": "_rate",
+    "RateLimitStats": "_rate",
+    "RateLimiter": "_rate",
     "Registry": "_registry",
     "RegistryStats": "_registry",
     "Scope": "_scope",
@@ -130,10 +151,15 @@ __all__ = [
     "EVENTS_MISSED",
     "TOOL_COMPLETED",
     "TOOL_EXECUTING",
+    "Admission",
+    "AdmissionStats",
     "AttachToken",
     "Attachment",
     "BackendUnavailableError",
+    "BreakerStats",
     "CallbackSink",
+    "CircuitBreaker",
+    "CircuitOpenError",
     "CloseTimeoutError",
     "ConfigurationError",
     "ContextExecutor",
@@ -161,13 +187,18 @@ __all__ = [
     "Lease",
     "LeaseLostError",
     "LeaseReleasedError",
+    "LoadShedError",
     "LocalQuota",
+    "LocalRateLimiter",
     "NoContextError",
     "Quota",
     "QuotaError",
     "QuotaExceededError",
     "QuotaStats",
     "QuotaTimeoutError",
+    "RateLimitStats",
+    "RateLimitedError",
+    "RateLimiter",
     "Registry",
     "RegistryStats",
     "RequestRefusedError",
@@ -175,6 +206,8 @@ __all__ = [
     "Scope",
     "ScopeClosedError",
     "ServiceUnavailableError",
+    "Shed",
+    "ShedStats",
     "Sink",
     "SinkClosedError",
     "SinkStats",

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 # The keys of the report's sections, in order; a test checks them against
 # usercontext._report.sections.SECTIONS, which this module does not import up
 # front.
-SECTION_KEYS = ("contexts", "engines", "db", "events", "http", "across")
+SECTION_KEYS = ("contexts", "engines", "db", "events", "http", "load", "across")
 
 EXIT_CODES = """\
 exit codes:

@@ -15,11 +15,19 @@ import types
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from usercontext._http import CLEANUP_FAILED, INTERNAL_ERROR, PROBLEM_JSON, problem_document
+from usercontext._http import (
+    CLEANUP_FAILED,
+    INTERNAL_ERROR,
+    PROBLEM_JSON,
+    problem_document,
+    refusal,
+)
+from usercontext.exceptions import RequestRefusedError
 
 
 if TYPE_CHECKING:
     from usercontext import Scope
+    from usercontext._http import Refusal
 
 
 T = TypeVar("T")
@@ -145,26 +153,40 @@ def _with_header_and_length(message: Message, header: tuple[bytes, bytes]) -> tu
 
 async def _answer_crash(
     send: Send, scope: MutableMapping[str, Any], error: BaseException, header: tuple[bytes, bytes]
-) -> None:
+) -> bool:
     """
     Answer ``500`` with the request id for an application that raised *error*
     before its response started, where a response can still be sent: the
     error then propagates, for the server (and Starlette's
     ``ServerErrorMiddleware``, which sees a response started) to log it.
+
+    A refusal (`usercontext.exceptions.RequestRefusedError`, such as the
+    ``429`` or ``503`` of an `usercontext.EngineFactory`'s admission policy)
+    is answered with its own status, problem document and headers
+    (``Retry-After``): return `True` then, and the caller does not raise it,
+    since a refusal is an answer, not a crash.
     """
     if not isinstance(error, Exception):
-        return  # cancelled, or the process is stopping: no one waits for an answer
+        return False  # cancelled, or the process is stopping: no one waits for an answer
     if scope["type"] == "http":
         kind = "http.response"
     elif "websocket.http.response" in scope.get("extensions", {}):
         kind = "websocket.http.response"
     else:
-        return  # the server refuses the handshake on its own
+        return False  # the server refuses the handshake on its own
+    refused = isinstance(error, RequestRefusedError)
+    body: Mapping[str, Any] = INTERNAL_ERROR
+    status, headers = 500, []
+    if refused:
+        answer = cast("Refusal", refusal(error))
+        status, body, headers = answer.status, answer.body, answer.headers
     try:
-        await _send_json(send, kind, 500, INTERNAL_ERROR, [header])
+        await _send_json(send, kind, status, body, [*headers, header])
     except Exception:  # the client left: the application's error is the one to raise
         request_id = header[1].decode("ascii")
-        logger.debug("The 500 for request %s could not be sent.", request_id, exc_info=True)
+        logger.debug("The %d for request %s could not be sent.", status, request_id, exc_info=True)
+        return False
+    return refused
 
 
 async def _close(resources: Scope, error: BaseException | None) -> Exception | None:
@@ -284,7 +306,8 @@ class RequestLink:
                 await self._close(e)
             if not self._started:
                 self._held = None
-                await _answer_crash(self, scope, e, header)
+                if await _answer_crash(self, scope, e, header):
+                    return
             raise
         if not self._closed:
             # The application returned before finishing its response, or the
@@ -334,8 +357,8 @@ class RequestLink:
         except BaseException as e:
             if resources is not None:
                 await _close(resources, e)
-            if not self._started:
-                await _answer_crash(self, scope, e, self._header)
+            if not self._started and await _answer_crash(self, scope, e, self._header):
+                return
             raise
         if resources is not None:
             await _close(resources, None)

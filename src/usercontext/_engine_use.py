@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import anyio
 
+from ._admission import admit
 from ._context import UserContext
 from ._current import _get, _var, bind, current
 from ._lifecycle import (
@@ -169,7 +170,7 @@ class EngineUse(Generic[E]):
         key = ctx.user_id
         try:
             quota = f._quota
-            if f._local_quota:
+            if f._fast:
                 # A slot of a LocalQuota is held without a Lease, and handed
                 # back by key.
                 lease = None
@@ -187,6 +188,9 @@ class EngineUse(Generic[E]):
                         except BaseException:
                             local._abandon(w)
                             raise
+            elif f._admission is not None:
+                # Checked before anything is queued or created; see _admission.
+                lease = await admit(f, f._admission, key)
             else:
                 lease = await quota.acquire(key, timeout=f._timeout)
             try:
@@ -196,13 +200,10 @@ class EngineUse(Generic[E]):
                 # that await (a plain engine from a sync create never does).
                 made: Made[E] | None = None
                 entered: tuple[str, Any, Any]
-                if f._pool is not None:
-                    f._creating += 1
-                    try:
-                        made = await f._reuse(key)
-                    finally:
-                        f._creating -= 1
-                if made is None:
+                if f._slow_make:
+                    made, entered = await self._make(ctx, key)
+                else:
+                    # _make's usual case (no pool, no breaker), written out.
                     c = f._counters
                     try:
                         result: Any = f._create(ctx)
@@ -220,10 +221,6 @@ class EngineUse(Generic[E]):
                         c.create_errors += 1
                         raise
                     c.created += 1
-                    if f._pool is not None:
-                        made = Made(key, entered)
-                else:
-                    entered = made.entered
                 if f._closed:
                     await f._close_idle(entered, key)
                     f._check_open()
@@ -369,6 +366,52 @@ class EngineUse(Generic[E]):
             return
         report(errors or [], error, key)
         raise error
+
+    async def _make(
+        self, ctx: UserContext, key: str
+    ) -> tuple[Made[E] | None, tuple[str, Any, Any]]:
+        """
+        Make the engine of a factory that pools engines or has a circuit
+        breaker: reuse an idle engine of *key*, or create one under the
+        breaker, which counts how it ended. Return it as the pool keeps it
+        (`None` without a pool) and what closing it needs.
+        """
+        f = self._factory
+        pool = f._pool
+        if pool is not None:
+            f._creating += 1
+            try:
+                made = await f._reuse(key)
+            finally:
+                f._creating -= 1
+            if made is not None:
+                return made, made.entered
+        breaker = f._breaker
+        probe = False if breaker is None else breaker._start(key)
+        try:
+            result: Any = f._create(ctx)
+            kind = kind_of(type(result))  # pyright: ignore[reportUnknownArgumentType]
+            if kind is PLAIN:
+                entered: tuple[str, Any, Any] = (PLAIN, None, result)
+            else:
+                f._creating += 1
+                try:
+                    entered = await aenter(result, kind, "create function")
+                finally:
+                    f._creating -= 1
+        except Exception:
+            f._counters.create_errors += 1
+            if breaker is not None:
+                breaker._done(key, probe=probe, ok=False)
+            raise
+        except BaseException:
+            if breaker is not None:
+                breaker._done(key, probe=probe, ok=None)  # cancelled: no verdict
+            raise
+        if breaker is not None:
+            breaker._done(key, probe=probe, ok=True)
+        f._counters.created += 1
+        return (None if pool is None else Made(key, entered)), entered
 
     def _cut_error(self, deadline: bool, key: str) -> BaseException:  # noqa: FBT001  # private
         """

@@ -14,6 +14,7 @@ import anyio
 import attrs
 
 from . import _checks
+from ._admission import Admission, AdmissionStats
 from ._engine_use import EngineUse, Made, report
 from ._idle_pool import IdlePool
 from ._lifecycle import (
@@ -80,6 +81,8 @@ class FactoryStats:
             requests (and those of whatever else shares the quota).
         thread_quota: The stats of the quota ``with`` draws from, or `None`
             before the first ``with`` (when no *thread_quota* was given).
+        admission: The stats of the factory's `Admission` policy, or `None`
+            without one.
 
     .. versionadded:: 0.1.0
     """
@@ -96,6 +99,7 @@ class FactoryStats:
     deadline_errors: int
     quota: QuotaStats
     thread_quota: QuotaStats | None
+    admission: AdmissionStats | None = None
 
 
 class _Counters:
@@ -175,6 +179,9 @@ class EngineFactory(Generic[E]):
             reuse; if it raises, the engine is closed instead.
         thread_quota: The quota of ``with factory.engine()``; a `ThreadQuota`
             of *per_user* and *total* by default.
+        admission: The `Admission` policy (rate limit, load shedding,
+            circuit breaker) that ``async with factory.engine()`` checks before
+            queueing or creating anything, or `None` (no cost then).
 
     .. versionadded:: 0.1.0
     """
@@ -197,6 +204,7 @@ class EngineFactory(Generic[E]):
         idle_ttl: float = 60.0,
         reset: Callable[[E], object] | None = None,
         thread_quota: ThreadQuota | None = None,
+        admission: Admission | None = None,
     ) -> None: ...
 
     @overload
@@ -216,6 +224,7 @@ class EngineFactory(Generic[E]):
         idle_ttl: float = 60.0,
         reset: Callable[[E], object] | None = None,
         thread_quota: ThreadQuota | None = None,
+        admission: Admission | None = None,
     ) -> None: ...
 
     @overload
@@ -235,6 +244,7 @@ class EngineFactory(Generic[E]):
         idle_ttl: float = 60.0,
         reset: Callable[[E], object] | None = None,
         thread_quota: ThreadQuota | None = None,
+        admission: Admission | None = None,
     ) -> None: ...
 
     @overload
@@ -254,6 +264,7 @@ class EngineFactory(Generic[E]):
         idle_ttl: float = 60.0,
         reset: Callable[[E], object] | None = None,
         thread_quota: ThreadQuota | None = None,
+        admission: Admission | None = None,
     ) -> None: ...
 
     def __init__(  # noqa: PLR0913
@@ -272,6 +283,7 @@ class EngineFactory(Generic[E]):
         idle_ttl: float = 60.0,
         reset: Callable[[E], object] | None = None,
         thread_quota: ThreadQuota | None = None,
+        admission: Admission | None = None,
     ) -> None:
         _checks.function("create", create)
         _checks.function("close", close, allow_none=True)
@@ -284,6 +296,13 @@ class EngineFactory(Generic[E]):
         _checks.count("pool_max", pool_max, minimum=0)
         _checks.limit("per_user", per_user, allow_none=False)
         _checks.limit("total", total, allow_none=True)
+        if admission is not None and not isinstance(admission, Admission):
+            msg = (  # type: ignore[unreachable]  # checked for untyped callers
+                "admission must be a usercontext.Admission(rate=..., shed=..., "
+                f"breaker=...) or None, got {admission!r}."
+            )
+            raise TypeError(msg)
+        self._admission = admission
         self._create = create
         self._close = close
         self._quota: Quota = (
@@ -291,6 +310,9 @@ class EngineFactory(Generic[E]):
         )
         # A LocalQuota's release never waits: the hot path calls it directly.
         self._local_quota = type(self._quota) is LocalQuota
+        # The hot path: a LocalQuota and no admission policy.
+        self._fast = self._local_quota and admission is None
+        self._breaker = None if admission is None else admission.breaker
         self._per_user = per_user
         self._total = total
         self._thread_quota = thread_quota
@@ -302,6 +324,9 @@ class EngineFactory(Generic[E]):
             IdlePool(pool_idle, pool_max, idle_ttl) if pool_idle else None
         )
         self._reset = reset
+        # An engine is made on the slow path when it may come from the pool,
+        # or its creation goes through a circuit breaker.
+        self._slow_make = self._pool is not None or self._breaker is not None
         self._counters = _Counters()
         self._sync_counters = _Counters()
         self._sync_lock = threading.Lock()
@@ -312,6 +337,16 @@ class EngineFactory(Generic[E]):
         self._creating = 0
         self._closed = False
         self._drained: anyio.Event | None = None
+        if admission is not None:
+            # Last: a factory that failed to be made does not own it.
+            admission._attach(self, getattr(create, "__qualname__", None) or repr(create))
+
+    @property
+    def admission(self) -> Admission | None:
+        """
+        The factory's `Admission` policy, or `None`.
+        """
+        return self._admission
 
     @property
     def quota(self) -> Quota:
@@ -339,6 +374,12 @@ class EngineFactory(Generic[E]):
             usercontext.exceptions.QuotaTimeoutError: If no slot freed up in time.
             usercontext.exceptions.EngineDeadlineError: If the body ran past
                 the *deadline*.
+            usercontext.exceptions.RateLimitedError: If the *admission*
+                policy's rate limit refused the request.
+            usercontext.exceptions.LoadShedError: If the *admission* policy
+                shed the request instead of queueing it.
+            usercontext.exceptions.CircuitOpenError: If the *admission*
+                policy's circuit breaker is open.
         """
         # EngineUse(self, ctx), without the call of its __init__: one is
         # made per request.
@@ -373,6 +414,7 @@ class EngineFactory(Generic[E]):
                 deadline_errors=a.deadline_errors,
                 quota=self._quota.stats(top=top),
                 thread_quota=None if threads is None else threads.stats(top=top),
+                admission=None if self._admission is None else self._admission.stats(),
             )
 
     async def __aenter__(self) -> Self:

@@ -245,9 +245,9 @@ class UserContextMiddleware:
       raises, and the server drops the connection, so the client sees a
       truncated response.
     - An application that raises before its response started gets a ``500``
-      problem document (``"error": "internal_error"``) with the request id; the exception then
-      propagates, for the server to log. After the start, nothing more is
-      sent.
+      problem document (``"error": "internal_error"``) and the error propagates; a refusal
+      (`usercontext.exceptions.RequestRefusedError`, such as an engine factory's ``429`` or
+      ``503``) gets its own status, document and ``Retry-After``. After the start, nothing is sent.
     - A client that disconnects before the response is complete has the
       scope closed as if the request failed, so sessions roll back.
     - A WebSocket's scope lives as long as the connection; cleanup errors are

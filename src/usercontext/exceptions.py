@@ -19,6 +19,7 @@ if typing.TYPE_CHECKING:
 
 __all__ = [
     "BackendUnavailableError",
+    "CircuitOpenError",
     "CloseTimeoutError",
     "ConfigurationError",
     "EmitterClosedError",
@@ -32,10 +33,12 @@ __all__ = [
     "IsolationError",
     "LeaseLostError",
     "LeaseReleasedError",
+    "LoadShedError",
     "NoContextError",
     "QuotaError",
     "QuotaExceededError",
     "QuotaTimeoutError",
+    "RateLimitedError",
     "RequestRefusedError",
     "ScopeClosedError",
     "ServiceUnavailableError",
@@ -661,3 +664,105 @@ class ServiceUnavailableError(RequestRefusedError, RuntimeError):
         **kwargs: Any,
     ) -> None:
         super().__init__(detail, status=503, retry_after=retry_after, **kwargs)
+
+
+class RateLimitedError(TooManyRequestsError):
+    """
+    A user went over its rate limit (`usercontext.LocalRateLimiter`): ``429``. Args are attributes.
+
+    Args:
+        key: The key (usually a user id) that was limited.
+        rate: The limit's sustained rate, in requests per second.
+        burst: How many requests the limit admits at once.
+        wait: Seconds until a request of *key* would pass (exact; *retry_after* rounds it up).
+
+    .. versionadded:: 0.1.0
+    """
+
+    key: str
+    rate: float
+    burst: int
+    wait: float
+
+    def __init__(self, key: str, *, rate: float, burst: int, wait: float) -> None:
+        super().__init__(
+            f"Too many requests for user {key!r}: the limit is {rate:g} per second with "
+            f"bursts of {burst}. Retry after {wait:.3f} s.",
+            retry_after=max(wait, 1e-6),
+            error="rate_limited",
+        )
+        self.key, self.rate, self.burst, self.wait = key, rate, burst, wait
+
+
+_SHED = {
+    "user_queue": (429, "user_queue_full", "User {key!r} already has {waiting} requests waiting"),
+    "queue": (503, "queue_full", "The service has {waiting} requests waiting"),
+    "deadline": (503, "deadline_unreachable", "The expected wait of {expected:.3f} s is too long"),
+}
+
+
+class LoadShedError(RequestRefusedError, RuntimeError):
+    """
+    A request was refused at once instead of queueing for an engine (`usercontext.Shed`): ``429``
+    when its user's queue is full (*reason* ``"user_queue"``), else ``503`` (``"queue"``: the
+    service's is; ``"deadline"``: the wait is too long). Arguments are kept as attributes.
+
+    Args:
+        key: The key (usually a user id) that was refused.
+        reason: ``"user_queue"``, ``"queue"`` or ``"deadline"``.
+        waiting: Requests waiting ahead (of the user, or in all).
+        expected_wait: The wait the policy expected, in seconds (0 when not estimated).
+        retry_after: Seconds after which the client may retry (``Retry-After``).
+
+    .. versionadded:: 0.1.0
+    """
+
+    key: str
+    reason: str
+    waiting: int
+    expected_wait: float
+
+    def __init__(
+        self, key: str, *, reason: str, waiting: int, expected_wait: float, retry_after: float
+    ) -> None:
+        if reason not in _SHED:
+            msg = f"LoadShedError(reason=...) must be one of {sorted(_SHED)}, got {reason!r}."
+            raise ValueError(msg)
+        status, error, what = _SHED[reason]
+        what = what.format(key=key, waiting=waiting, expected=expected_wait)
+        detail = f"{what} for an engine: this request was refused rather than queued. Retry later."
+        super().__init__(detail, status=status, error=error, retry_after=retry_after)
+        self.key, self.reason = key, reason
+        self.waiting, self.expected_wait = waiting, expected_wait
+
+
+class CircuitOpenError(ServiceUnavailableError):
+    """
+    Creating engines failed too often (`usercontext.CircuitBreaker`): refused at once, without
+    calling *create*, until a probe after a cool-down succeeds (``503``). Args are attributes.
+
+    Args:
+        engine: The name of the engine type (the factory's *create*).
+        key: The user whose breaker is open, or `None` for the factory's.
+        failures: The failures that opened it.
+        within: The window, in seconds, they happened in.
+        retry_after: Seconds until the breaker lets a probe through.
+
+    .. versionadded:: 0.1.0
+    """
+
+    engine: str
+    key: str | None
+    failures: int
+    within: float
+
+    def __init__(
+        self, engine: str, *, key: str | None, failures: int, within: float, retry_after: float
+    ) -> None:
+        super().__init__(
+            f"Creating {engine} engines{'' if key is None else f' for user {key!r}'} failed "
+            f"{failures} times within {within:g} s: the circuit breaker is open, retry later.",
+            retry_after=max(retry_after, 1e-6),
+            error="circuit_open",
+        )
+        self.engine, self.key, self.failures, self.within = engine, key, failures, within

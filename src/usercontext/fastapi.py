@@ -49,6 +49,7 @@ from usercontext import (
     FactoryClosedError,
     QuotaError,
     QuotaTimeoutError,
+    RequestRefusedError,
     UserContext,
 )
 from usercontext._http import exempt_matcher, exempt_paths
@@ -327,6 +328,9 @@ def EngineDep(  # noqa: N802  # used like Depends, and named like it
     ``"error": "unavailable"``; when a shared quota's backend does not answer
     (`usercontext.exceptions.BackendUnavailableError`), ``503`` with
     ``"error": "backend_unavailable"``, and Retry-After *retry_after* or 1 s.
+    A refusal of the factory's `usercontext.Admission` policy (rate limit,
+    load shedding, circuit breaker) gets its own status (``429`` or ``503``),
+    ``error`` and ``Retry-After``.
     A WebSocket handshake is refused with the same response where the server
     supports denial responses, and else closed with code 1013 (try again
     later).
@@ -385,6 +389,15 @@ def _engine_dependency(
                     "retry_after": 1 if fixed is None else fixed,
                 }
                 raise _refusal(conn, ctx, 503, body) from None
+            except RequestRefusedError as e:
+                # The admission policy's refusals carry their own retry_after.
+                body = {
+                    "title": e.title,
+                    "detail": e.detail,
+                    "error": e.error,
+                    "retry_after": e.retry_after or (1 if fixed is None else fixed),
+                }
+                raise _refusal(conn, ctx, e.status, body) from None
             except FactoryClosedError:
                 body = {
                     "title": "Service Unavailable",

@@ -13,6 +13,10 @@ run on trio.
   order and once, and a client resumes on any instance. `RedisBus.stats`
   (`RedisBusStats`) and `RedisQuota.redis_stats` (`RedisQuotaStats`) count
   what each did with Redis.
+- `RedisRateLimiter` implements the `usercontext.RateLimiter` protocol on
+  Redis (one Lua script, GCRA as in Redis Cell), so that a user's rate limit
+  holds across workers and hosts: pass it to `usercontext.Admission` as its
+  *rate*.
 
 .. code-block:: python
 
@@ -34,6 +38,14 @@ from __future__ import annotations
 from ._redis._bus import RedisBus, RedisBusStats
 from ._redis._quota import RedisQuota
 from ._redis._quota_lease import RedisLease, RedisQuotaStats
+from ._redis._rate import RedisRateLimiter
 
 
-__all__ = ["RedisBus", "RedisBusStats", "RedisLease", "RedisQuota", "RedisQuotaStats"]
+__all__ = [
+    "RedisBus",
+    "RedisBusStats",
+    "RedisLease",
+    "RedisQuota",
+    "RedisQuotaStats",
+    "RedisRateLimiter",
+]

@@ -25,6 +25,8 @@ class Scale:
         rounds: Rounds of checks each task runs in the isolation scenario.
         scenario_rounds: Runs of each variant of the legacy request scenario.
         distinct_keys: Distinct users sent through a quota to show none is kept.
+        load_seconds: The length of the load section's phases, as a share
+            of the full run's (whose spike lasts 2 s).
     """
 
     name: str
@@ -36,6 +38,7 @@ class Scale:
     rounds: int
     scenario_rounds: int = 5
     distinct_keys: int = 100_000
+    load_seconds: float = 1.0
 
 
 DEFAULT = Scale(
@@ -57,4 +60,5 @@ QUICK = Scale(
     rounds=2,
     scenario_rounds=1,
     distinct_keys=2_000,
+    load_seconds=0.25,
 )
