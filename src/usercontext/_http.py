@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._pending import Pending
-from .exceptions import InvalidContextError, RequestRefusedError, _check_header, _phrase
+from ._refusals import _check_header, _phrase
+from .exceptions import InvalidContextError, RequestRefusedError
 
 
 if TYPE_CHECKING:

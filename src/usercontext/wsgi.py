@@ -45,8 +45,8 @@ from usercontext._http import (
     wrong_return,
 )
 from usercontext._pending import Pending, pending, readers
+from usercontext._refusals import _phrase
 from usercontext.asgi import RequestState
-from usercontext.exceptions import _phrase
 
 
 if TYPE_CHECKING:
