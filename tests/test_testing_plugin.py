@@ -7,9 +7,26 @@ and the marker, on asyncio and trio.
 from __future__ import annotations
 
 import contextvars
+import gc
+import importlib
 import textwrap
+import warnings
 
 import pytest
+
+
+# The samples' runs forget the modules first imported during them; imported
+# here once, they are not imported again (under tracemalloc, slowly) per run.
+for _module in (
+    "anyio._backends._asyncio",
+    "anyio._backends._trio",
+    "usercontext._emitter",
+    "usercontext._factory",
+    "usercontext._local_quota",
+    "usercontext._registry",
+    "usercontext.testing",
+):
+    importlib.import_module(_module)
 
 
 HEADER = """
@@ -50,7 +67,12 @@ def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     plugin is left out: it would be imported anew for every run.
     """
     args = ("-p", "no:hypothesispytest", "-p", "no:benchmark", *args)
-    return contextvars.copy_context().run(pytester.runpytest_inprocess, *args)
+    result = contextvars.copy_context().run(pytester.runpytest_inprocess, *args)
+    # The scopes a sample left open warn as they go: let them go here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    return result
 
 
 LEAKY = """

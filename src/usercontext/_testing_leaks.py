@@ -15,6 +15,7 @@ import sys
 import tracemalloc
 
 from collections import deque
+from itertools import compress
 from typing import TYPE_CHECKING
 
 import attrs
@@ -170,10 +171,11 @@ class _Snapshot:
             for module, name, kind in _KINDS
             for cls in _classes(module, name)
         }
-        for obj in gc.get_objects():
-            kind = kinds.get(type(obj))
-            if kind is None:
-                continue
+        objects = gc.get_objects()
+        # Filtered in C (compress, map): a loop in Python over every live
+        # object of a test process takes tenths of a second.
+        for obj in compress(objects, map(kinds.__contains__, map(type, objects))):
+            kind = kinds[type(obj)]
             if kind in _COUNTED:
                 self.counts[id(obj)] = (obj, *_COUNTED[kind](obj))
             elif _OPEN[kind](obj):
