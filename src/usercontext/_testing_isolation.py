@@ -94,9 +94,12 @@ def _users(users: int | Sequence[UserContext]) -> list[UserContext]:
             UserContext(user_id=f"u-{i:0{width}d}", thread_id=f"t-{i}", run_id=f"r-{i}")
             for i in range(users)
         ]
-    contexts = list(users)  # type: ignore[arg-type]
+    contexts = list(users) if isinstance(users, (list, tuple)) else [None]
     if not all(isinstance(c, UserContext) for c in contexts):
-        msg = "users must be a number of users, or a sequence of usercontext.UserContext."
+        msg = (
+            "users must be a number of users, or a list or tuple of usercontext.UserContext, "
+            f"got {users!r}."
+        )
         raise TypeError(msg)
     if len({c.user_id for c in contexts}) != len(contexts) or len(contexts) < 2:  # noqa: PLR2004
         msg = "users must hold at least two contexts, each of a different user."

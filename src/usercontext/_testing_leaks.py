@@ -226,6 +226,9 @@ _COUNTED = {
 }
 
 
+_NOT_STARTED = "This LeakGuard was not started: call start() before the work."
+
+
 class LeakGuard:
     """
     Find what a piece of work leaves behind: a context bound, an
@@ -282,11 +285,15 @@ class LeakGuard:
 
         For objects made after `start` that are meant to outlive the work,
         such as a long-lived fixture's, set up after the guard started.
+
+        Raises:
+            RuntimeError: If the guard was not started.
         """
         before = self._before
+        if before is None:
+            raise RuntimeError(_NOT_STARTED)
         self._before = _Snapshot()
-        if before is not None:
-            self._before.bound = before.bound
+        self._before.bound = before.bound
 
     def leaks(self) -> list[Leak]:
         """
@@ -297,8 +304,7 @@ class LeakGuard:
         """
         before = self._before
         if before is None:
-            msg = "This LeakGuard was not started: call start() before the work."
-            raise RuntimeError(msg)
+            raise RuntimeError(_NOT_STARTED)
         return list(_compare(before, _Snapshot()))
 
     def stop(self) -> list[Leak]:
