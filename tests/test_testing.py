@@ -6,6 +6,7 @@ factory, the isolation checker and the leak guard.
 from __future__ import annotations
 
 import contextvars
+import sys
 import threading
 
 import anyio
@@ -23,6 +24,10 @@ from usercontext.testing import (
 )
 
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import ExceptionGroup
+
+
 class TestContextFactory:
     def test_make(self):
         """
@@ -35,7 +40,11 @@ class TestContextFactory:
 
         assert (first.user_id, first.thread_id, first.run_id) == ("tenant-1", "t-1", "r-1")
         assert second.user_id == "tenant-2"
-        assert (third.user_id, third.run_id, dict(third.metadata)) == ("alice", "r-3", {"plan": "pro"})
+        assert (third.user_id, third.run_id, dict(third.metadata)) == (
+            "alice",
+            "r-3",
+            {"plan": "pro"},
+        )
 
     def test_bad_prefix(self):
         """
@@ -138,7 +147,7 @@ class TestIsolationChecker:
 
         async def handler(ctx):
             started.append(ctx.user_id)
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             assert len(started) == 20
             return [uc.current().user_id]
 
@@ -154,7 +163,7 @@ class TestIsolationChecker:
         cache = {}
 
         async def handler(ctx):
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             return cache.setdefault("k", f"hello {ctx.user_id}")
 
         with pytest.raises(AssertionError) as e:
@@ -215,7 +224,6 @@ class TestIsolationChecker:
             if ctx.user_id == "u-0":
                 uc.isolated(lambda: None)()
                 uc._current._var.set(other)
-            return None
 
         with pytest.raises(AssertionError, match=r"user 'u-0' saw user 'zed': bound at the end"):
             IsolationChecker(users=2, per_user=1).check(handler)
@@ -323,14 +331,25 @@ class TestLeakGuard:
 
         assert str(e.value).splitlines()[:2] == [
             "2 things left behind:",
-            "- a quota slot of key 'k-1' is still held (<usercontext.Lease(key='k-1', held)>)"
-            f", made at tests/test_testing.py:{_line('# LEASE')}",
+            (
+                "- a quota slot of key 'k-1' is still held (<usercontext.Lease(key='k-1', held)>)"
+                f", made at tests/test_testing.py:{_line('# LEASE')}"
+            ),
         ]
-        assert str(e.value).splitlines()[2].startswith(
-            "- <usercontext.LocalQuota(per_key=5, total=None, in_use=3, waiting=0)> holds 1 slot "
-            "that no live lease or engine accounts for"
+        assert (
+            str(e.value)
+            .splitlines()[2]
+            .startswith(
+                "- <usercontext.LocalQuota(per_key=5, total=None, in_use=3, waiting=0)> holds 1 "
+                "slot "
+                "that no live lease or engine accounts for"
+            )
         )
-        assert str(e.value).splitlines()[2].endswith("(made before the leak guard started, so where is unknown)")
+        assert (
+            str(e.value)
+            .splitlines()[2]
+            .endswith("(made before the leak guard started, so where is unknown)")
+        )
         for held in (before, lease):
             held.release()
 

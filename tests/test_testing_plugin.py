@@ -12,7 +12,11 @@ import importlib
 import textwrap
 import warnings
 
-import pytest
+from typing import TYPE_CHECKING
+
+
+if TYPE_CHECKING:
+    import pytest
 
 
 # The samples' runs forget the modules first imported during them; imported
@@ -108,8 +112,11 @@ class TestOptIn:
         result.stdout.fnmatch_lines(
             [
                 "*usercontext leak guard: 1 thing left behind:",
-                "*- usercontext.attach() of a UserContext of user 'u-1' (request '*') was never "
-                f"detached, made at {line_of(pytester, '# ATTACH')}",
+                (
+                    "*- usercontext.attach() of a UserContext of user 'u-1' (request '*') was "
+                    "never "
+                    f"detached, made at {line_of(pytester, '# ATTACH')}"
+                ),
             ]
         )
 
@@ -163,7 +170,14 @@ class TestOptIn:
         result = run(pytester)
 
         assert result.ret != 0
-        result.stderr.fnmatch_lines(["*test_x: @pytest.mark.usercontext_leaks() takes True or False (or nothing, for True), got 'yes'."])
+        result.stderr.fnmatch_lines(
+            [
+                (
+                    "*test_x: @pytest.mark.usercontext_leaks() takes True or False (or nothing, "
+                    "for True), got 'yes'."
+                )
+            ]
+        )
 
     def test_disabled_plugin(self, pytester):
         """
@@ -242,24 +256,44 @@ class TestLeaks:
         result.assert_outcomes(passed=13, errors=11)
         result.stdout.fnmatch_lines_random(
             [
-                "*- a UserContext of user 'u-1' (request '*') is still bound at the end of "
-                f"the test, made at test_sample.py:10 (called from {line_of(pytester, '# BOUND')})",
-                "*- a Scope of a UserContext of user 'u-1' (request '*') is still open, made at "
-                f"{line_of(pytester, '# SCOPE')}",
-                "*- 1 scope of <usercontext.Registry(num_providers=0)> entered and never closed "
-                "(the Scope objects are gone) (made before the leak guard started, so where is "
-                "unknown)",
-                "*- a quota slot of key 'k-1' is still held (<usercontext.Lease(key='k-1', "
-                f"held)>), made at {line_of(pytester, '# LEASE')}",
-                "*- <usercontext.LocalQuota(*in_use=1*)> holds 1 slot that no live lease or "
-                "engine accounts for: a lease was dropped without being released (made before "
-                "the leak guard started, so where is unknown)",
-                "*- <usercontext.EngineFactory(*in_use=1*)> has 1 engine still in use ('u-1': 1)"
-                f", made at {line_of(pytester, '# FACTORY')}",
-                "*- <usercontext.EngineFactory(*)> has 1 idle engine never closed (close the "
-                f"factory with `await factory.aclose()`), made at {line_of(pytester, '# IDLE')}",
-                "*- <usercontext.EmitterHub(*running*)> is still running: close it with `await "
-                f"hub.aclose()`, made at {line_of(pytester, '# HUB')}",
+                (
+                    "*- a UserContext of user 'u-1' (request '*') is still bound at the end of "
+                    "the test, made at test_sample.py:10 (called from "
+                    f"{line_of(pytester, '# BOUND')})"
+                ),
+                (
+                    "*- a Scope of a UserContext of user 'u-1' (request '*') is still open, "
+                    "made at "
+                    f"{line_of(pytester, '# SCOPE')}"
+                ),
+                (
+                    "*- 1 scope of <usercontext.Registry(num_providers=0)> entered and never "
+                    "closed "
+                    "(the Scope objects are gone) (made before the leak guard started, so where is "
+                    "unknown)"
+                ),
+                (
+                    "*- a quota slot of key 'k-1' is still held (<usercontext.Lease(key='k-1', "
+                    f"held)>), made at {line_of(pytester, '# LEASE')}"
+                ),
+                (
+                    "*- <usercontext.LocalQuota(*in_use=1*)> holds 1 slot that no live lease or "
+                    "engine accounts for: a lease was dropped without being released (made before "
+                    "the leak guard started, so where is unknown)"
+                ),
+                (
+                    "*- <usercontext.EngineFactory(*in_use=1*)> has 1 engine still in use "
+                    "('u-1': 1)"
+                    f", made at {line_of(pytester, '# FACTORY')}"
+                ),
+                (
+                    "*- <usercontext.EngineFactory(*)> has 1 idle engine never closed (close the "
+                    f"factory with `await factory.aclose()`), made at {line_of(pytester, '# IDLE')}"
+                ),
+                (
+                    "*- <usercontext.EmitterHub(*running*)> is still running: close it with `await "
+                    f"hub.aclose()`, made at {line_of(pytester, '# HUB')}"
+                ),
             ]
         )
 

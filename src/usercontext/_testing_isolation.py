@@ -12,7 +12,7 @@ import re
 import threading
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 
@@ -21,7 +21,7 @@ from ._current import bind, current_or_none, isolated
 
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 
 __all__ = ["CrossUserObservation", "IsolationChecker", "IsolationReport"]
 
@@ -94,8 +94,9 @@ def _users(users: int | Sequence[UserContext]) -> list[UserContext]:
             UserContext(user_id=f"u-{i:0{width}d}", thread_id=f"t-{i}", run_id=f"r-{i}")
             for i in range(users)
         ]
-    contexts = list(users) if isinstance(users, (list, tuple)) else [None]
-    if not all(isinstance(c, UserContext) for c in contexts):
+    given: list[object] = list(users) if isinstance(users, (list, tuple)) else [users]
+    contexts = [c for c in given if isinstance(c, UserContext)]
+    if len(contexts) != len(given):
         msg = (
             "users must be a number of users, or a list or tuple of usercontext.UserContext, "
             f"got {users!r}."
@@ -107,7 +108,7 @@ def _users(users: int | Sequence[UserContext]) -> list[UserContext]:
     return contexts
 
 
-def _observations(
+def _observations(  # noqa: C901  # one branch per kind of value searched
     value: object, own: str, pattern: re.Pattern[str], where: str, depth: int = 0
 ) -> Iterator[tuple[str, object, str]]:
     """
@@ -125,11 +126,13 @@ def _observations(
                 yield match.group(0), value, where
                 return
     elif isinstance(value, Mapping):
-        for key, item in value.items():  # pyright: ignore[reportUnknownVariableType]
+        mapping = cast("Mapping[object, object]", value)
+        for key, item in mapping.items():
             yield from _observations(key, own, pattern, f"{where} key {key!r}", depth + 1)
             yield from _observations(item, own, pattern, f"{where}[{key!r}]", depth + 1)
     elif isinstance(value, (list, tuple, set, frozenset)):
-        for i, item in enumerate(value):  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
+        items = cast("Iterable[object]", value)
+        for i, item in enumerate(items):
             yield from _observations(item, own, pattern, f"{where}[{i}]", depth + 1)
     elif hasattr(value, "__dict__") and not isinstance(value, type):
         for name, item in vars(value).items():
@@ -180,9 +183,7 @@ class IsolationChecker:
         self._contexts = _users(users)
         self._per_user = per_user
         ids = sorted((c.user_id for c in self._contexts), key=len, reverse=True)
-        self._pattern = re.compile(
-            r"(?<![\w-])(?:" + "|".join(map(re.escape, ids)) + r")(?![\w-])"
-        )
+        self._pattern = re.compile(r"(?<![\w-])(?:" + "|".join(map(re.escape, ids)) + r")(?![\w-])")
 
     @property
     def users(self) -> tuple[UserContext, ...]:
@@ -294,11 +295,9 @@ class IsolationChecker:
             ]
         users = tuple(c.user_id for c in self._contexts)
         if seen:
-            lines = [
-                f"{len(seen)} cross-user observation{'s' if len(seen) != 1 else ''} in "
-                f"{len(outcomes)} calls of {len(users)} users:",
-                *(f"- {s}" for s in seen),
-            ]
+            s = "s" if len(seen) != 1 else ""
+            head = f"{len(seen)} cross-user observation{s} in {len(outcomes)} calls of "
+            lines = [f"{head}{len(users)} users:", *(f"- {o}" for o in seen)]
             raise AssertionError("\n".join(lines))
         results: dict[str, list[object]] = {user: [] for user in users}
         for ctx, result, _ in outcomes:

@@ -16,7 +16,8 @@ import tracemalloc
 
 from collections import deque
 from itertools import compress
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -24,7 +25,7 @@ from ._current import current_or_none
 
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from types import TracebackType
 
     from typing_extensions import Self
@@ -115,8 +116,9 @@ def _traceback(obj: object) -> tracemalloc.Traceback | None:
     # Python 3.11 traces no object whose __dict__ the interpreter manages
     # (most classes with no __slots__): one of the containers its __init__
     # made was allocated by the same call.
-    for value in vars(obj).values():
-        kind = type(value)
+    attributes: dict[str, object] = vars(obj)
+    for value in attributes.values():
+        kind: type = type(value)
         if kind in _CONTAINERS or kind.__module__.startswith("usercontext."):
             traceback = tracemalloc.get_object_traceback(value)
             if traceback is not None:
@@ -129,8 +131,7 @@ def _short(filename: str) -> str:
     *filename* relative to the working directory when it lies below it, as
     pytest shows them.
     """
-    cwd = os.getcwd() + os.sep
-    return filename[len(cwd) :] if filename.startswith(cwd) else filename
+    return filename.removeprefix(f"{Path.cwd()}{os.sep}")
 
 
 def _classes(module: str, name: str) -> set[type]:
@@ -164,13 +165,9 @@ class _Snapshot:
         self.bound = current_or_none()
         # Strong references for the life of one snapshot: an id alone could be
         # reused by a new object once the old one is gone.
-        self.open: dict[int, object] = {}
-        self.counts: dict[int, tuple[object, int, int]] = {}
-        kinds = {
-            cls: kind
-            for module, name, kind in _KINDS
-            for cls in _classes(module, name)
-        }
+        self.open: dict[int, Any] = {}
+        self.counts: dict[int, tuple[Any, int, int]] = {}
+        kinds = {cls: kind for module, name, kind in _KINDS for cls in _classes(module, name)}
         objects = gc.get_objects()
         # Filtered in C (compress, map): a loop in Python over every live
         # object of a test process takes tenths of a second.
@@ -183,24 +180,24 @@ class _Snapshot:
         self.kinds = kinds
 
 
-def _scope_open(scope: object) -> bool:
+def _scope_open(scope: Any) -> bool:
     from ._scope import _OPEN
 
     return getattr(scope, "_state", None) == _OPEN
 
 
-def _registry_counts(registry: object) -> tuple[int, int]:
-    return (registry.stats().scopes, 0)  # type: ignore[attr-defined]
+def _registry_counts(registry: Any) -> tuple[int, int]:
+    return (registry.stats().scopes, 0)
 
 
-def _factory_counts(factory: object) -> tuple[int, int]:
-    stats = factory.stats()  # type: ignore[attr-defined]
-    idle = 0 if factory._closed else stats.idle  # type: ignore[attr-defined]
+def _factory_counts(factory: Any) -> tuple[int, int]:
+    stats = factory.stats()
+    idle = 0 if factory._closed else stats.idle
     return (stats.in_use, idle)
 
 
-def _quota_counts(quota: object) -> tuple[int, int]:
-    return (quota.stats().in_use, 0)  # type: ignore[attr-defined]
+def _quota_counts(quota: Any) -> tuple[int, int]:
+    return (quota.stats().in_use, 0)
 
 
 _KINDS = (
@@ -213,13 +210,13 @@ _KINDS = (
     ("_local_quota", "LocalQuota", "quota"),
     ("_local_quota", "ThreadQuota", "quota"),
 )
-_OPEN = {
+_OPEN: dict[str, Callable[[Any], bool]] = {
     "attach": lambda token: not token._detached,
     "scope": _scope_open,
     "lease": lambda lease: not lease.released,
     "hub": lambda hub: hub._state == "running",
 }
-_COUNTED = {
+_COUNTED: dict[str, Callable[[Any], tuple[int, int]]] = {
     "registry": _registry_counts,
     "factory": _factory_counts,
     "quota": _quota_counts,
@@ -348,81 +345,78 @@ def describe(leaks: list[Leak]) -> str:
 
 
 def _compare(before: _Snapshot, after: _Snapshot) -> Iterator[Leak]:
-    bound = after.bound
     new_open = [obj for key, obj in after.open.items() if key not in before.open]
-    attached = {
-        id(obj.ctx)  # type: ignore[attr-defined]
-        for obj in new_open
-        if after.kinds[type(obj)] in ("attach", "scope")
-    }
-    # A context left bound by an attach never detached (or a scope never
-    # closed) is named once, as that.
-    if bound is not None and bound is not before.bound and id(bound) not in attached:
-        yield Leak("context", f"{_describe_ctx(bound)} is still bound", where_made(bound))
-    held_by_leases: dict[int, int] = {}
-    open_scopes: dict[int, int] = {}
+    yield from _bound_leak(before, after, new_open)
+    # What the open objects account for, so that it is named once: the slots
+    # held by live leases, and the scopes still alive, of each quota and
+    # registry.
+    accounted: dict[int, int] = {}
     for obj in new_open:
         kind = after.kinds[type(obj)]
         yield _open_leak(kind, obj)
-        if kind == "lease":
-            quota = obj._quota  # type: ignore[attr-defined]
-            held_by_leases[id(quota)] = held_by_leases.get(id(quota), 0) + 1
-        elif kind == "scope":
-            registry = obj._registry  # type: ignore[attr-defined]
-            open_scopes[id(registry)] = open_scopes.get(id(registry), 0) + 1
-    engines_of: dict[int, int] = {}
-    for key, (obj, in_use, idle) in after.counts.items():
+        if kind in ("lease", "scope"):
+            owner = obj._quota if kind == "lease" else obj._registry
+            accounted[id(owner)] = accounted.get(id(owner), 0) + 1
+    # Factories first: the slots their engines hold are accounted for too.
+    ordered = sorted(after.counts.items(), key=lambda kv: after.kinds[type(kv[1][0])] != "factory")
+    for key, (obj, in_use, idle) in ordered:
         old = before.counts.get(key)
-        kind = after.kinds[type(obj)]
         grew = in_use - (old[1] if old is not None else 0)
+        kind = after.kinds[type(obj)]
         if kind == "factory":
             idle_left = idle if old is None else 0
             if grew > 0 or idle_left > 0:
                 yield _factory_leak(obj, max(grew, 0), idle_left)
-            if grew > 0:
-                quota = obj.quota  # type: ignore[attr-defined]
-                engines_of[id(quota)] = engines_of.get(id(quota), 0) + grew
-        elif kind == "registry" and grew - open_scopes.get(key, 0) > 0:
-            grew -= open_scopes.get(key, 0)
-            yield Leak(
-                "scope",
-                f"{grew} scope{'s' if grew != 1 else ''} of {obj!r} entered and never "
-                "closed (the Scope objects are gone)",
-                where_made(obj),
-            )
-    for key, (obj, in_use, _) in after.counts.items():
-        if after.kinds[type(obj)] != "quota":
+            quota = id(obj.quota)
+            accounted[quota] = accounted.get(quota, 0) + max(grew, 0)
             continue
-        old = before.counts.get(key)
-        grew = in_use - (old[1] if old is not None else 0)
-        grew -= held_by_leases.get(key, 0) + engines_of.get(key, 0)
+        grew -= accounted.get(key, 0)
         if grew > 0:
-            yield Leak(
-                "quota",
-                f"{obj!r} holds {grew} slot{'s' if grew != 1 else ''} that no live lease "
-                "or engine accounts for: a lease was dropped without being released",
-                where_made(obj),
-            )
+            yield _counted_leak(kind, obj, grew)
 
 
-def _open_leak(kind: str, obj: object) -> Leak:
+def _bound_leak(before: _Snapshot, after: _Snapshot, new_open: list[Any]) -> Iterator[Leak]:
+    bound = after.bound
+    if bound is None or bound is before.bound:
+        return
+    # A context left bound by an attach never detached (or a scope never
+    # closed) is named once, as that.
+    if not any(
+        after.kinds[type(obj)] in ("attach", "scope") and obj.ctx is bound for obj in new_open
+    ):
+        yield Leak("context", f"{_describe_ctx(bound)} is still bound", where_made(bound))
+
+
+def _counted_leak(kind: str, obj: Any, grew: int) -> Leak:
+    s = "s" if grew != 1 else ""
+    if kind == "registry":
+        what = f"{grew} scope{s} of {obj!r} entered and never closed (the Scope objects are gone)"
+        return Leak("scope", what, where_made(obj))
+    what = (
+        f"{obj!r} holds {grew} slot{s} that no live lease or engine accounts for: a lease "
+        "was dropped without being released"
+    )
+    return Leak("quota", what, where_made(obj))
+
+
+def _open_leak(kind: str, obj: Any) -> Leak:
     if kind == "attach":
-        ctx = obj.ctx  # type: ignore[attr-defined]
+        ctx = obj.ctx
         what = f"usercontext.attach() of {_describe_ctx(ctx)} was never detached"
     elif kind == "scope":
-        ctx = obj.ctx  # type: ignore[attr-defined]
+        ctx = obj.ctx
         what = f"a Scope of {_describe_ctx(ctx)} is still open"
     elif kind == "lease":
-        what = f"a quota slot of key {obj.key!r} is still held ({obj!r})"  # type: ignore[attr-defined]
+        what = f"a quota slot of key {obj.key!r} is still held ({obj!r})"
     else:
         what = f"{obj!r} is still running: close it with `await hub.aclose()`"
     return Leak(kind, what, where_made(obj))
 
 
-def _factory_leak(factory: object, in_use: int, idle: int) -> Leak:
-    parts = []
+def _factory_leak(factory: Any, in_use: int, idle: int) -> Leak:
+    parts: list[str] = []
     if in_use:
-        top = ", ".join(f"{user!r}: {n}" for user, n in factory.stats().top)  # type: ignore[attr-defined]
+        top = ", ".join(f"{user!r}: {n}" for user, n in factory.stats().top)
         parts.append(f"{in_use} engine{'s' if in_use != 1 else ''} still in use ({top})")
     if idle:
         parts.append(

@@ -185,9 +185,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, o
         pyfuncitem.obj = original
 
 
-def _watched(
-    fn: Callable[..., Any], item: pytest.Function, watch: _Watch
-) -> Callable[..., Any]:
+def _watched(fn: Callable[..., Any], item: pytest.Function, watch: _Watch) -> Callable[..., Any]:
     from ._current import current_or_none
 
     def after(before: object) -> None:
@@ -199,7 +197,9 @@ def _watched(
             from ._testing_leaks import Leak, _describe_ctx, where_made
 
             what = f"{_describe_ctx(bound)} is still bound at the end of the test"
-            watch.left_bound.append((_describe_ctx(bound), Leak("context", what, where_made(bound))))
+            watch.left_bound.append(
+                (_describe_ctx(bound), Leak("context", what, where_made(bound)))
+            )
 
     if inspect.iscoroutinefunction(fn):
 

@@ -88,7 +88,11 @@ class ContextFactory:
             usercontext.exceptions.InvalidContextError: If a field is invalid.
         """
         n = next(self._numbers)
-        ids = {"user_id": f"{self._prefix}-{n}", "thread_id": f"t-{n}", "run_id": f"r-{n}"}
+        ids: dict[str, Any] = {
+            "user_id": f"{self._prefix}-{n}",
+            "thread_id": f"t-{n}",
+            "run_id": f"r-{n}",
+        }
         return UserContext(**{**ids, **fields})
 
     def users(self, count: int) -> list[UserContext]:
@@ -119,15 +123,7 @@ class ContextFactory:
         Undo every `bind` made in the running Context (thread, task), most
         recent first; those made elsewhere are left for a call there.
         """
-        kept: list[AttachToken] = []
-        for token in reversed(self._tokens):
-            try:
-                detach(token)
-            except ValueError:  # bound in another Context: undone there, or gone with it
-                kept.append(token)
-            except RuntimeError:  # something bound over it was left: a leak to report
-                kept.append(token)
-        self._tokens = kept[::-1]
+        self._tokens = [t for t in reversed(self._tokens) if not _detached(t)][::-1]
 
     def forget(self) -> None:
         """
@@ -138,6 +134,19 @@ class ContextFactory:
 
     def __repr__(self) -> str:
         return f"<usercontext.testing.ContextFactory(bound={len(self._tokens)})>"
+
+
+def _detached(token: AttachToken) -> bool:
+    """
+    Detach *token* if it can be here; tell whether it was.
+    """
+    try:
+        detach(token)
+    except ValueError:  # bound in another Context: undone there, or gone with it
+        return False
+    except RuntimeError:  # something bound over it was left: a leak to report
+        return False
+    return True
 
 
 class RecordingSink:
