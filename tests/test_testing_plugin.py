@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextvars
 import gc
 import importlib
+import re
 import textwrap
 import warnings
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 
@@ -470,3 +472,16 @@ class TestFixtures:
         )
 
         run(pytester).assert_outcomes(passed=2)
+
+
+class TestHowTo:
+    def test_examples_pass(self, pytester):
+        """
+        The how-to page's examples, one test module, pass as a user runs
+        them, on asyncio and trio, with the leak guard on for every test.
+        """
+        page = Path(__file__).resolve().parent.parent / "docs" / "how-to-testing.md"
+        blocks = re.findall(r"^```python\n(.*?)^```$", page.read_text(), re.MULTILINE | re.DOTALL)
+        pytester.makepyfile(test_howto="\n".join(blocks))
+
+        run(pytester, "--usercontext-leaks").assert_outcomes(passed=11)

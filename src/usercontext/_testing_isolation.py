@@ -81,7 +81,7 @@ class IsolationReport:
 
     users: tuple[str, ...]
     calls: int
-    results: Mapping[str, tuple[object, ...]]
+    results: dict[str, tuple[object, ...]]
 
 
 def _users(users: int | Sequence[UserContext]) -> list[UserContext]:

@@ -240,8 +240,8 @@ class LeakGuard:
     work must be closed by its end.
 
     It adds no cost to the library while the work runs: it looks at the live
-    objects (`gc.get_objects`) before and after, and it starts `tracemalloc`
-    (if it is not tracing) to tell where each leaked object was allocated,
+    objects (``gc.get_objects()``) before and after, and it starts
+    ``tracemalloc`` (if it is not tracing) to tell where each leaked object was allocated,
     which slows allocations down while it traces. Code that runs in
     another thread must have finished by the check.
 
@@ -253,7 +253,7 @@ class LeakGuard:
     ...         pass
 
     Args:
-        frames: How many frames `tracemalloc` keeps per allocation, when the
+        frames: How many frames ``tracemalloc`` keeps per allocation, when the
             guard starts it.
 
     .. versionadded:: 0.1.0

@@ -44,6 +44,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "isolation_checker",
+    "pytest_addoption",
+    "pytest_collection_modifyitems",
+    "pytest_configure",
+    "pytest_fixture_setup",
+    "pytest_pyfunc_call",
+    "pytest_runtest_setup",
+    "pytest_runtest_teardown",
     "recording_sink",
     "user_contexts",
 ]

@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._attach import attach, detach
-from ._context import UserContext
+from . import _attach, _context
 from ._quota_conformance import QuotaConformance
 from ._testing_isolation import CrossUserObservation, IsolationChecker, IsolationReport
 from ._testing_leaks import Leak, LeakGuard
@@ -34,6 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from ._attach import AttachToken
+    from ._context import UserContext
     from ._emitter import Event
 
 
@@ -73,7 +73,7 @@ class ContextFactory:
     """
 
     def __init__(self, *, prefix: str = "u") -> None:
-        UserContext(user_id=f"{prefix}-1", thread_id="t-1", run_id="r-1")  # checks the prefix
+        _context.UserContext(user_id=f"{prefix}-1", thread_id="t-1", run_id="r-1")  # checks it
         self._prefix = prefix
         self._numbers = itertools.count(1)
         self._tokens: list[AttachToken] = []
@@ -93,7 +93,7 @@ class ContextFactory:
             "thread_id": f"t-{n}",
             "run_id": f"r-{n}",
         }
-        return UserContext(**{**ids, **fields})
+        return _context.UserContext(**{**ids, **fields})
 
     def users(self, count: int) -> list[UserContext]:
         """
@@ -115,7 +115,7 @@ class ContextFactory:
         elif fields:
             msg = "bind() takes a context or the fields of a new one, not both."
             raise TypeError(msg)
-        self._tokens.append(attach(ctx))
+        self._tokens.append(_attach.attach(ctx))
         return ctx
 
     def unbind_all(self) -> None:
@@ -141,7 +141,7 @@ def _detached(token: AttachToken) -> bool:
     Detach *token* if it can be here; tell whether it was.
     """
     try:
-        detach(token)
+        _attach.detach(token)
     except ValueError:  # bound in another Context: undone there, or gone with it
         return False
     except RuntimeError:  # something bound over it was left: a leak to report
