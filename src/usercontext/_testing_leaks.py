@@ -173,10 +173,13 @@ class _Snapshot:
         # object of a test process takes tenths of a second.
         for obj in compress(objects, map(kinds.__contains__, map(type, objects))):
             kind = kinds[type(obj)]
-            if kind in _COUNTED:
-                self.counts[id(obj)] = (obj, *_COUNTED[kind](obj))
-            elif _OPEN[kind](obj):
-                self.open[id(obj)] = obj
+            try:
+                if kind in _COUNTED:
+                    self.counts[id(obj)] = (obj, *_COUNTED[kind](obj))
+                elif _OPEN[kind](obj):
+                    self.open[id(obj)] = obj
+            except Exception:  # half made (its __init__ raised): it holds nothing
+                continue
         self.kinds = kinds
 
 
