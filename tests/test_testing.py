@@ -427,6 +427,16 @@ class TestLeakGuard:
         finally:
             tracemalloc.stop()
 
+    def test_half_made_objects(self):
+        """
+        An object whose ``__init__`` raised, kept alive by its traceback,
+        holds nothing and is no leak.
+        """
+        with LeakGuard(), pytest.raises(TypeError) as e:
+            uc.EngineFactory(None)  # type: ignore[arg-type]
+
+        assert "create must be a callable" in str(e.value)
+
     def test_str(self):
         """
         A leak reads as a sentence with its place, or says that it is unknown.
