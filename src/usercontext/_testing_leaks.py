@@ -178,7 +178,7 @@ class _Snapshot:
                     self.counts[id(obj)] = (obj, *_COUNTED[kind](obj))
                 elif _OPEN[kind](obj):
                     self.open[id(obj)] = obj
-            except Exception:  # half made (its __init__ raised): it holds nothing
+            except Exception:  # noqa: S112  # half made (its __init__ raised): holds nothing
                 continue
         self.kinds = kinds
 
