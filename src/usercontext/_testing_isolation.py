@@ -159,10 +159,12 @@ class IsolationChecker:
     >>> cache = {}
     >>> def handler(ctx):
     ...     return cache.setdefault("greeting", f"hello {uc.current().user_id}")
-    >>> IsolationChecker(users=3).check(handler)
+    >>> IsolationChecker(users=3).check(handler)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
-    AssertionError: 2 cross-user observations in 6 calls of 3 users: ...
+    AssertionError: 4 cross-user observations in 6 calls of 3 users:
+    - the call of user 'u-...' saw user 'u-...': result is 'hello u-...'
+    ...
 
     Args:
         users: How many users (ids ``u-0``, ``u-1`` ... of one width), or the
