@@ -270,15 +270,23 @@ class LeakGuard:
         self._frames = frames
         self._started_tracing = False
         self._before: _Snapshot | None = None
+        self._last: _Snapshot | None = None  # what the last check saw
 
     def start(self) -> None:
         """
         Take note of what is open now, and start tracing allocations.
         """
+        self._start_from(None)
+
+    def _start_from(self, snapshot: _Snapshot | None) -> None:
+        """
+        Start, from *snapshot* (the state at the end of the work just
+        checked, when nothing ran since) instead of a new one.
+        """
         if not tracemalloc.is_tracing():
             tracemalloc.start(self._frames)
             self._started_tracing = True
-        self._before = _Snapshot()
+        self._before = _Snapshot() if snapshot is None else snapshot
 
     def accept(self) -> None:
         """
@@ -306,7 +314,8 @@ class LeakGuard:
         before = self._before
         if before is None:
             raise RuntimeError(_NOT_STARTED)
-        return list(_compare(before, _Snapshot()))
+        self._last = _Snapshot()
+        return list(_compare(before, self._last))
 
     def stop(self) -> list[Leak]:
         """

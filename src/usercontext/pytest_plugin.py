@@ -72,6 +72,7 @@ class _Watch:
 
 _WATCH = pytest.StashKey[_Watch]()
 _CURRENT = pytest.StashKey["_Watch | None"]()
+_LAST = pytest.StashKey["tuple[pytest.Item | None, Any]"]()  # the next item, the last check
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -152,7 +153,10 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
         from .testing import LeakGuard
 
         guard = LeakGuard()
-        guard.start()
+        # What the previous watched test's check saw is where this one starts,
+        # when it ran just before: nothing opened since, and a scan is saved.
+        last = item.config.stash.get(_LAST, None)
+        guard._start_from(last[1] if last is not None and last[0] is item else None)
     if guard is not None or _FACTORY in getattr(item, "fixturenames", ()):
         watch = _Watch(guard)
         item.stash[_WATCH] = watch
@@ -232,7 +236,9 @@ def _watched(fn: Callable[..., Any], item: pytest.Function, watch: _Watch) -> Ca
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+def pytest_runtest_teardown(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, None, None]:
     """
     Once a watched test's fixtures are torn down, fail it if it left
     anything behind.
@@ -244,7 +250,10 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
     try:
         result = yield
     finally:
-        leaks = watch.guard.stop() if watch.guard is not None else []
+        leaks: list[Leak] = []
+        if watch.guard is not None:
+            leaks = watch.guard.stop()
+            item.config.stash[_LAST] = (nextitem, watch.guard._last)
     if not leaks and not watch.left_bound:
         return result
     from ._testing_leaks import describe
