@@ -385,8 +385,9 @@ class TestFixtures:
     def test_user_contexts(self, pytester):
         """
         ``user_contexts`` makes valid contexts and binds them for the test
-        body, sync or async (asyncio and trio), and in a fixture; after each
-        test nothing is bound, so the guard finds nothing.
+        body, sync or async (asyncio and trio), and in a fixture, with the
+        guard on or off; after each test nothing is bound, so the guard finds
+        nothing.
         """
         write(
             pytester,
@@ -410,12 +411,16 @@ class TestFixtures:
             def test_in_a_fixture(alice):
                 assert uc.current() is alice
 
+            @pytest.mark.usercontext_leaks(False)
+            def test_unguarded(user_contexts):
+                assert user_contexts.bind() is uc.current()
+
             def test_after():
                 assert uc.current_or_none() is None
             """,
         )
 
-        run(pytester).assert_outcomes(passed=5)
+        run(pytester).assert_outcomes(passed=6)
 
     def test_isolation_checker(self, pytester):
         """
