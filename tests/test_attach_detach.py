@@ -14,6 +14,10 @@ import pytest
 import usercontext as uc
 
 
+# Every test here must leave no attach undone: the leak guard checks it.
+pytestmark = pytest.mark.usercontext_leaks
+
+
 class TestAttach:
     def test_attach_detach(self, ctx):
         """

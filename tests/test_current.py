@@ -416,23 +416,22 @@ class TestBind:
         assert seen == ["u-42", None, None]
         assert current_or_none() is None
 
-    async def test_tasks_do_not_leak(self, ctx, other_ctx):
+    async def test_tasks_do_not_leak(self, isolation_checker):
         """
-        Tasks in a task group each see only what they bind.
+        Tasks in a task group, 10 users' at once, each see only what they
+        bind, at every checkpoint.
         """
-        seen = {}
 
-        async def work(c):
-            async with bind(c):
-                for _ in range(5):
-                    await anyio.lowlevel.checkpoint()
-                    seen.setdefault(c.user_id, set()).add(current().user_id)
+        async def work(ctx):
+            seen = []
+            for _ in range(5):
+                await anyio.lowlevel.checkpoint()
+                seen.append(current().user_id)
+            return seen
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(work, ctx)
-            tg.start_soon(work, other_ctx)
+        report = await isolation_checker.acheck(work)
 
-        assert seen == {"u-42": {"u-42"}, "u-99": {"u-99"}}
+        assert report.results == {u: ([u] * 5, [u] * 5) for u in report.users}
         assert current_or_none() is None
 
     async def test_child_tasks_inherit(self, ctx):
@@ -612,21 +611,19 @@ class TestToThread:
             assert await to_thread(fn, limiter=limiter) == (1, "u-42")
         assert limiter.borrowed_tokens == 0
 
-    async def test_many_users(self):
+    async def test_many_users(self, isolation_checker):
         """
-        Concurrent to_thread calls of different users each see their own.
+        Concurrent to_thread calls of 10 users, 2 each at once, each see
+        their own context in the worker thread.
         """
-        results = {}
 
-        async def work(i):
-            async with bind(UserContext(user_id=f"u-{i}", thread_id="t", run_id="r")):
-                results[i] = await to_thread(user_of_current)
+        async def work(ctx):
+            return await to_thread(current)
 
-        async with anyio.create_task_group() as tg:
-            for i in range(20):
-                tg.start_soon(work, i)
+        report = await isolation_checker.acheck(work)
 
-        assert results == {i: f"u-{i}" for i in range(20)}
+        assert report.calls == 20
+        assert report.results == {c.user_id: (c, c) for c in isolation_checker.users}
 
 
 class TestContextExecutorThreads:

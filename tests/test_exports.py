@@ -65,8 +65,14 @@ def public_module_names():
 PUBLIC_MODULES = public_module_names()
 #: The kinds of type variables: a module defines them for its annotations only.
 TYPE_VARIABLES = {"TypeVar", "ParamSpec", "TypeVarTuple"}
-#: The public modules that are no adapter: they need no extra.
-NOT_ADAPTERS = {"usercontext", "usercontext.exceptions", "usercontext.testing"}
+#: The public modules that are no adapter: they need no extra (pytest loads
+#: its plugin itself, where it runs).
+NOT_ADAPTERS = {
+    "usercontext",
+    "usercontext.exceptions",
+    "usercontext.pytest_plugin",
+    "usercontext.testing",
+}
 
 
 def extras():
