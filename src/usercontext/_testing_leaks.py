@@ -184,9 +184,11 @@ class _Snapshot:
 
 
 def _scope_open(scope: Any) -> bool:
-    from ._scope import _OPEN
+    from ._scope import _CLOSED, _NEW
 
-    return getattr(scope, "_state", None) == _OPEN
+    # While open, a scope's state is its context (see _scope.py).
+    state = getattr(scope, "_state", _NEW)
+    return state is not _NEW and state is not _CLOSED
 
 
 def _registry_counts(registry: Any) -> tuple[int, int]:
