@@ -29,19 +29,21 @@ from usercontext import (
     UserContext,
     bind,
     current,
+    strip_context_headers,
     to_thread,
 )
+from usercontext._asgi_refusal import refuse
 from usercontext._asgi_response import (
     ASGIApp,
     Receive,
     RequestLink,
     Send,
     _answer_crash,
-    _send_json,
+    isolated_call,
     logger,
 )
 from usercontext._context import with_request_id
-from usercontext._current import _fresh_context, _InContext, _var
+from usercontext._current import _fresh_context, _var
 from usercontext._http import (
     GOOD_REQUEST_ID as _GOOD_REQUEST_ID,
 )
@@ -49,7 +51,8 @@ from usercontext._http import (
     HEADER_NAME as _HEADER_NAME,
 )
 from usercontext._http import (
-    Refusal as _Refusal,
+    Refusal,
+    refusal,
 )
 from usercontext._http import (
     callable_name as _name,
@@ -65,9 +68,6 @@ from usercontext._http import (
 )
 from usercontext._http import (
     id_of as _id_of,
-)
-from usercontext._http import (
-    refusal as _refusal,
 )
 from usercontext._http import (
     wrong_return as _wrong_return,
@@ -104,14 +104,8 @@ Resolver = Callable[
 #: The key of the ASGI scope under which the middleware keeps the `RequestState`.
 STATE_KEY = "usercontext"
 
-# WebSocket close codes for a refused handshake (RFC 6455, IANA registry): a
-# client error is a policy violation; 429 and 503 say try again later; any
-# other server error, an internal error.
-_POLICY_VIOLATION = 1008
-_INTERNAL_ERROR = 1011
-_TRY_AGAIN_LATER = 1013
-# The longest reason a close frame may carry, in bytes (RFC 6455).
-_MAX_REASON = 123
+# `_resolve`'s default: call the resolver.
+_CALL: Any = object()
 
 
 class RequestState:
@@ -200,7 +194,8 @@ class UserContextMiddleware:
     """
     UserContextMiddleware(app, *, resolver, registry=None, hub=None, \
     request_id_header="x-request-id", exempt=(), resolver_in_thread=False, \
-    trust_request_id=True, request_id_factory=None, isolate=True)
+    trust_request_id=True, request_id_factory=None, isolate=True, \
+    strip_context_headers=False)
 
     Bind a `usercontext.UserContext` to every ``http`` and ``websocket``
     request of *app*; pass ``lifespan`` and other scopes through untouched.
@@ -287,6 +282,14 @@ class UserContextMiddleware:
             do: the task's Context ends with the request. Keep it ``True``
             when an outer middleware or a server serves several requests from
             one task. The request's user is unbound at its end either way.
+        strip_context_headers: Remove, before the resolver and *app* see the
+            request, every ``x-usercontext-*`` header and every
+            ``usercontext.*`` member of a ``baggage`` header (see
+            `usercontext.strip_context_headers`): where untrusted clients
+            reach the service, none of them can assert a user through the
+            headers that carry a context between services. The headers are
+            replaced in a shallow copy of the ASGI scope; the server's scope
+            is not changed.
 
     Raises:
         TypeError: If an argument has the wrong type, or *resolver_in_thread*
@@ -310,6 +313,7 @@ class UserContextMiddleware:
         trust_request_id: bool | Callable[[str], bool] = True,
         request_id_factory: Callable[[], str] | None = None,
         isolate: bool = True,
+        strip_context_headers: bool = False,
     ) -> None:
         if not callable(resolver):
             msg = (  # type: ignore[unreachable]
@@ -332,9 +336,15 @@ class UserContextMiddleware:
                 f"got {request_id_header!r}."
             )
             raise ValueError(msg)
-        if type(resolver_in_thread) is not bool:
-            msg = f"resolver_in_thread must be True or False, got {resolver_in_thread!r}."  # type: ignore[unreachable]
-            raise TypeError(msg)
+        flags: dict[str, object] = {
+            "resolver_in_thread": resolver_in_thread,
+            "isolate": isolate,
+            "strip_context_headers": strip_context_headers,
+        }
+        for flag, value in flags.items():
+            if type(value) is not bool:
+                msg = f"{flag} must be True or False, got {value!r}."
+                raise TypeError(msg)
         call = getattr(resolver, "__call__", None)  # noqa: B004  # an object may have an async __call__
         if resolver_in_thread and (
             inspect.iscoroutinefunction(resolver) or inspect.iscoroutinefunction(call)
@@ -344,9 +354,6 @@ class UserContextMiddleware:
                 f"resolver {_name(resolver)} is a coroutine function, which runs on the event "
                 "loop: leave resolver_in_thread out."
             )
-            raise TypeError(msg)
-        if type(isolate) is not bool:
-            msg = f"isolate must be True or False, got {isolate!r}."  # type: ignore[unreachable]
             raise TypeError(msg)
         if type(trust_request_id) is not bool and not callable(trust_request_id):
             msg = (  # type: ignore[unreachable]
@@ -373,6 +380,7 @@ class UserContextMiddleware:
         self._make_id = None if request_id_factory is None else _checked_factory(request_id_factory)
         self._header = request_id_header.lower().encode("ascii")
         self.isolate = isolate
+        self.strip_context_headers = strip_context_headers
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         """
@@ -380,9 +388,14 @@ class UserContextMiddleware:
         """
         kind = scope["type"]
         if kind == "http" or kind == "websocket":  # noqa: PLR1714  # faster than `in`
+            if self.strip_context_headers:
+                # A copy: the server's own scope keeps what the client sent.
+                scope = {**scope, "headers": strip_context_headers(scope.get("headers", ()))}
             # The link is made before anything is bound (see RequestLink); isolated(), inline.
             if self.isolate:
-                await _InContext(self._serve(scope, receive, RequestLink(send)), _fresh_context())
+                await isolated_call(
+                    self._serve(scope, receive, RequestLink(send)), _fresh_context()
+                )
             else:
                 await self._serve(scope, receive, RequestLink(send))
         else:
@@ -406,17 +419,21 @@ class UserContextMiddleware:
         return None
 
     async def _resolve(
-        self, scope: MutableMapping[str, Any], request: Pending | None
-    ) -> UserContext | _Refusal | None:
+        self, scope: MutableMapping[str, Any], request: Pending | None, returned: Any = _CALL
+    ) -> UserContext | Refusal | None:
         """
         Return the request's context, `None`, or how to refuse it; with
-        *request*, its id is visible to the logging adapters meanwhile.
+        *request*, its id is visible to the logging adapters meanwhile. Given
+        what the resolver *returned* already, finish that instead of calling
+        it.
         """
         # Reset before any message reaches the server: the server's own code
         # must not carry this request's id into the next request's.
         token = None if request is None else pending.set(request)
         try:
-            if self.resolver_in_thread:
+            if returned is not _CALL:
+                ctx = returned
+            elif self.resolver_in_thread:
                 ctx = await to_thread(self.resolver, scope)
             else:
                 ctx = self.resolver(scope)
@@ -428,17 +445,10 @@ class UserContextMiddleware:
                     raise _wrong_return(self.resolver, ctx)  # noqa: TRY301
             return ctx
         except Exception as e:
-            refusal = _refusal(e)
-            if refusal is None:
+            refused = _refused(scope, e)
+            if refused is None:
                 raise
-            logger.info(
-                "Refused %s %s: %d %s",
-                scope.get("method", "WEBSOCKET"),
-                scope.get("path", ""),
-                refusal.status,
-                refusal.body["detail"],
-            )
-            return refusal
+            return refused
         finally:
             if token is not None:
                 pending.reset(token)
@@ -453,39 +463,36 @@ class UserContextMiddleware:
         ctx: UserContext | None = None
         server: RequestLink = send  # type: ignore[assignment]  # made by __call__
         if exempt is None or not exempt(scope.get("path", "")):
+            resolved: UserContext | Refusal | None
             try:
-                resolved = await self._resolve(scope, request)
+                if request is None and not self.resolver_in_thread:
+                    # Most requests: the resolver called here, without the
+                    # coroutine of `_resolve` (an object alive per request).
+                    resolved = self._call_resolver(scope)
+                    kind = type(resolved)
+                    if kind is not UserContext and kind is not Refusal and resolved is not None:
+                        resolved = await self._resolve(scope, None, resolved)
+                else:
+                    resolved = await self._resolve(scope, request)
             except Exception as e:
                 # A resolver that crashed (not a refusal): the client still
                 # gets a 500 with the id it can quote, and the error goes on.
                 crashed = _id_of(request, incoming, make_id)
                 await _answer_crash(server, scope, e, (self._header, crashed.encode("ascii")))
                 raise
-            if isinstance(resolved, _Refusal):
-                await self._refuse(scope, send, resolved, _id_of(request, incoming, make_id))
+            if isinstance(resolved, Refusal):
+                refused_id = _id_of(request, incoming, make_id).encode("ascii")
+                await refuse(scope, send, resolved, (self._header, refused_id))
                 return
             ctx = resolved
             del resolved  # the resolver's context is not kept alive beside the one bound
         if ctx is None:
             # No user: nothing to bind, no scope to open.
             scope[STATE_KEY] = None
-            anonymous = _id_of(request, incoming, make_id)
-            header = (self._header, anonymous.encode("ascii"))
-            await server.run_plain(self.app, scope, receive, None, header)
+            anonymous = (self._header, _id_of(request, incoming, make_id).encode("ascii"))
+            await server.run_plain(self.app, scope, receive, None, anonymous)
             return
-        # The client's id, or the one the resolver's logs carry (made when
-        # they asked for it), or a new one from the factory.
-        chosen = incoming if request is None else request.id
-        if make_id is not None:
-            chosen = _id_of(request, incoming, make_id)
-        if chosen is not None and chosen != ctx.request_id:
-            try:  # noqa: SIM105  # contextlib.suppress costs an object per request
-                ctx = with_request_id(ctx, chosen)
-            except InvalidContextError:
-                # The client's id breaks the library's rules (a placeholder
-                # such as "null"). Nothing used it yet (`Pending.get` would
-                # have replaced it), so the context keeps its own.
-                pass
+        ctx = self._with_id(ctx, request, incoming)
         registry = self.registry
         resources = None if registry is None else registry.scope(ctx)
         scope[STATE_KEY] = RequestState(ctx, resources, self.hub)
@@ -499,6 +506,42 @@ class UserContextMiddleware:
             with bind(ctx):
                 await self._run(server, scope, receive, resources, request_id)
 
+    def _call_resolver(self, scope: MutableMapping[str, Any]) -> Any:
+        """
+        Return what the resolver returned, or how to refuse the request if
+        it raised a refusal.
+        """
+        try:
+            return self.resolver(scope)
+        except Exception as e:
+            refused = _refused(scope, e)
+            if refused is None:
+                raise
+            return refused
+
+    def _with_id(
+        self, ctx: UserContext, request: Pending | None, incoming: str | None
+    ) -> UserContext:
+        """
+        Return *ctx* with the request's id: the client's, or the one the
+        resolver's logs carry (made when they asked for it), or a new one
+        from the factory; *ctx* itself if it has it already, or if the id
+        breaks the library's rules.
+        """
+        make_id = self._make_id
+        chosen = incoming if request is None else request.id
+        if make_id is not None:
+            chosen = _id_of(request, incoming, make_id)
+        if chosen is not None and chosen != ctx.request_id:
+            try:  # noqa: SIM105  # contextlib.suppress costs an object per request
+                ctx = with_request_id(ctx, chosen)
+            except InvalidContextError:
+                # The client's id breaks the library's rules (a placeholder
+                # such as "null"). Nothing used it yet (`Pending.get` would
+                # have replaced it), so the context keeps its own.
+                pass
+        return ctx
+
     def _run(
         self,
         server: RequestLink,
@@ -511,34 +554,22 @@ class UserContextMiddleware:
             return server.run(self.app, scope, receive, resources, request_id)
         return server.run_plain(self.app, scope, receive, resources, request_id)
 
-    async def _refuse(
-        self, scope: MutableMapping[str, Any], send: Send, refusal: _Refusal, request_id: str
-    ) -> None:
-        headers = [*refusal.headers, (self._header, request_id.encode("ascii"))]
-        if scope["type"] == "http":
-            await _send_json(send, "http.response", refusal.status, refusal.body, headers)
-        elif "websocket.http.response" in scope.get("extensions", {}):
-            kind = "websocket.http.response"
-            await _send_json(send, kind, refusal.status, refusal.body, headers)
-        else:
-            status = refusal.status
-            if status in _RETRY_LATER:
-                code = _TRY_AGAIN_LATER
-            elif status >= 500:  # noqa: PLR2004  # server errors
-                code = _INTERNAL_ERROR
-            else:
-                code = _POLICY_VIOLATION
-            reason = f"{status} {refusal.body['error']}".encode()[:_MAX_REASON]
-            await send(
-                {
-                    "type": "websocket.close",
-                    "code": code,
-                    "reason": reason.decode("utf-8", "ignore"),
-                }
-            )
 
-
-_RETRY_LATER = frozenset((429, 503))
+def _refused(scope: MutableMapping[str, Any], error: Exception) -> Refusal | None:
+    """
+    Return how to answer a request whose resolver raised *error*, logged, or
+    `None` if *error* is not a refusal.
+    """
+    refused = refusal(error)
+    if refused is not None:
+        logger.info(
+            "Refused %s %s: %d %s",
+            scope.get("method", "WEBSOCKET"),
+            scope.get("path", ""),
+            refused.status,
+            refused.body["detail"],
+        )
+    return refused
 
 
 @overload

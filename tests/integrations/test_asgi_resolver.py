@@ -443,3 +443,65 @@ class TestAnonymous:
         """
         with pytest.raises(error, match=match):
             UserContextMiddleware(json_app(), resolver=resolve, exempt=exempt)
+
+
+@pytest.fixture(name="no_log_readers")
+def _no_log_readers(monkeypatch):
+    """
+    No logging adapter loaded: the middleware calls a plain resolver
+    directly, and finishes what it returned only when that is awaitable.
+    """
+    from usercontext import _pending
+
+    monkeypatch.setattr(_pending, "readers", [])
+    monkeypatch.setattr("usercontext.asgi.readers", _pending.readers)
+
+
+@pytest.mark.usefixtures("no_log_readers")
+class TestResolverWithoutLoggingAdapter:
+    @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+    async def test_context_none_refusal_and_crash(self, is_async):
+        """
+        Without a logging adapter, a sync or async resolver's context is
+        bound (200 with its user), `None` lets the request through with no
+        user, a refusal gets its status (403) with the request id, and any
+        other error gets a 500 with the request id, then propagates.
+        """
+
+        def refuse(scope):
+            raise uc.ForbiddenError("Not yours.")
+
+        def crash(scope):
+            raise LookupError("store is down")
+
+        outcomes = {"u-1": resolve, "anon": lambda scope: None, "nope": refuse, "boom": crash}
+
+        def sync_resolver(scope):
+            return outcomes[dict(scope["headers"])[b"x-user"].decode()](scope)
+
+        async def async_resolver(scope):
+            await anyio.lowlevel.checkpoint()
+            return sync_resolver(scope)
+
+        mw = UserContextMiddleware(
+            json_app(), resolver=async_resolver if is_async else sync_resolver
+        )
+        answers = {}
+        for user in ("u-1", "anon", "nope"):
+            client = Client()
+            await mw(
+                http_scope(("x-request-id", f"req-{user}"), user=user), client.receive, client.send
+            )
+            answers[user] = (client.status(), client.json())
+        client = Client()
+        with pytest.raises(LookupError, match="store is down"):
+            await mw(
+                http_scope(("x-request-id", "req-boom"), user="boom"), client.receive, client.send
+            )
+
+        assert answers["u-1"] == (200, {"user_id": "u-1", "request_id": "req-u-1"})
+        assert answers["anon"] == (200, {"anonymous": True})
+        status, problem = answers["nope"]
+        assert (status, problem["error"], problem["request_id"]) == (403, "forbidden", "req-nope")
+        assert_crash_answer(client.sent)
+        assert dict(client.sent[0]["headers"])[b"x-request-id"] == b"req-boom"

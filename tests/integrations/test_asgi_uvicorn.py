@@ -125,3 +125,53 @@ class TestUnderUvicorn:
         assert anonymous == "None"
         assert public.json() == {"ok": True}
         assert len(public.headers["x-request-id"]) == 32
+
+
+class TestStripContextHeadersUnderUvicorn:
+    def test_client_cannot_assert_a_user(self):
+        """
+        With ``strip_context_headers=True``, under uvicorn and a real HTTP
+        client, neither the resolver nor the application sees the
+        ``x-usercontext-*`` headers or the ``usercontext.*`` baggage members a
+        client sent, while every other header (other baggage members too)
+        arrives as sent; without it, both see everything the client sent.
+        """
+        seen = {}
+
+        def resolver(scope):
+            seen["resolver"] = list(scope["headers"])
+            headers = dict(scope["headers"])
+            # A resolver that would trust the propagation header if it saw it.
+            claimed = headers.get(b"x-usercontext-user-id", b"u-42").decode()
+            return uc.UserContext(user_id=claimed, thread_id="t-1", run_id="r-1")
+
+        async def app(scope, receive, send):
+            seen["app"] = list(scope["headers"])
+            ctx = uc.current()
+            await json_app(payload={"user_id": ctx.user_id})(scope, receive, send)
+
+        sent = {
+            "x-usercontext-user-id": "u-mallory",
+            "X-UserContext-Request-Id": "req-forged",
+            "baggage": "usercontext.user_id=u-mallory,tenant=acme, UserContext.depth=3",
+            "accept": "application/json",
+        }
+        answers = {}
+        for strip in (True, False):
+            mw = UserContextMiddleware(app, resolver=resolver, strip_context_headers=strip)
+            with (
+                _Uvicorn(mw) as server,
+                httpx2.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=5) as client,
+            ):
+                answers[strip] = client.get("/agent", headers=sent).json()
+            names = {strip: [name for name, _ in seen["app"]]}
+            assert seen["resolver"] == seen["app"]
+            if strip:
+                assert not [n for n in names[strip] if n.startswith(b"x-usercontext-")]
+                assert dict(seen["app"])[b"baggage"] == b"tenant=acme"
+                assert dict(seen["app"])[b"accept"] == b"application/json"
+            else:
+                assert dict(seen["app"])[b"x-usercontext-user-id"] == b"u-mallory"
+                assert dict(seen["app"])[b"x-usercontext-request-id"] == b"req-forged"
+                assert dict(seen["app"])[b"baggage"] == sent["baggage"].encode()
+        assert answers == {True: {"user_id": "u-42"}, False: {"user_id": "u-mallory"}}

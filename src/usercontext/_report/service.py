@@ -21,7 +21,6 @@ import time
 
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import attrs
 
 from usercontext import (
@@ -187,7 +186,7 @@ class Service:
         async with self.factory.engine() as agent:
             emitter = state.emitter
             await emitter.emit(AGENT_STARTED, {"agent": "triage"})
-            await anyio.sleep(self.work_s)
+            await asyncio.sleep(self.work_s)
             await emitter.emit(AGENT_COMPLETED, {"agent": "triage", "result": "ok"})
         ctx = current()
         payload = {
