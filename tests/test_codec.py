@@ -10,7 +10,15 @@ from types import MappingProxyType
 import attrs
 import pytest
 
-from usercontext import InvalidContextError, UserContext, _codec, _messages, exceptions
+from usercontext import (
+    InvalidContextError,
+    UserContext,
+    _codec,
+    _error_base,
+    _messages,
+    _refusals,
+    exceptions,
+)
 
 
 REQUIRED = {"user_id": "u-42", "thread_id": "t-7", "run_id": "r-1"}
@@ -68,8 +76,9 @@ class TestFields:
     def test_leaf(self):
         """
         The codec imports nothing of the package but the exceptions and the
-        wording of their messages, which import nothing but the exceptions:
-        the context can import it without a circle.
+        wording of their messages, which import nothing but the exceptions
+        (and the two modules these are defined in): the context can import it
+        without a circle.
         """
 
         def imported(module):
@@ -82,7 +91,9 @@ class TestFields:
 
         assert imported(_codec) == {"_messages", "exceptions"}
         assert imported(_messages) == {"exceptions"}
-        assert imported(exceptions) == set()
+        assert imported(exceptions) == {"_error_base", "_refusals"}
+        assert imported(_refusals) == {"_error_base"}
+        assert imported(_error_base) == set()
 
 
 class TestDict:
