@@ -163,38 +163,38 @@ def _leak_cycles(report: dict[str, Any]) -> Chart | None:
     if figures is None or "leak_cycles" not in figures:
         return None
     c = figures["leak_cycles"]
-    start = c["initial_bytes"]
-    allowed = c["target_growth_per_request_bytes"] * c["requests_per_cycle"]
-    cycles = range(1, len(c["after_bytes"]) + 1)
+    start = c["initial_blocks"]
+    allowed = c["target_growth_per_request_blocks"] * c["requests_per_cycle"]
+    cycles = range(1, len(c["after_blocks"]) + 1)
 
-    def kb(values: list[int]) -> tuple[tuple[float, float], ...]:
-        return tuple((n, (b - start) / 1024) for n, b in zip(cycles, values, strict=True))
+    def above(values: list[int]) -> tuple[tuple[float, float], ...]:
+        return tuple((n, b - start) for n, b in zip(cycles, values, strict=True))
 
     return Chart(
         key="leak_cycles",
         section="memory",
         title=f"Memory over {len(cycles)} leak cycles of {c['requests_per_cycle']:,} requests",
         x_title="cycle",
-        y_title="KB above the start",
+        y_title="allocated blocks above the start",
         series=(
             Series(
-                "held after the cycle",
-                kb(c["after_bytes"]),
+                "held after the cycle, garbage collected",
+                above(c["after_blocks"]),
             ),
             Series(
-                "peak within the cycle",
-                kb(c["peak_bytes"]),
+                "held at the end of its requests, before collection",
+                above(c["before_gc_blocks"]),
                 "dashed",
             ),
             Series(
                 "most growth allowed (target)",
-                tuple((n, n * allowed / 1024) for n in (cycles[0], cycles[-1])),
+                tuple((n, n * allowed) for n in (cycles[0], cycles[-1])),
                 "dashed",
             ),
         ),
         caption=(
-            "What each cycle holds after it is back where it started: the peak is given back, "
-            "cycle after cycle."
+            "After each cycle the service is back where it started: what its requests held is "
+            "given back, cycle after cycle."
         ),
     )
 

@@ -126,6 +126,8 @@ class Progress:
             s.estimate_s * scale.time_factor / len(s.steps) for s in sections for _ in s.steps
         ]
         self._started = time.perf_counter()
+        #: How long each section that ended took, in seconds, by key.
+        self.section_s: dict[str, float] = {}
 
     def table(self, section: str) -> Table:
         """
@@ -161,10 +163,13 @@ class Progress:
         if len(self._estimates) != self.total:
             return ""
         expected = sum(self._estimates[self.done :])
-        if self.done:
-            # The machine runs faster or slower than the estimates: as fast as so far.
-            elapsed = time.perf_counter() - self._started
-            expected *= elapsed / max(sum(self._estimates[: self.done]), 1e-9)
+        done = sum(self._estimates[: self.done])
+        if done:
+            # The machine runs faster or slower than the estimates: as fast as
+            # so far, the more so the more is done, within a factor of 3.
+            pace = min(3.0, max(1 / 3, (time.perf_counter() - self._started) / done))
+            weight = min(1.0, done / (0.3 * sum(self._estimates)))
+            expected *= 1 + weight * (pace - 1)
         if expected < 60:
             return f" (about {max(1, round(expected))} s left)"
         return f" (about {expected / 60:.1f} min left)"
@@ -239,6 +244,7 @@ class _Outcome:
     scale: Scale
     wall_s: float
     results: list[tuple[Section, SectionResult]]
+    section_s: dict[str, float]
     code: int
     stop: _Stop | None
     strict: bool
@@ -343,6 +349,7 @@ class _Outcome:
             "sections": {
                 s.key: {
                     "title": s.title,
+                    "wall_s": self.section_s.get(s.key),
                     "legacy": s.legacy,
                     "complete": stop is None or s is not stop.section,
                     "rows": [r.to_json() for r in result.rows],
@@ -446,7 +453,9 @@ def run_report(  # noqa: PLR0913  # keyword-only options of one command
     interrupt: KeyboardInterrupt | None = None
     for section in sections:
         try:
+            began = time.perf_counter()
             results.append((section, section.run(scale, progress)))
+            progress.section_s[section.key] = time.perf_counter() - began
         except (Exception, KeyboardInterrupt) as e:  # noqa: PERF203  # reported below, with its traceback
             if isinstance(e, KeyboardInterrupt):
                 interrupt = e  # forgotten once its handling ended (see below)
@@ -472,7 +481,7 @@ def run_report(  # noqa: PLR0913  # keyword-only options of one command
 
     rows = [row for _, result in results for row in result.rows]
     code = exit_code(rows, strict=strict) if stop is None else stop.code
-    outcome = _Outcome(env, scale, wall_s, results, code, stop, strict)
+    outcome = _Outcome(env, scale, wall_s, results, progress.section_s, code, stop, strict)
     markdown = outcome.markdown()
     report.write(markdown)
     report.flush()

@@ -30,6 +30,7 @@ class Scale:
         cycle_requests: Requests per cycle in the memory-leak scenario.
         load_levels: The numbers of requests in flight at once that the
             throughput-against-load scenario steps through.
+        load_level_s: How long it keeps each of them, in seconds.
         stability_s: How long the sustained load of the stability run lasts,
             in seconds.
         stability_windows: How many windows the stability run is cut into, to
@@ -47,11 +48,12 @@ class Scale:
     rounds: int
     scenario_rounds: int = 5
     distinct_keys: int = 100_000
-    leak_cycles: int = 30
+    leak_cycles: int = 20
     cycle_requests: int = 200
     load_levels: tuple[int, ...] = (1, 10, 50, 100, 200, 500, 1_000)
-    stability_s: float = 6.0
-    stability_windows: int = 6
+    load_level_s: float = 0.3
+    stability_s: float = 4.0
+    stability_windows: int = 8
     time_factor: float = 1.0
 
 
@@ -74,9 +76,10 @@ QUICK = Scale(
     rounds=2,
     scenario_rounds=1,
     distinct_keys=2_000,
-    leak_cycles=12,
+    leak_cycles=10,
     cycle_requests=100,
     load_levels=(1, 10, 100, 500),
+    load_level_s=0.2,
     stability_s=1.5,
     stability_windows=3,
     time_factor=0.2,
@@ -89,6 +92,7 @@ FULL = attrs.evolve(
     leak_cycles=100,
     cycle_requests=500,
     load_levels=(1, 10, 50, 100, 200, 500, 1_000, 2_000),
+    load_level_s=1.0,
     stability_s=300.0,
     stability_windows=30,
     time_factor=6.0,

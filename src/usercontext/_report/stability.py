@@ -175,7 +175,7 @@ def _saturation(levels: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _load_rows(out: Table, scale: Scale) -> None:
-    seconds = 0.5 * scale.time_factor**0.5
+    seconds = scale.load_level_s
     r = in_thread(lambda: asyncio.run(_load_levels(scale.load_levels, seconds)))
     levels = r["levels"]
     peak = max(levels, key=lambda lv: lv["per_s"])
