@@ -88,7 +88,9 @@ def _check_report(out: str, err: str, code: int, data: dict) -> None:  # noqa: P
     progress = [line for line in err.splitlines() if line.startswith("[")]
     total = sum(len(s.steps) for s in SECTIONS)
     assert len(progress) == total
-    assert re.fullmatch(rf"\[1/{total}\] contexts: creation \.\.\. \(about \d+ s left\)", progress[0])
+    assert re.fullmatch(
+        rf"\[1/{total}\] contexts: creation \.\.\. \(about \d+ s left\)", progress[0]
+    )
     contexts = next(s for s in SECTIONS if s.key == "contexts")
     assert [
         re.sub(r" \(about [\d.]+ (s|min) left\)$", "", line.split("] ", 1)[1])
@@ -211,6 +213,8 @@ class TestCommand:
             assert line in out
         assert "--strict" in out
         assert "--section KEY" in out
+        assert "--out DIR" in out
+        assert "--full" in out
 
     def test_options_reach_the_report(self, monkeypatch):
         """
@@ -225,6 +229,71 @@ class TestCommand:
         (call,) = calls
         assert [s.key for s in call["sections"]] == ["contexts", "http"]
         assert call["strict"] is True
+
+    @pytest.mark.parametrize(
+        ("args", "name"),
+        [((), "default"), (("--quick",), "quick"), (("--full",), "full")],
+    )
+    def test_scale_options(self, monkeypatch, args, name):
+        """
+        --quick and --full choose the scale: the full one keeps the default
+        run's repeats and sustains its stability run for five minutes.
+        """
+        calls = []
+        monkeypatch.setattr(frame, "run_report", lambda **kw: calls.append(kw) or 0)
+
+        assert main(["report", *args]) == 0
+
+        (call,) = calls
+        scale = call["scale"]
+        assert scale.name.startswith(name)
+        assert (scale.stability_s, scale.repeats) == {
+            "default": (4.0, 60),
+            "quick": (1.5, 15),
+            "full": (300.0, 60),
+        }[name]
+        assert call["out_dir"] is None
+
+    def test_quick_and_full_exclude_each_other(self, capsys, monkeypatch):
+        """
+        --quick and --full together are a usage error.
+        """
+        monkeypatch.setattr(frame, "run_report", lambda **_kw: pytest.fail("it ran"))
+
+        with pytest.raises(SystemExit) as ei:
+            main(["report", "--quick", "--full"])
+
+        assert ei.value.code == 2
+        assert "argument --full: not allowed with argument --quick" in capsys.readouterr().err
+
+    def test_out_reaches_the_report(self, tmp_path, monkeypatch):
+        """
+        --out makes the directory, parents too, before the run, and passes it on.
+        """
+        calls = []
+        monkeypatch.setattr(frame, "run_report", lambda **kw: calls.append(kw) or 0)
+        out = tmp_path / "a" / "report"
+
+        assert main(["report", "--out", str(out)]) == 0
+
+        assert out.is_dir()
+        assert calls[0]["out_dir"] == str(out)
+
+    def test_bad_out_dir_in_process(self, tmp_path, capsys, monkeypatch):
+        """
+        An --out that is a file is a usage error, before the run.
+        """
+        monkeypatch.setattr(frame, "run_report", lambda **_kw: pytest.fail("it ran"))
+        file = tmp_path / "report"
+        file.write_text("")
+
+        with pytest.raises(SystemExit) as ei:
+            main(["report", "--out", str(file)])
+
+        assert ei.value.code == 2
+        assert f"usercontext report: error: --out {file} is a file. Give a directory" in (
+            capsys.readouterr().err
+        )
 
     def test_bad_json_path_in_process(self, tmp_path, capsys, monkeypatch):
         """

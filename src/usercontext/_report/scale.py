@@ -81,7 +81,7 @@ QUICK = Scale(
     load_levels=(1, 10, 100, 500),
     load_level_s=0.2,
     stability_s=1.5,
-    stability_windows=3,
+    stability_windows=5,
     time_factor=0.2,
 )
 # The default run, and a stability run of five minutes: the legacy report's
