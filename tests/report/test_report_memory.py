@@ -85,7 +85,9 @@ class TestMemorySection:
         cycles = result.figures["leak_cycles"]
         assert len(cycles["after_blocks"]) == len(cycles["before_gc_blocks"]) == 8
         assert cycles["requests_per_cycle"] == 100
-        assert all(b > a for a, b in zip(cycles["after_blocks"], cycles["before_gc_blocks"]))
+        assert all(
+            b > a for a, b in zip(cycles["after_blocks"], cycles["before_gc_blocks"], strict=True)
+        )
         assert cycles["left"] == dict.fromkeys(cycles["left"], 0)
         assert [r["users"] for r in result.figures["active_users"]["results"]] == [10, 100]
         assert err.getvalue().startswith("[1/2] memory: memory held per active user")

@@ -199,7 +199,7 @@ async def _fill_histories(service: Service) -> None:
             emitter.emit_nowait(AGENT_STARTED, {"agent": "triage"})
             emitter.emit_nowait(AGENT_COMPLETED, {"agent": "triage", "result": "ok"})
         stats = hub.stats()
-        while stats.delivered < stats.emitted:  # noqa: ASYNC110  # no event to wait on
+        while stats.delivered < stats.emitted:  # no event to wait on
             await asyncio.sleep(0.001)
             stats = hub.stats()
 
