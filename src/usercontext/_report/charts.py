@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
+import sys
 
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -275,6 +277,10 @@ def render_svg(chart: Chart) -> str:
     """
     # pygal ships no types: it is used through Any, in this function only.
     pygal: Any = importlib.import_module("pygal")
+    # Importing pygal adds a finder of its map plugins to sys.meta_path, which
+    # has no find_spec: every later import of a missing module then warns
+    # (ImportWarning). The charts use no plugin.
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, pygal.PluginImportFixer)]
 
     style = importlib.import_module("pygal.style").Style(
         background="white",
@@ -327,7 +333,9 @@ def render_svg(chart: Chart) -> str:
             options["dots_size"] = 6
         plot.add(s.name, points, **options)
     svg: str = plot.render(is_unicode=True)
-    return svg
+    # pygal always writes its configuration as a script, for its tooltips'
+    # script, which is not loaded: the chart needs neither.
+    return re.sub(r"<script[^>]*>.*?</script>", "", svg, flags=re.DOTALL)
 
 
 def _log(v: float) -> float:
