@@ -180,7 +180,7 @@ class TestCommand:
             [sys.executable, "-m", "usercontext", "report", "--quick", "--json", str(path)],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=300,  # about 15 s; far more on a machine that other jobs load
             check=False,
         )
 

@@ -25,7 +25,7 @@ from browser import find_chromium, open_page
 from report_helpers import TINY, fake_row
 from test_report_frame import _section
 
-from usercontext._report import charts, output
+from usercontext._report import charts, output, timing
 from usercontext._report.frame import SectionResult, run_report
 from usercontext._report.sections import SECTIONS
 
@@ -214,6 +214,13 @@ class TestCharts:
         ]
         assert latency.series[2].points == ((50, 45.0), (95, 125.0), (99, 250.0))
         assert len(latency.series[0].points) == 27  # the curve's percentiles
+
+    def test_curve_of_nothing(self):
+        """
+        No latencies make no curve.
+        """
+        assert timing.curve([]) == []
+        assert timing.curve([3.0]) == [[p, 3.0] for p in timing.CURVE_POINTS]
 
     def test_no_chart_without_its_section(self):
         """

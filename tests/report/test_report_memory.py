@@ -56,6 +56,29 @@ class TestGrowthPerCycle:
         assert memory.growth_per_cycle(values) == pytest.approx(slope)
 
 
+class TestServeOne:
+    async def test_request_then_disconnect(self):
+        """
+        The client of one request sends the request, then a disconnect, and
+        returns the status of the response.
+        """
+        received = []
+
+        async def app(scope, receive, send):
+            received.extend([await receive(), await receive(), await receive()])
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        status = await memory._serve_one(app, b"Bearer tok-001", "r-1")
+
+        assert status == 204
+        assert [m["type"] for m in received] == [
+            "http.request",
+            "http.disconnect",
+            "http.disconnect",
+        ]
+
+
 class TestMemorySection:
     def test_section(self):
         """

@@ -55,8 +55,8 @@ class TestStabilitySection:
         assert throughput["levels"][0]["per_s"] < 100 < throughput["peak"]["per_s"]
         windows = result.figures["stability"]["windows"]
         assert len(windows) == 4
-        assert all(w["requests"] > 0 for w in windows)
-        assert windows[-1]["end_s"] == pytest.approx(1.0, abs=0.3)
+        assert sum(w["requests"] for w in windows) > 0
+        assert windows[-1]["end_s"] >= 1.0
         assert rows["stability.latency_drift"].value.value > 0
         assert err.getvalue().startswith("[1/2] stability: throughput against load")
 

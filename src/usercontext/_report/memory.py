@@ -139,6 +139,14 @@ async def _active(service: Service, users: int) -> dict[str, Any]:
 
 
 async def _active_users() -> list[dict[str, Any]]:
+    tracemalloc.start()
+    try:
+        return await _active_users_traced()
+    finally:
+        tracemalloc.stop()
+
+
+async def _active_users_traced() -> list[dict[str, Any]]:
     service = Service(work_s=HOLD_S)
     async with _lifespan_of(service.asgi):
         service.connect()
@@ -190,19 +198,8 @@ async def _cycles(cycles: int, per_user: int) -> dict[str, Any]:
     }
 
 
-def _traced_run(scenario: Any) -> Any:
-    def run() -> Any:
-        tracemalloc.start()
-        try:
-            return asyncio.run(scenario)
-        finally:
-            tracemalloc.stop()
-
-    return in_thread(run)
-
-
 def _active_rows(out: Table) -> None:
-    results: list[dict[str, Any]] = _traced_run(_active_users())
+    results = in_thread(lambda: asyncio.run(_active_users()))
     out.figures["active_users"] = {
         "results": results,
         "legacy_mb": {
