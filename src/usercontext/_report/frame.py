@@ -19,7 +19,10 @@ measured so far), calls ``progress(key, step)`` before each step, times each
 operation against its floor with `usercontext._report.timing.compare` and adds
 the row with `Table.ratio`, gives every other row an id and a kind, and sizes
 its work from its `Scale`; then add its `Section` to
-`usercontext._report.sections.SECTIONS`.
+`usercontext._report.sections.SECTIONS`, with what the legacy report claimed
+for it (``legacy``) and about how long it runs at the default scale
+(``estimate_s``). To chart its figures in the HTML report, add a function to
+`usercontext._report.charts.CHARTS`.
 
 It uses the standard library and the public API of usercontext only (attrs for
 the floors it compares against, anyio for the asynchronous scenarios), and
