@@ -235,7 +235,7 @@ def _load_rows(out: Table, scale: Scale) -> None:
             target=f"≥ {LEGACY_THROUGHPUT:,.0f} requests/s (legacy '1000+ req/sec')",
             achieved=(
                 f"**{peak['per_s']:,.0f}/s** at {peak['in_flight']:,} in flight; saturated from "
-                f"{knee['in_flight']:,} in flight (P99 {knee['p99_ms']:.1f} ms there)"
+                f"{knee['in_flight']:,} in flight (P99 {knee['p99_ms'] or 0:.1f} ms there)"
             ),
             ok=peak["per_s"] >= LEGACY_THROUGHPUT,
             value=Quantity(peak["per_s"], "requests/s"),
@@ -264,9 +264,15 @@ def _load_rows(out: Table, scale: Scale) -> None:
 
 
 def _drift(windows: list[dict[str, Any]]) -> tuple[float, float, float]:
-    third = max(1, len(windows) // 3)
-    first = statistics.median(w["p50_ms"] for w in windows[:third] if w["p50_ms"] is not None)
-    last = statistics.median(w["p50_ms"] for w in windows[-third:] if w["p50_ms"] is not None)
+    """
+    Return the median P50 of the first third of the windows that answered
+    requests, of the last third, and their ratio (1 when none answered).
+    """
+    p50s = [w["p50_ms"] for w in windows if w["p50_ms"] is not None]
+    if not p50s:
+        return 0.0, 0.0, 1.0
+    third = max(1, len(p50s) // 3)
+    first, last = statistics.median(p50s[:third]), statistics.median(p50s[-third:])
     return first, last, last / first
 
 
