@@ -24,14 +24,25 @@ if TYPE_CHECKING:
 # The keys of the report's sections, in order; a test checks them against
 # usercontext._report.sections.SECTIONS, which this module does not import up
 # front.
-SECTION_KEYS = ("contexts", "engines", "db", "events", "http", "load", "across")
+SECTION_KEYS = (
+    "contexts",
+    "engines",
+    "db",
+    "events",
+    "http",
+    "load",
+    "memory",
+    "stability",
+    "across",
+)
 
 EXIT_CODES = """\
 exit codes:
   0    every correctness row holds (isolation, leaks, bounds, success rates);
        performance rows may have missed their targets (MISS), unless --strict
   1    a correctness row failed (FAIL), or with --strict a performance row missed
-  2    usage error (such as a --json path that cannot be written), or a crash:
+  2    usage error (such as a --json path or an --out directory that cannot be
+       written), or a crash:
        standard error names the section and shows the traceback
   130  interrupted with Ctrl-C: the rows measured so far are printed
 """
@@ -60,8 +71,17 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    report.add_argument(
-        "--quick", action="store_true", help="a rough run of about a second, for smoke tests"
+    size = report.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", action="store_true", help="a rough run of about 10 seconds, for smoke tests"
+    )
+    size.add_argument(
+        "--full",
+        action="store_true",
+        help=(
+            "the default run with a long stability run: a sustained load for 5 minutes, its "
+            "memory trend and latency drift judged against targets (about 7 minutes in all)"
+        ),
     )
     report.add_argument(
         "--json",
@@ -69,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
         help=(
             "also write every row and raw figure measured to PATH as JSON; the path is "
             "checked before the run"
+        ),
+    )
+    report.add_argument(
+        "--out",
+        metavar="DIR",
+        help=(
+            "also write report.md, report.json and report.html (self-contained, with charts; "
+            "it needs the report extra: pip install 'usercontext[report]') into DIR, made if "
+            "missing; checked before the run"
         ),
     )
     report.add_argument(
@@ -142,11 +171,16 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.http_server == "uvicorn" and importlib.util.find_spec("uvicorn") is None:
         parser.error("--http-server uvicorn needs uvicorn: pip install uvicorn")
     from ._report.frame import check_json_path, run_report
-    from ._report.scale import DEFAULT, QUICK
+    from ._report.output import check_out_dir
+    from ._report.scale import DEFAULT, FULL, QUICK
     from ._report.sections import SECTIONS
 
     if args.json is not None:
         problem = check_json_path(args.json)
+        if problem is not None:
+            parser.error(problem)
+    if args.out is not None:
+        problem = check_out_dir(args.out)
         if problem is not None:
             parser.error(problem)
     sections = SECTIONS
@@ -158,8 +192,9 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         sections = tuple(s for s in sections if s.key in args.section)
     with _ctrl_c_raises():
         return run_report(
-            scale=QUICK if args.quick else DEFAULT,
+            scale=QUICK if args.quick else FULL if args.full else DEFAULT,
             json_path=args.json,
+            out_dir=args.out,
             sections=sections,
             strict=args.strict,
         )

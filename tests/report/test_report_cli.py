@@ -55,10 +55,12 @@ def _check_report(out: str, err: str, code: int, data: dict) -> None:  # noqa: P
         "architecture of Netra Core Generation 1."
     ) in out
     assert "'Phase 1 Performance Validation Report: UserExecutionContext Migration'" in out
-    header = (
-        "## Contexts\n\n| Metric | Kind | Target | Achieved | Status |\n|---|---|---|---|---|\n"
-    )
-    assert header in out
+    for section in SECTIONS:
+        if f"## {section.title}\n" in out:
+            # What the legacy report claimed, then what was measured here.
+            assert f"## {section.title}\n\nLegacy claim: {section.legacy}\n\n| Metric " in out
+    header = "| Metric | Kind | Target | Achieved | Status |\n|---|---|---|---|---|\n"
+    assert f"## Contexts\n\nLegacy claim: {SECTIONS[0].legacy}\n\n{header}" in out
     rows = _table_rows(out)
     for metric in METRICS:
         assert any(r[0].startswith(metric) for r in rows), metric
@@ -86,11 +88,15 @@ def _check_report(out: str, err: str, code: int, data: dict) -> None:  # noqa: P
     progress = [line for line in err.splitlines() if line.startswith("[")]
     total = sum(len(s.steps) for s in SECTIONS)
     assert len(progress) == total
-    assert progress[0] == f"[1/{total}] contexts: creation ..."
+    assert re.fullmatch(
+        rf"\[1/{total}\] contexts: creation \.\.\. \(about \d+ s left\)", progress[0]
+    )
     contexts = next(s for s in SECTIONS if s.key == "contexts")
-    assert [line.split("] ", 1)[1] for line in progress if "] contexts: " in line] == [
-        f"contexts: {step} ..." for step in contexts.steps
-    ]
+    assert [
+        re.sub(r" \(about [\d.]+ (s|min) left\)$", "", line.split("] ", 1)[1])
+        for line in progress
+        if "] contexts: " in line
+    ] == [f"contexts: {step} ..." for step in contexts.steps]
     assert "[" not in out.split("## Contexts", maxsplit=1)[0]  # no progress on standard output
 
     summary = data["summary"]
@@ -174,7 +180,7 @@ class TestCommand:
             [sys.executable, "-m", "usercontext", "report", "--quick", "--json", str(path)],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=300,  # about 15 s; far more on a machine that other jobs load
             check=False,
         )
 
@@ -207,6 +213,8 @@ class TestCommand:
             assert line in out
         assert "--strict" in out
         assert "--section KEY" in out
+        assert "--out DIR" in out
+        assert "--full" in out
 
     def test_options_reach_the_report(self, monkeypatch):
         """
@@ -221,6 +229,71 @@ class TestCommand:
         (call,) = calls
         assert [s.key for s in call["sections"]] == ["contexts", "http"]
         assert call["strict"] is True
+
+    @pytest.mark.parametrize(
+        ("args", "name"),
+        [((), "default"), (("--quick",), "quick"), (("--full",), "full")],
+    )
+    def test_scale_options(self, monkeypatch, args, name):
+        """
+        --quick and --full choose the scale: the full one keeps the default
+        run's repeats and sustains its stability run for five minutes.
+        """
+        calls = []
+        monkeypatch.setattr(frame, "run_report", lambda **kw: calls.append(kw) or 0)
+
+        assert main(["report", *args]) == 0
+
+        (call,) = calls
+        scale = call["scale"]
+        assert scale.name.startswith(name)
+        assert (scale.stability_s, scale.repeats) == {
+            "default": (4.0, 60),
+            "quick": (1.5, 15),
+            "full": (300.0, 60),
+        }[name]
+        assert call["out_dir"] is None
+
+    def test_quick_and_full_exclude_each_other(self, capsys, monkeypatch):
+        """
+        --quick and --full together are a usage error.
+        """
+        monkeypatch.setattr(frame, "run_report", lambda **_kw: pytest.fail("it ran"))
+
+        with pytest.raises(SystemExit) as ei:
+            main(["report", "--quick", "--full"])
+
+        assert ei.value.code == 2
+        assert "argument --full: not allowed with argument --quick" in capsys.readouterr().err
+
+    def test_out_reaches_the_report(self, tmp_path, monkeypatch):
+        """
+        --out makes the directory, parents too, before the run, and passes it on.
+        """
+        calls = []
+        monkeypatch.setattr(frame, "run_report", lambda **kw: calls.append(kw) or 0)
+        out = tmp_path / "a" / "report"
+
+        assert main(["report", "--out", str(out)]) == 0
+
+        assert out.is_dir()
+        assert calls[0]["out_dir"] == str(out)
+
+    def test_bad_out_dir_in_process(self, tmp_path, capsys, monkeypatch):
+        """
+        An --out that is a file is a usage error, before the run.
+        """
+        monkeypatch.setattr(frame, "run_report", lambda **_kw: pytest.fail("it ran"))
+        file = tmp_path / "report"
+        file.write_text("")
+
+        with pytest.raises(SystemExit) as ei:
+            main(["report", "--out", str(file)])
+
+        assert ei.value.code == 2
+        assert f"usercontext report: error: --out {file} is a file. Give a directory" in (
+            capsys.readouterr().err
+        )
 
     def test_bad_json_path_in_process(self, tmp_path, capsys, monkeypatch):
         """

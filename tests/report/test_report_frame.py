@@ -71,7 +71,7 @@ class TestRunReport:
             "**Correctness: 0 PASS, 1 FAIL** (`fake.metric_0`). **Performance: 1 PASS, 0 "
             "MISS**; reported, not judged (without --strict). **Info: 0.** **Exit code 1.**\n"
         )
-        assert "[1/1] fake: only step ...\n" in err
+        assert "[1/1] fake: only step ... (about 5 s left)\n" in err
         assert err.endswith("done in 0.0 s, exit code 1\n")
         data = json.loads(path.read_text())
         assert data["summary"] == {
@@ -116,17 +116,17 @@ class TestRunReport:
 
     def test_defaults(self, capsys):
         """
-        By default the report runs at the full scale, prints to standard output
+        By default the report runs at the default scale, prints to standard output
         and writes no JSON.
         """
         code = run_report(sections=[_section(notes=("A note.",))])
 
         out, err = capsys.readouterr()
         assert code == 0
-        assert "- Run: full, " in out
+        assert "- Run: default, " in out
         assert "| `fake` metric_0 | info | ≤ 1x | **2x** | INFO |\n\n- A note.\n" in out
         assert out.endswith("**Info: 1.** **Exit code 0.**\n")
-        assert err.startswith("[1/1] fake: only step ...\n")
+        assert err.startswith("[1/1] fake: only step ... (about 5 s left)\n")
 
     def test_crash(self, tmp_path):
         """
@@ -145,7 +145,8 @@ class TestRunReport:
 
         assert code == 2
         assert err.startswith(
-            "[1/3] first: only step ...\n[2/3] second: only step ...\n"
+            "[1/3] first: only step ... (about 15 s left)\n"
+            "[2/3] second: only step ... (about 3 s left)\n"
             "usercontext report: the Second section crashed (RuntimeError: it broke); the "
             "traceback follows.\nTraceback (most recent call last):\n"
         )

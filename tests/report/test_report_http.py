@@ -409,6 +409,7 @@ class TestCommand:
         assert default == {
             "scale": DEFAULT,
             "json_path": None,
+            "out_dir": None,
             "sections": SECTIONS,
             "strict": False,
         }

@@ -42,7 +42,7 @@ from .floors import (
 )
 from .frame import Progress, SectionResult, Table, in_thread
 from .rows import Goal, Quantity, Row
-from .timing import Comparison, LoopOp, compare, fmt_ns, percentile
+from .timing import Comparison, LoopOp, compare, curve, fmt_ns, percentile
 
 
 if TYPE_CHECKING:
@@ -262,6 +262,7 @@ def _latency_rows(out: Table, scale: Scale) -> None:
         "p50_ms": p50,
         "p99_ms": p99,
         "mean_ms": statistics.fmean(best),
+        "curve_ms": curve(best),
         "target_p99_ms": LATENCY_P99_TARGET_MS,
     }
     out.rows.append(

@@ -19,7 +19,10 @@ measured so far), calls ``progress(key, step)`` before each step, times each
 operation against its floor with `usercontext._report.timing.compare` and adds
 the row with `Table.ratio`, gives every other row an id and a kind, and sizes
 its work from its `Scale`; then add its `Section` to
-`usercontext._report.sections.SECTIONS`.
+`usercontext._report.sections.SECTIONS`, with what the legacy report claimed
+for it (``legacy``) and about how long it runs at the default scale
+(``estimate_s``). To chart its figures in the HTML report, add a function to
+`usercontext._report.charts.CHARTS`.
 
 It uses the standard library and the public API of usercontext only (attrs for
 the floors it compares against, anyio for the asynchronous scenarios), and
@@ -46,6 +49,7 @@ import attrs
 
 import usercontext
 
+from .output import Part, write_out
 from .rows import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -98,16 +102,35 @@ class Progress:
     """
     Write one line per step to *stream*, such as ``[1/7] contexts: creation ...``.
 
+    With *sections* and *scale*, each line also tells about how long the run
+    has left: each section's `Section.estimate_s`, spread over its steps and
+    scaled by ``scale.time_factor``, corrected by how fast the steps so far
+    went against their estimates.
+
     Args:
         total: The number of steps announced in all sections.
         stream: Where the lines go; the report sends them to standard error.
+        sections: The sections that will run, for the time-left estimate.
+        scale: The scale they run at.
     """
 
-    def __init__(self, total: int, stream: TextIO) -> None:
+    def __init__(
+        self,
+        total: int,
+        stream: TextIO,
+        sections: Sequence[Section] = (),
+        scale: Scale = DEFAULT,
+    ) -> None:
         self.total = total
         self.done = 0
         self.current: Table | None = None
         self._stream = stream
+        self._estimates = [
+            s.estimate_s * scale.time_factor / len(s.steps) for s in sections for _ in s.steps
+        ]
+        self._started = time.perf_counter()
+        #: How long each section that ended took, in seconds, by key.
+        self.section_s: dict[str, float] = {}
 
     def table(self, section: str) -> Table:
         """
@@ -131,9 +154,28 @@ class Progress:
         """
         Announce that *step* of *section* starts.
         """
+        left = self._left()
         self.done += 1
-        self._stream.write(f"[{self.done}/{self.total}] {section}: {step} ...\n")
+        self._stream.write(f"[{self.done}/{self.total}] {section}: {step} ...{left}\n")
         self._stream.flush()
+
+    def _left(self) -> str:
+        """
+        Return, for a progress line, about how long the steps not yet done will take.
+        """
+        if len(self._estimates) != self.total:
+            return ""
+        expected = sum(self._estimates[self.done :])
+        done = sum(self._estimates[: self.done])
+        if done:
+            # The machine runs faster or slower than the estimates: as fast as
+            # so far, the more so the more is done, within a factor of 3.
+            pace = min(3.0, max(1 / 3, (time.perf_counter() - self._started) / done))
+            weight = min(1.0, done / (0.3 * sum(self._estimates)))
+            expected *= 1 + weight * (pace - 1)
+        if expected < 60:
+            return f" (about {max(1, round(expected))} s left)"
+        return f" (about {expected / 60:.1f} min left)"
 
 
 @attrs.frozen
@@ -147,12 +189,18 @@ class Section:
         steps: The steps *run* announces, in order, so that progress shows a total.
         run: Runs the scenarios with a `Scale` and a `Progress` and returns
             their `SectionResult`.
+        legacy: What the legacy report claimed for this part, printed under
+            its heading, beside what was measured here.
+        estimate_s: About how long it runs at the default scale, in seconds,
+            for the time left that the progress lines tell.
     """
 
     key: str
     title: str
     steps: tuple[str, ...]
     run: Callable[[Scale, Progress], SectionResult]
+    legacy: str = ""
+    estimate_s: float = 5.0
 
 
 def _environment() -> dict[str, Any]:
@@ -199,6 +247,7 @@ class _Outcome:
     scale: Scale
     wall_s: float
     results: list[tuple[Section, SectionResult]]
+    section_s: dict[str, float]
     code: int
     stop: _Stop | None
     strict: bool
@@ -244,21 +293,51 @@ class _Outcome:
             if stop is not None and section is stop.section:
                 title += " (interrupted)" if stop.error is None else " (crashed)"
             lines += ["", f"## {title}", ""]
+            if section.legacy:
+                lines += [f"Legacy claim: {section.legacy}", ""]
             lines += _table(result.rows) if result.rows else ["No row was measured."]
             if result.notes:
                 lines += ["", *(f"- {note}" for note in result.notes)]
-        lines += ["", "## Verdict", ""]
-        if stop is None:
-            lines.append(verdict(self.rows, self.code, strict=self.strict))
-        else:
-            why = "Interrupted (Ctrl-C)" if stop.error is None else f"Crashed ({stop.error})"
-            n = counts(self.rows)["correctness"]
-            lines.append(
-                f"**{why} in the {stop.section.title} section: no verdict.** The rows above are "
-                f"those measured before it stopped (correctness so far: {n['pass']} PASS, "
-                f"{n['fail']} FAIL). **Exit code {self.code}.**"
-            )
+        lines += ["", "## Verdict", "", self.verdict()]
         return "\n".join(lines) + "\n"
+
+    def verdict(self) -> str:
+        """
+        Return the verdict, one Markdown paragraph.
+        """
+        stop = self.stop
+        if stop is None:
+            return verdict(self.rows, self.code, strict=self.strict)
+        why = "Interrupted (Ctrl-C)" if stop.error is None else f"Crashed ({stop.error})"
+        n = counts(self.rows)["correctness"]
+        return (
+            f"**{why} in the {stop.section.title} section: no verdict.** The rows above are "
+            f"those measured before it stopped (correctness so far: {n['pass']} PASS, "
+            f"{n['fail']} FAIL). **Exit code {self.code}.**"
+        )
+
+    def parts(self) -> list[Part]:
+        """
+        Return the sections as the HTML report shows them.
+        """
+        stop = self.stop
+        return [
+            Part(
+                key=section.key,
+                title=section.title,
+                legacy=section.legacy,
+                rows=result.rows,
+                notes=result.notes,
+                stopped=(
+                    ""
+                    if stop is None or section is not stop.section
+                    else "interrupted"
+                    if stop.error is None
+                    else "crashed"
+                ),
+            )
+            for section, result in self.results
+        ]
 
     def json(self) -> dict[str, Any]:
         """
@@ -273,6 +352,8 @@ class _Outcome:
             "sections": {
                 s.key: {
                     "title": s.title,
+                    "wall_s": self.section_s.get(s.key),
+                    "legacy": s.legacy,
                     "complete": stop is None or s is not stop.section,
                     "rows": [r.to_json() for r in result.rows],
                     "figures": result.figures,
@@ -334,6 +415,7 @@ def run_report(  # noqa: PLR0913  # keyword-only options of one command
     sections: Sequence[Section],
     scale: Scale = DEFAULT,
     json_path: str | None = None,
+    out_dir: str | None = None,
     strict: bool = False,
     out: TextIO | None = None,
     err: TextIO | None = None,
@@ -351,6 +433,8 @@ def run_report(  # noqa: PLR0913  # keyword-only options of one command
             `usercontext._report.sections.SECTIONS`.
         scale: How much work to do: `DEFAULT`, or `QUICK` for a rough run.
         json_path: Where to write the raw figures, if anywhere.
+        out_dir: A directory to write ``report.md``, ``report.json`` and
+            ``report.html`` into, if any (`usercontext._report.output`).
         strict: Whether a performance row that misses its target fails the run.
         out: The stream for the report; standard output by default.
         err: The stream for progress lines; standard error by default.
@@ -364,7 +448,7 @@ def run_report(  # noqa: PLR0913  # keyword-only options of one command
     report: TextIO = out or sys.stdout
     progress_to: TextIO = err or sys.stderr
     env = _environment()
-    progress = Progress(sum(len(s.steps) for s in sections), progress_to)
+    progress = Progress(sum(len(s.steps) for s in sections), progress_to, sections, scale)
 
     started = time.perf_counter()
     results: list[tuple[Section, SectionResult]] = []
@@ -372,7 +456,9 @@ def run_report(  # noqa: PLR0913  # keyword-only options of one command
     interrupt: KeyboardInterrupt | None = None
     for section in sections:
         try:
+            began = time.perf_counter()
             results.append((section, section.run(scale, progress)))
+            progress.section_s[section.key] = time.perf_counter() - began
         except (Exception, KeyboardInterrupt) as e:  # noqa: PERF203  # reported below, with its traceback
             if isinstance(e, KeyboardInterrupt):
                 interrupt = e  # forgotten once its handling ended (see below)
@@ -398,11 +484,19 @@ def run_report(  # noqa: PLR0913  # keyword-only options of one command
 
     rows = [row for _, result in results for row in result.rows]
     code = exit_code(rows, strict=strict) if stop is None else stop.code
-    outcome = _Outcome(env, scale, wall_s, results, code, stop, strict)
-    report.write(outcome.markdown())
+    outcome = _Outcome(env, scale, wall_s, results, progress.section_s, code, stop, strict)
+    markdown = outcome.markdown()
+    report.write(markdown)
     report.flush()
     if json_path is not None:
         Path(json_path).write_text(json.dumps(outcome.json(), indent=2) + "\n", encoding="utf-8")
+    if out_dir is not None:
+        written, missing = write_out(
+            out_dir, markdown, outcome.json(), outcome.parts(), outcome.verdict()
+        )
+        progress_to.write(f"wrote {', '.join(str(p) for p in written)}\n")
+        if missing is not None:
+            progress_to.write(f"report.html not written: {missing}\n")
     progress_to.write(f"done in {wall_s:.1f} s, exit code {code}\n")
     return code
 

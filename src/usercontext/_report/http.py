@@ -4,8 +4,7 @@ The "Concurrent HTTP requests" section of ``usercontext report``.
 It replays the legacy report's concurrent-requests scenario (1,000 requests
 from 100 users, all released at once) against the example service of
 `usercontext._report.service`, built the way the library is meant to be used,
-as a pure ASGI app:
-`usercontext.asgi.UserContextMiddleware` resolving each user from a bearer
+as a pure ASGI app: `usercontext.asgi.UserContextMiddleware` resolving each user from a bearer
 token, a `usercontext.Registry` with a per-request session, an
 `usercontext.EngineFactory` with two engines per user running a short fake
 agent, and an `usercontext.EmitterHub` carrying the agent's events to one
@@ -42,7 +41,7 @@ from .frame import Progress, Section, SectionResult, Table, in_thread
 from .lean import LeanService
 from .rows import LEGACY_SUCCESS, Goal, Quantity, Row, success_rate_row
 from .service import IDLE_TTL, PER_USER, SETTLE_S, TOKENS, USERS, WORK_S, FloorService, Service
-from .timing import in_empty_context, paired_ratios, percentile, ratio_ok
+from .timing import curve, in_empty_context, paired_ratios, percentile, ratio_ok
 
 
 if TYPE_CHECKING:
@@ -395,6 +394,7 @@ def _figures(run: Run) -> dict[str, Any]:
         "p50_ms": run.percentile(50),
         "p95_ms": run.percentile(95),
         "p99_ms": run.percentile(99),
+        "curve_ms": curve(run.latencies_ms),
         "wall_s": run.wall_s,
         "requests": run.requests,
         "succeeded": len(run.latencies_ms),

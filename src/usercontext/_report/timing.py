@@ -33,6 +33,7 @@ __all__ = [
     "Op",
     "Timed",
     "compare",
+    "curve",
     "fmt_ns",
     "fmt_ratio",
     "in_empty_context",
@@ -252,6 +253,31 @@ def percentile(values: Sequence[float], p: float) -> float:
     """
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+# The percentiles of a latency curve: fine steps in the tail, where the
+# differences are.
+CURVE_POINTS = (
+    *range(0, 95, 5),
+    95,
+    96,
+    97,
+    98,
+    99,
+    99.5,
+    99.9,
+    100,
+)
+
+
+def curve(values: Sequence[float]) -> list[list[float]]:
+    """
+    Return the latency curve of *values*: ``[percentile, value]`` pairs at
+    `CURVE_POINTS`, for the report's charts; empty if there are no values.
+    """
+    if not values:
+        return []
+    return [[p, percentile(values, p)] for p in CURVE_POINTS]
 
 
 def paired_ratios(ours: Sequence[float], floor: Sequence[float]) -> dict[str, Any]:
