@@ -78,7 +78,8 @@ NOT_ADAPTERS = {
 def extras():
     """
     Return the extras of the installed distribution, each with the names of
-    the distributions it requires; ``all`` (every adapter) is left out.
+    the distributions it requires; ``all`` (every adapter) and ``report`` (the
+    charts of ``usercontext report``'s HTML, no module of its own) are left out.
     """
     required = {
         name: []
@@ -89,6 +90,7 @@ def extras():
         if extra is not None:
             required[extra.group(1)].append(re.match(r"[A-Za-z0-9._-]+", requirement).group(0))
     required.pop("all", None)
+    required.pop("report", None)
     return required
 
 

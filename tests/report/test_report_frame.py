@@ -10,6 +10,7 @@ import io
 import json
 import threading
 
+import attrs
 import pytest
 
 from report_helpers import TINY, fake_row, unwritable
@@ -17,7 +18,14 @@ from report_helpers import TINY, fake_row, unwritable
 import usercontext
 
 from usercontext import UserContext
-from usercontext._report.frame import Section, SectionResult, check_json_path, in_thread, run_report
+from usercontext._report.frame import (
+    Progress,
+    Section,
+    SectionResult,
+    check_json_path,
+    in_thread,
+    run_report,
+)
 
 
 def _section(
@@ -127,6 +135,20 @@ class TestRunReport:
         assert "| `fake` metric_0 | info | ≤ 1x | **2x** | INFO |\n\n- A note.\n" in out
         assert out.endswith("**Info: 1.** **Exit code 0.**\n")
         assert err.startswith("[1/1] fake: only step ... (about 5 s left)\n")
+
+    def test_long_runs_count_in_minutes(self):
+        """
+        A run expected to last a minute or more tells the time left in
+        minutes, and a step that ran as estimated keeps the estimate.
+        """
+        section = Section("long", "Long", ("one", "two"), lambda scale, progress: None)
+        section = attrs.evolve(section, estimate_s=150)
+        stream = io.StringIO()
+        progress = Progress(2, stream, [section])
+
+        progress("long", "one")
+
+        assert stream.getvalue() == "[1/2] long: one ... (about 2.5 min left)\n"
 
     def test_crash(self, tmp_path):
         """
