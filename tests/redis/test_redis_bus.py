@@ -41,7 +41,8 @@ def ctx_of(user: str) -> uc.UserContext:
 
 
 def hub_on(url: str, **kwargs: object) -> uc.EmitterHub:
-    bus_kwargs = {k: kwargs.pop(k) for k in ("maxlen", "idle_ttl", "poll_interval") if k in kwargs}
+    names = ("maxlen", "idle_ttl", "poll_interval", "backend_timeout")
+    bus_kwargs = {k: kwargs.pop(k) for k in names if k in kwargs}
     return uc.EmitterHub(bus=RedisBus(url, **bus_kwargs), **kwargs)  # type: ignore[arg-type]
 
 
@@ -67,7 +68,11 @@ class TestAcrossInstances:
         event_id as the emit returned.
         """
         users = [f"u-{i}" for i in range(20)]
-        async with hub_on(redis_db) as a, hub_on(redis_db) as b:
+        # 20 producers open 20 connections at once: on a busy machine a
+        # connect can take longer than the default 0.25 s, which is not what
+        # this test is about.
+        slow_ok = {"backend_timeout": 2.0}
+        async with hub_on(redis_db, **slow_ok) as a, hub_on(redis_db, **slow_ok) as b:
             sinks = {}
             for u in users:
                 sinks[u, "a"], sinks[u, "b"] = RecordingSink(), RecordingSink()
