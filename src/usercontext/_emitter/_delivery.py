@@ -99,8 +99,6 @@ class Delivery:
         Deliver to the sink of *a* until it is detached, given up, or drained.
         """
         error: BaseException | None = None
-        if self.watch:
-            a.task = asyncio.current_task()
         self.direct(a)
         try:
             with a.scope:
