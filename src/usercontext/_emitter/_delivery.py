@@ -134,6 +134,8 @@ class Delivery:
                 if a.draining:
                     return
                 await self._sleep(a)
+                if a.reason == "detached":
+                    return  # woken by the detach (see Streams.detach)
                 continue
             else:
                 batch = _take(a, q, max_batch)
