@@ -99,8 +99,6 @@ class Delivery:
         Deliver to the sink of *a* until it is detached, given up, or drained.
         """
         error: BaseException | None = None
-        if self.watch:
-            a.task = asyncio.current_task()
         self.direct(a)
         try:
             with a.scope:
@@ -136,6 +134,8 @@ class Delivery:
                 if a.draining:
                     return
                 await self._sleep(a)
+                if a.reason == "detached":
+                    return  # woken by the detach (see Streams.detach)
                 continue
             else:
                 batch = _take(a, q, max_batch)

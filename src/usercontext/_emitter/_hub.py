@@ -490,7 +490,15 @@ class EmitterHub:
         self._counters.missed += missed or 0
         a.attachment = Attachment(self._table.detach, a, replayed, missed)
         self._table.link(a)
-        self._tg.start_soon(self._delivery.run, a)
+        loop = self._delivery.loop
+        if loop is None:  # trio
+            self._tg.start_soon(self._delivery.run, a)
+        else:
+            # A native task, not one of the task group's: anyio's spawn costs
+            # more than the rest of an attach. The task is referenced by *a*
+            # until it ended; the drain waits for every task to end (each
+            # unlinks its sink in its last step), as the group would.
+            a.task = loop.create_task(self._delivery.run(a))
         return a.attachment
 
     def detach(self, user_id: str, sink: Sink) -> int:

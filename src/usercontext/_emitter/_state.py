@@ -257,8 +257,9 @@ class _Attached:
         self.reason = None
         self.delivered = self.dropped = self.send_errors = self.peak = 0
         self.done = None
-        # The send watchdog (asyncio 3.11+): the delivery task, when the send
-        # in progress started (loop time), the timer, and whether it fired.
+        # The delivery task on asyncio (which keeps it alive), and the send
+        # watchdog's state (asyncio 3.11+): when the send in progress started
+        # (loop time), the timer, and whether it fired.
         self.task = None
         # The delivery task's own waiter while it sleeps; for a direct sink
         # (flushed once per loop turn), the kick an emit wakes instead, and

@@ -73,7 +73,14 @@ class Streams:
             pending -= 1  # a notice, not an event of the stream
         a.reason = "detached"
         self.unlink(a)
-        a.scope.cancel()
+        future = a.future
+        if future is not None and not future.done():
+            # Its task sleeps: woken, it ends, which costs far less than a
+            # cancellation (a send in progress must be cut instead).
+            a.waiter = None
+            future.set_result(None)
+        else:
+            a.scope.cancel()
         return pending
 
     def unlink(self, a: _Attached) -> None:
