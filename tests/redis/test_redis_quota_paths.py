@@ -270,6 +270,21 @@ class TestKeeper:
         assert any(r.getMessage().startswith("Renewing the leases of the quota") for r in records)
         assert not lease.lost
 
+    async def test_a_wakeup_for_a_waiter_gone(self, client):
+        """
+        A wake-up for a waiter that is gone (timed out, or granted by a poll
+        first) is counted and changes nothing.
+        """
+        async with RedisQuota(client, per_key=1, prefix=_prefix()) as q:
+            keeper = q._keeper
+            before = keeper.wakeups
+
+            keeper._wake("no-such-waiter 7")
+
+            assert keeper.wakeups == before + 1
+            assert "no-such-waiter" not in keeper.waiters
+            assert q.stats().in_use == 0
+
     async def test_waiters_when_closed(self, client):
         """
         Requests still waiting when the quota closes fail with
