@@ -55,14 +55,14 @@ def admit_thread(factory: Any, gate: Admission, key: str) -> Lease:
     shed = gate.shed if timeout is None or timeout > 0 else None
     if shed is None:
         return quota.acquire(key, timeout=timeout)  # type: ignore[no-any-return]
-    lease: Lease | None = quota._take(key)
-    if lease is not None:
-        return lease  # a free slot: never shed
+    free: Lease | None = quota._take(key)
+    if free is not None:
+        return free  # a free slot: never shed
     # A thread has no deadline but the factory's timeout: it cannot be
     # cancelled.
     ticket = shed._enter(key, math.inf if timeout is None else timeout, *limits(quota, key))
     try:
-        lease = quota.acquire(key, timeout=timeout)
+        lease: Lease = quota.acquire(key, timeout=timeout)
     except QuotaTimeoutError:
         shed._leave(key, ticket, learn=True)
         raise
