@@ -95,7 +95,8 @@ class Shed:
     ``503``), or, with *deadline* on, when the wait it can expect exceeds what
     it can wait (``"deadline"``, a ``503``): the factory's *timeout*, or the
     caller's own deadline (the nearest enclosing ``anyio.fail_after`` or
-    ``move_on_after``), whichever is sooner. The expected wait is the
+    ``move_on_after``), whichever is sooner; in a thread (``with
+    factory.engine()``), the factory's *timeout*. The expected wait is the
     requests ahead (and itself), divided by the slots they wait for, times
     how long a slot is held, which the policy learns from how long the
     requests that waited did wait (it sheds by deadline once one has; with a
