@@ -9,6 +9,7 @@ policy never reaches this module: its hot path checks one attribute.
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 from collections import deque
@@ -94,7 +95,8 @@ class Shed:
     ``503``), or, with *deadline* on, when the wait it can expect exceeds what
     it can wait (``"deadline"``, a ``503``): the factory's *timeout*, or the
     caller's own deadline (the nearest enclosing ``anyio.fail_after`` or
-    ``move_on_after``), whichever is sooner. The expected wait is the
+    ``move_on_after``), whichever is sooner; in a thread (``with
+    factory.engine()``), the factory's *timeout*. The expected wait is the
     requests ahead (and itself), divided by the slots they wait for, times
     how long a slot is held, which the policy learns from how long the
     requests that waited did wait (it sheds by deadline once one has; with a
@@ -152,55 +154,68 @@ class Shed:
         self._hold: float | None = None
         self._waited = self._shares = 0.0  # decayed sums, for _hold
         self._by_reason = {"user_queue": 0, "queue": 0, "deadline": 0}
+        # Requests of threads (``with factory.engine()``) and of an event
+        # loop may count in at once.
+        self._lock = threading.Lock()
 
     def stats(self) -> ShedStats:
         """
         Return a snapshot of the counters.
         """
-        by = self._by_reason
+        with self._lock:
+            by = dict(self._by_reason)
+            waiting, peak, hold = self._n_waiting, self._peak, self._hold
         return ShedStats(
-            waiting=self._n_waiting,
-            peak_waiting=self._peak,
+            waiting=waiting,
+            peak_waiting=peak,
             shed=sum(by.values()),
             user_queue=by["user_queue"],
             queue=by["queue"],
             deadline=by["deadline"],
-            hold=self._hold,
+            hold=hold,
         )
 
     def _enter(
-        self, key: str, timeout: float | None, per_key: int | None, total: int | None
+        self, key: str, budget: float, per_key: int | None, total: int | None
     ) -> tuple[float, float]:
         """
-        Count a request of *key* that must wait for a slot, or refuse it;
-        return its ticket for `_leave`: when it began to wait, and the share
-        of a slot's hold time it expects to wait (0 when unknown).
+        Count a request of *key* that must wait for a slot, or refuse it; it
+        can wait *budget* seconds (`math.inf`: as long as it takes). Return
+        its ticket for `_leave`: when it began to wait, and the share of a
+        slot's hold time it expects to wait (0 when unknown).
         """
-        mine = self._waiting.get(key, 0)
-        n = self._n_waiting
-        share = 0.0
-        if per_key:
-            share = (mine + 1) / per_key
-        if total:
-            share = max(share, (n + 1) / total)
-        hold = self._hold
-        expected = 0.0 if hold is None else share * hold
-        if self._max_user is not None and mine >= self._max_user:
-            self._refuse(key, "user_queue", mine, expected)
-        if self._max is not None and n >= self._max:
-            self._refuse(key, "queue", n, expected)
-        if self._deadline and expected > 0:
-            budget = math.inf if timeout is None else timeout
-            deadline = anyio.current_effective_deadline()
-            if deadline < math.inf:
-                budget = min(budget, deadline - anyio.current_time())
-            if expected > budget:
+        with self._lock:
+            mine = self._waiting.get(key, 0)
+            n = self._n_waiting
+            share = 0.0
+            if per_key:
+                share = (mine + 1) / per_key
+            if total:
+                share = max(share, (n + 1) / total)
+            hold = self._hold
+            expected = 0.0 if hold is None else share * hold
+            if self._max_user is not None and mine >= self._max_user:
+                self._refuse(key, "user_queue", mine, expected)
+            if self._max is not None and n >= self._max:
+                self._refuse(key, "queue", n, expected)
+            if self._deadline and expected > max(budget, 0.0):
                 self._refuse(key, "deadline", max(mine, n), expected)
-        self._waiting[key] = mine + 1
-        n = self._n_waiting = n + 1
-        if n > self._peak:  # noqa: PLR1730  # the style of the quota's counters
-            self._peak = n
-        return self.clock(), share
+            self._waiting[key] = mine + 1
+            n = self._n_waiting = n + 1
+            if n > self._peak:  # noqa: PLR1730  # the style of the quota's counters
+                self._peak = n
+            return self.clock(), share
+
+    def _budget(self, timeout: float | None) -> float:
+        """
+        How long a request of an event loop can wait: the factory's
+        *timeout*, or the caller's own deadline, whichever is sooner.
+        """
+        budget = math.inf if timeout is None else timeout
+        deadline = anyio.current_effective_deadline()
+        if deadline < math.inf:
+            budget = min(budget, deadline - anyio.current_time())
+        return budget
 
     def _leave(self, key: str, ticket: tuple[float, float], *, learn: bool) -> None:
         """
@@ -209,21 +224,23 @@ class Shed:
         it waited how long a slot is held: it expected to wait its share of
         one hold.
         """
-        mine = self._waiting[key] - 1
-        if mine:
-            self._waiting[key] = mine
-        else:
-            del self._waiting[key]
-        self._n_waiting -= 1
         began, share = ticket
-        if learn and share:
-            # The ratio of decayed sums, waited over shares: a waiter first in
-            # line may wait long by chance, and a ratio per waiter would let
-            # it weigh as much as a whole queue's worth of waiting.
-            keep = 1 - _ALPHA
-            self._waited = self._waited * keep + (self.clock() - began)
-            self._shares = self._shares * keep + share
-            self._hold = self._waited / self._shares
+        now = self.clock() if learn and share else 0.0
+        with self._lock:
+            mine = self._waiting[key] - 1
+            if mine:
+                self._waiting[key] = mine
+            else:
+                del self._waiting[key]
+            self._n_waiting -= 1
+            if learn and share:
+                # The ratio of decayed sums, waited over shares: a waiter first
+                # in line may wait long by chance, and a ratio per waiter would
+                # let it weigh as much as a whole queue's worth of waiting.
+                keep = 1 - _ALPHA
+                self._waited = self._waited * keep + (now - began)
+                self._shares = self._shares * keep + share
+                self._hold = self._waited / self._shares
 
     def _refuse(self, key: str, reason: str, waiting: int, expected: float) -> None:
         self._by_reason[reason] += 1
@@ -345,26 +362,30 @@ class CircuitBreaker:
         self._refused = 0
         self._probes = 0
         self._failed = 0
+        # Creations in threads (``with factory.engine()``) and on an event
+        # loop may end at once.
+        self._lock = threading.Lock()
 
     def stats(self) -> BreakerStats:
         """
         Return a snapshot of the counters.
         """
         now = self.clock()
-        self._sweep(now)
-        open_ = [c for c in self._circuits.values() if c.opened_at is not None]
-        if not self._per_user:
-            state = self._state(self._circuits.get(None), now)
-        else:
-            state = self._last if open_ else "closed"
-        return BreakerStats(
-            state=state,
-            open=len(open_),
-            opened=self._opened,
-            refused=self._refused,
-            probes=self._probes,
-            failures=self._failed,
-        )
+        with self._lock:
+            self._sweep(now)
+            open_ = [c for c in self._circuits.values() if c.opened_at is not None]
+            if not self._per_user:
+                state = self._state(self._circuits.get(None), now)
+            else:
+                state = self._last if open_ else "closed"
+            return BreakerStats(
+                state=state,
+                open=len(open_),
+                opened=self._opened,
+                refused=self._refused,
+                probes=self._probes,
+                failures=self._failed,
+            )
 
     def _state(self, circuit: _Circuit | None, now: float) -> str:
         if circuit is None or circuit.opened_at is None:
@@ -376,9 +397,16 @@ class CircuitBreaker:
         Refuse a request of *key* at once if its breaker is open and no probe
         may go now; it may still be refused when it reaches *create*.
         """
-        circuit = self._circuits.get(key if self._per_user else None)
-        if circuit is not None and circuit.opened_at is not None:
-            self._gate(circuit, key, self.clock())
+        k = key if self._per_user else None
+        circuit = self._circuits.get(k)
+        if circuit is None or circuit.opened_at is None:
+            return  # closed: no lock taken
+        now = self.clock()
+        with self._lock:
+            # Again under the lock: a probe may have closed it meanwhile.
+            circuit = self._circuits.get(k)
+            if circuit is not None and circuit.opened_at is not None:
+                self._gate(circuit, key, now)
 
     def _gate(self, circuit: _Circuit, key: str, now: float) -> None:
         opened_at = circuit.opened_at
@@ -399,21 +427,28 @@ class CircuitBreaker:
         Say whether a creation for *key* may go, as a probe (`True`) or in
         the closed state (`False`); refuse it if its breaker is open.
         """
-        circuit = self._circuits.get(key if self._per_user else None)
-        if circuit is None or circuit.opened_at is None:
-            return False
-        self._gate(circuit, key, self.clock())
-        circuit.probing = True
-        self._probes += 1
-        self._last = "half_open"
-        return True
+        now = self.clock()
+        with self._lock:
+            circuit = self._circuits.get(key if self._per_user else None)
+            if circuit is None or circuit.opened_at is None:
+                return False
+            # Checked and set under the lock: one probe at a time.
+            self._gate(circuit, key, now)
+            circuit.probing = True
+            self._probes += 1
+            self._last = "half_open"
+            return True
 
     def _done(self, key: str, *, probe: bool, ok: bool | None) -> None:
         """
         Record how a creation for *key* ended: *ok* `True` (created), `False`
         (*create* raised) or `None` (cancelled: no verdict).
         """
-        k = key if self._per_user else None
+        now = self.clock()
+        with self._lock:
+            self._record(key if self._per_user else None, now, probe=probe, ok=ok)
+
+    def _record(self, k: str | None, now: float, *, probe: bool, ok: bool | None) -> None:
         circuit = self._circuits.get(k)
         if probe and circuit is not None:
             circuit.probing = False
@@ -423,7 +458,6 @@ class CircuitBreaker:
         if ok is not False:
             return
         self._failed += 1
-        now = self.clock()
         if circuit is None:
             if len(self._circuits) >= self._sweep_at:
                 self._sweep(now)  # before the new state, which is idle until it counts
@@ -514,8 +548,11 @@ class Admission:
 
     One policy serves one factory (its breaker and shed counters are that
     factory's); a rate limiter may be shared by several policies. The policy
-    applies to ``async with factory.engine()``; the threads' ``with`` does
-    not check it.
+    applies to ``async with factory.engine()`` and to the threads' ``with``
+    alike, with the same errors and counters; each part is thread-safe. In
+    a thread, the rate limiter must have a sync ``admit_nowait(key)``, as
+    `LocalRateLimiter` has, and the *shed* policy's deadline is the
+    factory's *timeout* (a thread has no other).
 
     Args:
         rate: The per-user rate limit, or `None`.
@@ -625,7 +662,7 @@ async def admit(factory: Any, gate: Admission, key: str) -> Lease | None:
         if shed is None:
             await quota._wait(key, timeout)
             return None
-        ticket = shed._enter(key, timeout, *limits(quota, key))
+        ticket = shed._enter(key, shed._budget(timeout), *limits(quota, key))
         try:
             await quota._wait(key, timeout)
         except QuotaTimeoutError:
@@ -641,7 +678,7 @@ async def admit(factory: Any, gate: Admission, key: str) -> Lease | None:
     # A network quota tells whether a slot is free only after its round
     # trip: the request counts as waiting from its start, and only a request
     # that waited its whole timeout surely waited, to learn from.
-    ticket = shed._enter(key, timeout, *limits(quota, key))
+    ticket = shed._enter(key, shed._budget(timeout), *limits(quota, key))
     try:
         lease = await quota.acquire(key, timeout=timeout)
     except QuotaTimeoutError:

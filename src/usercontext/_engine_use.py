@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 import anyio
 
 from ._admission import admit
+from ._admission_threads import admit_thread
 from ._context import UserContext
 from ._current import _get, _var, bind, current
 from ._lifecycle import (
@@ -442,7 +443,11 @@ class EngineUse(Generic[E]):
         ctx = self._ctx = self._ctx if self._ctx is not None else current()
         token = self._token = _bind(ctx)
         try:
-            lease = f._threads().acquire(ctx.user_id, timeout=f._timeout)
+            gate = f._admission
+            if gate is None:
+                lease = f._threads().acquire(ctx.user_id, timeout=f._timeout)
+            else:
+                lease = admit_thread(f, gate, ctx.user_id)
             try:
                 entered = self._create(ctx)
             except BaseException:
@@ -462,13 +467,31 @@ class EngineUse(Generic[E]):
 
     def _create(self, ctx: UserContext) -> tuple[str, Any, Any]:
         f = self._factory
+        breaker = f._breaker
+        if breaker is None:
+            try:
+                result: object = f._create(ctx)
+                return enter(result, kind_of(type(result)), "create function", _SYNC_FIX)
+            except Exception:
+                with f._sync_lock:
+                    f._sync_counters.create_errors += 1
+                raise
+        # Under the breaker, which counts how the creation ended.
+        key = ctx.user_id
+        probe = breaker._start(key)
         try:
-            result: object = f._create(ctx)
-            return enter(result, kind_of(type(result)), "create function", _SYNC_FIX)
+            result = f._create(ctx)
+            entered = enter(result, kind_of(type(result)), "create function", _SYNC_FIX)
         except Exception:
             with f._sync_lock:
                 f._sync_counters.create_errors += 1
+            breaker._done(key, probe=probe, ok=False)
             raise
+        except BaseException:
+            breaker._done(key, probe=probe, ok=None)  # interrupted: no verdict
+            raise
+        breaker._done(key, probe=probe, ok=True)
+        return entered
 
     def __exit__(
         self,

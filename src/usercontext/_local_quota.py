@@ -612,6 +612,15 @@ class ThreadQuota(_Core):
         with self._lock:
             return super().acquire_nowait(key)
 
+    def _take(self, key: str) -> Lease | None:
+        """
+        Return a `Lease` of *key* if a slot is free right now, else `None`;
+        unlike `acquire_nowait`, a miss counts as no rejection (the caller
+        goes on to wait).
+        """
+        with self._lock:
+            return grant_lease(Lease, self, key) if self._take_now(key) else None
+
     def release(self, lease: Lease) -> None:
         """
         Hand the slot of *lease* back and grant it to the next waiter, if any.

@@ -25,6 +25,8 @@ _Kind = Literal["counter", "updowncounter", "gauge"]
 _Read = Callable[[Any], Iterable[tuple[int, Mapping[str, str]]]]
 _NONE: Mapping[str, str] = {}
 _ATTEMPTS = 100
+_SHED_REASONS = ("user_queue", "queue", "deadline")
+_BREAKER_STATES = ("closed", "open", "half_open")
 
 
 def _one(read: Callable[[Any], int | None]) -> _Read:
@@ -45,6 +47,41 @@ def _rejected(s: FactoryStats) -> int:
 
 def _timed_out(s: FactoryStats) -> int:
     return s.quota.timed_out + (s.thread_quota.timed_out if s.thread_quota else 0)
+
+
+def _part(part: str, field: str) -> _Read:
+    """
+    Read *field* of the *part* (``rate``, ``shed`` or ``breaker``) of a
+    factory's admission stats: nothing for a factory without that part.
+    """
+
+    def values(s: FactoryStats) -> Iterable[tuple[int, Mapping[str, str]]]:
+        stats = None if s.admission is None else getattr(s.admission, part)
+        return () if stats is None else ((getattr(stats, field), _NONE),)
+
+    return values
+
+
+def _shed(s: FactoryStats) -> Iterable[tuple[int, Mapping[str, str]]]:
+    shed = None if s.admission is None else s.admission.shed
+    if shed is None:
+        return ()
+    return [
+        (getattr(shed, reason), {"usercontext.factory.shed_reason": reason})
+        for reason in _SHED_REASONS
+    ]
+
+
+def _breaker_state(s: FactoryStats) -> Iterable[tuple[int, Mapping[str, str]]]:
+    # One series per state, 1 for the breaker's state and 0 for the others:
+    # a state is a label, not a number.
+    breaker = None if s.admission is None else s.admission.breaker
+    if breaker is None:
+        return ()
+    return [
+        (int(breaker.state == state), {"usercontext.factory.breaker_state": state})
+        for state in _BREAKER_STATES
+    ]
 
 
 def _dropped(s: EmitterStats) -> Iterable[tuple[int, Mapping[str, str]]]:
@@ -147,6 +184,76 @@ METRICS: dict[str, tuple[tuple[str, _Kind, str, str, _Read], ...]] = {
             "{error}",
             "Bodies cancelled by the factory's deadline.",
             _one(lambda s: s.deadline_errors),
+        ),
+        (
+            "rate_admitted",
+            "counter",
+            "{request}",
+            "Requests the admission policy's rate limit admitted.",
+            _part("rate", "admitted"),
+        ),
+        (
+            "rate_limited",
+            "counter",
+            "{request}",
+            "Requests the admission policy's rate limit refused (429).",
+            _part("rate", "limited"),
+        ),
+        (
+            "shed",
+            "counter",
+            "{request}",
+            "Requests the admission policy shed instead of queueing, by reason.",
+            _shed,
+        ),
+        (
+            "shed_peak_waiting",
+            "gauge",
+            "{request}",
+            "The most requests that waited at once under the shedding policy.",
+            _part("shed", "peak_waiting"),
+        ),
+        (
+            "breaker_state",
+            "gauge",
+            "1",
+            "1 for the circuit breaker's state (closed, open or half_open), 0 for the others.",
+            _breaker_state,
+        ),
+        (
+            "breaker_open",
+            "updowncounter",
+            "{breaker}",
+            "Circuit breakers open right now (one per user with per_user).",
+            _part("breaker", "open"),
+        ),
+        (
+            "breaker_opened",
+            "counter",
+            "{event}",
+            "Times a circuit breaker opened.",
+            _part("breaker", "opened"),
+        ),
+        (
+            "breaker_refused",
+            "counter",
+            "{request}",
+            "Requests refused because a circuit breaker was open (503).",
+            _part("breaker", "refused"),
+        ),
+        (
+            "breaker_probes",
+            "counter",
+            "{request}",
+            "Creations let through as probes of an open circuit breaker.",
+            _part("breaker", "probes"),
+        ),
+        (
+            "breaker_failures",
+            "counter",
+            "{error}",
+            "Failed creations the circuit breaker counted.",
+            _part("breaker", "failures"),
         ),
     ),
     "registry": (
@@ -348,7 +455,13 @@ def instrument(
             `usercontext.redis.RedisQuota` or any `usercontext.Quota`) by name.
         factories: `usercontext.EngineFactory` objects by name; their
             ``waiting``, ``rejected`` and ``timed_out`` are those of their
-            quotas.
+            quotas. A factory with an admission policy reports it too, for
+            each part it has: ``rate_admitted`` and ``rate_limited``,
+            ``shed`` (by ``usercontext.factory.shed_reason``) and
+            ``shed_peak_waiting``, ``breaker_state`` (1 for the state named
+            by ``usercontext.factory.breaker_state``, 0 for the others),
+            ``breaker_open``, ``breaker_opened``, ``breaker_refused``,
+            ``breaker_probes`` and ``breaker_failures``.
         registries: `usercontext.Registry` objects by name; their scopes are
             counted too.
         hubs: `usercontext.EmitterHub` objects by name.

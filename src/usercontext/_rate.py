@@ -18,6 +18,7 @@ one key are admitted.
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -127,8 +128,8 @@ class LocalRateLimiter:
     until one would be admitted (its ``Retry-After``).
 
     Give it to `usercontext.Admission` as its *rate*, or call `admit_nowait`
-    (or `admit`) yourself. It serves one event loop; it takes no lock, so
-    threads calling it at once may admit one request too many.
+    (or `admit`) yourself. It is thread-safe: threads (``with
+    factory.engine()``) and event loops may share it.
 
     Args:
         rate: Requests per second per key, sustained.
@@ -168,6 +169,7 @@ class LocalRateLimiter:
         self._sweep_at = _MIN_SWEEP
         self._admitted = 0
         self._limited = 0
+        self._lock = threading.Lock()
 
     @property
     def rate(self) -> float:
@@ -192,15 +194,16 @@ class LocalRateLimiter:
         """
         now = self._clock()
         tats = self._tat
-        tat = max(tats.get(key, now), now)
-        wait = tat - self._tolerance - now
-        if wait > _SLACK:
-            self._limited += 1
-            raise RateLimitedError(key, rate=self._rate, burst=self._burst, wait=wait)
-        tats[key] = tat + self._interval
-        self._admitted += 1
-        if len(tats) >= self._sweep_at:
-            self._sweep(now)
+        with self._lock:
+            tat = max(tats.get(key, now), now)
+            wait = tat - self._tolerance - now
+            if wait > _SLACK:
+                self._limited += 1
+                raise RateLimitedError(key, rate=self._rate, burst=self._burst, wait=wait)
+            tats[key] = tat + self._interval
+            self._admitted += 1
+            if len(tats) >= self._sweep_at:
+                self._sweep(now)
 
     async def admit(self, key: str) -> None:
         """
@@ -216,11 +219,14 @@ class LocalRateLimiter:
         """
         Return a snapshot of the counters (dropping the keys that are idle again).
         """
-        self._sweep(self._clock())
+        now = self._clock()
+        with self._lock:
+            self._sweep(now)
+            keys = len(self._tat)
         return RateLimitStats(
             admitted=self._admitted,
             limited=self._limited,
-            keys=len(self._tat),
+            keys=keys,
             rate=self._rate,
             burst=self._burst,
         )

@@ -47,6 +47,7 @@ from usercontext._http import (
 from usercontext._pending import Pending, pending, readers
 from usercontext._refusals import _phrase
 from usercontext.asgi import RequestState
+from usercontext.exceptions import RequestRefusedError
 
 
 if TYPE_CHECKING:
@@ -162,6 +163,12 @@ class UserContextMiddleware:
       document (``"error": "internal_error"``) with the request id; the
       exception is logged on the ``usercontext.wsgi`` logger. Once part of
       the body is sent, the exception propagates to the server.
+    - An application that raises a refusal
+      (`usercontext.exceptions.RequestRefusedError`) before anything was
+      sent, such as the ``429`` or ``503`` of an `usercontext.EngineFactory`
+      with an admission policy, has its scope closed the same way, and the
+      client gets the refusal's status, problem document and headers
+      (``Retry-After``), as for a refusal of *resolver*.
     - A response the server stops sending (the client disconnected) has its
       scope closed as if the request failed, so sessions roll back.
 
@@ -638,8 +645,26 @@ class _Response:
         """
         Answer ``500`` for an application that raised *error* before anything
         was sent; return the problem document.
+
+        A refusal (`usercontext.exceptions.RequestRefusedError`, such as the
+        ``429`` or ``503`` of an `usercontext.EngineFactory`'s admission
+        policy) is answered with its own status, problem document and
+        headers (``Retry-After``), and logged as a refusal, not a crash.
         """
         self._finish(error)
+        if isinstance(error, RequestRefusedError):
+            answer = refusal(error)
+            assert answer is not None  # noqa: S101  # a RequestRefusedError always has one
+            _logger.info(
+                "Request %s was refused by the application: %s %s.",
+                self._request_id,
+                answer.status,
+                error.error,
+            )
+            headers = [
+                (name.decode("latin-1"), value.decode("latin-1")) for name, value in answer.headers
+            ]
+            return self._answer(answer.body, answer.status, headers)
         _logger.error(  # not in the handler: the error is given
             "The application failed on request %s.", self._request_id, exc_info=error
         )
@@ -659,11 +684,19 @@ class _Response:
         )
         raise _ResponseCutError(msg) from error
 
-    def _answer(self, body: Mapping[str, Any]) -> bytes:
+    def _answer(
+        self,
+        body: Mapping[str, Any],
+        status: int = 500,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> bytes:
         """
-        Send a ``500`` problem document of *body* in place of the response.
+        Send a problem document of *status* (``500`` by default) and *body*,
+        with *headers*, in place of the response.
         """
         self._done = True
-        status, headers, payload = _problem(500, body, [], self._header, self._request_id)
-        self._write = self._start_response(status, headers)
+        line, headers, payload = _problem(
+            status, body, headers or [], self._header, self._request_id
+        )
+        self._write = self._start_response(line, headers)
         return payload

@@ -6,6 +6,7 @@ policy's arguments. The rate limit's properties are in ``tests/test_rate.py``.
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import anyio
@@ -319,7 +320,7 @@ class TestShed:
         hold = shed.stats().hold
         assert hold in (pytest.approx(0.405 / 1.855), pytest.approx(0.405 / 1.805))
         # A waiter whose limits are unknown expects nothing, and teaches nothing.
-        ticket = shed._enter("u-9", None, None, None)
+        ticket = shed._enter("u-9", math.inf, None, None)
         assert ticket[1] == 0.0
         clock.now += 5
         shed._leave("u-9", ticket, learn=True)

@@ -267,6 +267,101 @@ class TestFactories:
         got = family(points, "factory", **{"usercontext.factory.name": "sync"})
         assert (got["in_use"], got["rejected"], got["waiting"]) == (1, 1, 0)
 
+    async def test_admission(self, reader):
+        """
+        A factory's admission policy reads as its rate limit's admitted and
+        limited requests, its shed requests by reason, and its breaker's
+        state (1 for the current one), open breakers, openings, refusals,
+        probes and failures: before and after the breaker's probe closed it.
+        """
+        reader, provider = reader
+        clock = FakeClock()
+
+        async def create(ctx):
+            if ctx.user_id == "u-1":
+                raise RuntimeError("engine failed to start")
+            return ctx.user_id
+
+        factory = uc.EngineFactory(
+            create,
+            per_user=1,
+            admission=uc.Admission(
+                rate=uc.LocalRateLimiter(1, burst=2, clock=clock),
+                shed=uc.Shed(max_waiting_per_user=0, clock=clock),
+                breaker=uc.CircuitBreaker(failures=1, cool_down=10, clock=clock),
+            ),
+        )
+        instrument(meter_provider=provider, factories={"llm": factory})
+        name = {"usercontext.factory.name": "llm"}
+        with pytest.raises(RuntimeError, match="failed to start"):
+            async with factory.engine(make_ctx(1)):
+                pass  # pragma: no cover
+        for error in (uc.CircuitOpenError, uc.RateLimitedError):
+            with pytest.raises(error):
+                async with factory.engine(make_ctx(1)):
+                    pass  # pragma: no cover
+        points, kinds = collect(reader)
+        got = family(points, "factory", **name)
+        assert {k: v for k, v in got.items() if k.startswith(("rate_", "breaker_"))} == {
+            "rate_admitted": 2,
+            "rate_limited": 1,
+            "breaker_open": 1,
+            "breaker_opened": 1,
+            "breaker_refused": 1,
+            "breaker_probes": 0,
+            "breaker_failures": 1,
+        }
+        assert self.by(points, "breaker_state", name) == {"closed": 0, "open": 1, "half_open": 0}
+        assert self.by(points, "shed", name) == {"user_queue": 0, "queue": 0, "deadline": 0}
+        clock.now += 10  # the cool-down is over: the next creation is the probe
+        assert self.by(collect(reader)[0], "breaker_state", name)["half_open"] == 1
+        async with factory.engine(make_ctx(2)):
+            with pytest.raises(uc.LoadShedError):
+                async with factory.engine(make_ctx(2)):
+                    pass  # pragma: no cover
+            points, _ = collect(reader)
+        got = family(points, "factory", **name)
+        assert (got["rate_admitted"], got["rate_limited"], got["shed_peak_waiting"]) == (4, 1, 0)
+        assert (got["breaker_open"], got["breaker_probes"], got["in_use"]) == (0, 1, 1)
+        assert self.by(points, "breaker_state", name) == {"closed": 1, "open": 0, "half_open": 0}
+        assert self.by(points, "shed", name) == {"user_queue": 1, "queue": 0, "deadline": 0}
+        assert kinds["usercontext.factory.rate_limited"] == ("{request}", "counter")
+        assert kinds["usercontext.factory.shed"] == ("{request}", "counter")
+        assert kinds["usercontext.factory.breaker_state"] == ("1", "gauge")
+        assert kinds["usercontext.factory.breaker_open"] == ("{breaker}", "updowncounter")
+        assert kinds["usercontext.factory.shed_peak_waiting"] == ("{request}", "gauge")
+        await factory.aclose()
+
+    @staticmethod
+    def by(points, field, name):
+        """
+        The values of ``usercontext.factory.<field>`` by its one attribute
+        besides the factory's name.
+        """
+        metric = f"usercontext.factory.{field}"
+        out = {}
+        for (m, attrs), value in points.items():
+            rest = dict(attrs)
+            if (
+                m == metric
+                and rest.pop("usercontext.factory.name") == name["usercontext.factory.name"]
+            ):
+                ((_, label),) = rest.items()
+                out[label] = value
+        return out
+
+
+class FakeClock:
+    """
+    A clock that moves only when told to.
+    """
+
+    def __init__(self, now=500.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
 
 class TestRegistries:
     async def test_scopes_and_cleanup_errors(self, reader):
