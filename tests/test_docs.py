@@ -5,7 +5,6 @@ and the API reference documents every public name.
 
 from __future__ import annotations
 
-import ast
 import builtins
 import importlib
 import importlib.util
@@ -13,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import symtable
 import sys
 
 from pathlib import Path
@@ -200,31 +200,43 @@ _BUILTIN_NAMES = frozenset(dir(builtins)) | {"__name__", "__file__"}
 
 def _free_names(source: str) -> set[str]:
     """
-    Return the names that *source* reads but never binds (nor imports), other
-    than builtins: what it needs from the blocks before it.
+    Return the global names that *source* reads, in any of its scopes, but
+    never binds at its top level (nor imports), other than builtins: what it
+    needs from the blocks before it. A function's parameters and locals are
+    its own; a name a function reads that is global there is needed.
     """
-    bound, loaded = _names(source)
-    return loaded - bound - _BUILTIN_NAMES
+    top = symtable.symtable(source, "<block>", "exec")
+    made = _top_level_names(top)
+    needed: set[str] = set()
+    tables = [top]
+    while tables:
+        table = tables.pop()
+        tables.extend(table.get_children())
+        for symbol in table.get_symbols():
+            if not symbol.is_referenced():
+                continue
+            read_globally = table is top or symbol.is_global()
+            if read_globally and symbol.get_name() not in made:
+                needed.add(symbol.get_name())
+    return needed - _BUILTIN_NAMES
 
 
-def _names(source: str) -> tuple[set[str], set[str]]:
+def _top_level_names(top: symtable.SymbolTable) -> set[str]:
     """
-    Return the names that *source* binds (anywhere), and those it reads.
+    Return the names the block of *top* binds at its top level.
     """
-    bound: set[str] = set()
-    loaded: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Name):
-            (loaded if isinstance(node.ctx, ast.Load) else bound).add(node.id)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            bound.add(node.name)
-        elif isinstance(node, ast.arg):
-            bound.add(node.arg)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ExceptHandler) and node.name:
-            bound.add(node.name)
-    return bound, loaded
+    return {
+        symbol.get_name()
+        for symbol in top.get_symbols()
+        if symbol.is_assigned() or symbol.is_imported() or symbol.is_namespace()
+    }
+
+
+def _made(source: str) -> set[str]:
+    """
+    Return the names *source* binds at its top level, for the blocks after it.
+    """
+    return _top_level_names(symtable.symtable(source, "<block>", "exec"))
 
 
 class TestBlocksStandAlone:
@@ -242,7 +254,7 @@ class TestBlocksStandAlone:
             wrong += [
                 f"block {number}: no block before it defines {n}" for n in needs if n not in made
             ]
-            made |= _names(block)[0]
+            made |= _made(block)
             said = _CONTINUES.match(block)
             named = said.group(1).split(", ") if said else []
             if named != needs:

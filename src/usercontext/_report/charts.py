@@ -248,7 +248,10 @@ def _stability(report: dict[str, Any]) -> Chart | None:
                 secondary=True,
             ),
         ),
-        caption="Flat lines are the point: no drift in latency, no trend in memory.",
+        caption=(
+            "The row judges the P50 line (its drift) and the memory line (its trend); P99 is "
+            "shown, not judged: it moves with the machine's other work."
+        ),
     )
 
 
