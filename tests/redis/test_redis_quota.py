@@ -120,8 +120,10 @@ class TestKeys:
             async with RedisQuota(client, per_key=2, total=total, ttl=2, prefix=_prefix()) as q:
                 held = [await q.acquire("u"), await q.acquire("u")]
                 tag = f"{{{q._prefix}:u}}:h" if total is None else f"{{{q._prefix}}}:h:u"
-                now_s, now_us = await client.time()
+                # The scores first: a renewal after them but before the clock
+                # is read cannot push a score past the clock plus the TTL.
                 scores = [s for _, s in await client.zrange(tag, 0, -1, withscores=True)]
+                now_s, now_us = await client.time()
                 now_ms = now_s * 1000 + now_us // 1000
                 assert all(now_ms + 1500 < s <= now_ms + 2000 for s in scores), (scores, now_ms)
                 assert 1500 < await client.pttl(tag) <= 2000
