@@ -124,34 +124,6 @@ def _in_context(
             return e.value
 
 
-@types.coroutine
-def isolated_call(coro: Any, context: contextvars.Context) -> Generator[Any, Any, Any]:
-    """
-    Await *coro* with each of its steps run in *context*, as
-    `usercontext.isolated` does, in one generator: a request keeps one object
-    alive for it, not two, and binds no method between its steps (the garbage
-    collector visits whatever a waiting request holds, again and again).
-    """
-    value: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            if error is None:
-                yielded = context.run(coro.send, value)
-            else:
-                thrown, error = error, None
-                yielded = context.run(coro.throw, thrown)
-        except StopIteration as e:
-            return e.value
-        try:
-            value = yield yielded
-        except GeneratorExit:
-            context.run(coro.close)
-            raise
-        except BaseException as e:  # thrown into the coroutine, as a task would
-            error = e
-
-
 _STARTS = frozenset(("http.response.start", "websocket.accept", "websocket.http.response.start"))
 
 

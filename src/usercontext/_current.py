@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import types
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -263,46 +264,37 @@ def _fresh_context() -> contextvars.Context:
     return fresh
 
 
-class _InContext:
+@types.coroutine
+def isolated_call(coro: Any, context: contextvars.Context) -> Generator[Any, Any, Any]:
     """
-    Await a coroutine with each of its steps run in *context*.
+    Await *coro* with each of its steps run in *context*.
 
     A task runs every step of its coroutines in the task's own Context; this
     runs the steps of one coroutine in another, which is what a new task would
     do, without a task: the coroutine stays in the caller's task, under the
-    caller's cancel scopes, on asyncio and trio alike.
+    caller's cancel scopes, on asyncio and trio alike. It is one generator: an
+    awaiting request keeps one object alive for it, and binds no method
+    between its steps (the garbage collector visits whatever a waiting request
+    holds, again and again).
     """
-
-    __slots__ = ("_context", "_coro")
-
-    def __init__(self, coro: Any, context: contextvars.Context) -> None:
-        self._coro = coro
-        self._context = context
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        # The bound methods are made per step, not kept: an awaiting request
-        # holds fewer objects, which the garbage collector visits again and
-        # again while it waits.
-        coro = self._coro
-        context = self._context
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                if error is None:
-                    yielded = context.run(coro.send, value)
-                else:
-                    thrown, error = error, None
-                    yielded = context.run(coro.throw, thrown)
-            except StopIteration as e:
-                return e.value
-            try:
-                value = yield yielded
-            except GeneratorExit:
-                context.run(coro.close)
-                raise
-            except BaseException as e:  # thrown into the coroutine, as a task would
-                error = e
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            if error is None:
+                yielded = context.run(coro.send, value)
+            else:
+                thrown, error = error, None
+                yielded = context.run(coro.throw, thrown)
+        except StopIteration as e:
+            return e.value
+        try:
+            value = yield yielded
+        except GeneratorExit:
+            context.run(coro.close)
+            raise
+        except BaseException as e:  # thrown into the coroutine, as a task would
+            error = e
 
 
 def isolated(fn: Callable[P, T]) -> Callable[P, T]:
@@ -324,7 +316,7 @@ def isolated(fn: Callable[P, T]) -> Callable[P, T]:
 
         @functools.wraps(fn)
         async def async_isolated(*args: Any, **kwargs: Any) -> Any:
-            return await _InContext(afn(*args, **kwargs), _fresh_context())
+            return await isolated_call(afn(*args, **kwargs), _fresh_context())
 
         return async_isolated  # type: ignore[return-value]
 

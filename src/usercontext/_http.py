@@ -1,7 +1,8 @@
 """
-What the ASGI and WSGI middlewares share: the request ids they take from
-clients, their exempt paths, and their refusals, answered with one problem
-document shape (RFC 9457, ``application/problem+json``).
+What the ASGI and WSGI middlewares share: the checks of the arguments they
+have in common, the request ids they take from clients, their exempt paths,
+and their refusals, answered with one problem document shape (RFC 9457,
+``application/problem+json``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._pending import Pending
 from ._refusals import _check_header, _phrase
+from ._registry import Registry
 from .exceptions import InvalidContextError, RequestRefusedError
 
 
@@ -48,6 +50,46 @@ _Group: type[BaseException] = (
     getattr(builtins, "BaseExceptionGroup", None)
     or importlib.import_module("exceptiongroup").BaseExceptionGroup
 )
+
+
+def check_arguments(
+    registry: object,
+    request_id_header: object,
+    trust_request_id: object,
+    request_id_factory: object,
+    strip_context_headers: object,
+) -> None:
+    """
+    Check the arguments both middlewares take, with the same errors.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If *request_id_header* is not a header name.
+    """
+    if registry is not None and not isinstance(registry, Registry):
+        msg = f"registry must be a usercontext.Registry or None, got {type(registry).__name__}."
+        raise TypeError(msg)
+    if type(request_id_header) is not str or not HEADER_NAME.fullmatch(request_id_header):
+        msg = (
+            f"request_id_header must be an HTTP header name such as 'x-request-id', "
+            f"got {request_id_header!r}."
+        )
+        raise ValueError(msg)
+    if type(strip_context_headers) is not bool:
+        msg = f"strip_context_headers must be True or False, got {strip_context_headers!r}."
+        raise TypeError(msg)
+    if type(trust_request_id) is not bool and not callable(trust_request_id):
+        msg = (
+            "trust_request_id must be True, False, or a function taking a request id and "
+            f"returning whether to take it, got {type(trust_request_id).__name__}."
+        )
+        raise TypeError(msg)
+    if request_id_factory is not None and not callable(request_id_factory):
+        msg = (
+            "request_id_factory must be a function returning a new request id, or None, "
+            f"got {type(request_id_factory).__name__}."
+        )
+        raise TypeError(msg)
 
 
 def id_of(request: Pending | None, incoming: str | None, make: Callable[[], str] | None) -> str:

@@ -39,19 +39,16 @@ from usercontext._asgi_response import (
     RequestLink,
     Send,
     _answer_crash,
-    isolated_call,
     logger,
 )
 from usercontext._context import with_request_id
-from usercontext._current import _fresh_context, _var
+from usercontext._current import _fresh_context, _var, isolated_call
 from usercontext._http import (
     GOOD_REQUEST_ID as _GOOD_REQUEST_ID,
 )
 from usercontext._http import (
-    HEADER_NAME as _HEADER_NAME,
-)
-from usercontext._http import (
     Refusal,
+    check_arguments,
     refusal,
 )
 from usercontext._http import (
@@ -321,25 +318,16 @@ class UserContextMiddleware:
                 f"UserContext, got {type(resolver).__name__}."
             )
             raise TypeError(msg)
-        if registry is not None and not isinstance(registry, Registry):
-            kind = type(registry).__name__  # type: ignore[unreachable]
-            msg = f"registry must be a usercontext.Registry or None, got {kind}."
-            raise TypeError(msg)
         if hub is not None and not isinstance(hub, EmitterHub):
             kind = type(hub).__name__  # type: ignore[unreachable]
             msg = f"hub must be a usercontext.EmitterHub or None, got {kind}."
             raise TypeError(msg)
-        header_ok = type(request_id_header) is str and _HEADER_NAME.fullmatch(request_id_header)
-        if not header_ok:
-            msg = (
-                f"request_id_header must be an HTTP header name such as 'x-request-id', "
-                f"got {request_id_header!r}."
-            )
-            raise ValueError(msg)
+        check_arguments(
+            registry, request_id_header, trust_request_id, request_id_factory, strip_context_headers
+        )
         flags: dict[str, object] = {
             "resolver_in_thread": resolver_in_thread,
             "isolate": isolate,
-            "strip_context_headers": strip_context_headers,
         }
         for flag, value in flags.items():
             if type(value) is not bool:
@@ -353,18 +341,6 @@ class UserContextMiddleware:
                 "resolver_in_thread=True runs a plain function in a worker thread, but the "
                 f"resolver {_name(resolver)} is a coroutine function, which runs on the event "
                 "loop: leave resolver_in_thread out."
-            )
-            raise TypeError(msg)
-        if type(trust_request_id) is not bool and not callable(trust_request_id):
-            msg = (  # type: ignore[unreachable]
-                "trust_request_id must be True, False, or a function taking a request id and "
-                f"returning whether to take it, got {type(trust_request_id).__name__}."
-            )
-            raise TypeError(msg)
-        if request_id_factory is not None and not callable(request_id_factory):
-            msg = (  # type: ignore[unreachable]
-                "request_id_factory must be a function returning a new request id, or None, "
-                f"got {type(request_id_factory).__name__}."
             )
             raise TypeError(msg)
         self.app = app

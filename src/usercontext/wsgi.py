@@ -31,11 +31,11 @@ from usercontext._edge import strip_environ
 from usercontext._http import (
     CLEANUP_FAILED,
     GOOD_REQUEST_ID,
-    HEADER_NAME,
     INTERNAL_ERROR,
     PROBLEM_JSON,
     Refusal,
     callable_name,
+    check_arguments,
     checked_factory,
     exempt_matcher,
     exempt_paths,
@@ -230,31 +230,9 @@ class UserContextMiddleware:
                 "application has no event loop to run it: make it a plain function."
             )
             raise TypeError(msg)
-        if registry is not None and not isinstance(registry, Registry):
-            kind = type(registry).__name__  # type: ignore[unreachable]
-            msg = f"registry must be a usercontext.Registry or None, got {kind}."
-            raise TypeError(msg)
-        if type(request_id_header) is not str or not HEADER_NAME.fullmatch(request_id_header):
-            msg = (
-                f"request_id_header must be an HTTP header name such as 'x-request-id', "
-                f"got {request_id_header!r}."
-            )
-            raise ValueError(msg)
-        if type(trust_request_id) is not bool and not callable(trust_request_id):
-            msg = (  # type: ignore[unreachable]
-                "trust_request_id must be True, False, or a function taking a request id and "
-                f"returning whether to take it, got {type(trust_request_id).__name__}."
-            )
-            raise TypeError(msg)
-        if request_id_factory is not None and not callable(request_id_factory):
-            msg = (  # type: ignore[unreachable]
-                "request_id_factory must be a function returning a new request id, or None, "
-                f"got {type(request_id_factory).__name__}."
-            )
-            raise TypeError(msg)
-        if type(strip_context_headers) is not bool:
-            msg = f"strip_context_headers must be True or False, got {strip_context_headers!r}."  # type: ignore[unreachable]
-            raise TypeError(msg)
+        check_arguments(
+            registry, request_id_header, trust_request_id, request_id_factory, strip_context_headers
+        )
         self.app = app
         self.resolver = resolver
         self.registry = registry
