@@ -195,7 +195,14 @@ class TestDiagrams:
 
 
 _CONTINUES = re.compile(r"\A# Continues from the blocks above, which define: (.*)\.\n")
-_BUILTIN_NAMES = frozenset(dir(builtins)) | {"__name__", "__file__"}
+# The exception groups are builtins from Python 3.11 on; a block that runs on
+# 3.10 too imports the backport itself.
+_BUILTIN_NAMES = frozenset(dir(builtins)) | {
+    "__name__",
+    "__file__",
+    "BaseExceptionGroup",
+    "ExceptionGroup",
+}
 
 
 def _free_names(source: str) -> set[str]:
