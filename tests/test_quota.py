@@ -965,14 +965,17 @@ class TestLocalQuota:
 
     @pytest.mark.parametrize("order", ["release_then_cancel", "cancel_then_release"])
     @pytest.mark.parametrize("total", [None, 5])
-    async def test_cancelled_in_the_grant_step(self, order, total):
+    @pytest.mark.parametrize("per_key", [1, lambda _key: 1], ids=["fixed", "callable"])
+    async def test_cancelled_in_the_grant_step(self, order, total, per_key):
         """
         A waiter granted and cancelled in the same scheduling step (the holder
         releases and the waiter's scope is cancelled without a yield in between,
         in either order) never keeps or loses the slot: it goes to the next
-        waiter, at most one lease is ever held, and in_use returns to 0.
+        waiter, at most one lease is ever held, and in_use returns to 0. So
+        with a fixed limit (the slot handed straight on) and a callable one
+        (the slot returned, then dispatched).
         """
-        q = LocalQuota(per_key=1, total=total)
+        q = LocalQuota(per_key=per_key, total=total)
         holder = _try(q, "a")
         log = []
         done = anyio.Event()

@@ -10,7 +10,7 @@ import math
 import sys
 
 from asyncio import CancelledError
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
     from ._factory import EngineFactory
     from ._lifecycle import ExcInfo
-    from ._local_quota import LocalQuota
     from ._quota import Lease
 
 E = TypeVar("E")
@@ -156,12 +155,14 @@ class EngineUse(Generic[E]):
         f = self._factory
         if f._closed:
             f._check_open()
+        # _bind, written out, with the usual case first: no ctx given, and
+        # the one bound taken (current() raises when none is).
+        prev = _get(None)
         ctx = self._ctx
         if ctx is None:
-            ctx = self._ctx = current()
-        # _bind, written out.
-        prev = _get(None)
-        if prev is ctx:
+            ctx = self._ctx = prev if prev is not None else current()
+            token = None
+        elif prev is ctx:
             token = None
         elif isinstance(ctx, UserContext) and (prev is None or prev.user_id == ctx.user_id):  # type: ignore[redundant-expr]  # see _bind
             token = _var.set(ctx)
@@ -169,26 +170,31 @@ class EngineUse(Generic[E]):
             token = _bind(ctx)  # raises
         self._token = token
         key = ctx.user_id
+        # The asyncio task, found once: a wait's future is of its loop, and
+        # aclose() cancels it to cut the body.
         try:
-            quota = f._quota
+            task = asyncio_task()
+        except RuntimeError:  # no asyncio loop: trio
+            task = None
+        try:
+            quota: Any = f._quota
             if f._fast:
                 # A slot of a LocalQuota is held without a Lease, and handed
                 # back by key.
                 lease = None
-                if not quota._take_now(key):  # type: ignore[attr-defined]  # a LocalQuota
-                    timeout = f._timeout
-                    # Without a timeout on asyncio, the wait is a bare future
-                    # awaited here: no coroutine of the quota's held per waiter.
-                    local = cast("LocalQuota", quota)
-                    w = None if timeout is not None else local._queue_future(key)
-                    if w is None:
-                        await local._wait(key, timeout)
-                    else:
+                if not quota._take_now(key):
+                    if task is not None and f._timeout is None:
+                        # Without a timeout on asyncio, the wait is a bare
+                        # future awaited here: no coroutine of the quota's
+                        # held per waiter.
+                        fut = quota._queue_future(key, task.get_loop())
                         try:
-                            await w.signal
+                            await fut
                         except BaseException:
-                            local._abandon(w)
+                            quota._abandon(key, fut)
                             raise
+                    else:
+                        await quota._wait(key, f._timeout)
             elif f._admission is not None:
                 # Checked before anything is queued or created; see _admission.
                 lease = await admit(f, f._admission, key)
@@ -248,10 +254,6 @@ class EngineUse(Generic[E]):
             # A network quota's lease can be lost: the body is cut then.
             lease.add_lost_callback(self._lose)
         deadline = f._deadline
-        try:
-            task = asyncio_task()
-        except RuntimeError:  # no asyncio loop: trio
-            task = None
         if task is not None and deadline is None:
             # No cancel scope held open over the body: it costs more than the
             # rest, and one left in the task that entered it (by an async

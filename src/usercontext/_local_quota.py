@@ -11,7 +11,6 @@ keys, so one user with a hundred queued requests cannot starve another.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 
@@ -27,6 +26,8 @@ from .exceptions import LeaseReleasedError, QuotaError, QuotaExceededError, Quot
 
 
 if TYPE_CHECKING:
+    import asyncio
+
     from collections.abc import Callable
     from types import TracebackType
     from typing import TypeAlias
@@ -38,12 +39,23 @@ __all__ = ["LocalQuota", "ThreadQuota"]
 
 
 class _Waiter:
-    __slots__ = ("granted", "key", "signal")
+    """
+    A waiter of a thread, or of a trio task: its *signal* (a lock, an
+    `anyio.Event`), and whether it was granted. A waiter of an asyncio task
+    is a bare future instead (see `LocalQuota`).
+    """
 
-    def __init__(self, key: str, signal: Any) -> None:
-        self.key = key
+    __slots__ = ("granted", "signal")
+
+    def __init__(self, signal: Any) -> None:
         self.signal = signal
         self.granted = False
+
+
+if TYPE_CHECKING:
+    # What a queue holds: a _Waiter, or (on asyncio) a future that a grant
+    # resolves with True and a timeout with False.
+    Waiter: TypeAlias = "_Waiter | asyncio.Future[bool]"
 
 
 class _Core:
@@ -62,8 +74,8 @@ class _Core:
         self._in_use: dict[str, int] = {}
         self._total_in_use = 0
         # Keys with waiters, in round-robin order: a served key moves to the end.
-        self._waiters: dict[str, deque[_Waiter]] = {}
-        self._n_waiting = 0
+        self._waiters: dict[str, deque[Waiter]] = {}
+        self._n_waiting: int = 0
         self._granted = 0
         self._rejected = 0
         self._timed_out = 0
@@ -162,15 +174,15 @@ class _Core:
         lease._quota = None
         self._return(lease._key)
 
-    def _alive(self, waiter: _Waiter) -> bool:  # noqa: ARG002  # threads are not cancelled
+    def _alive(self, waiter: Waiter) -> bool:  # noqa: ARG002  # threads are not cancelled
         return True
 
-    def _wake(self, waiter: _Waiter) -> None:
+    def _wake(self, waiter: Waiter) -> None:
         """
         Tell *waiter* it was granted; each quota wakes its own kind of waiter.
         """
 
-    def _pop_alive(self, queue: deque[_Waiter]) -> _Waiter | None:
+    def _pop_alive(self, queue: deque[Waiter]) -> Waiter | None:
         while queue:
             w = queue.popleft()
             self._n_waiting -= 1
@@ -178,18 +190,16 @@ class _Core:
                 return w
         return None
 
-    def _grant(self, w: _Waiter) -> None:
+    def _grant(self, key: str, w: Waiter) -> None:
         """
-        Give *w* a slot of its key, and wake it.
+        Give *w* a slot of *key*, and wake it.
         """
-        key = w.key
         in_use = self._in_use
         in_use[key] = in_use.get(key, 0) + 1
         total = self._total_in_use = self._total_in_use + 1
         self._granted += 1
         if total > self._peak:  # noqa: PLR1730  # max() is a call, slower on the hot path
             self._peak = total
-        w.granted = True
         self._wake(w)
 
     def _dispatch_key(self, key: str) -> None:
@@ -207,7 +217,7 @@ class _Core:
             w = queue.popleft()
             self._n_waiting -= 1
             if self._alive(w):
-                self._grant(w)
+                self._grant(key, w)
         if not queue:
             del self._waiters[key]
 
@@ -226,28 +236,28 @@ class _Core:
                 queue = self._waiters.pop(key)
                 w = self._pop_alive(queue)
                 if w is not None:
-                    self._grant(w)
+                    self._grant(key, w)
                     progress = True
                 if queue:
                     self._waiters[key] = queue  # to the end of the ring
 
-    def _enqueue(self, w: _Waiter) -> None:
-        queue = self._waiters.get(w.key)
+    def _enqueue(self, key: str, w: Waiter) -> None:
+        queue = self._waiters.get(key)
         if queue is None:
-            queue = self._waiters[w.key] = deque()
+            queue = self._waiters[key] = deque()
         queue.append(w)
         self._n_waiting += 1
 
-    def _forget(self, w: _Waiter) -> None:
+    def _forget(self, key: str, w: Waiter) -> None:
         """
-        Remove a waiter that stops waiting without a grant.
+        Remove a waiter of *key* that stops waiting without a grant.
         """
-        queue = self._waiters.get(w.key)
+        queue = self._waiters.get(key)
         if queue is not None and w in queue:
             queue.remove(w)
             self._n_waiting -= 1
             if not queue:
-                del self._waiters[w.key]
+                del self._waiters[key]
 
     def _full_error(
         self, cls: type[QuotaError], key: str, waited: float, timeout: float | None
@@ -294,17 +304,7 @@ class _LocalLease(Lease):
         quota = self._quota
         if quota is not None:
             self._quota = None  # pyright: ignore[reportIncompatibleVariableOverride]
-            # _Core._return, written out: releasing is half of every engine's hot path.
-            key = self._key
-            in_use = quota._in_use
-            n = in_use[key] - 1
-            if n:
-                in_use[key] = n
-            else:
-                del in_use[key]
-            quota._total_in_use -= 1
-            if quota._waiters:
-                quota._wake_next(key)
+            quota._return(self._key)  # LocalQuota._return: no lock needed
 
     async def __aexit__(
         self,
@@ -419,35 +419,69 @@ class LocalQuota(_Core):
         """
         self._set_limits(per_key, total, set_total=total is not _MISSING)
 
-    def _alive(self, waiter: _Waiter) -> bool:
-        signal = waiter.signal
-        return not (isinstance(signal, asyncio.Future) and signal.done())
+    def _alive(self, waiter: Waiter) -> bool:
+        # A future is done once cancelled or timed out; a trio waiter leaves
+        # the queue itself when it stops waiting.
+        return isinstance(waiter, _Waiter) or not waiter.done()
 
-    def _wake(self, waiter: _Waiter) -> None:
-        signal: asyncio.Future[None] | anyio.Event = waiter.signal
-        if isinstance(signal, asyncio.Future):
-            signal.set_result(None)
+    def _wake(self, waiter: Waiter) -> None:
+        if isinstance(waiter, _Waiter):
+            waiter.granted = True
+            waiter.signal.set()
         else:
-            signal.set()
+            waiter.set_result(True)
 
-    def _queue_future(self, key: str) -> _Waiter | None:
+    def _return(self, key: str) -> None:
         """
-        Queue a waiter for a slot of *key* (which `_take_now` found taken) and
-        return it, for a wait with no timeout on asyncio, or return `None`
-        (trio): then await `_wait`.
+        Take back a slot of *key*, or hand it straight to the next waiter of
+        *key* when that is where it would go (no total limit, a fixed
+        per-key limit it fits): the usual case of a busy user, without the
+        dispatch's calls. The slot stays held throughout, so the counts are
+        those of a return and a grant.
+        """
+        in_use = self._in_use
+        n = in_use[key]
+        waiters = self._waiters
+        fixed = self._fixed
+        if waiters and self._total is None and fixed is not None and n <= fixed:
+            queue = waiters.get(key)
+            if queue is not None:
+                while queue:
+                    w = queue.popleft()
+                    self._n_waiting -= 1
+                    if isinstance(w, _Waiter):
+                        w.granted = True
+                        w.signal.set()
+                    elif w.done():  # cancelled, or timed out, while queued
+                        continue
+                    else:
+                        w.set_result(True)
+                    self._granted += 1
+                    if not queue:
+                        del waiters[key]
+                    return
+                del waiters[key]
+        if n > 1:
+            in_use[key] = n - 1
+        else:
+            del in_use[key]
+        self._total_in_use -= 1
+        if waiters:
+            self._wake_next(key)
 
-        The caller awaits the waiter's future and, if that raises, calls
-        `_abandon` with it; once the future is done the slot is the caller's.
-        No coroutine of the quota's own is kept per waiter.
+    def _queue_future(self, key: str, loop: asyncio.AbstractEventLoop) -> asyncio.Future[bool]:
         """
-        try:
-            task = asyncio_task()
-        except RuntimeError:  # not asyncio: trio
-            return None
-        assert task is not None  # noqa: S101  # an awaiting coroutine on asyncio runs in a task
-        w = _Waiter(key, task.get_loop().create_future())
-        self._enqueue(w)
-        return w
+        Queue a future of *loop* for a slot of *key* (which `_take_now` found
+        taken) and return it, for a wait with no timeout on asyncio.
+
+        The caller awaits the future and, if that raises, calls `_abandon`
+        with it; once the future is done the slot is the caller's. No
+        coroutine of the quota's own, nor any object but the future, is kept
+        per waiter.
+        """
+        fut = loop.create_future()
+        self._enqueue(key, fut)
+        return fut
 
     async def _wait(self, key: str, timeout: float | None) -> None:
         """
@@ -470,22 +504,21 @@ class LocalQuota(_Core):
         # A bare future is the cheapest waiter on asyncio, and it shows in the
         # tail latency of a busy quota. No cancel scope around the wait: a
         # cancellation cancels the future, and a timeout is a timer of the
-        # loop that resolves it without a grant.
-        fut = loop.create_future()
-        w = _Waiter(key, fut)
-        self._enqueue(w)
+        # loop that resolves it with False, a grant with True.
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._enqueue(key, fut)
         # The clock is read only for a timeout, which it starts.
         start = 0.0 if timeout is None else loop.time()
-        timer = None if timeout is None else loop.call_at(start + timeout, self._expire, w)
+        timer = None if timeout is None else loop.call_at(start + timeout, self._expire, key, fut)
         try:
-            await fut
+            granted = await fut
         except BaseException:
             # Cancelled from outside: never keep or lose a slot on the way out.
             if timer is not None:
                 timer.cancel()
-            self._abandon(w)
+            self._abandon(key, fut)
             raise
-        if w.granted:
+        if granted:
             if timer is not None:
                 timer.cancel()
             return
@@ -493,31 +526,35 @@ class LocalQuota(_Core):
         self._timed_out += 1
         raise self._full_error(QuotaTimeoutError, key, loop.time() - start, timeout)
 
-    def _expire(self, w: _Waiter) -> None:
+    def _expire(self, key: str, fut: asyncio.Future[bool]) -> None:
         """
-        The timer of an asyncio wait: give up on *w* unless it was granted
+        The timer of an asyncio wait: give up on *fut* unless it was granted
         (or cancelled) first.
         """
-        fut: asyncio.Future[None] = w.signal
         if not fut.done():
-            self._forget(w)
-            fut.set_result(None)
+            self._forget(key, fut)
+            fut.set_result(False)
 
-    def _abandon(self, w: _Waiter) -> None:
+    def _abandon(self, key: str, w: Waiter) -> None:
         """
-        Undo the wait of *w*, cancelled from outside, even right after its grant.
+        Undo the wait of *w* for *key*, cancelled from outside, even right
+        after its grant.
         """
-        if w.granted:
-            self._return(w.key)
+        if isinstance(w, _Waiter):
+            granted = w.granted
         else:
-            self._forget(w)
+            granted = w.done() and not w.cancelled() and w.result()
+        if granted:
+            self._return(key)
+        else:
+            self._forget(key, w)
             self._cancelled += 1
 
     async def _wait_anyio(self, key: str, timeout: float | None) -> None:
         # trio: an anyio.Event, and a cancel scope only when there is a timeout.
         signal = anyio.Event()
-        w = _Waiter(key, signal)
-        self._enqueue(w)
+        w = _Waiter(signal)
+        self._enqueue(key, w)
         # The loop's clock, which the timeout runs on: under a mock clock (trio's
         # autojump in tests) the wall clock would report no wait at all.
         start = anyio.current_time()
@@ -528,11 +565,11 @@ class LocalQuota(_Core):
                 with anyio.move_on_after(timeout):
                     await signal.wait()
         except BaseException:
-            self._abandon(w)
+            self._abandon(key, w)
             raise
         if w.granted:
             return
-        self._forget(w)
+        self._forget(key, w)
         self._timed_out += 1
         raise self._full_error(QuotaTimeoutError, key, anyio.current_time() - start, timeout)
 
@@ -579,8 +616,8 @@ class ThreadQuota(_Core):
                 raise self._full_error(QuotaExceededError, key, 0.0, timeout)
             signal = threading.Lock()
             signal.acquire()
-            w = _Waiter(key, signal)
-            self._enqueue(w)
+            w = _Waiter(signal)
+            self._enqueue(key, w)
         start = time.monotonic()
         try:
             got = signal.acquire(timeout=-1 if timeout is None else timeout)
@@ -589,7 +626,7 @@ class ThreadQuota(_Core):
                 if w.granted:
                     self._return(key)
                 else:
-                    self._forget(w)
+                    self._forget(key, w)
                     self._cancelled += 1
             raise
         if got:
@@ -597,7 +634,7 @@ class ThreadQuota(_Core):
         with self._lock:
             if w.granted:  # granted between the timeout and taking the lock
                 return grant_lease(Lease, self, key)
-            self._forget(w)
+            self._forget(key, w)
             self._timed_out += 1
             raise self._full_error(QuotaTimeoutError, key, time.monotonic() - start, timeout)
 
@@ -641,8 +678,10 @@ class ThreadQuota(_Core):
                 lease._quota = None
                 self._return(lease._key)
 
-    def _wake(self, waiter: _Waiter) -> None:
-        waiter.signal.release()
+    def _wake(self, waiter: Waiter) -> None:
+        # A thread's waiter is always a _Waiter.
+        waiter.granted = True  # type: ignore[union-attr]  # pyright: ignore[reportAttributeAccessIssue]
+        waiter.signal.release()  # type: ignore[union-attr]  # pyright: ignore[reportAttributeAccessIssue]
 
     def stats(self, *, top: int = 10) -> QuotaStats:
         """
