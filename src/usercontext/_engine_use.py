@@ -110,6 +110,7 @@ class EngineUse(Generic[E]):
         "_aborted",
         "_cancelling",
         "_ctx",
+        "_engine",
         "_entered",
         "_factory",
         "_lease",
@@ -121,7 +122,9 @@ class EngineUse(Generic[E]):
     )
     _token: Token[UserContext] | None  # None when the context was bound already
     _lease: Lease | None  # None for a slot of a LocalQuota, held by key
-    _entered: tuple[str, Any, Any]  # what the factory's close needs
+    # What the factory's close needs; None for a plain engine in async with.
+    _entered: tuple[str, Any, Any] | None
+    _engine: Any
     _made: Made[E] | None  # the engine as the idle pool keeps it, when pooling
     _scope: anyio.CancelScope | None
     _task: Any  # the asyncio or trio task that entered
@@ -206,30 +209,39 @@ class EngineUse(Generic[E]):
                 # _creating counts the creations aclose() must wait for: those
                 # that await (a plain engine from a sync create never does).
                 made: Made[E] | None = None
-                entered: tuple[str, Any, Any]
+                entered: tuple[str, Any, Any] | None
+                engine: Any
                 if f._slow_make:
                     made, entered = await self._make(ctx, key)
+                    engine = entered[2]
                 else:
                     # _make's usual case (no pool, no breaker), written out.
                     c = f._counters
                     try:
-                        result: Any = f._create(ctx)
-                        kind = kind_of(type(result))  # pyright: ignore[reportUnknownArgumentType]
-                        if kind is PLAIN:
-                            # aenter's last case, without a coroutine.
-                            entered = (PLAIN, None, result)
+                        engine = f._create(ctx)
+                        cls = type(engine)  # pyright: ignore[reportUnknownVariableType]
+                        if cls is f._plain_type:
+                            # The usual case: a plain engine, which needs no
+                            # entering and no record of it (entered is None).
+                            entered = None
                         else:
-                            f._creating += 1
-                            try:
-                                entered = await aenter(result, kind, "create function")
-                            finally:
-                                f._creating -= 1
+                            kind = kind_of(cls)  # pyright: ignore[reportUnknownArgumentType]
+                            if kind is PLAIN:
+                                f._plain_type = cls
+                                entered = None
+                            else:
+                                f._creating += 1
+                                try:
+                                    entered = await aenter(engine, kind, "create function")
+                                finally:
+                                    f._creating -= 1
+                                engine = entered[2]
                     except Exception:
                         c.create_errors += 1
                         raise
                     c.created += 1
                 if f._closed:
-                    await f._close_idle(entered, key)
+                    await f._close_idle(entered or (PLAIN, None, engine), key)
                     f._check_open()
             except BaseException:
                 try:
@@ -243,6 +255,7 @@ class EngineUse(Generic[E]):
             raise
         self._lease = lease
         self._entered = entered
+        self._engine = engine
         self._made = made
         self._aborted = False  # read once the body has begun: abort() is only for those
         uses = f._uses
@@ -263,13 +276,13 @@ class EngineUse(Generic[E]):
             self._task = task
             # Task.cancelling() is new in Python 3.11, which _CANCELLING checks.
             self._cancelling = task.cancelling() if _CANCELLING else 0  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType]
-            return entered[2]  # type: ignore[no-any-return]
+            return engine  # type: ignore[no-any-return]
         scope = self._scope = anyio.CancelScope(
             deadline=math.inf if deadline is None else anyio.current_time() + deadline
         )
         scope.__enter__()
         self._task = running_task()
-        return entered[2]  # type: ignore[no-any-return]
+        return engine  # type: ignore[no-any-return]
 
     async def __aexit__(  # noqa: C901, PLR0912, PLR0915  # one exit, in order, written out for speed
         self,
@@ -314,13 +327,13 @@ class EngineUse(Generic[E]):
             else:
                 entered = self._entered
                 close = f._close
-                if entered[0] is PLAIN:
+                if entered is None:
                     # _close_entered's plain case, inline: the usual case,
                     # and with a sync close it needs no coroutine nor list.
                     c.closed += 1
                     if close is not None:
                         try:
-                            result = close(entered[2])
+                            result = close(self._engine)
                             if result is not None and kind_of(type(result)) is AWAITABLE:
                                 await f._drive_close(result, key)  # type: ignore[arg-type]  # by its kind
                         except Exception as e:  # reported below
@@ -503,11 +516,13 @@ class EngineUse(Generic[E]):
     ) -> None:
         f = self._factory
         ctx = self._ctx
+        entered = self._entered
         assert ctx is not None  # noqa: S101  # set by __enter__
+        assert entered is not None  # noqa: S101  # set by __enter__, always a tuple there
         errors: list[BaseException] = []
         try:
             fatal = leave(
-                self._entered,
+                entered,
                 f._close,
                 (exc_type, exc, tb),
                 errors,

@@ -327,6 +327,9 @@ class EngineFactory(Generic[E]):
         # An engine is made on the slow path when it may come from the pool,
         # or its creation goes through a circuit breaker.
         self._slow_make = self._pool is not None or self._breaker is not None
+        # The type of plain engine create last returned: one of it needs no
+        # kind_of() call.
+        self._plain_type: type[object] | None = None
         self._counters = _Counters()
         self._sync_counters = _Counters()
         self._sync_lock = threading.Lock()

@@ -480,7 +480,12 @@ class LocalQuota(_Core):
         per waiter.
         """
         fut = loop.create_future()
-        self._enqueue(key, fut)
+        # _enqueue, written out: one call per waiter.
+        queue = self._waiters.get(key)
+        if queue is None:
+            queue = self._waiters[key] = deque()
+        queue.append(fut)
+        self._n_waiting += 1
         return fut
 
     async def _wait(self, key: str, timeout: float | None) -> None:
