@@ -40,16 +40,30 @@ __all__ = ["LocalQuota", "ThreadQuota"]
 
 class _Waiter:
     """
-    A waiter of a thread, or of a trio task: its *signal* (a lock, an
-    `anyio.Event`), and whether it was granted. A waiter of an asyncio task
-    is a bare future instead (see `LocalQuota`).
+    A waiter of a thread, or of a trio task: it wakes by *wake* (a lock's
+    release, an `anyio.Event`'s set). A waiter of an asyncio task is a bare
+    future instead; this one answers the two calls the quota makes of either.
     """
 
-    __slots__ = ("granted", "signal")
+    __slots__ = ("_wake", "granted")
 
-    def __init__(self, signal: Any) -> None:
-        self.signal = signal
+    def __init__(self, wake: Callable[[], object]) -> None:
+        self._wake = wake
         self.granted = False
+
+    def done(self) -> bool:
+        """
+        Say whether it stopped waiting: never while queued, as it leaves the
+        queue itself when it does (a future is done once cancelled).
+        """
+        return False
+
+    def set_result(self, granted: bool) -> None:  # noqa: FBT001  # as a future's
+        """
+        Grant it the slot (*granted* is True), and wake it.
+        """
+        self.granted = granted
+        self._wake()
 
 
 if TYPE_CHECKING:
@@ -174,19 +188,11 @@ class _Core:
         lease._quota = None
         self._return(lease._key)
 
-    def _alive(self, waiter: Waiter) -> bool:  # noqa: ARG002  # threads are not cancelled
-        return True
-
-    def _wake(self, waiter: Waiter) -> None:
-        """
-        Tell *waiter* it was granted; each quota wakes its own kind of waiter.
-        """
-
     def _pop_alive(self, queue: deque[Waiter]) -> Waiter | None:
         while queue:
             w = queue.popleft()
             self._n_waiting -= 1
-            if self._alive(w):
+            if not w.done():  # a future is done once cancelled or timed out
                 return w
         return None
 
@@ -200,7 +206,7 @@ class _Core:
         self._granted += 1
         if total > self._peak:  # noqa: PLR1730  # max() is a call, slower on the hot path
             self._peak = total
-        self._wake(w)
+        w.set_result(True)
 
     def _dispatch_key(self, key: str) -> None:
         """
@@ -216,7 +222,7 @@ class _Core:
         while queue and in_use.get(key, 0) < limit:
             w = queue.popleft()
             self._n_waiting -= 1
-            if self._alive(w):
+            if not w.done():
                 self._grant(key, w)
         if not queue:
             del self._waiters[key]
@@ -419,18 +425,6 @@ class LocalQuota(_Core):
         """
         self._set_limits(per_key, total, set_total=total is not _MISSING)
 
-    def _alive(self, waiter: Waiter) -> bool:
-        # A future is done once cancelled or timed out; a trio waiter leaves
-        # the queue itself when it stops waiting.
-        return isinstance(waiter, _Waiter) or not waiter.done()
-
-    def _wake(self, waiter: Waiter) -> None:
-        if isinstance(waiter, _Waiter):
-            waiter.granted = True
-            waiter.signal.set()
-        else:
-            waiter.set_result(True)
-
     def _return(self, key: str) -> None:
         """
         Take back a slot of *key*, or hand it straight to the next waiter of
@@ -449,17 +443,12 @@ class LocalQuota(_Core):
                 while queue:
                     w = queue.popleft()
                     self._n_waiting -= 1
-                    if isinstance(w, _Waiter):
-                        w.granted = True
-                        w.signal.set()
-                    elif w.done():  # cancelled, or timed out, while queued
-                        continue
-                    else:
+                    if not w.done():  # a future is done once cancelled or timed out
                         w.set_result(True)
-                    self._granted += 1
-                    if not queue:
-                        del waiters[key]
-                    return
+                        self._granted += 1
+                        if not queue:
+                            del waiters[key]
+                        return
                 del waiters[key]
         if n > 1:
             in_use[key] = n - 1
@@ -558,7 +547,7 @@ class LocalQuota(_Core):
     async def _wait_anyio(self, key: str, timeout: float | None) -> None:
         # trio: an anyio.Event, and a cancel scope only when there is a timeout.
         signal = anyio.Event()
-        w = _Waiter(signal)
+        w = _Waiter(signal.set)
         self._enqueue(key, w)
         # The loop's clock, which the timeout runs on: under a mock clock (trio's
         # autojump in tests) the wall clock would report no wait at all.
@@ -621,7 +610,7 @@ class ThreadQuota(_Core):
                 raise self._full_error(QuotaExceededError, key, 0.0, timeout)
             signal = threading.Lock()
             signal.acquire()
-            w = _Waiter(signal)
+            w = _Waiter(signal.release)
             self._enqueue(key, w)
         start = time.monotonic()
         try:
@@ -682,11 +671,6 @@ class ThreadQuota(_Core):
             if lease._quota is self:
                 lease._quota = None
                 self._return(lease._key)
-
-    def _wake(self, waiter: Waiter) -> None:
-        # A thread's waiter is always a _Waiter.
-        waiter.granted = True  # type: ignore[union-attr]  # pyright: ignore[reportAttributeAccessIssue]
-        waiter.signal.release()  # type: ignore[union-attr]  # pyright: ignore[reportAttributeAccessIssue]
 
     def stats(self, *, top: int = 10) -> QuotaStats:
         """

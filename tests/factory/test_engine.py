@@ -310,6 +310,36 @@ class TestEngine:
         assert factory.stats().created == 5
         settled(factory)
 
+    async def test_waiters_of_a_user_served_in_arrival_order(self, ctx):
+        """
+        Requests of one user past its limit wait, and get the freed slots in
+        the order they came (each slot handed straight on), one at a time.
+        """
+        factory = EngineFactory(make_engine, per_user=1)
+        order = []
+        gates = [anyio.Event() for _ in range(4)]
+
+        async def use(i):
+            async with factory.engine(ctx):
+                order.append(i)
+                assert factory.stats().in_use == 1
+                await gates[i].wait()
+
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(use, i)
+                # Each comes once the one before it is in: in use, or queued.
+                await until(lambda i=i: len(order) + factory.quota.stats().waiting == i + 1)
+            assert order == [0]
+            for i in range(4):
+                gates[i].set()
+                await until(lambda i=i: len(order) == min(i + 2, 4))
+        assert order == [0, 1, 2, 3]
+        s = factory.quota.stats()
+        assert (s.granted, s.waiting, s.in_use, s.peak, s.cancelled) == (4, 0, 0, 1, 0)
+        assert factory.stats().created == 4
+        settled(factory)
+
     @pytest.mark.parametrize("path", list(PATHS))
     async def test_slot_released_on_every_path(self, ctx, path):
         """
