@@ -185,7 +185,10 @@ class Scope:
         resources = self._resources
         if key in resources:
             return resources[key][4]
-        provider = self._registry._providers.get(key)
+        try:  # free when the key is registered (Python 3.11+), unlike a .get() call
+            provider = self._registry._providers[key]
+        except KeyError:
+            provider = None  # raised below, without the KeyError as its context
         if provider is None:
             raise unknown(key)
         make = provider.make
@@ -219,7 +222,7 @@ class Scope:
     async def aget(self, key: type[T]) -> T: ...
     @overload
     async def aget(self, key: Hashable) -> Any: ...
-    async def aget(self, key: object) -> Any:  # noqa: C901, PLR0912  # inline for speed
+    async def aget(self, key: object) -> Any:  # noqa: C901, PLR0912, PLR0915  # inline for speed
         """
         Return the resource *key*, creating it on first use; any provider works.
 
@@ -235,13 +238,27 @@ class Scope:
         resources = self._resources
         if key in resources:
             return resources[key][4]
-        provider = self._registry._providers.get(key)
+        try:  # free when the key is registered (Python 3.11+), unlike a .get() call
+            provider = self._registry._providers[key]
+        except KeyError:
+            provider = None  # raised below, without the KeyError as its context
         if provider is None:
             raise unknown(key)
         make = provider.make
         if make is None:
             return provider.value  # an override
         result = make(ctx)
+        if type(result) is _GENERATOR:
+            # A sync generator first, as in get: the common provider of a
+            # request's session, opened in an async scope.
+            for value in result:  # noqa: B007  # the first value is the resource
+                break
+            else:
+                raise no_yield(f"provider of {key_name(key)}")
+            counts = provider.counts
+            counts.created += 1
+            resources[key] = (counts, GEN, result, provider.close, value)
+            return value
         last = provider.last
         kind = last[1] if last[0] is type(result) else provider.kind(result)
         # The twin of _lifecycle.aenter, inline (and can_suspend cached per
@@ -323,8 +340,9 @@ class Scope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        errors: list[BaseException] | None = None  # made on the first failure
-        fatal: BaseException | None = None
+        # Made on the first failure: every cleanup error, the fatal ones
+        # (not an Exception) raised after the others by _raise.
+        errors: list[BaseException] | None = None
         opened = self._resources
         try:
             while opened:
@@ -344,20 +362,16 @@ class Scope:
                     elif kind is not PLAIN:
                         what = key_name(counts.key)
                         raise left_async(kind, what, _SYNC_FIX)  # noqa: TRY301  # collected
-                except Exception as e:  # collected; every cleanup runs
+                except BaseException as e:  # collected; every cleanup runs
                     errors = _collect(errors, e)
-                except BaseException as e:  # raised below, after the others
-                    fatal = fatal or e
                 if close is not None:
                     try:
                         result = close(value)
                         if result is not None and kind_of(type(result)) is AWAITABLE:
                             what = f"The close hook of {key_name(counts.key)}"
                             raise refuse(result, AWAITABLE, what, _SYNC_FIX)  # noqa: TRY301
-                    except Exception as e:  # collected; every cleanup runs
+                    except BaseException as e:  # collected; every cleanup runs
                         errors = _collect(errors, e)
-                    except BaseException as e:  # raised below
-                        fatal = fatal or e
         finally:
             self._state = _CLOSED
             self._frame = None  # which holds the scope, through its locals
@@ -368,37 +382,39 @@ class Scope:
                     _reset(token)
                 except ValueError:
                     pass
-        if errors is not None or fatal is not None:
-            self._raise(errors or [], exc, fatal, cancelled=False)
+        if errors is not None:
+            self._raise(errors, exc, cancelled=False)
 
-    async def __aexit__(  # noqa: C901, PLR0912, PLR0915  # a branch per kind, inline for speed
+    async def __aexit__(  # noqa: C901, PLR0912  # a branch per kind, inline for speed
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        errors: list[BaseException] | None = None  # made on the first failure
-        fatal: BaseException | None = None
+        # Made on the first failure: every cleanup error, the fatal ones
+        # (not an Exception) raised after the others by _raise.
+        errors: list[BaseException] | None = None
         opened = self._resources
         try:
             while opened:
                 counts, kind, obj, close, value = opened.popitem()[1]
                 counts.closed += 1
-                # The twin of _lifecycle.aleave, inline.
+                # The twin of _lifecycle.aleave, inline; the kinds most providers
+                # make first.
                 try:
-                    if kind is ASYNC_GEN_NO_AWAIT:
+                    if kind is GEN:
+                        if exc is None:
+                            for _ in obj:  # as in __exit__
+                                raise yielded_again(obj)  # noqa: TRY301  # collected below
+                        else:
+                            finish_gen(obj, exc)
+                    elif kind is ASYNC_GEN_NO_AWAIT:
                         if exc is None:
                             # Cheaper than awaiting __anext__ in a try.
                             async for _ in obj:
                                 raise await async_yielded_again(obj)  # noqa: TRY301  # collected
                         else:
                             await finish_agen(obj, exc)
-                    elif kind is GEN:
-                        if exc is None:
-                            for _ in obj:  # as in __exit__
-                                raise yielded_again(obj)  # noqa: TRY301  # collected below
-                        else:
-                            finish_gen(obj, exc)
                     elif kind is SYNC_CM:
                         obj.__exit__(exc_type, exc, tb)
                     elif kind is ASYNC_GEN:
@@ -415,10 +431,8 @@ class Scope:
                             "resource %r",
                             counts.key,
                         )
-                except Exception as e:  # collected; every cleanup runs
+                except BaseException as e:  # collected; every cleanup runs
                     errors = _collect(errors, e)
-                except BaseException as e:  # raised below, after the others
-                    fatal = fatal or e
                 if close is not None:
                     try:
                         result = close(value)
@@ -429,10 +443,8 @@ class Scope:
                                 "resource %r",
                                 counts.key,
                             )
-                    except Exception as e:  # collected; every cleanup runs
+                    except BaseException as e:  # collected; every cleanup runs
                         errors = _collect(errors, e)
-                    except BaseException as e:  # raised below
-                        fatal = fatal or e
         finally:
             self._state = _CLOSED
             self._frame = None  # which holds the scope, through its locals
@@ -443,18 +455,21 @@ class Scope:
                     _reset(token)
                 except ValueError:
                     pass
-        if errors is not None or fatal is not None:
+        if errors is not None:
             cancelled = exc is not None and isinstance(exc, anyio.get_cancelled_exc_class())
-            self._raise(errors or [], exc, fatal, cancelled=cancelled)
+            self._raise(errors, exc, cancelled=cancelled)
 
     def _raise(
         self,
-        errors: list[BaseException],
+        failed: list[BaseException],
         exc: BaseException | None,
-        fatal: BaseException | None,
         *,
         cancelled: bool,
     ) -> None:
+        # The first failure that is not an Exception (a cancellation, say) is
+        # raised; the Exceptions are logged, and raised or noted.
+        fatal = next((e for e in failed if not isinstance(e, Exception)), None)
+        errors = [e for e in failed if isinstance(e, Exception)]
         if errors:
             self._registry._close_errors += len(errors)
             for error in errors:
