@@ -43,13 +43,13 @@ from .exceptions import IsolationError, ScopeClosedError
 
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Hashable
+    from collections.abc import Hashable
     from types import FrameType, TracebackType
 
     from typing_extensions import Self
 
     from ._context import UserContext
-    from ._provider import Counts
+    from ._provider import Provider
     from ._registry import Registry
 
 # ExceptionGroup is a builtin from Python 3.11 on; the backport (a dependency of
@@ -63,7 +63,7 @@ T = TypeVar("T")
 
 __all__ = ["Scope"]
 
-_Entry = tuple["Counts", str, Any, "Callable[[Any], object] | None", Any]
+_Entry = tuple["Provider", str, Any, Any]
 _SYNC_FIX = "use `async with registry.scope()` and `await scope.aget(key)`"
 _ENTERED_ONCE = "A scope can be entered once; open a new one with registry.scope()."
 
@@ -127,7 +127,8 @@ class Scope:
         self._registry = registry
         self._ctx = ctx
         # Per key, in order of creation (popitem() takes the last first):
-        # (counts, kind, what to exit, close hook, value).
+        # (provider, kind, what to exit, value): the provider holds the
+        # counts and the close hook.
         self._resources: dict[object, _Entry] = {}
         self._state = _NEW
         # The frame that entered the scope, while it is open: what a scope
@@ -184,7 +185,7 @@ class Scope:
             ctx = self._check(key)
         resources = self._resources
         if key in resources:
-            return resources[key][4]
+            return resources[key][3]
         try:  # free when the key is registered (Python 3.11+), unlike a .get() call
             provider = self._registry._providers[key]
         except KeyError:
@@ -213,9 +214,8 @@ class Scope:
                 value, result = result, None
             else:
                 raise refuse(result, kind, f"The provider of {key_name(key)}", _SYNC_FIX)
-        counts = provider.counts
-        counts.created += 1
-        resources[key] = (counts, kind, result, provider.close, value)
+        provider.counts.created += 1
+        resources[key] = (provider, kind, result, value)
         return value
 
     @overload
@@ -237,7 +237,7 @@ class Scope:
             ctx = self._check(key)
         resources = self._resources
         if key in resources:
-            return resources[key][4]
+            return resources[key][3]
         try:  # free when the key is registered (Python 3.11+), unlike a .get() call
             provider = self._registry._providers[key]
         except KeyError:
@@ -255,9 +255,8 @@ class Scope:
                 break
             else:
                 raise no_yield(f"provider of {key_name(key)}")
-            counts = provider.counts
-            counts.created += 1
-            resources[key] = (counts, GEN, result, provider.close, value)
+            provider.counts.created += 1
+            resources[key] = (provider, GEN, result, value)
             return value
         last = provider.last
         kind = last[1] if last[0] is type(result) else provider.kind(result)
@@ -292,9 +291,8 @@ class Scope:
             value = result.__enter__()
         else:
             value, result = result, None
-        counts = provider.counts
-        counts.created += 1
-        resources[key] = (counts, kind, result, provider.close, value)
+        provider.counts.created += 1
+        resources[key] = (provider, kind, result, value)
         return value
 
     # -- entering and leaving --
@@ -346,8 +344,8 @@ class Scope:
         opened = self._resources
         try:
             while opened:
-                counts, kind, obj, close, value = opened.popitem()[1]
-                counts.closed += 1
+                provider, kind, obj, value = opened.popitem()[1]
+                provider.counts.closed += 1
                 # The twin of _lifecycle.leave, inline.
                 try:
                     if kind is GEN:
@@ -360,15 +358,15 @@ class Scope:
                     elif kind is SYNC_CM:
                         obj.__exit__(exc_type, exc, tb)
                     elif kind is not PLAIN:
-                        what = key_name(counts.key)
+                        what = key_name(provider.counts.key)
                         raise left_async(kind, what, _SYNC_FIX)  # noqa: TRY301  # collected
                 except BaseException as e:  # collected; every cleanup runs
                     errors = _collect(errors, e)
-                if close is not None:
+                if provider.close is not None:
                     try:
-                        result = close(value)
+                        result = provider.close(value)
                         if result is not None and kind_of(type(result)) is AWAITABLE:
-                            what = f"The close hook of {key_name(counts.key)}"
+                            what = f"The close hook of {key_name(provider.counts.key)}"
                             raise refuse(result, AWAITABLE, what, _SYNC_FIX)  # noqa: TRY301
                     except BaseException as e:  # collected; every cleanup runs
                         errors = _collect(errors, e)
@@ -397,8 +395,8 @@ class Scope:
         opened = self._resources
         try:
             while opened:
-                counts, kind, obj, close, value = opened.popitem()[1]
-                counts.closed += 1
+                provider, kind, obj, value = opened.popitem()[1]
+                provider.counts.closed += 1
                 # The twin of _lifecycle.aleave, inline; the kinds most providers
                 # make first.
                 try:
@@ -422,26 +420,26 @@ class Scope:
                             finish_agen(obj, exc),
                             self._registry._close_timeout,
                             "resource %r",
-                            counts.key,
+                            provider.counts.key,
                         )
                     elif kind is ASYNC_CM:
                         await drive(
                             obj.__aexit__(exc_type, exc, tb),
                             self._registry._close_timeout,
                             "resource %r",
-                            counts.key,
+                            provider.counts.key,
                         )
                 except BaseException as e:  # collected; every cleanup runs
                     errors = _collect(errors, e)
-                if close is not None:
+                if provider.close is not None:
                     try:
-                        result = close(value)
+                        result = provider.close(value)
                         if result is not None and kind_of(type(result)) is AWAITABLE:
                             await drive(
                                 result,  # type: ignore[arg-type]  # an awaitable, by its kind
                                 self._registry._close_timeout,
                                 "resource %r",
-                                counts.key,
+                                provider.counts.key,
                             )
                     except BaseException as e:  # collected; every cleanup runs
                         errors = _collect(errors, e)
@@ -491,9 +489,8 @@ class Scope:
         exc.close_errors = [*getattr(exc, "close_errors", ()), *errors]  # type: ignore[attr-defined]
 
     def __del__(self) -> None:
-        frame = self._frame
-        if frame is not None:  # open
-            code = frame.f_code
+        if self._frame is not None:  # open; run for every scope, so kept short
+            code = self._frame.f_code
             lineno = next(
                 (line for start, end, line in code.co_lines() if start <= self._lasti < end),
                 None,
