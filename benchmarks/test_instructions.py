@@ -88,7 +88,7 @@ class TestArithmetic:
         assert (held.status, held.fails_guard) == ("MISS", False)
         assert (regressed.status, regressed.fails_guard) == ("MISS", True)
         assert "| MISS | ok (held to today's 0.6x) |" in ins.table([held])
-        assert ins.BY_NAME["registry-sync"].guard == 0.56
+        assert ins.BY_NAME["registry-sync"].guard == 0.55
 
     def test_measure_with_a_counter(self):
         """

@@ -43,13 +43,13 @@ from .exceptions import IsolationError, ScopeClosedError
 
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Hashable
+    from collections.abc import Hashable
     from types import FrameType, TracebackType
 
     from typing_extensions import Self
 
     from ._context import UserContext
-    from ._provider import Counts
+    from ._provider import Provider
     from ._registry import Registry
 
 # ExceptionGroup is a builtin from Python 3.11 on; the backport (a dependency of
@@ -63,7 +63,7 @@ T = TypeVar("T")
 
 __all__ = ["Scope"]
 
-_Entry = tuple["Counts", str, Any, "Callable[[Any], object] | None", Any]
+_Entry = tuple["Provider", str, Any, Any]
 _SYNC_FIX = "use `async with registry.scope()` and `await scope.aget(key)`"
 _ENTERED_ONCE = "A scope can be entered once; open a new one with registry.scope()."
 
@@ -127,7 +127,8 @@ class Scope:
         self._registry = registry
         self._ctx = ctx
         # Per key, in order of creation (popitem() takes the last first):
-        # (counts, kind, what to exit, close hook, value).
+        # (provider, kind, what to exit, value): the provider holds the
+        # counts and the close hook.
         self._resources: dict[object, _Entry] = {}
         self._state = _NEW
         # The frame that entered the scope, while it is open: what a scope
@@ -184,8 +185,11 @@ class Scope:
             ctx = self._check(key)
         resources = self._resources
         if key in resources:
-            return resources[key][4]
-        provider = self._registry._providers.get(key)
+            return resources[key][3]
+        try:  # free when the key is registered (Python 3.11+), unlike a .get() call
+            provider = self._registry._providers[key]
+        except KeyError:
+            provider = None  # raised below, without the KeyError as its context
         if provider is None:
             raise unknown(key)
         make = provider.make
@@ -210,16 +214,15 @@ class Scope:
                 value, result = result, None
             else:
                 raise refuse(result, kind, f"The provider of {key_name(key)}", _SYNC_FIX)
-        counts = provider.counts
-        counts.created += 1
-        resources[key] = (counts, kind, result, provider.close, value)
+        provider.counts.created += 1
+        resources[key] = (provider, kind, result, value)
         return value
 
     @overload
     async def aget(self, key: type[T]) -> T: ...
     @overload
     async def aget(self, key: Hashable) -> Any: ...
-    async def aget(self, key: object) -> Any:  # noqa: C901, PLR0912  # inline for speed
+    async def aget(self, key: object) -> Any:  # noqa: C901, PLR0912, PLR0915  # inline for speed
         """
         Return the resource *key*, creating it on first use; any provider works.
 
@@ -234,14 +237,27 @@ class Scope:
             ctx = self._check(key)
         resources = self._resources
         if key in resources:
-            return resources[key][4]
-        provider = self._registry._providers.get(key)
+            return resources[key][3]
+        try:  # free when the key is registered (Python 3.11+), unlike a .get() call
+            provider = self._registry._providers[key]
+        except KeyError:
+            provider = None  # raised below, without the KeyError as its context
         if provider is None:
             raise unknown(key)
         make = provider.make
         if make is None:
             return provider.value  # an override
         result = make(ctx)
+        if type(result) is _GENERATOR:
+            # A sync generator first, as in get: the common provider of a
+            # request's session, opened in an async scope.
+            for value in result:  # noqa: B007  # the first value is the resource
+                break
+            else:
+                raise no_yield(f"provider of {key_name(key)}")
+            provider.counts.created += 1
+            resources[key] = (provider, GEN, result, value)
+            return value
         last = provider.last
         kind = last[1] if last[0] is type(result) else provider.kind(result)
         # The twin of _lifecycle.aenter, inline (and can_suspend cached per
@@ -275,9 +291,8 @@ class Scope:
             value = result.__enter__()
         else:
             value, result = result, None
-        counts = provider.counts
-        counts.created += 1
-        resources[key] = (counts, kind, result, provider.close, value)
+        provider.counts.created += 1
+        resources[key] = (provider, kind, result, value)
         return value
 
     # -- entering and leaving --
@@ -323,13 +338,14 @@ class Scope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        errors: list[BaseException] | None = None  # made on the first failure
-        fatal: BaseException | None = None
+        # Made on the first failure: every cleanup error, the fatal ones
+        # (not an Exception) raised after the others by _raise.
+        errors: list[BaseException] | None = None
         opened = self._resources
         try:
             while opened:
-                counts, kind, obj, close, value = opened.popitem()[1]
-                counts.closed += 1
+                provider, kind, obj, value = opened.popitem()[1]
+                provider.counts.closed += 1
                 # The twin of _lifecycle.leave, inline.
                 try:
                     if kind is GEN:
@@ -342,22 +358,18 @@ class Scope:
                     elif kind is SYNC_CM:
                         obj.__exit__(exc_type, exc, tb)
                     elif kind is not PLAIN:
-                        what = key_name(counts.key)
+                        what = key_name(provider.counts.key)
                         raise left_async(kind, what, _SYNC_FIX)  # noqa: TRY301  # collected
-                except Exception as e:  # collected; every cleanup runs
+                except BaseException as e:  # collected; every cleanup runs
                     errors = _collect(errors, e)
-                except BaseException as e:  # raised below, after the others
-                    fatal = fatal or e
-                if close is not None:
+                if provider.close is not None:
                     try:
-                        result = close(value)
+                        result = provider.close(value)
                         if result is not None and kind_of(type(result)) is AWAITABLE:
-                            what = f"The close hook of {key_name(counts.key)}"
+                            what = f"The close hook of {key_name(provider.counts.key)}"
                             raise refuse(result, AWAITABLE, what, _SYNC_FIX)  # noqa: TRY301
-                    except Exception as e:  # collected; every cleanup runs
+                    except BaseException as e:  # collected; every cleanup runs
                         errors = _collect(errors, e)
-                    except BaseException as e:  # raised below
-                        fatal = fatal or e
         finally:
             self._state = _CLOSED
             self._frame = None  # which holds the scope, through its locals
@@ -368,37 +380,39 @@ class Scope:
                     _reset(token)
                 except ValueError:
                     pass
-        if errors is not None or fatal is not None:
-            self._raise(errors or [], exc, fatal, cancelled=False)
+        if errors is not None:
+            self._raise(errors, exc, cancelled=False)
 
-    async def __aexit__(  # noqa: C901, PLR0912, PLR0915  # a branch per kind, inline for speed
+    async def __aexit__(  # noqa: C901, PLR0912  # a branch per kind, inline for speed
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        errors: list[BaseException] | None = None  # made on the first failure
-        fatal: BaseException | None = None
+        # Made on the first failure: every cleanup error, the fatal ones
+        # (not an Exception) raised after the others by _raise.
+        errors: list[BaseException] | None = None
         opened = self._resources
         try:
             while opened:
-                counts, kind, obj, close, value = opened.popitem()[1]
-                counts.closed += 1
-                # The twin of _lifecycle.aleave, inline.
+                provider, kind, obj, value = opened.popitem()[1]
+                provider.counts.closed += 1
+                # The twin of _lifecycle.aleave, inline; the kinds most providers
+                # make first.
                 try:
-                    if kind is ASYNC_GEN_NO_AWAIT:
+                    if kind is GEN:
+                        if exc is None:
+                            for _ in obj:  # as in __exit__
+                                raise yielded_again(obj)  # noqa: TRY301  # collected below
+                        else:
+                            finish_gen(obj, exc)
+                    elif kind is ASYNC_GEN_NO_AWAIT:
                         if exc is None:
                             # Cheaper than awaiting __anext__ in a try.
                             async for _ in obj:
                                 raise await async_yielded_again(obj)  # noqa: TRY301  # collected
                         else:
                             await finish_agen(obj, exc)
-                    elif kind is GEN:
-                        if exc is None:
-                            for _ in obj:  # as in __exit__
-                                raise yielded_again(obj)  # noqa: TRY301  # collected below
-                        else:
-                            finish_gen(obj, exc)
                     elif kind is SYNC_CM:
                         obj.__exit__(exc_type, exc, tb)
                     elif kind is ASYNC_GEN:
@@ -406,33 +420,29 @@ class Scope:
                             finish_agen(obj, exc),
                             self._registry._close_timeout,
                             "resource %r",
-                            counts.key,
+                            provider.counts.key,
                         )
                     elif kind is ASYNC_CM:
                         await drive(
                             obj.__aexit__(exc_type, exc, tb),
                             self._registry._close_timeout,
                             "resource %r",
-                            counts.key,
+                            provider.counts.key,
                         )
-                except Exception as e:  # collected; every cleanup runs
+                except BaseException as e:  # collected; every cleanup runs
                     errors = _collect(errors, e)
-                except BaseException as e:  # raised below, after the others
-                    fatal = fatal or e
-                if close is not None:
+                if provider.close is not None:
                     try:
-                        result = close(value)
+                        result = provider.close(value)
                         if result is not None and kind_of(type(result)) is AWAITABLE:
                             await drive(
                                 result,  # type: ignore[arg-type]  # an awaitable, by its kind
                                 self._registry._close_timeout,
                                 "resource %r",
-                                counts.key,
+                                provider.counts.key,
                             )
-                    except Exception as e:  # collected; every cleanup runs
+                    except BaseException as e:  # collected; every cleanup runs
                         errors = _collect(errors, e)
-                    except BaseException as e:  # raised below
-                        fatal = fatal or e
         finally:
             self._state = _CLOSED
             self._frame = None  # which holds the scope, through its locals
@@ -443,18 +453,21 @@ class Scope:
                     _reset(token)
                 except ValueError:
                     pass
-        if errors is not None or fatal is not None:
+        if errors is not None:
             cancelled = exc is not None and isinstance(exc, anyio.get_cancelled_exc_class())
-            self._raise(errors or [], exc, fatal, cancelled=cancelled)
+            self._raise(errors, exc, cancelled=cancelled)
 
     def _raise(
         self,
-        errors: list[BaseException],
+        failed: list[BaseException],
         exc: BaseException | None,
-        fatal: BaseException | None,
         *,
         cancelled: bool,
     ) -> None:
+        # The first failure that is not an Exception (a cancellation, say) is
+        # raised; the Exceptions are logged, and raised or noted.
+        fatal = next((e for e in failed if not isinstance(e, Exception)), None)
+        errors = [e for e in failed if isinstance(e, Exception)]
         if errors:
             self._registry._close_errors += len(errors)
             for error in errors:
@@ -476,9 +489,8 @@ class Scope:
         exc.close_errors = [*getattr(exc, "close_errors", ()), *errors]  # type: ignore[attr-defined]
 
     def __del__(self) -> None:
-        frame = self._frame
-        if frame is not None:  # open
-            code = frame.f_code
+        if self._frame is not None:  # open; run for every scope, so kept short
+            code = self._frame.f_code
             lineno = next(
                 (line for start, end, line in code.co_lines() if start <= self._lasti < end),
                 None,

@@ -172,12 +172,12 @@ class TestScopeAget:
         assert registry.stats().created == 0
         settled(registry)
 
-    @pytest.mark.parametrize("kind", ["gen", "async_gen"])
+    @pytest.mark.parametrize("kind", ["gen", "async_gen", "awaited_gen"])
     async def test_generator_that_does_not_yield(self, registry, ctx, kind):
         """
         A generator or async generator provider that returns without yielding
         is a RuntimeError naming the key, as contextlib's "generator didn't
-        yield".
+        yield"; so is a generator that a coroutine provider returns.
         """
 
         def empty(c):
@@ -188,7 +188,11 @@ class TestScopeAget:
             return
             yield
 
-        registry.register("db", empty if kind == "gen" else aempty)
+        async def awaited(c):
+            return empty(c)
+
+        providers = {"gen": empty, "async_gen": aempty, "awaited_gen": awaited}
+        registry.register("db", providers[kind])
         async with registry.scope(ctx) as scope:
             with pytest.raises(RuntimeError, match="'db'"):
                 await scope.aget("db")
