@@ -91,7 +91,7 @@ class Operation:
 
 
 # The rows whose "ours" is a hand-written reference, not the library.
-_OURS_SIDE = {"http-lean": "lean", "registry-sync-bare": "bare"}
+_OURS_SIDE = {"http-lean": "lean", "registry-sync-bare": "bare", "registry-sync-lean": "lean"}
 
 
 OPERATIONS = (
@@ -164,6 +164,15 @@ OPERATIONS = (
         "sync scope: the bare hand-written scope (the physical limit) vs svcs",
         "scope",
         "FloorScope",
+        "svcs.Container",
+        None,
+        needs="svcs",
+    ),
+    Operation(
+        "registry-sync-lean",
+        "sync scope: the lean hand-written scope with every guarantee (the physical limit) vs svcs",
+        "scope",
+        "LeanScope",
         "svcs.Container",
         None,
         needs="svcs",
@@ -390,6 +399,28 @@ async def _registry_sync(side: str, batch: int) -> AsyncIterator[Batch]:
 
 
 @contextlib.asynccontextmanager
+async def _registry_sync_lean(side: str, batch: int) -> AsyncIterator[Batch]:
+    if side != "lean":
+        async with _registry_sync(side, batch) as floor:  # svcs, as the row above
+            yield floor
+        return
+    import usercontext as uc
+
+    from usercontext._report.lean_scope import LeanCounts, LeanScope
+
+    ctx = uc.UserContext(user_id="u-42", thread_id="t-7", run_id="r-1")
+    providers = {_Session: (_session, [0, 0])}
+    counts = LeanCounts()
+
+    async def lean() -> None:
+        for _ in range(batch):
+            with LeanScope(providers, ctx, counts) as scope:
+                scope.get(_Session)
+
+    yield lean
+
+
+@contextlib.asynccontextmanager
 async def _registry_async(side: str, batch: int) -> AsyncIterator[Batch]:
     import usercontext as uc
 
@@ -421,6 +452,7 @@ _SIDES = {
     "emit-wakeup": _emit_wakeup,
     "registry-sync": _registry_sync,
     "registry-sync-bare": _registry_sync,
+    "registry-sync-lean": _registry_sync_lean,
     "registry-async": _registry_async,
 }
 
