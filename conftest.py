@@ -439,14 +439,37 @@ def server_missing(need: str) -> str | None:
     return None
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """
     Mark the tests that ask for a service's URL as needing that server.
+
+    With pytest-xdist (``-n``, ``--dist loadgroup``), the tests that use the
+    shared Redis run on one worker, one at a time: each has a database of its
+    own, but pub/sub channels (the event bus's and the quota's) are not per
+    database, so two of them at once would hear each other's messages. The
+    tests of a module with a module- or class-scoped fixture (a report run, a
+    server) run on one worker too, so that the fixture is made once.
     """
+    grouped = config.pluginmanager.hasplugin("xdist")
     for item in items:
         for fixture, name in SERVICE_FIXTURES.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.server(name))
+        if not grouped:
+            continue
+        if any("redis" in m.args for m in item.iter_markers("server")):
+            item.add_marker(pytest.mark.xdist_group("shared-redis"))
+        elif _shares_a_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+def _shares_a_fixture(item: pytest.Item) -> bool:
+    """
+    Tell whether *item* uses a fixture made once per module or class.
+    """
+    info = getattr(item, "_fixtureinfo", None)
+    definitions = getattr(info, "name2fixturedefs", {})
+    return any(d.scope in ("module", "class") for ds in definitions.values() for d in ds)
 
 
 @pytest.hookimpl(tryfirst=True)
