@@ -42,6 +42,13 @@ PAGES = sorted(DOCS.glob("*.md"))
 EXAMPLES = [page for page in PAGES if python_blocks(page)]
 
 
+def _uses_redis(page: Path) -> bool:
+    """
+    Tell whether *page*'s examples use the Redis adapter.
+    """
+    return any("usercontext.redis" in block for block in python_blocks(page))
+
+
 class TestExamples:
     def test_pages_found(self):
         """
@@ -50,7 +57,15 @@ class TestExamples:
         assert PAGES
         assert EXAMPLES
 
-    @pytest.mark.parametrize("page", EXAMPLES, ids=[page.name for page in EXAMPLES])
+    @pytest.mark.parametrize(
+        "page",
+        [
+            # A page that uses Redis needs the test Redis, which the mark says.
+            pytest.param(page, marks=[pytest.mark.server("redis")] if _uses_redis(page) else [])
+            for page in EXAMPLES
+        ],
+        ids=[page.name for page in EXAMPLES],
+    )
     def test_page_examples_run(self, page, tmp_path, request):
         """
         A page's python blocks, concatenated in order, run as one script in a
@@ -61,7 +76,7 @@ class TestExamples:
         script = tmp_path / f"{page.stem}_examples.py"
         script.write_text("\n".join(blocks), encoding="utf-8")
         env = dict(os.environ)
-        if any("usercontext.redis" in block for block in blocks):
+        if _uses_redis(page):
             env["REDIS_URL"] = request.getfixturevalue("redis_db")
 
         result = subprocess.run(  # noqa: S603  # our own interpreter on our own docs
