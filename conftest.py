@@ -428,8 +428,7 @@ def service_url(config: pytest.Config, name: str) -> str:
             # Every pytest-xdist worker but the first gets a Redis of its own:
             # pub/sub channels (the event bus's, the quota's) are shared by
             # every database of a server, so two tests on one server at once
-            # would hear each other. (xdist_group cannot keep them on one
-            # worker with pytest 9.2, whose nodeid xdist can no longer tag.)
+            # would hear each other.
             find = _own_redis
         try:
             url, server = find(os.environ.get(variable, default))
@@ -457,38 +456,14 @@ def server_missing(need: str) -> str | None:
     return None
 
 
-# First: pytest-xdist's worker reads the xdist_group marks in its own hook.
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """
     Mark the tests that ask for a service's URL as needing that server.
-
-    With pytest-xdist (``-n``, ``--dist loadgroup``), the tests that use the
-    shared Redis are grouped on one worker, and so are the tests of a module
-    with a module- or class-scoped fixture (a report run, a server), so that
-    the fixture is made once, where pytest-xdist can keep a group together
-    (not with pytest 9.2: there `service_url` gives each worker its Redis).
     """
-    grouped = config.pluginmanager.hasplugin("xdist")
     for item in items:
         for fixture, name in SERVICE_FIXTURES.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.server(name))
-        if not grouped:
-            continue
-        if any("redis" in m.args for m in item.iter_markers("server")):
-            item.add_marker(pytest.mark.xdist_group("shared-redis"))
-        elif _shares_a_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-
-
-def _shares_a_fixture(item: pytest.Item) -> bool:
-    """
-    Tell whether *item* uses a fixture made once per module or class.
-    """
-    info = getattr(item, "_fixtureinfo", None)
-    definitions = getattr(info, "name2fixturedefs", {})
-    return any(d.scope in ("module", "class") for ds in definitions.values() for d in ds)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -85,7 +85,7 @@ class TestQuickStart:
         assert ".venv/bin/python -m pip install --upgrade pip" in steps
         assert ".venv/bin/python -m pip install -e . --group tests" in steps
         assert steps[-3:] == [
-            ".venv/bin/python -m coverage run -m pytest -n auto --dist loadgroup",
+            ".venv/bin/python -m coverage run -m pytest -n auto",
             ".venv/bin/python -m coverage combine -q",
             ".venv/bin/python -m coverage report",
         ]
