@@ -132,16 +132,14 @@ def _with_header_and_length(message: Message, header: tuple[bytes, bytes]) -> tu
     Return *message* with the *header* added unless it has one, and whether it
     has a Content-Length, in one pass over its headers.
     """
-    headers: Any = message.get("headers") or ()
-    if type(headers) is not list and type(headers) is not tuple:
+    headers: Iterable[tuple[bytes, bytes]] = message.get("headers") or ()
+    if not isinstance(headers, (list, tuple)):
         # Any iterable will do (ASGI), but it must be read more than once here.
         headers = list(headers)
         message = {**message, "headers": headers}
     name = header[0]
     has_id = has_length = False
-    # Typed by assignment: a cast() would be a call per request.
-    pairs: Iterable[tuple[bytes, bytes]] = headers
-    for key, _ in pairs:
+    for key, _ in headers:
         lower = key.lower()
         if lower == b"content-length":
             has_length = True

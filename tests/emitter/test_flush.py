@@ -15,7 +15,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from emitter_helpers import TYPE, until
+from emitter_helpers import TYPE, GateSink, until
 
 import usercontext as uc
 
@@ -135,6 +135,74 @@ def test_another_cancellation_is_not_taken_back():
         return taken, still, alone, a.timed_out
 
     assert asyncio.run(main()) == (False, 1, True, False)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="a native cut needs Task.uncancel()")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+class TestNativeCut:
+    """
+    On asyncio 3.11+ a delivery task has no cancel scope: a detach, or the
+    close's deadline, cuts its send in progress by a native cancellation,
+    which the task takes back.
+    """
+
+    async def test_a_detach_cuts_the_send_and_the_task_ends_cleanly(self, ctx):
+        sink = GateSink()
+        async with uc.EmitterHub() as hub:
+            attachment = hub.attach("u-42", sink)
+            a = attachment._attached
+            assert a.scope is None
+            hub.emitter(ctx).emit_nowait(TYPE)
+            await sink.started.wait()
+            assert a.cuttable
+            dropped = attachment.detach()
+            await attachment.wait()
+            stats = hub.stats()
+
+        assert (a.task.done(), a.task.cancelled()) == (True, False)
+        assert (a.cuts, a.cuttable, a.task.cancelling()) == (0, False, 0)
+        assert (dropped, sink.events, attachment.reason) == (1, [], "detached")
+        assert (stats.delivered, stats.dead_lettered, stats.send_errors) == (0, 0, 0)
+
+    async def test_a_detach_cuts_the_wait_before_a_retry(self, ctx):
+        calls = []
+
+        async def fail(events):
+            calls.append(len(events))
+            raise OSError("connection reset")
+
+        retry = uc.Retry(attempts=3, backoff=30)
+        with anyio.fail_after(4):
+            async with uc.EmitterHub(retry=retry) as hub:
+                attachment = hub.attach("u-42", uc.CallbackSink(fail))
+                hub.emitter(ctx).emit_nowait(TYPE)
+                await until(lambda: attachment._attached.cuttable)  # waiting to retry
+                attachment.detach()
+                await attachment.wait()
+                stats = hub.stats()
+
+        assert calls == [1]
+        assert not attachment._attached.task.cancelled()
+        assert (stats.send_errors, stats.retried, stats.dead_lettered) == (1, 1, 0)
+
+    async def test_another_cancellation_of_a_send_ends_the_task(self, ctx):
+        """
+        A cancellation the hub did not send (the loop's shutdown, say) is
+        not taken back: the task ends cancelled, and its batch goes to the
+        dead-letter hook.
+        """
+        letters = []
+        sink = GateSink()
+        async with uc.EmitterHub(on_dead_letter=letters.append) as hub:
+            attachment = hub.attach("u-42", sink)
+            task = attachment._attached.task
+            hub.emitter(ctx).emit_nowait(TYPE)
+            await sink.started.wait()
+            task.cancel()
+            await attachment.wait()
+
+        assert task.cancelled()
+        assert [(len(d.events), d.reason) for d in letters] == [(1, "hub_closed")]
 
 
 class TestDirectSinks:
