@@ -237,6 +237,30 @@ class TestDirectSinks:
         assert batches["u-42"] == batches["u-99"] == [[1], [2, 3], [4, 5, 6]]
         assert seen_probe == {"hub"}
 
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_no_task_until_one_is_needed(self, ctx):
+        """
+        A direct sink gets its delivery task only when it needs one: it is
+        delivered to by the flushes, and a detach ends its delivery at once,
+        with what it did not get counted as dropped.
+        """
+        seen = []
+        async with uc.EmitterHub() as hub:
+            attachment = hub.attach("u-42", uc.CallbackSink(seen.append))
+            a = attachment._attached
+            emitter = hub.emitter(ctx)
+            emitter.emit_nowait(TYPE)
+            await anyio.sleep(0.01)
+            emitter.emit_nowait(TYPE)  # detached before the next flush
+            assert attachment.detach() == 1
+            ended = a.ended
+            await attachment.wait()
+            stats = hub.stats()
+
+        assert (a.task, ended, attachment.reason) == (None, True, "detached")
+        assert [[e.seq for e in batch] for batch in seen] == [[1]]
+        assert (stats.delivered, dict(stats.dropped)) == (1, {"detached": 1})
+
     async def test_a_failing_callback_is_retried_by_its_task(self, ctx):
         """
         A callback that raises is retried with the same batch, after a

@@ -106,7 +106,6 @@ class Delivery:
         Deliver to the sink of *a* until it is detached, given up, or drained.
         """
         error: BaseException | None = None
-        self.direct(a)
         try:
             scope = a.scope
             if scope is None:
@@ -212,11 +211,12 @@ class Delivery:
 
     # -- sinks that cannot block, flushed once per loop turn
 
-    def direct(self, a: _Attached) -> None:
+    def direct(self, a: _Attached) -> bool:
         """
         Deliver to *a* by the loop turn's flush if its sink cannot block: a
-        `CallbackSink` of a plain function, on asyncio. Its task then only
-        retries, drains and ends.
+        `CallbackSink` of a plain function, on asyncio; return whether it is
+        so. Its task is started only to retry, drain or end (see `_NoTask`):
+        most such sinks never need one.
         """
         sink = a.sink
         if (
@@ -225,7 +225,14 @@ class Delivery:
             and type(sink).send is CallbackSink.send
             and not inspect.iscoroutinefunction(sink.callback)
         ):
-            a.kick = _Kick(self, a, sink.callback)
+            kick = a.kick = _Kick(self, a, sink.callback)
+            a.future = _NoTask(self, a)
+            if a.queue:
+                kick.set_result(None)  # the replay: delivered by the next flush
+            else:
+                a.waiter = kick
+            return True
+        return False
 
     def _flush(self) -> None:
         """
@@ -455,18 +462,29 @@ class Delivery:
         Account for what *a* did not get once its delivery task ends, after
         *error* if it failed.
         """
-        counters = self.counters
         if a.timer is not None:
             a.timer.cancel()
             a.timer = None
         if a.reason == "detached":
-            counters.drop(a, "detached", len(self._take_undelivered(a)))
-        elif a.batch or a.queue:
+            self.end_detached(a)
+            return
+        if a.batch or a.queue:
             # Cut by the close deadline, or by a bug in the delivery task.
             with anyio.CancelScope(shield=True):
                 await self._dead_letter(a, "hub_closed" if error is None else "failed", error)
         elif error is not None:
             a.reason = a.reason or "failed"
+        self._ended(a)
+
+    def end_detached(self, a: _Attached) -> None:
+        """
+        End the delivery of *a*, detached: what it did not get is dropped.
+        """
+        self.counters.drop(a, "detached", len(self._take_undelivered(a)))
+        self._ended(a)
+
+    def _ended(self, a: _Attached) -> None:
+        counters = self.counters
         self.streams.unlink(a)
         a.ended = True
         counters.peak_pending = max(counters.peak_pending, a.peak)
@@ -528,3 +546,34 @@ class _Kick:
                 d._ready.append(d._handle)  # type: ignore[arg-type]  # made with the loop
             else:
                 d.loop.call_soon(d._flush, context=d.context)  # type: ignore[union-attr]
+
+
+class _NoTask:
+    """
+    The `future` of a direct sink whose delivery task is not started,
+    shaped like the future its task would sleep on: what would wake the task
+    starts it (a retry, an awaitable result, the close's drain), and a
+    detach ends the delivery at once, without a task.
+    """
+
+    __slots__ = ("_a", "_delivery")
+
+    # Never done: `bool()` is False, called in C (see _Kick).
+    done = bool
+
+    def __init__(self, delivery: Delivery, a: _Attached) -> None:
+        self._delivery = delivery
+        self._a = a
+
+    def set_result(self, _: None) -> None:
+        d, a = self._delivery, self._a
+        a.future = None
+        if a.reason == "detached":
+            if a.inflight:
+                # Detached by its own callback, during the flush: ended once
+                # the flush accounted for the batch, as its task would be.
+                d.loop.call_soon(d.end_detached, a, context=d.context)  # type: ignore[union-attr]  # direct on asyncio only
+            else:
+                d.end_detached(a)
+        else:
+            a.task = d.loop.create_task(d.run(a))  # type: ignore[union-attr]  # direct on asyncio only

@@ -498,7 +498,7 @@ class EmitterHub:
         loop = self._delivery.loop
         if loop is None:  # trio
             self._tg.start_soon(self._delivery.run, a)
-        else:
+        elif not self._delivery.direct(a):
             # A native task, not one of the task group's: anyio's spawn costs
             # more than the rest of an attach. The task is referenced by *a*
             # until it ended; the drain waits for every task to end (each
