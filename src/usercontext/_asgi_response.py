@@ -188,27 +188,6 @@ async def _answer_crash(
     return refused
 
 
-async def _close(resources: Scope, error: BaseException | None) -> Exception | None:
-    """
-    Close a request's scope once its response is out (or the connection is
-    over): cleanup errors are logged, not raised; return the error, or `None`
-    if every cleanup succeeded.
-    """
-    try:
-        if error is None:
-            await resources.__aexit__(None, None, None)
-        else:  # the scope adds its cleanup errors to *error* as notes
-            await resources.__aexit__(type(error), error, error.__traceback__)
-    except Exception as e:  # each error was logged by the scope
-        logger.error(  # noqa: TRY400  # the scope logged each traceback already
-            "The resources of request %s were not all cleaned up: %s",
-            resources.ctx.request_id,
-            e,
-        )
-        return e
-    return None
-
-
 class _ResponseCutError(RuntimeError):
     """
     Raised into the application's last ``send`` of a response whose headers
@@ -365,17 +344,18 @@ class RequestLink:
         scope of *resources* lives as long as the connection.
         """
         if resources is not None:
+            self._resources = resources
             await resources.__aenter__()
         try:
             await app(scope, functools.partial(self.receive, receive), self.send_with_id)
         except BaseException as e:
             if resources is not None:
-                await _close(resources, e)
+                await self._close(e)
             if not self._started and await _answer_crash(self.to_server, scope, e, self._header):
                 return
             raise
         if resources is not None:
-            await _close(resources, None)
+            await self._close()
 
     async def send_with_id(self, message: Message) -> None:
         """
@@ -391,13 +371,27 @@ class RequestLink:
 
     async def _close(self, error: BaseException | None = None) -> Exception | None:
         """
-        Close the scope (as failed if the client left); return the cleanup
-        error, or `None` if every cleanup succeeded.
+        Close the request's scope once its response is out (or the connection
+        is over), as failed if the client left: cleanup errors are logged, not
+        raised; return the error, or `None` if every cleanup succeeded.
         """
         self._closed = True
         if error is None and self._disconnected:
             error = _DisconnectedError("The client disconnected before the response was complete.")
-        return await _close(self._resources, error)
+        resources = self._resources
+        try:
+            if error is None:
+                await resources.__aexit__(None, None, None)
+            else:  # the scope adds its cleanup errors to *error* as notes
+                await resources.__aexit__(type(error), error, error.__traceback__)
+        except Exception as e:  # each error was logged by the scope
+            logger.error(  # noqa: TRY400  # the scope logged each traceback already
+                "The resources of request %s were not all cleaned up: %s",
+                resources.ctx.request_id,
+                e,
+            )
+            return e
+        return None
 
     async def __call__(self, message: Message) -> None:
         """
@@ -405,7 +399,8 @@ class RequestLink:
         """
         kind = message["type"]
         if kind == "http.response.start":
-            message, has_length = _with_header_and_length(message, self._header)
+            header = (self._name, self._id.encode("ascii", "backslashreplace"))
+            message, has_length = _with_header_and_length(message, header)
             if not self._closed and (has_length or message["status"] in _NO_BODY):
                 self._held = message  # sent with its body, after the cleanup
                 return

@@ -396,10 +396,15 @@ class UserContextMiddleware:
             or (exempt is not None and exempt(scope.get("path", "")))
         ):
             return self._serve(scope, receive, server, incoming)
+        resolved: Any
         try:
-            resolved = self._call_resolver(scope)
-        except Exception as e:  # not a refusal: answered, then raised
-            return self._crash(scope, server, e, incoming)
+            resolved = self.resolver(scope)
+        except Exception as e:
+            # _call_resolver, written out: a call less per request.
+            refused = _refused(scope, e)
+            if refused is None:  # not a refusal: answered, then raised
+                return self._crash(scope, server, e, incoming)
+            resolved = refused
         if type(resolved) is not UserContext:
             return self._serve(scope, receive, server, incoming, resolved)
         return self._open(scope, receive, server, resolved, None, incoming)
@@ -541,7 +546,14 @@ class UserContextMiddleware:
         Give *ctx* the request's id, make its scope of resources and its
         `RequestState`, and return the request's run under it, bound.
         """
-        ctx = self._with_id(ctx, request, incoming)
+        if request is not None or self._make_id is not None:
+            ctx = self._with_id(ctx, request, incoming)
+        elif incoming is not None and incoming != ctx.request_id:
+            # _with_id, written out for the client's id: a call less per request.
+            try:  # noqa: SIM105  # contextlib.suppress costs an object per request
+                ctx = with_request_id(ctx, incoming)
+            except InvalidContextError:
+                pass  # see _with_id
         registry = self.registry
         resources = None if registry is None else registry.scope(ctx)
         scope[STATE_KEY] = RequestState(ctx, resources, self.hub)
@@ -552,7 +564,10 @@ class UserContextMiddleware:
             # The request's own fresh Context, dropped after it: nothing to
             # reset (a bind, and its __exit__, would stay alive per request).
             _var.set(ctx)
-            return self._run(server, scope, receive, resources)
+            # _run, written out.
+            if resources is not None and scope["type"] == "http":
+                return server.run(self.app, scope, receive, resources)
+            return server.run_plain(self.app, scope, receive, resources)
         return self._run_bound(ctx, server, scope, receive, resources)
 
     async def _run_bound(
