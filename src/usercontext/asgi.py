@@ -19,6 +19,7 @@ import functools
 import inspect
 
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from contextvars import copy_context
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from usercontext import (
@@ -42,7 +43,7 @@ from usercontext._asgi_response import (
     logger,
 )
 from usercontext._context import with_request_id
-from usercontext._current import _fresh_context, _var, isolated_call
+from usercontext._current import _fresh_context, _get, _var, isolated_call
 from usercontext._http import (
     GOOD_REQUEST_ID as _GOOD_REQUEST_ID,
 )
@@ -373,7 +374,9 @@ class UserContextMiddleware:
                 # isolated(), inline: the request's first steps, up to its
                 # application, run in its Context in one call, with no
                 # coroutine of their own for most requests.
-                context = _fresh_context()
+                # _fresh_context, written out for a server's task, where no
+                # user is bound: a plain copy is fresh already.
+                context = copy_context() if _get(None) is None else _fresh_context()
                 await isolated_call(context.run(self._start, scope, receive, server), context)
             else:
                 await self._serve(scope, receive, server, self._incoming_id(scope))
