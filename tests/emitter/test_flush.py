@@ -261,6 +261,57 @@ class TestDirectSinks:
         assert [[e.seq for e in batch] for batch in seen] == [[1]]
         assert (stats.delivered, dict(stats.dropped)) == (1, {"detached": 1})
 
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_a_replay_is_delivered_without_an_emit(self, ctx):
+        """
+        Events replayed to a direct sink at its attach are delivered by the
+        next flush, with no emit to kick it.
+        """
+        seen = []
+        async with uc.EmitterHub(replay=10) as hub:
+            emitter = hub.emitter(ctx)
+            for _ in range(3):
+                emitter.emit_nowait(TYPE)
+            hub.attach("u-42", uc.CallbackSink(seen.append), last_seq=1)
+            await anyio.sleep(0.01)
+            stats = hub.stats()
+
+        assert [[e.seq for e in batch] for batch in seen] == [[2, 3]]
+        assert (stats.delivered, stats.replayed) == (2, 2)
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_a_callback_that_cancels_its_task_is_not_handed_over(self, ctx):
+        """
+        A callback whose task was cancelled while it ran (by the callback
+        itself, here) raises: the flush leaves the batch to the cancelled
+        task, which gives it to the dead-letter hook as it ends.
+        """
+        calls = []
+        letters = []
+        attachment = None
+
+        def callback(events):
+            calls.append([e.seq for e in events])
+            if len(calls) == 2:
+                return  # the task's retry
+            if len(calls) == 3:
+                attachment._attached.task.cancel()  # the task sleeps: its future is cancelled
+            raise OSError("connection reset")
+
+        retry = uc.Retry(attempts=5, backoff=0.01)
+        async with uc.EmitterHub(retry=retry, on_dead_letter=letters.append) as hub:
+            attachment = hub.attach("u-42", uc.CallbackSink(callback))
+            emitter = hub.emitter(ctx)
+            emitter.emit_nowait(TYPE)  # fails: its task is started, and retries
+            await until(lambda: hub.stats().delivered == 1)
+            await anyio.sleep(0.01)  # the task sleeps, and the flushes deliver
+            emitter.emit_nowait(TYPE)
+            await attachment.wait()
+
+        assert calls == [[1], [1], [2]]
+        assert attachment._attached.task.cancelled()
+        assert [(d.reason, len(d.events)) for d in letters] == [("hub_closed", 1)]
+
     async def test_a_failing_callback_is_retried_by_its_task(self, ctx):
         """
         A callback that raises is retried with the same batch, after a
