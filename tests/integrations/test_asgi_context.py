@@ -22,6 +22,7 @@ from usercontext.asgi import UserContextMiddleware, request_state
 from asgi_helpers import (
     Client,
     Session,
+    aresolve,
     assert_crash_answer,
     http_scope,
     json_app,
@@ -504,3 +505,10 @@ class TestWithoutALoggingAdapter:
         assert (refused.status(), refused.json()["request_id"]) == (401, "req-7")
         assert_crash_answer(crashed.sent)
         assert crashed.headers()[b"x-request-id"] == b"req-8"
+
+    async def test_a_coroutine_resolver(self, isolate):
+        client = Client()
+        mw = UserContextMiddleware(json_app(), resolver=aresolve, isolate=isolate)
+        await mw(http_scope(("x-request-id", "req-9")), client.receive, client.send)
+
+        assert client.json() == {"user_id": "u-42", "request_id": "req-9"}
