@@ -133,14 +133,13 @@ def _with_header_and_length(message: Message, header: tuple[bytes, bytes]) -> tu
     has a Content-Length, in one pass over its headers.
     """
     headers: Iterable[tuple[bytes, bytes]] = message.get("headers") or ()
-    if type(headers) is not list and type(headers) is not tuple:
+    if not isinstance(headers, (list, tuple)):
         # Any iterable will do (ASGI), but it must be read more than once here.
         headers = list(headers)
         message = {**message, "headers": headers}
     name = header[0]
     has_id = has_length = False
-    # type() narrows to list[Unknown] for pyright, losing the item type.
-    for key, _ in cast("Iterable[tuple[bytes, bytes]]", headers):
+    for key, _ in headers:
         lower = key.lower()
         if lower == b"content-length":
             has_length = True
@@ -189,27 +188,6 @@ async def _answer_crash(
     return refused
 
 
-async def _close(resources: Scope, error: BaseException | None) -> Exception | None:
-    """
-    Close a request's scope once its response is out (or the connection is
-    over): cleanup errors are logged, not raised; return the error, or `None`
-    if every cleanup succeeded.
-    """
-    try:
-        if error is None:
-            await resources.__aexit__(None, None, None)
-        else:  # the scope adds its cleanup errors to *error* as notes
-            await resources.__aexit__(type(error), error, error.__traceback__)
-    except Exception as e:  # each error was logged by the scope
-        logger.error(  # noqa: TRY400  # the scope logged each traceback already
-            "The resources of request %s were not all cleaned up: %s",
-            resources.ctx.request_id,
-            e,
-        )
-        return e
-    return None
-
-
 class _ResponseCutError(RuntimeError):
     """
     Raised into the application's last ``send`` of a response whose headers
@@ -222,8 +200,9 @@ class _ResponseCutError(RuntimeError):
 class RequestLink:
     """
     One request's link to the server: it sends the response, and closes the
-    request's scope at the right moment (see `UserContextMiddleware`). Calling
-    it calls the server's ``send``.
+    request's scope at the right moment (see `UserContextMiddleware`). It is
+    the application's ``send`` of an HTTP request with a scope of resources
+    (a method would be one more object alive per request).
 
     Servers start tasks and schedule callbacks from inside ``send`` and
     ``receive``, and each copies the Context it is started from: uvicorn
@@ -243,15 +222,17 @@ class RequestLink:
         "_context",
         "_cut",
         "_disconnected",
-        "_header",
         "_held",
+        "_id",
+        "_name",
         "_receive",
         "_resources",
         "_send",
         "_started",
     )
 
-    _header: tuple[bytes, bytes]
+    _name: bytes
+    _id: str
     _receive: Receive
     _resources: Scope
 
@@ -266,7 +247,10 @@ class RequestLink:
 
     # -- calls into the server, in its Context
 
-    def __call__(self, message: Message) -> Awaitable[None]:
+    def to_server(self, message: Message) -> Awaitable[None]:
+        """
+        Call the server's ``send``.
+        """
         return _in_context(self._context.run, _call(self._send, message))
 
     def send_all(self, *messages: Message) -> Awaitable[None]:
@@ -283,30 +267,41 @@ class RequestLink:
 
     # -- the request
 
+    def header(self, name: bytes, request_id: str) -> None:
+        """
+        Put the request id *request_id* in the header *name* of the response.
+        """
+        self._name = name
+        self._id = request_id
+
+    @property
+    def _header(self) -> tuple[bytes, bytes]:
+        # Made when used (once for most requests), rather than kept alive
+        # while the request runs.
+        return (self._name, self._id.encode("ascii", "backslashreplace"))
+
     async def run(
         self,
         app: ASGIApp,
         scope: MutableMapping[str, Any],
         receive: Receive,
         resources: Scope,
-        header: tuple[bytes, bytes],
     ) -> None:
         """
         Run *app* for an HTTP request with its scope of *resources*, and the
-        request id *header* on its response.
+        request id (see `header`) on its response.
         """
-        self._header = header
         self._resources = resources
         self._receive = receive
         await resources.__aenter__()
         try:
-            await app(scope, self._watch, self.send)
+            await app(scope, self._watch, self)
         except BaseException as e:
             if not self._closed:
                 await self._close(e)
             if not self._started:
                 self._held = None
-                if await _answer_crash(self, scope, e, header):
+                if await _answer_crash(self.to_server, scope, e, self._header):
                     return
             raise
         if not self._closed:
@@ -318,7 +313,7 @@ class RequestLink:
                 self._held = None
                 self._started = True
                 if error is None:
-                    await self(held)
+                    await self.to_server(held)
                 else:
                     await self._send_failure()
         elif self._cut is not None:
@@ -342,26 +337,25 @@ class RequestLink:
         scope: MutableMapping[str, Any],
         receive: Receive,
         resources: Scope | None,
-        header: tuple[bytes, bytes],
     ) -> None:
         """
-        Run *app* for a request that needs no more than the request id
-        *header* on its response: one without a scope, or a WebSocket, whose
+        Run *app* for a request that needs no more than the request id (see
+        `header`) on its response: one without a scope, or a WebSocket, whose
         scope of *resources* lives as long as the connection.
         """
-        self._header = header
         if resources is not None:
+            self._resources = resources
             await resources.__aenter__()
         try:
             await app(scope, functools.partial(self.receive, receive), self.send_with_id)
         except BaseException as e:
             if resources is not None:
-                await _close(resources, e)
-            if not self._started and await _answer_crash(self, scope, e, self._header):
+                await self._close(e)
+            if not self._started and await _answer_crash(self.to_server, scope, e, self._header):
                 return
             raise
         if resources is not None:
-            await _close(resources, None)
+            await self._close()
 
     async def send_with_id(self, message: Message) -> None:
         """
@@ -373,30 +367,48 @@ class RequestLink:
         if kind in _STARTS:
             message = _with_header_and_length(message, self._header)[0]
             self._started = True
-        await self(message)
+        await self.to_server(message)
 
     async def _close(self, error: BaseException | None = None) -> Exception | None:
         """
-        Close the scope (as failed if the client left); return the cleanup
-        error, or `None` if every cleanup succeeded.
+        Close the request's scope once its response is out (or the connection
+        is over), as failed if the client left: cleanup errors are logged, not
+        raised; return the error, or `None` if every cleanup succeeded.
         """
         self._closed = True
         if error is None and self._disconnected:
             error = _DisconnectedError("The client disconnected before the response was complete.")
-        return await _close(self._resources, error)
+        resources = self._resources
+        try:
+            if error is None:
+                await resources.__aexit__(None, None, None)
+            else:  # the scope adds its cleanup errors to *error* as notes
+                await resources.__aexit__(type(error), error, error.__traceback__)
+        except Exception as e:  # each error was logged by the scope
+            logger.error(  # noqa: TRY400  # the scope logged each traceback already
+                "The resources of request %s were not all cleaned up: %s",
+                resources.ctx.request_id,
+                e,
+            )
+            return e
+        return None
 
-    async def send(self, message: Message) -> None:
+    async def __call__(self, message: Message) -> None:
+        """
+        The application's ``send`` under `run`.
+        """
         kind = message["type"]
         if kind == "http.response.start":
-            message, has_length = _with_header_and_length(message, self._header)
+            header = (self._name, self._id.encode("ascii", "backslashreplace"))
+            message, has_length = _with_header_and_length(message, header)
             if not self._closed and (has_length or message["status"] in _NO_BODY):
                 self._held = message  # sent with its body, after the cleanup
                 return
             self._started = True
-            await self(message)
+            await self.to_server(message)
             return
         if self._closed:
-            await self(message)
+            await self.to_server(message)
             return
         if kind == "http.response.body":
             final = not message.get("more_body", False)
@@ -429,7 +441,7 @@ class RequestLink:
         """
         try:
             if held is None:
-                await self(message)
+                await self.to_server(message)
             else:
                 await self.send_all(held, message)
         except BaseException as e:
@@ -454,4 +466,4 @@ class RequestLink:
         raise self._cut from error
 
     async def _send_failure(self) -> None:
-        await _send_json(self, "http.response", 500, CLEANUP_FAILED, [self._header])
+        await _send_json(self.to_server, "http.response", 500, CLEANUP_FAILED, [self._header])

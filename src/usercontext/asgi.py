@@ -19,6 +19,7 @@ import functools
 import inspect
 
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from contextvars import copy_context
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from usercontext import (
@@ -42,7 +43,7 @@ from usercontext._asgi_response import (
     logger,
 )
 from usercontext._context import with_request_id
-from usercontext._current import _fresh_context, _var, isolated_call
+from usercontext._current import _fresh_context, _get, _var, isolated_call
 from usercontext._http import (
     GOOD_REQUEST_ID as _GOOD_REQUEST_ID,
 )
@@ -367,15 +368,49 @@ class UserContextMiddleware:
             if self.strip_context_headers:
                 # A copy: the server's own scope keeps what the client sent.
                 scope = {**scope, "headers": strip_context_headers(scope.get("headers", ()))}
-            # The link is made before anything is bound (see RequestLink); isolated(), inline.
+            # The link is made before anything is bound (see RequestLink).
+            server = RequestLink(send)
             if self.isolate:
-                await isolated_call(
-                    self._serve(scope, receive, RequestLink(send)), _fresh_context()
-                )
+                # isolated(), inline: the request's first steps, up to its
+                # application, run in its Context in one call, with no
+                # coroutine of their own for most requests.
+                # _fresh_context, written out for a server's task, where no
+                # user is bound: a plain copy is fresh already.
+                context = copy_context() if _get(None) is None else _fresh_context()
+                await isolated_call(context.run(self._start, scope, receive, server), context)
             else:
-                await self._serve(scope, receive, RequestLink(send))
+                await self._serve(scope, receive, server, self._incoming_id(scope))
         else:
             await self.app(scope, receive, send)
+
+    def _start(
+        self, scope: MutableMapping[str, Any], receive: Receive, server: RequestLink
+    ) -> Awaitable[None]:
+        """
+        Return what serves the request, in its own Context: for most
+        requests, resolved by a plain resolver, its run with the context
+        bound already; else `_serve`.
+        """
+        incoming = self._incoming_id(scope)
+        exempt = self._exempt
+        if (
+            readers
+            or self.resolver_in_thread
+            or (exempt is not None and exempt(scope.get("path", "")))
+        ):
+            return self._serve(scope, receive, server, incoming)
+        resolved: Any
+        try:
+            resolved = self.resolver(scope)
+        except Exception as e:
+            # _call_resolver, written out: a call less per request.
+            refused = _refused(scope, e)
+            if refused is None:  # not a refusal: answered, then raised
+                return self._crash(scope, server, e, incoming)
+            resolved = refused
+        if type(resolved) is not UserContext:
+            return self._serve(scope, receive, server, incoming, resolved)
+        return self._open(scope, receive, server, resolved, None, incoming)
 
     def _incoming_id(self, scope: MutableMapping[str, Any]) -> str | None:
         trust = self.trust_request_id
@@ -429,21 +464,35 @@ class UserContextMiddleware:
             if token is not None:
                 pending.reset(token)
 
-    async def _serve(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-        incoming = self._incoming_id(scope)
+    async def _serve(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Receive,
+        server: RequestLink,
+        incoming: str | None,
+        returned: Any = _CALL,
+    ) -> None:
+        """
+        Serve the request whose client sent the id *incoming*; given what the
+        resolver *returned* already (not a context), finish that instead of
+        calling it.
+        """
         make_id = self._make_id
         # Only a logging adapter reads the id of a request being resolved:
         # without one, the id is made only where it is needed.
         request = Pending(incoming, make_id) if readers else None
         exempt = self._exempt
         ctx: UserContext | None = None
-        server: RequestLink = send  # type: ignore[assignment]  # made by __call__
-        if exempt is None or not exempt(scope.get("path", "")):
+        if returned is not _CALL or exempt is None or not exempt(scope.get("path", "")):
             resolved: UserContext | Refusal | None
             try:
-                if request is None and not self.resolver_in_thread:
-                    # Most requests: the resolver called here, without the
-                    # coroutine of `_resolve` (an object alive per request).
+                if returned is not _CALL:
+                    resolved = returned
+                    if type(resolved) is not Refusal and resolved is not None:
+                        resolved = await self._resolve(scope, None, resolved)
+                elif request is None and not self.resolver_in_thread:
+                    # The resolver called here, without the coroutine of
+                    # `_resolve` (an object alive per request).
                     resolved = self._call_resolver(scope)
                     kind = type(resolved)
                     if kind is not UserContext and kind is not Refusal and resolved is not None:
@@ -454,33 +503,86 @@ class UserContextMiddleware:
                 # A resolver that crashed (not a refusal): the client still
                 # gets a 500 with the id it can quote, and the error goes on.
                 crashed = _id_of(request, incoming, make_id)
-                await _answer_crash(server, scope, e, (self._header, crashed.encode("ascii")))
+                await _answer_crash(
+                    server.to_server, scope, e, (self._header, crashed.encode("ascii"))
+                )
                 raise
             if isinstance(resolved, Refusal):
                 refused_id = _id_of(request, incoming, make_id).encode("ascii")
-                await refuse(scope, send, resolved, (self._header, refused_id))
+                await refuse(scope, server.to_server, resolved, (self._header, refused_id))
                 return
             ctx = resolved
             del resolved  # the resolver's context is not kept alive beside the one bound
         if ctx is None:
             # No user: nothing to bind, no scope to open.
             scope[STATE_KEY] = None
-            anonymous = (self._header, _id_of(request, incoming, make_id).encode("ascii"))
-            await server.run_plain(self.app, scope, receive, None, anonymous)
+            server.header(self._header, _id_of(request, incoming, make_id))
+            await server.run_plain(self.app, scope, receive, None)
             return
-        ctx = self._with_id(ctx, request, incoming)
+        await self._open(scope, receive, server, ctx, request, incoming)
+
+    async def _crash(
+        self,
+        scope: MutableMapping[str, Any],
+        server: RequestLink,
+        error: Exception,
+        incoming: str | None,
+    ) -> None:
+        """
+        Answer a request whose resolver crashed with *error* (not a refusal)
+        with a 500 carrying the id the client can quote, then raise *error*.
+        """
+        crashed = _id_of(None, incoming, self._make_id)
+        await _answer_crash(server.to_server, scope, error, (self._header, crashed.encode("ascii")))
+        raise error
+
+    def _open(  # noqa: PLR0913, PLR0917  # the request's parts, without a tuple on the hot path
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Receive,
+        server: RequestLink,
+        ctx: UserContext,
+        request: Pending | None,
+        incoming: str | None,
+    ) -> Awaitable[None]:
+        """
+        Give *ctx* the request's id, make its scope of resources and its
+        `RequestState`, and return the request's run under it, bound.
+        """
+        if request is not None or self._make_id is not None:
+            ctx = self._with_id(ctx, request, incoming)
+        elif incoming is not None and incoming != ctx.request_id:
+            # _with_id, written out for the client's id: a call less per request.
+            try:  # noqa: SIM105  # contextlib.suppress costs an object per request
+                ctx = with_request_id(ctx, incoming)
+            except InvalidContextError:
+                pass  # see _with_id
         registry = self.registry
         resources = None if registry is None else registry.scope(ctx)
         scope[STATE_KEY] = RequestState(ctx, resources, self.hub)
-        request_id = (self._header, ctx.request_id.encode("ascii", "backslashreplace"))
+        # The header is made when the response starts: not an object kept
+        # alive while the request runs.
+        server.header(self._header, ctx.request_id)
         if self.isolate:
             # The request's own fresh Context, dropped after it: nothing to
             # reset (a bind, and its __exit__, would stay alive per request).
             _var.set(ctx)
-            await self._run(server, scope, receive, resources, request_id)
-        else:
-            with bind(ctx):
-                await self._run(server, scope, receive, resources, request_id)
+            # _run, written out.
+            if resources is not None and scope["type"] == "http":
+                return server.run(self.app, scope, receive, resources)
+            return server.run_plain(self.app, scope, receive, resources)
+        return self._run_bound(ctx, server, scope, receive, resources)
+
+    async def _run_bound(
+        self,
+        ctx: UserContext,
+        server: RequestLink,
+        scope: MutableMapping[str, Any],
+        receive: Receive,
+        resources: Scope | None,
+    ) -> None:
+        with bind(ctx):
+            await self._run(server, scope, receive, resources)
 
     def _call_resolver(self, scope: MutableMapping[str, Any]) -> Any:
         """
@@ -524,11 +626,10 @@ class UserContextMiddleware:
         scope: MutableMapping[str, Any],
         receive: Receive,
         resources: Scope | None,
-        request_id: tuple[bytes, bytes],
     ) -> Awaitable[None]:
         if resources is not None and scope["type"] == "http":
-            return server.run(self.app, scope, receive, resources, request_id)
-        return server.run_plain(self.app, scope, receive, resources, request_id)
+            return server.run(self.app, scope, receive, resources)
+        return server.run_plain(self.app, scope, receive, resources)
 
 
 def _refused(scope: MutableMapping[str, Any], error: Exception) -> Refusal | None:

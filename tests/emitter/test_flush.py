@@ -15,7 +15,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from emitter_helpers import TYPE, until
+from emitter_helpers import TYPE, GateSink, until
 
 import usercontext as uc
 
@@ -137,6 +137,74 @@ def test_another_cancellation_is_not_taken_back():
     assert asyncio.run(main()) == (False, 1, True, False)
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="a native cut needs Task.uncancel()")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+class TestNativeCut:
+    """
+    On asyncio 3.11+ a delivery task has no cancel scope: a detach, or the
+    close's deadline, cuts its send in progress by a native cancellation,
+    which the task takes back.
+    """
+
+    async def test_a_detach_cuts_the_send_and_the_task_ends_cleanly(self, ctx):
+        sink = GateSink()
+        async with uc.EmitterHub() as hub:
+            attachment = hub.attach("u-42", sink)
+            a = attachment._attached
+            assert a.scope is None
+            hub.emitter(ctx).emit_nowait(TYPE)
+            await sink.started.wait()
+            assert a.cuttable
+            dropped = attachment.detach()
+            await attachment.wait()
+            stats = hub.stats()
+
+        assert (a.task.done(), a.task.cancelled()) == (True, False)
+        assert (a.cuts, a.cuttable, a.task.cancelling()) == (0, False, 0)
+        assert (dropped, sink.events, attachment.reason) == (1, [], "detached")
+        assert (stats.delivered, stats.dead_lettered, stats.send_errors) == (0, 0, 0)
+
+    async def test_a_detach_cuts_the_wait_before_a_retry(self, ctx):
+        calls = []
+
+        async def fail(events):
+            calls.append(len(events))
+            raise OSError("connection reset")
+
+        retry = uc.Retry(attempts=3, backoff=30)
+        with anyio.fail_after(4):
+            async with uc.EmitterHub(retry=retry) as hub:
+                attachment = hub.attach("u-42", uc.CallbackSink(fail))
+                hub.emitter(ctx).emit_nowait(TYPE)
+                await until(lambda: attachment._attached.cuttable)  # waiting to retry
+                attachment.detach()
+                await attachment.wait()
+                stats = hub.stats()
+
+        assert calls == [1]
+        assert not attachment._attached.task.cancelled()
+        assert (stats.send_errors, stats.retried, stats.dead_lettered) == (1, 1, 0)
+
+    async def test_another_cancellation_of_a_send_ends_the_task(self, ctx):
+        """
+        A cancellation the hub did not send (the loop's shutdown, say) is
+        not taken back: the task ends cancelled, and its batch goes to the
+        dead-letter hook.
+        """
+        letters = []
+        sink = GateSink()
+        async with uc.EmitterHub(on_dead_letter=letters.append) as hub:
+            attachment = hub.attach("u-42", sink)
+            task = attachment._attached.task
+            hub.emitter(ctx).emit_nowait(TYPE)
+            await sink.started.wait()
+            task.cancel()
+            await attachment.wait()
+
+        assert task.cancelled()
+        assert [(len(d.events), d.reason) for d in letters] == [(1, "hub_closed")]
+
+
 class TestDirectSinks:
     async def test_each_loop_turn_delivers_in_order(self, ctx, other_ctx):
         """
@@ -168,6 +236,81 @@ class TestDirectSinks:
 
         assert batches["u-42"] == batches["u-99"] == [[1], [2, 3], [4, 5, 6]]
         assert seen_probe == {"hub"}
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_no_task_until_one_is_needed(self, ctx):
+        """
+        A direct sink gets its delivery task only when it needs one: it is
+        delivered to by the flushes, and a detach ends its delivery at once,
+        with what it did not get counted as dropped.
+        """
+        seen = []
+        async with uc.EmitterHub() as hub:
+            attachment = hub.attach("u-42", uc.CallbackSink(seen.append))
+            a = attachment._attached
+            emitter = hub.emitter(ctx)
+            emitter.emit_nowait(TYPE)
+            await anyio.sleep(0.01)
+            emitter.emit_nowait(TYPE)  # detached before the next flush
+            assert attachment.detach() == 1
+            ended = a.ended
+            await attachment.wait()
+            stats = hub.stats()
+
+        assert (a.task, ended, attachment.reason) == (None, True, "detached")
+        assert [[e.seq for e in batch] for batch in seen] == [[1]]
+        assert (stats.delivered, dict(stats.dropped)) == (1, {"detached": 1})
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_a_replay_is_delivered_without_an_emit(self, ctx):
+        """
+        Events replayed to a direct sink at its attach are delivered by the
+        next flush, with no emit to kick it.
+        """
+        seen = []
+        async with uc.EmitterHub(replay=10) as hub:
+            emitter = hub.emitter(ctx)
+            for _ in range(3):
+                emitter.emit_nowait(TYPE)
+            hub.attach("u-42", uc.CallbackSink(seen.append), last_seq=1)
+            await anyio.sleep(0.01)
+            stats = hub.stats()
+
+        assert [[e.seq for e in batch] for batch in seen] == [[2, 3]]
+        assert (stats.delivered, stats.replayed) == (2, 2)
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_a_callback_that_cancels_its_task_is_not_handed_over(self, ctx):
+        """
+        A callback whose task was cancelled while it ran (by the callback
+        itself, here) raises: the flush leaves the batch to the cancelled
+        task, which gives it to the dead-letter hook as it ends.
+        """
+        calls = []
+        letters = []
+        attachment = None
+
+        def callback(events):
+            calls.append([e.seq for e in events])
+            if len(calls) == 2:
+                return  # the task's retry
+            if len(calls) == 3:
+                attachment._attached.task.cancel()  # the task sleeps: its future is cancelled
+            raise OSError("connection reset")
+
+        retry = uc.Retry(attempts=5, backoff=0.01)
+        async with uc.EmitterHub(retry=retry, on_dead_letter=letters.append) as hub:
+            attachment = hub.attach("u-42", uc.CallbackSink(callback))
+            emitter = hub.emitter(ctx)
+            emitter.emit_nowait(TYPE)  # fails: its task is started, and retries
+            await until(lambda: hub.stats().delivered == 1)
+            await anyio.sleep(0.01)  # the task sleeps, and the flushes deliver
+            emitter.emit_nowait(TYPE)
+            await attachment.wait()
+
+        assert calls == [[1], [1], [2]]
+        assert attachment._attached.task.cancelled()
+        assert [(d.reason, len(d.events)) for d in letters] == [("hub_closed", 1)]
 
     async def test_a_failing_callback_is_retried_by_its_task(self, ctx):
         """

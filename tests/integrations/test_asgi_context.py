@@ -15,12 +15,15 @@ import anyio.to_thread
 import pytest
 
 import usercontext as uc
+import usercontext.asgi
 
 from usercontext.asgi import UserContextMiddleware, request_state
 
 from asgi_helpers import (
     Client,
     Session,
+    aresolve,
+    assert_crash_answer,
     http_scope,
     json_app,
     outer_var,
@@ -454,3 +457,58 @@ class TestCrashes:
         assert client.header_values(b"x-request-id") == [b"ws-c"]
         assert client.json()["request_id"] == "ws-c"
         assert bare.sent == []
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+class TestWithoutALoggingAdapter:
+    """
+    Without a logging adapter reading the pending request id, a plain
+    resolver is called without a coroutine of its own, isolated or not;
+    every outcome is the same as with one.
+    """
+
+    @pytest.fixture(autouse=True)
+    def _no_readers(self, monkeypatch):
+        monkeypatch.setattr(usercontext.asgi, "readers", [])
+
+    async def test_a_request_with_a_scope(self, isolate):
+        log = []
+        mw = UserContextMiddleware(
+            json_app(), resolver=resolve, registry=session_registry(log), isolate=isolate
+        )
+        clients = [Client(), Client(), Client()]
+        incoming = [("x-request-id", "req-1"), ("x-request-id", "null"), None]
+        for client, header in zip(clients, incoming, strict=True):
+            scope = http_scope() if header is None else http_scope(header)
+            await mw(scope, client.receive, client.send)
+
+        ids = [c.json()["request_id"] for c in clients]
+        assert [c.headers()[b"x-request-id"].decode() for c in clients] == ids
+        assert ids[0] == "req-1"
+        assert "null" not in ids[1:]
+        assert len(set(ids)) == 3
+        assert log == ["open u-42 depth=0", "commit depth=0"] * 3
+        assert uc.current_or_none() is None
+
+    async def test_a_refusal_and_a_crash(self, isolate):
+        def crash(scope):
+            raise RuntimeError("the key server is down")
+
+        refused, crashed = Client(), Client()
+        await UserContextMiddleware(json_app(), resolver=resolve, isolate=isolate)(
+            http_scope(("x-request-id", "req-7"), user=None), refused.receive, refused.send
+        )
+        mw = UserContextMiddleware(json_app(), resolver=crash, isolate=isolate)
+        with pytest.raises(RuntimeError, match="key server"):
+            await mw(http_scope(("x-request-id", "req-8")), crashed.receive, crashed.send)
+
+        assert (refused.status(), refused.json()["request_id"]) == (401, "req-7")
+        assert_crash_answer(crashed.sent)
+        assert crashed.headers()[b"x-request-id"] == b"req-8"
+
+    async def test_a_coroutine_resolver(self, isolate):
+        client = Client()
+        mw = UserContextMiddleware(json_app(), resolver=aresolve, isolate=isolate)
+        await mw(http_scope(("x-request-id", "req-9")), client.receive, client.send)
+
+        assert client.json() == {"user_id": "u-42", "request_id": "req-9"}

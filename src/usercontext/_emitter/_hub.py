@@ -340,11 +340,14 @@ class EmitterHub:
         """
         if ctx is None:
             ctx = current()
-        elif not isinstance(ctx, UserContext):
+        elif ctx.__class__ is not UserContext and not isinstance(ctx, UserContext):
             msg = f"emitter() takes a usercontext.UserContext, got {type(ctx).__name__}."  # type: ignore[unreachable]
             raise TypeError(msg)
+        if self._state != "running":
+            self._check_running("emit")
+        # _stream_of, written out: a request gets its emitter on this path.
         kind = Emitter if self._bus is None else BusEmitter
-        return kind(self, ctx, self._stream_of(ctx.user_id))
+        return kind(self, ctx, self._table.get(ctx.user_id))
 
     def attach(self, user_id: str, sink: Sink, *, last_seq: int | str | None = None) -> Attachment:
         """
@@ -489,11 +492,13 @@ class EmitterHub:
         self._counters.replayed += replayed
         self._counters.missed += missed or 0
         a.attachment = Attachment(self._table.detach, a, replayed, missed)
+        if not self._delivery.native:
+            a.scope = anyio.CancelScope(shield=True)
         self._table.link(a)
         loop = self._delivery.loop
         if loop is None:  # trio
             self._tg.start_soon(self._delivery.run, a)
-        else:
+        elif not self._delivery.direct(a):
             # A native task, not one of the task group's: anyio's spawn costs
             # more than the rest of an attach. The task is referenced by *a*
             # until it ended; the drain waits for every task to end (each

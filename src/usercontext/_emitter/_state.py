@@ -193,12 +193,15 @@ class _Attached:
     __slots__ = (
         "attachment",
         "batch",
+        "cuts",
+        "cuttable",
         "delivered",
         "done",
         "draining",
         "dropped",
         "ended",
         "future",
+        "halted",
         "handover",
         "inflight",
         "kick",
@@ -223,7 +226,10 @@ class _Attached:
     inflight: int
     batch: tuple[Event, ...]
     waiter: Any
-    scope: anyio.CancelScope
+    scope: anyio.CancelScope | None
+    cuttable: bool
+    cuts: int
+    halted: bool
     draining: bool
     unlinked: bool
     ended: bool
@@ -250,7 +256,14 @@ class _Attached:
         # A tuple: a sink cannot change the batch that is retried or dead-lettered.
         self.batch = ()
         self.waiter = None
-        self.scope = anyio.CancelScope(shield=True)
+        # The delivery's cancel scope on trio and Python 3.10 (see
+        # Delivery.native): on asyncio 3.11+, the task is cut natively, and
+        # only in a send or the wait before a retry (`cuttable`); `cuts` counts
+        # the cancellations sent that it has not taken back yet.
+        self.scope = None
+        self.cuttable = False
+        self.cuts = 0
+        self.halted = False  # detached, or past the close's deadline: no more sends
         self.draining = False  # the hub closes: stop once the queue is empty
         self.unlinked = False  # no longer routed to
         self.ended = False  # the delivery task finished
@@ -277,6 +290,20 @@ class _Attached:
             self.waiter = None
             if not w.done():
                 w.set_result(None)
+
+    def cancel(self) -> None:
+        """
+        Cut the delivery task's send in progress, or its wait before a retry:
+        by its cancel scope, or natively while it is in one (the dead-letter
+        hook is not cut, as a shield would hold it).
+        """
+        scope = self.scope
+        if scope is not None:
+            scope.cancel()
+        elif self.cuttable:
+            self.cuttable = False
+            self.cuts += 1
+            self.task.cancel()  # type: ignore[union-attr]  # a native delivery has its task
 
 
 class Attachment:

@@ -72,6 +72,7 @@ class Streams:
         if head and head[0].type is EVENTS_MISSED:
             pending -= 1  # a notice, not an event of the stream
         a.reason = "detached"
+        a.halted = True
         self.unlink(a)
         future = a.future
         if future is not None and not future.done():
@@ -80,7 +81,7 @@ class Streams:
             a.waiter = None
             future.set_result(None)
         else:
-            a.scope.cancel()
+            a.cancel()
         return pending
 
     def unlink(self, a: _Attached) -> None:
