@@ -9,6 +9,7 @@ import sys
 
 import anyio
 import anyio.lowlevel
+import pytest
 
 from emitter_helpers import TYPE, until
 
@@ -48,6 +49,24 @@ class TestIdleUsers:
             assert set(hub._table.streams) == {"u-42", "u-99"}
             attachment.detach()
             await until(lambda: hub.stats().users == 0)
+
+    @pytest.mark.parametrize("replay", [100, 0])
+    async def test_a_dropped_user_frees_its_events_at_once(self, ctx, replay):
+        """
+        The events a dropped user's history held are freed when the user is
+        dropped, not by the cycle collector, though a sink that was attached
+        still refers to the stream; without a history there is none to free.
+        """
+        async with uc.EmitterHub(idle_ttl=0.02, replay=replay) as hub:
+            hub.attach("u-42", RecordingSink()).detach()
+            stream = hub._table.streams["u-42"]
+            emitter = hub.emitter(ctx)
+            for _ in range(3):
+                emitter.emit_nowait(TYPE)
+            assert len(stream.history or ()) == (3 if replay else 0)
+            await until(lambda: hub.stats().users == 0)
+            assert stream.dead
+            assert stream.history is None if not replay else list(stream.history) == []
 
     async def test_many_distinct_users_leave_nothing(self):
         """

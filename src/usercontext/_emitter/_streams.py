@@ -159,6 +159,10 @@ class Streams:
                 continue
             s.dead = True
             del self.streams[user_id]
+            if s.history is not None:
+                # Freed now rather than by the cycle collector: a sink that
+                # was attached refers to the stream from a cycle of its own.
+                s.history.clear()
             done += 1
         if done >= _COMPACT_AFTER and done > len(self.streams):
             # A dict keeps its table when entries are deleted: copy the two
