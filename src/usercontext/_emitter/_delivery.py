@@ -491,6 +491,9 @@ class Delivery:
         counters = self.counters
         self.streams.unlink(a)
         a.ended = True
+        # A direct sink's kick refers to *a*: dropped, so that *a* is freed
+        # without the cycle collector.
+        a.kick = a.waiter = None
         counters.peak_pending = max(counters.peak_pending, a.peak)
         if a.done is not None:
             a.done.set()

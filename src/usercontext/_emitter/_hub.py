@@ -491,7 +491,9 @@ class EmitterHub:
         """
         self._counters.replayed += replayed
         self._counters.missed += missed or 0
-        a.attachment = Attachment(self._table.detach, a, replayed, missed)
+        # Not kept by *a*: held by the caller only, it is freed without the
+        # cycle collector once dropped.
+        attachment = Attachment(self._table.detach, a, replayed, missed)
         if not self._delivery.native:
             a.scope = anyio.CancelScope(shield=True)
         self._table.link(a)
@@ -504,7 +506,7 @@ class EmitterHub:
             # until it ended; the drain waits for every task to end (each
             # unlinks its sink in its last step), as the group would.
             a.task = loop.create_task(self._delivery.run(a))
-        return a.attachment
+        return attachment
 
     def detach(self, user_id: str, sink: Sink) -> int:
         """

@@ -191,7 +191,6 @@ class _Attached:
     """
 
     __slots__ = (
-        "attachment",
         "batch",
         "cuts",
         "cuttable",
@@ -239,7 +238,6 @@ class _Attached:
     send_errors: int
     peak: int
     done: anyio.Event | None
-    attachment: Attachment
     task: asyncio.Task[Any] | None
     future: Any
     kick: Any
