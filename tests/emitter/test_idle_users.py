@@ -5,7 +5,9 @@ users leaves no memory behind. Every async test runs on asyncio and on trio.
 
 from __future__ import annotations
 
+import gc
 import sys
+import weakref
 
 import anyio
 import anyio.lowlevel
@@ -135,3 +137,37 @@ class TestIdleUsers:
                 tg.start_soon(attach_while_sweeping)
                 tg.start_soon(hub._table.sweep)
             assert list(hub._table.streams) == ["user-10000"]
+
+
+class TestFreedWithoutCycles:
+    @pytest.mark.parametrize("kind", ["direct", "task"])
+    async def test_an_ended_sink_is_freed_without_the_cycle_collector(self, ctx, kind):
+        """
+        Once its delivery ended and its `Attachment` is dropped, nothing of a
+        sink is left for the cycle collector: a direct sink (a plain callback,
+        flushed by the loop) and a sink with a delivery task alike.
+        """
+        got: list[int] = []
+
+        def receive(events):
+            got.extend(e.seq for e in events)
+
+        async def areceive(events):
+            receive(events)
+
+        sink = uc.CallbackSink(receive if kind == "direct" else areceive)
+        sink_ref = weakref.ref(sink)
+        gc.collect()
+        gc.disable()
+        try:
+            async with uc.EmitterHub() as hub:
+                attachment = hub.attach("u-42", sink)
+                hub.emitter(ctx).emit_nowait(TYPE)
+                await until(lambda: got == [1])
+                attachment.detach()
+                await attachment.wait()
+                del attachment, sink
+                await anyio.lowlevel.checkpoint()
+                assert sink_ref() is None
+        finally:
+            gc.enable()
