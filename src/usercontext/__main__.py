@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     size = report.add_mutually_exclusive_group()
     size.add_argument(
-        "--quick", action="store_true", help="a rough run of about 10 seconds, for smoke tests"
+        "--quick", action="store_true", help="a rough run of about 20 seconds, for smoke tests"
     )
     size.add_argument(
         "--full",
