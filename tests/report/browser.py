@@ -155,7 +155,10 @@ def open_page(path: Path, shots: dict[str, str | None] | None = None) -> dict[st
     if chromium is None:
         msg = "no chromium on PATH: apt-get install chromium"
         raise RuntimeError(msg)
-    with tempfile.TemporaryDirectory() as tmp:
+    # The browser's helper processes can still write to the profile for a
+    # moment after it exits: _remove_profile retries, and the directory's own
+    # cleanup then finds nothing left.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         profile = Path(tmp)
         command = [
             chromium,
@@ -202,6 +205,26 @@ def open_page(path: Path, shots: dict[str, str | None] | None = None) -> dict[st
             except subprocess.TimeoutExpired:  # pragma: no cover  # a browser that hangs
                 proc.kill()
                 proc.wait()
+            _remove_profile(profile)
+
+
+def _remove_profile(profile: Path) -> None:
+    """
+    Remove the browser's *profile* directory, retrying for up to 5 s while
+    files still appear in it ("Directory not empty").
+    """
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            shutil.rmtree(profile)
+        except FileNotFoundError:  # noqa: PERF203  # a retry loop, not a hot one
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+        else:
+            return
 
 
 def _shoot(cdp: _Cdp, png: Path, selector: str | None) -> None:
