@@ -15,6 +15,7 @@ import types
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from usercontext._asgi_state import RequestState
 from usercontext._http import (
     CLEANUP_FAILED,
     INTERNAL_ERROR,
@@ -26,7 +27,7 @@ from usercontext.exceptions import RequestRefusedError
 
 
 if TYPE_CHECKING:
-    from usercontext import Scope
+    from usercontext import EmitterHub, Scope, UserContext
     from usercontext._http import Refusal
 
 
@@ -197,12 +198,13 @@ class _ResponseCutError(RuntimeError):
     """
 
 
-class RequestLink:
+class RequestLink(RequestState):
     """
     One request's link to the server: it sends the response, and closes the
     request's scope at the right moment (see `UserContextMiddleware`). It is
     the application's ``send`` of an HTTP request with a scope of resources
-    (a method would be one more object alive per request).
+    (a method would be one more object alive per request), and, once the
+    request has a user, its `RequestState` (one object per request, not two).
 
     Servers start tasks and schedule callbacks from inside ``send`` and
     ``receive``, and each copies the Context it is started from: uvicorn
@@ -226,7 +228,6 @@ class RequestLink:
         "_id",
         "_name",
         "_receive",
-        "_resources",
         "_send",
         "_started",
     )
@@ -234,7 +235,6 @@ class RequestLink:
     _name: bytes
     _id: str
     _receive: Receive
-    _resources: Scope
 
     def __init__(self, send: Send) -> None:
         self._context = contextvars.copy_context()
@@ -274,6 +274,19 @@ class RequestLink:
         self._name = name
         self._id = request_id
 
+    def begin(
+        self, ctx: UserContext, resources: Scope | None, hub: EmitterHub | None, name: bytes
+    ) -> None:
+        """
+        Make this the `RequestState` of a request of *ctx*, with its open
+        scope of *resources*, and its id in the header *name* of the response.
+        """
+        self.ctx = ctx
+        self.resources = resources
+        self.hub = hub
+        self._name = name
+        self._id = ctx.request_id
+
     @property
     def _header(self) -> tuple[bytes, bytes]:
         # Made when used (once for most requests), rather than kept alive
@@ -285,15 +298,12 @@ class RequestLink:
         app: ASGIApp,
         scope: MutableMapping[str, Any],
         receive: Receive,
-        resources: Scope,
     ) -> None:
         """
-        Run *app* for an HTTP request with its scope of *resources*, and the
-        request id (see `header`) on its response.
+        Run *app* for an HTTP request with its open scope of resources, and
+        the request id on its response (see `begin`).
         """
-        self._resources = resources
         self._receive = receive
-        await resources.__aenter__()
         try:
             await app(scope, self._watch, self)
         except BaseException as e:
@@ -341,11 +351,8 @@ class RequestLink:
         """
         Run *app* for a request that needs no more than the request id (see
         `header`) on its response: one without a scope, or a WebSocket, whose
-        scope of *resources* lives as long as the connection.
+        open scope of *resources* lives as long as the connection.
         """
-        if resources is not None:
-            self._resources = resources
-            await resources.__aenter__()
         try:
             await app(scope, functools.partial(self.receive, receive), self.send_with_id)
         except BaseException as e:
@@ -378,7 +385,8 @@ class RequestLink:
         self._closed = True
         if error is None and self._disconnected:
             error = _DisconnectedError("The client disconnected before the response was complete.")
-        resources = self._resources
+        resources = self.resources
+        assert resources is not None  # noqa: S101  # closed only by requests that have one
         try:
             if error is None:
                 await resources.__aexit__(None, None, None)
@@ -458,7 +466,7 @@ class RequestLink:
             await self._send_failure()
             return
         self._cut = _ResponseCutError(
-            f"The resources of request {self._resources.ctx.request_id} were not all "
+            f"The resources of request {self.ctx.request_id} were not all "
             "cleaned up (a commit may have failed) after the response's headers were "
             "sent, so the response was cut short: its last message was not sent, and "
             "the connection must be dropped."

@@ -11,7 +11,7 @@ import attrs
 from . import _checks
 from ._current import current
 from ._provider import Counts, Provider, key_name
-from ._scope import _NEW, Scope
+from ._scope import _NEW, Scope, _LeakWarningScope
 
 
 if TYPE_CHECKING:
@@ -170,12 +170,29 @@ class Registry:
         # As Scope(self, ctx), without the round trip through __init__.
         if ctx is None:
             ctx = current()
-        scope = _new(Scope)
+        scope = _new(_LeakWarningScope)
         scope._registry = self
         scope._ctx = ctx
         scope._resources = {}
         scope._state = _NEW
         scope._frame = None
+        return scope
+
+    def _open_scope(self, ctx: UserContext) -> Scope:
+        """
+        Return a new scope of *ctx*, open already, for a caller that binds
+        *ctx* around its whole use itself and closes it on every path (the
+        ASGI middleware): it binds nothing, and needs no warning for being
+        dropped open, nor the frame that warning would name.
+        """
+        scope = _new(Scope)
+        scope._registry = self
+        scope._ctx = ctx
+        scope._resources = {}
+        scope._state = ctx  # open: see Scope.__aenter__
+        scope._frame = None
+        scope._token = None
+        self._opened += 1
         return scope
 
     def stats(self, top: int = 10) -> RegistryStats:

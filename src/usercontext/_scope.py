@@ -488,6 +488,26 @@ class Scope:
             add_note(exc, f"While cleaning up the scope: {describe(error)}")
         exc.close_errors = [*getattr(exc, "close_errors", ()), *errors]  # type: ignore[attr-defined]
 
+    def __repr__(self) -> str:
+        state = self._state
+        state = "new" if state is _NEW else "closed" if state is _CLOSED else "open"
+        return (
+            f"<usercontext.Scope(user_id={self._ctx.user_id!r}, {state}, "
+            f"resources={len(self._resources)})>"
+        )
+
+
+class _LeakWarningScope(Scope):
+    """
+    The scope `Registry.scope` returns: its user may forget to close it, and
+    dropped open it says so with a `ResourceWarning` naming where it was
+    entered. The ASGI middleware opens and closes its scopes itself, and
+    makes plain ones (`Registry._open_scope`): a finalizer costs every scope
+    a call when it goes.
+    """
+
+    __slots__ = ()
+
     def __del__(self) -> None:
         if self._frame is not None:  # open; run for every scope, so kept short
             code = self._frame.f_code
@@ -502,11 +522,3 @@ class Scope:
                 ResourceWarning,
                 stacklevel=1,
             )
-
-    def __repr__(self) -> str:
-        state = self._state
-        state = "new" if state is _NEW else "closed" if state is _CLOSED else "open"
-        return (
-            f"<usercontext.Scope(user_id={self._ctx.user_id!r}, {state}, "
-            f"resources={len(self._resources)})>"
-        )

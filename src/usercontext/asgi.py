@@ -42,6 +42,7 @@ from usercontext._asgi_response import (
     _answer_crash,
     logger,
 )
+from usercontext._asgi_state import RequestState
 from usercontext._context import with_request_id
 from usercontext._current import _fresh_context, _get, _var, isolated_call
 from usercontext._http import (
@@ -78,7 +79,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import ParamSpec
 
-    from usercontext import Emitter, Scope
+    from usercontext import Scope
 
     P = ParamSpec("P")
 
@@ -104,54 +105,6 @@ STATE_KEY = "usercontext"
 
 # `_resolve`'s default: call the resolver.
 _CALL: Any = object()
-
-
-class RequestState:
-    """
-    What `UserContextMiddleware` set up for one request or connection.
-
-    The middleware keeps it in the ASGI scope (see `request_state`), so that
-    endpoints and framework integrations can reach the request's resources.
-
-    Attributes:
-        ctx: The request's context, bound while the request runs.
-        resources: The request's scope of the registry given to the middleware,
-            or `None` without one. It is open until the response has been sent
-            (HTTP) or the connection ends (WebSocket).
-        hub: The hub given to the middleware, or `None`.
-
-    .. versionadded:: 0.1.0
-    """
-
-    __slots__ = ("ctx", "hub", "resources")
-
-    ctx: UserContext
-    resources: Scope | None
-    hub: EmitterHub | None
-
-    def __init__(self, ctx: UserContext, resources: Scope | None, hub: EmitterHub | None) -> None:
-        self.ctx = ctx
-        self.resources = resources
-        self.hub = hub
-
-    @property
-    def emitter(self) -> Emitter:
-        """
-        The emitter of the request's user, from the middleware's hub.
-
-        Raises:
-            LookupError: If the middleware was given no hub.
-        """
-        if self.hub is None:
-            msg = "UserContextMiddleware was given no hub: pass hub=EmitterHub(...) to it."
-            raise LookupError(msg)
-        return self.hub.emitter(self.ctx)
-
-    def __repr__(self) -> str:
-        return (
-            f"<usercontext.asgi.RequestState(user_id={self.ctx.user_id!r}, "
-            f"request_id={self.ctx.request_id!r})>"
-        )
 
 
 def request_state(scope: MutableMapping[str, Any]) -> RequestState:
@@ -558,18 +511,19 @@ class UserContextMiddleware:
             except InvalidContextError:
                 pass  # see _with_id
         registry = self.registry
-        resources = None if registry is None else registry.scope(ctx)
-        scope[STATE_KEY] = RequestState(ctx, resources, self.hub)
-        # The header is made when the response starts: not an object kept
-        # alive while the request runs.
-        server.header(self._header, ctx.request_id)
+        # Opened here, and bound with the request: the link closes it.
+        resources = None if registry is None else registry._open_scope(ctx)
+        # The link is the request's state. The header is made when the
+        # response starts: not an object kept alive while the request runs.
+        server.begin(ctx, resources, self.hub, self._header)
+        scope[STATE_KEY] = server
         if self.isolate:
             # The request's own fresh Context, dropped after it: nothing to
             # reset (a bind, and its __exit__, would stay alive per request).
             _var.set(ctx)
             # _run, written out.
             if resources is not None and scope["type"] == "http":
-                return server.run(self.app, scope, receive, resources)
+                return server.run(self.app, scope, receive)
             return server.run_plain(self.app, scope, receive, resources)
         return self._run_bound(ctx, server, scope, receive, resources)
 
@@ -628,7 +582,7 @@ class UserContextMiddleware:
         resources: Scope | None,
     ) -> Awaitable[None]:
         if resources is not None and scope["type"] == "http":
-            return server.run(self.app, scope, receive, resources)
+            return server.run(self.app, scope, receive)
         return server.run_plain(self.app, scope, receive, resources)
 
 
