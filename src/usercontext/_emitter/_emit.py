@@ -68,6 +68,7 @@ class Emitter:
     user_id: str
 
     def __init__(self, hub: EmitterHub, ctx: UserContext, stream: _Stream) -> None:
+        # EmitterHub.emitter makes one without this call: keep both alike.
         self._hub = hub
         self._ctx = ctx
         self._stream = stream

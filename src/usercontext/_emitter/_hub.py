@@ -33,6 +33,10 @@ from ._stats import Counters
 from ._streams import Streams
 
 
+# Emitter(...) without the call of its __init__: one is made per request.
+_new = object.__new__
+
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from types import TracebackType
@@ -345,9 +349,19 @@ class EmitterHub:
             raise TypeError(msg)
         if self._state != "running":
             self._check_running("emit")
-        # _stream_of, written out: a request gets its emitter on this path.
-        kind = Emitter if self._bus is None else BusEmitter
-        return kind(self, ctx, self._table.get(ctx.user_id))
+        # _stream_of, Streams.get and Emitter.__init__, written out: a
+        # request gets its emitter on this path. Keep them alike.
+        user_id = ctx.user_id
+        stream = self._table.streams.get(user_id)
+        if stream is None:  # Streams.get starts it
+            stream = self._table.get(user_id)
+        e: Emitter = _new(Emitter if self._bus is None else BusEmitter)
+        e._hub = self
+        e._ctx = ctx
+        e._stream = stream
+        e._counters = self._counters
+        e.user_id = user_id
+        return e
 
     def attach(self, user_id: str, sink: Sink, *, last_seq: int | str | None = None) -> Attachment:
         """
