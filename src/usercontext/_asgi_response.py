@@ -393,15 +393,21 @@ class RequestLink(RequestState):
             else:  # the scope adds its cleanup errors to *error* as notes
                 await resources.__aexit__(type(error), error, error.__traceback__)
         except Exception as e:  # each error was logged by the scope
-            logger.error(  # noqa: TRY400  # the scope logged each traceback already
-                "The resources of request %s were not all cleaned up: %s",
-                resources.ctx.request_id,
-                e,
-            )
-            return e
+            return self._cleanup_failed(e)
         return None
 
-    async def __call__(self, message: Message) -> None:
+    def _cleanup_failed(self, error: Exception) -> Exception:
+        """
+        Log that the scope's cleanup failed with *error*, and return it.
+        """
+        logger.error(  # the scope logged each traceback already
+            "The resources of request %s were not all cleaned up: %s",
+            self.ctx.request_id,
+            error,
+        )
+        return error
+
+    async def __call__(self, message: Message) -> None:  # noqa: C901  # every request's path, written out
         """
         The application's ``send`` under `run`.
         """
@@ -431,7 +437,19 @@ class RequestLink(RequestState):
             return
         # The last message tells the client that the response is complete,
         # which it must not be if a commit failed: it waits for the cleanup.
-        error = await self._close()
+        # _close, written out for a scope that closes without awaiting (the
+        # usual session): no coroutine.
+        resources = self.resources
+        assert resources is not None  # noqa: S101  # __call__ is the send of requests with one
+        error: Exception | None = None
+        self._closed = True
+        try:
+            if self._disconnected or resources._awaits_close:
+                error = await self._close()
+            else:
+                resources.__exit__(None, None, None)
+        except Exception as e:  # each error was logged by the scope
+            error = self._cleanup_failed(e)
         if error is not None:
             await self._fail(held, error)
             return

@@ -174,6 +174,7 @@ class Registry:
         scope._registry = self
         scope._ctx = ctx
         scope._resources = {}
+        scope._awaits_close = False
         scope._state = _NEW
         scope._frame = None
         return scope
@@ -189,6 +190,7 @@ class Registry:
         scope._registry = self
         scope._ctx = ctx
         scope._resources = {}
+        scope._awaits_close = False
         scope._state = ctx  # open: see Scope.__aenter__
         scope._frame = None
         scope._token = None

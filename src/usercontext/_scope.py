@@ -111,6 +111,7 @@ class Scope:
     # method rather than shared through helpers: a call costs about as much
     # as the rest of a line of bookkeeping.
     __slots__ = (
+        "_awaits_close",
         "_ctx",
         "_frame",
         "_lasti",
@@ -130,6 +131,10 @@ class Scope:
         # (provider, kind, what to exit, value): the provider holds the
         # counts and the close hook.
         self._resources: dict[object, _Entry] = {}
+        # Whether a resource or close hook may need awaiting on exit: a
+        # scope of sync resources only can be left with __exit__ by an
+        # owner that runs no body of its own (see Registry._open_scope).
+        self._awaits_close = False
         self._state = _NEW
         # The frame that entered the scope, while it is open: what a scope
         # dropped open is told by, and where it was entered.
@@ -169,7 +174,7 @@ class Scope:
     def get(self, key: type[T]) -> T: ...
     @overload
     def get(self, key: Hashable) -> Any: ...
-    def get(self, key: object) -> Any:
+    def get(self, key: object) -> Any:  # noqa: C901, PLR0912  # inline for speed
         """
         Return the resource *key*, creating it on first use.
 
@@ -214,6 +219,8 @@ class Scope:
                 value, result = result, None
             else:
                 raise refuse(result, kind, f"The provider of {key_name(key)}", _SYNC_FIX)
+        if provider.close is not None:
+            self._awaits_close = True  # the hook may return an awaitable
         provider.counts.created += 1
         resources[key] = (provider, kind, result, value)
         return value
@@ -255,6 +262,8 @@ class Scope:
                 break
             else:
                 raise no_yield(f"provider of {key_name(key)}")
+            if provider.close is not None:
+                self._awaits_close = True  # the hook may return an awaitable
             provider.counts.created += 1
             resources[key] = (provider, GEN, result, value)
             return value
@@ -291,6 +300,8 @@ class Scope:
             value = result.__enter__()
         else:
             value, result = result, None
+        if provider.close is not None or (kind is not SYNC_CM and kind is not PLAIN):
+            self._awaits_close = True
         provider.counts.created += 1
         resources[key] = (provider, kind, result, value)
         return value

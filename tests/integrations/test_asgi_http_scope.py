@@ -91,6 +91,57 @@ class TestHTTPScope:
         assert len(messages) == 1
         assert messages[0].startswith("The resources of request req-fail were not all cleaned up")
 
+    @pytest.mark.parametrize(
+        "kind",
+        [
+            "sync generator",
+            "sync generator, close hook",
+            "sync generator, async close hook",
+            "sync context manager",
+            "async generator",
+            "async generator that awaits",
+            "async context manager",
+            "plain value by get, async close hook",
+        ],
+    )
+    @pytest.mark.parametrize("fail", [False, True], ids=["ok", "failing"])
+    async def test_every_kind_of_resource_is_cleaned_up_before_the_response(self, kind, fail):
+        """
+        Whatever the provider (a scope of sync resources only is closed
+        without awaiting, any other is awaited), the resource is cleaned up
+        before the held response goes out, and a cleanup that fails turns it
+        into a 500.
+        """
+        log = []
+
+        def fail_now(what):
+            log.append(what)
+            if fail:
+                raise OSError(f"{what} failed")
+
+        make, close, cleaned = _providers(fail_now)[kind]
+        registry = uc.Registry()
+        registry.register("r", make, close=close)
+
+        async def app(scope, receive, send):
+            resources = request_state(scope).resources
+            if kind.endswith("by get, async close hook"):
+                resources.get("r")
+            else:
+                await resources.aget("r")
+            body = b'{"ok":true}'
+            await send(json_start(body))
+            await send({"type": "http.response.body", "body": body})
+
+        client = Client(log=log)
+        mw = UserContextMiddleware(app, resolver=resolve, registry=registry)
+        await mw(http_scope(), client.receive, client.send)
+
+        assert client.status() == (500 if fail else 200)
+        assert log.index(cleaned) < log.index(f"sent http.response.start {client.status()}")
+        stats = registry.stats()
+        assert (stats.scopes, stats.close_errors) == (0, 1 if fail else 0)
+
     @pytest.mark.parametrize("status", [204, 304])
     async def test_bodiless_response_is_held_too(self, status):
         """
@@ -650,3 +701,59 @@ class TestHTTPFailures:
         assert log[:2] == ["open u-42 depth=0", "commit depth=0"]
         assert client.status() == status
         assert client.sent[0]["type"] == "http.response.start"
+
+
+def _providers(fail_now):  # noqa: C901  # one small provider per kind
+    """
+    Providers of every kind, by name: each with its close hook, and what its
+    cleanup logs (through *fail_now*, which raises when the cleanup must fail).
+    """
+
+    class Cm:
+        def __enter__(self):
+            return "cm"
+
+        def __exit__(self, *exc):
+            fail_now("exit")
+
+    def gen(ctx):
+        yield "gen"
+        fail_now("gen closed")
+
+    async def agen(ctx):
+        yield "agen"
+        fail_now("agen closed")
+
+    async def agen_awaits(ctx):
+        yield "agen"
+        await anyio.lowlevel.checkpoint()
+        fail_now("agen closed")
+
+    def hooked_gen(ctx):  # the hook is the cleanup that fails
+        yield "gen"
+
+    def hook(value):
+        fail_now(f"hook {value}")
+
+    async def async_hook(value):
+        await anyio.lowlevel.checkpoint()
+        fail_now(f"async hook {value}")
+
+    class Acm:
+        async def __aenter__(self):
+            return "acm"
+
+        async def __aexit__(self, *exc):
+            await anyio.lowlevel.checkpoint()
+            fail_now("aexit")
+
+    return {
+        "sync generator": (gen, None, "gen closed"),
+        "sync generator, close hook": (hooked_gen, hook, "hook gen"),
+        "sync generator, async close hook": (hooked_gen, async_hook, "async hook gen"),
+        "sync context manager": (lambda ctx: Cm(), None, "exit"),
+        "async generator": (agen, None, "agen closed"),
+        "async generator that awaits": (agen_awaits, None, "agen closed"),
+        "async context manager": (lambda ctx: Acm(), None, "aexit"),
+        "plain value by get, async close hook": (lambda ctx: "v", async_hook, "async hook v"),
+    }
