@@ -508,7 +508,7 @@ class Scope:
         )
 
 
-class _LeakWarningScope(Scope):
+class _LeakWarningScope(Scope):  # pyright: ignore[reportUnusedClass]  # made by Registry.scope
     """
     The scope `Registry.scope` returns: its user may forget to close it, and
     dropped open it says so with a `ResourceWarning` naming where it was

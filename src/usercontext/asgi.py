@@ -42,7 +42,6 @@ from usercontext._asgi_response import (
     _answer_crash,
     logger,
 )
-from usercontext._asgi_state import RequestState
 from usercontext._context import with_request_id
 from usercontext._current import _fresh_context, _get, _var, isolated_call
 from usercontext._http import (
@@ -72,6 +71,8 @@ from usercontext._http import (
     wrong_return as _wrong_return,
 )
 from usercontext._pending import Pending, pending, readers
+
+from ._asgi_state import RequestState
 
 
 if TYPE_CHECKING:

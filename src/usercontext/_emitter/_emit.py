@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from ._hub import EmitterHub
     from ._state import _Stream
+    from ._stats import Counters
 
 
 _UNSET: Any = object()
@@ -65,16 +66,13 @@ class Emitter:
 
     __slots__ = ("_counters", "_ctx", "_hub", "_stream", "user_id")
 
+    # Set by EmitterHub.emitter, which makes every emitter (one per request)
+    # without the call of an __init__.
     user_id: str
-
-    def __init__(self, hub: EmitterHub, ctx: UserContext, stream: _Stream) -> None:
-        # EmitterHub.emitter makes one without this call: keep both alike.
-        self._hub = hub
-        self._ctx = ctx
-        self._stream = stream
-        # The hub's counters, one lookup away on the hot path.
-        self._counters = hub._counters
-        self.user_id = ctx.user_id
+    _hub: EmitterHub
+    _ctx: UserContext
+    _stream: _Stream
+    _counters: Counters  # the hub's, one lookup away on the hot path
 
     @property
     def ctx(self) -> UserContext:

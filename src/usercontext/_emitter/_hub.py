@@ -33,7 +33,7 @@ from ._stats import Counters
 from ._streams import Streams
 
 
-# Emitter(...) without the call of its __init__: one is made per request.
+# An emitter is made without an __init__ call: one is made per request.
 _new = object.__new__
 
 
@@ -349,8 +349,8 @@ class EmitterHub:
             raise TypeError(msg)
         if self._state != "running":
             self._check_running("emit")
-        # _stream_of, Streams.get and Emitter.__init__, written out: a
-        # request gets its emitter on this path. Keep them alike.
+        # _stream_of and Streams.get, written out: a request gets its
+        # emitter on this path. Emitter has no __init__: it is made here.
         user_id = ctx.user_id
         stream = self._table.streams.get(user_id)
         if stream is None:  # Streams.get starts it
