@@ -9,6 +9,8 @@ import inspect
 import json
 import math
 
+from types import MappingProxyType
+
 import anyio
 import anyio.lowlevel
 import pytest
@@ -174,3 +176,37 @@ class TestLazyJson:
         assert ev.json == made.json
         assert ev.json is ev.json  # built once
         assert json.loads(ev.json)["data"] == json.loads(made.json)["data"]
+
+    @pytest.mark.parametrize("json_first", [False, True], ids=["data first", "json first"])
+    async def test_emitted_data_is_a_read_only_copy(self, ctx, json_first):
+        """
+        An emitted event's data is the data as it was when emitted, read-only,
+        the same mapping at every read, and equal to that of an `Event` made
+        with the same fields, whether its JSON was read first or not.
+        """
+        source = {"agent": "triage", "n": 1}
+        async with uc.EmitterHub() as hub:
+            ev = hub.emitter(ctx).emit_nowait(TYPE, source)
+        source["agent"] = "changed"
+        if json_first:
+            assert json.loads(ev.json)["data"] == {"agent": "triage", "n": 1}
+
+        data = ev.data
+        assert type(data) is MappingProxyType
+        assert data == {"agent": "triage", "n": 1}
+        assert ev.data is data
+        with pytest.raises(TypeError):
+            data["agent"] = "x"  # type: ignore[index]
+        made = uc.Event(
+            TYPE,
+            {"agent": "triage", "n": 1},
+            ev.seq,
+            ev.event_id,
+            ev.ts,
+            "u-42",
+            "t-7",
+            "r-1",
+            ev.request_id,
+        )
+        assert ev == made
+        assert hash(ev) == hash(made)

@@ -192,9 +192,10 @@ _INT_BOUND = 1 << 63
 
 def freeze_lazy(data: Any, limit: int) -> tuple[object, str | None]:  # noqa: C901  # the hot path, written out
     """
-    Return a read-only copy of *data* and its JSON, or `None` for the JSON
-    when it is sure to be valid and within *limit* characters: it is then
-    encoded on first use. Raise as `_freeze` does, or if the JSON is over
+    Return a copy of *data* to be an event's data (a dict is wrapped
+    read-only when first read, see `_Data`) and its JSON, or `None` for the
+    JSON when it is sure to be valid and within *limit* characters: it is
+    then encoded on first use. Raise as `_freeze` does, or if the JSON is over
     *limit*.
     """
     if data.__class__ is dict:
@@ -218,7 +219,8 @@ def freeze_lazy(data: Any, limit: int) -> tuple[object, str | None]:  # noqa: C9
             chars += len(key)
         else:
             if chars * _PER_CHAR + len(data) * _PER_ITEM + 2 <= limit:
-                return MappingProxyType(data.copy()), None
+                # The copy, wrapped read-only when first read (see _Data).
+                return data.copy(), None
     frozen, data_json = _freeze(data)
     if len(data_json) > limit:
         raise size_error(len(data_json), limit)
@@ -416,7 +418,7 @@ class Event:
         """
         text = self._data_json
         if text is None:
-            text = _encode(self.data)
+            text = _encode(_read_data(self))  # a dict as emitted: no view made to encode it
             object.__setattr__(self, "_data_json", text)
         return text
 
@@ -437,6 +439,39 @@ class Event:
             f"Event(type={self.type!r}, seq={self.seq}, event_id={self.event_id!r}, "
             f"user_id={self.user_id!r}, data_bytes={len(self._data())})"
         )
+
+
+# The slot of Event.data, under the view below.
+_data_slot: Any = Event.__dict__["data"]
+_read_data = _data_slot.__get__
+_write_data = _data_slot.__set__
+
+
+class _Data:
+    """
+    `Event.data`: the slot, read through a read-only view of a dict made on
+    the first read. An emitter keeps its copy of the data as a plain dict,
+    since most sinks never read it (they read the JSON, or count events), and
+    a view per event would cost every event an object; an event made by
+    `Event(...)` holds its view from the start.
+    """
+
+    __slots__ = ()
+
+    def __get__(self, ev: Event | None, owner: type | None = None) -> Any:
+        if ev is None:
+            return self
+        value = _read_data(ev)
+        if value.__class__ is dict:
+            value = MappingProxyType(value)
+            _write_data(ev, value)
+        return value
+
+    def __set__(self, ev: Event, value: object) -> None:
+        _write_data(ev, value)
+
+
+Event.data = _Data()  # attrs' slot, read through the view
 
 
 class _Draft:
