@@ -6,8 +6,10 @@ and its JSON.
 from __future__ import annotations
 
 import enum
+import inspect
 import json
 import math
+import pydoc
 import sys
 
 from types import MappingProxyType
@@ -44,6 +46,20 @@ class TestEvent:
         }
         assert event.json is event.json  # built once
         assert " " not in event.json
+
+    def test_introspection_lists_every_field(self):
+        """
+        Help and introspection read the class's fields, data among them, as
+        they read any attrs class's.
+        """
+        text = pydoc.render_doc(uc.Event, renderer=pydoc.plaintext)
+        fields = [f.name for f in attrs.fields(uc.Event) if not f.name.startswith("_")]
+
+        for name in fields:
+            assert f"|  {name}\n" in text
+        members = dict(inspect.getmembers(uc.Event))
+        assert {*fields} <= members.keys()
+        assert uc.Event.__match_args__[:2] == ("type", "data")
 
     def test_data_is_read_only_and_copied(self):
         """
