@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from usercontext._report.timing import Comparison, Op, fmt_ns, fmt_ratio, ratio_ok
+from usercontext._report.timing import (
+    Comparison,
+    Op,
+    fmt_ns,
+    fmt_pairs,
+    fmt_ratio,
+    paired_ratios,
+    ratio_ok,
+)
 
 
 class TestFormatting:
@@ -47,3 +55,22 @@ class TestFormatting:
         if target is not None:
             ok = ratio_ok(c.ratio, c.median_ratio, target)
             assert ("PASS" if ok else "MISS") == status
+
+    def test_pairs_show_the_figures_their_ratios_divide(self):
+        """
+        The P50 and P99 ratios of paired runs are shown with the figures they
+        divide: each side's best P50 and best P99, which may come from
+        different runs; a median of pairs on the other side of the target is
+        noted.
+        """
+        # Ours' best P50 (40) and best P99 (60) come from different runs.
+        p50 = paired_ratios([40.0, 45.0, 42.0], [33.0, 30.0, 35.0])
+        p99 = paired_ratios([66.0, 61.0, 60.0], [50.0, 52.0, 51.0])
+
+        text = fmt_pairs(p50, p99, 1.3)
+
+        assert text.startswith("40.0 / 60.0 ms vs 30.0 / 50.0 ms: **1.33x / 1.20x**")
+        # P50: best 1.33x over the target, median of pairs 1.21x under it.
+        assert "(P50 median of pairs 1.21x: within noise)" in text
+        assert "P99 median" not in text
+        assert "within noise" not in fmt_pairs(p50, p99, None)

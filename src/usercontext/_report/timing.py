@@ -327,3 +327,19 @@ def fmt_ratio(c: Comparison, target: float | None) -> str:
         # The two estimates disagree about the target: say so beside the status.
         text += f" (median of pairs {c.median_ratio:.2f}x: within noise)"
     return text
+
+
+def fmt_pairs(p50: dict[str, Any], p99: dict[str, Any], target: float | None) -> str:
+    """
+    Format the P50 and P99 `paired_ratios` of two services: each side's best
+    P50 and best P99 over its runs, which the ratios divide, and the ratios,
+    noting a median of pairs that falls on the other side of *target*.
+    """
+    ours = f"{min(p50['ours_ms']):.1f} / {min(p99['ours_ms']):.1f} ms"
+    floor = f"{min(p50['floor_ms']):.1f} / {min(p99['floor_ms']):.1f} ms"
+    text = f"{ours} vs {floor}: **{p50['ratio']:.2f}x / {p99['ratio']:.2f}x** (best of each side)"
+    for name, pair in (("P50", p50), ("P99", p99)):
+        median = pair["median_pair_ratio"]
+        if target is not None and (pair["ratio"] > target) != (median > target):
+            text += f" ({name} median of pairs {median:.2f}x: within noise)"
+    return text
