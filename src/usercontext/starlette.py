@@ -194,7 +194,10 @@ async def serve_websocket(
         try:
             attachment = await hub.aattach(user_id, WebSocketSink(websocket), last_seq=last_seq)
         except ValueError as e:
-            await websocket.close(code=_POLICY_VIOLATION, reason=str(e)[:120])
+            # A close reason holds 123 bytes of UTF-8: the message's start,
+            # which names the value.
+            reason = str(e).encode()[:123].decode(errors="ignore")
+            await websocket.close(code=_POLICY_VIOLATION, reason=reason)
             return
         except EmitterClosedError:
             attachment = None  # connected while the server shuts down

@@ -212,7 +212,7 @@ class TestReplay:
         """
         last_seq must be a non-negative int or an event id.
         """
-        with pytest.raises(error, match="last_seq must be a non-negative int or an event id"):
+        with pytest.raises(error, match=r"last_seq .+ is not a non-negative int or an event id"):
             parse_last_seq(last_seq)
 
     def test_parse_last_seq(self):

@@ -210,7 +210,7 @@ class TestEventSource:
             stats = hub.stats()
 
         assert client.sent[0]["status"] == 400
-        assert b"last_seq must be a non-negative int or an event id" in client.body()
+        assert b"last_seq 'nonsense' is not a non-negative int or an event id" in client.body()
         assert stats.attached == 0
 
     async def test_pings_while_idle(self):
@@ -414,18 +414,29 @@ class TestWebSocket:
 
         assert [e["seq"] for e in json.loads(client.texts()[0])] == [2, 3]
 
-    async def test_bad_last_seq_closes_1008(self):
+    @pytest.mark.parametrize(
+        ("query", "named"),
+        [
+            (b"last_seq=-3", "'-3'"),
+            (b"last_seq=%C3%A9-" + b"x" * 80, "'\u00e9-xxxxxxxxxx"),
+        ],
+    )
+    async def test_bad_last_seq_closes_1008(self, query, named):
         """
-        A bad last_seq closes the socket with code 1008 (policy violation).
+        A bad last_seq closes the socket with code 1008 (policy violation),
+        with a reason that names the value, within the 123 bytes a close
+        reason holds.
         """
         client = Client({"type": "websocket.connect"}, "websocket.disconnect")
-        ws = WebSocket(ws_scope(b"last_seq=-3"), client.receive, client.send)
+        ws = WebSocket(ws_scope(query), client.receive, client.send)
         async with uc.EmitterHub() as hub:
             await serve_websocket(ws, hub, "u-42")
 
         close = client.sent[-1]
         assert (close["type"], close["code"]) == ("websocket.close", 1008)
-        assert "last_seq" in close["reason"]
+        assert close["reason"].startswith(f"last_seq {named}")
+        assert "is not a non-negative int or an event id" in close["reason"]
+        assert len(close["reason"].encode()) <= 123
 
     @pytest.mark.parametrize(
         ("failing", "code", "reason"),

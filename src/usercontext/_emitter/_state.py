@@ -413,9 +413,14 @@ def parse_last_seq(last_seq: int | str) -> tuple[str | None, int]:
         m = _EVENT_ID.fullmatch(last_seq.strip())
         if m is not None:
             return m.group(1), int(m.group(2))
+    # The value first, cut short: a WebSocket's close reason carries the
+    # message, and holds 123 bytes.
+    shown = repr(last_seq)
+    if len(shown) > 40:  # noqa: PLR2004  # a value to recognise, not to read whole
+        shown = f"{shown[:37]}..."
     msg = (
-        f"last_seq must be a non-negative int or an event id such as "
-        f"'0123456789abcdef-42' (what SSE sends back as Last-Event-ID), got {last_seq!r}."
+        f"last_seq {shown} is not a non-negative int or an event id such as "
+        f"'0123456789abcdef-42' (what SSE sends back as Last-Event-ID)."
     )
     given: object = last_seq
     raise (ValueError if given.__class__ is int or isinstance(given, str) else TypeError)(msg)
