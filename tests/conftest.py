@@ -40,3 +40,21 @@ def _other_ctx():
     A root context of another user, u-99.
     """
     return usercontext.UserContext(user_id="u-99", thread_id="t-8", run_id="r-2")
+
+
+@pytest.fixture(
+    name="both_request_paths", params=[False, True], ids=["no log reader", "log reader"]
+)
+def _both_request_paths(request):
+    """
+    Run the test without and with a logging adapter reading the ids of
+    requests being resolved: the ASGI and WSGI middlewares serve a request by
+    a different path for each (`usercontext._pending.readers`), and which one
+    a test process takes would otherwise depend on what it imported before.
+    """
+    from usercontext._pending import readers  # private, for these tests only
+
+    saved = readers[:]
+    readers[:] = [True] if request.param else []
+    yield
+    readers[:] = saved

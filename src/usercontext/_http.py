@@ -264,4 +264,6 @@ def problem_document(status: int, body: Mapping[str, Any], request_id: str) -> b
         **body,
         "request_id": request_id,
     }
-    return json.dumps(problem).encode()
+    # Compact, as Starlette's and FastAPI's JSON responses (an EngineDep's
+    # refusal among them) are: one shape for every problem document.
+    return json.dumps(problem, separators=(",", ":")).encode()

@@ -358,7 +358,10 @@ class UserContextMiddleware:
             resolved = self.resolver(scope)
         except Exception as e:
             # _call_resolver, written out: a call less per request.
-            refused = _refused(scope, e)
+            try:
+                refused = _refused(scope, e)
+            except Exception as bad:  # a refusal that cannot be sent (CR/LF in a header)
+                return self._crash(scope, server, bad, incoming)
             if refused is None:  # not a refusal: answered, then raised
                 return self._crash(scope, server, e, incoming)
             resolved = refused

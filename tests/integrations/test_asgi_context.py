@@ -35,6 +35,11 @@ from asgi_helpers import (
 )
 
 
+# The middleware serves a request by one path or another, by whether a
+# logging adapter reads the ids of requests being resolved: both are tested.
+pytestmark = pytest.mark.usefixtures("both_request_paths")
+
+
 class TestFreshContext:
     async def test_nothing_leaks_to_the_next_request_on_the_same_task(self):
         """

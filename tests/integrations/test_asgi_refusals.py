@@ -6,6 +6,7 @@ what the logs say about them.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -35,6 +36,10 @@ else:
     from exceptiongroup import ExceptionGroup as ExceptionGroupType
 
 
+# The middleware serves a request by one path or another, by whether a
+# logging adapter reads the ids of requests being resolved: both are tested
+# (TestRefusedRequestsInTheLogs has one, and takes the second).
+@pytest.mark.usefixtures("both_request_paths")
 class TestRefusals:
     @pytest.mark.parametrize("resolver", [resolve, aresolve], ids=["sync", "async"])
     async def test_unauthenticated_is_401_json(self, resolver):
@@ -63,6 +68,8 @@ class TestRefusals:
             "request_id": request_id,
         }
         assert [m["type"] for m in client.sent] == ["http.response.start", "http.response.body"]
+        # Compact, as FastAPI's and Starlette's JSON responses are (EngineDep's 429).
+        assert client.body() == json.dumps(client.json(), separators=(",", ":")).encode()
 
     async def test_unauthenticated_reuses_the_request_id_and_the_challenge(self):
         """
@@ -154,6 +161,7 @@ class TestRefusals:
         assert client.sent == [{"type": "websocket.close", "code": 1008, "reason": reason}]
 
 
+@pytest.mark.usefixtures("both_request_paths")
 class TestProblemDocuments:
     @pytest.mark.parametrize(
         ("error", "status", "headers", "body"),

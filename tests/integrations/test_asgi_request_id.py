@@ -15,6 +15,11 @@ from usercontext.asgi import UserContextMiddleware
 from asgi_helpers import Client, http_scope, json_app, resolve
 
 
+# The middleware serves a request by one path or another, by whether a
+# logging adapter reads the ids of requests being resolved: both are tested.
+pytestmark = pytest.mark.usefixtures("both_request_paths")
+
+
 class TestRequestIdPolicy:
     @pytest.mark.parametrize("incoming", ["null", "-", "undefined", "None"])
     async def test_refusal_replaces_what_an_accepted_request_replaces(self, incoming):

@@ -32,6 +32,11 @@ from asgi_helpers import (
 )
 
 
+# The middleware serves a request by one path or another, by whether a
+# logging adapter reads the ids of requests being resolved: both are tested.
+pytestmark = pytest.mark.usefixtures("both_request_paths")
+
+
 class TestConstructor:
     def test_keeps_its_arguments(self):
         """

@@ -17,6 +17,7 @@ a missing dependency fails the run (see the root conftest.py).
 import contextlib
 import functools
 import gc
+import json
 import math
 import random
 import threading
@@ -304,6 +305,8 @@ def assert_refused(response, error, retry_after):
     assert problem["retry_after"] == retry_after
     assert problem["request_id"] == response.headers["x-request-id"]
     assert f"Retry after {retry_after} s." in problem["detail"]
+    # Compact, as the middleware's own problem documents are.
+    assert response.content == json.dumps(problem, separators=(",", ":")).encode()
     return problem
 
 

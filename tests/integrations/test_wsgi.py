@@ -146,6 +146,7 @@ def _readers(request, monkeypatch):
     return on
 
 
+@pytest.mark.usefixtures("both_request_paths")  # see test_asgi_refusals
 class TestRequestIds:
     def test_taken_from_the_client(self, serve, readers):
         """
@@ -276,6 +277,7 @@ class TestLogging:
         ]
 
 
+@pytest.mark.usefixtures("both_request_paths")  # see test_asgi_refusals
 class TestResolver:
     def test_wrong_return(self, serve, caplog):
         """
@@ -347,6 +349,7 @@ class TestResolver:
         assert user_of("/healthy") == 401
 
 
+@pytest.mark.usefixtures("both_request_paths")  # see test_asgi_refusals
 class TestIsolation:
     def test_fresh_context_per_request(self, serve):
         """
